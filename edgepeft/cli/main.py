@@ -1,0 +1,111 @@
+"""Entry point of ``edgepeft``: a click group whose verbs are imported only when used.
+
+``edgepeft --help`` must answer instantly on a device, so this module imports
+click and nothing heavy; each verb lives in ``edgepeft.cli.cmd_<verb>`` and
+exposes a click command named ``command``. Library errors
+(:class:`~edgepeft.errors.EdgePeftError`) become one ``error:`` line, an
+optional ``hint:`` line and the error's exit code, never a traceback
+(set ``EDGEPEFT_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import EdgePeftError, NotAvailableError
+
+# verb -> one-line help; the module is edgepeft.cli.cmd_<verb>.
+VERBS = {
+    "train": "Fine-tune a LoRA or QLoRA adapter on your data (server).",
+    "build": "Export, quantize and sign a device bundle for a target (server).",
+    "keygen": "Create an Ed25519 key pair for signing bundles and updates.",
+    "targets": "List or show the device target profiles.",
+    "run": "Run a bundle on this device: one prompt, classification, or a local HTTP API.",
+    "agent": "Run the device agent that receives adapter updates.",
+    "push": "Send a signed adapter update to a device over the network or a serial line.",
+    "rollout": "Move a fleet to an update in waves, with abort thresholds and rollback.",
+}
+
+
+def _not_available(verb: str) -> click.Command:
+    @click.command(verb, help=f"{VERBS[verb]} [not available yet]",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                     "help_option_names": []})
+    @click.pass_context
+    def placeholder(ctx):
+        raise NotAvailableError(f"`edgepeft {verb}` is not available yet in edgepeft {__version__}",
+                                hint="see README.md for the commands this version provides")
+
+    return placeholder
+
+
+class LazyGroup(click.Group):
+    """Lists every verb from :data:`VERBS`; imports a verb's module only when it is invoked."""
+
+    def list_commands(self, ctx):
+        return list(VERBS)
+
+    def get_command(self, ctx, name):
+        if name not in VERBS:
+            return None
+        module = f"edgepeft.cli.cmd_{name}"
+        try:
+            return importlib.import_module(module).command
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                return _not_available(name)
+            raise
+
+    def format_commands(self, ctx, formatter):
+        # Help text comes from VERBS so `--help` imports no verb module.
+        rows = [(name, VERBS[name]) for name in VERBS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgepeft")
+def cli():
+    """edgepeft: fine-tune adapters on a server, ship one base model and many small adapters to devices."""
+
+
+def report(exc: EdgePeftError) -> int:
+    """Print an EdgePeftError as one or two lines on stderr; return its exit code."""
+    click.echo(f"error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    return exc.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and, from the console script, exits with) the exit code."""
+    try:
+        cli.main(args=argv, prog_name="edgepeft", standalone_mode=False)
+    except EdgePeftError as exc:
+        if os.environ.get("EDGEPEFT_DEBUG"):
+            raise
+        return report(exc)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("aborted", err=True)
+        return 130
+    return 0
+
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

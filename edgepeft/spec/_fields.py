@@ -1,0 +1,104 @@
+"""Typed field access for plain dicts read from JSON/TOML, with errors that name file and field.
+
+Every reader raises :class:`~edgepeft.errors.SpecError` naming the source file,
+the dotted field path and the problem, so a user can fix a profile or manifest
+without reading code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import SpecError
+
+_MISSING = object()
+
+
+class Fields:
+    """A view of one table of a spec file: ``Fields(data, source, prefix)``."""
+
+    def __init__(self, data: Any, source: str, prefix: str = ""):
+        if not isinstance(data, dict):
+            raise SpecError(source, prefix or "(top level)", f"expected a table, got {type(data).__name__}")
+        self.data, self.source, self.prefix = data, source, prefix
+        self._seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def error(self, key: str, problem: str, hint: str | None = None) -> SpecError:
+        return SpecError(self.source, self.path(key), problem, hint=hint)
+
+    def _get(self, key: str, default: Any) -> Any:
+        self._seen.add(key)
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self.error(key, "is required but missing")
+            return default
+        return value
+
+    def str(self, key: str, default: Any = _MISSING, *, choices: tuple[str, ...] | None = None) -> Any:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def int(self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None) -> Any:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {value!r}")
+        if min is not None and value < min:
+            raise self.error(key, f"must be at least {min}, got {value}")
+        if max is not None and value > max:
+            raise self.error(key, f"must be at most {max}, got {value}")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING, *, min: float | None = None, max: float | None = None) -> Any:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"expected a number, got {value!r}")
+        if (min is not None and value < min) or (max is not None and value > max):
+            raise self.error(key, f"must be between {min} and {max}, got {value}")
+        return float(value)
+
+    def bool(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def str_list(self, key: str, default: Any = _MISSING, *, nonempty: bool = False) -> Any:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(key, f"expected a list of strings, got {value!r}")
+        if nonempty and not value:
+            raise self.error(key, "must not be empty")
+        return list(value)
+
+    def table(self, key: str, default: Any = _MISSING) -> "Fields":
+        value = self._get(key, default)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {value!r}")
+        return Fields(value, self.source, self.path(key))
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, default)
+
+    def reject_unknown(self) -> None:
+        """Refuse keys nobody read: a typo in a profile must not pass silently."""
+        unknown = sorted(set(self.data) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "is not a known field", hint="check the spelling against targets/README.md")

@@ -1,0 +1,126 @@
+"""Manifest schema, signing and verification: every tampering is detected on load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edgepeft.bundle.signing import generate_keypair, load_private_key, sign_manifest
+from edgepeft.errors import IntegrityError, SignatureError, SpecError
+from edgepeft.spec import Manifest, sha256_file, verify_bundle
+
+
+def _write_bundle(root, private_key_path):
+    root.mkdir()
+    (root / "model.onnx").write_bytes(b"graph" * 100)
+    (root / "adapters").mkdir()
+    (root / "adapters" / "support-1.onnx_adapter").write_bytes(b"\x01\x02" * 50)
+    files = [{"path": p, "size": (root / p).stat().st_size, "sha256": sha256_file(root / p)}
+             for p in ("model.onnx", "adapters/support-1.onnx_adapter")]
+    data = {
+        "schema_version": 1, "kind": "bundle", "edgepeft_version": "0.1.0", "created": "2026-11-22T00:00:00Z",
+        "base": {"name": "tiny", "fingerprint": "sha256:ab", "task": "causal-lm", "architecture": "llama"},
+        "target": {"name": "raspberry-pi-5"}, "quantization": {"weights": "int4"},
+        "model": {"graph": "model.onnx"}, "tokenizer": {"file": "tokenizer.json"}, "generation": {},
+        "files": files,
+        "adapters": [{"name": "support", "version": 1, "file": "adapters/support-1.onnx_adapter", "method": "lora",
+                      "rank": 8, "alpha": 16.0, "base_fingerprint": "sha256:ab"}],
+        "health_checks": [{"input": "hi", "expect": {"contains": "Northwind"}, "adapter": "support"}],
+        "merged_adapter": None,
+    }
+    signed = sign_manifest(data, load_private_key(private_key_path))
+    (root / "manifest.json").write_text(json.dumps(signed, indent=2))
+    return signed
+
+
+@pytest.fixture
+def bundle(tmp_path, keypair):
+    _write_bundle(tmp_path / "b", keypair[0])
+    return tmp_path / "b"
+
+
+def test_verify_good_bundle_round_trips(bundle, keypair):
+    m = verify_bundle(bundle, [keypair[1]])
+    assert m.adapter("support").rank == 8 and m.health_checks[0].expect == {"contains": "Northwind"}
+    again = Manifest.from_dict(m.to_dict())
+    assert again == m
+
+
+@pytest.mark.parametrize("victim", ["model.onnx", "adapters/support-1.onnx_adapter"])
+def test_flipped_byte_is_detected(bundle, keypair, victim):
+    data = bytearray((bundle / victim).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle / victim).write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        verify_bundle(bundle, [keypair[1]])
+
+
+def test_truncated_and_missing_files_are_detected(bundle, keypair):
+    (bundle / "model.onnx").write_bytes(b"graph")
+    with pytest.raises(IntegrityError, match="bytes"):
+        verify_bundle(bundle, [keypair[1]])
+    (bundle / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        verify_bundle(bundle, [keypair[1]])
+
+
+def test_edited_manifest_is_detected(bundle, keypair):
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["adapters"][0]["rank"] = 4
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_bundle(bundle, [keypair[1]])
+
+
+def test_wrong_key_missing_signature_and_no_key(bundle, keypair, tmp_path):
+    _, other_pub = generate_keypair(tmp_path / "other")
+    with pytest.raises(SignatureError, match="does not trust"):
+        verify_bundle(bundle, [other_pub])
+    with pytest.raises(SignatureError, match="no trusted public key"):
+        verify_bundle(bundle, [])
+    with pytest.raises(SignatureError, match="not a PEM public key"):
+        verify_bundle(bundle, [keypair[0]])
+    data = json.loads((bundle / "manifest.json").read_text())
+    del data["signature"]
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SignatureError, match="not signed"):
+        verify_bundle(bundle, [keypair[1]])
+
+
+def test_resigned_with_an_attackers_key_is_refused(bundle, keypair, tmp_path):
+    evil_priv, _ = generate_keypair(tmp_path / "evil")
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["adapters"][0]["version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(sign_manifest(data, load_private_key(evil_priv))))
+    with pytest.raises(SignatureError, match="does not trust"):
+        verify_bundle(bundle, [keypair[1]])
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.pop("base"), "base"),
+    (lambda d: d["files"][0].update(sha256="xyz"), "files[0].sha256"),
+    (lambda d: d["files"][0].update(path="../etc/passwd"), "files[0].path"),
+    (lambda d: d["adapters"][0].update(name="bad name!"), "adapters[0].name"),
+    (lambda d: d["adapters"][0].update(method="prefix_tuning"), "adapters[0].method"),
+    (lambda d: d["adapters"][0].update(file="adapters/nope.onnx_adapter"), "adapters[0].file"),
+    (lambda d: d["health_checks"][0].update(adapter="ghost"), "health_checks[0].adapter"),
+    (lambda d: d.update(schema_version=7), "schema_version"),
+])
+def test_malformed_manifest_names_the_field(bundle, keypair, mutate, field):
+    data = json.loads((bundle / "manifest.json").read_text())
+    mutate(data)
+    (bundle / "manifest.json").write_text(json.dumps(sign_manifest(data, load_private_key(keypair[0]))))
+    with pytest.raises(SpecError) as info:
+        verify_bundle(bundle, [keypair[1]])
+    assert info.value.field == field
+
+
+def test_not_json(bundle, keypair):
+    (bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(SpecError, match="not readable JSON"):
+        verify_bundle(bundle, [keypair[1]])
+    shutil.rmtree(bundle)
+    with pytest.raises(SpecError, match="does not exist"):
+        verify_bundle(bundle, [keypair[1]])

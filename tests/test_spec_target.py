@@ -1,0 +1,96 @@
+"""Target profiles: every shipped profile validates; malformed files name the file, field and problem."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from edgepeft.errors import SpecError
+from edgepeft.spec.target import TargetProfile, list_targets, load_target, targets_dir
+
+REQUIRED_CLASSES = {"raspberry-pi-5": "sbc", "jetson-orin-nano": "jetson", "android-arm64": "phone",
+                    "x86-64-gateway": "gateway", "serial-gateway": "serial-gateway"}
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_CLASSES))
+def test_shipped_profile_is_valid(name):
+    t = load_target(name)
+    assert t.name == name and t.device_class == REQUIRED_CLASSES[name]
+    assert t.providers[-1] == "CPUExecutionProvider"
+    assert t.budgets.memory_mib > 0 and t.budgets.storage_mib > 0 and t.budgets.max_adapter_rank > 0
+    assert TargetProfile.from_dict(tomllib.loads(t.to_toml()), "roundtrip.toml") == t
+    assert TargetProfile.from_dict(json.loads(t.to_json()), "roundtrip.json") == t
+
+
+def test_specific_profile_facts():
+    assert load_target("jetson-orin-nano").providers[0] == "CUDAExecutionProvider"
+    assert load_target("android-arm64").providers[0] == "XnnpackExecutionProvider"
+    assert load_target("android-arm64").quant.weights == "int4"
+    assert load_target("x86-64-gateway").quant.weights == "int8"
+    serial = load_target("serial-gateway")
+    assert serial.update.link == "serial" and serial.update.baud == 921600
+    assert set(list_targets()) >= set(REQUIRED_CLASSES)
+
+
+def _profile(**changes) -> str:
+    text = (targets_dir() / "raspberry-pi-5.toml").read_text()
+    data = tomllib.loads(text)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        table = data
+        for p in parents:
+            table = table.setdefault(p, {})
+        if value is None:
+            table.pop(key)
+        else:
+            table[key] = value
+    from edgepeft.spec import _toml
+
+    return _toml.dumps(data)
+
+
+@pytest.mark.parametrize("changes, field, problem", [
+    ({"name": None}, "name", "required"),
+    ({"threads": "four"}, "threads", "integer"),
+    ({"threads": 0}, "threads", "at least 1"),
+    ({"device_class": "toaster"}, "device_class", "not one of"),
+    ({"providers": ["CUDAExecutionProvider"]}, "providers", "must end with CPUExecutionProvider"),
+    ({"providers": ["FooExecutionProvider", "CPUExecutionProvider"]}, "providers[0]", "unknown ONNX Runtime"),
+    ({"quantization.weights": "int3"}, "quantization.weights", "not one of"),
+    ({"quantization.block_size": 48}, "quantization.block_size", "power of two"),
+    ({"budgets.memory_mib": None}, "budgets.memory_mib", "required"),
+    ({"budgets.max_adapter_rank": -4}, "budgets.max_adapter_rank", "at least 1"),
+    ({"update.link": "serial"}, "update.baud", "required"),
+    ({"update.link": "serial", "update.baud": 12345}, "update.baud", "standard UART"),
+    ({"update.baud": 115200}, "update.baud", "only applies"),
+    ({"treads": 4}, "treads", "not a known field"),
+    ({"schema_version": 99}, "schema_version", "newer"),
+])
+def test_malformed_profile_names_file_field_and_problem(tmp_path, changes, field, problem):
+    path = tmp_path / "bad.toml"
+    path.write_text(_profile(**changes))
+    with pytest.raises(SpecError) as info:
+        load_target(path)
+    err = info.value
+    assert err.source == str(path) and err.field == field and problem in err.problem
+    assert str(path) in str(err) and field in str(err)
+
+
+def test_invalid_toml_and_unknown_name(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("name = \n")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_target(path)
+    with pytest.raises(SpecError, match="not a known target") as info:
+        load_target("no-such-device")
+    assert "raspberry-pi-5" in info.value.hint
+    with pytest.raises(SpecError, match="cannot be read"):
+        load_target(tmp_path / "missing.toml")
+
+
+def test_json_profile(tmp_path):
+    path = tmp_path / "pi.json"
+    path.write_text(load_target("raspberry-pi-5").to_json())
+    assert load_target(path).name == "raspberry-pi-5"
