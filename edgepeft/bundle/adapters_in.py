@@ -1,0 +1,110 @@
+"""Read and pre-check PEFT adapter directories before any export work starts.
+
+Adapters may come from ``edgepeft train`` (then ``edgepeft_training.json``
+beside them carries version, labels, metrics and the base fingerprint) or
+from anywhere PEFT can save. Everything here is cheap JSON reading, so bad
+input is refused before the long export begins.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterError
+from ..spec.manifest import check_name
+
+TRAINING_RECORD = "edgepeft_training.json"
+_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
+
+
+@dataclass
+class AdapterInput:
+    """One ``--adapter NAME=DIR`` after its config was read and checked."""
+
+    name: str
+    path: Path
+    config: dict
+    rank: int
+    alpha: float
+    task: str
+    target_modules: list[str]
+    version: int = 1
+    record: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.record.get("labels")
+
+    @property
+    def metrics(self) -> dict:
+        return self.record.get("metrics", {})
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return (self.record.get("base") or {}).get("fingerprint")
+
+
+def parse_adapter_arg(text: str) -> tuple[str, Path]:
+    """``NAME=DIR`` -> (name, path); raises :class:`AdapterError`."""
+    if "=" not in text:
+        raise AdapterError(f"--adapter {text!r} is not NAME=DIR", hint="e.g. --adapter support=out/support-lora")
+    name, _, path = text.partition("=")
+    check_name(name, "--adapter", "NAME")
+    return name, Path(path)
+
+
+def read_adapter(name: str, path: Path, *, version: int | None = None) -> AdapterInput:
+    """Read a PEFT adapter directory; refuse what edgepeft cannot turn into slots.
+
+    Raises :class:`AdapterError` for a missing directory or file, an unreadable
+    config, or a method other than plain LoRA.
+    """
+    cfg_path = path / "adapter_config.json"
+    if not path.is_dir():
+        raise AdapterError(f"adapter {name!r}: {path} is not a directory",
+                           hint="pass the directory PEFT's save_pretrained wrote")
+    if not cfg_path.is_file():
+        raise AdapterError(f"adapter {name!r}: {path} has no adapter_config.json",
+                           hint="pass the directory PEFT's save_pretrained wrote")
+    weights = [p for p in ("adapter_model.safetensors", "adapter_model.bin") if (path / p).is_file()]
+    if not weights:
+        raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors",
+                           hint="save the adapter with PEFT's save_pretrained (safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"adapter {name!r}: {cfg_path} is not valid JSON: {exc}") from exc
+    method = str(cfg.get("peft_type", "")).upper()
+    if method != "LORA":
+        raise AdapterError(
+            f"adapter {name!r} uses PEFT method {method or 'unknown'}; edgepeft build supports LoRA adapters",
+            hint="train a LoRA or QLoRA adapter (edgepeft train --method lora|qlora)")
+    for flag, label in (("use_dora", "DoRA"), ("layer_replication", "layer replication")):
+        if cfg.get(flag):
+            raise AdapterError(f"adapter {name!r} uses {label}, which adapter slots cannot express",
+                               hint="train a plain LoRA adapter, or merge it with --merge")
+    rank = int(cfg.get("r", 0))
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise AdapterError(f"adapter {name!r} uses per-module ranks (rank_pattern/alpha_pattern)",
+                           hint="train with one rank for all modules")
+    if rank <= 0:
+        raise AdapterError(f"adapter {name!r} has rank {rank}", hint="the LoRA rank r must be positive")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    task = _TASKS.get(str(cfg.get("task_type", "CAUSAL_LM")).upper())
+    if task is None:
+        raise AdapterError(f"adapter {name!r} has task_type {cfg.get('task_type')!r}",
+                           hint="edgepeft builds causal-LM and sequence-classification adapters")
+    record = {}
+    rec_path = path / TRAINING_RECORD
+    if rec_path.is_file():
+        try:
+            record = json.loads(rec_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"adapter {name!r}: {rec_path} is not valid JSON: {exc}") from exc
+    ver = version or int(record.get("version", 1) or 1)
+    return AdapterInput(name=name, path=path, config=cfg, rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
+                        task=task, target_modules=sorted(targets), version=ver, record=record)
