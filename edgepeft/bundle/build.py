@@ -1,0 +1,220 @@
+"""``edgepeft build``: base + PEFT adapters + target -> a signed device bundle (directory and .epb).
+
+Order matters for the user: everything cheap is checked first (target, key,
+adapter configs, ranks, merge name), then the long export runs in a temporary
+directory beside ``--out``, and only a bundle that fits its target and is
+signed is renamed into place. A failure at any step leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import AdapterError, BuildError, UsageError
+from ..spec.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
+from ..spec.target import QuantSpec, TargetProfile, load_target
+from ..spec.verify import sha256_file
+from .adapters_in import AdapterInput, read_adapter
+from .archive import pack_bundle
+from .fit import check_fit
+from .signing import load_private_key, sign_manifest
+
+QUANTS = ("int4", "int8", "fp16", "fp32")
+
+
+@dataclass
+class BuildResult:
+    """What was built: paths, sizes, and the manifest as written."""
+
+    bundle_dir: Path
+    archive: Path
+    manifest: dict
+    fit: dict
+
+    def summary(self) -> dict:
+        files = {f["path"]: f["size"] for f in self.manifest["files"]}
+        return {
+            "bundle": str(self.bundle_dir), "archive": str(self.archive),
+            "archive_bytes": self.archive.stat().st_size,
+            "target": self.manifest["target"]["name"], "quantization": self.manifest["quantization"],
+            "base": self.manifest["base"], "merged_adapter": self.manifest.get("merged_adapter"),
+            "adapters": [{k: a[k] for k in ("name", "version", "rank", "dtype", "file")} | {"bytes": files[a["file"]]}
+                         for a in self.manifest["adapters"]],
+            "files": files, "fit": self.fit,
+        }
+
+
+def _read_health_checks(path: Path | None) -> list[dict]:
+    if path is None:
+        return []
+    checks = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read health-check file {path}: {exc.strerror or exc}") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            checks.append(json.loads(line))
+        except ValueError as exc:
+            raise UsageError(f"{path}:{n} is not a JSON object: {exc}",
+                             hint='one object per line, e.g. {"input": "hi", "expect": {"contains": "Northwind"}}') from exc
+    return checks
+
+
+def _tokenizer_files(tokenizer, dest: Path) -> dict:
+    """Save what the device-side ``tokenizers`` library needs; return manifest["tokenizer"]."""
+    tmp = dest / ".tok"
+    tokenizer.save_pretrained(tmp)
+    if not (tmp / "tokenizer.json").is_file():
+        raise BuildError("the base tokenizer has no fast (tokenizer.json) form, which devices need",
+                         hint="use a base whose tokenizer has a tokenizer.json")
+    os.replace(tmp / "tokenizer.json", dest / "tokenizer.json")
+    shutil.rmtree(tmp)
+    eos = tokenizer.eos_token_id
+    info = {
+        "file": "tokenizer.json",
+        "chat_template": tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None,
+        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token": tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) else None,
+        "special_tokens": sorted(set(getattr(tokenizer, "all_special_tokens", []))),
+        "model_max_length": min(int(getattr(tokenizer, "model_max_length", 1 << 30) or 0), 1 << 30),
+    }
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: str | os.PathLike | TargetProfile,
+                 key: str | os.PathLike, out: str | os.PathLike, quant: str | None = None,
+                 merge: str | None = None, adapter_dtype: str | None = None, slot_rank: int | None = None,
+                 health_checks: str | os.PathLike | None = None, task: str | None = None, force: bool = False,
+                 progress: Callable[[str], None] = lambda msg: None) -> BuildResult:
+    """Build a signed bundle. See the module docstring for the order of checks.
+
+    Raises :class:`UsageError` (bad options), :class:`AdapterError` (an adapter
+    that cannot be used with this base or target), :class:`SignatureError` (key),
+    :class:`~edgepeft.errors.SpecError` (target), :class:`TargetFitError`
+    (does not fit) or :class:`BuildError`.
+    """
+    profile = target if isinstance(target, TargetProfile) else load_target(target)
+    quant = quant or profile.quant.weights
+    if quant not in QUANTS:
+        raise UsageError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    adapter_dtype = adapter_dtype or profile.quant.adapter_dtype
+    private_key = load_private_key(key)
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists", hint="choose a new --out, or pass --force to replace it")
+
+    names = [n for n, _ in adapters]
+    if len(set(names)) != len(names):
+        raise UsageError("two --adapter options share a name", hint="give every adapter its own NAME")
+    inputs: list[AdapterInput] = [read_adapter(n, Path(p)) for n, p in adapters]
+    if merge is not None and merge not in names:
+        raise UsageError(f"--merge {merge!r} names no --adapter", hint=f"adapters given: {', '.join(names) or 'none'}")
+    if merge is not None and len(names) > 1:
+        raise UsageError("a merged bundle is single-task: --merge takes exactly one --adapter",
+                         hint="build a slots bundle (no --merge) to ship several adapters")
+    tasks = {a.task for a in inputs} | ({task} if task else set())
+    if len(tasks) > 1:
+        raise AdapterError(f"adapters mix tasks {sorted(tasks)}", hint="build one bundle per task")
+    task = tasks.pop() if tasks else "causal-lm"
+    max_rank = max([a.rank for a in inputs], default=0)
+    rank = slot_rank or max(max_rank, 1)
+    if rank < max_rank:
+        raise UsageError(f"--slot-rank {rank} is below the largest adapter rank {max_rank}")
+    over = [f"{a.name} (rank {a.rank})" for a in inputs if a.rank > profile.budgets.max_adapter_rank]
+    if over or rank > profile.budgets.max_adapter_rank:
+        raise AdapterError(f"{', '.join(over) or f'slot rank {rank}'} above target {profile.name}'s limit "
+                           f"of {profile.budgets.max_adapter_rank}",
+                           hint="retrain with a smaller --rank, or choose a target with a larger max_adapter_rank")
+
+    from ..basemodel import resolve_base
+    from .. import export as export_api
+
+    source = resolve_base(base, task=task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        merged = next((a for a in inputs if a.name == merge), None)
+        slot_adapters = [a for a in inputs if a is not merged]
+        progress(f"exporting {source.name} for {task} ({quant}{', merged ' + merge if merge else ''})")
+        exported = export_api.export_model(
+            source, work, task=task, slot_rank=rank,
+            quant=QuantSpec(weights=quant, block_size=profile.quant.block_size, adapter_dtype=adapter_dtype),
+            target_modules=sorted({m for a in inputs for m in a.target_modules}) or "all-linear",
+            merge_adapter=merged.path if merged else None, progress=progress)
+        fingerprint = exported.fingerprint
+        for a in inputs:
+            if a.base_fingerprint and a.base_fingerprint != fingerprint:
+                raise AdapterError(f"adapter {a.name!r} was trained on a different base "
+                                   f"({a.base_fingerprint[:19]}..., this base is {fingerprint[:19]}...)",
+                                   hint="build with the --base it was trained on, or retrain it on this base")
+        (work / "adapters").mkdir(exist_ok=True)
+        adapter_entries = []
+        for a in slot_adapters:
+            rel = f"adapters/{a.name}-{a.version}.onnx_adapter"
+            progress(f"adapter {a.name} v{a.version}: rank {a.rank} -> slot rank {rank}, {adapter_dtype}")
+            info = export_api.write_adapter(a.path, exported.model_info, work / rel, dtype=adapter_dtype)
+            entry = {"name": a.name, "version": a.version, "file": rel, "method": "lora", "rank": a.rank,
+                     "alpha": a.alpha, "base_fingerprint": fingerprint, "task": a.task, "dtype": adapter_dtype,
+                     "target_modules": a.target_modules, "metrics": a.metrics}
+            labels = info.labels or a.labels
+            if a.task == "classification":
+                entry["labels"] = list(labels or [])
+                entry["review_threshold"] = float(a.record.get("review_threshold", 0.6))
+            adapter_entries.append(entry)
+        progress("tokenizer")
+        from ..basemodel import load_tokenizer
+
+        tokenizer_info = _tokenizer_files(load_tokenizer(source), work)
+        files = []
+        for p in sorted(x for x in work.rglob("*") if x.is_file()):
+            rel = p.relative_to(work).as_posix()
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+        weight_bytes = sum(f["size"] for f in files if f["path"] in exported.files)
+        adapter_bytes = sum(f["size"] for f in files if f["path"].startswith("adapters/"))
+        fit = check_fit(profile, bundle_bytes=sum(f["size"] for f in files), weight_bytes=weight_bytes,
+                        adapter_bytes=adapter_bytes, model_info=exported.model_info, max_rank=max_rank)
+        data = {
+            "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "base": {"name": source.name, "fingerprint": fingerprint, "task": task,
+                     "architecture": exported.model_info.get("architecture", "unknown")},
+            "target": profile.to_dict() | {"description": profile.description},
+            "quantization": {"weights": quant, "block_size": profile.quant.block_size, "adapter_dtype": adapter_dtype},
+            "model": {"graph": next(iter(exported.files))} | exported.model_info, "tokenizer": tokenizer_info,
+            "generation": {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0,
+                           "max_context": fit.context},
+            "files": files, "adapters": adapter_entries,
+            "health_checks": _read_health_checks(Path(health_checks) if health_checks else None),
+            "merged_adapter": merge,
+        }
+        if merged is not None:
+            data["model"] = data["model"] | {"merged": {
+                "name": merged.name, "version": merged.version, "rank": merged.rank, "alpha": merged.alpha,
+                "labels": data["model"].get("labels") or merged.labels, "metrics": merged.metrics,
+                "review_threshold": float(merged.record.get("review_threshold", 0.6))}}
+        signed = sign_manifest(data, private_key)
+        Manifest.from_dict(signed, str(work / MANIFEST_NAME))  # the manifest we write must parse on a device
+        (work / MANIFEST_NAME).write_text(json.dumps(signed, indent=2, ensure_ascii=False), encoding="utf-8")
+        progress("archive")
+        archive = pack_bundle(work, out.parent / f".{out.name}.epb.tmp")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        final_archive = out.with_name(out.name + ".epb")
+        os.replace(archive, final_archive)
+        return BuildResult(out, final_archive, signed, fit.to_dict())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        Path(out.parent / f".{out.name}.epb.tmp").unlink(missing_ok=True)

@@ -1,0 +1,56 @@
+"""``edgepeft build``: export, quantize, convert adapters and sign a device bundle."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+
+@click.command("build")
+@click.option("--base", default=None, help="Hub id, model directory or .gguf file [default: embedded SmolLM2-135M-Instruct, "
+              "or all-MiniLM-L6-v2 for classification adapters].")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="A PEFT LoRA adapter directory to ship as a swappable adapter (repeatable).")
+@click.option("--target", required=True, help="Target profile name (see `edgepeft targets`) or path to a .toml.")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
+              help="Base weight quantization [default: the target's].")
+@click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Adapter payload type [default: the target's].")
+@click.option("--merge", default=None, metavar="NAME", help="Merge this adapter into the base: a single-task bundle, no slots.")
+@click.option("--slot-rank", type=int, default=None, help="Rank of the adapter slots [default: the largest adapter rank].")
+@click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None,
+              help="Task of a bundle built without adapters [default: from the adapters, else causal-lm].")
+@click.option("--health-check", "health_checks", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON Lines of {input, expect: {contains|equals|label}, adapter} run on the device after installs.")
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Private signing key from `edgepeft keygen`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create (OUT.epb is written beside it).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
+def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task, health_checks, key, out, force,
+            as_json):
+    """Export the base once to ONNX with adapter slots, quantize it for a target, turn adapters into
+    small swappable files (or merge one), and sign it all into a device bundle."""
+    from ..bundle.adapters_in import parse_adapter_arg
+    from ..bundle.build import build_bundle
+
+    start = time.monotonic()
+
+    def progress(msg: str) -> None:
+        click.echo(f"[{time.monotonic() - start:6.1f}s] {msg}", err=True)
+
+    result = build_bundle(base=base, adapters=[parse_adapter_arg(a) for a in adapters], target=target, key=key,
+                          out=out, quant=quant, merge=merge, adapter_dtype=adapter_dtype, slot_rank=slot_rank,
+                          health_checks=health_checks, task=task, force=force, progress=progress)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    mib = 1 << 20
+    click.echo(f"bundle  {summary['bundle']}  ({sum(summary['files'].values()) / mib:.1f} MiB)")
+    click.echo(f"archive {summary['archive']}  ({summary['archive_bytes'] / mib:.1f} MiB)")
+    click.echo(f"target  {summary['target']}: estimated memory {summary['fit']['memory_mib']:.0f} MiB, "
+               f"weights {summary['quantization']['weights']}")
+    for a in summary["adapters"]:
+        click.echo(f"adapter {a['name']} v{a['version']}: rank {a['rank']}, {a['dtype']}, {a['bytes'] / 1024:.0f} KiB")

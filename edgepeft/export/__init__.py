@@ -1,0 +1,24 @@
+"""Server-side exporter: base model -> ONNX graph with adapter slots; PEFT LoRA -> ORT adapter files.
+
+Heavy libraries (torch, transformers, onnx) load only when a function runs.
+Public API: :func:`export_model`, :class:`ExportResult`, :func:`write_adapter`,
+:class:`AdapterInfo`, :func:`base_fingerprint`, :class:`WeightQuant`.
+"""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "export_model": "api", "ExportResult": "api", "base_fingerprint": "api",
+    "write_adapter": "adapters", "AdapterInfo": "adapters", "build_slot_tensors": "adapters",
+    "WeightQuant": "quantize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

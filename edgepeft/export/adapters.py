@@ -1,0 +1,226 @@
+"""PEFT LoRA directory -> ONNX Runtime adapter file (``.onnx_adapter``) for a bundle's slots.
+
+The file holds one tensor per slot, named exactly as the graph inputs, so
+``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter`` activate it
+with no copy of the base. Per group the modules' ``A.T`` are placed side by
+side and ``(B * scaling).T`` block-diagonally (see :mod:`.slots`), each module
+zero-padded up to the bundle's slot rank; modules the adapter does not train
+stay zero. Payloads: fp32 (activates as is), fp16 or int8 (smaller updates;
+the device expands them to fp32 once at install with
+:func:`edgepeft.spec.adapter_payload.expand_adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AdapterError, UsageError
+from .peft_reader import read_peft_lora
+
+PAYLOADS = ("fp32", "fp16", "int8")
+# module path (PEFT, without "base_model.model.") -> (layer, adaptable name)
+_MODULE_RE = {
+    "llama": re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$"),
+    "bert": re.compile(r"^(?:bert\.)?(?:encoder\.layer\.(\d+)\.(.+)|(pooler\.dense))$"),
+}
+HEAD_WEIGHT, HEAD_BIAS = "head.classifier.weight", "head.classifier.bias"
+
+
+@dataclass
+class AdapterInfo:
+    """What the bundle manifest records about one adapter file."""
+
+    name: str
+    rank: int
+    alpha: float | None
+    method: str
+    target_modules: list
+    bytes: int
+    dtype: str
+    slot_rank: int
+    labels: list | None = None
+    base_model_name_or_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_groups_for(model_info: dict):
+    """The per-layer projection groups of the exported graph described by ``model_info``."""
+    arch, dims, targets = model_info["architecture"], model_info["dims"], model_info["target_modules"]
+    if arch == "llama":
+        from .llama_graph import layer_groups
+    elif arch == "bert":
+        from .bert_graph import layer_groups
+    else:
+        raise AdapterError(f"model_info names unknown architecture {arch!r}", hint="re-export the base")
+    return layer_groups(dims, targets)
+
+
+def build_slot_tensors(peft_dir, model_info: dict, labels=None):
+    """Pack a PEFT LoRA directory into fp32 slot tensors; returns ``(tensors, lora, labels)``.
+
+    Raises :class:`AdapterError` when the adapter's modules, shapes or rank do
+    not fit the bundle's slots.
+    """
+    lora = read_peft_lora(peft_dir)
+    arch, slot_rank, nl = model_info["architecture"], model_info["slot_rank"], model_info["num_layers"]
+    if not model_info.get("slots"):
+        raise AdapterError("this bundle's graph has no adapter slots (merged export)",
+                           hint="export the base with slots to ship swappable adapters")
+    if lora.rank > slot_rank:
+        raise AdapterError(f"{lora.path.name}: LoRA rank {lora.rank} exceeds the bundle's slot rank {slot_rank}",
+                           hint=f"retrain with r <= {slot_rank}, or rebuild the bundle with a slot rank >= {lora.rank}")
+    groups = layer_groups_for(model_info)
+    where = {m.peft_name: (g, j) for g in groups for j, m in enumerate(g.modules)}
+    all_names = {m.peft_name for g in groups for m in g.modules}
+    tensors = {}
+    for g in groups:
+        if g.modules:
+            for i in (range(nl) if g.key != "pooler" else [None]):
+                a_name, b_name = g.slot_names(i)
+                tensors[a_name] = np.zeros((g.in_dim, len(g.modules) * slot_rank), np.float32)
+                tensors[b_name] = np.zeros((len(g.modules) * slot_rank, g.out_dim), np.float32)
+    trained = set()
+    for module, (a, b, scaling) in lora.modules.items():
+        m = _MODULE_RE[arch].match(module)
+        layer, name = _layer_and_name(m)
+        if not m or name not in where:
+            hint = f"the bundle has slots for {', '.join(sorted(all_names)) or 'nothing'}"
+            raise AdapterError(f"{lora.path.name}: adapter trains {module}, which has no slot in this bundle",
+                               hint=hint + "; rebuild the bundle with these target modules or retrain")
+        if layer is not None and layer >= nl:
+            raise AdapterError(f"{lora.path.name}: {module} is layer {layer}, the base has {nl} layers",
+                               hint="the adapter was trained for a different base")
+        g, j = where[name]
+        mod = g.modules[j]
+        r = a.shape[0]
+        if a.shape[1] != g.in_dim or b.shape[0] != mod.out_size:
+            raise AdapterError(f"{lora.path.name}: {module} is {a.shape[1]}->{b.shape[0]}, the base has "
+                               f"{g.in_dim}->{mod.out_size}", hint="the adapter was trained for a different base")
+        a_name, b_name = g.slot_names(layer)
+        c0 = j * slot_rank
+        tensors[a_name][:, c0:c0 + r] = a.T
+        tensors[b_name][c0:c0 + r, mod.out_offset:mod.out_offset + mod.out_size] = (b * scaling).T
+        trained.add(name)
+    if model_info.get("task") == "classification":
+        w = lora.saved.get("classifier.weight")
+        if w is None:
+            raise AdapterError(f"{lora.path.name}: a classification adapter must carry its head (classifier.weight)",
+                               hint="train with task_type=SEQ_CLS (PEFT saves the head via modules_to_save)")
+        hidden = model_info["hidden_size"]
+        if w.ndim != 2 or w.shape[1] != hidden:
+            raise AdapterError(f"{lora.path.name}: classifier.weight is {tuple(w.shape)}, expected [labels, {hidden}]",
+                               hint="the adapter was trained for a different base")
+        bias = lora.saved.get("classifier.bias", np.zeros(w.shape[0], np.float32))
+        tensors[HEAD_WEIGHT] = np.ascontiguousarray(w.T.astype(np.float32))
+        tensors[HEAD_BIAS] = bias.astype(np.float32)
+        labels = _labels(lora.path, w.shape[0], labels)
+    else:
+        labels = None
+    extra = sorted(k for k in lora.saved if not k.startswith("classifier."))
+    if extra:
+        raise AdapterError(f"{lora.path.name}: adapter also saves whole modules ({', '.join(extra)})",
+                           hint="modules_to_save other than the classification head cannot be swapped; use merge mode")
+    lora.trained = sorted(trained)
+    return tensors, lora, labels
+
+
+def _layer_and_name(m):
+    if not m:
+        return None, None
+    if m.lastindex == 3 and m[3]:
+        return None, m[3]
+    return int(m[1]), m[2]
+
+
+def _labels(adir: Path, n: int, labels) -> list:
+    """Labels from the argument, labels.json, or config.json's id2label; else LABEL_i."""
+    if labels is None:
+        for fname in ("labels.json", "config.json"):
+            p = adir / fname
+            if p.is_file():
+                try:
+                    data = json.loads(p.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                if isinstance(data, list):
+                    labels = data
+                elif isinstance(data, dict) and isinstance(data.get("id2label"), dict):
+                    labels = [data["id2label"][k] for k in sorted(data["id2label"], key=int)]
+                elif isinstance(data, dict) and isinstance(data.get("labels"), list):
+                    labels = data["labels"]
+                if labels:
+                    break
+    labels = list(labels) if labels else [f"LABEL_{i}" for i in range(n)]
+    if len(labels) != n:
+        raise AdapterError(f"{adir.name}: {len(labels)} labels for a head with {n} outputs",
+                           hint="fix labels.json / id2label to match the classifier")
+    return [str(x) for x in labels]
+
+
+def encode_payload(tensors: dict, dtype: str) -> dict:
+    """fp32 slot tensors -> stored tensors: as is, fp16, or int8 with ``<name>.scale`` (per rank row/col)."""
+    if dtype == "fp32":
+        return tensors
+    if dtype == "fp16":
+        return {k: v.astype(np.float16) for k, v in tensors.items()}
+    out = {}
+    for k, v in tensors.items():
+        if v.ndim == 2:
+            axis = 0 if k.endswith("lora_A") or k == HEAD_WEIGHT else 1  # scale per rank column / row / label
+            amax = np.abs(v).max(axis=axis, keepdims=True)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            out[k] = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+            out[k + ".scale"] = scale
+        else:
+            out[k] = v.astype(np.float32)
+    return out
+
+
+def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, name: str | None = None,
+                  version: int = 1, labels=None) -> AdapterInfo:
+    """Write ``peft_dir`` as an ORT adapter file for the bundle described by ``model_info``.
+
+    ``dtype`` is the payload: "fp32" (activates directly), "fp16" or "int8"
+    (expand on the device with edgepeft.spec.adapter_payload). The write is
+    atomic. Raises :class:`AdapterError` for adapters that do not fit.
+    """
+    from .._extras import require
+
+    require("onnxruntime", "safetensors", "torch", feature="writing adapter files")
+    import onnxruntime as ort
+
+    if dtype not in PAYLOADS:
+        raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
+                         hint="use fp32 (default), fp16 or int8")
+    tensors, lora, labels = build_slot_tensors(peft_dir, model_info, labels)
+    stored = encode_payload(tensors, dtype)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(int(version))
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in stored.items()})
+    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".onnx_adapter", dir=out_path.parent)
+    os.close(fd)
+    try:
+        fmt.export_adapter(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return AdapterInfo(name=name or lora.path.name, rank=lora.rank, alpha=lora.alpha, method=lora.method,
+                       target_modules=lora.trained, bytes=out_path.stat().st_size, dtype=dtype,
+                       slot_rank=model_info["slot_rank"], labels=labels,
+                       base_model_name_or_path=lora.config.get("base_model_name_or_path"))

@@ -1,0 +1,159 @@
+"""The exporter's entry point: a base model (+ optional merged adapter) -> model.onnx + model facts.
+
+``export_model`` is what the bundle builder calls; ``write_adapter`` (in
+:mod:`.adapters`) turns each PEFT directory into a file for the exported slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .._extras import require
+from ..errors import ModelError, UsageError
+from .quantize import WeightQuant
+from .slots import check_rank
+
+TASKS = ("causal-lm", "classification")
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class ExportResult:
+    """Files written (relative names -> absolute paths), manifest["model"] facts, base fingerprint."""
+
+    out_dir: Path
+    files: dict = field(default_factory=dict)
+    model_info: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def model_path(self) -> Path:
+        return self.files[MODEL_FILE]
+
+
+def _state_dict_numpy(model) -> dict:
+    return {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+
+
+def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="int4", slot_rank: int = 16,
+                 target_modules="all-linear", merge_adapter=None, max_context: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``source`` (a BaseSource, a model dir/hub id/.gguf, or None for the default) to ``out_dir``.
+
+    - ``task``: "causal-lm" (Llama-family decoder with KV cache) or
+      "classification" (BERT-family encoder whose head is a slot).
+    - ``quant``: "int4" | "int8" | "fp16" | "fp32", a WeightQuant, or a spec QuantSpec.
+    - ``slot_rank``: the LoRA rank every adapter of the bundle is padded to.
+    - ``target_modules``: projections that get slots ("all-linear" or PEFT names).
+    - ``merge_adapter``: a PEFT dir merged into the weights; the graph then has no slots.
+
+    Raises ModelError (base cannot be loaded / unsupported), UsageError (bad
+    options), AdapterError (merge adapter does not fit), BuildError (too big).
+    """
+    require("torch", "transformers", "onnx", "onnxruntime", feature="exporting a model")
+    from ..basemodel import BaseSource, load_model, resolve_base, weights_fingerprint
+    from .onnx_builder import save_model
+
+    say = progress or (lambda msg: None)
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}")
+    wq = WeightQuant.coerce(quant)
+    slot_rank = check_rank(slot_rank)
+    src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
+    say(f"loading {src.name}")
+    model = load_model(src, task=task)
+    config = model.config
+    fingerprint = weights_fingerprint(model.state_dict())
+    sd = _state_dict_numpy(model)
+    lora = None
+    if merge_adapter is not None:
+        from .merge import merge_into
+
+        say(f"merging {Path(merge_adapter).name}")
+        sd, lora = merge_into(sd, merge_adapter, task=task)
+    out_dir = Path(out_dir)
+    say(f"building the {wq.kind} graph")
+    if task == "causal-lm":
+        from .llama_graph import build_decoder
+
+        rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if rot is None:
+            raise ModelError(f"{src.name} has no rotary embedding module", hint="use a llama-family decoder")
+        ctx = int(max_context or min(config.max_position_embeddings, 4096))
+        graph, info = build_decoder(config, sd, quant=wq, target_modules=target_modules, max_context=ctx,
+                                    inv_freq=rot.inv_freq.detach().float().numpy(),
+                                    rope_scaling=float(getattr(rot, "attention_scaling", 1.0)),
+                                    slots=merge_adapter is None)
+        dims = info["dims"]
+        model_info = {
+            "architecture": "llama", "task": task, "model_type": config.model_type,
+            "num_layers": dims["layers"], "num_heads": dims["heads"], "num_kv_heads": dims["kv_heads"],
+            "head_dim": dims["head_dim"], "hidden_size": dims["hidden"], "vocab_size": dims["vocab"],
+            "max_context": ctx,
+            "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key", "past_key_values.{i}.value"],
+                   "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+                   "kv_layout": "BNSH", "kv_dtype": "float32", "past_present_share_buffer": True},
+        }
+    else:
+        from .bert_graph import build_encoder
+
+        graph, info = build_encoder(config, sd, quant=wq, target_modules=target_modules,
+                                    slots=merge_adapter is None, merged_head=merge_adapter is not None)
+        dims = info["dims"]
+        ctx = int(dims["max_positions"])
+        model_info = {
+            "architecture": "bert", "task": task, "model_type": config.model_type,
+            "num_layers": dims["layers"], "num_heads": dims["heads"], "head_dim": dims["hidden"] // dims["heads"],
+            "hidden_size": dims["hidden"], "vocab_size": dims["vocab"], "max_context": ctx,
+            "io": {"inputs": ["input_ids", "attention_mask", "token_type_ids"], "outputs": ["logits"]},
+        }
+        if lora is not None:
+            from .adapters import _labels
+
+            model_info["labels"] = _labels(lora.path, int(sd["classifier.weight"].shape[0]), None)
+    merged = merge_adapter is not None
+    model_info.update({
+        "dims": dims,
+        "target_modules": [] if merged else _targets(info),
+        "slots": info["slots"],
+        "slot_shapes": {k: _concrete(v, slot_rank) for k, v in info["slots"].items()},
+        "slot_rank": 0 if merged else slot_rank,
+        "merged_adapter": Path(merge_adapter).name if merged else None,
+        "quant": wq.to_dict(),
+    })
+    say("writing model.onnx")
+    path = out_dir / MODEL_FILE
+    size = save_model(graph, path)
+    model_info["model_bytes"] = size
+    return ExportResult(out_dir=out_dir, files={MODEL_FILE: path}, model_info=model_info, fingerprint=fingerprint)
+
+
+def _targets(info: dict) -> list:
+    names = []
+    for g in info["groups"].values():
+        names += [m[0] for m in g["modules"]]
+    return names
+
+
+def _concrete(shape: list, rank: int) -> list:
+    out = []
+    for d in shape:
+        if isinstance(d, str) and d.endswith("rank"):
+            m = d.split("*")[0]
+            out.append(rank * (int(m) if m != "rank" else 1))
+        else:
+            out.append(d)
+    return out
+
+
+def base_fingerprint(source=None, *, task: str = "causal-lm") -> str:
+    """The fingerprint of a base's weights (edgepeft.basemodel.weights_fingerprint), loading it once."""
+    from ..basemodel import BaseSource, load_model, resolve_base, weights_fingerprint
+
+    src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
+    return weights_fingerprint(load_model(src, task=task).state_dict())
+
+
+__all__ = ["ExportResult", "export_model", "base_fingerprint"]

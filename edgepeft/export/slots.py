@@ -1,0 +1,101 @@
+"""Adapter slots: which projections get LoRA inputs, how they are packed and named.
+
+Projections that share an input are packed into one *group* (q|k|v, gate|up):
+the graph computes ``y = x @ W + (x @ A) @ B`` once per group, with
+``A = [A_q | A_k | A_v]`` of shape [in, m*rank] and ``B`` block-diagonal of
+shape [m*rank, out_q+out_k+out_v] (each module's rows write only its own output
+columns). That is 2 small MatMuls and an Add per group instead of per module.
+
+Slot defaults are EMPTY (rank dim 0): the rank dim is symbolic in the graph,
+so an adapter of rank r overrides them, and without an adapter the LoRA path
+is two zero-FLOP MatMuls and an Add of zeros.
+
+Slot names: ``layers.{i}.{group}.lora_A`` / ``.lora_B`` (``pooler.lora_A`` for the
+encoder's layer-less pooler); the encoder's head:
+``head.classifier.weight`` [hidden, num_labels] and ``head.classifier.bias``.
+In manifest["model"]["slots"] the rank dim reads "rank" or "m*rank".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class Module:
+    """One adaptable projection: its PEFT name (the module path's last part) and output columns."""
+
+    peft_name: str   # e.g. "q_proj" or "attention.self.query"
+    out_offset: int
+    out_size: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """Projections packed behind one pair of slots in one layer."""
+
+    key: str              # e.g. "qkv"
+    in_dim: int
+    out_dim: int          # all projections of the group, targeted or not
+    modules: tuple        # of Module, targeted ones only, in packing order
+
+    def slot_names(self, layer: int | None) -> tuple[str, str]:
+        """Slot input names; ``layer=None`` for layer-less groups (the encoder's pooler)."""
+        prefix = self.key if layer is None else f"layers.{layer}.{self.key}"
+        return f"{prefix}.lora_A", f"{prefix}.lora_B"
+
+
+def rank_expr(m: int) -> str:
+    return "rank" if m == 1 else f"{m}*rank"
+
+
+def resolve_targets(target_modules, known: dict[str, str]) -> list[str]:
+    """Turn target_modules ("all-linear", a list of PEFT names or suffixes) into PEFT names.
+
+    ``known`` maps each adaptable PEFT name to its short alias. Raises
+    :class:`UsageError` for a name the architecture does not have.
+    """
+    if target_modules is None or target_modules in ("all-linear", "all", ["all-linear"]):
+        return list(known)
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    out = []
+    for t in target_modules:
+        hits = [k for k, alias in known.items() if k == t or alias == t or k.endswith("." + t)]
+        if not hits:
+            raise UsageError(f"target module {t!r} is not an adaptable projection of this model",
+                             hint=f"choose from {', '.join(known)} or 'all-linear'")
+        out += [h for h in hits if h not in out]
+    return [k for k in known if k in out]
+
+
+def emit_lora(gb, x: str, y: str, group: Group, layer: int) -> str:
+    """Add the LoRA path of ``group`` to ``y`` (the base projection of ``x``); returns the sum."""
+    if not group.modules:
+        return y
+    m = len(group.modules)
+    a_name, b_name = group.slot_names(layer)
+    sym = f"{group.key}_rank"
+    gb.slot(a_name, np.zeros((group.in_dim, 0), np.float32), [group.in_dim, sym], [group.in_dim, rank_expr(m)])
+    gb.slot(b_name, np.zeros((0, group.out_dim), np.float32), [sym, group.out_dim], [rank_expr(m), group.out_dim])
+    t = gb.op("MatMul", [x, a_name], hint=f"l{layer}_{group.key}_loraA")
+    d = gb.op("MatMul", [t, b_name], hint=f"l{layer}_{group.key}_loraB")
+    return gb.op("Add", [y, d], hint=f"l{layer}_{group.key}_lora")
+
+
+def groups_info(groups: list[Group]) -> dict:
+    """What the adapter writer needs about a layer's groups (JSON-friendly)."""
+    return {g.key: {"in_dim": g.in_dim, "out_dim": g.out_dim,
+                    "modules": [[m.peft_name, m.out_offset, m.out_size] for m in g.modules]}
+            for g in groups if g.modules}
+
+
+def check_rank(slot_rank) -> int:
+    if not isinstance(slot_rank, int) or slot_rank < 1 or slot_rank > 1024:
+        raise UsageError(f"slot rank {slot_rank!r} is not an integer in 1..1024",
+                         hint="pass the largest LoRA rank the bundle must accept, e.g. 16")
+    return slot_rank

@@ -1,0 +1,80 @@
+"""Expand compact adapter payloads (fp16, int8) into the fp32 tensors the graph's slots take.
+
+Exported graphs declare their LoRA slots as float32 and ONNX Runtime refuses
+other dtypes, so an adapter shipped as fp16 or int8 (to shrink updates) is
+expanded once, at install, into an fp32 ``.onnx_adapter`` that then loads
+memory-mapped like any other. int8 tensors come with a ``<name>.scale`` fp32
+tensor (per rank column of lora_A / row of lora_B / label of the head).
+
+Device-safe: numpy and onnxruntime only, imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+SCALE_SUFFIX = ".scale"
+
+
+def expand_arrays(params: dict) -> dict:
+    """``{name: ndarray}`` as stored -> ``{slot name: float32 ndarray}``.
+
+    Raises ValueError for an int8 tensor without its scale or a scale without a tensor.
+    """
+    import numpy as np
+
+    out = {}
+    for name, arr in params.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name[: -len(SCALE_SUFFIX)] not in params:
+                raise ValueError(f"adapter tensor {name} scales a tensor the file does not hold")
+            continue
+        arr = np.asarray(arr)
+        if arr.dtype == np.int8:
+            scale = params.get(name + SCALE_SUFFIX)
+            if scale is None:
+                raise ValueError(f"int8 adapter tensor {name} has no {name}{SCALE_SUFFIX}")
+            out[name] = (arr.astype(np.float32) * np.asarray(scale, np.float32)).astype(np.float32)
+        else:
+            out[name] = arr.astype(np.float32, copy=False)
+    return out
+
+
+def needs_expansion(path) -> bool:
+    """True when the adapter file at ``path`` holds anything but float32 tensors."""
+    import numpy as np
+    import onnxruntime as ort
+
+    params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    return any(v.numpy().dtype != np.float32 for v in params.values())
+
+
+def expand_adapter(src, dst) -> dict:
+    """Read ``src`` (.onnx_adapter, any payload), write an fp32 copy to ``dst`` atomically.
+
+    Returns ``{slot name: shape}`` of what was written. Raises ValueError (bad
+    payload) or onnxruntime's errors for a file that is not an adapter.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    fmt_in = ort.AdapterFormat.read_adapter(str(src))
+    params = {k: v.numpy() for k, v in fmt_in.get_parameters().items()}
+    arrays = expand_arrays(params)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(fmt_in.get_adapter_version())
+    fmt.set_model_version(fmt_in.get_model_version())
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    dst = os.fspath(dst)
+    fd, tmp = tempfile.mkstemp(prefix=".expand-", suffix=".onnx_adapter", dir=os.path.dirname(dst) or ".")
+    os.close(fd)
+    try:
+        fmt.export_adapter(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {k: list(v.shape) for k, v in arrays.items()}

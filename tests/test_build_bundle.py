@@ -1,0 +1,132 @@
+"""`edgepeft build` end to end on tiny models: signed bundle + archive, refusals, no partial output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_export_support import decoder_feeds, make_peft_adapter, run_options, session, tiny_llama_dir
+from test_runtime_support import byte_level_tokenizer
+
+from edgepeft.bundle.build import build_bundle
+from edgepeft.cli.main import main
+from edgepeft.errors import AdapterError, SignatureError, TargetFitError, UsageError
+from edgepeft.spec import verify_bundle
+from edgepeft.spec.archive import unpack_bundle
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    base = tiny_llama_dir(root / "base", vocab_size=300)
+    byte_level_tokenizer(base)
+    make_peft_adapter(base, root / "support", r=4, alpha=8, targets=("q_proj", "v_proj"), seed=1)
+    make_peft_adapter(base, root / "legal", r=2, alpha=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2)
+    other = tiny_llama_dir(root / "other", vocab_size=300, hidden_size=32, intermediate_size=64)
+    make_peft_adapter(other, root / "foreign", r=4, alpha=8, targets=("q_proj", "v_proj"), seed=3)
+    return root
+
+
+def _build(tiny, tmp_path, keypair, **kw):
+    args = dict(base=str(tiny / "base"), adapters=[("support", tiny / "support"), ("legal", tiny / "legal")],
+                target="raspberry-pi-5", key=keypair[0], out=tmp_path / "bundle", quant="fp32", adapter_dtype="fp32")
+    return build_bundle(**(args | kw))
+
+
+def test_build_signs_a_bundle_whose_graph_runs_each_adapter(tiny, tmp_path, keypair):
+    result = _build(tiny, tmp_path, keypair)
+    m = verify_bundle(result.bundle_dir, [keypair[1]])
+    assert [a.name for a in m.adapters] == ["support", "legal"] and m.adapters[0].rank == 4
+    assert m.model["slot_rank"] == 4 and m.base["fingerprint"].startswith("sha256:")
+    assert {f.path for f in m.files} >= {"model.onnx", "tokenizer.json", "adapters/support-1.onnx_adapter"}
+    assert result.archive.is_file() and result.summary()["adapters"][1]["bytes"] > 0
+    # the same graph serves the bare base and each adapter, chosen per run
+    sess = session(result.bundle_dir / "model.onnx")
+    ids = np.array([[5, 17, 42, 7]])
+    bare = sess.run(["logits"], decoder_feeds(m.model, ids))[0]
+    outs = [sess.run(["logits"], decoder_feeds(m.model, ids),
+                     run_options(result.bundle_dir / a.file))[0] for a in m.adapters]
+    assert not np.allclose(bare, outs[0]) and not np.allclose(outs[0], outs[1])
+    unpacked = unpack_bundle(result.archive, tmp_path / "unpacked")
+    assert verify_bundle(unpacked, [keypair[1]]).to_dict() == m.to_dict()
+
+
+def test_compact_adapter_payloads_are_smaller_and_expand_to_the_same_output(tiny, tmp_path, keypair):
+    from edgepeft.spec.adapter_payload import expand_adapter
+
+    ref = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")])
+    m = verify_bundle(ref.bundle_dir, [keypair[1]])
+    sess = session(ref.bundle_dir / "model.onnx")
+    ids = np.array([[9, 8, 7, 6]])
+    want = sess.run(["logits"], decoder_feeds(m.model, ids), run_options(ref.bundle_dir / m.adapters[0].file))[0]
+    sizes = {}
+    for dtype, tol in (("fp16", 2e-3), ("int8", 5e-2)):
+        b = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")], adapter_dtype=dtype,
+                   out=tmp_path / dtype)
+        entry = verify_bundle(b.bundle_dir, [keypair[1]]).adapters[0]
+        assert entry.dtype == dtype
+        sizes[dtype] = (b.bundle_dir / entry.file).stat().st_size
+        expand_adapter(b.bundle_dir / entry.file, tmp_path / f"{dtype}.onnx_adapter")
+        got = sess.run(["logits"], decoder_feeds(m.model, ids), run_options(tmp_path / f"{dtype}.onnx_adapter"))[0]
+        np.testing.assert_allclose(got, want, atol=tol)
+    fp32 = (ref.bundle_dir / m.adapters[0].file).stat().st_size
+    assert sizes["int8"] < sizes["fp16"] < fp32
+
+
+def test_merged_bundle_matches_slots(tiny, tmp_path, keypair):
+    slots = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")])
+    merged = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")], merge="support",
+                    out=tmp_path / "merged")
+    mm = verify_bundle(merged.bundle_dir, [keypair[1]])
+    assert mm.merged_adapter == "support" and mm.adapters == () and mm.model["slot_rank"] == 0
+    ids = np.array([[3, 1, 4, 1, 5]])
+    ms = verify_bundle(slots.bundle_dir, [keypair[1]])
+    a = session(slots.bundle_dir / "model.onnx").run(
+        ["logits"], decoder_feeds(ms.model, ids), run_options(slots.bundle_dir / ms.adapters[0].file))[0]
+    b = session(merged.bundle_dir / "model.onnx").run(["logits"], decoder_feeds(mm.model, ids))[0]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"target": "no-such-target"}, Exception, "not a known target"),
+    ({"key": "/nonexistent/key.key"}, SignatureError, "does not exist"),
+    ({"merge": "ghost"}, UsageError, "names no --adapter"),
+    ({"target": "android-arm64", "adapters": [("big", "RANK32")]}, AdapterError, "above target android-arm64"),
+    ({"adapters": [("x", "FOREIGN")]}, AdapterError, ""),
+    ({"adapters": [("x", "/nonexistent")]}, AdapterError, "not a directory"),
+])
+def test_bad_input_is_refused_and_leaves_nothing(tiny, tmp_path, keypair, kw, error, match):
+    if kw.get("adapters") == [("big", "RANK32")]:
+        make_peft_adapter(tiny / "base", tmp_path / "big", r=32, alpha=32, seed=4)
+        kw = kw | {"adapters": [("big", tmp_path / "big")]}
+    if kw.get("adapters") == [("x", "FOREIGN")]:
+        kw = kw | {"adapters": [("x", tiny / "foreign")]}
+    with pytest.raises(error, match=match):
+        _build(tiny, tmp_path, keypair, **kw)
+    assert not (tmp_path / "bundle").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")] == []
+
+
+def test_target_that_cannot_hold_the_bundle(tiny, tmp_path, keypair):
+    small = tmp_path / "small.toml"
+    small.write_text((tmp_path.parent / "x").name and
+                     open(__import__("edgepeft.spec.target", fromlist=["x"]).targets_dir() / "android-arm64.toml")
+                     .read().replace("storage_mib = 512", "storage_mib = 16").replace("memory_mib = 384",
+                                                                                       "memory_mib = 16"))
+    with pytest.raises(TargetFitError, match="memory budget is 16 MiB"):
+        _build(tiny, tmp_path, keypair, target=str(small))
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_cli_build_json_summary(tiny, tmp_path, keypair, capsys):
+    code = main(["build", "--base", str(tiny / "base"), "--adapter", f"support={tiny / 'support'}",
+                 "--target", "x86-64-gateway", "--key", str(keypair[0]), "--out", str(tmp_path / "b"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["quantization"]["weights"] == "int8" and summary["adapters"][0]["name"] == "support"
+    assert "exporting" in captured.err
+    assert main(["build", "--base", str(tiny / "base"), "--target", "x86-64-gateway", "--key", str(keypair[0]),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "already exists" in capsys.readouterr().err

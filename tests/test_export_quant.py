@@ -1,0 +1,87 @@
+"""Quantized exports (fp16, int8, int4) stay within stated tolerances, adapters still apply exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("peft")
+
+from test_export_support import (decoder_feeds, greedy_check, make_peft_adapter, run_options, session,  # noqa: E402
+                                 tiny_llama_dir)
+
+# max |logit diff| relative to max |logit| of the fp32 reference, on a tiny random llama
+REL_TOL = {"fp16": 1e-3, "int8": 0.02, "int4": 0.12}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("peft")
+    return d, make_peft_adapter(base, d, r=4, targets=("q_proj", "v_proj", "up_proj"))
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+def test_quantized_with_adapter_within_tolerance(base, adapter, tmp_path, kind):
+    from edgepeft.export import export_model, write_adapter
+
+    res = export_model(str(base), tmp_path, quant=kind, slot_rank=8)
+    assert res.model_info["quant"]["weights"] == kind
+    write_adapter(adapter[0], res.model_info, tmp_path / "a.onnx_adapter")
+    prompt = np.array([[5, 6, 7, 8, 9, 10]])
+    import torch
+
+    with torch.no_grad():
+        scale = float(adapter[1](torch.tensor(prompt)).logits.abs().max())
+    diffs = greedy_check(session(res.model_path), res.model_info, adapter[1], prompt, steps=2,
+                         ro=run_options(tmp_path / "a.onnx_adapter"))
+    assert max(diffs) / scale < REL_TOL[kind], (kind, diffs, scale)
+
+
+def test_int4_graph_uses_fused_quantized_ops_and_one_embedding_copy(base, tmp_path):
+    import onnx
+
+    from edgepeft.export import export_model
+
+    res = export_model(str(base), tmp_path, quant="int4", slot_rank=8)
+    g = onnx.load(res.model_path).graph
+    ops = {n.op_type for n in g.node}
+    assert {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    assert "MatMul" in ops  # the LoRA path stays fp32
+    float_inits = [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT and i.name.startswith(("embed",
+                                                                                                            "l0."))]
+    assert all(np.prod(i.dims) < 10_000 for i in float_inits)  # only scales are float, no fp32 weight copies
+    emb_users = [n for n in g.node if "embed.qweight" in n.input]
+    assert {n.op_type for n in emb_users} == {"Reshape", "MatMulNBits"}  # Gather and lm_head share the bytes
+    # every slot stays fp32 and empty by default
+    slots = {i.name: i for i in g.initializer if i.name in res.model_info["slots"]}
+    assert slots and all(i.data_type == onnx.TensorProto.FLOAT and 0 in i.dims for i in slots.values())
+
+
+def test_quantized_base_without_adapter_equals_empty_slots(base, tmp_path):
+    """No adapter: the graph's output equals a slot-free (merge-mode-like) quantized graph: slots are a no-op."""
+    from edgepeft.export import export_model
+
+    with_slots = export_model(str(base), tmp_path / "s", quant="int4", slot_rank=8)
+    ids = np.array([[1, 2, 3]])
+    a = session(with_slots.model_path).run(["logits"], decoder_feeds(with_slots.model_info, ids))[0]
+    no_slots = export_model(str(base), tmp_path / "n", quant="int4", target_modules=["q_proj"], slot_rank=8)
+    b = session(no_slots.model_path).run(["logits"], decoder_feeds(no_slots.model_info, ids))[0]
+    assert np.array_equal(a, b)
+
+
+def test_quant_options_validated():
+    from edgepeft.errors import UsageError
+    from edgepeft.export import WeightQuant
+
+    with pytest.raises(UsageError):
+        WeightQuant("int3")
+    with pytest.raises(UsageError):
+        WeightQuant("int4", block_size=48)
+    assert WeightQuant("int4").to_dict()["embed_block_size"] == 64
+    assert WeightQuant.coerce(type("Q", (), {"weights": "int8", "block_size": 128})()).block_size == 128

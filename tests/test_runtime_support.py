@@ -1,0 +1,203 @@
+"""Helpers for the runtime tests (no tests here): tiny signed bundles built through edgepeft's own
+exporter and bundle builder, with a byte-level tokenizer so multi-byte UTF-8 really splits across tokens.
+
+Building needs torch/transformers/peft (server side); the runtime under test never imports them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 300
+
+
+def byte_level_tokenizer(out_dir: Path) -> None:
+    """A GPT-2 style byte-level BPE (256 byte tokens + a few merges + 3 specials), saved HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    merges = []
+    for a, b in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n")]:
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    assert tok.get_vocab_size() <= VOCAB
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "chat_template": CHAT_TEMPLATE, "model_max_length": 128}))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "pad_token": "<|endoftext|>"}))
+
+
+def wordpiece_tokenizer(out_dir: Path, vocab_size: int = 120) -> None:
+    """A tiny BERT WordPiece tokenizer (letters + a few words) for the encoder bundle."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?")
+    words += ["good", "bad", "great", "awful", "product", "service", "the", "is", "was", "very"]
+    words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]", "pad_token": "[PAD]",
+        "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "model_max_length": 64}))
+
+
+def assemble_bundle(root: Path, base: Path, private_key: Path, adapters: list, *, task: str, quant: str = "fp32",
+                    slot_rank: int = 4, labels=None) -> dict:
+    """Export ``base`` and ``adapters`` [(name, peft_dir, entry_extra)] with edgepeft.export, then write and
+    sign a manifest with edgepeft.spec/bundle.signing (the bundle builder's CLI plumbing is not needed here)."""
+    import datetime as dt
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from edgepeft.bundle.signing import load_private_key, sign_manifest
+    from edgepeft.export import export_model, write_adapter
+    from edgepeft.spec.manifest import Manifest
+    from edgepeft.spec.verify import sha256_file
+
+    out = root / "bundle"
+    (out / "adapters").mkdir(parents=True)
+    res = export_model(str(base), out, task=task, quant=quant, slot_rank=slot_rank,
+                       target_modules=sorted({m for _, _, e in adapters for m in e.pop("targets")}))
+    info = dict(res.model_info, graph="model.onnx")
+    entries = []
+    for name, peft_dir, extra in adapters:
+        rel = f"adapters/{name}-1.onnx_adapter"
+        ai = write_adapter(peft_dir, info, out / rel, name=name, labels=extra.get("labels"))
+        entries.append({"name": name, "version": 1, "file": rel, "method": "lora", "rank": ai.rank,
+                        "alpha": float(ai.alpha or ai.rank), "base_fingerprint": res.fingerprint, "task": task,
+                        "dtype": "fp32", "target_modules": ai.target_modules, **extra})
+    shutil.copy(base / "tokenizer.json", out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    tcfg = json.loads((base / "tokenizer_config.json").read_text())
+    eos = tok.token_to_id(tcfg["eos_token"]) if tcfg.get("eos_token") else None
+    tokenizer = {"file": "tokenizer.json", "eos_token_ids": [eos] if eos is not None else []}
+    if tcfg.get("chat_template"):
+        tokenizer["chat_template"] = tcfg["chat_template"]
+    files = [{"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(out.rglob("*")) if p.is_file()]
+    data = {"schema_version": 1, "kind": "bundle", "edgepeft_version": "0.1.0",
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "base": {"name": base.name, "fingerprint": res.fingerprint, "task": task,
+                     "architecture": info["architecture"]},
+            "target": {"name": "x86-64-gateway", "providers": ["CPUExecutionProvider"], "threads": 1},
+            "quantization": {"weights": quant}, "model": info, "tokenizer": tokenizer,
+            "generation": {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0},
+            "files": files, "adapters": entries, "health_checks": [], "merged_adapter": None}
+    signed = sign_manifest(data, load_private_key(private_key))
+    Manifest.from_dict(signed)
+    (out / "manifest.json").write_text(json.dumps(signed, indent=2))
+    return {"bundle": out, "manifest": signed, "model_info": info, "fingerprint": res.fingerprint}
+
+
+def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") -> dict:
+    """Tiny llama + adapters "alpha" (q,v) and "beta" (gate,down) -> a signed bundle, plus an update
+    for "alpha" (version 2) and an adapter for another base."""
+    from test_export_support import make_peft_adapter, tiny_llama_dir
+
+    from edgepeft.export import write_adapter
+
+    base = tiny_llama_dir(root / "base", vocab_size=VOCAB, initializer_range=0.2)
+    byte_level_tokenizer(base)
+    alpha, beta, gamma = root / "peft-alpha", root / "peft-beta", root / "peft-gamma"
+    make_peft_adapter(base, alpha, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=11)
+    make_peft_adapter(base, beta, r=4, alpha=8, targets=("gate_proj", "down_proj"), seed=12)
+    make_peft_adapter(base, gamma, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=13)
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    res = assemble_bundle(root, base, private_key, [("alpha", alpha, {"targets": targets}), ("beta", beta, {"targets": []})],
+                          task="causal-lm", quant=quant)
+    upd = root / "updates"
+    upd.mkdir()
+    write_adapter(gamma, res["model_info"], upd / "alpha-2.onnx_adapter")
+    entry = dict(next(a for a in res["manifest"]["adapters"] if a["name"] == "alpha"))
+    entry.update(version=2, file="adapters/alpha-2.onnx_adapter")
+    return res | {"update": upd / "alpha-2.onnx_adapter", "update_entry": entry, "base": base}
+
+
+def build_encoder_bundle(root: Path, private_key: Path) -> dict:
+    """Tiny BERT + two classification adapters with their own heads and labels."""
+    from test_export_support import make_peft_adapter, tiny_bert_dir
+
+    base = tiny_bert_dir(root / "base")
+    wordpiece_tokenizer(base)
+    sent, topic = root / "peft-sentiment", root / "peft-topic"
+    make_peft_adapter(base, sent, task="classification", r=4, alpha=8, targets=("query", "value"), seed=21,
+                      num_labels=2)
+    make_peft_adapter(base, topic, task="classification", r=4, alpha=8, targets=("query", "value"), seed=22,
+                      num_labels=3)
+    return assemble_bundle(root, base, private_key, [
+        ("sentiment", sent, {"targets": ["query", "value"], "labels": ["negative", "positive"],
+                             "review_threshold": 0.9}),
+        ("topic", topic, {"targets": [], "labels": ["billing", "shipping", "other"], "review_threshold": 0.34})],
+        task="classification") | {"base": base}
+
+
+def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapter_file: Path | None = None):
+    """The plainest possible loop: session.run, a growing numpy cache, ORT's own LoraAdapter."""
+    import onnxruntime as ort
+
+    info = manifest["model"]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ro = ort.RunOptions()
+    keep = None
+    if adapter_file is not None:
+        keep = ort.LoraAdapter()
+        keep.Load(str(adapter_file))
+        ro.add_active_adapter(keep)
+    nl, kvh, hd = info["num_layers"], info["num_kv_heads"], info["head_dim"]
+    names = [o.name for o in sess.get_outputs()]
+    past = {f"past_key_values.{i}.{w}": np.zeros((1, kvh, 0, hd), np.float32) for i in range(nl)
+            for w in ("key", "value")}
+    seq, feed, out = list(prompt_ids), list(prompt_ids), []
+    eos = set(manifest["tokenizer"].get("eos_token_ids", []))
+    for _ in range(steps):
+        r = dict(zip(names, sess.run(None, {"input_ids": np.array([feed], np.int64),
+                                            "attention_mask": np.ones((1, len(seq)), np.int64), **past}, ro)))
+        tok = int(np.argmax(r["logits"][0, -1]))
+        if tok in eos:
+            break
+        out.append(tok)
+        seq.append(tok)
+        feed = [tok]
+        past = {f"past_key_values.{i}.{w}": r[f"present.{i}.{w}"] for i in range(nl) for w in ("key", "value")}
+    del keep
+    return out
+
+
+_BUILT: dict = {}
+
+
+def cached_bundle(kind: str, tmp_path_factory) -> dict:
+    """Build each kind of fixture bundle once per test session (shared by the runtime test files)."""
+    if kind not in _BUILT:
+        from edgepeft.bundle.signing import generate_keypair
+
+        root = tmp_path_factory.mktemp(f"rt-{kind}")
+        priv, pub = generate_keypair(root / "keys" / "device")
+        build = build_decoder_bundle if kind == "decoder" else build_encoder_bundle
+        _BUILT[kind] = build(root, priv) | {"private_key": priv, "public_key": pub, "root": root}
+    return _BUILT[kind]
