@@ -93,7 +93,7 @@ def test_merged_bundle_matches_slots(tiny, tmp_path, keypair):
     ({"key": "/nonexistent/key.key"}, SignatureError, "does not exist"),
     ({"merge": "ghost"}, UsageError, "names no --adapter"),
     ({"target": "android-arm64", "adapters": [("big", "RANK32")]}, AdapterError, "above target android-arm64"),
-    ({"adapters": [("x", "FOREIGN")]}, AdapterError, ""),
+    ({"adapters": [("x", "FOREIGN")]}, AdapterError, "trained for a different base"),
     ({"adapters": [("x", "/nonexistent")]}, AdapterError, "not a directory"),
 ])
 def test_bad_input_is_refused_and_leaves_nothing(tiny, tmp_path, keypair, kw, error, match):
@@ -130,3 +130,14 @@ def test_cli_build_json_summary(tiny, tmp_path, keypair, capsys):
     assert main(["build", "--base", str(tiny / "base"), "--target", "x86-64-gateway", "--key", str(keypair[0]),
                  "--out", str(tmp_path / "b")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_adapter_whose_record_names_another_base_fingerprint(tiny, tmp_path, keypair):
+    import shutil
+
+    copy = shutil.copytree(tiny / "support", tmp_path / "support-other")
+    (copy / "edgepeft_training.json").write_text(json.dumps({"base": {"fingerprint": "sha256:" + "0" * 64},
+                                                            "version": 3}))
+    with pytest.raises(AdapterError, match="trained on a different base"):
+        _build(tiny, tmp_path, keypair, adapters=[("support", copy)])
+    assert not (tmp_path / "bundle").exists()
