@@ -164,11 +164,12 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         for a in slot_adapters:
             rel = f"adapters/{a.name}-{a.version}.onnx_adapter"
             progress(f"adapter {a.name} v{a.version}: rank {a.rank} -> slot rank {rank}, {adapter_dtype}")
-            info = export_api.write_adapter(a.path, exported.model_info, work / rel, dtype=adapter_dtype)
+            info = export_api.write_adapter(a.path, exported.model_info, work / rel, dtype=adapter_dtype,
+                                            name=a.name, version=a.version, labels=a.labels)
             entry = {"name": a.name, "version": a.version, "file": rel, "method": "lora", "rank": a.rank,
                      "alpha": a.alpha, "base_fingerprint": fingerprint, "task": a.task, "dtype": adapter_dtype,
                      "target_modules": a.target_modules, "metrics": a.metrics}
-            labels = info.labels or a.labels
+            labels = a.labels or info.labels  # the training record's names win over PEFT's LABEL_n
             if a.task == "classification":
                 entry["labels"] = list(labels or [])
                 entry["review_threshold"] = float(a.record.get("review_threshold", 0.6))
@@ -179,6 +180,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         tokenizer_info = _tokenizer_files(load_tokenizer(source), work)
         files = []
         for p in sorted(x for x in work.rglob("*") if x.is_file()):
+            p.chmod(0o644)  # readable by the device's runtime user, whoever wrote it here
             rel = p.relative_to(work).as_posix()
             files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
         weight_bytes = sum(f["size"] for f in files if f["path"] in exported.files)
