@@ -62,60 +62,19 @@ def wordpiece_tokenizer(out_dir: Path, vocab_size: int = 120) -> None:
         "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "model_max_length": 64}))
 
 
-def assemble_bundle(root: Path, base: Path, private_key: Path, adapters: list, *, task: str, quant: str = "fp32",
-                    slot_rank: int = 4, labels=None) -> dict:
-    """Export ``base`` and ``adapters`` [(name, peft_dir, entry_extra)] with edgepeft.export, then write and
-    sign a manifest with edgepeft.spec/bundle.signing (the bundle builder's CLI plumbing is not needed here)."""
-    import datetime as dt
-    import shutil
-
-    from tokenizers import Tokenizer
-
-    from edgepeft.bundle.signing import load_private_key, sign_manifest
-    from edgepeft.export import export_model, write_adapter
-    from edgepeft.spec.manifest import Manifest
-    from edgepeft.spec.verify import sha256_file
-
-    out = root / "bundle"
-    (out / "adapters").mkdir(parents=True)
-    res = export_model(str(base), out, task=task, quant=quant, slot_rank=slot_rank,
-                       target_modules=sorted({m for _, _, e in adapters for m in e.pop("targets")}))
-    info = dict(res.model_info, graph="model.onnx")
-    entries = []
-    for name, peft_dir, extra in adapters:
-        rel = f"adapters/{name}-1.onnx_adapter"
-        ai = write_adapter(peft_dir, info, out / rel, name=name, labels=extra.get("labels"))
-        entries.append({"name": name, "version": 1, "file": rel, "method": "lora", "rank": ai.rank,
-                        "alpha": float(ai.alpha or ai.rank), "base_fingerprint": res.fingerprint, "task": task,
-                        "dtype": "fp32", "target_modules": ai.target_modules, **extra})
-    shutil.copy(base / "tokenizer.json", out / "tokenizer.json")
-    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
-    tcfg = json.loads((base / "tokenizer_config.json").read_text())
-    eos = tok.token_to_id(tcfg["eos_token"]) if tcfg.get("eos_token") else None
-    tokenizer = {"file": "tokenizer.json", "eos_token_ids": [eos] if eos is not None else []}
-    if tcfg.get("chat_template"):
-        tokenizer["chat_template"] = tcfg["chat_template"]
-    files = [{"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(out.rglob("*")) if p.is_file()]
-    data = {"schema_version": 1, "kind": "bundle", "edgepeft_version": "0.1.0",
-            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "base": {"name": base.name, "fingerprint": res.fingerprint, "task": task,
-                     "architecture": info["architecture"]},
-            "target": {"name": "x86-64-gateway", "providers": ["CPUExecutionProvider"], "threads": 1},
-            "quantization": {"weights": quant}, "model": info, "tokenizer": tokenizer,
-            "generation": {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0},
-            "files": files, "adapters": entries, "health_checks": [], "merged_adapter": None}
-    signed = sign_manifest(data, load_private_key(private_key))
-    Manifest.from_dict(signed)
-    (out / "manifest.json").write_text(json.dumps(signed, indent=2))
-    return {"bundle": out, "manifest": signed, "model_info": info, "fingerprint": res.fingerprint}
+def _record(peft_dir: Path, **fields) -> None:
+    """The training record ``edgepeft build`` reads beside a PEFT adapter (version, labels, threshold)."""
+    (Path(peft_dir) / "edgepeft_training.json").write_text(json.dumps(fields))
+    if "labels" in fields:  # write_adapter reads labels.json; build_bundle prefers what it finds there
+        (Path(peft_dir) / "labels.json").write_text(json.dumps(fields["labels"]))
 
 
 def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") -> dict:
-    """Tiny llama + adapters "alpha" (q,v) and "beta" (gate,down) -> a signed bundle, plus an update
-    for "alpha" (version 2) and an adapter for another base."""
+    """Tiny llama + adapters "alpha" (q,v) and "beta" (gate,down) -> a signed bundle via ``build_bundle``,
+    plus an update for "alpha" (version 2, exported for the same slots)."""
     from test_export_support import make_peft_adapter, tiny_llama_dir
 
+    from edgepeft.bundle.build import build_bundle
     from edgepeft.export import write_adapter
 
     base = tiny_llama_dir(root / "base", vocab_size=VOCAB, initializer_range=0.2)
@@ -124,33 +83,36 @@ def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") 
     make_peft_adapter(base, alpha, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=11)
     make_peft_adapter(base, beta, r=4, alpha=8, targets=("gate_proj", "down_proj"), seed=12)
     make_peft_adapter(base, gamma, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=13)
-    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-    res = assemble_bundle(root, base, private_key, [("alpha", alpha, {"targets": targets}), ("beta", beta, {"targets": []})],
-                          task="causal-lm", quant=quant)
+    res = build_bundle(base=str(base), adapters=[("alpha", alpha), ("beta", beta)], target="x86-64-gateway",
+                       key=private_key, out=root / "bundle", quant=quant, slot_rank=4)
+    manifest = res.manifest
     upd = root / "updates"
     upd.mkdir()
-    write_adapter(gamma, res["model_info"], upd / "alpha-2.onnx_adapter")
-    entry = dict(next(a for a in res["manifest"]["adapters"] if a["name"] == "alpha"))
+    write_adapter(gamma, manifest["model"], upd / "alpha-2.onnx_adapter")
+    entry = dict(next(a for a in manifest["adapters"] if a["name"] == "alpha"))
     entry.update(version=2, file="adapters/alpha-2.onnx_adapter")
-    return res | {"update": upd / "alpha-2.onnx_adapter", "update_entry": entry, "base": base}
+    return {"bundle": res.bundle_dir, "manifest": manifest, "model_info": manifest["model"],
+            "update": upd / "alpha-2.onnx_adapter", "update_entry": entry, "base": base}
 
 
 def build_encoder_bundle(root: Path, private_key: Path) -> dict:
-    """Tiny BERT + two classification adapters with their own heads and labels."""
+    """Tiny BERT + two classification adapters with their own heads, labels and review thresholds."""
     from test_export_support import make_peft_adapter, tiny_bert_dir
+
+    from edgepeft.bundle.build import build_bundle
 
     base = tiny_bert_dir(root / "base")
     wordpiece_tokenizer(base)
     sent, topic = root / "peft-sentiment", root / "peft-topic"
     make_peft_adapter(base, sent, task="classification", r=4, alpha=8, targets=("query", "value"), seed=21,
                       num_labels=2)
+    _record(sent, labels=["negative", "positive"], review_threshold=0.9)
     make_peft_adapter(base, topic, task="classification", r=4, alpha=8, targets=("query", "value"), seed=22,
                       num_labels=3)
-    return assemble_bundle(root, base, private_key, [
-        ("sentiment", sent, {"targets": ["query", "value"], "labels": ["negative", "positive"],
-                             "review_threshold": 0.9}),
-        ("topic", topic, {"targets": [], "labels": ["billing", "shipping", "other"], "review_threshold": 0.34})],
-        task="classification") | {"base": base}
+    _record(topic, labels=["billing", "shipping", "other"], review_threshold=0.34)
+    res = build_bundle(base=str(base), adapters=[("sentiment", sent), ("topic", topic)], target="x86-64-gateway",
+                       key=private_key, out=root / "bundle", quant="fp32", slot_rank=4, task="classification")
+    return {"bundle": res.bundle_dir, "manifest": res.manifest, "model_info": res.manifest["model"], "base": base}
 
 
 def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapter_file: Path | None = None):

@@ -1,0 +1,308 @@
+"""Loaded adapters: compatibility checks, memory-mapped loading, per-request activation.
+
+Why the checks: ONNX Runtime accepts any adapter whose tensor names match graph
+inputs and only fails (or silently misbehaves) at run time: an adapter for
+another base runs and answers nonsense, and when two active adapters set the
+same input the first one silently wins. The registry refuses all of that before
+a request runs, and counts requests per adapter so one in use is never unloaded.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from ..errors import AdapterError
+from .adapter_file import AdapterHeader, map_arrays, read_header
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One adapter slot of the graph: its dims (ints, or expressions like ``"rank"``/``"3*rank"``) and dtype."""
+
+    name: str
+    dims: tuple
+    dtype: str = "tensor(float)"
+
+
+def parse_slots(model: dict, graph_inputs: dict[str, tuple] | None = None) -> dict[str, SlotSpec]:
+    """Slots from manifest["model"]["slots"], cross-checked with the session's overridable inputs.
+
+    ``graph_inputs`` maps an overridable initializer's name to ``(shape, type)`` from
+    ``InferenceSession.get_overridable_initializers()``; a slot missing from the graph is an error.
+    """
+    raw = model.get("slots") or {}
+    slots = {}
+    for name, dims in raw.items():
+        dtype = "tensor(float)"
+        if graph_inputs is not None:
+            if name not in graph_inputs:
+                raise AdapterError(f"the manifest lists adapter slot {name!r} that the graph does not have",
+                                   hint="the bundle's model.onnx and manifest do not belong together; rebuild it")
+            dtype = graph_inputs[name][1]
+        slots[name] = SlotSpec(name, tuple(dims), dtype)
+    return slots
+
+
+def _rank_of(dim, actual: int) -> int | None:
+    """For a slot dim ``"k*rank"``/``"rank"``, the rank that ``actual`` implies (None if not a rank dim)."""
+    if isinstance(dim, int):
+        return None
+    m = re.fullmatch(r"\s*(?:(\d+)\s*\*\s*)?rank\s*", str(dim))
+    if not m:
+        return None
+    k = int(m.group(1) or 1)
+    return actual // k if actual % k == 0 else -1
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter ready for requests: ORT's memory-mapped ``LoraAdapter`` plus what the checks found."""
+
+    name: str
+    version: str
+    path: Path
+    rank: int
+    base_fingerprint: str
+    params: frozenset
+    nbytes: int
+    task: str = "causal-lm"
+    labels: tuple | None = None
+    review_threshold: float | None = None
+    meta: dict = field(default_factory=dict)
+    handle: object = None  # onnxruntime.LoraAdapter (mode "runoptions")
+    values: tuple = ()  # ((slot name, OrtValue over the memory map), ...) (mode "bind")
+    arrays: dict = field(default_factory=dict, repr=False)  # keeps the mapped views alive
+    in_use: int = 0
+
+    @property
+    def key(self) -> tuple:
+        """Identity of this exact adapter version (decode contexts cache their bindings by it)."""
+        return (self.name, self.version, id(self))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "rank": self.rank, "task": self.task,
+                "base_fingerprint": self.base_fingerprint, "bytes": self.nbytes, "in_use": self.in_use,
+                "labels": list(self.labels) if self.labels else None,
+                "review_threshold": self.review_threshold}
+
+
+def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpec], base_fingerprint: str,
+                  slot_rank: int | None, task: str, source: str) -> int:
+    """Check an adapter file against the graph; return its (padded) rank. Raises :class:`AdapterError`."""
+    fp = meta.get("base_fingerprint")
+    if not fp:
+        raise AdapterError(f"{source} does not say which base it was trained for",
+                           hint="install adapters through a signed bundle or update that records the base fingerprint")
+    if fp != base_fingerprint:
+        raise AdapterError(f"{source} was built for base {fp}, but this engine runs base {base_fingerprint}",
+                           hint="build the adapter against this bundle's base model")
+    a_task = meta.get("task", "causal-lm")
+    if a_task != task:
+        raise AdapterError(f"{source} is a {a_task} adapter; this engine runs a {task} model",
+                           hint="load it into an engine for a bundle of that task")
+    if not header.params:
+        raise AdapterError(f"{source} holds no tensors", hint="re-export the adapter")
+    ranks = set()
+    for p in header.params.values():
+        slot = slots.get(p.name)
+        if slot is None:
+            raise AdapterError(f"{source}: tensor {p.name!r} matches no adapter slot of this graph",
+                               hint="the adapter targets modules the bundle was not exported with; rebuild it for this bundle")
+        if p.dtype != slot.dtype:
+            raise AdapterError(f"{source}: tensor {p.name!r} is {p.dtype}, the slot takes {slot.dtype}",
+                               hint="export the adapter with the bundle's adapter dtype")
+        if len(p.shape) != len(slot.dims):
+            raise AdapterError(f"{source}: tensor {p.name!r} has shape {list(p.shape)}, the slot is {list(slot.dims)}",
+                               hint="the adapter was exported for another graph")
+        for dim, actual in zip(slot.dims, p.shape):
+            r = _rank_of(dim, actual)
+            if r is None and isinstance(dim, int) and dim != actual:
+                raise AdapterError(f"{source}: tensor {p.name!r} has shape {list(p.shape)}, the slot is "
+                                   f"{list(slot.dims)}", hint="the adapter was exported for another base or graph")
+            if r is not None:
+                if r <= 0:
+                    raise AdapterError(f"{source}: tensor {p.name!r} dim {actual} does not fit slot dim {dim!r}",
+                                       hint="the adapter was exported for another graph")
+                ranks.add(r)
+    if len(ranks) > 1:
+        raise AdapterError(f"{source}: tensors disagree on the rank ({sorted(ranks)})",
+                           hint="pad every module to the bundle's rank when exporting")
+    rank = ranks.pop() if ranks else int(meta.get("rank") or 0)
+    if slot_rank is not None and rank > slot_rank:
+        raise AdapterError(f"{source} has rank {rank}, above this bundle's slot rank {slot_rank}",
+                           hint=f"retrain with rank <= {slot_rank} or rebuild the bundle with a larger rank")
+    return rank
+
+
+class AdapterRegistry:
+    """Adapters by name. Thread-safe; loading and activation never touch the base session."""
+
+    def __init__(self, slots: dict[str, SlotSpec], base_fingerprint: str, slot_rank: int | None = None,
+                 task: str = "causal-lm", mode: str = "runoptions"):
+        """``mode``: "runoptions" loads ``onnxruntime.LoraAdapter`` (activated with
+        ``RunOptions.add_active_adapter``); "bind" maps the tensors for IOBinding, which
+        ignores RunOptions adapters. Both memory-map the file."""
+        self.slots, self.base_fingerprint, self.slot_rank, self.task = slots, base_fingerprint, slot_rank, task
+        self.mode = mode
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: str | Path, meta: dict, *, name: str | None = None, replace: bool = False) -> LoadedAdapter:
+        """Check and memory-map an adapter file. ``meta`` holds the manifest entry's fields
+        (``base_fingerprint``, ``version``, ``rank``, ``task``, ``labels``, ``review_threshold``).
+
+        With ``replace``, a loaded adapter of the same name is swapped for new requests while
+        requests already running finish on the old one. Raises :class:`AdapterError`.
+        """
+        import onnxruntime as ort
+
+        path = Path(path)
+        name = name or meta.get("name") or path.stem
+        if not path.is_file():
+            raise AdapterError(f"adapter file {path} does not exist", hint="check the path")
+        header = read_header(path)
+        rank = check_adapter(header, meta, slots=self.slots, base_fingerprint=self.base_fingerprint,
+                             slot_rank=self.slot_rank, task=self.task, source=f"adapter {name!r} ({path.name})")
+        labels = tuple(meta["labels"]) if meta.get("labels") else None
+        if self.task == "classification" and not labels:
+            raise AdapterError(f"classification adapter {name!r} lists no labels",
+                               hint="its manifest entry must carry the label names")
+        handle, values, arrays = None, (), {}
+        try:
+            params = frozenset(header.params)
+            if self.mode == "bind":
+                arrays = map_arrays(path, header)
+                params = active_params(arrays)
+                arrays = {k: v for k, v in arrays.items() if k in params}
+                values = tuple((k, ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays.items())
+            else:
+                handle = ort.LoraAdapter()
+                handle.Load(str(path))
+        except AdapterError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise AdapterError(f"onnxruntime cannot load adapter {name!r}: {exc}",
+                               hint="re-export the adapter; the file may be truncated") from exc
+        loaded = LoadedAdapter(name=name, version=str(meta.get("version", "0")), path=path, rank=rank,
+                               base_fingerprint=meta["base_fingerprint"], params=params,
+                               nbytes=header.nbytes, task=self.task, labels=labels,
+                               review_threshold=meta.get("review_threshold"), meta=dict(meta), handle=handle,
+                               values=values, arrays=arrays)
+        with self._lock:
+            if name in self._adapters and not replace:
+                raise AdapterError(f"an adapter named {name!r} is already loaded",
+                                   hint="unload it first, or install the new version through the adapter store")
+            self._adapters[name] = loaded
+        return loaded
+
+    def unload(self, name: str) -> LoadedAdapter:
+        """Drop ``name``; refused while a request uses it. Returns what was unloaded."""
+        with self._lock:
+            a = self._get(name)
+            if a.in_use:
+                raise AdapterError(f"adapter {name!r} is in use by {a.in_use} running request(s)",
+                                   hint="retry when they finish")
+            return self._adapters.pop(name)
+
+    def _get(self, name: str) -> LoadedAdapter:
+        a = self._adapters.get(name)
+        if a is None:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise AdapterError(f"unknown adapter {name!r}", hint=f"loaded adapters: {known}")
+        return a
+
+    def get(self, name: str) -> LoadedAdapter:
+        with self._lock:
+            return self._get(name)
+
+    def peek(self, name: str) -> LoadedAdapter | None:
+        """The loaded adapter called ``name``, or None."""
+        with self._lock:
+            return self._adapters.get(name)
+
+    def put(self, adapter: LoadedAdapter) -> None:
+        """Put an already checked adapter (back) into service under its name."""
+        with self._lock:
+            self._adapters[adapter.name] = adapter
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            return [a.describe() for _, a in sorted(self._adapters.items())]
+
+    @contextmanager
+    def activate(self, names: str | Sequence[str] | None) -> Iterator[tuple[object, list[LoadedAdapter]]]:
+        """Yield ``(RunOptions or None in "bind" mode, adapters)``; counts them as in use meanwhile.
+
+        Raises :class:`AdapterError` for an unknown name or adapters whose tensors overlap
+        (ONNX Runtime would silently let the first one win).
+        """
+        import onnxruntime as ort
+
+        if names is None:
+            names = []
+        elif isinstance(names, str):
+            names = [names]
+        names = list(dict.fromkeys(names))
+        with self._lock:
+            chosen = [self._get(n) for n in names]
+            if len(chosen) > 1:
+                check_disjoint(chosen)
+            for a in chosen:
+                a.in_use += 1
+        try:
+            ro = None
+            if self.mode != "bind":  # IOBinding ignores RunOptions adapters; skip building one
+                ro = ort.RunOptions()
+                for a in chosen:
+                    ro.add_active_adapter(a.handle)
+            yield ro, chosen
+        finally:
+            with self._lock:
+                for a in chosen:
+                    a.in_use -= 1
+
+
+def slot_group(name: str) -> str:
+    """``layers.3.qkv.lora_A`` -> ``layers.3.qkv``: the slots that must be bound together (A with all
+    its B slots, e.g. ``layers.3.gate_up.lora_B.up_proj``; a head's weight with its bias)."""
+    if ".lora_" in name:
+        return name.split(".lora_")[0]
+    for suffix in (".weight", ".bias"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def active_params(arrays: dict) -> frozenset:
+    """The tensors an adapter really sets: every slot pair with a non-zero tensor.
+
+    Adapter files carry zeros for projection groups the adapter never trained; binding
+    those would make two adapters on different modules look like they overlap (and the
+    later binding would silently erase the other's weights). Reading them once at load
+    is cheap next to a request.
+    """
+    live = {slot_group(k) for k, v in arrays.items() if v.size and np.any(v)}
+    return frozenset(k for k in arrays if slot_group(k) in live)
+
+
+def check_disjoint(adapters: Iterable[LoadedAdapter]) -> None:
+    """Refuse adapters that set the same slot: ONNX Runtime would silently use only the first."""
+    seen: dict[str, str] = {}
+    for a in adapters:
+        for p in sorted(a.params):
+            if p in seen:
+                raise AdapterError(f"adapters {seen[p]!r} and {a.name!r} both set {p!r}; "
+                                   "ONNX Runtime would silently use only the first",
+                                   hint="activate adapters together only when they target different modules")
+            seen[p] = a.name

@@ -1,0 +1,78 @@
+"""What a request returns: generated text, or labels with probabilities and a review flag."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation. ``finish_reason``: "stop" (end token or stop string) or "length"."""
+
+    text: str
+    token_ids: list
+    finish_reason: str
+    prompt_tokens: int
+    adapter: str | None
+    adapter_version: str | None
+    request_id: str
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["completion_tokens"] = self.completion_tokens
+        return d
+
+
+@dataclass
+class Classification:
+    """One text's answer. ``needs_review`` is set when ``score`` is under the adapter's
+    review threshold: the decision should go to a person, not be acted on automatically."""
+
+    label: str
+    score: float
+    probabilities: dict
+    needs_review: bool
+    threshold: float
+    adapter: str | None
+    adapter_version: str | None
+    request_id: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Stream:
+    """Iterate to receive text pieces as tokens arrive; ``result`` is set once the stream ends.
+
+    Closing the stream early (``close()``, or leaving a ``for`` loop and dropping it) stops
+    generation and frees the request's adapter.
+    """
+
+    _pieces: Iterator[str]
+    result: GenerationResult | None = None
+    _on_close: Callable[[], None] | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def text(self) -> str:
+        """Consume the rest of the stream and return the full text."""
+        for _ in self:
+            pass
+        return self.result.text if self.result else ""

@@ -1,0 +1,77 @@
+"""Text in and out on the device: the bundle's ``tokenizer.json`` and its chat template.
+
+Uses the ``tokenizers`` library only (no transformers). Chat templates are
+Jinja; they are rendered in jinja2's sandbox (imported lazily) with the same
+helpers transformers provides (``raise_exception``, ``bos_token``,
+``eos_token``, ``add_generation_prompt``). Without jinja2 a plain
+``role: content`` layout is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import BundleError, EngineError
+
+
+class TextCodec:
+    """Encode prompts, decode ids, render chat messages. Raises :class:`BundleError` if the files are unusable."""
+
+    def __init__(self, bundle_dir: Path, info: dict):
+        from tokenizers import Tokenizer
+
+        path = Path(bundle_dir) / info.get("file", "tokenizer.json")
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise BundleError(f"cannot read the bundle's tokenizer {path.name}: {exc}",
+                              hint="the bundle is incomplete; copy it again") from exc
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.chat_template = info.get("chat_template")
+        self.eos_ids = [int(i) for i in info.get("eos_token_ids", []) or []]
+        self.bos_token = info.get("bos_token")
+        self.eos_token = self.tok.id_to_token(self.eos_ids[0]) if self.eos_ids else None
+        self._template = None
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        """The prompt text for a chat; raises :class:`EngineError` for malformed messages."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise EngineError("messages must be a non-empty list", hint='e.g. [{"role": "user", "content": "hi"}]')
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise EngineError(f"message {i} needs a string 'role' and a string 'content'",
+                                  hint='e.g. {"role": "user", "content": "hi"}')
+        if not self.chat_template:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        try:
+            template = self._compiled()
+        except ImportError:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        try:
+            return template.render(messages=list(messages), add_generation_prompt=True,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except EngineError:
+            raise
+        except Exception as exc:  # jinja2 errors
+            raise EngineError(f"the bundle's chat template failed on these messages: {exc}",
+                              hint="check the roles and order of the messages") from exc
+
+    def _compiled(self):
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise EngineError(f"chat template: {message}", hint="check the roles and order of the messages")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template

@@ -1,0 +1,119 @@
+"""Classification on a tiny exported encoder bundle: per-adapter heads and labels, probabilities,
+``needs_review`` under the adapter's threshold, parity with ORT's own LoraAdapter path, HTTP route."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("peft")
+
+from test_runtime_support import cached_bundle  # noqa: E402
+
+from edgepeft.errors import AdapterError, EngineError  # noqa: E402
+from edgepeft.runtime import Engine, start_server  # noqa: E402
+
+TEXTS = ["the product was very good", "awful service", "the thing is bad bad bad", "great"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return cached_bundle("encoder", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def engine(built, tmp_path_factory):
+    return Engine(built["bundle"], [built["public_key"]], audit=tmp_path_factory.mktemp("a") / "audit.jsonl")
+
+
+def _reference(engine, built, texts, adapter):
+    import onnxruntime as ort
+
+    from edgepeft.runtime.classify import _batch
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(built["bundle"] / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    lora = ort.LoraAdapter()
+    lora.Load(str(built["bundle"] / f"adapters/{adapter}-1.onnx_adapter"))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(lora)
+    logits = sess.run(["logits"], _batch(engine, texts), ro)[0]
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def test_each_adapter_brings_its_labels_and_probabilities(engine, built):
+    for name, labels in (("sentiment", ["negative", "positive"]), ("topic", ["billing", "shipping", "other"])):
+        results = engine.classify(TEXTS, adapter=name)
+        ref = _reference(engine, built, TEXTS, name)
+        assert len(results) == len(TEXTS)
+        for r, row in zip(results, ref):
+            assert list(r.probabilities) == labels
+            assert abs(sum(r.probabilities.values()) - 1) < 1e-5
+            assert np.allclose(list(r.probabilities.values()), row, atol=1e-5)
+            assert r.label == labels[int(np.argmax(row))] and r.score == max(r.probabilities.values())
+            assert r.adapter == name and r.adapter_version == "1"
+    # one text alone gets the same answer as inside a padded batch
+    single = engine.classify(TEXTS[1], adapter="topic")[0]
+    assert np.allclose(list(single.probabilities.values()),
+                       list(engine.classify(TEXTS, adapter="topic")[1].probabilities.values()), atol=1e-5)
+
+
+def test_low_confidence_is_marked_for_review(engine):
+    sent = engine.classify(TEXTS, adapter="sentiment")  # threshold 0.9
+    topic = engine.classify(TEXTS, adapter="topic")  # threshold 0.34
+    for r in sent + topic:
+        assert r.needs_review == (r.score < r.threshold)
+    assert {r.threshold for r in sent} == {0.9} and {r.threshold for r in topic} == {0.34}
+    assert any(r.needs_review for r in sent)  # a random 2-class head is rarely 90 % sure
+    entries = engine.audit.entries()
+    assert entries[-1]["kind"] == "classify" and entries[-1]["needs_review"] == [r.needs_review for r in topic]
+
+
+def test_bad_classification_requests(engine):
+    with pytest.raises(AdapterError, match="no classification head") as ei:
+        engine.classify(TEXTS)
+    assert "sentiment" in ei.value.hint
+    for bad, match in (([], "non-empty list"), (["ok", "  "], "text 1 is empty"), (["word " * 80], "longer than")):
+        with pytest.raises(EngineError, match=match):
+            engine.classify(bad, adapter="sentiment")
+    with pytest.raises(EngineError, match="cannot generate"):
+        engine.generate("hello")
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        engine.classify(TEXTS, adapter="nope")
+    assert engine.classify(TEXTS[:1], adapter="sentiment")[0].label in ("negative", "positive")
+
+
+def test_classify_route(engine):
+    srv, thread = start_server(engine, "127.0.0.1", 0)
+    try:
+        req = urllib.request.Request(srv.url + "/v1/classify", method="POST",
+                                     data=json.dumps({"model": "topic", "input": TEXTS[:2]}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = json.loads(resp.read())
+        want = engine.classify(TEXTS[:2], adapter="topic")
+        assert [d["label"] for d in data["data"]] == [w.label for w in want]
+        assert [d["needs_review"] for d in data["data"]] == [w.needs_review for w in want]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_cli_classify(built, engine):
+    from click.testing import CliRunner
+
+    from edgepeft.cli.cmd_run import command
+
+    res = CliRunner().invoke(command, [str(built["bundle"]), "--trusted-key", str(built["public_key"]),
+                                       "--adapter", "sentiment", "--classify", TEXTS[0], "--classify", TEXTS[1]])
+    assert res.exit_code == 0, res.output
+    want = engine.classify(TEXTS[:2], adapter="sentiment")
+    lines = res.output.strip().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == [w.label for w in want]
+    assert ["[needs review]" in ln for ln in lines] == [w.needs_review for w in want]

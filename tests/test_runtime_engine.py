@@ -1,0 +1,263 @@
+"""Engine on a tiny exported decoder bundle: parity with a plain ORT loop, streaming, adapters in
+threads, overlap and in-use refusals, bad input, installs with health-check rollback, the audit log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("peft")
+
+from test_runtime_support import cached_bundle, reference_greedy  # noqa: E402
+
+from edgepeft.errors import AdapterError, BundleError, EngineError, IntegrityError, SignatureError, StoreError  # noqa: E402
+from edgepeft.runtime import Engine  # noqa: E402
+
+PROMPT = "the tin ünï ☃"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return cached_bundle("decoder", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def engine(built, tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    return Engine(built["bundle"], [built["public_key"]], audit=d / "audit.jsonl", store=d / "store")
+
+
+def test_greedy_equals_reference_loop_bare_and_with_each_adapter(engine, built):
+    ids = engine.codec.encode(PROMPT)
+    bundle, manifest = built["bundle"], built["manifest"]
+    answers = {}
+    for name in (None, "alpha", "beta"):
+        res = engine.generate(PROMPT, adapter=name, max_new_tokens=12)
+        adapter_file = None if name is None else bundle / f"adapters/{name}-1.onnx_adapter"
+        assert res.token_ids == reference_greedy(bundle, manifest, ids, 12, adapter_file), name
+        assert res.prompt_tokens == len(ids) and res.adapter == name
+        answers[name] = res.token_ids
+    assert len({tuple(v) for v in answers.values()}) == 3  # each adapter really changes the answer
+    # switching back and forth reuses bound contexts and still gives the same answers
+    for name in ("beta", None, "alpha", "beta"):
+        assert engine.generate(PROMPT, adapter=name, max_new_tokens=12).token_ids == answers[name]
+
+
+def test_streaming_pieces_join_to_the_full_text(engine):
+    msgs = [{"role": "user", "content": "héllo ☃ wörld"}]
+    full = engine.generate(messages=msgs, adapter="beta", max_new_tokens=16)
+    stream = engine.generate(messages=msgs, adapter="beta", max_new_tokens=16, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == full.text == stream.result.text
+    if "\ufffd" not in full.text:  # no half characters ever reach the stream
+        assert all("\ufffd" not in p for p in pieces)
+    assert stream.result.token_ids == full.token_ids and stream.result.finish_reason == full.finish_reason
+
+
+def test_stop_strings_cut_the_answer(engine):
+    full = engine.generate(PROMPT, max_new_tokens=12).text
+    assert len(full) >= 3
+    stop = full[2:4]
+    cut = engine.generate(PROMPT, max_new_tokens=12, stop=[stop])
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    assert "".join(engine.generate(PROMPT, max_new_tokens=12, stop=stop, stream=True)) == cut.text
+
+
+def test_concurrent_requests_each_get_their_own_adapter(engine):
+    expected = {n: engine.generate(PROMPT, adapter=n, max_new_tokens=10).token_ids for n in (None, "alpha", "beta")}
+    got, errors = [], []
+
+    def worker(i):
+        name = (None, "alpha", "beta")[i % 3]
+        try:
+            for _ in range(3):
+                got.append((name, engine.generate(PROMPT, adapter=name, max_new_tokens=10).token_ids))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(got) == 18
+    assert all(ids == expected[name] for name, ids in got)
+
+
+def test_overlapping_adapters_are_refused_disjoint_ones_combine(engine, built):
+    engine.load_adapter(built["update"], dict(built["update_entry"]), name="alpha-next")
+    try:
+        with pytest.raises(AdapterError, match="both set 'layers.0.qkv.lora_A'") as ei:
+            engine.generate(PROMPT, adapter=["alpha", "alpha-next"], max_new_tokens=4)
+        assert ei.value.hint
+        both = engine.generate(PROMPT, adapter=["alpha", "beta"], max_new_tokens=8)
+        assert both.adapter == "alpha+beta"
+        assert both.token_ids != engine.generate(PROMPT, adapter="alpha", max_new_tokens=8).token_ids
+    finally:
+        engine.unload_adapter("alpha-next")
+
+
+def test_unload_is_refused_while_a_request_uses_the_adapter(engine, built):
+    engine.load_adapter(built["update"], dict(built["update_entry"]), name="tmp")
+    stream = engine.generate(PROMPT, adapter="tmp", max_new_tokens=40, stream=True)
+    next(stream)
+    with pytest.raises(AdapterError, match="in use by 1"):
+        engine.unload_adapter("tmp")
+    stream.close()
+    engine.unload_adapter("tmp")
+    with pytest.raises(AdapterError, match="unknown adapter 'tmp'") as ei:
+        engine.generate(PROMPT, adapter="tmp")
+    assert "alpha" in ei.value.hint
+
+
+def test_bad_requests_fail_clearly_and_the_engine_keeps_serving(engine, built):
+    before = engine.generate(PROMPT, adapter="alpha", max_new_tokens=8).token_ids
+    cases = [
+        (dict(prompt=""), EngineError, "empty"),
+        (dict(prompt="   "), EngineError, "empty"),
+        (dict(prompt="x" * 500), EngineError, "longer than the context"),
+        (dict(prompt="hi", adapter="nope"), AdapterError, "unknown adapter"),
+        (dict(prompt="hi", temperature=-1), EngineError, "temperature"),
+        (dict(prompt="hi", max_new_tokens=0), EngineError, "max_new_tokens"),
+        (dict(messages=[{"role": "user"}]), EngineError, "content"),
+    ]
+    for kw, exc_type, match in cases:
+        with pytest.raises(exc_type, match=match) as ei:
+            engine.generate(**kw)
+        assert ei.value.hint, kw
+    other_base = dict(built["update_entry"], base_fingerprint="sha256:" + "0" * 64)
+    with pytest.raises(AdapterError, match="built for base sha256:0000") as ei:
+        engine.load_adapter(built["update"], other_base, name="foreign")
+    assert ei.value.hint
+    with pytest.raises(AdapterError, match="does not say which base"):
+        engine.load_adapter(built["update"], {"version": 1}, name="anon")
+    with pytest.raises(AdapterError, match="no metadata"):
+        engine.load_adapter(built["update"])
+    assert "foreign" not in [a["name"] for a in engine.adapters()]
+    assert engine.generate(PROMPT, adapter="alpha", max_new_tokens=8).token_ids == before
+
+
+def test_adapter_with_wrong_shapes_is_refused(engine, built, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    keep = {"layers.0.qkv.lora_A": np.ones((7, 12), np.float32)}
+    fmt = ort.AdapterFormat()
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in keep.items()})
+    fmt.export_adapter(str(tmp_path / "bad.onnx_adapter"))
+    with pytest.raises(AdapterError, match="has shape \\[7, 12\\], the slot is"):
+        engine.load_adapter(tmp_path / "bad.onnx_adapter", dict(built["update_entry"]), name="bad")
+    fmt = ort.AdapterFormat()
+    odd = {"not.a.slot": np.ones((2, 2), np.float32)}
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in odd.items()})
+    fmt.export_adapter(str(tmp_path / "odd.onnx_adapter"))
+    with pytest.raises(AdapterError, match="matches no adapter slot"):
+        engine.load_adapter(tmp_path / "odd.onnx_adapter", dict(built["update_entry"]), name="odd")
+    (tmp_path / "cut.onnx_adapter").write_bytes(built["update"].read_bytes()[:300])
+    with pytest.raises(AdapterError, match="truncated|not a readable"):
+        engine.load_adapter(tmp_path / "cut.onnx_adapter", dict(built["update_entry"]), name="cut")
+
+
+def test_tampered_or_untrusted_bundles_are_refused(built, tmp_path):
+    from edgepeft.bundle.signing import generate_keypair
+
+    src = built["bundle"]
+    flipped = tmp_path / "flipped"
+    shutil.copytree(src, flipped)
+    data = bytearray((flipped / "adapters/alpha-1.onnx_adapter").read_bytes())
+    data[-5] ^= 0xFF
+    (flipped / "adapters/alpha-1.onnx_adapter").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="alpha-1.onnx_adapter"):
+        Engine(flipped, [built["public_key"]])
+    edited = tmp_path / "edited"
+    shutil.copytree(src, edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["generation"]["max_new_tokens"] = 9999
+    (edited / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SignatureError, match="does not match"):
+        Engine(edited, [built["public_key"]])
+    _, other_pub = generate_keypair(tmp_path / "other")
+    with pytest.raises(SignatureError, match="does not trust") as ei:
+        Engine(src, [other_pub])
+    assert isinstance(ei.value, BundleError) and ei.value.hint
+
+
+def test_install_update_health_check_rollback_and_restart(built, tmp_path):
+    store, audit = tmp_path / "store", tmp_path / "audit.jsonl"
+    eng = Engine(built["bundle"], [built["public_key"]], store=store, audit=audit)
+    v1 = eng.generate(PROMPT, adapter="alpha", max_new_tokens=8)
+    eng.load_adapter(built["update"], dict(built["update_entry"]), name="probe")
+    v2_text = eng.generate(PROMPT, adapter="probe", max_new_tokens=8).text
+    eng.unload_adapter("probe")
+    assert v2_text != v1.text
+    entry = built["update_entry"]
+    # the health check sends its input as a chat message; compute what v2 answers that way
+    eng.load_adapter(built["update"], dict(entry), name="probe")
+    chat_v2 = eng.generate(messages=[{"role": "user", "content": PROMPT}], adapter="probe", max_new_tokens=8).text
+    eng.unload_adapter("probe")
+    ok_check = {"input": PROMPT, "expect": {"contains": chat_v2[:3]}, "max_new_tokens": 8}
+    info = eng.install_adapter(built["update"], entry, health_checks=[ok_check])
+    assert info["version"] == "2"
+    v2 = eng.generate(PROMPT, adapter="alpha", max_new_tokens=8)
+    assert v2.text == v2_text and v2.adapter_version == "2"
+    # a newer version whose health check fails: rolled back, v2 keeps serving
+    bad = dict(entry, version=3)
+    with pytest.raises(StoreError, match="failed its health check and was rolled back to 2: check #0") as ei:
+        eng.install_adapter(built["update"], bad, health_checks=[{"input": "hi", "expect": {"equals": "never"}}])
+    assert ei.value.hint
+    assert eng.generate(PROMPT, adapter="alpha", max_new_tokens=8).text == v2_text
+    assert eng.store.current("alpha").version == "2"
+    with pytest.raises(StoreError, match="not newer"):
+        eng.install_adapter(built["update"], dict(entry, version=1))
+    with pytest.raises(AdapterError, match="built for base"):
+        eng.install_adapter(built["update"], dict(entry, version=5, base_fingerprint="sha256:" + "1" * 64))
+    assert eng.store.current("alpha").version == "2"
+    # a restart serves the stored version
+    again = Engine(built["bundle"], [built["public_key"]], store=store)
+    assert again.generate(PROMPT, adapter="alpha", max_new_tokens=8).text == v2_text
+    # rollback goes back to the bundle's v1 answers
+    eng.rollback_adapter("alpha", "operator")
+    assert eng.store.current("alpha") is None
+    back = eng.generate(PROMPT, adapter="alpha", max_new_tokens=8)
+    assert back.text == v1.text and back.adapter_version == "1"
+    with pytest.raises(StoreError, match="no previous"):
+        eng.rollback_adapter("alpha")
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    versions = [(e["adapters"][0]["name"], e["adapters"][0]["version"]) for e in lines if e["adapters"]]
+    assert ("alpha", "1") in versions and ("alpha", "2") in versions
+
+
+def test_audit_log_records_each_request(engine):
+    before = len(engine.audit.entries())
+    res = engine.generate(PROMPT, adapter="beta", max_new_tokens=5)
+    entries = engine.audit.entries()
+    assert len(entries) == before + 1
+    last = entries[-1]
+    assert last["request_id"] == res.request_id and last["status"] == "ok" and last["kind"] == "generate"
+    assert last["adapters"][0]["name"] == "beta" and last["adapters"][0]["version"] == "1"
+    assert last["adapters"][0]["sha256"].startswith("sha256:")
+    assert last["base_fingerprint"] == engine.base_fingerprint and PROMPT not in json.dumps(last)
+
+
+def test_compact_int8_update_is_expanded_at_install(built, tmp_path):
+    from edgepeft.export import write_adapter
+    from edgepeft.runtime.adapter_file import read_header
+    from edgepeft.runtime.store import sha256_file
+
+    small = tmp_path / "alpha-7.onnx_adapter"
+    write_adapter(built["root"] / "peft-gamma", built["model_info"], small, dtype="int8")
+    assert any(p.dtype == "tensor(int8)" for p in read_header(small).params.values())
+    eng = Engine(built["bundle"], [built["public_key"]], store=tmp_path / "store")
+    with pytest.raises(StoreError, match="does not match the sha256"):
+        eng.install_adapter(small, dict(built["update_entry"], version=7), sha256="sha256:" + "2" * 64)
+    info = eng.install_adapter(small, dict(built["update_entry"], version=7), sha256=sha256_file(small))
+    assert info["version"] == "7"
+    stored = eng.store.current("alpha")
+    assert {p.dtype for p in read_header(stored.path).params.values()} == {"tensor(float)"}
+    res = eng.generate(PROMPT, adapter="alpha", max_new_tokens=6)
+    assert res.adapter_version == "7" and res.completion_tokens > 0
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".expand-")]

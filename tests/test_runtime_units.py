@@ -1,0 +1,138 @@
+"""Runtime pieces without a model: incremental detokenization, stop strings, the adapter file
+header reader, sampling, audit-log rotation, and the torch-free import guarantee."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgepeft.errors import AdapterError, EngineError
+from edgepeft.runtime.audit import AuditLog
+from edgepeft.runtime.detok import IncrementalDetokenizer, StopMatcher
+from edgepeft.runtime.sampling import Sampler, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tmp_path_factory):
+    from test_runtime_support import byte_level_tokenizer
+    from tokenizers import Tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    byte_level_tokenizer(d)
+    return Tokenizer.from_file(str(d / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "雪 ☃ 🎉 the end", "ascii only", "🎉🎉", "a\u0301 é"])
+def test_incremental_detok_never_splits_a_character(byte_tok, text):
+    ids = byte_tok.encode(text).ids
+    assert len(ids) > len(text.encode("utf-8")) // 2  # multi-byte characters span several tokens
+    det = IncrementalDetokenizer(lambda x: byte_tok.decode(x, skip_special_tokens=True))
+    pieces = [det.add(i) for i in ids]
+    pieces.append(det.flush())
+    assert "".join(pieces) == text == det.text
+    assert not any("\ufffd" in p for p in pieces)
+    assert any(p == "" for p in pieces[:-1]) == any(ord(c) > 127 for c in text)  # held back mid-character
+
+
+def test_incremental_detok_releases_a_truly_invalid_byte(byte_tok):
+    ids = byte_tok.encode("é").ids[:1] + byte_tok.encode("abc").ids  # a lone lead byte, never completed
+    det = IncrementalDetokenizer(lambda x: byte_tok.decode(x))
+    out = "".join(det.add(i) for i in ids) + det.flush()
+    assert out == byte_tok.decode(ids)
+
+
+def test_stop_matcher_holds_back_only_possible_stops():
+    m = StopMatcher(["</s>", "\n\n"])
+    assert m.feed("hello <") == "hello "
+    assert m.feed("/") == ""
+    assert m.feed("x") == "</x"
+    assert m.feed(" a\n") == " a"
+    assert m.feed("\nrest") == "" and m.stopped
+    assert m.feed("more") == "" and m.flush() == ""
+    m2 = StopMatcher(["END"])
+    assert m2.feed("the E") == "the " and m2.flush() == "E"
+    assert StopMatcher([]).feed("abc") == "abc"
+
+
+def test_adapter_header_matches_onnxruntime_and_maps_without_copy(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from edgepeft.runtime.adapter_file import map_arrays, read_header
+
+    arrays = {"layers.0.qkv.lora_A": np.arange(24, dtype=np.float32).reshape(4, 6),
+              "head.classifier.bias": np.ones(3, np.float32), "x.fp16": np.ones((2, 2), np.float16)}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(7)
+    fmt.set_model_version(3)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(tmp_path / "a.onnx_adapter"))
+    h = read_header(tmp_path / "a.onnx_adapter")
+    assert (h.adapter_version, h.model_version) == (7, 3)
+    ref = ort.AdapterFormat.read_adapter(str(tmp_path / "a.onnx_adapter")).get_parameters()
+    assert {k: (list(p.shape), p.dtype) for k, p in h.params.items()} == \
+        {k: (v.shape(), v.data_type()) for k, v in ref.items()}
+    mapped = map_arrays(tmp_path / "a.onnx_adapter", h)
+    for k, v in arrays.items():
+        assert np.array_equal(mapped[k], v) and not mapped[k].flags.writeable
+    (tmp_path / "cut.onnx_adapter").write_bytes((tmp_path / "a.onnx_adapter").read_bytes()[:60])
+    with pytest.raises(AdapterError, match="truncated|not a readable"):
+        read_header(tmp_path / "cut.onnx_adapter")
+
+
+def test_sampling_greedy_top_p_and_seeds():
+    logits = np.array([0.1, 3.0, 2.9, -1.0], np.float32)
+    assert Sampler(SamplingParams())(logits) == 1
+    assert Sampler(SamplingParams(temperature=1.0, top_p=0.01, seed=0))(logits) == 1
+    a = [Sampler(SamplingParams(temperature=1.0, seed=5))(logits) for _ in range(5)]
+    s = Sampler(SamplingParams(temperature=1.0, seed=5))
+    assert a[0] == s(logits)
+    draws = {Sampler(SamplingParams(temperature=2.0, seed=i))(logits) for i in range(50)}
+    assert len(draws) > 1
+    with pytest.raises(EngineError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(EngineError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+
+
+def test_audit_log_appends_json_lines_and_rotates_by_size(tmp_path):
+    log = AuditLog(tmp_path / "audit" / "log.jsonl", max_bytes=400, backups=2)
+    for i in range(30):
+        log.record(request_id=f"r{i}", adapters=[{"name": "a", "version": "2"}], status="ok")
+    files = sorted(p.name for p in (tmp_path / "audit").iterdir())
+    assert files == ["log.jsonl", "log.jsonl.1", "log.jsonl.2"]
+    for p in (tmp_path / "audit").iterdir():
+        assert p.stat().st_size <= 400
+        for line in p.read_text().splitlines():
+            assert json.loads(line)["status"] == "ok"
+    ids = [e["request_id"] for e in log.entries()]
+    assert ids == sorted(ids, key=lambda x: int(x[1:])) and ids[-1] == "r29"  # oldest first, newest kept
+    with pytest.raises(EngineError):
+        AuditLog(tmp_path / "x.jsonl", max_bytes=10)
+
+
+def test_runtime_modules_import_with_server_libraries_blocked():
+    from conftest import run_python
+
+    code = """
+import importlib, importlib.abc, json, pkgutil, sys
+BLOCKED = {"torch", "transformers", "peft", "bitsandbytes", "onnx", "safetensors", "accelerate"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import edgepeft.runtime as rt
+mods = [i.name for i in pkgutil.iter_modules(rt.__path__, "edgepeft.runtime.")]
+for m in mods + ["edgepeft.cli.cmd_run"]:
+    importlib.import_module(m)
+for name in rt.__all__:
+    getattr(rt, name)
+print(json.dumps({"mods": mods, "leaked": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
+"""
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["leaked"] == []
+    assert {"edgepeft.runtime.engine", "edgepeft.runtime.decoder", "edgepeft.runtime.server",
+            "edgepeft.runtime.store"} <= set(out["mods"])
