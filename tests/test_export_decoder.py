@@ -45,7 +45,8 @@ def test_model_info_describes_the_graph(exported):
     assert (info["architecture"], info["num_layers"], info["num_kv_heads"], info["head_dim"]) == ("llama", 2, 2, 16)
     assert info["slot_rank"] == 8 and info["vocab_size"] == 256
     assert info["slots"]["layers.0.qkv.lora_A"] == [64, "3*rank"]
-    assert info["slot_shapes"]["layers.1.gate_up.lora_B"] == [16, 256]
+    assert info["slot_shapes"]["layers.1.gate_up.lora_A"] == [64, 16]
+    assert info["slot_shapes"]["layers.1.gate_up.lora_B.up_proj"] == [8, 128]  # split B: no zero blocks
     sess = session(exported.model_path)
     names = {i.name for i in sess.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.1.value"} <= names
@@ -107,3 +108,17 @@ def test_merged_export_matches_slots(base, adapter, exported, tmp_path):
     s = session(exported.model_path).run(["logits"], decoder_feeds(exported.model_info, ids),
                                          run_options(tmp_path / "a.onnx_adapter"))[0]
     assert np.abs(m - s).max() < TOL
+
+
+def test_unpadded_adapter_uses_its_own_rank(exported, adapter, tmp_path):
+    """pad=False: rank-4 tensors in rank-8 slots (the rank dim is dynamic) give the same logits, fewer bytes."""
+    from edgepeft.export import write_adapter
+
+    padded = write_adapter(adapter[0], exported.model_info, tmp_path / "p.onnx_adapter")
+    small = write_adapter(adapter[0], exported.model_info, tmp_path / "s.onnx_adapter", pad=False)
+    assert small.bytes < padded.bytes
+    sess = session(exported.model_path)
+    feeds = decoder_feeds(exported.model_info, np.array([[2, 7, 1, 8]]))
+    a = sess.run(["logits"], feeds, run_options(tmp_path / "p.onnx_adapter"))[0]
+    b = sess.run(["logits"], feeds, run_options(tmp_path / "s.onnx_adapter"))[0]
+    assert np.abs(a - b).max() < 1e-5

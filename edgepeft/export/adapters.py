@@ -5,7 +5,8 @@ The file holds one tensor per slot, named exactly as the graph inputs, so
 with no copy of the base. Per group the modules' ``A.T`` are placed side by
 side and ``(B * scaling).T`` block-diagonally (see :mod:`.slots`), each module
 zero-padded up to the bundle's slot rank; modules the adapter does not train
-stay zero. Payloads: fp32 (activates as is), fp16 or int8 (smaller updates;
+stay zero. Groups with ``split_b`` (gate|up) get one B tensor per module.
+Payloads: fp32 (activates as is), fp16 or int8 (smaller updates;
 the device expands them to fp32 once at install with
 :func:`edgepeft.spec.adapter_payload.expand_adapter`).
 """
@@ -65,8 +66,13 @@ def layer_groups_for(model_info: dict):
     return layer_groups(dims, targets)
 
 
-def build_slot_tensors(peft_dir, model_info: dict, labels=None):
+def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = True):
     """Pack a PEFT LoRA directory into fp32 slot tensors; returns ``(tensors, lora, labels)``.
+
+    ``pad=True`` pads every module up to the bundle's slot rank (fixed shapes, as
+    the manifest's slot_shapes say); ``pad=False`` keeps the adapter's own rank:
+    the graph's rank dims are dynamic, so a rank-4 adapter in a rank-16 bundle
+    then reads 4x fewer bytes per token.
 
     Raises :class:`AdapterError` when the adapter's modules, shapes or rank do
     not fit the bundle's slots.
@@ -79,6 +85,7 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None):
     if lora.rank > slot_rank:
         raise AdapterError(f"{lora.path.name}: LoRA rank {lora.rank} exceeds the bundle's slot rank {slot_rank}",
                            hint=f"retrain with r <= {slot_rank}, or rebuild the bundle with a slot rank >= {lora.rank}")
+    width = slot_rank if pad else lora.rank
     groups = layer_groups_for(model_info)
     where = {m.peft_name: (g, j) for g in groups for j, m in enumerate(g.modules)}
     all_names = {m.peft_name for g in groups for m in g.modules}
@@ -87,8 +94,12 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None):
         if g.modules:
             for i in (range(nl) if g.key != "pooler" else [None]):
                 a_name, b_name = g.slot_names(i)
-                tensors[a_name] = np.zeros((g.in_dim, len(g.modules) * slot_rank), np.float32)
-                tensors[b_name] = np.zeros((len(g.modules) * slot_rank, g.out_dim), np.float32)
+                tensors[a_name] = np.zeros((g.in_dim, len(g.modules) * width), np.float32)
+                if g.split_b:
+                    for mod in g.modules:
+                        tensors[g.b_slot_name(i, mod)] = np.zeros((width, mod.out_size), np.float32)
+                else:
+                    tensors[b_name] = np.zeros((len(g.modules) * width, g.out_dim), np.float32)
     trained = set()
     for module, (a, b, scaling) in lora.modules.items():
         m = _MODULE_RE[arch].match(module)
@@ -107,9 +118,12 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None):
             raise AdapterError(f"{lora.path.name}: {module} is {a.shape[1]}->{b.shape[0]}, the base has "
                                f"{g.in_dim}->{mod.out_size}", hint="the adapter was trained for a different base")
         a_name, b_name = g.slot_names(layer)
-        c0 = j * slot_rank
+        c0 = j * width
         tensors[a_name][:, c0:c0 + r] = a.T
-        tensors[b_name][c0:c0 + r, mod.out_offset:mod.out_offset + mod.out_size] = (b * scaling).T
+        if g.split_b:
+            tensors[g.b_slot_name(layer, mod)][:r, :] = (b * scaling).T
+        else:
+            tensors[b_name][c0:c0 + r, mod.out_offset:mod.out_offset + mod.out_size] = (b * scaling).T
         trained.add(name)
     if model_info.get("task") == "classification":
         w = lora.saved.get("classifier.weight")
@@ -187,12 +201,12 @@ def encode_payload(tensors: dict, dtype: str) -> dict:
 
 
 def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, name: str | None = None,
-                  version: int = 1, labels=None) -> AdapterInfo:
+                  version: int = 1, labels=None, pad: bool = True) -> AdapterInfo:
     """Write ``peft_dir`` as an ORT adapter file for the bundle described by ``model_info``.
 
     ``dtype`` is the payload: "fp32" (activates directly), "fp16" or "int8"
-    (expand on the device with edgepeft.spec.adapter_payload). The write is
-    atomic. Raises :class:`AdapterError` for adapters that do not fit.
+    (expand on the device with edgepeft.spec.adapter_payload). ``pad`` as in
+    :func:`build_slot_tensors`. The write is atomic. Raises :class:`AdapterError` for adapters that do not fit.
     """
     from .._extras import require
 
@@ -202,7 +216,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     if dtype not in PAYLOADS:
         raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
                          hint="use fp32 (default), fp16 or int8")
-    tensors, lora, labels = build_slot_tensors(peft_dir, model_info, labels)
+    tensors, lora, labels = build_slot_tensors(peft_dir, model_info, labels, pad=pad)
     stored = encode_payload(tensors, dtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ModelError
 from .quantize import LinearEmitter, WeightQuant
-from .slots import Group, Module, emit_lora, groups_info, resolve_targets
+from .slots import Group, Module, emit_lora, emit_lora_split, groups_info, resolve_targets
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 ADAPTABLE = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -51,7 +51,7 @@ def decoder_dims(config) -> dict:
 
 
 def layer_groups(dims: dict, targets: list[str]) -> list[Group]:
-    """The four projection groups of one layer, with only ``targets`` adapted."""
+    """The four projection groups of one layer, with only ``targets`` adapted (gate|up with split B slots)."""
     d, h, kv = dims["head_dim"], dims["heads"], dims["kv_heads"]
     q_out, kv_out, inter, hid = h * d, kv * d, dims["inter"], dims["hidden"]
     spec = [
@@ -63,14 +63,9 @@ def layer_groups(dims: dict, targets: list[str]) -> list[Group]:
     out = []
     for key, in_dim, mods in spec:
         out_dim = sum(m[2] for m in mods)
-        out.append(Group(key, in_dim, out_dim, tuple(Module(*m) for m in mods if m[0] in targets)))
+        out.append(Group(key, in_dim, out_dim, tuple(Module(*m) for m in mods if m[0] in targets),
+                         split_b=key == "gate_up"))
     return out
-
-
-def rope_cache(inv_freq: np.ndarray, scaling: float, max_context: int):
-    pos = np.arange(max_context, dtype=np.float32)[:, None]
-    freqs = pos * np.asarray(inv_freq, np.float32)[None, :]
-    return (np.cos(freqs) * scaling).astype(np.float32), (np.sin(freqs) * scaling).astype(np.float32)
 
 
 def rope_subgraph(gb, inv_freq: np.ndarray, scaling: float, max_context: int):
@@ -121,7 +116,8 @@ def build_decoder(config, sd: dict, *, quant: WeightQuant, target_modules, max_c
         try:
             return sd[name]
         except KeyError:
-            raise ModelError(f"the base model has no weight {name}", hint="is this a llama-family checkpoint?") from None
+            raise ModelError(f"the base model has no weight {name}",
+                             hint="is this a llama-family checkpoint?") from None
 
     def b(name):
         return sd.get(name)
@@ -167,8 +163,9 @@ def build_decoder(config, sd: dict, *, quant: WeightQuant, target_modules, max_c
         bgu = None
         if b(m + "gate_proj.bias") is not None:
             bgu = np.concatenate([b(m + "gate_proj.bias"), b(m + "up_proj.bias")], 0)
-        gu = emit_lora(gb, x2, lin.linear(x2, wgu, bgu, f"l{i}.gate_up"), g_gu, i)
-        gate, up = gb.op("Split", [gu], outputs=2, axis=-1, hint="gate_up_split")
+        gate, up = gb.op("Split", [lin.linear(x2, wgu, bgu, f"l{i}.gate_up")], outputs=2, axis=-1, hint="gate_up_split")
+        gu = emit_lora_split(gb, x2, {"gate_proj": gate, "up_proj": up}, g_gu, i)
+        gate, up = gu["gate_proj"], gu["up_proj"]
         act = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])], hint="silu"), up], hint="swiglu")
         hidden_in = emit_lora(gb, act, lin.linear(act, w(m + "down_proj.weight"), b(m + "down_proj.bias"),
                                                   f"l{i}.down"), g_down, i)

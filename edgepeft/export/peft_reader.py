@@ -67,7 +67,8 @@ def _load_tensors(adir: Path) -> dict:
                     out[k] = fh.get_tensor(k).float().numpy()
             return out
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise AdapterError(f"{st} is corrupt or truncated: {exc}", hint="re-save or re-download the adapter") from exc
+            raise AdapterError(f"{st} is corrupt or truncated: {exc}",
+                               hint="re-save or re-download the adapter") from exc
     binf = adir / "adapter_model.bin"
     if binf.is_file():
         import torch

@@ -10,6 +10,9 @@ Slot defaults are EMPTY (rank dim 0): the rank dim is symbolic in the graph,
 so an adapter of rank r overrides them, and without an adapter the LoRA path
 is two zero-FLOP MatMuls and an Add of zeros.
 
+For gate|up, whose block-diagonal B would be half zeros, each module gets its
+own B slot instead (``split_b``): ``layers.{i}.gate_up.lora_B.gate_proj`` [rank, inter].
+
 Slot names: ``layers.{i}.{group}.lora_A`` / ``.lora_B`` (``pooler.lora_A`` for the
 encoder's layer-less pooler); the encoder's head:
 ``head.classifier.weight`` [hidden, num_labels] and ``head.classifier.bias``.
@@ -42,11 +45,16 @@ class Group:
     in_dim: int
     out_dim: int          # all projections of the group, targeted or not
     modules: tuple        # of Module, targeted ones only, in packing order
+    split_b: bool = False  # one B slot per module (no block-diagonal zeros), see emit_lora_split
 
     def slot_names(self, layer: int | None) -> tuple[str, str]:
         """Slot input names; ``layer=None`` for layer-less groups (the encoder's pooler)."""
         prefix = self.key if layer is None else f"layers.{layer}.{self.key}"
         return f"{prefix}.lora_A", f"{prefix}.lora_B"
+
+    def b_slot_name(self, layer: int | None, module: "Module") -> str:
+        """The B slot of one module in a ``split_b`` group, e.g. ``layers.3.gate_up.lora_B.up_proj``."""
+        return f"{self.slot_names(layer)[1]}.{module.peft_name}"
 
 
 def rank_expr(m: int) -> str:
@@ -87,9 +95,35 @@ def emit_lora(gb, x: str, y: str, group: Group, layer: int) -> str:
     return gb.op("Add", [y, d], hint=f"l{layer}_{group.key}_lora")
 
 
+def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int) -> dict:
+    """LoRA for a ``split_b`` group whose base output is already split per projection.
+
+    ``outs`` maps each projection's PEFT name to its base output; one packed
+    ``x @ A`` feeds a per-module ``t_j @ B_j``. Used for gate|up, whose
+    block-diagonal B would be half zeros: per-module B slots cut the bytes an
+    adapter reads per token (and its file) by ~20%. Returns the updated map.
+    """
+    if not group.modules:
+        return outs
+    m = len(group.modules)
+    a_name, _ = group.slot_names(layer)
+    sym = f"{group.key}_rank"
+    gb.slot(a_name, np.zeros((group.in_dim, 0), np.float32), [group.in_dim, sym], [group.in_dim, rank_expr(m)])
+    t = gb.op("MatMul", [x, a_name], hint=f"l{layer}_{group.key}_loraA")
+    parts = gb.op("Split", [t], outputs=m, axis=-1, hint="lora_split") if m > 1 else [t]
+    out = dict(outs)
+    for j, mod in enumerate(group.modules):
+        b_name = group.b_slot_name(layer, mod)
+        gb.slot(b_name, np.zeros((0, mod.out_size), np.float32), [f"{group.key}_rank_1", mod.out_size],
+                ["rank", mod.out_size])
+        d = gb.op("MatMul", [parts[j], b_name], hint=f"l{layer}_{group.key}_loraB")
+        out[mod.peft_name] = gb.op("Add", [out[mod.peft_name], d], hint=f"l{layer}_{group.key}_lora")
+    return out
+
+
 def groups_info(groups: list[Group]) -> dict:
     """What the adapter writer needs about a layer's groups (JSON-friendly)."""
-    return {g.key: {"in_dim": g.in_dim, "out_dim": g.out_dim,
+    return {g.key: {"in_dim": g.in_dim, "out_dim": g.out_dim, "split_b": g.split_b,
                     "modules": [[m.peft_name, m.out_offset, m.out_size] for m in g.modules]}
             for g in groups if g.modules}
 
