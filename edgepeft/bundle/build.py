@@ -78,7 +78,9 @@ def _tokenizer_files(tokenizer, dest: Path) -> dict:
     if not (tmp / "tokenizer.json").is_file():
         raise BuildError("the base tokenizer has no fast (tokenizer.json) form, which devices need",
                          hint="use a base whose tokenizer has a tokenizer.json")
-    os.replace(tmp / "tokenizer.json", dest / "tokenizer.json")
+    # Compact JSON: the same tokenizer in less than half the bytes (3.4 -> 1.5 MiB for SmolLM2).
+    spec = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+    (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     shutil.rmtree(tmp)
     eos = tokenizer.eos_token_id
     info = {
