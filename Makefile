@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgepeft-installed
 
-.PHONY: env test test-slow demo bench clean
+.PHONY: env test test-slow demo bench bench-smoke clean
 
 env: $(STAMP)
 
@@ -29,8 +29,17 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
 
+# llama.cpp (llama-cpp-python) is an optional peer that compiles from source (10-40 min on 2 cores);
+# LLAMA_CPP=0 skips it and the benchmark notes its absence.
+LLAMA_CPP ?= 1
 bench: $(STAMP)
+	@if [ "$(LLAMA_CPP)" = 1 ] && ! $(BIN)/python -c "import llama_cpp" 2>/dev/null; then \
+	  echo "building llama-cpp-python (optional peer; LLAMA_CPP=0 skips it)"; \
+	  $(BIN)/python -m pip install -q -c constraints.txt llama-cpp-python || echo "llama-cpp-python did not build: skipped"; fi
 	$(BIN)/python -m benchmarks.run
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run --smoke
 
 clean:
 	rm -rf $(VENV) out

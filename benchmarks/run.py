@@ -1,0 +1,136 @@
+"""``python -m benchmarks.run``: the whole benchmark in one command.
+
+Sets up what it needs (genai models, edgepeft bundles, LoRA adapters; cached in
+``benchmarks/work/``), measures every section with interleaved repetitions,
+writes ``benchmarks/results/bench.json``, ``table.md`` and PNG plots, and
+refreshes the README block between ``<!-- bench:start -->`` and
+``<!-- bench:end -->``.
+
+``--smoke`` runs the same harness on tiny random models in seconds (used by
+``tests/test_bench_smoke.py``); it never touches the README or the committed
+results unless ``--out``/``--readme`` point there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .context import Context, Settings
+from .fixtures import RESULTS, WORK, real_models, tiny_models, write_json_atomic
+from .harness import Section, machine, versions
+
+SCHEMA = "edgepeft-bench/1"
+SECTIONS = ["decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
+
+
+def _transport_placeholder() -> Section:
+    sec = Section("transport", "5. Serial throughput and HTTP push time")
+    sec.status = "not built yet"
+    sec.notes.append("The serial and HTTP transports are a later issue; no numbers until they exist.")
+    return sec
+
+
+def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
+    """Run the chosen sections in order; returns (sections, goals)."""
+    from . import sec_adapters, sec_classify, sec_decode, sec_memory, sec_quality
+
+    runners = {"decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
+               "quality": sec_quality.run, "transport": lambda c: _transport_placeholder(),
+               "memory": sec_memory.run, "classify": sec_classify.run}
+    sections, goals = [], []
+    for sid in SECTIONS:
+        if sid not in only:
+            continue
+        ctx.log(f"[{time.perf_counter() - ctx.t0:6.0f}s] section {sid}")
+        try:
+            sec = runners[sid](ctx)
+        except Exception as exc:  # one broken section must not lose the others' numbers
+            sec = Section(sid, sid)
+            sec.status = "failed"
+            sec.notes.append(f"section failed: {type(exc).__name__}: {str(exc)[:300]}")
+            ctx.skip(f"section {sid}", f"{type(exc).__name__}: {str(exc)[:300]}")
+        sections.append(sec)
+        if sid == "decode":
+            goals.append(sec_decode.goal_decode(sec))
+        elif sid == "switch":
+            goals.append(sec_adapters.goal_switch(sec))
+        elif sid == "sizes":
+            goals.append(sec_adapters.goal_bundle(sec))
+        elif sid == "transport":
+            goals.append({"name": "serial throughput", "target": ">= 90 % of line rate", "met": None,
+                          "measured": "not built yet"})
+    return sections, goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run",
+                                 description="Measure edgepeft against its peers in one run; write JSON, PNG plots, "
+                                             "table.md and the README block.")
+    ap.add_argument("--smoke", action="store_true", help="tiny random models, seconds (harness check)")
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    ap.add_argument("--work", type=Path, help="work folder for built artifacts (default benchmarks/work)")
+    ap.add_argument("--readme", type=Path, help="README to refresh (default: the repo's, full runs only)")
+    ap.add_argument("--no-readme", action="store_true", help="do not touch any README")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--reps", type=int, help="repetitions per figure (default 7; smoke 3)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
+    ap.add_argument("--examples-out", help="folder of the trained example adapters (default examples/out)")
+    ap.add_argument("--systems", help="comma list of substrings: only matching systems (e.g. 'genai,llama')")
+    a = ap.parse_args(argv)
+
+    settings = Settings.smoke() if a.smoke else Settings()
+    if a.reps:
+        settings.reps = a.reps
+    if a.examples_out:
+        settings.examples_out = a.examples_out
+    if a.systems:
+        settings.systems = [x.strip() for x in a.systems.split(",") if x.strip()]
+    work = a.work or (WORK / "smoke" if a.smoke else WORK)
+    work.mkdir(parents=True, exist_ok=True)
+    out = a.out or (work / "results" if a.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    only = [x.strip() for x in a.sections.split(",") if x.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    mach = machine()
+    models = tiny_models(work) if a.smoke else real_models()
+    ctx = Context(models, settings, work)
+    sections, goals = run_sections(ctx, only)
+    mach["loadavg_end"] = machine()["loadavg_1_5_15"]
+    results = {
+        "schema": SCHEMA, "mode": "smoke" if a.smoke else "full", "created": started,
+        "duration_s": round(time.perf_counter() - ctx.t0, 1), "machine": mach, "versions": versions(),
+        "settings": {k: v for k, v in vars(settings).items()} | {"threads": 2},
+        "models": {"decoder": str(models.decoder_dir), "encoder": str(models.encoder_dir),
+                   "gguf": str(models.gguf) if models.gguf else None},
+        "goals": goals, "sections": [s.to_json() for s in sections], "skipped": ctx.skipped,
+    }
+    name = "bench-smoke.json" if a.smoke else "bench.json"
+    if not a.no_plots:
+        results["plots"] = report.write_plots(results, out)
+    write_json_atomic(out / name, results)
+    md = report.render_markdown(results)
+    table = out / ("table-smoke.md" if a.smoke else "table.md")
+    tmp = table.with_name(f".{table.name}.tmp")
+    tmp.write_text(md, encoding="utf-8")
+    tmp.replace(table)
+    readme = a.readme or (None if a.smoke else Path(__file__).resolve().parent.parent / "README.md")
+    if readme and not a.no_readme:
+        if report.replace_readme_block(readme, report.render_markdown(results, compact=True)):
+            ctx.log(f"README block refreshed in {readme}")
+        else:
+            ctx.log(f"{readme} has no {report.START} ... {report.END} block; table left in {table}")
+    ctx.log(f"wrote {out / name} and {table} in {results['duration_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Section 7: classification samples/s on all-MiniLM-L6-v2, edgepeft int8 (and fp32) vs PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import sys_edgepeft
+from .context import Context
+from .harness import Section, Skip, interleaved
+from .systems import pubkey
+from .sys_torch import TorchClassifier
+
+TEXTS = ["The delivery arrived two days late and the box was damaged.",
+         "Great service, the technician fixed the router in ten minutes!",
+         "How do I reset my password on the mobile app?",
+         "The invoice shows a charge I do not recognise.",
+         "Thanks, everything works now.",
+         "My order number is 4471 and it still has not shipped."]
+TORCH = "transformers fp32"
+
+
+def cls_adapter(ctx: Context) -> Path:
+    """A PEFT LoRA sequence-classification adapter for the encoder (random, 2 labels)."""
+    def make():
+        out = ctx.work / "adapters" / f"cls-lora-{ctx.models.encoder_dir.name}"
+        if (out / "adapter_config.json").is_file():
+            return out
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(ctx.models.encoder_dir, num_labels=2)
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"],
+                         task_type="SEQ_CLS", lora_dropout=0.0)
+        pm = get_peft_model(model, cfg)
+        tmp = out.with_name(out.name + ".tmp")
+        pm.save_pretrained(tmp)
+        import os
+
+        os.replace(tmp, out)
+        return out
+    return ctx.get("classification adapter", make)
+
+
+def run(ctx: Context) -> Section:
+    s = ctx.settings
+    sec = Section("classify", f"7. Classification throughput ({ctx.models.encoder_name}, 2 labels)")
+    systems = {}
+    if ctx.wanted(TORCH):
+        systems[TORCH] = ctx.try_get(f"{TORCH} classifier", lambda: TorchClassifier(ctx.models.encoder_dir))
+    for quant in ("int8", "fp32"):
+        name = f"edgepeft {quant} + adapter"
+        if not ctx.wanted(name):
+            continue
+
+        def make(q=quant):
+            b = sys_edgepeft.build(ctx.work, f"enc-{q}", base=str(ctx.models.encoder_dir),
+                                   adapters=[("cls", cls_adapter(ctx))], quant=q, task="classification",
+                                   log=ctx.log)
+            return sys_edgepeft.EdgeClassifier(b, pubkey(ctx), "cls")
+        systems[name] = ctx.try_get(name, make)
+    systems = {k: v for k, v in systems.items() if v is not None}
+    for batch in s.classify_batch:
+        texts = (TEXTS * (batch // len(TEXTS) + 1))[:batch]
+        samples = interleaved({n: (lambda o=o, t=texts: o.run(t)) for n, o in systems.items()}, s.reps, s.warmup)
+        g = sec.group(f"samples_per_s_b{batch}", f"samples/s at batch {batch} (tokenizing included)", "higher",
+                      [TORCH])
+        for name, vals in samples.items():
+            if "__skip__" in vals:
+                ctx.skip(name, str(vals["__skip__"]))
+            else:
+                g.add(name, "samples/s", vals["samples_per_s"])
+    return sec
+
+
+__all__ = ["run", "Skip"]

@@ -1,0 +1,89 @@
+"""Section 6: resident memory with 0, 1 and 10 adapters in use; bundle open to first token.
+
+Each measurement is a fresh process (``benchmarks.probe``), repeated and
+interleaved across systems like everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .context import Context
+from .fixtures import bench_prompt
+from .harness import Section, Skip
+from .systems import bundle, genai_dirs, pubkey
+from .sys_llama import available as llama_available
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _probe(kind: str, args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.probe", kind, json.dumps(args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise Skip(f"probe {kind} failed: {proc.stderr.strip()[-300:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(ctx: Context) -> Section:
+    s = ctx.settings
+    sec = Section("memory", "6. Resident memory and bundle open to first token")
+    text, ids = bench_prompt(ctx.models.decoder_dir, 32)
+    common = {"text": text, "ids": ids, "n_new": 4}
+    probes: dict[str, tuple[str, dict]] = {}
+    try:
+        probes["edgepeft int4"] = ("edgepeft", common | {"bundle": str(bundle(ctx, "int4", all_adapters=True)),
+                                                          "pub": str(pubkey(ctx))})
+    except Skip:
+        pass
+    if ctx.wanted("genai"):
+        try:
+            probes["genai int4"] = ("genai", common | {"dir": str(genai_dirs(ctx)[0])})
+        except Skip:
+            pass
+    if not ctx.smoke and ctx.models.gguf and llama_available() is None and ctx.wanted("llama.cpp"):
+        probes["llama.cpp Q4_1"] = ("llama", common | {"gguf": str(ctx.models.gguf)})
+    if ctx.wanted("transformers"):
+        probes["transformers fp32"] = ("torch", common | {"dir": str(ctx.models.decoder_dir)})
+    results: dict[str, list[dict]] = {k: [] for k in probes}
+    for rep in range(s.memory_reps):
+        for name, (kind, args) in probes.items():
+            if name in results:
+                try:
+                    results[name].append(_probe(kind, args))
+                except Skip as exc:
+                    ctx.skip(f"{name} memory probe", str(exc))
+                    results.pop(name)
+        ctx.log(f"  memory rep {rep + 1}/{s.memory_reps} done")
+    g_rss = sec.group("rss_bytes", "resident memory after the first tokens", "lower",
+                      ["genai int4", "llama.cpp Q4_1", "transformers fp32"])
+    g_ttft = sec.group("open_to_first_token_s", "open to first token (fresh process, warm page cache)", "lower",
+                       ["genai int4", "llama.cpp Q4_1", "transformers fp32"])
+    g_anon = sec.group("anon_bytes", "private (anonymous) resident memory after the first tokens", "lower",
+                       ["genai int4", "llama.cpp Q4_1", "transformers fp32"])
+    g_peak = sec.group("peak_rss_bytes", "peak resident memory of the process", "lower",
+                       ["genai int4", "llama.cpp Q4_1", "transformers fp32"])
+    for name, runs in results.items():
+        if not runs:
+            continue
+        if name == "edgepeft int4":
+            n_ad = runs[0].get("adapters", 0)
+            for k in (0, 1, 10):
+                if all(f"rss_{k}" in r for r in runs):
+                    label = f"edgepeft int4, {k} adapter{'' if k == 1 else 's'}"
+                    g_rss.add(label, "bytes", [r[f"rss_{k}"] for r in runs])
+                    g_anon.add(label, "bytes", [r[f"anon_{k}"] for r in runs])
+            if n_ad < 10:
+                sec.notes.append(f"the int4 bundle holds {n_ad} adapters, so the 10-adapter figure is missing")
+        else:
+            g_rss.add(name, "bytes", [r["rss_0"] for r in runs])
+            g_anon.add(name, "bytes", [r["anon_0"] for r in runs])
+        g_ttft.add(name, "s", [r["open_to_first_token_s"] for r in runs])
+        g_peak.add(name, "bytes", [r["peak_rss"] for r in runs])
+    sec.notes.append("edgepeft: the bundle's adapters are unloaded after open, then loaded one by one, each used "
+                     "by a request (memory-mapped files count once their pages are touched). "
+                     "edgepeft's open includes verifying the signature and every file's SHA-256.")
+    return sec

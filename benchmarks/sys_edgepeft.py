@@ -1,0 +1,154 @@
+"""edgepeft itself: bundles built with ``edgepeft.bundle.build_bundle`` and run by ``Engine``.
+
+Bundles go to ``benchmarks/work/bundles/`` and are reused when present (delete
+the folder to rebuild). Everything is measured through the public API
+(``Engine.generate(stream=True)``, ``Engine.classify``), the same path users get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from .harness import THREADS, Skip
+
+TARGET = "x86-64-gateway"  # 2 threads, CPU provider, rank <= 64
+
+
+def keypair(work: Path) -> tuple[Path, Path]:
+    """A signing key pair for the benchmark bundles (private, public)."""
+    from edgepeft.bundle.signing import generate_keypair
+
+    stem = work / "keys" / "bench"
+    priv, pub = stem.with_suffix(".key"), stem.with_suffix(".pub")
+    found = sorted((work / "keys").glob("bench*")) if (work / "keys").is_dir() else []
+    if len(found) >= 2:
+        privs = [p for p in found if "pub" not in p.name]
+        pubs = [p for p in found if "pub" in p.name]
+        if privs and pubs:
+            return privs[0], pubs[0]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    priv, pub = generate_keypair(stem, force=True)
+    return Path(priv), Path(pub)
+
+
+def _stamp(base: str | None, adapters: list[tuple[str, Path]], quant: str, merge: str | None, dtype: str) -> str:
+    """What a cached bundle depends on: the build code, the adapters' bytes, the options.
+
+    A bundle built by older exporter code, or from an adapter retrained since,
+    is rebuilt instead of silently measured.
+    """
+    h = hashlib.sha256(json.dumps([base, [n for n, _ in adapters], quant, merge, dtype]).encode())
+    pkg = Path(edgepeft_root())
+    for sub in ("export", "bundle", "spec"):
+        for f in sorted((pkg / sub).rglob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    for f in ("basemodel.py",):
+        if (pkg / f).is_file():
+            h.update((pkg / f).read_bytes())
+    for _, d in adapters:
+        for f in sorted(Path(d).glob("adapter_*")) + sorted(Path(d).glob("edgepeft_*.json")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def edgepeft_root() -> str:
+    import edgepeft
+
+    return str(Path(edgepeft.__file__).parent)
+
+
+def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, Path]], quant: str,
+          task: str = "causal-lm", merge: str | None = None, adapter_dtype: str = "fp32",
+          log: Callable[[str], None] = print) -> Path:
+    """Build (or reuse) bundle ``work/bundles/<name>``; raises :class:`Skip` if edgepeft cannot yet.
+
+    Reused only while its stamp (build code + adapters + options) is unchanged.
+    """
+    out = work / "bundles" / name
+    stamp_file = out.with_name(name + ".stamp")
+    try:
+        stamp = _stamp(base, adapters, quant, merge, adapter_dtype)
+    except OSError as exc:
+        raise Skip(f"cannot read the inputs of bundle {name}: {exc}") from exc
+    if (out / "manifest.json").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return out
+    try:
+        from edgepeft.bundle.build import build_bundle
+    except ImportError as exc:
+        raise Skip(f"edgepeft.bundle.build is not importable yet: {exc}") from exc
+    priv, _ = keypair(work)
+    log(f"  building bundle {name} ({quant}{', merged ' + merge if merge else ''}, {len(adapters)} adapters)")
+    t0 = time.perf_counter()
+    try:
+        build_bundle(base=base, adapters=adapters, target=TARGET, key=priv, out=out, quant=quant, merge=merge,
+                     adapter_dtype=adapter_dtype, task=task, force=True)
+    except Exception as exc:  # report any failure of the code under test as a skip with its message
+        shutil.rmtree(out, ignore_errors=True)
+        raise Skip(f"edgepeft build of {name} failed: {type(exc).__name__}: {exc}") from exc
+    log(f"  built {name} in {time.perf_counter() - t0:.0f} s")
+    stamp_file.write_text(stamp)
+    return out
+
+
+def write_adapter_file(bundle: Path, peft_dir: Path, out: Path, dtype: str) -> Path:
+    """An adapter file for ``bundle``'s graph in payload ``dtype`` (fp32, fp16, int8); rewritten every run."""
+    from edgepeft.export import write_adapter
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_adapter(peft_dir, manifest["model"], out, dtype=dtype)
+    return out
+
+
+class EdgeDecoder:
+    """An edgepeft Engine on a decoder bundle; ``adapter`` names the adapter each request uses."""
+
+    def __init__(self, bundle: Path, pub: Path, adapter: str | None = None) -> None:
+        try:
+            from edgepeft.runtime.engine import Engine
+        except ImportError as exc:
+            raise Skip(f"edgepeft.runtime.engine is not importable yet: {exc}") from exc
+        self.engine = Engine(bundle, [pub], threads=THREADS)
+        self.adapter = adapter
+
+    def run_text(self, text: str, n_new: int, adapter: str | None = "__default__") -> dict[str, float]:
+        """One greedy generation of up to ``n_new`` tokens (stops early only at EOS)."""
+        adapter = self.adapter if adapter == "__default__" else adapter
+        t0 = time.perf_counter()
+        stream = self.engine.generate(text, adapter=adapter, max_new_tokens=n_new, temperature=0.0, stream=True)
+        stamps = []
+        for _ in stream:
+            stamps.append(time.perf_counter())
+        res = stream.result
+        n = len(res.token_ids)
+        if n < 8 or len(stamps) < 2:
+            raise Skip(f"edgepeft generated only {n} tokens (EOS): cannot time decode")
+        return {"prefill_s": stamps[0] - t0, "decode_tok_s": (n - 1) / (stamps[-1] - stamps[0]),
+                "tokens": n}
+
+    def tokens(self, text: str, n_new: int) -> list[int]:
+        res = self.engine.generate(text, adapter=self.adapter, max_new_tokens=n_new, temperature=0.0)
+        return list(res.token_ids)
+
+
+class EdgeClassifier:
+    """An edgepeft Engine on a classification bundle."""
+
+    def __init__(self, bundle: Path, pub: Path, adapter: str | None) -> None:
+        try:
+            from edgepeft.runtime.engine import Engine
+        except ImportError as exc:
+            raise Skip(f"edgepeft.runtime.engine is not importable yet: {exc}") from exc
+        self.engine = Engine(bundle, [pub], threads=THREADS)
+        self.adapter = adapter
+
+    def run(self, texts: list[str]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.engine.classify(texts, adapter=self.adapter)
+        return {"samples_per_s": len(texts) / (time.perf_counter() - t0)}
