@@ -1,0 +1,104 @@
+"""``edgepeft train``: fine-tune a LoRA/QLoRA adapter (thin wrapper over :func:`edgepeft.train.train`).
+
+Imports nothing heavy at module level, so ``edgepeft train --help`` is instant.
+EdgePeftError propagates; the CLI group turns it into one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dataclasses
+
+import click
+
+from edgepeft.train.options import TrainOptions  # torch-free: keeps --help instant
+
+# Defaults live in TrainOptions only; the options below read them from there.
+D = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+
+EPILOG = """\b
+Data shapes (JSON Lines, CSV, or a datasets directory):
+  chat        {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
+  pairs       {"prompt": "...", "completion": "..."}      (optional "system")
+  plain text  {"text": "..."}
+  classifier  {"text": "...", "label": "fraud"}           (optional "slice")
+\b
+Output: OUT/ holds a PEFT adapter, edgepeft_training.json (options, data hash,
+base fingerprint, metrics) and loss_curve.png. While training, checkpoints live
+in OUT.partial/; Ctrl-C saves one and --resume continues from it.
+Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
+(same options; --batch-size is per process).
+"""
+
+
+@click.command("train", epilog=EPILOG, short_help="Fine-tune a LoRA/QLoRA adapter.")
+@click.option("--data", required=True, help="Training data: .jsonl/.json/.csv/.tsv file or a datasets directory.")
+@click.option("--out", required=True, type=click.Path(), help="Adapter directory to create.")
+@click.option("--base", default=None, help="Hub id, local model directory or .gguf file "
+              "[default: embedded SmolLM2-135M-Instruct; all-MiniLM-L6-v2 for classification].")
+@click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None,
+              help="Default: classification when the data has a label column.")
+@click.option("--method", type=click.Choice(["lora", "qlora"]), default=D["method"], show_default=True,
+              help="qlora: 4-bit NF4 base via bitsandbytes, with gradient checkpointing.")
+@click.option("--rank", "-r", type=int, default=D["rank"], show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 x rank].")
+@click.option("--dropout", type=float, default=D["dropout"], show_default=True, help="LoRA dropout.")
+@click.option("--target-modules", default=None,
+              help="Comma-separated module names [default: attention + MLP projections of the architecture].")
+@click.option("--epochs", type=float, default=D["epochs"], show_default=True, help="Passes over the training split.")
+@click.option("--steps", "max_steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", "learning_rate", type=float, default=D["learning_rate"], show_default=True, help="Peak learning rate.")
+@click.option("--batch-size", type=int, default=D["batch_size"], show_default=True, help="Examples per device per micro-batch.")
+@click.option("--grad-accum", type=int, default=D["grad_accum"], show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-length", type=int, default=D["max_length"], show_default=True, help="Tokens per example (longer ones are cut).")
+@click.option("--warmup", type=float, default=D["warmup"], show_default=True, help="Warm-up fraction of the steps.")
+@click.option("--eval-split", type=float, default=D["eval_split"], show_default=True,
+              help="Held-out fraction for evaluation (0: none).")
+@click.option("--eval-data", default=None, help="Separate evaluation file (overrides --eval-split).")
+@click.option("--eval-before/--no-eval-before", default=False, show_default=True,
+              help="Also evaluate the bare base, recorded as metrics.baseline.")
+@click.option("--eval-generate", type=int, default=D["eval_generate"], show_default=True,
+              help="Decoders: held-out prompts to answer greedily for answer match.")
+@click.option("--max-new-tokens", type=int, default=D["max_new_tokens"], show_default=True, help="Decoders: tokens per generated answer.")
+@click.option("--labels", default=None, help="Classification: comma-separated label names in id order.")
+@click.option("--slice-column", default=None, help="Column for per-slice metrics [default: 'slice' if present].")
+@click.option("--seed", type=int, default=D["seed"], show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D["precision"], show_default=True,
+              help="auto: bf16 autocast on a GPU that has it, fp32 otherwise.")
+@click.option("--save-every", type=int, default=D["save_every"], show_default=True, help="Checkpoint every N steps (0: on Ctrl-C only).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.partial/.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once training succeeds).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON at the end.")
+def command(as_json: bool, **kwargs) -> None:
+    """Fine-tune a LoRA/QLoRA adapter on a server and write a PEFT adapter directory."""
+    from edgepeft.train import TrainOptions, train
+
+    result = train(TrainOptions(**kwargs))
+    metrics = result.metrics
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    click.echo(f"adapter written to {result.out}")
+    for line in summary_lines(metrics):
+        click.echo(line)
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """A few human lines from the metrics dict (before -> after where a baseline exists)."""
+    t = metrics["train"]
+    lines = [f"train: {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}"]
+    ev, base = metrics.get("eval"), metrics.get("baseline") or {}
+    if not ev:
+        return lines + ["eval: none (no held-out split)"]
+    keys = ["loss", "perplexity"] if metrics["task"] == "causal-lm" else ["loss", "accuracy", "macro_f1"]
+    for k in keys:
+        before = f"{base.get(k)} -> " if base else ""
+        lines.append(f"eval {k}: {before}{ev.get(k)}")
+    am = ev.get("answer_match")
+    if am:
+        b = (base.get("answer_match") or {}) if base else {}
+        before = f"{b.get('contains')} -> " if b else ""
+        lines.append(f"eval answer contains-match ({am['generated']} prompts): {before}{am['contains']}")
+    return lines

@@ -1,0 +1,290 @@
+"""Read, check and split training data before any model is loaded.
+
+Accepted files: JSON Lines (``.jsonl``, or ``.json`` holding lines or one
+array), CSV (``.csv``, ``.tsv``), or a directory written by
+``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` with a ``test`` or
+``validation`` split uses it as the evaluation split). Accepted shapes:
+
+- decoders: ``messages`` (chat turns with ``role``/``content``), ``prompt`` +
+  ``completion`` (optional ``system``), or plain ``text``;
+- classifiers: ``text`` + ``label`` (optional slice column for per-slice metrics).
+
+Everything here raises :class:`DataError` with a hint naming the fix, and is
+torch-free so bad data fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+
+SHAPES = ("messages", "prompt_completion", "text", "classification")
+ROLES = ("system", "user", "assistant")
+# Column names people often use, and what we expect instead.
+_RENAMES = {
+    "instruction": "prompt", "input": "prompt", "question": "prompt", "query": "prompt",
+    "response": "completion", "output": "completion", "answer": "completion", "target": "completion",
+    "conversations": "messages", "chat": "messages", "dialog": "messages",
+    "sentence": "text", "content": "text", "utterance": "text",
+    "labels": "label", "class": "label", "intent": "label", "category": "label",
+}
+
+
+@dataclass
+class Dataset:
+    """Checked records of one shape, split into train and eval."""
+
+    shape: str
+    train: list[dict]
+    eval: list[dict]
+    source: str
+    sha256: str
+    labels: list[str] | None = None  # classification: names in id order
+    slice_column: str | None = None
+
+    def summary(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "shape": self.shape,
+                "train_examples": len(self.train), "eval_examples": len(self.eval),
+                "labels": self.labels, "slice_column": self.slice_column}
+
+
+def read_records(path: str) -> tuple[list[dict], list[dict] | None]:
+    """Rows of ``path`` as dicts, plus a ready-made eval split when the file has one."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data {p} does not exist", hint="check the path given to --data")
+    if p.is_dir():
+        return _read_saved_dataset(p)
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p} is not UTF-8 text", hint="save it as UTF-8 JSON Lines or CSV") from exc
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _parse_json(p, text), None
+    if suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        return [dict(r) for r in rows], None
+    raise DataError(f"cannot tell the format of {p.name}",
+                    hint="use a .jsonl, .json, .csv or .tsv file, or a directory saved by datasets.save_to_disk")
+
+
+def _parse_json(p: Path, text: str) -> list[dict]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p} is not valid JSON: {exc}", hint="fix the file or write one JSON object per line") from exc
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{n} is not valid JSON: {exc.msg}",
+                                hint="JSON Lines needs one complete JSON object per line") from exc
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{p}: record {n} is a {type(row).__name__}, not an object",
+                            hint='write objects such as {"prompt": ..., "completion": ...}')
+    return rows
+
+
+def _read_saved_dataset(p: Path) -> tuple[list[dict], list[dict] | None]:
+    if not ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        raise DataError(f"directory {p} is not a saved Hugging Face dataset",
+                        hint="pass a directory written by Dataset.save_to_disk, or a .jsonl/.csv file")
+    from .._extras import require
+    require("datasets", feature="reading a saved datasets directory")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as exc:  # datasets raises many types for a broken directory
+        raise DataError(f"cannot read the dataset in {p}: {exc}", hint="re-save it with save_to_disk") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        train_name = "train" if "train" in ds else next(iter(ds))
+        eval_name = next((n for n in ("validation", "test", "eval") if n in ds), None)
+        return ds[train_name].to_list(), (ds[eval_name].to_list() if eval_name else None)
+    return ds.to_list(), None
+
+
+def detect_shape(rows: list[dict], task: str | None, source: str) -> str:
+    """Which of :data:`SHAPES` the rows have; a :class:`DataError` naming the columns otherwise."""
+    if not rows:
+        raise DataError(f"{source} holds no records", hint="add training examples; see examples/ for the shapes")
+    cols = set(rows[0])
+    if task == "classification" or (task is None and "label" in cols):
+        if {"text", "label"} <= cols:
+            return "classification"
+        _missing(cols, ["text", "label"], source, "classification")
+    if "messages" in cols:
+        return "messages"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "text" in cols:
+        return "text"
+    _missing(cols, ["messages"], source, "causal-lm", alt="or prompt + completion, or text")
+    raise AssertionError("unreachable")  # _missing always raises
+
+
+def _missing(cols: set, wanted: list[str], source: str, task: str, alt: str = "") -> None:
+    renames = [f"{c} -> {_RENAMES[c]}" for c in sorted(cols) if c in _RENAMES]
+    hint = f"rename columns: {', '.join(renames)}" if renames else \
+        f"{task} data needs the column(s) {' + '.join(wanted)} {alt}".strip()
+    raise DataError(f"{source}: expected column(s) {' + '.join(wanted)} {alt} for {task}, found {sorted(cols) or 'none'}"
+                    .replace("  ", " "), hint=hint)
+
+
+def check_rows(rows: list[dict], shape: str, source: str, keep: str | None = None) -> list[dict]:
+    """Keep only the fields the shape uses (plus the ``keep`` slice column); raise on the first bad row."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        where = f"{source}: record {n}"
+        if shape == "messages":
+            msgs = row.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise DataError(f"{where}: messages must be a non-empty list of turns",
+                                hint='write [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]')
+            for m in msgs:
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise DataError(f"{where}: each turn needs role (system/user/assistant) and text content, got {m!r}"[:300],
+                                    hint='write turns as {"role": "user", "content": "..."}')
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: the last turn must be the assistant's answer",
+                                hint="end each conversation with the reply the model should learn")
+            clean = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+        elif shape == "prompt_completion":
+            clean = {k: row.get(k) for k in ("prompt", "completion")}
+            for k, v in clean.items():
+                if not isinstance(v, str) or not v.strip():
+                    raise DataError(f"{where}: {k} must be non-empty text", hint=f"fill in or drop records without a {k}")
+            if isinstance(row.get("system"), str) and row["system"].strip():
+                clean["system"] = row["system"]
+        elif shape == "text":
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise DataError(f"{where}: text must be non-empty", hint="fill in or drop empty records")
+            clean = {"text": row["text"]}
+        else:
+            text, label = row.get("text"), row.get("label")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}: text must be non-empty", hint="fill in or drop empty records")
+            if label is None or (isinstance(label, str) and not label.strip()) or isinstance(label, (list, dict, float)):
+                raise DataError(f"{where}: label must be a name or an integer id, got {label!r}",
+                                hint="give every record one label, e.g. fraud / legit")
+            clean = {"text": text, "label": label}
+        if keep and row.get(keep) is not None:
+            clean[keep] = str(row[keep])
+        out.append(clean)
+    return out
+
+
+def resolve_labels(rows: list[dict], given: list[str] | None, source: str) -> list[str]:
+    """Label names in id order; integer labels are ids into ``given``. Rewrites rows to int ids."""
+    raw = [r["label"] for r in rows]
+    ints = [v for v in raw if isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())]
+    if given is None:
+        if ints and len(ints) == len(raw):
+            ids = sorted({int(v) for v in raw})
+            if ids[0] < 0:
+                raise DataError(f"{source}: negative label id {ids[0]}", hint="use ids 0..N-1 or label names")
+            names = [str(i) for i in range(ids[-1] + 1)]
+        else:
+            names = sorted({str(v) for v in raw})
+        if len(names) < 2:
+            raise DataError(f"{source}: only one label ({names[0] if names else 'none'}) in the data",
+                            hint="a classifier needs examples of at least two labels")
+    else:
+        names = list(given)
+    index = {n: i for i, n in enumerate(names)}
+    for n, r in enumerate(rows, 1):
+        v = r["label"]
+        if str(v) in index:
+            r["label"] = index[str(v)]
+        elif (isinstance(v, int) or str(v).lstrip("-").isdigit()) and given is not None and 0 <= int(v) < len(names):
+            r["label"] = int(v)
+        else:
+            raise DataError(f"{source}: record {n} has label {v!r}, which is not one of {names}",
+                            hint="fix the record or list every label with --labels a,b,c")
+    return names
+
+
+def content_hash(rows: list[dict]) -> str:
+    """SHA-256 of the records as canonical JSON: the same data gives the same hash in any file format."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def split_rows(rows: list[dict], fraction: float, seed: int, key: str | None) -> tuple[list[dict], list[dict]]:
+    """Deterministic held-out split; stratified by ``key`` (the label) so every class is seen in eval."""
+    if fraction <= 0:
+        return list(rows), []
+    rng = random.Random(seed)
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.get(key) if key else None, []).append(i)
+    held = set()
+    for idx in groups.values():
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        if k == 0 and len(idx) >= 4 and key is not None:
+            k = 1
+        held.update(idx[:k])
+    if not held and len(rows) >= 2:
+        held.add(rng.randrange(len(rows)))
+    train = [r for i, r in enumerate(rows) if i not in held]
+    if not train:
+        raise DataError(f"holding out {fraction:.0%} leaves no training data",
+                        hint="add records or lower --eval-split")
+    return train, [r for i, r in enumerate(rows) if i in held]
+
+
+def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_split: float, seed: int,
+                 labels: list[str] | None = None, slice_column: str | None = None) -> Dataset:
+    """Read ``data`` (and ``eval_data``), check every record, resolve labels and split.
+
+    Raises :class:`DataError` for a missing file, an unknown format, an empty
+    dataset, missing or misnamed columns, bad records, or labels outside ``labels``.
+    """
+    rows, ready_eval = read_records(data)
+    shape = detect_shape(rows, task, data)
+    if task == "causal-lm" and shape == "classification":
+        raise DataError(f"{data} looks like classification data (text + label) but the task is causal-lm",
+                        hint="drop --task causal-lm, or rename the label column")
+    if slice_column and not any(slice_column in r for r in rows):
+        raise DataError(f"slice column {slice_column!r} is not in {data}",
+                        hint="name an existing column, or drop --slice-column")
+    col = slice_column or ("slice" if any("slice" in r for r in rows) else None)
+    rows = check_rows(rows, shape, data, col)
+    if eval_data:
+        ev_rows, _ = read_records(eval_data)
+        if not ev_rows:
+            raise DataError(f"{eval_data} holds no records", hint="add evaluation examples or drop --eval-data")
+        ev_shape = detect_shape(ev_rows, "classification" if shape == "classification" else None, eval_data)
+        if ev_shape != shape:
+            raise DataError(f"{eval_data} has shape {ev_shape} but {data} has shape {shape}",
+                            hint="give evaluation data the same columns as the training data")
+        ready_eval = check_rows(ev_rows, shape, eval_data, col)
+    elif ready_eval is not None:
+        ready_eval = check_rows(ready_eval, shape, data + " (eval split)", col) if ready_eval else None
+    names = None
+    if shape == "classification":
+        names = resolve_labels(rows + (ready_eval or []), labels, data)
+    sha = content_hash(rows + (ready_eval or []))
+    if ready_eval:
+        train, held = rows, ready_eval
+    else:
+        train, held = split_rows(rows, eval_split, seed, "label" if shape == "classification" else None)
+    return Dataset(shape, train, held, data, sha, names, col)

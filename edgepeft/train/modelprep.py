@@ -1,0 +1,140 @@
+"""Load the base, fingerprint it, and wrap it in LoRA (or QLoRA) layers.
+
+Target modules are checked on a weightless ("meta") copy of the model first, so
+a typo fails in a second instead of after loading gigabytes. The fingerprint
+(:func:`edgepeft.basemodel.weights_fingerprint`) is taken on the fp32 task model
+before LoRA is attached; for QLoRA that means one fp32 load before the 4-bit
+one, so the adapter is bound to the same fingerprint the exporter computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._extras import require
+from ..basemodel import BaseSource, load_model, weights_fingerprint
+from ..errors import MissingExtraError, ModelError, TrainError
+from .options import TrainOptions, default_targets
+
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class Prepared:
+    model: object  # peft.PeftModel
+    fingerprint: str
+    model_type: str
+    target_modules: list[str] | str
+    modules_to_save: list[str] | None
+    trainable_params: int
+    total_params: int
+
+
+def check_qlora_available() -> None:
+    """Raise :class:`MissingExtraError` when bitsandbytes is missing or broken."""
+    require("bitsandbytes", feature="--method qlora (4-bit NF4 base)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # a broken install raises anything from OSError to RuntimeError
+        raise MissingExtraError(f"bitsandbytes is installed but cannot be imported: {exc}",
+                                hint="reinstall it (pip install -U bitsandbytes), or use --method lora") from exc
+
+
+def load_config(source: BaseSource, task: str, num_labels: int | None):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of base {source.path}: {exc}",
+                         hint="check --base; hub ids need internet access") from exc
+    if task == "classification" and num_labels:
+        config.num_labels = num_labels
+    return config
+
+
+def check_targets(config, task: str, targets: list[str] | None) -> tuple[list[str] | str, list[str] | None]:
+    """Resolve and verify target modules on a meta-device model; returns (targets, modules_to_save)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"model type {config.model_type!r} cannot be used for {task}: {exc}",
+                         hint="pick a base made for this task (a decoder for chat data, an encoder for text + label)") from exc
+    names = dict(skeleton.named_modules())
+    heads = [h for h in HEAD_NAMES if h in names] if task == "classification" else None
+    if task == "classification" and not heads:
+        raise ModelError(f"cannot find the classification head of {config.model_type}",
+                         hint="use a BERT-family or Llama-family base")
+    chosen = targets if targets is not None else default_targets(config.model_type)
+    if chosen == "all-linear":
+        return chosen, heads
+    adaptable = {n for n, m in names.items() if _is_adaptable(m)}
+    for t in chosen:
+        hits = [n for n in names if n == t or n.endswith("." + t)]
+        if not hits or not any(h in adaptable for h in hits):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in adaptable if not n.startswith(HEAD_NAMES)})
+            why = "no module has that name" if not hits else "it is not a linear layer"
+            raise TrainError(f"target module {t!r} cannot be adapted in {config.model_type}: {why}",
+                             hint=f"choose from: {', '.join(leaves)}")
+    return list(chosen), heads
+
+
+def _is_adaptable(module) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)) or type(module).__name__ == "Conv1D"
+
+
+def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str] | None,
+            tokenizer, device) -> Prepared:
+    """Load the base for ``task``, fingerprint it, attach LoRA; raises ModelError/TrainError."""
+    require("torch", "transformers", "peft", feature="training")
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    num_labels = len(labels) if labels else None
+    config = load_config(source, task, num_labels)
+    targets, heads = check_targets(config, task, opts.target_modules)
+    id2label = {i: n for i, n in enumerate(labels)} if labels else None
+
+    model = load_model(source, task=task, num_labels=num_labels, id2label=id2label, dtype=torch.float32)
+    fingerprint = weights_fingerprint(model.state_dict())
+    if opts.method == "qlora":
+        del model
+        model = _load_4bit(source, task, num_labels, id2label, device, heads)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
+                      bias="none",  # SEQ_CLS makes peft save the head ("classifier"/"score") itself
+                      task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM)
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TrainError(f"cannot attach LoRA to {config.model_type}: {exc}",
+                         hint="pass --target-modules with linear layer names of this model") from exc
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    return Prepared(peft_model, fingerprint, config.model_type, targets, heads, trainable, total)
+
+
+def _load_4bit(source, task, num_labels, id2label, device, heads):
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    on_gpu = getattr(device, "type", str(device)) == "cuda"
+    compute = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(heads or []) or None)
+    model = load_model(source, task=task, num_labels=num_labels, id2label=id2label,
+                       dtype=torch.float32, quantization_config=bnb)
+    if on_gpu and str(model.device) == "cpu":
+        model.to(device)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})

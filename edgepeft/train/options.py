@@ -1,0 +1,169 @@
+"""The options of one training run, validated where they enter.
+
+:class:`TrainOptions` is the single place where every training default lives;
+the CLI (``edgepeft train``) and the Python API (:func:`edgepeft.train.train`)
+both build one. Validation needs no heavy library, so a bad option fails in
+milliseconds, before any model is loaded. Torch-free on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import TrainError, UsageError
+
+METHODS = ("lora", "qlora")
+TASKS = ("causal-lm", "classification")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# LoRA targets per architecture (config.model_type). Attention and MLP
+# projections: adapting every linear layer is what the QLoRA paper found
+# closest to full fine-tuning. Names are matched as module-name suffixes.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
+
+
+def default_targets(model_type: str) -> list[str] | str:
+    """Target modules for ``model_type``; ``"all-linear"`` (peft's own rule) when unknown."""
+    targets = DEFAULT_TARGETS.get(model_type)
+    return list(targets) if targets else "all-linear"
+
+
+@dataclass
+class TrainOptions:
+    """Everything that decides one training run; JSON-able, recorded with the adapter.
+
+    ``data`` is JSON Lines, CSV, or a saved ``datasets`` directory; ``out`` is
+    the adapter directory to create. ``task`` None means "causal-lm" unless the
+    data has a ``label`` column. ``epochs`` counts passes over the training
+    split; ``max_steps`` (optimizer steps), when set, wins. ``eval_split`` is
+    the held-out fraction (0 disables evaluation) unless ``eval_data`` names a
+    separate file. Raises :class:`UsageError` or :class:`TrainError` on values
+    that cannot work.
+    """
+
+    data: str
+    out: str
+    base: str | None = None
+    task: str | None = None
+    method: str = "lora"
+    rank: int = 8
+    alpha: float | None = None  # None: 2 * rank
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: per-architecture default
+    epochs: float = 1.0
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup: float = 0.05  # fraction of optimizer steps
+    weight_decay: float = 0.0
+    eval_split: float = 0.1
+    eval_data: str | None = None
+    eval_before: bool = False  # also evaluate the bare base, as "baseline"
+    eval_generate: int = 32  # decoder answer match: at most this many held-out prompts
+    max_new_tokens: int = 64
+    labels: list[str] | None = None  # classification: label names in id order
+    slice_column: str | None = None  # None: "slice" when the data has it
+    seed: int = 42
+    precision: str = "auto"
+    save_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form, copied into the record
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise UsageError("no training data given", hint="pass --data FILE (JSON Lines, CSV or a datasets directory)")
+        if not self.out:
+            raise UsageError("no output directory given", hint="pass --out DIR for the adapter")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}", hint=f"use one of: {', '.join(METHODS)}")
+        if self.task is not None and self.task not in TASKS:
+            raise UsageError(f"unknown task {self.task!r}", hint=f"use one of: {', '.join(TASKS)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+        _positive_int("rank", self.rank, "a LoRA rank is a positive integer such as 8 or 16")
+        _positive_int("batch_size", self.batch_size, "use --batch-size 1 or more")
+        _positive_int("grad_accum", self.grad_accum, "use --grad-accum 1 or more")
+        _positive_int("max_length", self.max_length, "use --max-length such as 256 or 512")
+        _positive_int("max_new_tokens", self.max_new_tokens, "use --max-new-tokens 1 or more")
+        if self.max_length < 8:
+            raise TrainError(f"max_length {self.max_length} is too short to hold a prompt and an answer",
+                             hint="use --max-length 64 or more")
+        if self.alpha is None:
+            self.alpha = float(2 * self.rank)
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise TrainError(f"LoRA alpha must be positive, got {self.alpha!r}", hint="use --alpha 16 (or leave it out for 2 x rank)")
+        if not (0.0 <= self.dropout < 1.0):
+            raise TrainError(f"dropout must be in [0, 1), got {self.dropout}", hint="use --dropout 0.05")
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps, "use --steps 1 or more, or leave it out to train by --epochs")
+        elif not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise TrainError(f"epochs must be positive, got {self.epochs}", hint="use --epochs 1 or more, or --steps N")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise TrainError(f"learning rate must be positive, got {self.learning_rate}", hint="use --lr 2e-4")
+        if not (0.0 <= self.warmup < 1.0):
+            raise TrainError(f"warmup must be a fraction in [0, 1), got {self.warmup}", hint="use --warmup 0.05")
+        if not (0.0 <= self.eval_split < 1.0):
+            raise UsageError(f"eval split must be a fraction in [0, 1), got {self.eval_split}",
+                             hint="use --eval-split 0.1, or 0 to skip evaluation")
+        if self.eval_generate < 0 or self.save_every < 0:
+            raise UsageError("eval_generate and save_every cannot be negative", hint="use 0 to turn them off")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+            if not self.target_modules:
+                raise TrainError("the list of target modules is empty",
+                                 hint="name modules such as q_proj,v_proj, or leave --target-modules out for the default")
+        if self.labels is not None:
+            if isinstance(self.labels, str):
+                self.labels = [x.strip() for x in self.labels.split(",") if x.strip()]
+            self.labels = [str(x) for x in self.labels]
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise UsageError(f"labels must be two or more distinct names, got {self.labels}",
+                                 hint="pass --labels neg,pos (names in id order)")
+            if self.task is None:
+                self.task = "classification"
+        self.data = str(self.data)
+        self.out = str(self.out)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out).expanduser().resolve()
+
+    @property
+    def partial_path(self) -> Path:
+        """Where checkpoints and the unfinished adapter live: ``<out>.partial`` beside ``out``."""
+        p = self.out_path
+        return p.with_name(p.name + ".partial")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resume_key(self) -> dict:
+        """The options that must not change between an interrupted run and its ``--resume``."""
+        loose = {"resume", "overwrite", "progress", "save_every", "eval_generate", "eval_before", "extra",
+                 "max_new_tokens"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in loose}
+
+
+def _positive_int(name: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TrainError(f"{name} must be a positive integer, got {value!r}", hint=hint)

@@ -1,0 +1,66 @@
+"""Train an intent classifier for a bank's support inbox on all-MiniLM-L6-v2, and measure it.
+
+The data (examples/bank_intents/) holds customer messages labelled
+card_lost / suspicious_charge / balance / transfer, each written twice: as
+typed in the banking app ("slice": "app") and as a terse SMS ("slice": "sms").
+The evaluation file holds messages whose wording never appears in training.
+Per-slice figures show whether the adapter serves SMS users as well as app
+users: a bias that a single accuracy number would hide.
+
+    python examples/train_bank_intents.py        # about 1 minute on 2 CPU cores
+
+Writes the adapter (with edgepeft_labels.json) to --out and the figures to --results (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from edgepeft.train import train
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "bank_intents"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default=None, help="default: the embedded all-MiniLM-L6-v2")
+    ap.add_argument("--out", default=str(HERE / "out" / "bank-intents"))
+    ap.add_argument("--results", default=str(HERE / "out" / "bank-intents.json"))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+
+    t0 = time.monotonic()
+    result = train(data=str(DATA / "train.jsonl"), eval_data=str(DATA / "eval.jsonl"), out=args.out, base=args.base,
+                   rank=8, learning_rate=3e-3, max_steps=args.steps, batch_size=8, max_length=64, warmup=0.1,
+                   eval_before=True, overwrite=True, progress=not args.quiet)
+    wall = time.monotonic() - t0
+    m = result.metrics
+    before, after = m["baseline"], m["eval"]
+    rows = {"accuracy": (before["accuracy"], after["accuracy"]), "macro F1": (before["macro_f1"], after["macro_f1"])}
+    for label in result.record["labels"]:
+        rows[f"F1 {label}"] = (before["per_label"][label]["f1"], after["per_label"][label]["f1"])
+    for name in sorted(after["slices"] or {}):
+        rows[f"accuracy, slice {name}"] = (before["slices"][name]["accuracy"], after["slices"][name]["accuracy"])
+    print(f"\nBank intents: {result.record['base']['name']}, LoRA r=8 + classifier head, {m['train']['steps']} steps, "
+          f"{after['examples']} held-out messages, {wall:.0f} s")
+    print(f"{'metric':32} {'base':>8} {'adapter':>8}")
+    for name, (b, a) in rows.items():
+        print(f"{name:32} {b:>8.3f} {a:>8.3f}")
+    summary = {"example": "bank_intents", "base": result.record["base"], "labels": result.record["labels"],
+               "steps": m["train"]["steps"], "wall_seconds": round(wall, 1),
+               "train_seconds": result.record["runtime"]["train_seconds"],
+               "before": {k: v[0] for k, v in rows.items()}, "after": {k: v[1] for k, v in rows.items()},
+               "adapter": str(result.out)}
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"\nadapter: {result.out}\nresults: {args.results}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

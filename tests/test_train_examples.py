@@ -1,0 +1,55 @@
+"""The example scripts run end to end: on tiny bases here, on the real ones under -m slow (make demo)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from edgepeft.train.tiny import tiny_bert, tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {"llama": str(tiny_llama(root / "llama")), "bert": str(tiny_bert(root / "bert"))}
+
+
+def test_support_voice_script_on_tiny_base(tiny, tmp_path, capsys):
+    summary = load("train_support_voice").main(["--base", tiny["llama"], "--steps", "2", "--eval-generate", "2",
+                                                "--max-new-tokens", "4", "--quiet", "--out", str(tmp_path / "a"),
+                                                "--results", str(tmp_path / "r.json")])
+    assert "sign-off" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["steps"] == 2 == summary["steps"]
+
+
+def test_bank_intents_script_on_tiny_base(tiny, tmp_path, capsys):
+    summary = load("train_bank_intents").main(["--base", tiny["bert"], "--steps", "2", "--quiet",
+                                               "--out", str(tmp_path / "a"), "--results", str(tmp_path / "r.json")])
+    assert "slice sms" in capsys.readouterr().out
+    assert (tmp_path / "a" / "edgepeft_labels.json").is_file() and summary["labels"][0] == "balance"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, check", [
+    ("train_bank_intents", lambda s: s["after"]["accuracy"] > s["before"]["accuracy"] + 0.3),
+    ("train_support_voice", lambda s: s["after"]["sign-off 'Happy surfing! — Nora'"] >= 0.5
+     and s["before"]["sign-off 'Happy surfing! — Nora'"] == 0.0),
+])
+def test_examples_on_real_models(name, check, tmp_path):
+    summary = load(name).main(["--quiet", "--out", str(tmp_path / "a"), "--results", str(tmp_path / "r.json")])
+    assert check(summary), summary
