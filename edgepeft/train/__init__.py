@@ -24,7 +24,8 @@ request (SIGINT) seen by any process stops all of them after the same step
 and the main process writes the checkpoint; launchers may also tear processes
 down on Ctrl-C, so long multi-GPU runs should add ``--save-every N``. ``--method qlora`` loads the 4-bit base on each
 process's own GPU. ``accelerate launch --cpu --num_processes 2`` runs the same
-path on CPU processes (gloo), which is how it is tested without GPUs. Starting
+path on CPU processes (gloo); that, and one GPU, were checked by hand (the test
+suite covers the single-process path and the per-process data split). Starting
 several processes without accelerate (a bare ``torchrun`` on CPU) is refused
 with a TrainError rather than having every process write ``--out``.
 ``--precision auto`` uses bf16 autocast on GPUs that have it, fp32 otherwise,
