@@ -114,6 +114,28 @@ def test_unload_is_refused_while_a_request_uses_the_adapter(engine, built):
     assert "alpha" in ei.value.hint
 
 
+def test_switching_reuses_kept_bindings_and_unload_drops_them(engine, built):
+    """A context keeps one IOBinding per adapter it served: switching back binds nothing (O(1));
+    unloading an adapter removes its bindings from every context (they hold its memory map)."""
+    engine.load_adapter(built["update"], dict(built["update_entry"]), name="tmp2")
+    want = {n: engine.generate(PROMPT, adapter=n, max_new_tokens=6).token_ids for n in ("alpha", "tmp2", None)}
+    kept = {(id(c), k): b for c in engine.runner._all for k, b in c.bindings.items()}
+    made = []
+    real = engine.session.io_binding
+    engine.session.io_binding = lambda: made.append(1) or real()
+    try:
+        for n in ("tmp2", "alpha", None, "tmp2", "alpha"):
+            assert engine.generate(PROMPT, adapter=n, max_new_tokens=6).token_ids == want[n]
+    finally:
+        del engine.session.io_binding
+    assert not made  # every switch picked a binding made before
+    assert all(kept[id(c), k] is b for c in engine.runner._all for k, b in c.bindings.items())
+    gone = engine.registry.get("tmp2").key
+    engine.unload_adapter("tmp2")
+    assert not any(gone in k for c in engine.runner._all for k in list(c.bindings) + [c.adapter_key])
+    assert engine.generate(PROMPT, adapter="alpha", max_new_tokens=6).token_ids == want["alpha"]
+
+
 def test_bad_requests_fail_clearly_and_the_engine_keeps_serving(engine, built):
     before = engine.generate(PROMPT, adapter="alpha", max_new_tokens=8).token_ids
     cases = [

@@ -12,14 +12,17 @@ onnxruntime-genai did ~150 on the same graph):
   row of ones) is rebound. No per-token numpy copy of the cache or of logits.
 - ``run_with_iobinding`` ignores ``RunOptions`` adapters, so adapters are bound
   as ordinary inputs: read-only views over the adapter file's memory map
-  (zero copy). A request context keeps its adapter bound between requests, so
-  the next request with the same adapter binds nothing (switching is a lookup).
+  (zero copy). A request context keeps one IOBinding per adapter set it has
+  served (KV buffers + that set's tensors), so a request naming an adapter the
+  context has seen before binds nothing: switching is a dictionary lookup.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterator, Sequence
+import weakref
+from collections import OrderedDict
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,11 +32,18 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class _Context:
-    """The per-request state: one IOBinding and one KV buffer set of ``max_len`` positions."""
+    """The per-request state: one KV buffer set of ``max_len`` positions and, per adapter set, an
+    IOBinding of those buffers plus that set's tensors (kept, so switching back binds nothing).
+
+    The KV buffers are the memory; a binding is only ~300 references, so a context keeps up to
+    ``MAX_BINDINGS`` of them (least recently used dropped first). ``bindings`` is changed only
+    under the runner's lock; the binding a running request uses is its own reference.
+    """
+
+    MAX_BINDINGS = 32
 
     def __init__(self, runner: "DecoderRunner"):
         r = runner
-        self.binding = r.session.io_binding()
         shape = (1, r.kv_heads, r.max_len, r.head_dim)
         self.kv = [np.empty(shape, r.kv_dtype) for _ in r.kv_pairs]
         self.kv_ov = [r.ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
@@ -42,25 +52,45 @@ class _Context:
         self.logits = np.empty((1, 1, r.vocab), np.float32)
         self.logits_ov = r.ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.adapter_key: tuple = ()
-        self._bind_kv(r)
+        self.binding = self._new_binding(r, ())
+        self.bindings: OrderedDict[tuple, object] = OrderedDict({(): self.binding})
 
-    def _bind_kv(self, r: "DecoderRunner") -> None:
-        b = self.binding
+    def _new_binding(self, r: "DecoderRunner", values: Iterable[tuple[str, object]]):
+        """A binding of this context's KV buffers plus ``values`` (slot name, OrtValue); unbound
+        slots use their (empty) defaults."""
+        b = r.session.io_binding()
         for (past, present), ov in zip(r.kv_pairs, self.kv_ov):
             b.bind_ortvalue_input(past, ov)
             b.bind_ortvalue_output(present, ov)
+        for name, ov in values:
+            b.bind_ortvalue_input(name, ov)
+        return b
 
-    def bind_adapters(self, r: "DecoderRunner", key: tuple, values: Sequence[tuple[str, object]]) -> None:
-        """Make ``values`` (slot name, OrtValue) the adapter inputs; unbound slots use their defaults."""
+    def bind_adapters(self, r: "DecoderRunner", key: tuple, values: Iterable[tuple[str, object]]) -> None:
+        """Make ``values`` the adapter inputs: O(1) when this context has bound ``key`` before
+        (``values`` is then not even read, so callers may pass a generator)."""
         if key == self.adapter_key:
             return
-        if self.adapter_key:  # inputs cannot be unbound one by one: start over
-            self.binding.clear_binding_inputs()
-            for (past, _), ov in zip(r.kv_pairs, self.kv_ov):
-                self.binding.bind_ortvalue_input(past, ov)
-        for name, ov in values:
-            self.binding.bind_ortvalue_input(name, ov)
-        self.adapter_key = key
+        with r._cond:
+            b = self.bindings.get(key)
+            if b is not None:
+                self.bindings.move_to_end(key)
+        if b is None:  # first use of this adapter set on this context: bind it once, outside the lock
+            b = self._new_binding(r, values)
+            with r._cond:
+                self.bindings[key] = b
+                for old in list(self.bindings)[: max(0, len(self.bindings) - self.MAX_BINDINGS)]:
+                    if old not in ((), self.adapter_key, key):
+                        del self.bindings[old]
+        self.binding, self.adapter_key = b, key
+
+    def forget(self, key_part, *, idle: bool) -> None:
+        """Drop bindings naming ``key_part`` (caller holds the runner's lock). A running request
+        keeps its own binding; its context falls back to the no-adapter binding when released."""
+        for k in [k for k in self.bindings if key_part in k]:
+            del self.bindings[k]
+        if idle and self.adapter_key not in self.bindings:
+            self.binding, self.adapter_key = self.bindings[()], ()
 
 
 class DecoderRunner:
@@ -101,53 +131,62 @@ class DecoderRunner:
         self.max_len = int(max_context)
         self._ones = np.ones((1, self.max_len), np.int64)
         self._free: list[_Context] = []
+        self._all: weakref.WeakSet = weakref.WeakSet()  # every live context (idle or running)
         self._busy = 0
         self.max_contexts, self.max_idle = max_contexts, max_idle_contexts
         self._cond = threading.Condition()
 
     # -- contexts -------------------------------------------------------------------------
     def _acquire(self, key: tuple) -> _Context:
-        """A context already bound to ``key`` if one is idle (switching then binds nothing); else a
-        new one while the pool has room; else the least recently used idle one (rebound)."""
+        """An idle context if there is one (preferably bound to ``key``, else one that has bound it
+        before, else the most recently used: its binding for ``key`` is made once and kept); else a
+        new context while fewer than ``max_contexts`` run; else wait."""
         with self._cond:
             while True:
-                for i in range(len(self._free) - 1, -1, -1):
-                    if self._free[i].adapter_key == key:
-                        self._busy += 1
-                        return self._free.pop(i)
-                room = self._busy + len(self._free) < self.max_idle and self._busy < self.max_contexts
-                if self._free and not room:
+                if self._free:
+                    free = self._free
+                    pick = next((i for i in range(len(free) - 1, -1, -1) if free[i].adapter_key == key), None)
+                    if pick is None:
+                        pick = next((i for i in range(len(free) - 1, -1, -1) if key in free[i].bindings),
+                                    len(free) - 1)
                     self._busy += 1
-                    return self._free.pop(0)
+                    return free.pop(pick)
                 if self._busy < self.max_contexts:
                     self._busy += 1
                     break
                 self._cond.wait()
         try:
-            return _Context(self)
+            ctx = _Context(self)
         except BaseException:
             with self._cond:
                 self._busy -= 1
                 self._cond.notify()
             raise
+        with self._cond:
+            self._all.add(ctx)
+        return ctx
 
     def _release(self, ctx: _Context) -> None:
         with self._cond:
             self._busy -= 1
+            if ctx.adapter_key not in ctx.bindings:  # its adapter was unloaded or replaced meanwhile
+                ctx.binding, ctx.adapter_key = ctx.bindings[()], ()
             self._free.append(ctx)  # most recently used last
             if len(self._free) > self.max_idle:
                 self._free.pop(0)
             self._cond.notify()
 
-    def drop_adapter(self, key_part: str) -> None:
-        """Forget idle contexts bound to an adapter being unloaded (they hold its memory map)."""
+    def drop_adapter(self, key_part) -> None:
+        """Forget every binding of an adapter being unloaded or replaced (they hold its memory map)."""
         with self._cond:
-            self._free = [c for c in self._free if key_part not in c.adapter_key]
+            idle = {id(c) for c in self._free}
+            for c in list(self._all):
+                c.forget(key_part, idle=id(c) in idle)
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], *, pick: Callable[[np.ndarray], int], max_new_tokens: int,
                  stop_ids: Sequence[int] = (), adapter_key: tuple = (),
-                 adapter_values: Sequence[tuple[str, object]] = (), on_prefill=None) -> Iterator[int]:
+                 adapter_values: Iterable[tuple[str, object]] = (), on_prefill=None) -> Iterator[int]:
         """Yield generated token ids (a stop id ends the stream and is not yielded).
 
         ``adapter_key`` identifies ``adapter_values`` (e.g. ``(("name", "version"),)``) so a

@@ -234,7 +234,7 @@ class Engine:
         text, gen_ids, finish = [], [], "length"
         eos = set(self.codec.eos_ids)
         with self.registry.activate(names) as (_, chosen):
-            values = tuple(v for a in chosen for v in a.values)
+            values = (v for a in chosen for v in a.values)  # read only when a context first binds them
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
             inner = self.runner.generate(ids, pick=Sampler(params), max_new_tokens=n_new, adapter_key=key,

@@ -9,6 +9,7 @@ a request runs, and counts requests per adapter so one in use is never unloaded.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 
@@ -20,6 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 from ..errors import AdapterError
 from .adapter_file import AdapterHeader, map_arrays, read_header
+
+_SERIAL = itertools.count(1)  # identifies each loaded adapter object for the decode contexts' bindings
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,13 @@ class LoadedAdapter:
     values: tuple = ()  # ((slot name, OrtValue over the memory map), ...) (mode "bind")
     arrays: dict = field(default_factory=dict, repr=False)  # keeps the mapped views alive
     in_use: int = 0
+    serial: int = field(default_factory=lambda: next(_SERIAL))
 
     @property
     def key(self) -> tuple:
-        """Identity of this exact adapter version (decode contexts cache their bindings by it)."""
-        return (self.name, self.version, id(self))
+        """Identity of this exact loaded adapter (decode contexts keep their bindings by it; a
+        serial, unlike id(), is never reused by a later load)."""
+        return (self.name, self.version, self.serial)
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "rank": self.rank, "task": self.task,
