@@ -141,3 +141,22 @@ def test_adapter_whose_record_names_another_base_fingerprint(tiny, tmp_path, key
     with pytest.raises(AdapterError, match="trained on a different base"):
         _build(tiny, tmp_path, keypair, adapters=[("support", copy)])
     assert not (tmp_path / "bundle").exists()
+
+
+def test_adapter_below_the_slot_rank_matches_peft(tiny, tmp_path, keypair):
+    """A rank-4 adapter in rank-8 slots ships unpadded and still matches PyTorch + PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")], slot_rank=8)
+    m = verify_bundle(result.bundle_dir, [keypair[1]])
+    assert m.model["slot_rank"] == 8 and m.adapters[0].rank == 4
+    ids = np.array([[11, 22, 33, 44, 55]])
+    got = session(result.bundle_dir / "model.onnx").run(
+        ["logits"], decoder_feeds(m.model, ids), run_options(result.bundle_dir / m.adapters[0].file))[0]
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "base", dtype=torch.float32),
+                                    tiny / "support").eval()
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
