@@ -90,14 +90,17 @@ def tiny_models(work: Path) -> Models:
     return Models(dec, enc, None, smoke=True, decoder_name="tiny random Llama", encoder_name="tiny random BERT")
 
 
-def lora_adapter(base_dir: Path, work: Path, *, name: str = "bench-lora", seed: int = 0) -> Path:
+def lora_adapter(base_dir: Path, work: Path, *, name: str = "bench-lora", seed: int = 0,
+                 targets: list[str] | None = None) -> Path:
     """A PEFT LoRA adapter for ``base_dir`` with small random (non-zero) weights.
 
     Random rather than trained: speed does not depend on the values, and a
     non-zero B makes sure no runtime can skip the adapter path. B is scaled small
     so generated text stays sensible.
     """
-    out = work / f"{name}-r{LORA_RANK}-{base_dir.name}-s{seed}"
+    targets = targets or LORA_TARGETS
+    tag = "" if targets == LORA_TARGETS else "-" + "".join(t[0] for t in targets)
+    out = work / f"{name}-r{LORA_RANK}{tag}-{base_dir.name}-s{seed}"
     if (out / "adapter_config.json").is_file():
         return out
     import torch
@@ -106,7 +109,7 @@ def lora_adapter(base_dir: Path, work: Path, *, name: str = "bench-lora", seed: 
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0,
+    cfg = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets, lora_dropout=0.0,
                      task_type="CAUSAL_LM", init_lora_weights=True)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from .fixtures import LORA_RANK, lora_adapter
 
 EP_INT4_AD = "edgepeft int4 + adapter"
 EP_INT4 = "edgepeft int4"
+EP_INT4_QV = "edgepeft int4 + q,v adapter"
 EP_INT8 = "edgepeft int8"
 EP_FP32 = "edgepeft fp32"
 EP_INT4_MERGED = "edgepeft int4 merged"
@@ -47,6 +48,15 @@ def bundle(ctx: Context, quant: str, *, merged: bool = False, all_adapters: bool
         return sys_edgepeft.build(ctx.work, name, base=base, adapters=pairs, quant=quant,
                                   merge="a0" if merged else None, log=ctx.log)
     return ctx.get(f"bundle {name}", make)
+
+
+def bundle_qv(ctx: Context) -> Path:
+    """An int4 bundle whose one adapter trains only q_proj and v_proj (PEFT's own default for llama)."""
+    def make():
+        ad = lora_adapter(ctx.models.decoder_dir, ctx.work / "adapters", seed=0, targets=["q_proj", "v_proj"])
+        return sys_edgepeft.build(ctx.work, f"dec-int4-r{LORA_RANK}-qv", base=str(ctx.models.decoder_dir),
+                                  adapters=[("qv", ad)], quant="int4", merge=None, log=ctx.log)
+    return ctx.get("bundle qv", make)
 
 
 def genai_dirs(ctx: Context) -> tuple[Path, Path]:
@@ -102,6 +112,8 @@ def decoder(ctx: Context, name: str):
                 raise sys_llama.Skip("no GGUF for the tiny smoke model")
             return _TextRunner(sys_llama.LlamaCppDecoder(m.gguf))
         quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
+        if name == EP_INT4_QV:
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle_qv(ctx), pubkey(ctx), "qv"))
         if name == EP_INT4_MERGED:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, quant, merged=True), pubkey(ctx), None))
         if name in (EP_INT4_AD, EP_INT4):
@@ -111,4 +123,4 @@ def decoder(ctx: Context, name: str):
     return ctx.get(name, make)
 
 
-DECODERS = [EP_INT4_AD, EP_INT4, EP_INT8, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
+DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT8, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
