@@ -27,7 +27,7 @@ class Settings:
     new_tokens: int = 64
     prompt_tokens: int = 128
     switch_reps: int = 200
-    ppl_tokens: int = 1024
+    ppl_tokens: int = 3072
     ppl_window: int = 256
     classify_batch: list[int] = field(default_factory=lambda: [1, 16])
     memory_reps: int = 3

@@ -141,7 +141,7 @@ HELDOUT_FALLBACK = ("The harbour was quiet in the early morning. Fishing boats r
                     "pier while gulls circled overhead, waiting for the first catch of the day. ")
 
 
-def heldout_text(max_chars: int = 12000) -> tuple[str, str]:
+def heldout_text(max_chars: int = 16000) -> tuple[str, str]:
     """Held-out English prose for perplexity: the history section of CPython's LICENSE.
 
     It ships with every Python install (so the run needs no download), is plain

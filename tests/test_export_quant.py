@@ -36,7 +36,7 @@ def _fake_quant_dir(base, out, kind):
     from transformers import AutoModelForCausalLM
 
     from edgepeft.export import WeightQuant
-    from edgepeft.export.quantize import quantize_blockwise
+    from edgepeft.export.quantize import fake_quantize
 
     q = WeightQuant(kind)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -47,9 +47,13 @@ def _fake_quant_dir(base, out, kind):
             w = p.numpy()
             if kind == "fp16":
                 deq = w.astype(np.float16).astype(np.float32)
-            else:
-                bs = q.embed_block if "embed" in name else q.block_size
-                deq = quantize_blockwise(w, q.bits, bs)[2]
+            elif "embed" in name:
+                deq = fake_quantize(w, q, "embed")
+            else:  # the graph's names for the packed projections decide the scheme
+                proj = name.split(".")[-2]
+                role = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
+                        "down_proj": "down"}.get(proj, proj)
+                deq = fake_quantize(w, q, f"l0.{role}")
             p.copy_(torch.from_numpy(deq))
     model.save_pretrained(out)
     return out
@@ -119,4 +123,32 @@ def test_quant_options_validated():
     with pytest.raises(UsageError):
         WeightQuant("int4", block_size=48)
     assert WeightQuant("int4").to_dict()["embed_block_size"] == 64
+    q = WeightQuant("int4")
+    assert q.asymmetric("embed") and q.asymmetric("l3.qkv") and not q.asymmetric("l3.gate_up")
+    assert q.block_for("l3.down") == 64 and q.block_for("l3.qkv") == 32
+    assert not WeightQuant("int4", zero_points="none").asymmetric("embed")
+    assert not WeightQuant("int8").asymmetric("embed") and WeightQuant("int8").block_for("l0.down") == 32
+    with pytest.raises(UsageError):
+        WeightQuant("int4", zero_points="some")
     assert WeightQuant.coerce(type("Q", (), {"weights": "int8", "block_size": 128})()).block_size == 128
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_blockwise_packing_roundtrips(sym):
+    """Packed codes, scales and zero points decode (as MatMulNBits does) to the returned dequantized weight."""
+    from edgepeft.export.quantize import quantize_blockwise
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 96)).astype(np.float32) + (0.0 if sym else 0.7)  # 3 blocks of 32
+    blk = quantize_blockwise(w, 4, 32, symmetric=sym)
+    codes = np.stack([blk.packed & 15, blk.packed >> 4], -1).reshape(5, 3, 32).astype(np.float32)
+    if sym:
+        z = np.full((5, 3), 8.0)
+    else:
+        z = np.stack([blk.zero_points & 15, blk.zero_points >> 4], -1).reshape(5, -1)[:, :3].astype(np.float32)
+    deq = ((codes - z[..., None]) * blk.scales[..., None]).reshape(5, 96)
+    np.testing.assert_allclose(deq, blk.deq, rtol=1e-6, atol=1e-7)
+    # the larger-magnitude extreme of every block is exact
+    err = np.abs(blk.deq - w).reshape(5, 3, 32)
+    big = np.abs(w).reshape(5, 3, 32).argmax(-1)[..., None]
+    assert np.take_along_axis(err, big, -1).max() < 1e-6

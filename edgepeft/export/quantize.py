@@ -3,14 +3,38 @@
 Only base weights pass through here; adapter slots never do, so adapters stay
 swappable and exact.
 
-- ``int4``: ``MatMulNBits`` (bits=4), symmetric, block-wise along K. Block 32 for
-  the layers (genai's CPU default, llama.cpp's Q4_0 granularity) and 64 for the
-  tied embedding / lm_head. Measured on SmolLM2-135M (KL to fp32 over a chat
-  turn): 32/32 -> 80.4 MiB, KL 0.57; 32/64 -> 78.7 MiB, KL 0.66; 64/64 -> 72.4 MiB,
-  KL 0.74. 32/64 is the smallest loss that keeps model.onnx under 80 MiB.
-  Each block stores ``scale = w[argmax|w|] / -8`` so the largest magnitude lands
-  exactly on -8 and the full signed range [-8, 7] is used (one more level than
-  absmax/7). (An MSE clip search lowered weight error but not the KL: dropped.)
+- ``int4``: ``MatMulNBits`` (bits=4), block-wise along K, mixed per role (``zero_points="auto"``):
+  qkv: block 32 + uint4 zero points; o, gate|up: block 32 symmetric; down: block 64
+  + zero points; tied embedding / lm_head (one copy, ``GatherBlockQuantized`` + ``MatMulNBits``):
+  block 64 + zero points (576 = 9 x 64: 128 would pad). Symmetric blocks store
+  ``scale = w[argmax|w|] / -8`` (largest magnitude exactly on -8); asymmetric blocks
+  take the min/max range (including 0), round the zero point, then rescale so the
+  block's larger-magnitude extreme lands exactly on code 0 or 15. Exact extremes
+  matter more than mean error here: SmolLM2's layers are Q4_1 (blocks of 32) in
+  disguise, and every MSE scale search tried (grid 0.8-1.15 x absmax, |w|- or
+  w^2-weighted, least-squares refits) *raised* perplexity although it lowered
+  weight error (layers-only, 1024 tokens: absmax 18.1, MSE 20.6). Measured with
+  ORT on SmolLM2-135M-Instruct (ppl: benchmark's 1024 LICENSE tokens / 3072 tokens
+  of LICENSE + pydoc prose; KL to fp32 per token on the 3072; fp32 15.39 / 16.57):
+
+  ==========================================  ========  =====  =====  =====
+  variant                                     MiB       ppl1k  ppl3k  KL
+  ==========================================  ========  =====  =====  =====
+  ``"none"``: all symmetric, embed 64 (old)   78.73     20.48  24.57  0.700
+  ``"auto"`` (above)                          77.83     21.42  23.38  0.613
+  qkv+o zero points, embed asym 64            79.37     20.11  23.72  0.612
+  embed asym 64, o symmetric 64               78.37     20.97  23.78  0.638
+  ``"all"``: zero points everywhere (32/64)   80.56     20.04  22.22  0.584
+  ==========================================  ========  =====  =====  =====
+
+  The bundle (model + 1.5 MiB tokenizer + manifest) must stay <= 80 MiB, so
+  model.onnx <= ~78.4 MiB: "old" and "all" do not fit. Zero points cost 1/64
+  byte per weight at block 32; a down projection at block 64 with zero points
+  saves 1.4 MiB over block 32 symmetric and pays for the rest. "auto" wins on
+  the larger text and on KL (-12 %); the 1024-token figure alone moves the other
+  way (+0.9). Those tokens are the first 4 of the 12 windows, so on the other 8
+  "auto" gains even more: the choice rests on the larger sample. Symmetric
+  block 64 everywhere was clearly worse (blocks straddle two Q4_1 blocks).
 - ``int8``: ``MatMulNBits`` (bits=8), same layout, ``scale = w[argmax|w|] / -128``.
   Block-wise is finer than per-channel, so it never damages outlier channels
   (SmolLM2: block 32 -> 145 MiB, KL 0.007, top-1 97%; block 128 -> 136 MiB, KL 0.013).
@@ -24,12 +48,16 @@ swappable and exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import UsageError
 
 KINDS = ("fp32", "fp16", "int8", "int4")
+ZERO_POINTS = ("auto", "none", "all")
+_ASYM_AUTO = ("embed", "lm_head", ".qkv", ".down")  # names (endings) with zero points under "auto"
+_WIDE_AUTO = (".down",)  # ... of which these use blocks of 2 * block_size
 
 
 @dataclass(frozen=True)
@@ -37,25 +65,47 @@ class WeightQuant:
     """How base weights are stored. Validated here, where it enters the exporter.
 
     ``embed_block_size`` is the block size of the (tied) embedding / lm_head;
-    None means 64 for int4 (see :attr:`embed_block`) and ``block_size`` otherwise.
+    None means the int4 default (see :attr:`embed_block`) and ``block_size`` otherwise.
+    ``zero_points`` (int4 only; int8 is always symmetric): ``"auto"`` gives the
+    embedding / lm_head and the qkv projection asymmetric blocks with uint4 zero
+    points, and the MLP down projection asymmetric blocks of ``2 * block_size``
+    (the measured best within SmolLM2's 80 MiB bundle, module docstring);
+    ``"all"`` makes every int4 weight asymmetric at its block size, ``"none"``
+    is plain symmetric (the previous scheme).
     """
 
     kind: str = "int4"
     block_size: int = 32
     embed_block_size: int | None = None
     accuracy_level: int = 4
+    zero_points: str = "auto"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UsageError(f"unknown weight quantization {self.kind!r}", hint=f"use one of {', '.join(KINDS)}")
+        if self.zero_points not in ZERO_POINTS:
+            raise UsageError(f"unknown zero_points policy {self.zero_points!r}",
+                             hint=f"use one of {', '.join(ZERO_POINTS)}")
         for bs in (self.block_size, self.embed_block_size):
             if bs is not None and (bs < 16 or bs & (bs - 1)):
                 raise UsageError(f"quantization block size {bs} is not a power of two >= 16",
                                  hint="use 32 (default), 64 or 128")
 
+    def asymmetric(self, name: str) -> bool:
+        """Whether the weight emitted as ``name`` gets zero points (see the module docstring)."""
+        if self.kind != "int4" or self.zero_points == "none":
+            return False
+        return self.zero_points == "all" or name.endswith(_ASYM_AUTO)
+
+    def block_for(self, name: str) -> int:
+        """Block size (before fitting to K) of the layer weight emitted as ``name``."""
+        if self.kind == "int4" and self.zero_points == "auto" and name.endswith(_WIDE_AUTO):
+            return 2 * self.block_size
+        return self.block_size
+
     @property
     def embed_block(self) -> int:
-        """Tied embedding / lm_head block: 64 for int4 unless set (keeps SmolLM2's int4 file under 80 MiB)."""
+        """Tied embedding / lm_head block: 64 for int4 unless set (keeps SmolLM2's int4 bundle under 80 MiB)."""
         if self.embed_block_size:
             return self.embed_block_size
         return max(self.block_size, 64) if self.kind == "int4" else self.block_size
@@ -68,7 +118,9 @@ class WeightQuant:
         d = {"weights": self.kind}
         if self.bits:
             d.update(block_size=self.block_size, embed_block_size=self.embed_block,
-                     symmetric=True, accuracy_level=self.accuracy_level, op="MatMulNBits")
+                     symmetric=self.kind != "int4" or self.zero_points == "none",
+                     zero_points=self.zero_points if self.kind == "int4" else "none",
+                     accuracy_level=self.accuracy_level, op="MatMulNBits")
         return d
 
     @classmethod
@@ -84,13 +136,22 @@ class WeightQuant:
         return cls(kind=kind, block_size=int(getattr(quant, "block_size", 32) or 32))
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int):
-    """Quantize ``w`` [N, K] symmetrically along K in blocks.
+class Blocks(NamedTuple):
+    """One block-quantized weight: what the graph stores plus what it computes (for tests/metrics)."""
 
-    Returns ``(packed uint8 [N, k_blocks, block_size*bits/8], scales float32 [N, k_blocks], dequantized [N, K])``;
-    K is zero-padded up to a multiple of ``block_size``. Values are stored with
-    an offset of ``2**(bits-1)`` (the default zero point of MatMulNBits and
-    GatherBlockQuantized), 4-bit values packed low nibble first.
+    packed: np.ndarray        # uint8 [N, k_blocks, block_size*bits/8], 4-bit values low nibble first
+    scales: np.ndarray        # float32 [N, k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks/2)], packed uint4 (None: symmetric)
+    deq: np.ndarray           # float32 [N, K], the weight the graph effectively uses
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Blocks:
+    """Quantize ``w`` [N, K] along K in blocks (K zero-padded to a multiple of ``block_size``).
+
+    Symmetric: ``scale = w[argmax|w|] / -2**(bits-1)`` and values stored with the
+    ops' default zero point ``2**(bits-1)``. Asymmetric (4 bits only): codes
+    0..15 with a uint4 zero point per block, the block's larger-magnitude extreme
+    exact (see the module docstring).
     """
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
@@ -98,17 +159,44 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int):
     pad = nb * block_size - k
     wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
     blocks = wp.reshape(n, nb, block_size)
-    half = 2 ** (bits - 1)
-    idx = np.abs(blocks).argmax(axis=-1)[..., None]
-    signed_max = np.take_along_axis(blocks, idx, axis=-1)
-    scales = signed_max / -half
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales), -half, half - 1)
-    deq = (q * scales).reshape(n, nb * block_size)[:, :k]
-    qu = (q + half).astype(np.uint8)
+    zp = None
+    if symmetric:
+        half = 2 ** (bits - 1)
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        scales = np.take_along_axis(blocks, idx, axis=-1) / -half
+        scales[scales == 0] = 1.0
+        q = np.clip(np.rint(blocks / scales), -half, half - 1)
+        deq = q * scales
+        qu = (q + half).astype(np.uint8)
+    else:
+        if bits != 4:
+            raise UsageError("zero points are implemented for int4 only", hint="use symmetric int8")
+        lo = np.minimum(blocks.min(axis=-1, keepdims=True), 0)
+        hi = np.maximum(blocks.max(axis=-1, keepdims=True), 0)
+        span = hi - lo
+        z = np.clip(np.rint(np.divide(-lo * 15, span, out=np.zeros_like(span), where=span > 0)), 0, 15)
+        # Rescale so the larger-magnitude extreme sits exactly on code 0 (negative) or 15 (positive):
+        # -lo >= hi implies z >= 8, and otherwise z <= 7, so neither divisor is 0.
+        scales = np.where(-lo >= hi, -lo / np.maximum(z, 1), hi / np.maximum(15 - z, 1))
+        scales[scales == 0] = 1.0
+        qu = np.clip(np.rint(blocks / scales) + z, 0, 15)
+        deq = (qu - z) * scales
+        qu = qu.astype(np.uint8)
+        zb = np.pad(z[..., 0].astype(np.uint8), ((0, 0), (0, nb % 2)))
+        zp = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
     if bits == 4:
         qu = (qu[..., 0::2] | (qu[..., 1::2] << 4)).astype(np.uint8)
-    return qu, scales[..., 0].astype(np.float32), deq.astype(np.float32)
+    deq = deq.reshape(n, nb * block_size)[:, :k]
+    return Blocks(qu, scales[..., 0].astype(np.float32), zp, deq.astype(np.float32))
+
+
+def fake_quantize(w: np.ndarray, quant: WeightQuant, name: str) -> np.ndarray:
+    """The weight an int4/int8 export computes with for the weight emitted as ``name`` ("embed" for the table)."""
+    w = np.asarray(w, dtype=np.float32)
+    if not quant.bits:
+        return w
+    bs = _fit_block(w.shape[1], quant.embed_block if name == "embed" else quant.block_for(name))
+    return quantize_blockwise(w, quant.bits, bs, symmetric=not quant.asymmetric(name)).deq
 
 
 def _fit_block(k: int, block_size: int) -> int:
@@ -133,11 +221,13 @@ class LinearEmitter:
         weight = np.asarray(weight, dtype=np.float32)
         n, k = weight.shape
         if q.bits:
-            bs = _fit_block(k, q.block_size)
-            packed, scales, _ = quantize_blockwise(weight, q.bits, bs)
-            ins = [x, gb.const(packed, f"{name}.qweight"), gb.const(scales, f"{name}.scales")]
+            bs = _fit_block(k, q.block_for(name))
+            blk = quantize_blockwise(weight, q.bits, bs, symmetric=not q.asymmetric(name))
+            ins = [x, gb.const(blk.packed, f"{name}.qweight"), gb.const(blk.scales, f"{name}.scales")]
+            if blk.zero_points is not None:
+                ins.append(gb.const(blk.zero_points, f"{name}.zero_points"))
             if bias is not None:
-                ins += ["", "", gb.const(np.asarray(bias, np.float32), f"{name}.bias")]
+                ins += [""] * (5 - len(ins)) + [gb.const(np.asarray(bias, np.float32), f"{name}.bias")]
             return gb.ms("MatMulNBits", ins, hint=name.replace(".", "_"), K=k, N=n, bits=q.bits, block_size=bs,
                          accuracy_level=q.accuracy_level)
         w_t = np.ascontiguousarray(weight.T)
@@ -163,15 +253,17 @@ class LinearEmitter:
             if hidden % bs:
                 raise UsageError(f"hidden size {hidden} has no quantization block size >= 16 dividing it",
                                  hint="export with fp16 or fp32 weights")
-            packed, scales, _ = quantize_blockwise(embed, q.bits, bs)
-            wname = gb.const(packed, f"{name}.qweight")
-            sname = gb.const(scales, f"{name}.scales")
+            blk = quantize_blockwise(embed, q.bits, bs, symmetric=not q.asymmetric("embed"))
+            wname = gb.const(blk.packed, f"{name}.qweight")
+            qins = [gb.const(blk.scales, f"{name}.scales")]
+            if blk.zero_points is not None:  # [vocab, ceil(blocks/2)] packed: both ops read this layout
+                qins.append(gb.const(blk.zero_points, f"{name}.zero_points"))
             flat = gb.op("Reshape", [wname, gb.const(np.array([vocab, -1], np.int64))], hint="embed_flat")
-            emb = gb.ms("GatherBlockQuantized", [flat, ids, sname], hint="embed", bits=q.bits, block_size=bs,
+            emb = gb.ms("GatherBlockQuantized", [flat, ids, *qins], hint="embed", bits=q.bits, block_size=bs,
                         gather_axis=0, quantize_axis=1)
 
             def lm_head(x: str) -> str:
-                return gb.ms("MatMulNBits", [x, wname, sname], hint="lm_head", K=hidden, N=vocab, bits=q.bits,
+                return gb.ms("MatMulNBits", [x, wname, *qins], hint="lm_head", K=hidden, N=vocab, bits=q.bits,
                              block_size=bs, accuracy_level=q.accuracy_level)
             return emb, lm_head
 
