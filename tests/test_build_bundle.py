@@ -160,3 +160,11 @@ def test_adapter_below_the_slot_rank_matches_peft(tiny, tmp_path, keypair):
     with torch.no_grad():
         want = ref(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_bundle_files_are_readable_by_other_users(tiny, tmp_path, keypair):
+    result = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")])
+    assert result.bundle_dir.stat().st_mode & 0o777 == 0o755
+    assert (result.bundle_dir / "adapters").stat().st_mode & 0o777 == 0o755
+    assert (result.bundle_dir / "model.onnx").stat().st_mode & 0o777 == 0o644
+    assert result.archive.stat().st_mode & 0o777 == 0o644

@@ -35,6 +35,7 @@ def pack_bundle(bundle_dir: str | os.PathLike, archive: str | os.PathLike) -> Pa
                     tar.addfile(info, src)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the archive is meant to be shipped
         os.replace(tmp, archive)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -183,8 +183,9 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
 
         tokenizer_info = _tokenizer_files(load_tokenizer(source), work)
         files = []
+        for p in [work, *work.rglob("*")]:
+            p.chmod(0o644 if p.is_file() else 0o755)  # readable by the device's runtime user (mkdtemp makes 0700)
         for p in sorted(x for x in work.rglob("*") if x.is_file()):
-            p.chmod(0o644)  # readable by the device's runtime user, whoever wrote it here
             rel = p.relative_to(work).as_posix()
             files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
         weight_bytes = sum(f["size"] for f in files if f["path"] in exported.files)

@@ -41,6 +41,7 @@ def unpack_bundle(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 src = tar.extractfile(member)
                 with open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
+        tmp.chmod(0o755)
         os.replace(tmp, dest)
     except tarfile.TarError as exc:
         raise BundleError(f"{archive} is truncated or corrupt: {exc}", hint="transfer it again") from exc
