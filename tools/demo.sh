@@ -17,12 +17,14 @@ edgepeft keygen --out "$OUT/keys/fleet"
 export EDGEPEFT_TRUSTED_KEYS="$OUT/keys/fleet.pub"
 
 step "3. train a LoRA adapter in the Northwind support voice on SmolLM2-135M-Instruct (before/after on held-out questions)"
-python examples/train_support_voice.py --out "$OUT/adapters/northwind" --results "$OUT/northwind.json" --quiet
+# adapters and figures go to examples/out/, where `make bench` picks them up for its task metrics
+python examples/train_support_voice.py --quiet
+NORTHWIND=examples/out/northwind-voice
 
 step "4. build an int4 bundle for a Raspberry Pi 5: base once, the adapter as a small swappable file, signed"
 printf '%s\n' '{"input": "Hello, who are you?", "adapter": "northwind", "expect": {"contains": "Northwind"}, "max_new_tokens": 48}' \
   > "$OUT/health.jsonl"
-edgepeft build --adapter northwind="$OUT/adapters/northwind" --target raspberry-pi-5 --quant int4 \
+edgepeft build --adapter northwind="$NORTHWIND" --target raspberry-pi-5 --quant int4 \
   --health-check "$OUT/health.jsonl" --key "$OUT/keys/fleet.key" --out "$OUT/bundles/pi5"
 
 step "5. run on the device side (no torch): the bare base, then the adapter, one loaded model"
@@ -30,8 +32,8 @@ edgepeft run "$OUT/bundles/pi5" --prompt "$ASK" --max-new-tokens 60
 edgepeft run "$OUT/bundles/pi5" --adapter northwind --prompt "$ASK" --max-new-tokens 60
 
 step "6. train an intent classifier (LoRA on all-MiniLM-L6-v2), build int8 for the x86-64 gateway, classify"
-python examples/train_bank_intents.py --out "$OUT/adapters/intents" --results "$OUT/intents.json" --quiet
-edgepeft build --adapter intents="$OUT/adapters/intents" --target x86-64-gateway \
+python examples/train_bank_intents.py --quiet
+edgepeft build --adapter intents=examples/out/bank-intents --target x86-64-gateway \
   --key "$OUT/keys/fleet.key" --out "$OUT/bundles/gateway"
 edgepeft run "$OUT/bundles/gateway" --adapter intents \
   --classify "someone used my card in another country and I did not do it" \
@@ -53,5 +55,5 @@ print("POST /v1/chat/completions ->", reply["choices"][0]["message"]["content"][
 server.shutdown(); server.server_close()
 PY
 
-step "done: bundles, adapters and before/after figures are in $OUT"
+step "done: bundles are in $OUT, adapters and before/after figures in examples/out"
 ls -la "$OUT/bundles"
