@@ -5,7 +5,7 @@ from __future__ import annotations
 from .context import Context
 from .fixtures import bench_prompt
 from .harness import Section, Skip, interleaved
-from .systems import DECODERS, EP_INT4, EP_INT4_AD, GENAI, GENAI_AD, LLAMA, TORCH, decoder
+from .systems import DECODERS, EP_INT4, EP_INT4_AD, EP_INT4_QV, GENAI, GENAI_AD, LLAMA, TORCH, decoder
 
 REFS = [GENAI, LLAMA, TORCH]
 
@@ -81,8 +81,11 @@ def goal_decode(sec: Section) -> dict:
         return goal | {"met": None, "measured": "edgepeft int4 + adapter or both peers missing"}
     best = max(peers, key=lambda f: f.median)
     ratio = mine.median / best.median
-    return goal | {"met": ratio >= 1.0, "ratio": ratio,
-                   "measured": f"{mine.median:.1f} vs {best.median:.1f} tok/s ({best.system}) = {ratio:.2f}x"}
+    measured = f"all-linear adapter {mine.median:.1f} vs {best.median:.1f} tok/s ({best.system}) = {ratio:.2f}x"
+    qv = g.get(EP_INT4_QV)
+    if qv is not None:  # met is judged on the all-linear adapter (edgepeft train's default), the harder case
+        measured += f"; q,v adapter {qv.median:.1f} tok/s = {qv.median / best.median:.2f}x"
+    return goal | {"met": ratio >= 1.0, "ratio": ratio, "measured": measured}
 
 
 

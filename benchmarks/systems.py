@@ -111,9 +111,9 @@ def decoder(ctx: Context, name: str):
             if m.smoke:
                 raise sys_llama.Skip("no GGUF for the tiny smoke model")
             return _TextRunner(sys_llama.LlamaCppDecoder(m.gguf))
-        quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
         if name == EP_INT4_QV:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle_qv(ctx), pubkey(ctx), "qv"))
+        quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
         if name == EP_INT4_MERGED:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, quant, merged=True), pubkey(ctx), None))
         if name in (EP_INT4_AD, EP_INT4):
