@@ -14,9 +14,7 @@ the device expands them to fp32 once at install with
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,7 +209,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     from .._extras import require
 
     require("onnxruntime", "safetensors", "torch", feature="writing adapter files")
-    import onnxruntime as ort
+    from ..spec.adapter_payload import write_adapter_file
 
     if dtype not in PAYLOADS:
         raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
@@ -220,20 +218,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     stored = encode_payload(tensors, dtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(int(version))
-    fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in stored.items()})
-    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".onnx_adapter", dir=out_path.parent)
-    os.close(fd)
-    try:
-        fmt.export_adapter(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_adapter_file(out_path, stored, adapter_version=version)
     return AdapterInfo(name=name or lora.path.name, rank=lora.rank, alpha=lora.alpha, method=lora.method,
                        target_modules=lora.trained, bytes=out_path.stat().st_size, dtype=dtype,
                        slot_rank=model_info["slot_rank"], labels=labels,

@@ -102,7 +102,7 @@ def build_decoder(config, sd: dict, *, quant: WeightQuant, target_modules, max_c
     groups = layer_groups(dims, targets)
     gb = GraphBuilder("edgepeft_decoder")
     lin = LinearEmitter(gb, quant)
-    hid, kvh, hd, nl = dims["hidden"], dims["kv_heads"], dims["head_dim"], dims["layers"]
+    kvh, hd, nl = dims["kv_heads"], dims["head_dim"], dims["layers"]
 
     ids = gb.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = gb.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])

@@ -56,25 +56,36 @@ def expand_adapter(src, dst) -> dict:
     Returns ``{slot name: shape}`` of what was written. Raises ValueError (bad
     payload) or onnxruntime's errors for a file that is not an adapter.
     """
-    import numpy as np
     import onnxruntime as ort
 
     fmt_in = ort.AdapterFormat.read_adapter(str(src))
     params = {k: v.numpy() for k, v in fmt_in.get_parameters().items()}
     arrays = expand_arrays(params)
+    write_adapter_file(dst, arrays, adapter_version=fmt_in.get_adapter_version(),
+                       model_version=fmt_in.get_model_version())
+    return {k: list(v.shape) for k, v in arrays.items()}
+
+
+def write_adapter_file(path, arrays: dict, *, adapter_version: int = 1, model_version: int = 1) -> None:
+    """Write ``{name: ndarray}`` as an ONNX Runtime adapter file, atomically (temp file, fsync, rename).
+
+    Shared by the server's exporter and the device's payload expansion.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
     fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(fmt_in.get_adapter_version())
-    fmt.set_model_version(fmt_in.get_model_version())
+    fmt.set_adapter_version(int(adapter_version))
+    fmt.set_model_version(int(model_version))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    dst = os.fspath(dst)
-    fd, tmp = tempfile.mkstemp(prefix=".expand-", suffix=".onnx_adapter", dir=os.path.dirname(dst) or ".")
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".onnx_adapter", dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
         fmt.export_adapter(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, dst)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {k: list(v.shape) for k, v in arrays.items()}
