@@ -54,3 +54,19 @@ def optional(module: str):
     if importlib.util.find_spec(module) is None:
         return None
     return importlib.import_module(module)
+
+
+class _DropKernelsNotice:
+    """bitsandbytes' CPU backend logs a warning on import when the optional `kernels` package is absent."""
+
+    def filter(self, record) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def quiet_optional_kernel_notice() -> None:
+    """Hide that one import-time notice (peft imports bitsandbytes even for plain LoRA); other warnings stay."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropKernelsNotice) for f in logger.filters):
+        logger.addFilter(_DropKernelsNotice())

@@ -177,13 +177,26 @@ def load_tokenizer(source: BaseSource):
 
 
 def load_model(source: BaseSource, *, task: str = "causal-lm", num_labels: int | None = None,
-               id2label: dict | None = None, dtype=None, quantization_config=None):
+               id2label: dict | None = None, dtype=None, quantization_config=None, quiet: bool = False):
     """Load the model of ``source`` for ``task`` ("causal-lm" or "classification").
 
-    GGUF files are dequantized by transformers. Raises :class:`ModelError` when
-    the model cannot be found or loaded.
+    GGUF files are dequantized by transformers. ``quiet`` hides transformers'
+    load report (the exporter loads encoders without the head, which adapters
+    bring). Raises :class:`ModelError` when the model cannot be found or loaded.
     """
     require("torch", "transformers", feature="loading a base model")
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        return _load_model(source, task, num_labels, id2label, dtype, quantization_config)
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _load_model(source, task, num_labels, id2label, dtype, quantization_config):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

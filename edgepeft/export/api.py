@@ -63,7 +63,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     slot_rank = check_rank(slot_rank)
     src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
     say(f"loading {src.name}")
-    model = load_model(src, task=task)
+    model = load_model(src, task=task, quiet=True)
     config = model.config
     fingerprint = weights_fingerprint(model.state_dict())
     sd = _state_dict_numpy(model)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._extras import require
+from .._extras import quiet_optional_kernel_notice, require
 from ..errors import TrainError, UsageError
 from .options import TrainOptions
 
@@ -68,6 +68,7 @@ def train(options: TrainOptions | None = None, *, on_step=None, **kwargs) -> Tra
     wall = time.monotonic()
     _check_paths(opts)
     require("torch", "transformers", "peft", "accelerate", "tqdm", "matplotlib", feature="edgepeft train")
+    quiet_optional_kernel_notice()
     from . import modelprep
 
     if opts.method == "qlora":
