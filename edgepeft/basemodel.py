@@ -131,9 +131,14 @@ def embedded_smollm2_dir() -> Path:
         fresh.generation_config.bos_token_id = None
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        tmp.chmod(0o755)
+        if target.exists() and not (target / "model.safetensors").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted conversion
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # another process finished first: keep its copy
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
