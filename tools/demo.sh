@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline.
-# Run it through `make demo`, which creates the environment first. About 10-15 minutes on 2 CPU cores.
+# Run it through `make demo`, which creates the environment first. About 2-3 minutes on 2 idle CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/demo}
