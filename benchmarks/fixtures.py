@@ -61,32 +61,14 @@ def smollm2_gguf() -> Path | None:
 
 
 def tiny_models(work: Path) -> Models:
-    """Tiny random Llama and BERT (seconds to build) for the smoke run."""
-    import torch
-    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig,
-                              LlamaForCausalLM)
-
-    from edgepeft.basemodel import resolve_base
+    """Tiny random Llama and BERT with their own small tokenizers (edgepeft.train.tiny), built in seconds."""
+    from edgepeft.train.tiny import tiny_bert, tiny_llama
 
     dec, enc = work / "tiny-llama", work / "tiny-bert"
     if not (dec / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        real = Path(resolve_base(None).path)
-        tok = AutoTokenizer.from_pretrained(real)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          bos_token_id=None)
-        LlamaForCausalLM(cfg).save_pretrained(dec)
-        tok.save_pretrained(dec)
+        tiny_llama(dec)
     if not (enc / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        real = Path(resolve_base(None, task="classification").path)
-        tok = AutoTokenizer.from_pretrained(real)
-        cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=128, num_labels=2)
-        BertForSequenceClassification(cfg).save_pretrained(enc)
-        tok.save_pretrained(enc)
+        tiny_bert(enc)
     return Models(dec, enc, None, smoke=True, decoder_name="tiny random Llama", encoder_name="tiny random BERT")
 
 
