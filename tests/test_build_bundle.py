@@ -109,11 +109,12 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny, tmp_path, keypair, kw, er
 
 
 def test_target_that_cannot_hold_the_bundle(tiny, tmp_path, keypair):
+    from edgepeft.spec.target import targets_dir
+
     small = tmp_path / "small.toml"
-    small.write_text((tmp_path.parent / "x").name and
-                     open(__import__("edgepeft.spec.target", fromlist=["x"]).targets_dir() / "android-arm64.toml")
-                     .read().replace("storage_mib = 512", "storage_mib = 16").replace("memory_mib = 384",
-                                                                                       "memory_mib = 16"))
+    profile = (targets_dir() / "android-arm64.toml").read_text()
+    small.write_text(profile.replace("storage_mib = 512", "storage_mib = 16").replace("memory_mib = 384",
+                                                                                      "memory_mib = 16"))
     with pytest.raises(TargetFitError, match="memory budget is 16 MiB"):
         _build(tiny, tmp_path, keypair, target=str(small))
     assert not (tmp_path / "bundle").exists()
