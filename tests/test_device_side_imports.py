@@ -6,7 +6,7 @@ import json
 
 from conftest import run_python
 
-DEVICE_PACKAGES = ["edgepeft.spec", "edgepeft.runtime", "edgepeft.ota", "edgepeft.transport"]
+DEVICE_PACKAGES = ["edgepeft.spec", "edgepeft.runtime", "edgepeft.update", "edgepeft.transport"]
 BLOCKED = ["torch", "transformers", "peft", "bitsandbytes", "onnx", "optimum", "accelerate", "datasets"]
 
 _PROBE = """

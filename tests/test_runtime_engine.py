@@ -268,7 +268,7 @@ def test_audit_log_records_each_request(engine):
 def test_compact_int8_update_is_expanded_at_install(built, tmp_path):
     from edgepeft.export import write_adapter
     from edgepeft.runtime.adapter_file import read_header
-    from edgepeft.runtime.store import sha256_file
+    from edgepeft.update.store import sha256_file
 
     small = tmp_path / "alpha-7.onnx_adapter"
     write_adapter(built["root"] / "peft-gamma", built["model_info"], small, dtype="int8")

@@ -134,5 +134,4 @@ print(json.dumps({"mods": mods, "leaked": sorted(m for m in sys.modules if m.spl
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["leaked"] == []
-    assert {"edgepeft.runtime.engine", "edgepeft.runtime.decoder", "edgepeft.runtime.server",
-            "edgepeft.runtime.store"} <= set(out["mods"])
+    assert {"edgepeft.runtime.engine", "edgepeft.runtime.decoder", "edgepeft.runtime.server"} <= set(out["mods"])

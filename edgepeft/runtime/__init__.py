@@ -1,14 +1,14 @@
 """Device runtime (torch-free): one verified bundle, one ONNX Runtime session, many adapters.
 
 Public API (imported lazily, so ``import edgepeft.runtime`` is instant):
-:class:`Engine`, :class:`AdapterStore`, :class:`AuditLog`, :class:`GenerationResult`,
+:class:`Engine`, :class:`AuditLog`, :class:`GenerationResult`,
 :class:`Classification`, :class:`Stream`, :func:`start_server`.
 """
 
 from __future__ import annotations
 
 _EXPORTS = {
-    "Engine": "engine", "AdapterStore": "store", "StoredAdapter": "store", "AuditLog": "audit",
+    "Engine": "engine", "AuditLog": "audit",
     "GenerationResult": "results", "Classification": "results", "Stream": "results",
     "EngineServer": "server", "start_server": "server", "IncrementalDetokenizer": "detok",
     "SamplingParams": "sampling",

@@ -23,7 +23,7 @@ from .registry import AdapterRegistry, parse_slots
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import open_session
-from .store import AdapterStore, version_key
+from ..update.store import AdapterStore, version_key
 
 
 class Engine:
@@ -115,7 +115,7 @@ class Engine:
     def _fp32(self, path: Path) -> Path:
         """Bundle adapters shipped as fp16/int8 are expanded once into a private cache folder."""
         from .adapter_file import read_header
-        from .health import compact_payload, expand_payload
+        from ..update.install import compact_payload, expand_payload
 
         if not compact_payload(read_header(path)):
             return path
@@ -302,13 +302,13 @@ class Engine:
         :class:`~edgepeft.errors.StoreError` says why. Raises :class:`AdapterError` before
         writing anything if the adapter does not fit this base.
         """
-        from .health import install_with_checks
+        from ..update.install import install_with_checks
 
         return install_with_checks(self, Path(path), entry, health_checks, sha256)
 
     def rollback_adapter(self, name: str, reason: str = "requested"):
         """Switch ``name`` back to its previous stored version (and serve it)."""
-        from .health import rollback
+        from ..update.install import rollback
 
         return rollback(self, name, reason)
 

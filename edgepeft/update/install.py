@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import AdapterError, EngineError, StoreError
-from .adapter_file import read_header
-from .registry import check_adapter
+from ..runtime.adapter_file import read_header
+from ..runtime.registry import check_adapter
 
 
 def _field(check, name, default=None):

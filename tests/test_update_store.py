@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from edgepeft.errors import StoreError
-from edgepeft.runtime.fsio import FaultyIO, FileIO, PowerCut
-from edgepeft.runtime.store import AdapterStore, sha256_file, version_key
+from edgepeft.update.fsio import FaultyIO, FileIO, PowerCut
+from edgepeft.update.store import AdapterStore, sha256_file, version_key
 
 
 @pytest.fixture()
