@@ -11,7 +11,6 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 
 def _status() -> dict[str, int]:
@@ -65,7 +64,7 @@ def main() -> None:
         eng.generate(text, max_new_tokens=n_new, temperature=0.0)
         out["rss_0"], out["anon_0"] = rss(), anon()
         for k, e in enumerate(entries, 1):
-            eng.load_adapter(Path(args["bundle"]) / e.file, e.to_dict(), name=e.name)
+            eng.serve_adapter(eng.bundled_adapter(e.name))  # read, hashed and loaded again from the bundle
             eng.generate(text, adapter=e.name, max_new_tokens=n_new, temperature=0.0)
             if k in (1, 10):
                 out[f"rss_{k}"], out[f"anon_{k}"] = rss(), anon()

@@ -40,7 +40,7 @@ class _EdgeSwitcher:
         try:
             for i in range(n):
                 t0 = time.perf_counter()
-                with self.reg.activate([self.names[i % 2]]) as (_, chosen):
+                with self.reg.activate([self.names[i % 2]]) as chosen:
                     values = tuple(v for a in chosen for v in a.values)
                     c.bind_adapters(self.runner, tuple(a.key for a in chosen), values)
                 out.append(time.perf_counter() - t0)

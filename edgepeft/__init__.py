@@ -6,4 +6,4 @@ functions that need it, and the device side (``edgepeft.runtime``,
 ``edgepeft.spec``) never does.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -57,7 +57,7 @@ def test_each_adapter_brings_its_labels_and_probabilities(engine, built):
             assert abs(sum(r.probabilities.values()) - 1) < 1e-5
             assert np.allclose(list(r.probabilities.values()), row, atol=1e-5)
             assert r.label == labels[int(np.argmax(row))] and r.score == max(r.probabilities.values())
-            assert r.adapter == name and r.adapter_version == "1"
+            assert r.adapter == name and r.adapter_version == 1
     # one text alone gets the same answer as inside a padded batch
     single = engine.classify(TEXTS[1], adapter="topic")[0]
     assert np.allclose(list(single.probabilities.values()),

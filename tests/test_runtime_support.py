@@ -76,6 +76,7 @@ def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") 
 
     from edgepeft.bundle.build import build_bundle
     from edgepeft.export import write_adapter
+    from edgepeft.release.package import create_adapter_update
 
     base = tiny_llama_dir(root / "base", vocab_size=VOCAB, initializer_range=0.2)
     byte_level_tokenizer(base)
@@ -89,10 +90,10 @@ def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") 
     upd = root / "updates"
     upd.mkdir()
     write_adapter(gamma, manifest["model"], upd / "alpha-2.onnx_adapter")
-    entry = dict(next(a for a in manifest["adapters"] if a["name"] == "alpha"))
-    entry.update(version=2, file="adapters/alpha-2.onnx_adapter")
+    create_adapter_update(bundle=res.bundle_dir, name="alpha", adapter=gamma, version=2, key=private_key,
+                          out=upd / "alpha-2.epu")
     return {"bundle": res.bundle_dir, "manifest": manifest, "model_info": manifest["model"],
-            "update": upd / "alpha-2.onnx_adapter", "update_entry": entry, "base": base}
+            "update": upd / "alpha-2.onnx_adapter", "package": upd / "alpha-2.epu", "base": base}
 
 
 def build_encoder_bundle(root: Path, private_key: Path) -> dict:

@@ -72,9 +72,12 @@ def test_adapter_header_matches_onnxruntime_and_maps_without_copy(tmp_path):
     ref = ort.AdapterFormat.read_adapter(str(tmp_path / "a.onnx_adapter")).get_parameters()
     assert {k: (list(p.shape), p.dtype) for k, p in h.params.items()} == \
         {k: (v.shape(), v.data_type()) for k, v in ref.items()}
-    mapped = map_arrays(tmp_path / "a.onnx_adapter", h)
-    for k, v in arrays.items():
+    data = (tmp_path / "a.onnx_adapter").read_bytes()
+    assert read_header(data) == h
+    mapped = map_arrays(data, h)
+    for k, v in arrays.items():  # views over the verified bytes themselves: no copy
         assert np.array_equal(mapped[k], v) and not mapped[k].flags.writeable
+        assert np.shares_memory(mapped[k], np.frombuffer(data, np.uint8))
     (tmp_path / "cut.onnx_adapter").write_bytes((tmp_path / "a.onnx_adapter").read_bytes()[:60])
     with pytest.raises(AdapterError, match="truncated|not a readable"):
         read_header(tmp_path / "cut.onnx_adapter")

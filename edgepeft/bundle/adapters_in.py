@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..spec.manifest import check_name
+from ..spec.names import check_name
 
 TRAINING_RECORD = "edgepeft_training.json"
 _TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}

@@ -21,9 +21,10 @@ from .. import __version__
 from ..errors import AdapterError, BuildError, UsageError
 from ..spec.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
 from ..spec.target import QuantSpec, TargetProfile, load_target
-from ..spec.verify import sha256_file
+from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, read_adapter
 from .archive import pack_bundle
+from .entries import adapter_entry, public_metrics, read_health_checks
 from .fit import check_fit
 from .signing import load_private_key, sign_manifest
 
@@ -50,25 +51,6 @@ class BuildResult:
                          for a in self.manifest["adapters"]],
             "files": files, "fit": self.fit,
         }
-
-
-def _read_health_checks(path: Path | None) -> list[dict]:
-    if path is None:
-        return []
-    checks = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read health-check file {path}: {exc.strerror or exc}") from exc
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            checks.append(json.loads(line))
-        except ValueError as exc:
-            raise UsageError(f"{path}:{n} is not a JSON object: {exc}",
-                             hint='one object per line, e.g. {"input": "hi", "expect": {"contains": "Northwind"}}') from exc
-    return checks
 
 
 def _tokenizer_files(tokenizer, dest: Path) -> dict:
@@ -170,14 +152,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             progress(f"adapter {a.name} v{a.version}: rank {a.rank} (slots take up to {rank}), {adapter_dtype}")
             info = export_api.write_adapter(a.path, exported.model_info, work / rel, dtype=adapter_dtype,
                                             name=a.name, version=a.version, labels=a.labels, pad=False)
-            entry = {"name": a.name, "version": a.version, "file": rel, "method": "lora", "rank": a.rank,
-                     "alpha": a.alpha, "base_fingerprint": fingerprint, "task": a.task, "dtype": adapter_dtype,
-                     "target_modules": a.target_modules, "metrics": a.metrics}
-            labels = a.labels or info.labels  # the training record's names win over PEFT's LABEL_n
-            if a.task == "classification":
-                entry["labels"] = list(labels or [])
-                entry["review_threshold"] = float(a.record.get("review_threshold", 0.6))
-            adapter_entries.append(entry)
+            adapter_entries.append(adapter_entry(a, file=rel, fingerprint=fingerprint, dtype=adapter_dtype,
+                                                 labels=info.labels))
         progress("tokenizer")
         from ..basemodel import load_tokenizer
 
@@ -203,13 +179,13 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             "generation": {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0,
                            "max_context": fit.context},
             "files": files, "adapters": adapter_entries,
-            "health_checks": _read_health_checks(Path(health_checks) if health_checks else None),
+            "health_checks": read_health_checks(health_checks),
             "merged_adapter": merge,
         }
         if merged is not None:
             data["model"] = data["model"] | {"merged": {
                 "name": merged.name, "version": merged.version, "rank": merged.rank, "alpha": merged.alpha,
-                "labels": data["model"].get("labels") or merged.labels, "metrics": merged.metrics,
+                "labels": data["model"].get("labels") or merged.labels, "metrics": public_metrics(merged.metrics),
                 "review_threshold": float(merged.record.get("review_threshold", 0.6))}}
         signed = sign_manifest(data, private_key)
         Manifest.from_dict(signed, str(work / MANIFEST_NAME))  # the manifest we write must parse on a device

@@ -64,3 +64,9 @@ def sign_manifest(data: dict, private_key) -> dict:
     signed["signature"] = {"algorithm": "ed25519", "key_id": key_id(private_key.public_key()),
                            "value": base64.b64encode(value).decode("ascii")}
     return signed
+
+
+def sign_bytes(message: bytes, private_key) -> dict:
+    """An Ed25519 signature of ``message`` exactly as given, in the form update packages carry."""
+    return {"algorithm": "ed25519", "key_id": key_id(private_key.public_key()),
+            "value": base64.b64encode(private_key.sign(message)).decode("ascii")}

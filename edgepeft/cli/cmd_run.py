@@ -36,20 +36,26 @@ def _keys(trusted_key: tuple[str, ...]) -> list[str]:
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's thread count.")
-@click.option("--store", type=click.Path(file_okay=False), default=None, help="Adapter store folder on the device.")
+@click.option("--state", type=click.Path(file_okay=False), default=None,
+              help="The device state folder of `edgepeft agent`: serve the adapter versions it installed.")
 @click.option("--audit", type=click.Path(dir_okay=False), default=None, help="Audit log file (JSON lines).")
 @click.option("--no-stream", is_flag=True, help="Print the answer at the end instead of as it is generated.")
 @click.option("--serve", is_flag=True, help="Serve an OpenAI-style HTTP API instead of answering once.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind with --serve.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-def command(bundle, trusted_key, prompt, raw, texts, adapter, max_new_tokens, temperature, top_p, threads, store,
+def command(bundle, trusted_key, prompt, raw, texts, adapter, max_new_tokens, temperature, top_p, threads, state,
             audit, no_stream, serve, host, port):
     """Run BUNDLE (a verified bundle directory): answer --prompt, --classify texts, or --serve."""
     if not serve and prompt is None and not texts:
         raise UsageError("nothing to do", hint="pass --prompt TEXT, --classify TEXT, or --serve")
     from ..runtime.engine import Engine
 
-    engine = Engine(bundle, _keys(trusted_key), threads=threads, store=store, audit=audit)
+    engine = Engine(bundle, _keys(trusted_key), threads=threads, audit=audit)
+    if state is not None:
+        from ..update.installer import Updater
+
+        for note in Updater(engine, state, read_only=True).notes:
+            click.echo(f"warning: {note}", err=True)
     if serve:
         from ..runtime.server import EngineServer
 

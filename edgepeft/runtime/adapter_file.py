@@ -98,46 +98,67 @@ class _Table:
         return out
 
 
-def read_header(path: str | Path) -> AdapterHeader:
-    """Names, shapes and dtypes of every parameter; raises :class:`AdapterError` if unreadable."""
-    path = Path(path)
+def read_header(source, name: str | None = None) -> AdapterHeader:
+    """Names, shapes and dtypes of every parameter of an adapter file (a path) or of its bytes
+    (a bytes-like object already verified by the caller). Raises :class:`AdapterError` if unreadable."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _parse_header(memoryview(source).cast("B"), name or "adapter")
+    path = Path(source)
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            root = _Table(buf, struct.unpack_from("<I", buf, 0)[0])
-            params = {}
-            for t in root.tables(3):
-                name = t.string(0)
-                code = t.int32(2)
-                dtype = ORT_TYPES.get(code)
-                if dtype is None:
-                    raise AdapterError(f"{path.name}: parameter {name!r} has unsupported data type {code}",
-                                       hint="export adapters with float32, float16 or int8 tensors")
-                start, n = t.bytes_span(3)
-                shape = tuple(t.int64s(1))
-                if start + n > len(buf) or n != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]:
-                    raise AdapterError(f"{path.name}: parameter {name!r} data does not match its shape {list(shape)}",
-                                       hint="the file is truncated or corrupted; fetch it again")
-                params[name] = AdapterParam(name, shape, dtype, n, start)
-            return AdapterHeader(root.int32(0), root.int32(1), root.int32(2), params)
+            return _parse_header(buf, str(path))
     except AdapterError:
         raise
-    except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError) as exc:
+    except (OSError, ValueError) as exc:
         raise AdapterError(f"{path} is not a readable .onnx_adapter file: {exc}",
                            hint="re-export the adapter with edgepeft build, or check the file was not truncated") from exc
 
 
-def map_arrays(path: str | Path, header: AdapterHeader) -> dict:
-    """Read-only numpy views of every parameter over one memory map of the file (no copy).
+def _parse_header(buf, source: str) -> AdapterHeader:
+    label = Path(source).name
+    try:
+        if len(buf) < 8:
+            raise ValueError("the file is too short")
+        root = _Table(buf, struct.unpack_from("<I", buf, 0)[0])
+        params = {}
+        for t in root.tables(3):
+            name = t.string(0)
+            code = t.int32(2)
+            dtype = ORT_TYPES.get(code)
+            if dtype is None:
+                raise AdapterError(f"{label}: parameter {name!r} has unsupported data type {code}",
+                                   hint="export adapters with float32, float16 or int8 tensors")
+            start, n = t.bytes_span(3)
+            shape = tuple(t.int64s(1))
+            if any(d < 0 for d in shape) or start + n > len(buf) or \
+                    n != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]:
+                raise AdapterError(f"{label}: parameter {name!r} data does not match its shape {list(shape)}",
+                                   hint="the file is truncated or corrupted; fetch it again")
+            if name in params:
+                raise AdapterError(f"{label}: parameter {name!r} appears twice", hint="re-export the adapter")
+            params[name] = AdapterParam(name, shape, dtype, n, start)
+        return AdapterHeader(root.int32(0), root.int32(1), root.int32(2), params)
+    except AdapterError:
+        raise
+    except (ValueError, struct.error, UnicodeDecodeError, IndexError, OverflowError) as exc:
+        raise AdapterError(f"{source} is not a readable .onnx_adapter file: {exc}",
+                           hint="re-export the adapter with edgepeft build, or check the file was not truncated") from exc
 
-    The pages are shared with the OS page cache and only read when a request uses them;
-    ``onnxruntime.OrtValue.ortvalue_from_numpy`` wraps these views without copying.
+
+def map_arrays(data, header: AdapterHeader) -> dict:
+    """Read-only numpy views of every parameter over ``data`` (the adapter's verified bytes; no copy).
+
+    ``onnxruntime.OrtValue.ortvalue_from_numpy`` wraps these views without copying, so the
+    bytes that were hashed are the bytes the session reads.
     """
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    buf = memoryview(data).cast("B")
     out = {}
     for p in header.params.values():
         if p.dtype not in _NUMPY:
-            raise AdapterError(f"{Path(path).name}: {p.dtype} tensors cannot be mapped",
-                               hint="export adapters with float32 or float16 tensors")
+            raise AdapterError(f"{p.name}: {p.dtype} tensors cannot be mapped",
+                               hint="export adapters with float32, float16 or int8 tensors")
         dt = np.dtype(_NUMPY[p.dtype])
-        out[p.name] = np.frombuffer(mm, dtype=dt, count=p.nbytes // dt.itemsize, offset=p.offset).reshape(p.shape)
+        arr = np.frombuffer(buf, dtype=dt, count=p.nbytes // dt.itemsize, offset=p.offset).reshape(p.shape)
+        arr.flags.writeable = False
+        out[p.name] = arr
     return out

@@ -53,7 +53,7 @@ def classify_batch(engine, texts, adapter: str | None) -> list[Classification]:
     status = "error"
     chosen = []
     try:
-        with engine.registry.activate(adapter) as (run_options, chosen):
+        with engine.registry.activate(adapter) as chosen:
             a = chosen[0] if chosen else None
             merged = engine.model_info.get("merged") or {}  # a merged bundle carries its head's labels
             labels = list(a.labels) if a is not None and a.labels else \
@@ -63,7 +63,7 @@ def classify_batch(engine, texts, adapter: str | None) -> list[Classification]:
                                    hint=f"name an adapter: {', '.join(engine.registry.names()) or 'none loaded'}")
             own = a.review_threshold if a is not None else merged.get("review_threshold")
             threshold = float(own if own is not None else engine.review_threshold)
-            logits = engine.session.run(["logits"], feeds, run_options)[0]
+            logits = engine.session.run(["logits"], feeds | engine.registry.feeds(chosen))[0]
             if logits.ndim != 2 or logits.shape[1] != len(labels):
                 raise EngineError(f"the model returned {list(logits.shape)} logits for {len(labels)} labels",
                                   hint="the adapter's head and its label list disagree; rebuild the adapter")

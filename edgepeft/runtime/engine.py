@@ -2,36 +2,38 @@
 
 ``Engine(bundle_dir, trusted_keys)`` checks the manifest signature and every
 file's hash before anything is loaded, opens one session with the target's
-providers and threads, and memory-maps the bundle's adapters (plus newer ones
-from the on-device adapter store). Requests name their adapter; requests with
-different adapters run concurrently on the same session. A refused request
-(bad input, unknown adapter, ...) raises and leaves the engine as it was.
+providers and threads, and loads the bundle's adapters from the very bytes it
+hashed. Requests name their adapter; requests with different adapters run
+concurrently on the same session. A refused request (bad input, unknown
+adapter, ...) raises and leaves the engine as it was.
+
+Newer adapter versions arrive as signed update packages through
+:mod:`edgepeft.update`, which uses the small public interface at the end of
+this class (prepare, serve, health-check) and never the engine's internals.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError
+from ..errors import AdapterError, BundleError, EngineError, SpecError
 from .audit import AuditLog, text_digest
 from .detok import IncrementalDetokenizer, StopMatcher
-from .registry import AdapterRegistry, parse_slots
+from .registry import AdapterRegistry, LoadedAdapter, parse_slots
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import open_session
-from ..update.store import AdapterStore, version_key
 
 
 class Engine:
     """A loaded bundle. Thread-safe.
 
-    - ``trusted_keys``: the device's trusted Ed25519 public keys (PEM paths or bytes).
+    - ``trusted_keys``: the device's trusted Ed25519 public keys (PEM paths or bytes); they
+      also verify the update packages this engine is given.
     - ``providers`` / ``threads``: override the bundle target's provider order and thread count.
-    - ``store``: an :class:`AdapterStore` (or its folder) with adapters installed on the device.
     - ``audit``: an :class:`AuditLog` (or a path) recording which adapter version answered.
 
     Raises :class:`BundleError` (incl. ``SignatureError``/``IntegrityError``) for a bundle
@@ -39,48 +41,54 @@ class Engine:
     """
 
     def __init__(self, bundle_dir: str | Path, trusted_keys: Iterable = (), *, providers: Sequence[str] | None = None,
-                 threads: int | None = None, store: AdapterStore | str | Path | None = None,
-                 audit: AuditLog | str | Path | None = None, review_threshold: float = 0.6,
+                 threads: int | None = None, audit: AuditLog | str | Path | None = None,
+                 review_threshold: float = 0.6,
                  max_concurrent: int = 4, spinning: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..spec.verify import verify_bundle, verify_files
+        from ..spec.verify import load_public_key, read_verified, verify_bundle, verify_files
 
         t0 = time.perf_counter()
         self.bundle_dir = Path(bundle_dir)
+        self.trusted_keys = [load_public_key(k) for k in trusted_keys]
         try:
             # signature and schema first; file hashes below, the graph's before onnxruntime parses it
-            self.manifest = verify_bundle(self.bundle_dir, list(trusted_keys), check_files=False)
+            self.manifest = verify_bundle(self.bundle_dir, self.trusted_keys, check_files=False)
         except SpecError as exc:
             raise BundleError(f"bundle manifest is invalid: {exc.message}", hint=exc.hint or "rebuild the bundle") from exc
         m = self.manifest
         graph = m.model.get("graph", "model.onnx")
-        verify_files(self.bundle_dir, m, [graph])
+        # every file the engine uses is read once and loaded from the bytes that were hashed
+        model_bytes = read_verified(self.bundle_dir, m.file(graph))
+        tok_name = m.tokenizer.get("file", "tokenizer.json")
+        used = {graph, tok_name} | {a.file for a in m.adapters}
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
-            # hash the other files (adapters, tokenizer) on another core while the session is built;
-            # nothing reads them before this check has passed
-            rest = pool.submit(verify_files, self.bundle_dir, m, [f.path for f in m.files if f.path != graph])
+            # on another core while the session is built: the tokenizer and any other listed file
+            tok = pool.submit(read_verified, self.bundle_dir, m.file(tok_name))
+            rest = pool.submit(verify_files, self.bundle_dir, m, [f.path for f in m.files if f.path not in used])
             try:
-                self._open(m, graph, providers, threads, spinning, review_threshold, max_concurrent)
+                self._open(m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent)
             finally:
+                del model_bytes
                 rest.result()
-        self._load_adapters(m, store)
+                tok_bytes = tok.result()
+        self._load_adapters(m, tok_bytes)
         self.audit = AuditLog(audit) if isinstance(audit, (str, Path)) else audit
         self.open_seconds = time.perf_counter() - t0
 
-    def _open(self, m, graph, providers, threads, spinning, review_threshold, max_concurrent) -> None:
+    def _open(self, m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent) -> None:
         self.model_info = dict(m.model)
         self.task = m.base.get("task", self.model_info.get("task", "causal-lm"))
         self.base_fingerprint = m.base["fingerprint"]
         target = m.target or {}
         self.providers = list(providers or target.get("providers") or ["CPUExecutionProvider"])
         self.threads = int(threads or target.get("threads") or 1)
-        self.session = open_session(self.bundle_dir / graph, providers=self.providers, threads=self.threads,
-                                    spinning=spinning)
+        self.session = open_session(model_bytes, providers=self.providers, threads=self.threads,
+                                    spinning=spinning, name=m.model.get("graph", "model.onnx"))
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
         slots = parse_slots(self.model_info, overridable)
         self.registry = AdapterRegistry(slots, self.base_fingerprint, self.model_info.get("slot_rank") or None,
-                                        task=self.task, mode="bind" if self.task == "causal-lm" else "runoptions")
+                                        task=self.task)
         gen = dict(m.generation or {})
         self.generation_defaults = gen
         self.max_context = int(min(x for x in (gen.get("max_context"), self.model_info.get("max_context")) if x))
@@ -97,73 +105,87 @@ class Engine:
                                         head_dim=mi["head_dim"], vocab_size=mi["vocab_size"],
                                         max_context=self.max_context, max_contexts=max_concurrent)
         self.warnings: list[str] = []
-        self._cache: Path | None = None
-        self._install_lock = threading.Lock()
 
-    def _load_adapters(self, m, store) -> None:
+    def _load_adapters(self, m, tokenizer_json: bytes) -> None:
         from .text import TextCodec
 
-        self.codec = TextCodec(self.bundle_dir, m.tokenizer)
+        self.codec = TextCodec(tokenizer_json, m.tokenizer)
         for entry in m.adapters:
-            meta = entry.to_dict() | {"sha256": "sha256:" + m.file(entry.file).sha256}
-            self.registry.load(self._fp32(self.bundle_dir / entry.file), meta, name=entry.name)
-        self.store = AdapterStore(store) if isinstance(store, (str, Path)) else store
-        if self.store is not None:
-            self._load_from_store()
+            self.registry.put(self.bundled_adapter(entry.name))
 
     # -- adapters -------------------------------------------------------------------------
-    def _fp32(self, path: Path) -> Path:
-        """Bundle adapters shipped as fp16/int8 are expanded once into a private cache folder."""
-        from .adapter_file import read_header
-        from ..update.install import compact_payload, expand_payload
-
-        if not compact_payload(read_header(path)):
-            return path
-        if self._cache is None:
-            import tempfile
-
-            self._cache = Path(tempfile.mkdtemp(prefix="edgepeft-adapters-"))
-        return expand_payload(path, self._cache / path.name)
-
-    def _load_from_store(self) -> None:
-        for stored in self.store.list():
-            loaded = self.registry.names()
-            if stored.name in loaded:
-                current = self.registry.get(stored.name).version
-                if version_key(stored.version) <= version_key(current):
-                    continue
-            try:
-                self.registry.load(stored.path, stored.meta, name=stored.name, replace=True)
-            except EdgePeftError as exc:
-                self.warnings.append(f"stored adapter {stored.name} {stored.version} skipped: {exc.message}")
-
     def adapters(self) -> list[dict]:
-        """Loaded adapters: name, version, rank, task, bytes, labels, in-use count."""
+        """Adapters in service: name, version, rank, task, bytes, labels, in-use count."""
         return self.registry.describe()
 
-    def load_adapter(self, path: str | Path, meta: dict | None = None, *, name: str | None = None) -> dict:
-        """Check and memory-map an adapter file. ``meta`` is its manifest entry (base fingerprint,
-        version, rank, labels...); without it, ``<file>.json`` beside the file is read.
-        Raises :class:`AdapterError` (another base, wrong slots or rank, name taken)."""
-        path = Path(path)
-        if meta is None:
-            sidecar = path.with_name(path.name + ".json")
-            if not sidecar.is_file():
-                raise AdapterError(f"no metadata for adapter {path.name}",
-                                   hint=f"pass meta= (its manifest entry) or put it in {sidecar.name}")
-            import json
+    def bundled_adapter(self, name: str) -> LoadedAdapter:
+        """The version of ``name`` this bundle carries, read and hashed again from the bundle and
+        prepared (not served). Raises :class:`AdapterError` if the bundle carries no such adapter,
+        :class:`IntegrityError` if its file no longer matches the manifest."""
+        from ..spec.verify import read_verified
 
-            try:
-                meta = json.loads(sidecar.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise AdapterError(f"{sidecar.name} is not readable JSON: {exc}", hint="rewrite it") from exc
-        return self.registry.load(path, meta, name=name).describe()
+        try:
+            entry = self.manifest.adapter(name)
+        except SpecError as exc:
+            raise AdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
+        f = self.manifest.file(entry.file)
+        data = read_verified(self.bundle_dir, f)
+        return self.registry.prepare(data, entry.to_dict() | {"sha256": f.sha256}, name=entry.name)
+
+    def load_adapter(self, package, *, name: str | None = None) -> dict:
+        """Verify a signed adapter update package (``.epu`` path or bytes) with this engine's trusted
+        keys and serve it until the engine closes (nothing is stored: :mod:`edgepeft.update` installs
+        durably). ``name`` serves it under another name. Raises :class:`SignatureError`,
+        :class:`IntegrityError` or :class:`AdapterError` (another base, slots or rank; name taken)."""
+        from ..spec.update import read_update
+
+        data = package if isinstance(package, (bytes, bytearray, memoryview)) else Path(package).read_bytes()
+        envelope, payload = read_update(data, self.trusted_keys, source=str(package)[:200]
+                                        if not isinstance(package, (bytes, bytearray, memoryview)) else "update")
+        loaded = self.prepare_adapter(envelope, payload, name=name)
+        self.registry.put(loaded, replace=False)
+        return loaded.describe()
 
     def unload_adapter(self, name: str) -> None:
-        """Unload ``name``; raises :class:`AdapterError` while a request uses it."""
+        """Take ``name`` out of service; raises :class:`AdapterError` while a request uses it."""
         gone = self.registry.unload(name)
         if self.runner is not None:
             self.runner.drop_adapter(gone.key)
+
+    # -- what the updater uses (edgepeft.update) -------------------------------------------
+    def prepare_adapter(self, envelope, payload, *, name: str | None = None) -> LoadedAdapter:
+        """Check a verified update's adapter against this graph and make it ready, without serving it.
+
+        ``envelope`` is a verified :class:`~edgepeft.spec.update.Envelope` of type "adapter" and
+        ``payload`` its verified bytes; the tensors are views over those bytes. Raises
+        :class:`AdapterError` (another base, task, slots or rank) or :class:`BundleError`.
+        """
+        meta = envelope.meta
+        if meta.type != "adapter" or meta.adapter is None:
+            raise BundleError(f"update {meta.name} is a {meta.type} update, not an adapter",
+                              hint="bundle updates are installed by the device agent")
+        entry = meta.adapter.to_dict() | {"sha256": meta.payload_sha256}
+        loaded = self.registry.prepare(payload, entry, name=name or meta.adapter.name)
+        slots = set(meta.slots)
+        if slots and not set(loaded.params) <= slots:
+            raise AdapterError(f"update {meta.name} v{meta.version} sets tensors its signed slot list does not name",
+                               hint="recreate the update with `edgepeft update create`")
+        return loaded
+
+    def serve_adapter(self, adapter: LoadedAdapter) -> LoadedAdapter | None:
+        """Put a prepared adapter into service under its name. Requests already running finish on
+        the version they started with; returns that replaced version (or None)."""
+        old = self.registry.put(adapter)
+        if old is not None and old is not adapter and self.runner is not None:
+            self.runner.drop_adapter(old.key)
+        return old
+
+    def health_check(self, checks: Sequence, adapter: LoadedAdapter | str | None = None) -> list[str]:
+        """Run health checks (spec ``HealthCheck`` objects or dicts: input, expect, max_new_tokens)
+        with ``adapter`` (served or only prepared); return one message per failure, [] when all pass."""
+        from .health import run_health_checks
+
+        return run_health_checks(self, checks, adapter)
 
     # -- generation -----------------------------------------------------------------------
     def _require(self, task: str) -> None:
@@ -214,9 +236,10 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) for s in stops):
             raise EngineError("stop must be a string or a list of strings", hint='e.g. stop=["\\n\\n"]')
-        names = [adapter] if isinstance(adapter, str) else list(adapter or [])
+        names = [adapter] if isinstance(adapter, (str, LoadedAdapter)) else list(adapter or [])
         for n in names:
-            self.registry.get(n)  # unknown names fail here, before anything runs
+            if not isinstance(n, LoadedAdapter):
+                self.registry.get(n)  # unknown names fail here, before anything runs
         out = Stream(iter(()))
         pieces = self._pieces(ids, names, n_new, params, stops, out, text_digest(str(prompt or messages)))
         out._pieces = pieces
@@ -233,7 +256,7 @@ class Engine:
         status = "error"
         text, gen_ids, finish = [], [], "length"
         eos = set(self.codec.eos_ids)
-        with self.registry.activate(names) as (_, chosen):
+        with self.registry.activate(names) as chosen:
             values = (v for a in chosen for v in a.values)  # read only when a context first binds them
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
@@ -268,7 +291,7 @@ class Engine:
                 out.result = GenerationResult(
                     text="".join(text), token_ids=gen_ids, finish_reason=finish if status == "ok" else status,
                     prompt_tokens=len(ids), adapter="+".join(x.name for x in chosen) or None,
-                    adapter_version="+".join(x.version for x in chosen) or None, request_id=request_id,
+                    adapter_version=_versions(chosen), request_id=request_id,
                     seconds=time.perf_counter() - t0, first_token_seconds=first)
                 self._audit("generate", out.result.request_id, chosen, status, digest,
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
@@ -293,27 +316,14 @@ class Engine:
                           adapters=[{"name": a.name, "version": a.version, "sha256": a.meta.get("sha256")}
                                     for a in chosen], input_sha256=digest, **extra)
 
-    # -- updates --------------------------------------------------------------------------
-    def install_adapter(self, path: str | Path, entry, *, health_checks: Sequence = (), sha256: str | None = None):
-        """Install a new adapter version into the store, switch to it, run its health checks.
-
-        ``entry`` is the update's :class:`~edgepeft.spec.AdapterEntry` (or its dict). On a failed
-        check the store rolls back, the engine keeps serving the previous version, and
-        :class:`~edgepeft.errors.StoreError` says why. Raises :class:`AdapterError` before
-        writing anything if the adapter does not fit this base.
-        """
-        from ..update.install import install_with_checks
-
-        return install_with_checks(self, Path(path), entry, health_checks, sha256)
-
-    def rollback_adapter(self, name: str, reason: str = "requested"):
-        """Switch ``name`` back to its previous stored version (and serve it)."""
-        from ..update.install import rollback
-
-        return rollback(self, name, reason)
-
     def info(self) -> dict:
         return {"base": self.manifest.base, "task": self.task, "providers": self.session.get_providers(),
                 "threads": self.threads, "max_context": self.max_context, "adapters": self.adapters(),
                 "open_seconds": round(self.open_seconds, 4)}
 
+
+def _versions(chosen):
+    """The answering adapter's version (an int), a list of them for several adapters, or None."""
+    if not chosen:
+        return None
+    return chosen[0].version if len(chosen) == 1 else [a.version for a in chosen]

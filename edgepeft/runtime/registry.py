@@ -1,4 +1,4 @@
-"""Loaded adapters: compatibility checks, memory-mapped loading, per-request activation.
+"""Loaded adapters: compatibility checks, loading from verified bytes, per-request activation.
 
 Why the checks: ONNX Runtime accepts any adapter whose tensor names match graph
 inputs and only fails (or silently misbehaves) at run time: an adapter for
@@ -16,10 +16,10 @@ import threading
 import numpy as np
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from ..errors import AdapterError
+from ..spec.adapter_payload import SCALE_SUFFIX
 from .adapter_file import AdapterHeader, map_arrays, read_header
 
 _SERIAL = itertools.count(1)  # identifies each loaded adapter object for the decode contexts' bindings
@@ -66,11 +66,14 @@ def _rank_of(dim, actual: int) -> int | None:
 
 @dataclass
 class LoadedAdapter:
-    """An adapter ready for requests: ORT's memory-mapped ``LoraAdapter`` plus what the checks found."""
+    """An adapter ready for requests: its tensors (from verified bytes) plus what the checks found.
+
+    Prepared adapters are not in service until :meth:`AdapterRegistry.put` publishes them, so
+    an update can be health-checked on the very object that will serve.
+    """
 
     name: str
-    version: str
-    path: Path
+    version: int
     rank: int
     base_fingerprint: str
     params: frozenset
@@ -79,9 +82,8 @@ class LoadedAdapter:
     labels: tuple | None = None
     review_threshold: float | None = None
     meta: dict = field(default_factory=dict)
-    handle: object = None  # onnxruntime.LoraAdapter (mode "runoptions")
-    values: tuple = ()  # ((slot name, OrtValue over the memory map), ...) (mode "bind")
-    arrays: dict = field(default_factory=dict, repr=False)  # keeps the mapped views alive
+    values: tuple = ()  # ((slot name, OrtValue over the arrays), ...) for IOBinding
+    arrays: dict = field(default_factory=dict, repr=False)  # slot name -> read-only array (keeps the bytes alive)
     in_use: int = 0
     serial: int = field(default_factory=lambda: next(_SERIAL))
 
@@ -93,14 +95,21 @@ class LoadedAdapter:
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "rank": self.rank, "task": self.task,
-                "base_fingerprint": self.base_fingerprint, "bytes": self.nbytes, "in_use": self.in_use,
-                "labels": list(self.labels) if self.labels else None,
-                "review_threshold": self.review_threshold}
+                "method": self.meta.get("method", "lora"), "base_fingerprint": self.base_fingerprint,
+                "bytes": self.nbytes, "in_use": self.in_use, "labels": list(self.labels) if self.labels else None,
+                "review_threshold": self.review_threshold, "sha256": self.meta.get("sha256")}
+
+
+COMPACT = {"tensor(float16)", "tensor(int8)"}
 
 
 def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpec], base_fingerprint: str,
-                  slot_rank: int | None, task: str, source: str) -> int:
-    """Check an adapter file against the graph; return its (padded) rank. Raises :class:`AdapterError`."""
+                  slot_rank: int | None, task: str, source: str, compact: bool = False) -> int:
+    """Check an adapter file against the graph; return its rank. Raises :class:`AdapterError`.
+
+    With ``compact``, fp16/int8 payloads (and their ``.scale`` tensors) are accepted for float
+    slots: they are expanded to the slot's dtype before they are used.
+    """
     fp = meta.get("base_fingerprint")
     if not fp:
         raise AdapterError(f"{source} does not say which base it was trained for",
@@ -116,11 +125,13 @@ def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpe
         raise AdapterError(f"{source} holds no tensors", hint="re-export the adapter")
     ranks = set()
     for p in header.params.values():
+        if compact and p.name.endswith(SCALE_SUFFIX) and p.name[: -len(SCALE_SUFFIX)] in header.params:
+            continue
         slot = slots.get(p.name)
         if slot is None:
             raise AdapterError(f"{source}: tensor {p.name!r} matches no adapter slot of this graph",
                                hint="the adapter targets modules the bundle was not exported with; rebuild it for this bundle")
-        if p.dtype != slot.dtype:
+        if p.dtype != slot.dtype and not (compact and p.dtype in COMPACT and slot.dtype == "tensor(float)"):
             raise AdapterError(f"{source}: tensor {p.name!r} is {p.dtype}, the slot takes {slot.dtype}",
                                hint="export the adapter with the bundle's adapter dtype")
         if len(p.shape) != len(slot.dims):
@@ -147,65 +158,67 @@ def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpe
 
 
 class AdapterRegistry:
-    """Adapters by name. Thread-safe; loading and activation never touch the base session."""
+    """Adapters by name. Thread-safe; preparing and activating never touch the base session."""
 
     def __init__(self, slots: dict[str, SlotSpec], base_fingerprint: str, slot_rank: int | None = None,
-                 task: str = "causal-lm", mode: str = "runoptions"):
-        """``mode``: "runoptions" loads ``onnxruntime.LoraAdapter`` (activated with
-        ``RunOptions.add_active_adapter``); "bind" maps the tensors for IOBinding, which
-        ignores RunOptions adapters. Both memory-map the file."""
+                 task: str = "causal-lm"):
         self.slots, self.base_fingerprint, self.slot_rank, self.task = slots, base_fingerprint, slot_rank, task
-        self.mode = mode
         self._adapters: dict[str, LoadedAdapter] = {}
         self._lock = threading.Lock()
 
-    def load(self, path: str | Path, meta: dict, *, name: str | None = None, replace: bool = False) -> LoadedAdapter:
-        """Check and memory-map an adapter file. ``meta`` holds the manifest entry's fields
-        (``base_fingerprint``, ``version``, ``rank``, ``task``, ``labels``, ``review_threshold``).
+    def prepare(self, data, meta: dict, *, name: str | None = None) -> LoadedAdapter:
+        """Check an adapter's bytes against the graph and make its tensors ready, without serving it.
 
-        With ``replace``, a loaded adapter of the same name is swapped for new requests while
-        requests already running finish on the old one. Raises :class:`AdapterError`.
+        ``data`` is the adapter file's content, already verified by the caller (bundle hash or
+        signed update): the tensors are views over these very bytes (compact fp16/int8 payloads
+        are expanded from them). ``meta`` holds the manifest entry's fields (``base_fingerprint``,
+        ``version``, ``rank``, ``task``, ``labels``, ``review_threshold``). Raises :class:`AdapterError`.
         """
         import onnxruntime as ort
 
-        path = Path(path)
-        name = name or meta.get("name") or path.stem
-        if not path.is_file():
-            raise AdapterError(f"adapter file {path} does not exist", hint="check the path")
-        header = read_header(path)
+        from ..spec.adapter_payload import expand_arrays
+
+        name = name or meta.get("name")
+        if not name:
+            raise AdapterError("an adapter needs a name", hint="its manifest or update entry names it")
+        source = f"adapter {name!r}"
+        header = read_header(data, source)
         rank = check_adapter(header, meta, slots=self.slots, base_fingerprint=self.base_fingerprint,
-                             slot_rank=self.slot_rank, task=self.task, source=f"adapter {name!r} ({path.name})")
+                             slot_rank=self.slot_rank, task=self.task, source=source, compact=True)
         labels = tuple(meta["labels"]) if meta.get("labels") else None
         if self.task == "classification" and not labels:
             raise AdapterError(f"classification adapter {name!r} lists no labels",
                                hint="its manifest entry must carry the label names")
-        handle, values, arrays = None, (), {}
         try:
-            params = frozenset(header.params)
-            if self.mode == "bind":
-                arrays = map_arrays(path, header)
-                params = active_params(arrays)
-                arrays = {k: v for k, v in arrays.items() if k in params}
-                values = tuple((k, ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays.items())
-            else:
-                handle = ort.LoraAdapter()
-                handle.Load(str(path))
+            arrays = map_arrays(data, header)
+            if any(p.dtype != "tensor(float)" for p in header.params.values()):
+                arrays = {k: v for k, v in expand_arrays(arrays).items()}
+                for v in arrays.values():
+                    v.flags.writeable = False
+            params = active_params(arrays)
+            arrays = {k: v for k, v in arrays.items() if k in params}
+            values = tuple((k, ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays.items())
         except AdapterError:
             raise
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise AdapterError(f"onnxruntime cannot load adapter {name!r}: {exc}",
+        except Exception as exc:  # numpy/onnxruntime raise their own exception types
+            raise AdapterError(f"{source} cannot be loaded: {exc}",
                                hint="re-export the adapter; the file may be truncated") from exc
-        loaded = LoadedAdapter(name=name, version=str(meta.get("version", "0")), path=path, rank=rank,
-                               base_fingerprint=meta["base_fingerprint"], params=params,
-                               nbytes=header.nbytes, task=self.task, labels=labels,
-                               review_threshold=meta.get("review_threshold"), meta=dict(meta), handle=handle,
-                               values=values, arrays=arrays)
+        return LoadedAdapter(name=name, version=int(meta.get("version") or 0), rank=rank,
+                             base_fingerprint=meta["base_fingerprint"], params=params,
+                             nbytes=sum(v.nbytes for v in arrays.values()), task=self.task, labels=labels,
+                             review_threshold=meta.get("review_threshold"), meta=dict(meta), values=values,
+                             arrays=arrays)
+
+    def put(self, adapter: LoadedAdapter, *, replace: bool = True) -> LoadedAdapter | None:
+        """Serve ``adapter`` under its name; return the one it replaced (requests already running
+        finish on that one). Raises :class:`AdapterError` when the name is taken and not ``replace``."""
         with self._lock:
-            if name in self._adapters and not replace:
-                raise AdapterError(f"an adapter named {name!r} is already loaded",
-                                   hint="unload it first, or install the new version through the adapter store")
-            self._adapters[name] = loaded
-        return loaded
+            old = self._adapters.get(adapter.name)
+            if old is not None and not replace:
+                raise AdapterError(f"an adapter named {adapter.name!r} is already loaded",
+                                   hint="unload it first, or install the new version as a signed update")
+            self._adapters[adapter.name] = adapter
+            return old
 
     def unload(self, name: str) -> LoadedAdapter:
         """Drop ``name``; refused while a request uses it. Returns what was unloaded."""
@@ -217,7 +230,7 @@ class AdapterRegistry:
             return self._adapters.pop(name)
 
     def _get(self, name: str) -> LoadedAdapter:
-        a = self._adapters.get(name)
+        a = self._adapters.get(name) if isinstance(name, str) else None
         if a is None:
             known = ", ".join(sorted(self._adapters)) or "none"
             raise AdapterError(f"unknown adapter {name!r}", hint=f"loaded adapters: {known}")
@@ -232,11 +245,6 @@ class AdapterRegistry:
         with self._lock:
             return self._adapters.get(name)
 
-    def put(self, adapter: LoadedAdapter) -> None:
-        """Put an already checked adapter (back) into service under its name."""
-        with self._lock:
-            self._adapters[adapter.name] = adapter
-
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._adapters)
@@ -246,36 +254,35 @@ class AdapterRegistry:
             return [a.describe() for _, a in sorted(self._adapters.items())]
 
     @contextmanager
-    def activate(self, names: str | Sequence[str] | None) -> Iterator[tuple[object, list[LoadedAdapter]]]:
-        """Yield ``(RunOptions or None in "bind" mode, adapters)``; counts them as in use meanwhile.
+    def activate(self, names) -> Iterator[list[LoadedAdapter]]:
+        """Yield the adapters for a request; counts them as in use meanwhile.
 
-        Raises :class:`AdapterError` for an unknown name or adapters whose tensors overlap
-        (ONNX Runtime would silently let the first one win).
+        ``names``: None, a name, or a list of names and/or prepared :class:`LoadedAdapter` objects
+        (an update under its health check runs before it is served). Raises :class:`AdapterError`
+        for an unknown name or adapters whose tensors overlap (ONNX Runtime would silently let the
+        first one win).
         """
-        import onnxruntime as ort
-
         if names is None:
             names = []
-        elif isinstance(names, str):
+        elif isinstance(names, (str, LoadedAdapter)):
             names = [names]
-        names = list(dict.fromkeys(names))
         with self._lock:
-            chosen = [self._get(n) for n in names]
+            chosen = list({id(a): a for a in (n if isinstance(n, LoadedAdapter) else self._get(n)
+                                              for n in names)}.values())
             if len(chosen) > 1:
                 check_disjoint(chosen)
             for a in chosen:
                 a.in_use += 1
         try:
-            ro = None
-            if self.mode != "bind":  # IOBinding ignores RunOptions adapters; skip building one
-                ro = ort.RunOptions()
-                for a in chosen:
-                    ro.add_active_adapter(a.handle)
-            yield ro, chosen
+            yield chosen
         finally:
             with self._lock:
                 for a in chosen:
                     a.in_use -= 1
+
+    def feeds(self, chosen: Sequence[LoadedAdapter]) -> dict:
+        """``{slot name: array}`` of ``chosen``, for ``session.run`` (slots are graph inputs)."""
+        return {k: v for a in chosen for k, v in a.arrays.items()}
 
 
 def slot_group(name: str) -> str:

@@ -15,7 +15,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     adapter: str | None
-    adapter_version: str | None
+    adapter_version: int | list | None  # one adapter: its version; several: their versions in order
     request_id: str
     seconds: float = 0.0
     first_token_seconds: float | None = None
@@ -41,7 +41,7 @@ class Classification:
     needs_review: bool
     threshold: float
     adapter: str | None
-    adapter_version: str | None
+    adapter_version: int | None
     request_id: str = ""
 
     def to_dict(self) -> dict:

@@ -49,13 +49,16 @@ def session_options(threads: int, *, spinning: bool = True, optimized_model: Pat
     return so
 
 
-def open_session(model_path: Path, *, providers: Sequence[str] | None, threads: int, spinning: bool = True):
-    """One InferenceSession; raises :class:`BundleError` when the graph cannot be loaded."""
+def open_session(model, *, providers: Sequence[str] | None, threads: int, spinning: bool = True,
+                 name: str = "model.onnx"):
+    """One InferenceSession from the graph's verified bytes (or a path); raises :class:`BundleError`
+    when the graph cannot be loaded."""
     import onnxruntime as ort
 
     so = session_options(threads, spinning=spinning)
     try:
-        return ort.InferenceSession(str(model_path), so, providers=choose_providers(providers))
+        src = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else str(model)
+        return ort.InferenceSession(src, so, providers=choose_providers(providers))
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise BundleError(f"onnxruntime cannot load {Path(model_path).name}: {str(exc)[:300]}",
+        raise BundleError(f"onnxruntime cannot load {name}: {str(exc)[:300]}",
                           hint="the bundle may need a newer onnxruntime, or was built for another target") from exc

@@ -9,7 +9,6 @@ helpers transformers provides (``raise_exception``, ``bos_token``,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from ..errors import BundleError, EngineError
@@ -18,14 +17,15 @@ from ..errors import BundleError, EngineError
 class TextCodec:
     """Encode prompts, decode ids, render chat messages. Raises :class:`BundleError` if the files are unusable."""
 
-    def __init__(self, bundle_dir: Path, info: dict):
+    def __init__(self, tokenizer_json: bytes, info: dict):
+        """``tokenizer_json``: the verified bytes of the bundle's tokenizer file."""
         from tokenizers import Tokenizer
 
-        path = Path(bundle_dir) / info.get("file", "tokenizer.json")
+        name = info.get("file", "tokenizer.json")
         try:
-            self.tok = Tokenizer.from_file(str(path))
+            self.tok = Tokenizer.from_str(bytes(tokenizer_json).decode("utf-8"))
         except Exception as exc:  # tokenizers raises plain Exception
-            raise BundleError(f"cannot read the bundle's tokenizer {path.name}: {exc}",
+            raise BundleError(f"cannot read the bundle's tokenizer {name}: {exc}",
                               hint="the bundle is incomplete; copy it again") from exc
         self.tok.no_padding()
         self.tok.no_truncation()

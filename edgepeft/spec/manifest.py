@@ -15,20 +15,12 @@ from pathlib import Path
 
 from ..errors import SpecError
 from ._fields import Fields
+from .names import check_name
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TASKS = ("causal-lm", "classification")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_name(value: str, source: str, field_name: str) -> str:
-    """Adapter and file names travel into paths on the device: keep them tame."""
-    if not _NAME_RE.match(value or ""):
-        raise SpecError(source, field_name, f"{value!r} is not a valid name",
-                        hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    return value
 
 
 def _safe_relpath(value: str, source: str, field_name: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from ..errors import IntegrityError, SignatureError
+from .names import sha256_file
 from .manifest import MANIFEST_NAME, Manifest, canonical_bytes, read_manifest_dict
 
 KeyLike = Union[str, os.PathLike, bytes, "Ed25519PublicKey"]  # noqa: F821
@@ -59,46 +60,66 @@ def key_id(public_key) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def verify_signature(data: dict, trusted_keys: Iterable[KeyLike], source: str = MANIFEST_NAME) -> str:
-    """Check ``data['signature']`` against the trusted keys; return the signing key id.
-
-    Raises :class:`SignatureError` when the signature is missing, malformed, made
-    by an untrusted key, or does not match the content.
-    """
-    from cryptography.exceptions import InvalidSignature
-
+def _trusted(trusted_keys: Iterable[KeyLike]) -> dict:
     keys = [load_public_key(k) for k in trusted_keys]
     if not keys:
         raise SignatureError("no trusted public key was given, so nothing can be verified",
                              hint="pass --trusted-key with the .pub file from `edgepeft keygen`")
+    return {key_id(k): k for k in keys}
+
+
+def verify_detached(message: bytes, signatures: list, trusted_keys: Iterable[KeyLike], source: str) -> str:
+    """Check that one of ``signatures`` (``{"algorithm": "ed25519", "key_id", "value"}`` dicts) is a
+    valid signature of ``message`` by a trusted key; return that key's id.
+
+    Several signatures let a fleet rotate keys (sign with the old and the new one). Raises
+    :class:`SignatureError` when none is by a trusted key, or a trusted key's signature does not match.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    by_id = _trusted(trusted_keys)
+    seen = []
+    for sig in signatures:
+        if not isinstance(sig, dict) or sig.get("algorithm") != "ed25519":
+            continue
+        kid = sig.get("key_id")
+        seen.append(repr(kid))
+        key = by_id.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            continue
+        try:
+            value = base64.b64decode(sig.get("value", ""), validate=True)
+            key.verify(value, message)
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise SignatureError(f"{source}: the signature is not valid base64",
+                                 hint="recreate it; it was corrupted") from exc
+        except InvalidSignature as exc:
+            raise SignatureError(f"{source}: the signature does not match its content (tampered or corrupted)",
+                                 hint="fetch it again from its source") from exc
+        return kid
+    if not seen:
+        raise SignatureError(f"{source} is not signed with ed25519",
+                             hint="sign it with a key from `edgepeft keygen`")
+    raise SignatureError(f"{source} was signed by key {', '.join(seen)}, which this device does not trust",
+                         hint=f"trusted key ids: {', '.join(by_id)}")
+
+
+def verify_signature(data: dict, trusted_keys: Iterable[KeyLike], source: str = MANIFEST_NAME) -> str:
+    """Check ``data['signature']`` (a bundle manifest's) against the trusted keys; return the key id.
+
+    Raises :class:`SignatureError` when the signature is missing, malformed, made
+    by an untrusted key, or does not match the content.
+    """
     sig = data.get("signature")
     if not isinstance(sig, dict) or sig.get("algorithm") != "ed25519":
+        _trusted(trusted_keys)
         raise SignatureError(f"{source} is not signed with ed25519",
                              hint="rebuild it with `edgepeft build --key KEY`")
     try:
-        value = base64.b64decode(sig.get("value", ""), validate=True)
-    except (binascii.Error, TypeError) as exc:
-        raise SignatureError(f"{source}: the signature is not valid base64") from exc
-    by_id = {key_id(k): k for k in keys}
-    key = by_id.get(sig.get("key_id"))
-    if key is None:
-        raise SignatureError(f"{source} was signed by key {sig.get('key_id')!r}, which this device does not trust",
-                             hint=f"trusted key ids: {', '.join(by_id)}")
-    try:
-        key.verify(value, canonical_bytes(data))
-    except InvalidSignature as exc:
-        raise SignatureError(f"{source}: the signature does not match its content (tampered or corrupted)",
-                             hint="fetch the bundle or update again from its source") from exc
-    return sig["key_id"]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (bundles can be larger than memory on a device)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        message = canonical_bytes(data)
+    except (TypeError, ValueError) as exc:
+        raise SignatureError(f"{source} holds values that cannot be signed: {exc}") from exc
+    return verify_detached(message, [sig], trusted_keys, source)
 
 
 def verify_files(root: Path, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
@@ -120,6 +141,38 @@ def verify_files(root: Path, manifest: Manifest, paths: Iterable[str] | None = N
         if sha256_file(p) != entry.sha256:
             raise IntegrityError(f"{entry.path} does not match its SHA-256 in the manifest (tampered or corrupted)",
                                  hint="copy the bundle again from a trusted source")
+
+
+def read_verified(root: Path, entry, *, source: str | None = None) -> bytes:
+    """Read one bundle file once and check those very bytes against its manifest entry.
+
+    What is returned is what was hashed, so a write to the file after this check cannot change
+    what the caller loads. Symbolic links and non-regular files are refused. Raises
+    :class:`IntegrityError` (missing, a link, wrong size or hash).
+    """
+    import stat
+
+    p = Path(root) / entry.path
+    label = source or entry.path
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"{label} is missing from {root}", hint="copy or unpack the whole bundle again") from exc
+    except OSError as exc:
+        raise IntegrityError(f"{label} cannot be opened ({exc.strerror}); links are not allowed in bundles",
+                             hint="copy the bundle again as plain files") from exc
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{label} is not a regular file", hint="copy the bundle again as plain files")
+        if st.st_size != entry.size:
+            raise IntegrityError(f"{label} is {st.st_size} bytes, the manifest says {entry.size}",
+                                 hint="the file is truncated or replaced; copy the bundle again")
+        data = fh.read(entry.size + 1)
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
+                             hint="copy the bundle again from a trusted source")
+    return data
 
 
 def verify_bundle(bundle_dir: str | os.PathLike, trusted_keys: Iterable[KeyLike], *,

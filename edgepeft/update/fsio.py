@@ -1,10 +1,12 @@
-"""The small file-I/O layer every adapter-store write goes through.
+"""The small file-I/O layer every write of the device's update state goes through.
 
 Why a layer: a power cut can strike between any two writes. Routing every
 write, fsync, rename and unlink through one object lets a test replace it with
-:class:`FaultyIO`, which "cuts the power" at the N-th operation and drops any
-data that was written but not yet fsynced, so the store can be proven to hold
-exactly the old or the new state for every N.
+:class:`FaultyIO`, which "cuts the power" at the N-th operation and then loses
+what a real file system may lose: data written but not fsynced, and directory
+entries (creates, renames, unlinks) made since the directory was last fsynced.
+So the install transaction can be proven to leave exactly the old or the new
+state for every N.
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ from pathlib import Path
 
 class FileIO:
     """Real, durable file operations (the default)."""
+
+    def read_file(self, path: Path) -> bytes:
+        """The whole content of a regular file; symbolic links are refused (OSError)."""
+        import stat
+
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            return fh.read()
+
+    def checkpoint(self, what: str) -> None:
+        """Mark a step that is not a write (e.g. a health check) where a test may cut the power."""
 
     def write_file(self, path: Path, data: bytes) -> None:
         """Create/overwrite ``path`` with ``data`` (not yet durable: call :meth:`fsync_file`)."""
@@ -88,15 +103,17 @@ class PowerCut(Exception):
 class FaultyIO(FileIO):
     """A test double: performs real operations until the ``cut_at``-th one, then "loses power".
 
-    At the cut, every file written since its last fsync is truncated to half its
-    length (unsynced data is not on disk), and :class:`PowerCut` is raised. With
-    ``cut_at=None`` it only counts operations (``self.ops``).
+    At the cut, every file written since its last fsync is truncated to half its length
+    (unsynced data is not on disk), every directory change (create, rename, unlink) made since
+    that directory's last fsync is undone, newest first, and :class:`PowerCut` is raised.
+    With ``cut_at=None`` it only counts operations (``self.ops``).
     """
 
     def __init__(self, cut_at: int | None = None):
         self.cut_at = cut_at
         self.ops: list[str] = []
         self._dirty: set[Path] = set()
+        self._journal: list[tuple] = []  # (dir, undo callable) since that dir's last fsync
 
     def _op(self, what: str) -> None:
         self.ops.append(what)
@@ -107,15 +124,40 @@ class FaultyIO(FileIO):
                     with open(p, "r+b") as fh:
                         fh.truncate(size // 2)
             self._dirty.clear()
+            for _, undo in reversed(self._journal):
+                undo()
+            self._journal.clear()
             raise PowerCut(f"power cut at operation {len(self.ops)} ({what})")
+
+    def _log(self, path: Path, undo) -> None:
+        self._journal.append((Path(path).parent, undo))
+
+    @staticmethod
+    def _snapshot(path: Path):
+        return Path(path).read_bytes() if Path(path).is_file() else None
+
+    @staticmethod
+    def _restore(path: Path, data) -> None:
+        path = Path(path)
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(data)
+
+    def checkpoint(self, what):
+        self._op(f"checkpoint {what}")
 
     def write_file(self, path, data):
         self._op(f"write {Path(path).name}")
+        if not Path(path).exists():
+            self._log(path, lambda p=Path(path): p.unlink(missing_ok=True))
         super().write_file(path, data)
         self._dirty.add(Path(path))
 
     def copy_file(self, src, dst, chunk=1 << 20):
         self._op(f"copy {Path(dst).name}")
+        if not Path(dst).exists():
+            self._log(dst, lambda p=Path(dst): p.unlink(missing_ok=True))
         super().copy_file(src, dst, chunk)
         self._dirty.add(Path(dst))
 
@@ -127,17 +169,29 @@ class FaultyIO(FileIO):
     def fsync_dir(self, path):
         self._op(f"fsync-dir {Path(path).name}")
         super().fsync_dir(path)
+        self._journal = [(d, u) for d, u in self._journal if d != Path(path)]
 
     def replace(self, src, dst):
         self._op(f"rename {Path(src).name} -> {Path(dst).name}")
+        old_dst = self._snapshot(dst)
         super().replace(src, dst)
+
+        def undo(src=Path(src), dst=Path(dst), old_dst=old_dst):
+            if dst.exists():
+                os.replace(dst, src)
+            self._restore(dst, old_dst)
+
+        self._log(dst, undo)
         if Path(src) in self._dirty:
             self._dirty.discard(Path(src))
             self._dirty.add(Path(dst))
 
     def unlink(self, path):
         self._op(f"unlink {Path(path).name}")
+        old = self._snapshot(path)
         super().unlink(path)
+        if old is not None:
+            self._log(path, lambda p=Path(path), data=old: self._restore(p, data))
 
     def mkdir(self, path):
         self._op(f"mkdir {Path(path).name}")

@@ -1,250 +1,203 @@
-"""On-device adapter store: versions side by side, an atomic switch, one-step rollback.
+"""On-device adapter store: each installed version kept as its signed update package.
 
 Layout (one folder per adapter name)::
 
-    <root>/<name>/v-<version>.onnx_adapter   the adapter file, never modified once renamed in
-    <root>/<name>/v-<version>.json           its metadata (sha256, size, base fingerprint, ...)
-    <root>/<name>/state.json                 {"current": v, "previous": v_prev, "rejected": ...}
+    <root>/<name>/v-<N>.epu     the update package exactly as received and verified (envelope + payload)
+    <root>/<name>/state.json    {"current": N, "previous": M, "floor": F, "trial": T, "failed": {"K": why}}
 
-Why it survives a power cut: a new version's files are written under temporary
-names, fsynced, and renamed in *before* ``state.json`` mentions them; the switch
-itself is one atomic rename of ``state.json``. So the store holds the old state
-until that rename and the new one after it. :meth:`AdapterStore.open` cleans up
-leftovers (temporary files, versions no state refers to) and falls back to the
-previous version if the current file fails its hash.
+Trust: the store keeps no metadata of its own beside a file. Every time a version
+is read (:meth:`AdapterStore.read`) its envelope is verified again with the
+device's trusted keys, its payload against the signed size and SHA-256, and
+its name, version and base against what the state expects; a version that
+fails is reported and never served. So a file planted in the folder (a "v999")
+is ignored, and an older package copied in is refused by the persisted floor.
+
+``state.json`` is a pointer file, replaced atomically. ``floor`` is the highest
+version ever committed (installs must go above it, so a replay fails even
+after a restart); ``failed`` holds versions whose health check failed (never
+installed again); ``trial`` is set while a staged version is being
+health-checked (MCUboot's "test"): if the device restarts with it still set,
+the trial is treated as failed and the previous version stays current.
+
+Every write goes through ``io`` (:mod:`.fsio`), so a test can cut the power at
+each one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
-from ..errors import StoreError
+from ..errors import EdgePeftError, StoreError
+from ..spec.names import is_name
+from ..spec.update import SUFFIX, Envelope, read_update
 from .fsio import FileIO, write_atomic
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ADAPTER_SUFFIX = ".onnx_adapter"
-
-
-def version_key(version: str) -> tuple:
-    """Order versions: dotted numbers compare numerically (``1.10`` > ``1.9``), text parts as text."""
-    parts = re.split(r"[.\-+]", str(version))
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def check_name(kind: str, value: str) -> str:
-    """Names and versions become file names: allow only a safe alphabet (no paths)."""
-    value = str(value)
-    if not _NAME_RE.match(value):
-        raise StoreError(f"invalid adapter {kind} {value!r}",
-                         hint="use letters, digits, '.', '_' or '-' (at most 64 characters)")
-    return value
+# versions whose failure is remembered; older ones are below the floor anyway
+MAX_FAILED = 64
 
 
 @dataclass(frozen=True)
-class StoredAdapter:
-    """One installed adapter version: its file and the metadata it was installed with."""
+class AdapterState:
+    """The pointer file of one adapter name."""
 
-    name: str
-    version: str
-    path: Path
-    sha256: str
-    size: int
-    meta: dict = field(default_factory=dict, compare=False)
+    current: int | None = None
+    previous: int | None = None
+    floor: int = 0
+    trial: int | None = None
+    failed: dict = field(default_factory=dict)  # version (int) -> reason
+
+    @classmethod
+    def from_dict(cls, data) -> "AdapterState":
+        """Parse a state file; anything malformed raises ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+
+        def opt_int(v):
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"bad version {v!r}")
+            return v
+
+        failed = data.get("failed") or {}
+        if not isinstance(failed, dict):
+            raise ValueError("failed is not an object")
+        floor = data.get("floor", 0)
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+            raise ValueError(f"bad floor {floor!r}")
+        return cls(current=opt_int(data.get("current")), previous=opt_int(data.get("previous")), floor=floor,
+                   trial=opt_int(data.get("trial")),
+                   failed={int(k): str(v) for k, v in failed.items() if str(k).isdigit()})
+
+    def to_dict(self) -> dict:
+        return {"current": self.current, "previous": self.previous, "floor": self.floor, "trial": self.trial,
+                "failed": {str(k): v for k, v in sorted(self.failed.items())}}
+
+    def with_failed(self, version: int, reason: str) -> "AdapterState":
+        failed = dict(self.failed)
+        failed[int(version)] = reason[:500]
+        for k in sorted(failed)[:-MAX_FAILED]:
+            del failed[k]
+        return replace(self, failed=failed)
 
 
 class AdapterStore:
-    """Adapter versions on disk. Thread-safe; every write goes through ``io`` (see :mod:`.fsio`).
+    """Signed adapter versions on disk. Thread-safe.
 
-    Raises :class:`StoreError` for an invalid name/version, a version that does not go up,
-    a file whose hash differs from the one given, or a failed health check (after rolling back).
+    ``trusted_keys`` verify every package read back; ``base_fingerprint`` is the base
+    the device runs (a stored version for another base is not served). Raises
+    :class:`StoreError` for unreadable state and for files that fail verification.
     """
 
-    def __init__(self, root: str | Path, io: FileIO | None = None):
+    def __init__(self, root: str | Path, trusted_keys, *, base_fingerprint: str, io: FileIO | None = None):
         self.root = Path(root)
+        self.trusted_keys = list(trusted_keys)
+        self.base_fingerprint = base_fingerprint
         self.io = io or FileIO()
         self._lock = threading.RLock()
-        self.io.mkdir(self.root)
-        self.recovered: list[str] = []
-        for d in sorted(self.root.glob(".expand-*")):  # scratch of an install cut short
-            shutil.rmtree(d, ignore_errors=True)
-        for d in sorted(self.root.iterdir()):
-            if d.is_dir() and _NAME_RE.match(d.name):
-                self._recover(d.name)
+        if not self.root.is_dir():
+            self.io.mkdir(self.root)
 
     # -- reading -----------------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
-        return self.root / check_name("name", name)
+        if not is_name(name):
+            raise StoreError(f"invalid adapter name {name!r}",
+                             hint="use letters, digits, '.', '_' or '-' (at most 64 characters)")
+        return self.root / name
 
-    def _state(self, name: str) -> dict:
-        p = self._dir(name) / "state.json"
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {"current": None, "previous": None}
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"adapter store state for {name!r} is unreadable: {exc}",
-                             hint=f"remove {p} to reset this adapter, then reinstall it") from exc
-        return data if isinstance(data, dict) else {"current": None, "previous": None}
-
-    def _load(self, name: str, version: str | None, verify: bool = False) -> StoredAdapter | None:
-        if version is None:
-            return None
-        d = self._dir(name)
-        path = d / f"v-{version}{ADAPTER_SUFFIX}"
-        try:
-            meta = json.loads((d / f"v-{version}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not path.is_file() or path.stat().st_size != meta.get("size"):
-            return None
-        if verify and sha256_file(path) != meta.get("sha256"):
-            return None
-        return StoredAdapter(name, str(version), path, meta["sha256"], meta["size"], meta.get("meta", {}))
+    def path(self, name: str, version: int) -> Path:
+        return self._dir(name) / f"v-{int(version)}{SUFFIX}"
 
     def names(self) -> list[str]:
-        """Names with a current version, sorted."""
+        """Adapter names with a folder in the store (whatever their state), sorted."""
         with self._lock:
-            return [d.name for d in sorted(self.root.iterdir())
-                    if d.is_dir() and _NAME_RE.match(d.name) and self._state(d.name).get("current")]
+            if not self.root.is_dir():
+                return []
+            return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.is_symlink() and is_name(d.name))
 
-    def current(self, name: str) -> StoredAdapter | None:
-        with self._lock:
-            return self._load(name, self._state(name).get("current"))
+    def state(self, name: str) -> AdapterState:
+        p = self._dir(name) / "state.json"
+        try:
+            return AdapterState.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return AdapterState()
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"adapter store state for {name!r} is unreadable: {exc}",
+                             hint=f"remove {p} to reset this adapter (the bundle's version serves), then reinstall") from exc
 
-    def previous(self, name: str) -> StoredAdapter | None:
-        with self._lock:
-            return self._load(name, self._state(name).get("previous"))
-
-    def state(self, name: str) -> dict:
-        """The raw state (current, previous, last rejected version and why)."""
-        with self._lock:
-            return dict(self._state(name))
-
-    def list(self) -> list[StoredAdapter]:
-        return [a for a in (self.current(n) for n in self.names()) if a is not None]
+    def read(self, name: str, version: int) -> tuple[Envelope, memoryview]:
+        """Read one stored version and verify it as if it had just arrived: signature, payload hash,
+        name, version and base. Expiry is not checked here: it bounds when a package may be
+        installed, and an installed version keeps serving after its package expires (an offline
+        device must not stop working). Raises :class:`StoreError` saying what failed."""
+        p = self.path(name, version)
+        try:
+            data = self.io.read_file(p)
+        except FileNotFoundError as exc:
+            raise StoreError(f"adapter {name!r} v{version} is missing from the store", hint="reinstall it") from exc
+        except OSError as exc:
+            raise StoreError(f"adapter {name!r} v{version} cannot be read: {exc.strerror or exc}",
+                             hint="check the storage; reinstall the version") from exc
+        try:
+            envelope, payload = read_update(data, self.trusted_keys, source=f"stored {name} v{version}",
+                                            check_expiry=False)
+        except EdgePeftError as exc:
+            raise StoreError(f"stored adapter {name!r} v{version} fails verification: {exc.message}",
+                             hint="it was damaged or planted; it is not served") from exc
+        meta = envelope.meta
+        if meta.type != "adapter" or meta.name != name or meta.version != int(version):
+            raise StoreError(f"stored file for {name!r} v{version} holds {meta.type} {meta.name!r} v{meta.version}",
+                             hint="it was renamed or planted; it is not served")
+        if meta.base_fingerprint != self.base_fingerprint:
+            raise StoreError(f"stored adapter {name!r} v{version} is for base {meta.base_fingerprint[:19]}..., "
+                             f"this device runs {self.base_fingerprint[:19]}...",
+                             hint="install a version built for the current base")
+        return envelope, payload
 
     # -- writing -----------------------------------------------------------------------------
-    def _write_state(self, name: str, state: dict) -> None:
-        write_atomic(self.io, self._dir(name) / "state.json",
-                     json.dumps(state, sort_keys=True).encode("utf-8"))
-
-    def install(self, name: str, version: str, src: str | Path, *, meta: dict | None = None,
-                sha256: str | None = None, health_check: Callable[[StoredAdapter], None] | None = None,
-                allow_same_or_older: bool = False) -> StoredAdapter:
-        """Install ``src`` as ``name`` version ``version`` and switch to it.
-
-        ``sha256`` (``"sha256:<hex>"``), when given, is checked before anything is written.
-        After the switch, ``health_check(stored)`` runs; if it raises, the store switches back
-        to the previous version, removes the new one and raises :class:`StoreError` saying why.
-        """
-        version = check_name("version", version)
-        src = Path(src)
-        if not src.is_file():
-            raise StoreError(f"adapter file {src} does not exist", hint="check the update's path")
-        digest = sha256_file(src)
-        if sha256 is not None and digest != sha256:
-            raise StoreError(f"adapter file {src.name} has sha256 {digest}, expected {sha256}",
-                             hint="the file was corrupted or tampered with in transit; fetch it again")
-        size = src.stat().st_size
+    def write_state(self, name: str, state: AdapterState) -> None:
+        """Replace the pointer file atomically (the commit point of every change)."""
         with self._lock:
             d = self._dir(name)
             self.io.mkdir(d)
-            state = self._state(name)
-            old = state.get("current")
-            if old is not None and not allow_same_or_older and version_key(version) <= version_key(old):
-                raise StoreError(f"adapter {name!r} version {version} is not newer than installed {old}",
-                                 hint="versions only go up; a replayed or older update is refused")
-            final = d / f"v-{version}{ADAPTER_SUFFIX}"
-            tmp = final.with_name(final.name + ".tmp")
-            self.io.copy_file(src, tmp)
-            self.io.fsync_file(tmp)
-            if sha256_file(tmp) != digest:
-                self.io.unlink(tmp)
-                raise StoreError(f"adapter {name!r} {version}: the copy does not match its source",
-                                 hint="the storage may be failing or full; check free space")
-            self.io.replace(tmp, final)
-            write_atomic(self.io, d / f"v-{version}.json", json.dumps(
-                {"name": name, "version": version, "sha256": digest, "size": size, "meta": meta or {}},
-                sort_keys=True).encode("utf-8"))
-            # The switch: one atomic rename. Before it the old state stands, after it the new.
-            self._write_state(name, {"current": version, "previous": old,
-                                     "rejected": state.get("rejected")})
-            self._prune(name, keep={version, old})
-            stored = self._load(name, version)
-        if health_check is not None:
-            try:
-                health_check(stored)
-            except Exception as exc:  # any failure of the check means: roll back
-                reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-                self._reject(name, version, old, reason)
-                raise StoreError(f"adapter {name!r} {version} failed its health check and was rolled back"
-                                 f" to {old or 'nothing'}: {reason}",
-                                 hint="fix the adapter or its health-check set and publish a newer version") from exc
-        return stored
+            write_atomic(self.io, d / "state.json", json.dumps(state.to_dict(), sort_keys=True).encode("utf-8"))
 
-    def _reject(self, name: str, bad: str, back_to: str | None, reason: str) -> None:
+    def stage(self, name: str, version: int, data: bytes) -> Path:
+        """Write a verified package beside the current version (temp file, fsync, rename, fsync dir).
+        Nothing refers to it until a state change does."""
         with self._lock:
-            # install() kept only {bad, back_to}; after this, back_to stands alone.
-            self._write_state(name, {"current": back_to, "previous": None,
-                                     "rejected": {"version": bad, "reason": reason}})
-            self._prune(name, keep={back_to})
+            d = self._dir(name)
+            self.io.mkdir(d)
+            final = self.path(name, version)
+            write_atomic(self.io, final, data)
+            return final
 
-    def rollback(self, name: str, reason: str = "requested") -> StoredAdapter:
-        """Switch ``name`` back to its previous version; the newer one is removed."""
+    def prune(self, name: str, keep: set) -> None:
+        """Remove versions not in ``keep`` and any leftover temporaries."""
         with self._lock:
-            state = self._state(name)
-            cur, prev = state.get("current"), state.get("previous")
-            if prev is None or self._load(name, prev, verify=True) is None:
-                raise StoreError(f"adapter {name!r} has no previous version to roll back to",
-                                 hint="install a known-good version instead")
-            self._write_state(name, {"current": prev, "previous": None,
-                                     "rejected": {"version": cur, "reason": reason}})
-            self._prune(name, keep={prev})
-            return self._load(name, prev)
+            d = self._dir(name)
+            if not d.is_dir():
+                return
+            keep_files = {f"v-{int(v)}{SUFFIX}" for v in keep if v is not None} | {"state.json"}
+            for p in sorted(d.iterdir()):
+                if p.name not in keep_files:
+                    self.io.unlink(p)
 
-    def remove(self, name: str) -> None:
-        """Forget ``name``: state first (atomically), then its files."""
+    def recover(self, name: str) -> list[str]:
+        """After a restart: a trial still set means the device stopped during a health check (power
+        cut or crash): the trial counts as failed, the previous version stays current. Drops
+        temporaries and unreferenced files. Returns what it did, for the device's report."""
         with self._lock:
-            self._write_state(name, {"current": None, "previous": None})
-            self._prune(name, keep=set())
+            notes = []
+            state = self.state(name)
+            if state.trial is not None:
+                reason = "the device stopped during its health check (power cut or crash); not committed"
+                notes.append(f"{name}: v{state.trial} {reason}")
+                state = replace(state.with_failed(state.trial, reason), trial=None)
+                self.write_state(name, state)
+            self.prune(name, {state.current, state.previous})
+            return notes
 
-    def _prune(self, name: str, keep: set) -> None:
-        d = self._dir(name)
-        keep_files = set()
-        for v in keep:
-            if v is not None:
-                keep_files |= {f"v-{v}{ADAPTER_SUFFIX}", f"v-{v}.json"}
-        for p in sorted(d.iterdir()):
-            if p.name.startswith("v-") and p.name not in keep_files:
-                self.io.unlink(p)
-
-    def _recover(self, name: str) -> None:
-        """After a crash: drop temporaries and unreferenced versions; repair a broken current."""
-        d = self._dir(name)
-        for p in d.glob("*.tmp"):
-            self.io.unlink(p)
-        state = self._state(name)
-        cur, prev = state.get("current"), state.get("previous")
-        if cur is not None and self._load(name, cur, verify=True) is None:
-            ok_prev = prev is not None and self._load(name, prev, verify=True) is not None
-            self.recovered.append(f"{name}: version {cur} is damaged; "
-                                  + (f"back to {prev}" if ok_prev else "no usable version left"))
-            self._write_state(name, {"current": prev if ok_prev else None, "previous": None,
-                                     "rejected": {"version": cur, "reason": "damaged on disk"}})
-            cur, prev = (prev if ok_prev else None), None
-        self._prune(name, keep={cur, prev})

@@ -1,0 +1,251 @@
+"""``edgepeft update create``: one signed update package (.epu) for devices that run a bundle.
+
+Two kinds, one format (:mod:`edgepeft.spec.update`):
+
+- an adapter update: a new version of one adapter for the base a bundle carries.
+  The adapter file comes from the same exporter as ``edgepeft build``'s, and is
+  checked against the bundle's slots, rank limit, task and base fingerprint
+  before anything is signed: an adapter that does not fit is refused here, with
+  the reason, not on a thousand devices.
+- a bundle update: a whole new bundle (a new base), delivered as its ``.epb``
+  archive. Devices install it beside the old base and switch atomically.
+
+Everything cheap is checked first; the output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..errors import AdapterError, BuildError, UsageError
+from ..spec.manifest import MANIFEST_NAME, Manifest, read_manifest_dict
+from ..spec.names import check_name, sha256_file
+from ..spec.update import (KIND, SUFFIX, UPDATE_SCHEMA_VERSION, UpdateMeta, encode_envelope, format_time,
+                           metadata_bytes, utc_now)
+
+# The first edgepeft whose devices read update packages; a package never asks for less.
+MIN_RUNTIME = "0.2.0"
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass
+class UpdateResult:
+    """What was written: the package, its id, and its metadata."""
+
+    path: Path
+    id: str
+    meta: dict
+    bytes: int
+
+    def summary(self) -> dict:
+        m = self.meta
+        return {"update": str(self.path), "id": self.id, "bytes": self.bytes, "type": m["type"],
+                "name": (m.get("adapter") or {}).get("name", "bundle"),
+                "version": (m.get("adapter") or m.get("bundle"))["version"],
+                "base_fingerprint": m["base_fingerprint"], "expires": m.get("expires"),
+                "payload_bytes": m["payload"]["size"], "health_checks": len(m.get("health_checks", []))}
+
+
+def parse_expiry(text: str | None, now: _dt.datetime | None = None) -> str | None:
+    """``"30d"``/``"12h"``/``"2w"``, an ISO time ``2026-12-31T00:00:00Z``, or ``"never"`` -> metadata form."""
+    if text is None or str(text).lower() == "never":
+        return None
+    now = now or utc_now()
+    m = _DURATION.match(str(text))
+    if m:
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+        if seconds <= 0:
+            raise UsageError(f"--expires {text!r} is not in the future", hint="e.g. --expires 30d")
+        return format_time(now + _dt.timedelta(seconds=seconds))
+    try:
+        when = _dt.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+    except ValueError as exc:
+        raise UsageError(f"--expires {text!r} is neither a duration nor a UTC time",
+                         hint="e.g. --expires 30d, --expires 12h, or --expires 2026-12-31T00:00:00Z") from exc
+    if when <= now:
+        raise UsageError(f"--expires {text} is in the past", hint="choose a later time")
+    return format_time(when)
+
+
+def read_bundle_manifest(bundle_dir: Path) -> Manifest:
+    """The manifest of a bundle directory on the build server (parsed, not trusted for anything but facts)."""
+    if not (Path(bundle_dir) / MANIFEST_NAME).is_file():
+        raise UsageError(f"{bundle_dir} is not a bundle directory (no {MANIFEST_NAME})",
+                         hint="pass the directory `edgepeft build --out` wrote")
+    path = Path(bundle_dir) / MANIFEST_NAME
+    return Manifest.from_dict(read_manifest_dict(path), str(path))
+
+
+def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
+    from ..bundle.signing import load_private_key, sign_bytes
+
+    private_key = key if not isinstance(key, (str, os.PathLike)) else load_private_key(key)
+    UpdateMeta.from_dict(meta, str(out))  # what we sign must parse on a device
+    body = metadata_bytes(meta)
+    envelope = encode_envelope(body, [sign_bytes(body, private_key)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh, open(payload, "rb") as src:
+            fh.write(envelope)
+            while block := src.read(1 << 20):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    from ..spec.names import sha256_bytes
+
+    return UpdateResult(path=out, id=sha256_bytes(envelope), meta=meta, bytes=out.stat().st_size)
+
+
+def _common(kind: str, *, base_fingerprint: str, payload: Path, fmt: str, expires, health_checks: list,
+            min_runtime: str | None) -> dict:
+    return {"schema_version": UPDATE_SCHEMA_VERSION, "kind": KIND, "type": kind,
+            "created": format_time(utc_now()), "expires": parse_expiry(expires),
+            "min_runtime": min_runtime or MIN_RUNTIME, "base_fingerprint": base_fingerprint,
+            "payload": {"size": payload.stat().st_size, "sha256": sha256_file(payload), "format": fmt},
+            "health_checks": health_checks}
+
+
+def _check_out(out) -> Path:
+    out = Path(out)
+    if out.suffix != SUFFIX:
+        raise UsageError(f"--out {out} should end in {SUFFIX}", hint=f"e.g. --out northwind-v2{SUFFIX}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory", hint=f"name a file, e.g. {out / ('update' + SUFFIX)}")
+    return out
+
+
+def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str | os.PathLike, version: int,
+                          key, out: str | os.PathLike, expires: str | None = "30d", health_checks=None,
+                          adapter_dtype: str | None = None, min_runtime: str | None = None,
+                          progress=lambda msg: None) -> UpdateResult:
+    """Export ``adapter`` (a PEFT directory) for ``bundle``'s base and write a signed update package.
+
+    Raises :class:`UsageError` (bad options), :class:`AdapterError` (the adapter does not fit the
+    bundle's base: another base, task, modules, a rank above the limit), :class:`SignatureError` (key).
+    """
+    from ..bundle.adapters_in import read_adapter
+    from ..bundle.entries import adapter_entry, read_health_checks
+    from ..bundle.signing import load_private_key
+
+    out = _check_out(out)
+    check_name(name, "--adapter", "NAME")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UsageError(f"--version {version!r} must be a whole number >= 1",
+                         hint="versions only go up: use the last published version + 1")
+    private_key = load_private_key(key)
+    manifest = read_bundle_manifest(Path(bundle))
+    model = manifest.model
+    if manifest.merged_adapter or not model.get("slots"):
+        raise AdapterError(f"bundle {bundle} is a merged single-task bundle: it has no adapter slots",
+                           hint="build a slots bundle (edgepeft build without --merge) to ship adapter updates")
+    a = read_adapter(name, Path(adapter), version=version)
+    fingerprint = manifest.base["fingerprint"]
+    task = manifest.base.get("task", "causal-lm")
+    if a.task != task:
+        raise AdapterError(f"adapter {name!r} is a {a.task} adapter; bundle {bundle} runs a {task} model",
+                           hint="create the update against a bundle of the same task")
+    if a.base_fingerprint and a.base_fingerprint != fingerprint:
+        raise AdapterError(f"adapter {name!r} was trained on a different base ({a.base_fingerprint[:19]}...) than "
+                           f"bundle {bundle} carries ({fingerprint[:19]}...)",
+                           hint="train it on the bundle's base, or ship a bundle update with the new base")
+    slot_rank = int(model.get("slot_rank") or 0)
+    limit = int(((manifest.target or {}).get("budgets") or {}).get("max_adapter_rank") or slot_rank)
+    if a.rank > slot_rank or a.rank > limit:
+        raise AdapterError(f"adapter {name!r} has rank {a.rank}; bundle {bundle} takes ranks up to "
+                           f"{min(slot_rank, limit)}", hint="retrain with a smaller --rank, or rebuild the bundle")
+    exported = set(model.get("target_modules") or [])
+    missing = sorted(set(a.target_modules) - exported) if exported else []
+    if missing:
+        raise AdapterError(f"adapter {name!r} trains {', '.join(missing)}, which bundle {bundle} has no slots for "
+                           f"(it has {', '.join(sorted(exported))})",
+                           hint="retrain on the bundle's modules, or rebuild the bundle with these modules")
+    dtype = adapter_dtype or (manifest.quantization or {}).get("adapter_dtype", "fp32")
+    checks = read_health_checks(health_checks)
+    from .. import export as export_api
+    from ..runtime.adapter_file import read_header
+    from ..runtime.registry import check_adapter, parse_slots
+
+    work = Path(tempfile.mkdtemp(prefix=".update-", dir=out.parent if out.parent.exists() else None))
+    try:
+        rel = f"adapters/{name}-{version}.onnx_adapter"
+        progress(f"exporting adapter {name} v{version} ({dtype}) for {manifest.base.get('name')}")
+        info = export_api.write_adapter(a.path, model, work / "payload.onnx_adapter", dtype=dtype, name=name,
+                                        version=version, labels=a.labels, pad=False)
+        entry = adapter_entry(a, file=rel, fingerprint=fingerprint, dtype=dtype, labels=info.labels)
+        header = read_header(work / "payload.onnx_adapter")
+        check_adapter(header, entry, slots=parse_slots(model), base_fingerprint=fingerprint, slot_rank=slot_rank,
+                      task=task, source=f"adapter {name!r}", compact=True)
+        meta = _common("adapter", base_fingerprint=fingerprint, payload=work / "payload.onnx_adapter",
+                       fmt="onnx_adapter", expires=expires, health_checks=checks, min_runtime=min_runtime)
+        meta["adapter"] = entry
+        meta["slots"] = sorted(p for p in header.params if not p.endswith(".scale"))
+        progress(f"signing {out.name}")
+        return _sign_and_write(meta, work / "payload.onnx_adapter", private_key, out)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: str | os.PathLike,
+                         expires: str | None = "30d", health_checks=None, min_runtime: str | None = None,
+                         progress=lambda msg: None) -> UpdateResult:
+    """A signed package that carries a whole new bundle (its ``.epb`` archive): a new base.
+
+    ``bundle`` is a bundle directory (packed here) or its ``.epb``. The bundle keeps its own
+    signed manifest; the device verifies both. Raises :class:`UsageError` or :class:`BuildError`.
+    """
+    from ..bundle.entries import read_health_checks
+    from ..bundle.signing import load_private_key
+
+    out = _check_out(out)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UsageError(f"--version {version!r} must be a whole number >= 1",
+                         hint="bundle versions only go up: use the last published one + 1")
+    private_key = load_private_key(key)
+    src = Path(bundle)
+    work = Path(tempfile.mkdtemp(prefix=".update-", dir=out.parent if out.parent.exists() else None))
+    try:
+        if src.is_dir():
+            manifest = read_bundle_manifest(src)
+            from ..bundle.archive import pack_bundle
+
+            progress(f"packing {src}")
+            archive = pack_bundle(src, work / "bundle.epb")
+        elif src.is_file():
+            from ..spec.archive import unpack_bundle
+
+            manifest = read_bundle_manifest(unpack_bundle(src, work / "unpacked"))
+            archive = src
+        else:
+            raise UsageError(f"{src} is neither a bundle directory nor an .epb archive",
+                             hint="pass what `edgepeft build --out` wrote")
+        if manifest.signature is None:
+            raise BuildError(f"bundle {src} is not signed", hint="build it with `edgepeft build --key KEY`")
+        fingerprint = manifest.base["fingerprint"]
+        meta = _common("bundle", base_fingerprint=fingerprint, payload=archive, fmt="epb", expires=expires,
+                       health_checks=read_health_checks(health_checks), min_runtime=min_runtime)
+        meta["bundle"] = {"name": str(manifest.base.get("name")), "version": version, "fingerprint": fingerprint}
+        progress(f"signing {out.name}")
+        return _sign_and_write(meta, archive, private_key, out)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["UpdateResult", "create_adapter_update", "create_bundle_update", "parse_expiry", "MIN_RUNTIME",
+           "__version__"]
