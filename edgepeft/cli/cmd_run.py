@@ -6,22 +6,10 @@ which prints them as one line with a hint.
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from ..errors import UsageError
-
-
-def _keys(trusted_key: tuple[str, ...]) -> list[str]:
-    keys = list(trusted_key)
-    env = os.environ.get("EDGEPEFT_TRUSTED_KEYS")
-    if not keys and env:
-        keys = [k for k in env.split(os.pathsep) if k]
-    if not keys:
-        raise UsageError("no trusted public key given, so the bundle cannot be verified",
-                         hint="pass --trusted-key KEY.pub (from `edgepeft keygen`) or set EDGEPEFT_TRUSTED_KEYS")
-    return keys
+from .keys import trusted_keys
 
 
 @click.command("run")
@@ -50,7 +38,7 @@ def command(bundle, trusted_key, prompt, raw, texts, adapter, max_new_tokens, te
         raise UsageError("nothing to do", hint="pass --prompt TEXT, --classify TEXT, or --serve")
     from ..runtime.engine import Engine
 
-    engine = Engine(bundle, _keys(trusted_key), threads=threads, audit=audit)
+    engine = Engine(bundle, trusted_keys(trusted_key), threads=threads, audit=audit)
     if state is not None:
         from ..update.installer import Updater
 

@@ -26,8 +26,10 @@ VERBS = {
     "keygen": "Create an Ed25519 key pair for signing bundles and updates.",
     "targets": "List or show the device target profiles.",
     "run": "Run a bundle on this device: one prompt, classification, or a local HTTP API.",
-    "agent": "Run the device agent that receives adapter updates.",
-    "push": "Send a signed adapter update to a device over the network or a serial line.",
+    "update": "Create or inspect a signed update package (a new adapter version or a new bundle).",
+    "agent": "Run the device agent: inference plus signed updates over HTTP, serial or TUF pull.",
+    "push": "Send a signed update to a device over HTTP or a serial line and wait for its health check.",
+    "status": "Show what a device runs and what happened to its last updates.",
     "rollout": "Move a fleet to an update in waves, with abort thresholds and rollback.",
 }
 

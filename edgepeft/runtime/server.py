@@ -27,7 +27,9 @@ from ..errors import AdapterError, EdgePeftError
 MAX_BODY = 1 << 20
 
 
-class _Handler(BaseHTTPRequestHandler):
+class ApiHandler(BaseHTTPRequestHandler):
+    """The inference routes; the device agent's handler extends it with its update routes."""
+
     server_version = "edgepeft"
     protocol_version = "HTTP/1.1"
 
@@ -66,7 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def engine(self):
-        return self.server.engine
+        return self.server.get_engine()
 
     def _adapter(self, data: dict):
         model = data.get("model")
@@ -165,10 +167,17 @@ class EngineServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8080):
+    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8080, handler=ApiHandler):
         self.engine = engine
-        self.base_id = str(engine.manifest.base.get("name") or "base")
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), handler)
+
+    def get_engine(self):
+        """The engine requests run on (the agent's changes when a bundle update is committed)."""
+        return self.engine
+
+    @property
+    def base_id(self) -> str:
+        return str(self.get_engine().manifest.base.get("name") or "base")
 
     @property
     def url(self) -> str:

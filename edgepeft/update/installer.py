@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..errors import AdapterError, EdgePeftError, StoreError
+from ..errors import AdapterError, EdgePeftError, IntegrityError, StoreError
 from ..spec.update import Envelope, read_update
 from .fsio import FileIO
 from .store import AdapterState, AdapterStore
@@ -51,10 +51,12 @@ class InstallResult:
     type: str = "adapter"
     steps: list = field(default_factory=list)  # [(status, unix time)]
     seconds: float = 0.0
+    retryable: bool = False  # refused for damage in transit (size, hash): the same package may be sent again
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "type": self.type,
-                "status": self.status, "reason": self.reason, "seconds": round(self.seconds, 3),
+                "status": self.status, "reason": self.reason, "retryable": self.retryable,
+                "seconds": round(self.seconds, 3),
                 "steps": [{"status": s, "at": round(t, 3)} for s, t in self.steps]}
 
 
@@ -172,6 +174,7 @@ class Updater:
             self.check(envelope)
             loaded = self.engine.prepare_adapter(envelope, payload)
         except EdgePeftError as exc:
+            res.retryable = isinstance(exc, IntegrityError)
             step("rejected", exc.message)
             res.seconds = time.time() - t0
             return res

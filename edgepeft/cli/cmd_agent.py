@@ -1,0 +1,63 @@
+"""``edgepeft agent BUNDLE``: the device agent (inference + updates over HTTP, serial and pull)."""
+
+from __future__ import annotations
+
+import signal
+
+import click
+
+from ..errors import UsageError
+from .keys import trusted_keys
+
+
+@click.command("agent")
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("--trusted-key", "trusted_key", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (.pub) updates must be signed with; repeatable. Default: $EDGEPEFT_TRUSTED_KEYS.")
+@click.option("--state", required=True, type=click.Path(file_okay=False),
+              help="Device state folder: installed versions, floors, partial uploads, the token.")
+@click.option("--listen", default="127.0.0.1:8731", show_default=True,
+              help="HOST:PORT of the HTTP API (inference + updates). Port 0 picks a free one.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the device token [default: STATE/token, generated on first start].")
+@click.option("--serial", "serial_port", default=None, help="Also take updates on this serial port (e.g. /dev/ttyS0).")
+@click.option("--baud", type=int, default=115200, show_default=True, help="Serial line rate.")
+@click.option("--pull", "pull_url", default=None, help="Also poll this TUF repository URL for updates (static hosting).")
+@click.option("--interval", type=float, default=300.0, show_default=True, help="Seconds between polls with --pull.")
+@click.option("--tuf-root", type=click.Path(dir_okay=False), default=None,
+              help="The repository's trusted root.json [default: fetched once and accepted only if the trusted key signed it].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's thread count.")
+@click.option("--audit", type=click.Path(dir_okay=False), default=None, help="Audit log file (JSON lines).")
+def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, threads,
+            audit):
+    """Run the device agent on BUNDLE (a directory or the .epb the device was shipped): serve inference and
+    install signed updates that arrive over HTTP, a serial line or a TUF pull repository."""
+    from pathlib import Path
+
+    from ..update.agent import Agent, load_token, parse_listen
+    from ..update.device import Device
+
+    host, port = parse_listen(listen)
+    if interval <= 0:
+        raise UsageError("--interval must be positive", hint="e.g. --interval 300")
+    opts = {k: v for k, v in {"threads": threads, "audit": audit}.items() if v is not None}
+    device = Device(bundle, trusted_keys(trusted_key), state, engine_options=opts)
+    token, token_path = load_token(Path(state), token_file)
+    serial = {"port": serial_port, "baud": baud} if serial_port else None
+    pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
+    agent = Agent(device, token=token, listen=(host, port), serial=serial, pull=pull).start()
+    for note in device.status()["notes"]:
+        click.echo(f"warning: {note}", err=True)
+    links = [agent.url] + ([f"serial {serial_port} @ {baud}"] if serial else []) + ([f"pull {pull_url}"] if pull else [])
+    click.echo(f"agent ready: {', '.join(links)}; base {device.engine.manifest.base.get('name')}; "
+               f"token in {token_path}", err=True)
+    click.echo(f"listening {agent.url}", err=False)
+
+    def stop(signum, frame):
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        agent.wait()
+    except KeyboardInterrupt:
+        agent.stop()

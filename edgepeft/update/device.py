@@ -1,0 +1,317 @@
+"""A device's update state: the bundle it runs, its adapter updates, and what happened to each package.
+
+``Device(bundle, trusted_keys, state_dir)`` is what the agent runs: it opens
+the engine on the current bundle, serves the adapter versions committed in the
+store, receives packages from any link (:class:`Receiver`) and installs them,
+one at a time, with the same transaction whatever the link.
+
+State folder (private to the device user)::
+
+    STATE/adapters/<name>/...   the signed adapter store (see :mod:`.store`)
+    STATE/bundles/<slot>/       bundles installed by bundle updates (unpacked, verified on open)
+    STATE/bundle.json           {"current", "previous", "floor", "trial", "failed"} for bundle updates
+    STATE/incoming/<id>.part    partial uploads (resumable)
+    STATE/history.json          the last results, for status queries
+
+A bundle update (a new base) is installed beside the running one: unpacked,
+opened and verified by a second engine, health-checked with the new bundle's
+own signed checks, then committed with one atomic rename and swapped in;
+requests in flight finish on the old engine. Adapters installed for the old
+base are kept but not served by the new one (they are for another base).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import EdgePeftError, IntegrityError, StoreError, UsageError
+from ..spec.update import Envelope, read_update
+from .fsio import FileIO, write_atomic
+from .installer import InstallResult, Rejected, Updater
+from .receiver import Receiver
+from .store import AdapterState
+
+HISTORY = 100
+
+
+class Device:
+    """Engine + updater + receiver over one state folder. Thread-safe.
+
+    ``bundle`` is the bundle the device was shipped (a directory or its ``.epb``), used
+    until a bundle update replaces it. ``engine_options`` go to every
+    :class:`~edgepeft.runtime.Engine` it opens (threads, providers, audit ...).
+    Raises :class:`BundleError` when no bundle verifies, :class:`StoreError` for an unreadable state.
+    """
+
+    def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
+                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30):
+        from ..spec.verify import load_public_key
+
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self.trusted_keys = [load_public_key(k) for k in trusted_keys]
+        self.io = io or FileIO()
+        self.engine_options = dict(engine_options or {})
+        self.notes: list[str] = []
+        self._lock = threading.RLock()
+        self._hist_lock = threading.Lock()
+        self.factory = self._factory_dir(Path(bundle))
+        self.engine, self.bundle_dir = self._open_current()
+        self.updater = Updater(self.engine, self.state_dir, io=self.io)
+        self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
+
+    # -- bundles -------------------------------------------------------------------------------
+    @property
+    def _bundles(self) -> Path:
+        return self.state_dir / "bundles"
+
+    def _factory_dir(self, bundle: Path) -> Path:
+        """The shipped bundle as a directory (an .epb is unpacked once into the state folder)."""
+        if bundle.is_dir():
+            return bundle
+        if not bundle.is_file():
+            raise UsageError(f"bundle {bundle} does not exist", hint="pass the bundle directory or its .epb archive")
+        from ..spec.archive import unpack_bundle
+        from ..spec.names import sha256_file
+
+        dest = self._bundles / f"factory-{sha256_file(bundle)[:16]}"
+        if not dest.is_dir():
+            self._bundles.mkdir(parents=True, exist_ok=True)
+            unpack_bundle(bundle, dest)
+        return dest
+
+    def _bundle_state(self) -> AdapterState:
+        p = self.state_dir / "bundle.json"
+        try:
+            return AdapterState.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return AdapterState()
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{p} is unreadable: {exc}", hint=f"remove {p}: the shipped bundle will serve") from exc
+
+    def _slot(self, version: int | None) -> Path | None:
+        return None if version is None else self._bundles / f"v{int(version)}"
+
+    def _write_bundle_state(self, state: AdapterState) -> None:
+        write_atomic(self.io, self.state_dir / "bundle.json", json.dumps(state.to_dict(), sort_keys=True).encode())
+
+    def _open_engine(self, bundle_dir: Path):
+        from ..runtime.engine import Engine
+
+        return Engine(bundle_dir, self.trusted_keys, **self.engine_options)
+
+    def _open_current(self):
+        """The committed bundle if it verifies, else the previous one, else the shipped one."""
+        state = self._bundle_state()
+        if state.trial is not None:  # stopped during a bundle's health check: not committed
+            reason = "the device stopped during its health check (power cut or crash); not committed"
+            self.notes.append(f"bundle v{state.trial}: {reason}")
+            state = replace(state.with_failed(state.trial, reason), trial=None)
+            self._write_bundle_state(state)
+            self._prune_bundles(state)
+        for v in (state.current, state.previous):
+            if v is None:
+                continue
+            try:
+                return self._open_engine(self._slot(v)), self._slot(v)
+            except EdgePeftError as exc:
+                self.notes.append(f"bundle v{v} not opened: {exc.message}")
+        return self._open_engine(self.factory), self.factory
+
+    def _prune_bundles(self, state: AdapterState) -> None:
+        import shutil
+
+        keep = {f"v{v}" for v in (state.current, state.previous, state.trial) if v is not None}
+        if self._bundles.is_dir():
+            for d in self._bundles.iterdir():
+                if d.name not in keep and not d.name.startswith("factory-"):
+                    shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+
+    # -- what a receiver needs -----------------------------------------------------------------
+    def check(self, envelope: Envelope) -> None:
+        """Refuse early what this device would refuse at install (raises :class:`Rejected`)."""
+        meta = envelope.meta
+        if meta.type == "adapter":
+            with self._lock:
+                return self.updater.check(envelope)
+        state = self._bundle_state()
+        if meta.version <= state.floor:
+            what = "the same version as" if meta.version == state.floor else "older than"
+            raise Rejected(f"bundle update v{meta.version} is {what} v{state.floor}, which this device already "
+                           "accepted (replayed or out of date)", hint=f"publish bundle v{state.floor + 1} or later")
+        if meta.version in state.failed:
+            raise Rejected(f"bundle update v{meta.version} failed on this device before ({state.failed[meta.version]})",
+                           hint=f"fix it and publish bundle v{meta.version + 1}")
+
+    def install(self, data: bytes, result: InstallResult | None = None) -> InstallResult:
+        """Install one complete package (adapter or bundle); never raises for a bad package:
+        the result says "healthy", "rejected" or "rolled-back" and why."""
+        result = result or InstallResult(id="", name="?", version=None, status="received",
+                                         steps=[("received", time.time())])
+        with self._lock:
+            try:
+                envelope, _ = read_update(data, self.trusted_keys, source="update")
+            except EdgePeftError as exc:
+                result.status, result.reason = "rejected", exc.message
+                result.retryable = isinstance(exc, IntegrityError)
+                result.steps.append(("rejected", time.time()))
+                return result
+            result.type = envelope.meta.type
+            if envelope.meta.type == "adapter":
+                return self.updater.install(data, result=result)
+            return self._install_bundle(data, envelope, result)
+
+    def install_file(self, path: str | os.PathLike) -> InstallResult:
+        """Install a package from a local file (a USB stick, a copied file) and record the result."""
+        res = self.install(Path(path).read_bytes())
+        self.record(res)
+        return res
+
+    def record(self, result: InstallResult) -> None:
+        with self._hist_lock:
+            items = [h for h in self._history() if h.get("id") != result.id or not result.id]
+            items.append(result.to_dict() | {"finished": round(time.time(), 3)})
+            write_atomic(FileIO(), self.state_dir / "history.json",
+                         json.dumps(items[-HISTORY:], sort_keys=True).encode("utf-8"))
+
+    def _history(self) -> list[dict]:
+        try:
+            data = json.loads((self.state_dir / "history.json").read_text(encoding="utf-8"))
+            return [h for h in data if isinstance(h, dict)] if isinstance(data, list) else []
+        except (OSError, ValueError):
+            return []
+
+    def lookup(self, id: str) -> dict | None:
+        return next((h for h in reversed(self._history()) if h.get("id") == id), None)
+
+    # -- bundle updates ------------------------------------------------------------------------
+    def _install_bundle(self, data: bytes, envelope: Envelope, result: InstallResult) -> InstallResult:
+        import shutil
+        import tempfile
+
+        from ..spec.archive import unpack_bundle
+
+        meta = envelope.meta
+        result.name, result.version, result.id = "bundle", meta.version, envelope.id
+
+        def step(status, reason=None):
+            result.status, result.reason = status, reason
+            result.steps.append((status, time.time()))
+
+        t0 = time.time()
+        try:
+            self.check(envelope)
+        except EdgePeftError as exc:
+            step("rejected", exc.message)
+            return result
+        step("verified")
+        before = self._bundle_state()
+        slot = self._slot(meta.version)
+        self._bundles.mkdir(parents=True, exist_ok=True)
+        try:
+            if slot.exists():
+                shutil.rmtree(slot)
+            with tempfile.NamedTemporaryFile(dir=self._bundles, prefix=".incoming-", suffix=".epb") as fh:
+                fh.write(memoryview(data)[len(envelope.raw):])  # the payload, verified with the envelope
+                fh.flush()
+                unpack_bundle(fh.name, slot)
+            _fsync_tree(slot)
+            self._write_bundle_state(replace(before, trial=meta.version))
+        except (EdgePeftError, OSError) as exc:
+            shutil.rmtree(slot, ignore_errors=True)
+            step("rejected", f"the bundle could not be staged: {getattr(exc, 'message', None) or exc}")
+            return result
+        step("installed")
+        self.io.checkpoint("bundle health check")
+        failures, engine = [], None
+        try:
+            engine = self._open_engine(slot)
+            if engine.base_fingerprint != meta.base_fingerprint:
+                failures.append(f"the bundle's base is {engine.base_fingerprint[:19]}..., its update says "
+                                f"{meta.base_fingerprint[:19]}...")
+            else:
+                checks = list(engine.manifest.health_checks) + list(meta.health_checks)
+                failures += self._bundle_checks(engine, checks)
+        except EdgePeftError as exc:
+            failures.append(f"the new bundle does not open: {exc.message}")
+        if failures:
+            reason = "; ".join(failures)
+            state = replace(before.with_failed(meta.version, reason), trial=None)
+            self._write_bundle_state(state)
+            self._prune_bundles(state)
+            step("rolled-back", f"health check failed, the running bundle keeps serving: {reason}")
+            return result
+        committed = AdapterState(current=meta.version, previous=before.current, floor=meta.version,
+                                 failed={k: v for k, v in before.failed.items() if k > meta.version})
+        self._write_bundle_state(committed)  # the commit point
+        self.engine, self.bundle_dir = engine, slot
+        self.updater = Updater(engine, self.state_dir, io=self.io)
+        self.notes += self.updater.notes
+        self._prune_bundles(committed)
+        result.seconds = time.time() - t0
+        step("healthy")
+        return result
+
+    @staticmethod
+    def _bundle_checks(engine, checks) -> list[str]:
+        failures = []
+        for name in sorted({getattr(c, "adapter", None) for c in checks}, key=lambda x: x or ""):
+            mine = [c for c in checks if getattr(c, "adapter", None) == name]
+            failures += [f"{name or 'base'}: {f}" for f in engine.health_check(mine, name)]
+        return failures
+
+    # -- operations ----------------------------------------------------------------------------
+    def rollback(self, name: str, reason: str = "requested") -> dict:
+        """Roll adapter ``name`` (or ``"bundle"``) back to its previous version. Raises :class:`StoreError`."""
+        with self._lock:
+            if name != "bundle":
+                return self.updater.rollback(name, reason)
+            state = self._bundle_state()
+            if state.current is None:
+                raise StoreError("the device runs the bundle it was shipped; there is no bundle update to roll back",
+                                 hint="install a newer bundle instead")
+            target = self._slot(state.previous) if state.previous is not None else self.factory
+            engine = self._open_engine(target)
+            new = replace(state, current=state.previous, previous=None)
+            self._write_bundle_state(new)
+            self.engine, self.bundle_dir = engine, target
+            self.updater = Updater(engine, self.state_dir, io=self.io)
+            self._prune_bundles(new)
+            return {"name": "bundle", "version": state.previous, "rolled_back_from": state.current}
+
+    def status(self) -> dict:
+        """What this device runs and what happened to its recent updates (for `edgepeft status`)."""
+        from .. import __version__
+
+        with self._lock:
+            eng, bstate = self.engine, self._bundle_state()
+            return {"edgepeft_version": __version__, "base": eng.manifest.base, "task": eng.task,
+                    "bundle": {"version": bstate.current or 0, "floor": bstate.floor,
+                               "source": "update" if bstate.current else "shipped", "path": str(self.bundle_dir),
+                               "failed": {str(k): v for k, v in bstate.failed.items()}},
+                    "adapters": self.updater.installed(), "uploads": self.receiver.active(),
+                    "recent": self._history()[-10:], "notes": self.notes + self.updater.notes + eng.warnings}
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make an unpacked bundle durable before the state file points at it."""
+    for p in sorted(root.rglob("*"), reverse=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    FileIO().fsync_dir(root)
+    FileIO().fsync_dir(root.parent)
+
+
+__all__ = ["Device"]
