@@ -30,6 +30,7 @@ VERBS = {
     "agent": "Run the device agent: inference plus signed updates over HTTP, serial or TUF pull.",
     "push": "Send a signed update to a device over HTTP or a serial line and wait for its health check.",
     "status": "Show what a device runs and what happened to its last updates.",
+    "publish": "Publish signed update packages into a TUF repository for devices to pull.",
     "rollout": "Move a fleet to an update in waves, with abort thresholds and rollback.",
 }
 
