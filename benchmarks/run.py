@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     ap.add_argument("--examples-out", help="folder of the trained example adapters (default examples/out)")
     ap.add_argument("--systems", help="comma list of substrings: only matching systems (e.g. 'genai,llama')")
+    ap.add_argument("--open-timeout", type=float, metavar="S",
+                    help="seconds a peer's worker may take to open and produce its first tokens (default 300)")
+    ap.add_argument("--call-timeout", type=float, metavar="S",
+                    help="seconds a peer may take for any later call before it counts as hung (default 900)")
     a = ap.parse_args(argv)
 
     settings = Settings.smoke() if a.smoke else Settings()
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.examples_out = a.examples_out
     if a.systems:
         settings.systems = [x.strip() for x in a.systems.split(",") if x.strip()]
+    if a.open_timeout:
+        settings.open_timeout_s = a.open_timeout
+    if a.call_timeout:
+        settings.call_timeout_s = a.call_timeout
     work = a.work or (WORK / "smoke" if a.smoke else WORK)
     work.mkdir(parents=True, exist_ok=True)
     out = a.out or (work / "results" if a.smoke else RESULTS)
@@ -103,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     models = tiny_models(work) if a.smoke else real_models()
     ctx = Context(models, settings, work)
-    sections, goals = run_sections(ctx, only)
+    try:
+        sections, goals = run_sections(ctx, only)
+    finally:
+        ctx.close()  # stop the peers' worker processes
     mach["loadavg_end"] = machine()["loadavg_1_5_15"]
     results = {
         "schema": SCHEMA, "mode": "smoke" if a.smoke else "full", "created": started,
