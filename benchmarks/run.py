@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import report
+from . import llama_build, report
 from .context import Context, Settings
 from .fixtures import RESULTS, WORK, real_models, tiny_models, write_json_atomic
 from .harness import Section, machine, versions
+from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
 SECTIONS = ["decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     models = tiny_models(work) if a.smoke else real_models()
     ctx = Context(models, settings, work)
+    builds = {}
+    if not a.smoke and ctx.wanted(LLAMA):  # what the llama.cpp peer was compiled with (issue 17)
+        builds["llama.cpp"] = llama_build.describe()
+        ctx.log(f"llama.cpp peer: {builds['llama.cpp']['summary']}")
     try:
         sections, goals = run_sections(ctx, only)
     finally:
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(settings).items()} | {"threads": 2},
         "models": {"decoder": str(models.decoder_dir), "encoder": str(models.encoder_dir),
                    "gguf": str(models.gguf) if models.gguf else None},
+        "builds": builds,
         "goals": goals, "sections": [s.to_json() for s in sections], "skipped": ctx.skipped,
     }
     name = "bench-smoke.json" if a.smoke else "bench.json"

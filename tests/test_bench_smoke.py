@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report, systems  # noqa: E402
+from benchmarks import llama_build, report, systems  # noqa: E402
 from benchmarks.harness import Figure, Group, Skip, interleaved  # noqa: E402
 from benchmarks.isolate import PeerFailed, Worker  # noqa: E402
 
@@ -125,6 +125,36 @@ class _SegvOnSecondRun:
 
             ctypes.string_at(0)  # a real invalid read, not a polite signal
         return {"prefill_s": 1.0, "decode_tok_s": 1.0, "tokens": n_new}
+
+
+def test_cmake_args_are_portable_with_amx_off():
+    xeon = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512cd", "avx512vl",
+            "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+            "amx_int8", "amx_bf16"}
+    args = llama_build.cmake_args(xeon, "x86_64")
+    assert args[0] == "-DGGML_NATIVE=OFF"
+    for opt in ("AVX2", "FMA", "F16C", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI"):
+        assert f"-DGGML_{opt}=ON" in args
+    for opt in ("AMX_TILE", "AMX_INT8", "AMX_BF16"):
+        assert f"-DGGML_{opt}=OFF" in args
+    # every instruction set is explicit: with GGML_NATIVE=OFF ggml would otherwise turn AVX2/FMA/F16C on
+    old = llama_build.cmake_args({"sse4_2", "avx", "avx512f"}, "x86_64")
+    assert "-DGGML_AVX=ON" in old and "-DGGML_AVX2=OFF" in old and "-DGGML_FMA=OFF" in old
+    assert "-DGGML_AVX512=OFF" in old  # avx512f alone is not the five that -DGGML_AVX512 compiles for
+    assert llama_build.cmake_args(xeon, "aarch64") == []
+    assert "AMX_INT8" not in llama_build.expected_features(xeon)
+
+
+def test_system_info_names_what_the_library_was_compiled_with():
+    text = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
+    info = llama_build.system_info(text)
+    assert info["features"] == ["SSE3", "AVX", "AVX2", "AVX512", "AMX_INT8", "LLAMAFILE", "OPENMP"]
+    line = llama_build.summary({"installed": info | {"version": "0.3.36", "amx": True, "missing": ["F16C"]}})
+    assert "with AMX" in line and "lacks F16C" in line and "LLAMAFILE" not in line
+    results = {"created": "now", "mode": "full", "settings": {"reps": 1}, "sections": [],
+               "machine": {"cpu": "x", "logical_cpus": 2, "threads_per_system": 2},
+               "builds": {"llama.cpp": {"summary": line}}}
+    assert f"llama.cpp peer: {line}." in report.render_markdown(results, compact=True)  # the table says it
 
 
 def test_worker_contains_a_segfault_a_hang_and_a_crash_mid_run(tmp_path):
