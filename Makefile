@@ -29,13 +29,21 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
 
-# llama.cpp (llama-cpp-python) is an optional peer that compiles from source (10-40 min on 2 cores);
-# LLAMA_CPP=0 skips it and the benchmark notes its absence.
+# llama.cpp (llama-cpp-python) is an optional peer that compiles from source (6-40 min on 2 cores);
+# LLAMA_CPP=0 skips it and the benchmark notes its absence. It is built portably (issue 17): GGML_NATIVE=OFF
+# with the instruction sets /proc/cpuinfo reports and AMX off (python -m benchmarks.llama_build prints them).
+# It is (re)built when missing, broken or built with AMX; LLAMA_REBUILD=1 forces it. --no-cache-dir keeps pip
+# from reusing a wheel it built earlier with other flags.
 LLAMA_CPP ?= 1
+LLAMA_REBUILD ?= 0
 bench: $(STAMP)
-	@if [ "$(LLAMA_CPP)" = 1 ] && ! $(BIN)/python -c "import llama_cpp" 2>/dev/null; then \
-	  echo "building llama-cpp-python (optional peer; LLAMA_CPP=0 skips it)"; \
-	  $(BIN)/python -m pip install -q -c constraints.txt llama-cpp-python || echo "llama-cpp-python did not build: skipped"; fi
+	@if [ "$(LLAMA_CPP)" = 1 ] && { [ "$(LLAMA_REBUILD)" = 1 ] || ! $(BIN)/python -m benchmarks.llama_build --check; }; then \
+	  args="$$($(BIN)/python -m benchmarks.llama_build) -DLLAVA_BUILD=OFF"; \
+	  echo "building llama-cpp-python (optional peer; LLAMA_CPP=0 skips it) with CMAKE_ARGS=$$args"; \
+	  CMAKE_ARGS="$$args" FORCE_CMAKE=1 $(BIN)/python -m pip install -q --no-cache-dir --force-reinstall --no-deps \
+	    -c constraints.txt llama-cpp-python \
+	  && $(BIN)/python -m pip install -q -c constraints.txt llama-cpp-python \
+	  || echo "llama-cpp-python did not build: the benchmark skips it"; fi
 	$(BIN)/python -m benchmarks.run
 
 bench-smoke: $(STAMP)

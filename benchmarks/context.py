@@ -1,4 +1,4 @@
-"""Shared state of one benchmark run: settings, built artifacts, systems opened once.
+"""Shared state of one benchmark run: settings, built artifacts, systems opened once, processes to stop.
 
 Systems are opened lazily and kept for the whole run, so a section that needs
 ``genai int4`` after another already opened it reuses the same instance. A
@@ -31,6 +31,8 @@ class Settings:
     ppl_window: int = 256
     classify_batch: list[int] = field(default_factory=lambda: [1, 16])
     memory_reps: int = 3
+    open_timeout_s: float = 300.0  # a peer's worker must open and produce its first tokens within this
+    call_timeout_s: float = 900.0  # and answer every later call within this, or it counts as hung
     systems: list[str] | None = None  # restrict to these system names (None = all)
     examples_out: str | None = None  # where the trained example adapters are (default examples/out)
 
@@ -49,18 +51,32 @@ class Context:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.skipped: list[dict] = []
         self._cache: dict[str, object] = {}
+        self._closers: list[Callable[[], None]] = []
         self.t0 = time.perf_counter()
 
-    def skip(self, what: str, why: str) -> None:
-        """Record that ``what`` was not measured, and why (goes to the JSON and the README)."""
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` when the run ends (stops the peers' worker processes)."""
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        """Stop everything the run started, last started first."""
+        while self._closers:
+            self._closers.pop()()
+
+    def skip(self, what: str, why: str, kind: str = "skipped") -> None:
+        """Record that ``what`` was not measured, and why (goes to the JSON and the README).
+
+        ``kind`` is "skipped" (cannot run here), or "crashed", "exited", "hung" for a peer
+        whose worker process died or stopped answering (benchmarks.isolate.PeerFailed).
+        """
         for s in self.skipped:
             if s["what"] == what or what in s["what"].split(", "):
                 return
             if s["why"] == why:  # one cause, several casualties: one line
                 s["what"] += f", {what}"
                 return
-        self.skipped.append({"what": what, "why": why})
-        self.log(f"  skipped {what}: {why}")
+        self.skipped.append({"what": what, "why": why, "kind": kind})
+        self.log(f"  {kind} {what}: {why}")
 
     def wanted(self, system: str) -> bool:
         sel = self.settings.systems
@@ -77,7 +93,7 @@ class Context:
             val = factory()
         except Skip as exc:
             self._cache[key] = exc
-            self.skip(key, str(exc))
+            self.skip(key, str(exc), getattr(exc, "kind", "skipped"))
             raise
         except Exception as exc:  # a crash in a peer or in edgepeft: keep going, say why
             skip = Skip(f"{type(exc).__name__}: {str(exc)[:300]}")

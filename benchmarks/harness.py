@@ -84,20 +84,24 @@ def interleaved(systems: dict[str, Callable[[], dict[str, float]]], reps: int, w
     ``sample()`` returns a dict of metric -> value for one repetition. The start
     system rotates each repetition so none is always first after a pause.
     Returns ``{system: {metric: [values...]}}``. A system whose sample raises
-    :class:`Skip` is dropped with the reason in ``result[system]["__skip__"]``.
+    is dropped with the reason in ``result[system]["__skip__"]`` and its kind
+    in ``["__kind__"]`` ("skipped"; "crashed", "exited" or "hung" for a peer
+    whose worker process failed; "failed" for any other exception).
     """
     names = list(systems)
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-    dead: dict[str, str] = {}
+    dead: dict[str, tuple[str, str]] = {}
 
     def call(n: str):
         if settle_s:
             time.sleep(settle_s)  # let the previous system's spinning thread pool go idle (not timed)
         try:
             return systems[n]()
-        except Exception as exc:  # Skip, or a crash of the system under test: drop it, keep the others
-            dead[n] = str(exc) if isinstance(exc, Skip) else f"{type(exc).__name__}: {str(exc)[:300]}"
-            return None
+        except Skip as exc:  # cannot run, or its worker process died: drop it, keep the others
+            dead[n] = (str(exc), getattr(exc, "kind", "skipped"))
+        except Exception as exc:  # a failure of the system under test: drop it, keep the others
+            dead[n] = (f"{type(exc).__name__}: {str(exc)[:300]}", "failed")
+        return None
 
     for n in names:
         for _ in range(warmup):
@@ -114,8 +118,8 @@ def interleaved(systems: dict[str, Callable[[], dict[str, float]]], reps: int, w
                 out[n].setdefault(metric, []).append(float(v))
         if log:
             log(f"  rep {rep + 1}/{reps} done")
-    for n, why in dead.items():
-        out[n] = {"__skip__": why}  # type: ignore[dict-item]
+    for n, (why, kind) in dead.items():
+        out[n] = {"__skip__": why, "__kind__": kind}  # type: ignore[dict-item]
     return out
 
 

@@ -66,6 +66,8 @@ def render_markdown(results: dict, *, compact: bool = False) -> str:
              f"mode `{results['mode']}`. Medians of {results['settings'].get('reps')} interleaved repetitions; "
              "spread = interquartile range; ratios are to peers measured in the same run "
              "(absolute speeds on a shared machine swing; the ratios are what to compare).", ""]
+    for peer, build in (results.get("builds") or {}).items():
+        lines += [f"{peer} peer: {build.get('summary', 'build not recorded')}.", ""]
     if results.get("goals"):
         lines += ["| goal | target | measured | met |", "|---|---|---|---|"]
         for g in results["goals"]:

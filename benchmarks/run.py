@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import report
+from . import llama_build, report
 from .context import Context, Settings
 from .fixtures import RESULTS, WORK, real_models, tiny_models, write_json_atomic
 from .harness import Section, machine, versions
+from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
 SECTIONS = ["decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     ap.add_argument("--examples-out", help="folder of the trained example adapters (default examples/out)")
     ap.add_argument("--systems", help="comma list of substrings: only matching systems (e.g. 'genai,llama')")
+    ap.add_argument("--open-timeout", type=float, metavar="S",
+                    help="seconds a peer's worker may take to open and produce its first tokens (default 300)")
+    ap.add_argument("--call-timeout", type=float, metavar="S",
+                    help="seconds a peer may take for any later call before it counts as hung (default 900)")
     a = ap.parse_args(argv)
 
     settings = Settings.smoke() if a.smoke else Settings()
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.examples_out = a.examples_out
     if a.systems:
         settings.systems = [x.strip() for x in a.systems.split(",") if x.strip()]
+    if a.open_timeout:
+        settings.open_timeout_s = a.open_timeout
+    if a.call_timeout:
+        settings.call_timeout_s = a.call_timeout
     work = a.work or (WORK / "smoke" if a.smoke else WORK)
     work.mkdir(parents=True, exist_ok=True)
     out = a.out or (work / "results" if a.smoke else RESULTS)
@@ -103,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     models = tiny_models(work) if a.smoke else real_models()
     ctx = Context(models, settings, work)
-    sections, goals = run_sections(ctx, only)
+    builds = {}
+    if not a.smoke and ctx.wanted(LLAMA):  # what the llama.cpp peer was compiled with (issue 17)
+        builds["llama.cpp"] = llama_build.describe()
+        ctx.log(f"llama.cpp peer: {builds['llama.cpp']['summary']}")
+    try:
+        sections, goals = run_sections(ctx, only)
+    finally:
+        ctx.close()  # stop the peers' worker processes
     mach["loadavg_end"] = machine()["loadavg_1_5_15"]
     results = {
         "schema": SCHEMA, "mode": "smoke" if a.smoke else "full", "created": started,
@@ -111,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(settings).items()} | {"threads": 2},
         "models": {"decoder": str(models.decoder_dir), "encoder": str(models.encoder_dir),
                    "gguf": str(models.gguf) if models.gguf else None},
+        "builds": builds,
         "goals": goals, "sections": [s.to_json() for s in sections], "skipped": ctx.skipped,
     }
     name = "bench-smoke.json" if a.smoke else "bench.json"

@@ -62,7 +62,7 @@ def run_switch(ctx: Context) -> Section:
         ctx.skip(SWITCH, str(exc))
     gen = ctx.try_get(GENAI_AD, lambda: decoder(ctx, GENAI_AD))
     if gen is not None:
-        systems["genai set_active_adapter"] = lambda: {"s": statistics.median(gen.obj.switch_s() for _ in range(per))}
+        systems["genai set_active_adapter"] = lambda: {"s": gen.switch_median(per)}  # timed in genai's worker
     try:
         merged = bundle(ctx, "int4", merged=True)
         import onnxruntime as ort
@@ -80,7 +80,7 @@ def run_switch(ctx: Context) -> Section:
         ctx.skip("reopen merged model", str(exc))
     for name, vals in interleaved(systems, s.reps, s.warmup).items():
         if "__skip__" in vals:
-            ctx.skip(name, str(vals["__skip__"]))
+            ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
         else:
             g.add(name, "s", vals["s"])
     sec.notes.append(f"Switch = what a request naming another adapter pays before its first run (each sample is the "

@@ -7,8 +7,7 @@ from pathlib import Path
 from . import sys_edgepeft
 from .context import Context
 from .harness import Section, Skip, interleaved
-from .systems import pubkey
-from .sys_torch import TorchClassifier
+from .systems import pubkey, torch_classifier
 
 TEXTS = ["The delivery arrived two days late and the box was damaged.",
          "Great service, the technician fixed the router in ten minutes!",
@@ -48,7 +47,10 @@ def run(ctx: Context) -> Section:
     sec = Section("classify", f"7. Classification throughput ({ctx.models.encoder_name}, 2 labels)")
     systems = {}
     if ctx.wanted(TORCH):
-        systems[TORCH] = ctx.try_get(f"{TORCH} classifier", lambda: TorchClassifier(ctx.models.encoder_dir))
+        try:
+            systems[TORCH] = torch_classifier(ctx)  # in its own worker process
+        except Skip:
+            pass  # recorded by the context with its reason
     for quant in ("int8", "fp32"):
         name = f"edgepeft {quant} + adapter"
         if not ctx.wanted(name):
@@ -68,7 +70,7 @@ def run(ctx: Context) -> Section:
                       [TORCH])
         for name, vals in samples.items():
             if "__skip__" in vals:
-                ctx.skip(name, str(vals["__skip__"]))
+                ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
             else:
                 g.add(name, "samples/s", vals["samples_per_s"])
     return sec

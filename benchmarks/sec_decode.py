@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .context import Context
 from .fixtures import bench_prompt
+from . import systems
 from .harness import Section, Skip, interleaved
-from .systems import DECODERS, EP_INT4, EP_INT4_AD, EP_INT4_QV, GENAI, GENAI_AD, LLAMA, TORCH, decoder
+from .systems import EP_INT4, EP_INT4_AD, EP_INT4_QV, GENAI, GENAI_AD, LLAMA, TORCH, decoder
 
 REFS = [GENAI, LLAMA, TORCH]
 
@@ -15,7 +16,7 @@ def run(ctx: Context) -> Section:
     sec = Section("decode", f"1. Decode speed and prefill latency ({ctx.models.decoder_name})")
     text, ids = bench_prompt(ctx.models.decoder_dir, s.prompt_tokens)
     opened = {}
-    for name in DECODERS:
+    for name in systems.DECODERS:
         sys_ = ctx.try_get(name, lambda n=name: decoder(ctx, n))
         if sys_ is not None:
             opened[name] = sys_
@@ -29,18 +30,21 @@ def run(ctx: Context) -> Section:
     g_pre = sec.group("prefill_s", f"prefill latency, time to first token ({len(ids)}-token prompt)", "lower", REFS)
     for name, vals in samples.items():
         if "__skip__" in vals:
-            ctx.skip(name, str(vals["__skip__"]))
+            ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
             continue
         g_dec.add(name, "tok/s", vals["decode_tok_s"])
         g_pre.add(name, "s", vals["prefill_s"])
     short = {n: min(v["tokens"]) for n, v in samples.items() if "tokens" in v and min(v["tokens"]) < s.new_tokens}
     for n, k in short.items():
         sec.notes.append(f"{n} stopped at end-of-sequence after {int(k)} tokens in some repetitions")
-    _agreement(ctx, sec, opened, text, ids)
+    alive = {n: o for n, o in opened.items() if "__skip__" not in samples[n]}
+    _agreement(ctx, sec, alive, text, ids)
     sec.notes.append(f"Greedy decoding, {s.new_tokens} new tokens after a {len(ids)}-token prompt, "
                      f"{ctx.settings.reps} interleaved repetitions after {s.warmup} warm-up; 2 threads each. "
                      "edgepeft is timed through Engine.generate(stream=True) (tokenizing and detokenizing "
-                     "included); the peers get token ids.")
+                     "included); the peers get token ids. Each peer runs in a worker process of its own and "
+                     "times itself there (the pipe to it is outside every timed span), so a peer that crashes "
+                     "or hangs is skipped with the reason and the run goes on.")
     return sec
 
 

@@ -14,17 +14,25 @@ from pathlib import Path
 from .context import Context
 from .fixtures import bench_prompt
 from .harness import Section, Skip
+from .isolate import PeerFailed, exit_text
 from .systems import bundle, genai_dirs, pubkey
 from .sys_llama import available as llama_available
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _probe(kind: str, args: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.probe", kind, json.dumps(args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def _probe(kind: str, args: dict, timeout: float) -> dict:
+    """One fresh-process measurement; raises PeerFailed when that process dies or hangs."""
+    label, phase = f"probe {kind}", "opening and producing first tokens in a fresh process"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.probe", kind, json.dumps(args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PeerFailed(label, "hung", phase, f"no answer within {timeout:g} s; stopped it") from None
     if proc.returncode != 0:
-        raise Skip(f"probe {kind} failed: {proc.stderr.strip()[-300:]}")
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-300:]
+        raise PeerFailed(label, "crashed" if proc.returncode < 0 else "exited", phase,
+                         exit_text(proc.returncode) + (f"; last stderr: {tail}" if tail else ""))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -53,9 +61,9 @@ def run(ctx: Context) -> Section:
         for name, (kind, args) in probes.items():
             if name in results:
                 try:
-                    results[name].append(_probe(kind, args))
+                    results[name].append(_probe(kind, args, s.call_timeout_s))
                 except Skip as exc:
-                    ctx.skip(f"{name} memory probe", str(exc))
+                    ctx.skip(f"{name} memory probe", str(exc), getattr(exc, "kind", "skipped"))
                     results.pop(name)
         ctx.log(f"  memory rep {rep + 1}/{s.memory_reps} done")
     g_rss = sec.group("rss_bytes", "resident memory after the first tokens", "lower",

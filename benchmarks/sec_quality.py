@@ -19,7 +19,7 @@ import numpy as np
 from .context import Context
 from .fixtures import heldout_text
 from .harness import THREADS, Section, Skip
-from .systems import bundle, decoder, genai_dirs
+from .systems import bundle, decoder, genai_dirs, llama_scorer
 
 REF = "transformers fp32"
 
@@ -102,7 +102,7 @@ def run(ctx: Context) -> Section:
     cfg = ctx.models.decoder_dir / "config.json"
     try:
         if ctx.wanted(REF):
-            scorers[REF] = decoder(ctx, REF).obj.logits
+            scorers[REF] = decoder(ctx, REF).logits
     except Skip:
         pass
     for quant in ("fp32", "int8", "int4"):
@@ -121,15 +121,14 @@ def run(ctx: Context) -> Section:
         ctx.skip("genai int4 perplexity", f"{type(exc).__name__}: {str(exc)[:200]}")
     if not ctx.smoke and ctx.wanted("llama.cpp"):
         try:
-            from .sys_llama import LlamaCppDecoder
-
-            ll = LlamaCppDecoder(ctx.models.gguf, n_ctx=s.ppl_window + 8, logits_all=True)
-            scorers["llama.cpp Q4_1"] = ll.logits
-        except Skip as exc:
-            ctx.skip("llama.cpp Q4_1 perplexity", str(exc))
+            scorers["llama.cpp Q4_1"] = llama_scorer(ctx, s.ppl_window).logits  # in its own worker process
+        except Skip:
+            pass  # recorded by the context with its reason
     for name, fn in scorers.items():
         try:
             g.add(name, "ppl", [perplexity(fn, ids, s.ppl_window)])
+        except Skip as exc:  # e.g. its worker process died on one window
+            ctx.skip(f"{name} perplexity", str(exc), getattr(exc, "kind", "skipped"))
         except Exception as exc:
             ctx.skip(f"{name} perplexity", f"{type(exc).__name__}: {str(exc)[:200]}")
     sec.notes.append(f"Held-out text: {source} (first {len(ids)} tokens, windows of {s.ppl_window}); "

