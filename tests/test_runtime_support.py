@@ -69,7 +69,7 @@ def _record(peft_dir: Path, **fields) -> None:
         (Path(peft_dir) / "labels.json").write_text(json.dumps(fields["labels"]))
 
 
-def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") -> dict:
+def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32", base_seed: int = 0) -> dict:
     """Tiny llama + adapters "alpha" (q,v) and "beta" (gate,down) -> a signed bundle via ``build_bundle``,
     plus an update for "alpha" (version 2, exported for the same slots)."""
     from test_export_support import make_peft_adapter, tiny_llama_dir
@@ -78,7 +78,7 @@ def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32") 
     from edgepeft.export import write_adapter
     from edgepeft.release.package import create_adapter_update
 
-    base = tiny_llama_dir(root / "base", vocab_size=VOCAB, initializer_range=0.2)
+    base = tiny_llama_dir(root / "base", seed=base_seed, vocab_size=VOCAB, initializer_range=0.2)
     byte_level_tokenizer(base)
     alpha, beta, gamma = root / "peft-alpha", root / "peft-beta", root / "peft-gamma"
     make_peft_adapter(base, alpha, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=11)
