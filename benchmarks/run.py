@@ -29,19 +29,12 @@ SCHEMA = "edgepeft-bench/1"
 SECTIONS = ["decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
 
 
-def _transport_placeholder() -> Section:
-    sec = Section("transport", "5. Serial throughput and HTTP push time")
-    sec.status = "not built yet"
-    sec.notes.append("The serial and HTTP transports are a later issue; no numbers until they exist.")
-    return sec
-
-
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
     """Run the chosen sections in order; returns (sections, goals)."""
-    from . import sec_adapters, sec_classify, sec_decode, sec_memory, sec_quality
+    from . import sec_adapters, sec_classify, sec_decode, sec_memory, sec_quality, sec_transport
 
     runners = {"decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
-               "quality": sec_quality.run, "transport": lambda c: _transport_placeholder(),
+               "quality": sec_quality.run, "transport": sec_transport.run,
                "memory": sec_memory.run, "classify": sec_classify.run}
     sections, goals = [], []
     for sid in SECTIONS:
@@ -63,8 +56,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
         elif sid == "sizes":
             goals.append(sec_adapters.goal_bundle(sec))
         elif sid == "transport":
-            goals.append({"name": "serial throughput", "target": ">= 90 % of line rate", "met": None,
-                          "measured": "not built yet"})
+            goals.append(sec_transport.goal_serial(sec))
     return sections, goals
 
 

@@ -86,14 +86,18 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     assert data["schema"] == "edgepeft-bench/1" and data["mode"] == "smoke"
     assert data["machine"]["threads_per_system"] == 2 and data["versions"]["onnxruntime"]
     sections = {s["id"]: s for s in data["sections"]}
-    assert sections["transport"]["status"] == "not built yet" and not sections["transport"]["groups"]
+    transport = {f["system"]: f for g in sections["transport"]["groups"] for f in g["figures"]}
+    assert {"edgepeft serial @ 115200", "edgepeft serial @ 921600", "edgepeft HTTP push",
+            "edgepeft install to healthy"} <= set(transport), sorted(transport)
+    assert all(0 < f["median"] <= 1.0 for s, f in transport.items() if "serial" in s and "@" in s
+               and f["unit"] == "ratio" and f["group"].endswith("efficiency"))
     decode = {g["id"]: g for g in sections["decode"]["groups"]}
     torch_fig = next(f for f in decode["decode.decode_tok_s"]["figures"] if f["system"] == "transformers fp32")
     assert torch_fig["n"] == 2 and torch_fig["median"] > 0 and torch_fig["unit"] == "tok/s"
     for key in ("median", "p25", "p75", "iqr", "samples", "ratios"):
         assert key in torch_fig
     table = (out / "table-smoke.md").read_text()
-    assert "Decode speed" in table and "Not built yet" in table
+    assert "Decode speed" in table and "Updates: serial line use" in table
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())

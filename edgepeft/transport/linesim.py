@@ -134,7 +134,8 @@ class NullModem:
 
 
 def main(argv=None) -> int:
-    """``python -m edgepeft.transport.linesim BAUD``: print the two ends, relay until stdin closes."""
+    """``python -m edgepeft.transport.linesim BAUD``: print the two ends, relay until stdin closes,
+    then print ``carried A_TO_B B_TO_A`` (bytes the line delivered each way)."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
             sys.stdin.read()
         except KeyboardInterrupt:
             pass
+        print(f"carried {line.carried[0]} {line.carried[1]}", flush=True)
     return 0
 
 

@@ -7,6 +7,7 @@ receiver, so a sender that comes back resumes from the device's offset.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
@@ -90,7 +91,7 @@ class SerialAgent:
                 except EdgePeftError as exc:
                     answer = {"error": {"message": exc.message, "hint": exc.hint}}
                 return [encode_frame(sp.REPLY, sp.reply(sp.ROLLBACK, answer))]
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, struct.error):
             pass  # a well-framed but malformed message: ignore it like noise
         return []
 
