@@ -68,7 +68,8 @@ class _Proc:
         return rest.decode(errors="replace")
 
 
-def _packages(ctx: Context, bundle_dir: Path, name: str, peft: Path, dtype: str, n: int, tag: str) -> list[Path]:
+def _packages(ctx: Context, bundle_dir: Path, name: str, peft: Path, dtype: str, n: int, tag: str,
+              checks: Path | None = None) -> list[Path]:
     """``n`` packages of one adapter, versions 2..n+1 (made once, kept in benchmarks/work/updates)."""
     from edgepeft.release.package import create_adapter_update
 
@@ -79,9 +80,26 @@ def _packages(ctx: Context, bundle_dir: Path, name: str, peft: Path, dtype: str,
         p = ctx.work / "updates" / tag / f"{name}-{dtype}-v{v}.epu"
         if not p.is_file() or p.stat().st_mtime < (bundle_dir / "manifest.json").stat().st_mtime:
             create_adapter_update(bundle=bundle_dir, name=name, adapter=peft, version=v, key=keypair(ctx.work)[0],
-                                  out=p, adapter_dtype=dtype, expires="365d")
+                                  out=p, adapter_dtype=dtype, expires="365d", health_checks=checks)
         out.append(p)
     return out
+
+
+def _health_check(ctx: Context, bundle_dir: Path, name: str, peft: Path, dtype: str) -> Path:
+    """A one-line health check this adapter passes: its own greedy answer to a question (16 tokens)."""
+    import json
+
+    from edgepeft.runtime import Engine
+
+    probe = _packages(ctx, bundle_dir, name, peft, dtype, 1, "probe")[0]
+    eng = Engine(bundle_dir, [pubkey(ctx)], threads=2)
+    eng.load_adapter(probe, name="probe")
+    q = "Is my router broken?"
+    kw = {"messages": [{"role": "user", "content": q}]} if eng.codec.chat_template else {"prompt": q}
+    answer = eng.generate(**kw, adapter="probe", max_new_tokens=16, temperature=0.0).text
+    path = ctx.work / "updates" / f"check-{name}.jsonl"
+    path.write_text(json.dumps({"input": q, "expect": {"contains": answer[:12]}, "max_new_tokens": 16}) + "\n")
+    return path
 
 
 def _agent(ctx: Context, bundle_dir: Path, state: Path, *extra) -> _Proc:
@@ -156,7 +174,9 @@ def _http(ctx: Context, sec: Section) -> None:
     reps = 2 if ctx.smoke else 5
     state = ctx.work / "agent-state" / "http"
     try:
-        pkgs = _packages(ctx, b, "a0", peft_adapters(ctx)[0], "fp16", reps, "http")
+        peft = peft_adapters(ctx)[0]
+        pkgs = _packages(ctx, b, "a0", peft, "fp16", reps, "http",
+                         checks=_health_check(ctx, b, "a0", peft, "fp16"))
         agent = _agent(ctx, b, state)
     except Skip as exc:
         ctx.skip("edgepeft HTTP push", str(exc))
@@ -181,7 +201,7 @@ def _http(ctx: Context, sec: Section) -> None:
         size = pkgs[0].stat().st_size
         g_push.add("edgepeft HTTP push", "s", pushes, note=f"{size / 2 ** 20:.2f} MiB package, fp16 payload")
         g_inst.add("edgepeft install to healthy", "s", installs,
-                   note="no health checks in these packages: verification, staging, loading and the commit")
+                   note="verification, staging, loading, one 16-token health check, the commit")
     except Skip as exc:
         ctx.skip("edgepeft HTTP push", str(exc))
     finally:
