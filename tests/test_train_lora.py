@@ -162,3 +162,25 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(bases, decoder_data
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, a[name], atol=1e-6, rtol=1e-5)
+
+
+def test_init_adapter_continues_from_an_earlier_version(bases, decoder_data, tmp_path):
+    """v2 starts from v1's weights (the version devices run) and keeps training; a rank or base
+    that does not fit is refused before training."""
+    from safetensors.torch import load_file
+
+    v1 = tmp_path / "v1"
+    r1 = train(**fast(data=decoder_data, out=str(v1), base=bases["llama"], max_steps=6, eval_generate=0))
+    same = tmp_path / "same"
+    train(**fast(data=decoder_data, out=str(same), base=bases["llama"], max_steps=1, learning_rate=1e-12,
+                 eval_generate=0, init_adapter=str(v1)))
+    a, b = load_file(str(v1 / "adapter_model.safetensors")), load_file(str(same / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    v2 = tmp_path / "v2"
+    r2 = train(**fast(data=decoder_data, out=str(v2), base=bases["llama"], max_steps=4, eval_generate=0,
+                      init_adapter=str(v1)))
+    assert r2.metrics["train"]["loss_first"] < r1.metrics["train"]["loss_first"]  # it starts where v1 ended
+    with pytest.raises(TrainError, match="rank 8, this run uses rank 4") as ei:
+        train(**fast(data=decoder_data, out=str(tmp_path / "bad"), base=bases["llama"], max_steps=1, rank=4,
+                     init_adapter=str(v1)))
+    assert "--rank 8" in ei.value.hint

@@ -67,6 +67,8 @@ Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D["precision"], show_default=True,
               help="auto: bf16 autocast on a GPU that has it, fp32 otherwise.")
 @click.option("--save-every", type=int, default=D["save_every"], show_default=True, help="Checkpoint every N steps (0: on Ctrl-C only).")
+@click.option("--init-adapter", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Start from this adapter's weights (same base, rank, modules) to train its next version.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.partial/.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once training succeeds).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")

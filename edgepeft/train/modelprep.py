@@ -118,9 +118,46 @@ def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str]
     except ValueError as exc:
         raise TrainError(f"cannot attach LoRA to {config.model_type}: {exc}",
                          hint="pass --target-modules with linear layer names of this model") from exc
+    if opts.init_adapter:
+        load_initial_adapter(peft_model, opts.init_adapter, fingerprint, opts.rank)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     return Prepared(peft_model, fingerprint, config.model_type, targets, heads, trainable, total)
+
+
+def load_initial_adapter(peft_model, path, fingerprint: str, rank: int) -> None:
+    """Start from an existing adapter's weights, so the run trains its next version.
+
+    Raises :class:`TrainError` when the adapter was trained on another base, or its rank or
+    modules differ from this run's (the weights would not fit).
+    """
+    import json
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise TrainError(f"--init-adapter {d} is not a PEFT adapter directory (adapter_config.json + "
+                         "adapter_model.safetensors)", hint="pass the --out of an earlier `edgepeft train`")
+    cfg = json.loads(cfg_path.read_text())
+    record = d / "edgepeft_training.json"
+    trained_on = (json.loads(record.read_text()).get("base") or {}).get("fingerprint") if record.is_file() else None
+    if trained_on and trained_on != fingerprint:
+        raise TrainError(f"--init-adapter {d} was trained on another base ({trained_on[:19]}...)",
+                         hint="continue it on the base it was trained on (--base)")
+    if int(cfg.get("r", 0)) != rank:
+        raise TrainError(f"--init-adapter {d} has rank {cfg.get('r')}, this run uses rank {rank}",
+                         hint=f"pass --rank {cfg.get('r')}")
+    result = set_peft_model_state_dict(peft_model, load_file(str(weights)))
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing:
+        raise TrainError(f"--init-adapter {d} does not fit this run's modules "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+                         hint="train with the same --target-modules as the adapter you continue")
 
 
 def _load_4bit(source, task, num_labels, id2label, device, heads):

@@ -83,6 +83,7 @@ class TrainOptions:
     seed: int = 42
     precision: str = "auto"
     save_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
+    init_adapter: str | None = None  # start from this PEFT adapter's weights (its next version)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
