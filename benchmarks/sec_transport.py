@@ -44,11 +44,11 @@ class _Proc:
             raise Skip(f"{' '.join(cmd[2:5])} did not start (see {log})")
         self.line = line.decode().split()
 
-    def stop(self, *, eof: bool = False) -> str:
-        """Stop it (closing its stdin first with ``eof``); returns what it printed after its first line."""
+    def stop(self) -> str:
+        """SIGTERM, then what it printed after its first line."""
         rest = b""
-        if eof and self.proc.poll() is None:
-            self.proc.stdin.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
                 rest = self.proc.stdout.read()
@@ -155,7 +155,7 @@ def _serial(ctx: Context, sec: Section) -> None:
         finally:
             if agent is not None:
                 agent.stop()
-            carried = line.stop(eof=True).split()
+            carried = line.stop().split()
         if effs and len(carried) == 3 and carried[0] == "carried":
             g_w.add(f"edgepeft serial @ {baud}", "ratio", [int(carried[1]) / sent],
                     note="host-to-device bytes the line carried, over package bytes (queries and the final "

@@ -55,5 +55,83 @@ print("POST /v1/chat/completions ->", reply["choices"][0]["message"]["content"][
 server.shutdown(); server.server_close()
 PY
 
-step "done: bundles are in $OUT, adapters and before/after figures in examples/out"
-ls -la "$OUT/bundles"
+step "8. version 2 of the adapter: 10 more steps from version 1, packaged as a signed update"
+edgepeft train --data examples/northwind_support/train.jsonl --eval-data examples/northwind_support/eval.jsonl \
+  --init-adapter "$NORTHWIND" --out "$OUT/adapters/northwind-v2" --steps 10 --batch-size 2 --lr 1e-3 \
+  --max-length 160 --eval-generate 4 --no-progress
+edgepeft update create --bundle "$OUT/bundles/pi5" --adapter northwind="$OUT/adapters/northwind-v2" --version 2 \
+  --health-check "$OUT/health.jsonl" --expires 30d --key "$OUT/keys/fleet.key" --out "$OUT/updates/northwind-v2.epu"
+# the serial gateway's line is slow: the same version as an int8 payload (half the bytes)
+edgepeft update create --bundle "$OUT/bundles/pi5" --adapter northwind="$OUT/adapters/northwind-v2" --version 2 \
+  --adapter-dtype int8 --health-check "$OUT/health.jsonl" --key "$OUT/keys/fleet.key" \
+  --out "$OUT/updates/northwind-v2-int8.epu"
+edgepeft update inspect "$OUT/updates/northwind-v2.epu" --trusted-key "$EDGEPEFT_TRUSTED_KEYS"
+
+# three devices, each an agent process on this machine, each started from the .epb it was shipped
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+first_line() {  # FILE PATTERN: wait (up to a minute) for a line matching PATTERN, print it
+  for _ in $(seq 1 300); do grep -m1 -E "$2" "$1" 2>/dev/null && return 0; sleep 0.2; done
+  echo "timed out waiting for $2 in $1" >&2; return 1
+}
+start_agent() {  # NAME, extra args...; sets URL
+  local name=$1; shift
+  mkdir -p "$OUT/devices"
+  edgepeft agent "$OUT/bundles/pi5.epb" --state "$OUT/devices/$name" --listen 127.0.0.1:0 \
+    --audit "$OUT/devices/$name-audit.jsonl" "$@" >"$OUT/devices/$name.out" 2>"$OUT/devices/$name.log" &
+  PIDS+=("$!")
+  URL=$(first_line "$OUT/devices/$name.out" '^listening ' | awk '{print $2}')
+  echo "device $name: agent on $URL (token in $OUT/devices/$name/token)"
+}
+ask() {  # URL -> which adapter version answered, and the answer's start
+  python - "$1" "$ASK" <<'PY'
+import json, sys, urllib.request
+body = {"model": "northwind", "max_tokens": 40, "messages": [{"role": "user", "content": sys.argv[2]}]}
+req = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+r = json.load(urllib.request.urlopen(req, timeout=300))
+print(f"  northwind v{r['adapter_version']} answers: {r['choices'][0]['message']['content'][:90]!r}")
+PY
+}
+
+step "9. device A: push version 2 over HTTP (it installs, runs the health check, then commits)"
+start_agent device-a
+ask "$URL"
+edgepeft push "$OUT/updates/northwind-v2.epu" --to "$URL" --token-file "$OUT/devices/device-a/token"
+ask "$URL"
+edgepeft status --device "$URL" --token-file "$OUT/devices/device-a/token"
+echo "audit log: $(tail -n 1 "$OUT/devices/device-a-audit.jsonl" | python -c 'import json,sys; e=json.load(sys.stdin); print(e["adapters"])')"
+echo "a replayed version 2 and a tampered copy are refused; device A keeps serving version 2:"
+edgepeft push "$OUT/updates/northwind-v2-int8.epu" --to "$URL" --token-file "$OUT/devices/device-a/token" || true
+python - "$OUT/updates/northwind-v2.epu" "$OUT/updates/tampered.epu" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read()); data[-100] ^= 1; open(sys.argv[2], "wb").write(data)
+PY
+edgepeft push "$OUT/updates/tampered.epu" --to "$URL" --token-file "$OUT/devices/device-a/token" || true
+
+step "10. device B: the same version over a serial line (a pseudo-terminal null modem at 921600 baud, line rate enforced)"
+python -m edgepeft.transport.linesim 921600 >"$OUT/devices/line.out" &
+PIDS+=("$!")
+read -r HOST_END DEVICE_END < <(first_line "$OUT/devices/line.out" '^/dev/')
+start_agent device-b --serial "$DEVICE_END" --baud 921600
+SECONDS=0
+edgepeft push "$OUT/updates/northwind-v2-int8.epu" --to "serial://$HOST_END?baud=921600"
+echo "($(stat -c %s "$OUT/updates/northwind-v2-int8.epu") bytes in ${SECONDS} s over a 92,160 B/s line)"
+ask "$URL"
+
+step "11. device C: publish to a TUF repository on static hosting; the device pulls it on its own"
+edgepeft publish "$OUT/updates/northwind-v2.epu" --repo "$OUT/repo" --key "$OUT/keys/fleet.key"
+python -u -m http.server 0 --bind 127.0.0.1 --directory "$OUT/repo" >"$OUT/devices/web.out" 2>/dev/null &
+PIDS+=("$!")
+REPO_URL="http://127.0.0.1:$(first_line "$OUT/devices/web.out" ' port [0-9]+' | sed -E 's/.* port ([0-9]+) .*/\1/')"
+start_agent device-c --pull "$REPO_URL" --interval 2
+for _ in $(seq 1 120); do
+  edgepeft status --device "$URL" --token-file "$OUT/devices/device-c/token" --json 2>/dev/null \
+    | python -c 'import json,sys; a=[x for x in json.load(sys.stdin)["adapters"] if x["name"]=="northwind"]; sys.exit(0 if a and a[0]["version"]==2 else 1)' \
+    && break
+  sleep 1
+done
+ask "$URL"
+
+step "done: bundles and updates are in $OUT, adapters and before/after figures in examples/out"
+ls -la "$OUT/bundles" "$OUT/updates"

@@ -134,16 +134,19 @@ class NullModem:
 
 
 def main(argv=None) -> int:
-    """``python -m edgepeft.transport.linesim BAUD``: print the two ends, relay until stdin closes,
+    """``python -m edgepeft.transport.linesim BAUD``: print the two ends, relay until SIGTERM or Ctrl-C,
     then print ``carried A_TO_B B_TO_A`` (bytes the line delivered each way)."""
+    import signal
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     baud = int(args[0]) if args else 115200
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: done.set())
     with NullModem(baud) as line:
         print(line.a, line.b, flush=True)
         try:
-            sys.stdin.read()
+            done.wait()
         except KeyboardInterrupt:
             pass
         print(f"carried {line.carried[0]} {line.carried[1]}", flush=True)
