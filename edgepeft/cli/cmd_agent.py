@@ -26,10 +26,17 @@ from .keys import trusted_keys
 @click.option("--interval", type=float, default=300.0, show_default=True, help="Seconds between polls with --pull.")
 @click.option("--tuf-root", type=click.Path(dir_okay=False), default=None,
               help="The repository's trusted root.json [default: fetched once and accepted only if the trusted key signed it].")
+@click.option("--mqtt", "mqtt_url", default=None,
+              help="Take fleet jobs from this MQTT broker: mqtt://[user:pass@]HOST:1883 or mqtts://HOST:8883.")
+@click.option("--device-id", default=None, help="This device's id in the fleet inventory (needed with --mqtt).")
+@click.option("--mqtt-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts://.")
+@click.option("--mqtt-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="This device's client certificate (per-device credentials over mqtts://).")
+@click.option("--mqtt-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Its private key.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's thread count.")
 @click.option("--audit", type=click.Path(dir_okay=False), default=None, help="Audit log file (JSON lines).")
-def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, threads,
-            audit):
+def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, mqtt_url,
+            device_id, mqtt_ca, mqtt_cert, mqtt_key, threads, audit):
     """Run the device agent on BUNDLE (a directory or the .epb the device was shipped): serve inference and
     install signed updates that arrive over HTTP, a serial line or a TUF pull repository."""
     from pathlib import Path
@@ -38,6 +45,12 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     from ..update.device import Device
 
     host, port = parse_listen(listen)
+    if mqtt_url and not device_id:
+        raise UsageError("--mqtt needs --device-id (the id the fleet inventory uses)", hint="e.g. --device-id pi-001")
+    if device_id:
+        from ..spec.names import check_name
+
+        check_name(device_id, "--device-id", "ID")
     if interval <= 0:
         raise UsageError("--interval must be positive", hint="e.g. --interval 300")
     opts = {k: v for k, v in {"threads": threads, "audit": audit}.items() if v is not None}
@@ -45,10 +58,13 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     token, token_path = load_token(Path(state), token_file)
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
-    agent = Agent(device, token=token, listen=(host, port), serial=serial, pull=pull).start()
+    mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key} \
+        if mqtt_url else None
+    agent = Agent(device, token=token, listen=(host, port), serial=serial, pull=pull, mqtt=mqtt).start()
     for note in device.status()["notes"]:
         click.echo(f"warning: {note}", err=True)
-    links = [agent.url] + ([f"serial {serial_port} @ {baud}"] if serial else []) + ([f"pull {pull_url}"] if pull else [])
+    links = [agent.url] + ([f"serial {serial_port} @ {baud}"] if serial else []) + \
+        ([f"pull {pull_url}"] if pull else []) + ([f"mqtt {mqtt_url} as {device_id}"] if mqtt else [])
     click.echo(f"agent ready: {', '.join(links)}; base {device.engine.manifest.base.get('name')}; "
                f"token in {token_path}", err=True)
     click.echo(f"listening {agent.url}", err=False)

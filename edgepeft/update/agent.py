@@ -2,7 +2,8 @@
 
 ``Agent(device, ...)`` starts the HTTP API (inference + updates, see
 :mod:`.agent_http`), and, when configured, a serial listener
-(:mod:`.agent_serial`) and a pull loop on a TUF repository (:mod:`.pull`).
+(:mod:`.agent_serial`), a pull loop on a TUF repository (:mod:`.pull`) and
+an MQTT job client for devices behind NAT (:mod:`.agent_mqtt`).
 All links hand packages to the same :class:`~edgepeft.update.device.Device`,
 so the same checks and the same install transaction apply whichever way an
 update came.
@@ -61,12 +62,14 @@ class Agent:
     """The agent's links around one :class:`Device`. ``start()`` returns once all are listening."""
 
     def __init__(self, device, *, token: str, listen: tuple[str, int] = ("127.0.0.1", 0), serial: dict | None = None,
-                 pull: dict | None = None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+                 pull: dict | None = None, mqtt: dict | None = None,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         self.device, self.token, self.listen, self.log = device, token, listen, log
-        self.serial_options, self.pull_options = serial, pull
+        self.serial_options, self.pull_options, self.mqtt_options = serial, pull, mqtt
         self.http = None
         self.serial = None
         self.puller = None
+        self.mqtt = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -91,6 +94,11 @@ class Agent:
 
             self.puller = Puller(self.device, **self.pull_options, log=self.log)
             self._threads.append(self.puller.start())
+        if self.mqtt_options:
+            from .agent_mqtt import MqttAgent
+
+            self.mqtt = MqttAgent(self.device, **self.mqtt_options, log=self.log)
+            self._threads.append(self.mqtt.start())
         return self
 
     @property
@@ -103,6 +111,8 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.mqtt is not None:
+            self.mqtt.stop()
         if self.puller is not None:
             self.puller.stop()
         if self.serial is not None:

@@ -121,6 +121,28 @@ class Puller:
         self.last = {"at": time.time(), "results": results}
         return results
 
+    def fetch(self, path: str) -> bytes:
+        """One package by its target path (a job names it), verified by TUF on the way in.
+        Raises :class:`TransportError` when it is not listed or cannot be downloaded intact."""
+        try:
+            up = self._updater()
+            up.refresh()
+            info = up.get_targetinfo(path)
+            if info is None:
+                raise TransportError(f"{path} is not listed in the repository at {self.url}",
+                                     hint="publish it with `edgepeft publish`")
+            dest = self.dir / "targets" / "job.epu"
+            got = Path(up.download_target(info, str(dest)))
+            try:
+                return got.read_bytes()
+            finally:
+                got.unlink(missing_ok=True)
+        except EdgePeftError:
+            raise
+        except Exception as exc:
+            raise TransportError(f"download of {path} from {self.url} failed: {type(exc).__name__}: {exc}",
+                                 hint="the repository is unreachable, stale or tampered") from exc
+
     def _wanted(self, packages: list) -> list[dict]:
         """The newest package per adapter name (for this base) and the newest bundle, above the floors."""
         status = self.device.status()
