@@ -240,10 +240,28 @@ def canonical_bytes(data: dict) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {dup!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_manifest_dict(path: Path) -> dict:
-    """Read a manifest file as a dict; raises :class:`SpecError` if it is not JSON."""
+    """Read a manifest file as a dict; raises :class:`SpecError` if it is not strict JSON.
+
+    Strict: a key twice in one object (parsers disagree on which one wins, so a verifier in another
+    language could check one value and use another) and NaN/Infinity (not JSON; the canonical
+    form cannot hold them) are refused, as docs/bundle-format.md specifies.
+    """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constant)
     except FileNotFoundError as exc:
         raise SpecError(str(path), "", "does not exist", hint="is this a bundle directory?") from exc
     except (OSError, ValueError) as exc:

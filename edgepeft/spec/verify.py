@@ -85,7 +85,12 @@ def verify_signature(data: dict, trusted_keys: Iterable[KeyLike], source: str = 
         raise SignatureError(f"{source} was signed by key {sig.get('key_id')!r}, which this device does not trust",
                              hint=f"trusted key ids: {', '.join(by_id)}")
     try:
-        key.verify(value, canonical_bytes(data))
+        signed = canonical_bytes(data)
+    except ValueError as exc:  # NaN/Infinity, or a lone surrogate that UTF-8 cannot hold
+        raise SignatureError(f"{source} cannot be put in its canonical signed form: {exc}",
+                             hint="fetch the bundle or update again from its source") from exc
+    try:
+        key.verify(value, signed)
     except InvalidSignature as exc:
         raise SignatureError(f"{source}: the signature does not match its content (tampered or corrupted)",
                              hint="fetch the bundle or update again from its source") from exc
