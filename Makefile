@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv, install, run the main job end to end on the embedded SmolLM2
 #   make test   - create .venv, install, run the test suite (no real models; a few minutes)
+#   make test-aarch64 - the device-side tests on an emulated aarch64 Debian, torch-free (root; tools/aarch64.sh)
 # Every install pins torch==2.13.0 first (the CPU build) and uses constraints.txt for the rest.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgepeft-installed
 
-.PHONY: env test test-slow demo bench bench-smoke clean
+.PHONY: env test test-slow test-aarch64 demo bench bench-smoke clean
 
 env: $(STAMP)
 
@@ -25,6 +26,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# qemu-user + an arm64 Debian chroot + aarch64 wheels from PyPI; writes benchmarks/results/aarch64_emulated.json.
+# Needs root and the Debian mirror; first run ~10 min (cached in ~/.cache/edgepeft-aarch64), then ~5.
+test-aarch64: $(STAMP)
+	HOST_PYTHON="$(abspath $(BIN))/python" bash tools/aarch64.sh
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh

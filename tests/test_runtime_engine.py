@@ -10,10 +10,11 @@ import threading
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
+from test_runtime_support import cached_bundle, reference_greedy, require_fixtures  # noqa: E402
 
-from test_runtime_support import cached_bundle, reference_greedy  # noqa: E402
 from update_support import forge  # noqa: E402
+
+require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.errors import AdapterError, BundleError, EngineError, IntegrityError, SignatureError  # noqa: E402
 from edgepeft.runtime import Engine  # noqa: E402

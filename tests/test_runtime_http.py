@@ -9,9 +9,9 @@ import urllib.request
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
+from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 
-from test_runtime_support import cached_bundle  # noqa: E402
+require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.runtime import Engine, start_server  # noqa: E402
 

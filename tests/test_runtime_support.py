@@ -1,12 +1,17 @@
 """Helpers for the runtime tests (no tests here): tiny signed bundles built through edgepeft's own
 exporter and bundle builder, with a byte-level tokenizer so multi-byte UTF-8 really splits across tokens.
 
-Building needs torch/transformers/peft (server side); the runtime under test never imports them.
+Building needs torch/transformers/peft (server side); the runtime under test never imports them. A device
+has no torch, so ``tools/aarch64.sh`` builds every fixture kind on the host first (:func:`prebuild`) and
+the device-side tests read them from ``$EDGEPEFT_PREBUILT_FIXTURES`` through :func:`cached_bundle`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +74,10 @@ def _record(peft_dir: Path, **fields) -> None:
         (Path(peft_dir) / "labels.json").write_text(json.dumps(fields["labels"]))
 
 
-def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32", base_seed: int = 0) -> dict:
+def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32",
+                         target: str = "x86-64-gateway", base_seed: int = 0) -> dict:
     """Tiny llama + adapters "alpha" (q,v) and "beta" (gate,down) -> a signed bundle via ``build_bundle``,
-    plus an update for "alpha" (version 2, exported for the same slots)."""
+    plus an update for "alpha" (version 2, exported for the same slots) and a compact int8 copy of it."""
     from test_export_support import make_peft_adapter, tiny_llama_dir
 
     from edgepeft.bundle.build import build_bundle
@@ -84,16 +90,20 @@ def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32", 
     make_peft_adapter(base, alpha, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=11)
     make_peft_adapter(base, beta, r=4, alpha=8, targets=("gate_proj", "down_proj"), seed=12)
     make_peft_adapter(base, gamma, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=13)
-    res = build_bundle(base=str(base), adapters=[("alpha", alpha), ("beta", beta)], target="x86-64-gateway",
+    res = build_bundle(base=str(base), adapters=[("alpha", alpha), ("beta", beta)], target=target,
                        key=private_key, out=root / "bundle", quant=quant, slot_rank=4)
     manifest = res.manifest
     upd = root / "updates"
     upd.mkdir()
     write_adapter(gamma, manifest["model"], upd / "alpha-2.onnx_adapter")
+    write_adapter(gamma, manifest["model"], upd / "alpha-2-int8.onnx_adapter", dtype="int8")
     create_adapter_update(bundle=res.bundle_dir, name="alpha", adapter=gamma, version=2, key=private_key,
                           out=upd / "alpha-2.epu")
+    create_adapter_update(bundle=res.bundle_dir, name="alpha", adapter=gamma, version=7, key=private_key,
+                          out=upd / "alpha-7-int8.epu", adapter_dtype="int8")
     return {"bundle": res.bundle_dir, "manifest": manifest, "model_info": manifest["model"],
-            "update": upd / "alpha-2.onnx_adapter", "package": upd / "alpha-2.epu", "base": base}
+            "update": upd / "alpha-2.onnx_adapter", "update_int8": upd / "alpha-2-int8.onnx_adapter",
+            "package": upd / "alpha-2.epu", "package_int8": upd / "alpha-7-int8.epu", "base": base}
 
 
 def build_encoder_bundle(root: Path, private_key: Path) -> dict:
@@ -116,9 +126,18 @@ def build_encoder_bundle(root: Path, private_key: Path) -> dict:
     return {"bundle": res.bundle_dir, "manifest": res.manifest, "model_info": res.manifest["model"], "base": base}
 
 
-def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapter_file: Path | None = None):
-    """The plainest possible loop: session.run, a growing numpy cache, ORT's own LoraAdapter."""
+def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapter_file: Path | None = None,
+                     logits: list | None = None):
+    """The plainest possible loop: session.run, a growing numpy cache, ORT's own LoraAdapter.
+
+    A compact (fp16/int8) adapter is first expanded to fp32 the documented way. With ``logits``
+    (a list), each step's last-position logits row is appended to it."""
+    import tempfile
+
     import onnxruntime as ort
+
+    from edgepeft.runtime.adapter_file import read_header
+    from edgepeft.spec.adapter_payload import expand_adapter
 
     info = manifest["model"]
     so = ort.SessionOptions()
@@ -126,8 +145,11 @@ def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapt
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
     ro = ort.RunOptions()
-    keep = None
+    keep, scratch = None, tempfile.TemporaryDirectory()
     if adapter_file is not None:
+        if any(p.dtype != "tensor(float)" for p in read_header(adapter_file).params.values()):
+            expand_adapter(adapter_file, Path(scratch.name) / "fp32.onnx_adapter")
+            adapter_file = Path(scratch.name) / "fp32.onnx_adapter"
         keep = ort.LoraAdapter()
         keep.Load(str(adapter_file))
         ro.add_active_adapter(keep)
@@ -140,6 +162,8 @@ def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapt
     for _ in range(steps):
         r = dict(zip(names, sess.run(None, {"input_ids": np.array([feed], np.int64),
                                             "attention_mask": np.ones((1, len(seq)), np.int64), **past}, ro)))
+        if logits is not None:
+            logits.append(r["logits"][0, -1].copy())
         tok = int(np.argmax(r["logits"][0, -1]))
         if tok in eos:
             break
@@ -148,19 +172,128 @@ def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapt
         feed = [tok]
         past = {f"past_key_values.{i}.{w}": r[f"present.{i}.{w}"] for i in range(nl) for w in ("key", "value")}
     del keep
+    scratch.cleanup()
     return out
+
+
+PREBUILT_ENV = "EDGEPEFT_PREBUILT_FIXTURES"  # a folder written by prebuild(): device runs read fixtures from it
+PARITY_PROMPTS = ["the tin ünï ☃", "hello how can i help"]
+PARITY_STEPS = 16
+
+
+def _record_reference(built: dict) -> dict:
+    """Greedy tokens and per-step logits of the plain loop on this machine, for each adapter and none:
+    what another machine (the emulated aarch64 device) must reproduce from the same bundle."""
+    from tokenizers import Tokenizer
+
+    bundle, manifest = built["bundle"], built["manifest"]
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    cases = []
+    for prompt in PARITY_PROMPTS:
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+        for name in (None, "alpha", "beta"):
+            rows: list = []
+            adapter_file = None if name is None else bundle / next(a["file"] for a in manifest["adapters"]
+                                                                   if a["name"] == name)
+            tokens = reference_greedy(bundle, manifest, ids, PARITY_STEPS, adapter_file, logits=rows)
+            cases.append({"prompt": prompt, "adapter": name, "tokens": tokens,
+                          "logits": [[float(x) for x in row] for row in rows]})
+    return {"machine": platform.machine(), "onnxruntime": __import__("onnxruntime").__version__,
+            "steps": PARITY_STEPS, "cases": cases}
+
+
+def _build(kind: str, root: Path) -> dict:
+    from edgepeft.bundle.signing import generate_keypair
+
+    priv, pub = generate_keypair(root / "keys" / "device")
+    if kind == "decoder":
+        built = build_decoder_bundle(root, priv)
+    elif kind == "decoder-int4":  # what a Raspberry Pi 5 gets: int4 weights, fp16 adapters
+        built = build_decoder_bundle(root, priv, quant="int4", target="raspberry-pi-5")
+    elif kind == "encoder":
+        built = build_encoder_bundle(root, priv)
+    else:
+        raise ValueError(f"unknown fixture kind {kind!r}")
+    built |= {"private_key": priv, "public_key": pub, "root": root}
+    if kind.startswith("decoder"):
+        built["reference"] = _record_reference(built)
+    return built
+
+
+KINDS = ("decoder", "decoder-int4", "encoder")
+
+
+def _to_json(value, root: Path):
+    if isinstance(value, Path):
+        return {"$path": value.relative_to(root).as_posix()}
+    if isinstance(value, dict):
+        return {k: _to_json(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, root) for v in value]
+    return value
+
+
+def _from_json(value, root: Path):
+    if isinstance(value, dict):
+        if set(value) == {"$path"}:
+            return root / value["$path"]
+        return {k: _from_json(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v, root) for v in value]
+    return value
+
+
+def prebuild(out: Path, kinds=KINDS) -> None:
+    """Build each fixture kind into ``out/<kind>/`` with ``fixture.json`` (paths relative), for a
+    machine that cannot build them (no torch). Needs the server side (torch, transformers, peft)."""
+    out = Path(out)
+    for kind in kinds:
+        root = out / kind
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        built = _build(kind, root)
+        (root / "fixture.json").write_text(json.dumps(_to_json(built, root), ensure_ascii=False))
+
+
+def _load_prebuilt(kind: str, tmp_path_factory) -> dict:
+    """A private copy of a prebuilt fixture (tests may write beside it; the shared copy stays pristine)."""
+    src = Path(os.environ[PREBUILT_ENV]) / kind
+    if not (src / "fixture.json").is_file():
+        raise FileNotFoundError(f"{src}/fixture.json is missing: rebuild the fixtures with tools/device_fixtures.py")
+    root = tmp_path_factory.mktemp(f"rt-{kind}")
+    shutil.copytree(src, root, dirs_exist_ok=True)
+    return _from_json(json.loads((root / "fixture.json").read_text(encoding="utf-8")), root)
+
+
+def can_build_or_load() -> str | None:
+    """None when fixtures can be had (server side installed, or prebuilt ones given); else why not."""
+    if os.environ.get(PREBUILT_ENV):
+        return None
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"building runtime fixtures needs {', '.join(missing)} (or ${PREBUILT_ENV})" if missing else None
+
+
+def require_fixtures() -> None:
+    """Skip the calling test module (loudly, with the reason) when no fixture can be built or loaded."""
+    import pytest
+
+    why = can_build_or_load()
+    if why:
+        pytest.skip(why, allow_module_level=True)
 
 
 _BUILT: dict = {}
 
 
 def cached_bundle(kind: str, tmp_path_factory) -> dict:
-    """Build each kind of fixture bundle once per test session (shared by the runtime test files)."""
+    """Each kind of fixture bundle once per test session (shared by the runtime test files): built here,
+    or copied from ``$EDGEPEFT_PREBUILT_FIXTURES`` on a machine without the server side."""
     if kind not in _BUILT:
-        from edgepeft.bundle.signing import generate_keypair
-
-        root = tmp_path_factory.mktemp(f"rt-{kind}")
-        priv, pub = generate_keypair(root / "keys" / "device")
-        build = build_decoder_bundle if kind == "decoder" else build_encoder_bundle
-        _BUILT[kind] = build(root, priv) | {"private_key": priv, "public_key": pub, "root": root}
+        if os.environ.get(PREBUILT_ENV):
+            _BUILT[kind] = _load_prebuilt(kind, tmp_path_factory)
+        else:
+            _BUILT[kind] = _build(kind, tmp_path_factory.mktemp(f"rt-{kind}"))
     return _BUILT[kind]

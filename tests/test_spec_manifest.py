@@ -124,3 +124,17 @@ def test_not_json(bundle, keypair):
     shutil.rmtree(bundle)
     with pytest.raises(SpecError, match="does not exist"):
         verify_bundle(bundle, [keypair[1]])
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda t: t.replace('"alpha": 16.0', '"alpha": NaN'), SpecError, "NaN is not JSON"),
+    (lambda t: t.replace('"alpha": 16.0', '"alpha": 16.0, "alpha": 99.0'), SpecError, "'alpha' appears twice"),
+    (lambda t: t.replace('"name": "tiny"', '"name": "\\ud800"'), SignatureError, "canonical signed form"),
+])
+def test_json_that_parsers_read_differently_is_refused(bundle, keypair, edit, error, match):
+    """Duplicate keys (which one wins differs between parsers), NaN and lone surrogates (no canonical
+    form) would let a non-Python verifier check other bytes than edgepeft does: refused, typed."""
+    path = bundle / "manifest.json"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(error, match=match):
+        verify_bundle(bundle, [keypair[1]])

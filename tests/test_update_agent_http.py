@@ -12,11 +12,12 @@ import urllib.request
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
 
 from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle  # noqa: E402
-from update_support import adapter_update, forge, sign_package, unpack_package  # noqa: E402
+from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from update_support import forge, unpack_package, version_of  # noqa: E402
+
+require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.transport.http import HttpLink  # noqa: E402
 from edgepeft.transport.link import Package, push  # noqa: E402
@@ -175,7 +176,7 @@ def test_a_dropped_connection_and_an_agent_restart_resume_from_the_device_offset
     state = tmp_path / "state"
     agent = AgentProcess(built["bundle"], built["public_key"], state)
     try:
-        pkg = Package.read(adapter_update(built, tmp_path / "alpha-5.epu", version=5))
+        pkg = Package.read(version_of(built, tmp_path / "alpha-5.epu", 5))
         # send the envelope and part of the payload, then drop the connection mid-chunk
         host, port = agent.url.split("//")[1].split(":")
         sent = pkg.envelope_bytes + 1000

@@ -10,12 +10,13 @@ import time
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
 pytest.importorskip("serial")
 
 from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle  # noqa: E402
-from update_support import adapter_update, forge  # noqa: E402
+from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from update_support import forge, version_of  # noqa: E402
+
+require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.transport.framing import FrameDecoder, cobs_decode, cobs_encode, encode_frame  # noqa: E402
 from edgepeft.transport.linesim import NullModem  # noqa: E402
@@ -67,7 +68,7 @@ def test_push_over_serial_with_noise_flipped_bits_and_an_unplugged_cable(built, 
             to = f"serial://{line.a}?baud={baud}"
             # garbage and a half frame on the line before the sender starts
             line.noise(b"\xff\x00\x01\x02" * 40 + encode_frame(ord("D"), b"x" * 300)[:150], toward="b")
-            pkg = adapter_update(built, tmp_path / "alpha-3.epu", version=3)
+            pkg = version_of(built, tmp_path / "alpha-3.epu", 3)
             t0 = time.monotonic()
             r = run_cli("push", pkg, "--to", to, "--json", timeout=180)
             assert r.returncode == 0, r.stderr + r.stdout
@@ -80,7 +81,7 @@ def test_push_over_serial_with_noise_flipped_bits_and_an_unplugged_cable(built, 
             from edgepeft.transport.link import Package, push
             from edgepeft.transport.serial_link import SerialLink
 
-            pkg4 = Package.read(adapter_update(built, tmp_path / "alpha-4.epu", version=4))
+            pkg4 = Package.read(version_of(built, tmp_path / "alpha-4.epu", 4))
             pulled = []
 
             def progress(done, total):

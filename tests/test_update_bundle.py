@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")
+pytestmark = pytest.mark.host_only  # builds a second base during the test (server side)
 
 from test_runtime_support import build_decoder_bundle, cached_bundle  # noqa: E402
 

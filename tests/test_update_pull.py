@@ -13,12 +13,13 @@ import time
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
 pytest.importorskip("tuf")
 
 from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle  # noqa: E402
-from update_support import adapter_update  # noqa: E402
+from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from update_support import version_of  # noqa: E402
+
+require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.errors import TransportError  # noqa: E402
 from edgepeft.update.device import Device  # noqa: E402
@@ -62,7 +63,7 @@ def _version(device):
 
 def test_publish_then_pull_installs_the_newest_version_for_this_base(built, served, tmp_path):
     repo, url = served
-    v2, v3 = built["package"], adapter_update(built, tmp_path / "alpha-3.epu", version=3)
+    v2, v3 = built["package"], version_of(built, tmp_path / "alpha-3.epu", 3)
     r = run_cli("publish", v2, "--repo", repo, "--key", built["private_key"], "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["published"][0]["path"] == "edgepeft/adapters/alpha/v2.epu"
@@ -86,7 +87,7 @@ def test_tampered_stale_and_rolled_back_repositories_are_refused(built, served, 
     old_ts = (repo / "metadata/timestamp.json").read_bytes()
     snapshot_files = sorted((repo / "metadata").glob("*.json"))
     # a newer package whose file is swapped on the server for other bytes: TUF's hash check refuses it
-    v4 = adapter_update(built, tmp_path / "alpha-4.epu", version=4)
+    v4 = version_of(built, tmp_path / "alpha-4.epu", 4)
     assert run_cli("publish", v4, "--repo", repo, "--key", key).returncode == 0
     target = next(p for p in (repo / "targets/edgepeft/adapters/alpha").iterdir() if p.name.endswith("v4.epu"))
     good = target.read_bytes()

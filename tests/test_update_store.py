@@ -10,10 +10,11 @@ import shutil
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
 
-from test_runtime_support import cached_bundle  # noqa: E402
-from update_support import adapter_update, forge, unpack_package  # noqa: E402
+from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from update_support import forge, unpack_package  # noqa: E402
+
+require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.runtime import Engine  # noqa: E402
 from edgepeft.update.fsio import FaultyIO, FileIO, PowerCut  # noqa: E402
@@ -137,7 +138,7 @@ def test_planted_and_damaged_files_are_never_served(built, answers, tmp_path):
 
 
 def test_compact_int8_update_is_expanded_from_the_verified_bytes(built, tmp_path):
-    pkg = adapter_update(built, tmp_path / "alpha-7.epu", version=7, adapter_dtype="int8")
+    pkg = built["package_int8"]  # made by `edgepeft update create --adapter-dtype int8`
     meta, _, payload = unpack_package(pkg.read_bytes())
     assert meta["adapter"]["dtype"] == "int8" and any(s.endswith("lora_A") for s in meta["slots"])
     eng = _engine(built)

@@ -40,12 +40,13 @@ def forge(data: bytes, key_path, *, mutate=None, payload: bytes | None = None, f
     return sign_package(meta, payload, key_path)
 
 
-def adapter_update(built: dict, out: Path, *, version: int, peft: str = "peft-gamma", name: str = "alpha",
-                   **kw) -> Path:
-    """A real package made by ``edgepeft update create``'s library function."""
-    from edgepeft.release.package import create_adapter_update
-
+def version_of(built: dict, out: Path, version: int, source: str = "package") -> Path:
+    """The fixture's real package (made by ``edgepeft update create``) under another version number,
+    signed again with the fleet key: what a server publishes as the next version, without needing
+    the server side (torch) where the test runs."""
+    def bump(m):
+        m["adapter"]["version"] = version
+        m["adapter"]["file"] = f"adapters/{m['adapter']['name']}-{version}.onnx_adapter"
     out = Path(out)
-    create_adapter_update(bundle=built["bundle"], name=name, adapter=built["root"] / peft, version=version,
-                          key=built["private_key"], out=out, **kw)
+    out.write_bytes(forge(Path(built[source]).read_bytes(), built["private_key"], mutate=bump))
     return out

@@ -204,7 +204,7 @@ class RolloutPlan:
         t.reject_unknown()
         retries = {}
         rt = f.table("retry", {})
-        for i, c in enumerate(rt.raw("criteria", []) or []):
+        for i, c in enumerate(rt.items("criteria", [])):
             cf = Fields(c, source, f"retry.criteria[{i}]")
             ft = cf.str("failure_type", choices=("FAILED", "TIMED_OUT", "ALL"))
             retries[ft] = cf.int("number_of_retries", min=0, max=10)
@@ -212,7 +212,7 @@ class RolloutPlan:
         rt.reject_unknown()
         ab = f.table("abort", {})
         criteria = []
-        for i, c in enumerate(ab.raw("criteria", []) or []):
+        for i, c in enumerate(ab.items("criteria", [])):
             cf = Fields(c, source, f"abort.criteria[{i}]")
             criteria.append(AbortCriterion(failure_type=cf.str("failure_type", choices=FAILURE_TYPES),
                                            threshold_percentage=cf.float("threshold_percentage", min=0.0, max=100.0),
@@ -226,7 +226,7 @@ class RolloutPlan:
         require = g.bool("require_record", False)
         record = rel(g.str("record", None))
         floors = []
-        for i, c in enumerate(g.raw("floor", []) or []):
+        for i, c in enumerate(g.items("floor", [])):
             cf = Fields(c, source, f"eval_gate.floor[{i}]")
             floors.append(MetricFloor(cf.str("metric"), cf.float("min"), cf.str("slice", None)))
             cf.reject_unknown()

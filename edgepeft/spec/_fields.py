@@ -86,6 +86,15 @@ class Fields:
             raise self.error(key, "must not be empty")
         return list(value)
 
+    def items(self, key: str, default: Any = _MISSING) -> list:
+        """A list (of tables or values) to parse item by item; None and absent give ``default``."""
+        value = self._get(key, default)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {type(value).__name__}")
+        return value
+
     def table(self, key: str, default: Any = _MISSING) -> "Fields":
         value = self._get(key, default)
         if value is None:

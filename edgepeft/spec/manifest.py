@@ -70,7 +70,7 @@ class AdapterEntry:
             target_modules=tuple(f.str_list("target_modules", [])),
             labels=tuple(f.str_list("labels", None)) if f.data.get("labels") is not None else None,
             review_threshold=f.float("review_threshold", None, min=0.0, max=1.0),
-            metrics=f.raw("metrics", {}) or {},
+            metrics=dict(f.table("metrics", {}).data),
         )
         if entry.task == "classification" and not entry.labels:
             raise f.error("labels", "a classification adapter must list its label names")
@@ -150,7 +150,7 @@ class Manifest:
         base.str("name"), base.str("fingerprint"), base.str("task", choices=TASKS), base.str("architecture")
         files = []
         seen = set()
-        for i, item in enumerate(f.raw("files")):
+        for i, item in enumerate(f.items("files")):
             ff = Fields(item, source, f"files[{i}]")
             entry = FileEntry(_safe_relpath(ff.str("path"), source, ff.path("path")),
                               ff.int("size", min=0), ff.str("sha256"))
@@ -162,7 +162,7 @@ class Manifest:
             ff.reject_unknown()
             files.append(entry)
         adapters = tuple(AdapterEntry.from_fields(Fields(a, source, f"adapters[{i}]"))
-                         for i, a in enumerate(f.raw("adapters", []) or []))
+                         for i, a in enumerate(f.items("adapters", [])))
         names = [a.name for a in adapters]
         if len(set(names)) != len(names):
             raise f.error("adapters", "two adapters share a name")
@@ -170,7 +170,7 @@ class Manifest:
             if a.file not in seen:
                 raise f.error(f"adapters[{i}].file", f"{a.file!r} is not listed in files")
         checks = tuple(HealthCheck.from_fields(Fields(c, source, f"health_checks[{i}]"))
-                       for i, c in enumerate(f.raw("health_checks", []) or []))
+                       for i, c in enumerate(f.items("health_checks", [])))
         for i, c in enumerate(checks):
             if c.adapter is not None and c.adapter not in names:
                 raise f.error(f"health_checks[{i}].adapter", f"names unknown adapter {c.adapter!r}")
@@ -232,10 +232,28 @@ def canonical_bytes(data: dict) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {dup!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_manifest_dict(path: Path) -> dict:
-    """Read a manifest file as a dict; raises :class:`SpecError` if it is not JSON."""
+    """Read a manifest file as a dict; raises :class:`SpecError` if it is not strict JSON.
+
+    Strict: a key twice in one object (parsers disagree on which one wins, so a verifier in another
+    language could check one value and use another) and NaN/Infinity (not JSON; the canonical
+    form cannot hold them) are refused, as docs/bundle-format.md specifies.
+    """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constant)
     except FileNotFoundError as exc:
         raise SpecError(str(path), "", "does not exist", hint="is this a bundle directory?") from exc
     except (OSError, ValueError) as exc:

@@ -140,7 +140,7 @@ class UpdateMeta:
         fmt = p.str("format", choices=(PAYLOAD_FORMATS[kind],))
         p.reject_unknown()
         checks = tuple(HealthCheck.from_fields(Fields(c, source, f"health_checks[{i}]"))
-                       for i, c in enumerate(f.raw("health_checks", []) or []))
+                       for i, c in enumerate(f.items("health_checks", [])))
         adapter, slots, bundle = None, (), None
         if kind == "adapter":
             adapter = AdapterEntry.from_fields(Fields(f.raw("adapter"), source, "adapter"))

@@ -118,7 +118,8 @@ def verify_signature(data: dict, trusted_keys: Iterable[KeyLike], source: str = 
     try:
         message = canonical_bytes(data)
     except (TypeError, ValueError) as exc:
-        raise SignatureError(f"{source} holds values that cannot be signed: {exc}") from exc
+        raise SignatureError(f"{source} cannot be put in its canonical signed form: {exc}",
+                             hint="fetch the bundle or update again from its source") from exc
     return verify_detached(message, [sig], trusted_keys, source)
 
 
