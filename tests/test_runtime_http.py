@@ -120,10 +120,11 @@ def test_cli_run_prompt_and_errors(built, engine, capsys):
     res = runner.invoke(command, [str(built["bundle"]), "--trusted-key", str(built["public_key"]),
                                   "--prompt", "hi there", "--adapter", "alpha", "--max-new-tokens", "8"])
     assert res.exit_code == 0, res.output
-    assert res.output == want.text + "\n"
+    assert res.stdout == want.text + "\n"
+    assert ("answer cut" in res.stderr) == (want.finish_reason == "length")
     raw = runner.invoke(command, [str(built["bundle"]), "--trusted-key", str(built["public_key"]), "--raw",
                                   "--no-stream", "--prompt", "the tin", "--max-new-tokens", "6"])
-    assert raw.exit_code == 0 and raw.output == engine.generate("the tin", max_new_tokens=6).text + "\n"
+    assert raw.exit_code == 0 and raw.stdout == engine.generate("the tin", max_new_tokens=6).text + "\n"
     # library errors become one line with a hint through the CLI group
     code = main(["run", str(built["bundle"]), "--trusted-key", str(built["public_key"]), "--prompt", "hi",
                  "--adapter", "nope"])
