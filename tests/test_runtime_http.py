@@ -84,6 +84,11 @@ def test_chat_completion_streams_server_sent_events(server, engine):
     assert text == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    # one id per request, shared by its chunks (clients group chunks by it), different for the next request
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    _, _, again = _post(server.url + "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "stream": True})
+    first = json.loads(again.decode("utf-8").split("\n\n")[0][len("data: "):])
+    assert first["id"] != chunks[0]["id"]
 
 
 def test_errors_are_json_and_the_server_keeps_serving(server, engine):
