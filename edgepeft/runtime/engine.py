@@ -278,6 +278,25 @@ class Engine:
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
                             finish_reason=out.result.finish_reason, ms=round(out.result.seconds * 1000, 2))
 
+    def token_logprobs(self, ids: Sequence[int], *, adapter: str | Sequence[str] | None = None) -> list[float]:
+        """Log-probability of each token of ``ids`` after the ones before it (``len(ids) - 1`` values),
+        from one prefill with ``adapter``: held-out loss and perplexity on the device itself.
+
+        Raises :class:`EngineError` (not a decoder bundle, empty or too long sequence) or
+        :class:`AdapterError` (unknown adapter).
+        """
+        import numpy as np
+
+        self._require("causal-lm")
+        ids = [int(i) for i in ids]
+        with self.registry.activate(adapter) as (_, chosen):
+            values = (v for a in chosen for v in a.values)
+            logits = self.runner.prefill_logits(ids, adapter_key=tuple(a.key for a in chosen), adapter_values=values)
+        z = logits[:-1].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(z).sum(axis=1))
+        return (z[np.arange(len(ids) - 1), ids[1:]] - logz).tolist()
+
     # -- classification -------------------------------------------------------------------
     def classify(self, texts: str | Sequence[str], *, adapter: str | None = None,
                  review_threshold: float | None = None) -> list[Classification]:

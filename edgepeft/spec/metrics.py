@@ -97,7 +97,8 @@ def manifest_metrics(metrics: dict | None) -> dict:
     Keeps numbers, booleans and None, and the dicts and lists built of them (label
     and slice names appear only as keys); drops every other string value and the
     ``samples`` lists of held-out prompts, references and predictions. ``task``
-    stays, being one of a fixed set of names.
+    stays, being one of a fixed set of names, and so does ``record_sha256``, the
+    hash of the training record the figures come from.
     """
     def keep(value):
         if value is None or isinstance(value, (bool, int, float)):
@@ -113,6 +114,8 @@ def manifest_metrics(metrics: dict | None) -> dict:
     out, _ = keep(dict(metrics or {}))
     if isinstance((metrics or {}).get("task"), str):
         out["task"] = metrics["task"]
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", str((metrics or {}).get("record_sha256", ""))):
+        out["record_sha256"] = metrics["record_sha256"]
     for part in ("eval", "baseline"):
         if isinstance(out.get(part), dict) and isinstance(((metrics or {}).get(part) or {}).get("task"), str):
             out[part]["task"] = metrics[part]["task"]
