@@ -109,7 +109,9 @@ def test_errors_are_json_and_the_server_keeps_serving(server, engine):
     status, _, _ = _post(server.url + "/v1/nothing", {})
     assert status == 404
     status, _, body = _post(server.url + "/v1/classify", {"input": ["x"]})
-    assert status == 400 and "cannot classify" in json.loads(body)["error"]["message"]
+    err = json.loads(body)["error"]
+    assert status == 400 and "cannot classify" in err["message"]
+    assert "/v1/chat/completions" in err["hint"] and "()" not in err["hint"]  # names routes, not Python methods
     status, _, body = _post(server.url + "/v1/chat/completions", {"messages": MSGS, "max_tokens": 4})
     assert status == 200
 

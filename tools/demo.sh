@@ -1,59 +1,60 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline.
-# Run it through `make demo`, which creates the environment first. About 2-3 minutes on 2 idle CPU cores.
+# The README's quickstart and classifier paths, command for command, on the embedded SmolLM2-135M-Instruct and
+# all-MiniLM-L6-v2, offline. tests/test_readme_demo.py checks that every `edgepeft` and `curl` command in those
+# README sections runs here verbatim, and that every one run here is in the README.
+# Run it through `make demo`, which creates the environment first. About 13 CPU-minutes: 7-8 minutes on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out/demo}
-rm -rf "$OUT"; mkdir -p "$OUT"
+ROOT=$PWD
+WORK=${OUT:-out/demo}
+rm -rf "$WORK"; mkdir -p "$WORK"
+# The README's paths are relative to a checkout: examples/ is read from here, keys/, adapters/ and bundles/
+# are written in $WORK (never into the checkout, where a user's own keys/ may live).
+ln -s "$ROOT/examples" "$WORK/examples"
+cd "$WORK"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # the --serve step's server, if the demo stops early
 step() { printf '\n== %s\n' "$*"; }
-ASK="My Wi-Fi keeps dropping every evening. What should I do?"
 
-step "1. device target profiles"
+step "1. device target profiles, and the signing key (the .key stays on the server, the .pub goes on devices)"
 edgepeft targets
+edgepeft keygen --out keys/fleet
 
-step "2. signing key (the .key stays on the server, the .pub goes on devices)"
-edgepeft keygen --out "$OUT/keys/fleet"
-export EDGEPEFT_TRUSTED_KEYS="$OUT/keys/fleet.pub"
+step "2. train a LoRA adapter in the Northwind support voice on SmolLM2-135M-Instruct (before -> after on held-out questions)"
+edgepeft train --data examples/northwind_support/train.jsonl --eval-data examples/northwind_support/eval.jsonl \
+  --out adapters/northwind --steps 30 --batch-size 2 --lr 2e-3 --max-length 160 --warmup 0.1 \
+  --eval-before --eval-generate 8 --max-new-tokens 96
 
-step "3. train a LoRA adapter in the Northwind support voice on SmolLM2-135M-Instruct (before/after on held-out questions)"
-# adapters and figures go to examples/out/, where `make bench` picks them up for its task metrics
-python examples/train_support_voice.py --quiet
-NORTHWIND=examples/out/northwind-voice
+step "3. build an int4 bundle for a Raspberry Pi 5: base once, the adapter as a small swappable file, signed"
+edgepeft build --adapter northwind=adapters/northwind --target raspberry-pi-5 \
+  --health-check examples/northwind_support/health.jsonl --key keys/fleet.key --out bundles/pi5
 
-step "4. build an int4 bundle for a Raspberry Pi 5: base once, the adapter as a small swappable file, signed"
-printf '%s\n' '{"input": "Hello, who are you?", "adapter": "northwind", "expect": {"contains": "Northwind"}, "max_new_tokens": 48}' \
-  > "$OUT/health.jsonl"
-edgepeft build --adapter northwind="$NORTHWIND" --target raspberry-pi-5 --quant int4 \
-  --health-check "$OUT/health.jsonl" --key "$OUT/keys/fleet.key" --out "$OUT/bundles/pi5"
+step "4. run on the device side (no torch): the bare base, then the adapter, one loaded model"
+edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
+edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --adapter northwind --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 
-step "5. run on the device side (no torch): the bare base, then the adapter, one loaded model"
-edgepeft run "$OUT/bundles/pi5" --prompt "$ASK" --max-new-tokens 60
-edgepeft run "$OUT/bundles/pi5" --adapter northwind --prompt "$ASK" --max-new-tokens 60
+step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only)"
+edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --serve --port 8080 &
+curl -s --retry 60 --retry-connrefused --retry-delay 1 http://127.0.0.1:8080/v1/chat/completions \
+  -H 'Content-Type: application/json' \
+  -d '{"model": "northwind", "max_tokens": 60, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
+kill $!
 
 step "6. train an intent classifier (LoRA on all-MiniLM-L6-v2), build int8 for the x86-64 gateway, classify"
-python examples/train_bank_intents.py --quiet
-edgepeft build --adapter intents=examples/out/bank-intents --target x86-64-gateway \
-  --key "$OUT/keys/fleet.key" --out "$OUT/bundles/gateway"
-edgepeft run "$OUT/bundles/gateway" --adapter intents \
-  --classify "someone used my card in another country and I did not do it" \
-  --classify "how do I change my PIN?" --classify "the app shows my payment twice"
+edgepeft train --data examples/bank_intents/train.jsonl --eval-data examples/bank_intents/eval.jsonl \
+  --out adapters/intents --steps 40 --batch-size 8 --lr 3e-3 --max-length 64 --warmup 0.1 --eval-before
+edgepeft build --adapter intents=adapters/intents --target x86-64-gateway --key keys/fleet.key --out bundles/gateway
+edgepeft run bundles/gateway --trusted-key keys/fleet.pub --adapter intents \
+  --classify "someone took money from my card" --classify "how do I change my PIN?" \
+  --classify "the app shows my payment twice"
 
-step "7. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only)"
-python - "$OUT/bundles/pi5" "$EDGEPEFT_TRUSTED_KEYS" "$ASK" <<'PY'
-import json, sys, threading, urllib.request
-from edgepeft.runtime import Engine
-from edgepeft.runtime.server import EngineServer
-engine = Engine(sys.argv[1], [sys.argv[2]])
-server = EngineServer(engine, "127.0.0.1", 0)
-threading.Thread(target=server.serve_forever, daemon=True).start()
-body = {"model": "northwind", "max_tokens": 40, "messages": [{"role": "user", "content": sys.argv[3]}]}
-req = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
-                             {"Content-Type": "application/json"})
-reply = json.load(urllib.request.urlopen(req, timeout=120))
-print("POST /v1/chat/completions ->", reply["choices"][0]["message"]["content"][:200])
-server.shutdown(); server.server_close()
-PY
+step "7. what the bundle holds, and the adapter's held-out figures on the device runtime beside training's"
+edgepeft inspect bundles/gateway.epb --trusted-key keys/fleet.pub
+edgepeft eval bundles/gateway --trusted-key keys/fleet.pub --data examples/bank_intents/eval.jsonl
 
-step "done: bundles are in $OUT, adapters and before/after figures in examples/out"
-ls -la "$OUT/bundles"
+step "8. before/after tables from the training records; the adapters go to examples/out, where make bench reads them"
+python examples/train_support_voice.py --from adapters/northwind
+python examples/train_bank_intents.py --from adapters/intents
+
+step "done: keys, adapters and bundles are in $WORK, before/after figures in examples/out"
+ls -la bundles
