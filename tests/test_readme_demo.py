@@ -97,3 +97,32 @@ def test_readme_train_commands_are_the_examples_settings(example, data):
     for key in ("data", "eval_data"):
         readme[key] = str((ROOT / readme[key]).resolve())
     assert readme == want
+
+
+@pytest.mark.slow
+def test_the_readme_classifier_path_classifies_its_own_example_on_the_real_model(tmp_path):
+    """The README's classifier commands, run as written (about 3 minutes on 2 cores): its example text is a
+    suspicious charge, and the device's held-out accuracy equals training's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def edgepeft(argv):
+        proc = subprocess.run([sys.executable, "-m", "edgepeft", *argv[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    edgepeft(["edgepeft", "keygen", "--out", "keys/fleet"])
+    outputs = {}
+    for argv in _edgepeft_commands():
+        if any("bank_intents" in w or "bundles/gateway" in w for w in argv):
+            outputs[argv[1]] = edgepeft(argv + (["--json"] if argv[1] in ("run", "eval") else []))
+    rows = {r["text"]: r for r in json.loads(outputs["run"])}
+    assert rows["someone took money from my card"]["label"] == "suspicious_charge"
+    ev = json.loads(outputs["eval"])
+    assert ev["device"]["accuracy"] == ev["training_record"]["eval"]["accuracy"] >= 0.7
