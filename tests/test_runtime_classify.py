@@ -114,6 +114,7 @@ def test_cli_classify(built, engine):
                                        "--adapter", "sentiment", "--classify", TEXTS[0], "--classify", TEXTS[1]])
     assert res.exit_code == 0, res.output
     want = engine.classify(TEXTS[:2], adapter="sentiment")
-    lines = res.output.strip().splitlines()
-    assert [ln.split("\t")[0] for ln in lines] == [w.label for w in want]
-    assert ["[needs review]" in ln for ln in lines] == [w.needs_review for w in want]
+    header, *lines = res.output.strip().splitlines()
+    assert header.split() == ["label", "probability", "review", "text"]
+    assert [ln.split()[0] for ln in lines] == [w.label for w in want]
+    assert [ln.split()[2] == "yes" for ln in lines] == [w.needs_review for w in want]

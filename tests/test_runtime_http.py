@@ -84,6 +84,11 @@ def test_chat_completion_streams_server_sent_events(server, engine):
     assert text == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    # one id per request, shared by its chunks (clients group chunks by it), different for the next request
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    _, _, again = _post(server.url + "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "stream": True})
+    first = json.loads(again.decode("utf-8").split("\n\n")[0][len("data: "):])
+    assert first["id"] != chunks[0]["id"]
 
 
 def test_errors_are_json_and_the_server_keeps_serving(server, engine):
@@ -104,7 +109,9 @@ def test_errors_are_json_and_the_server_keeps_serving(server, engine):
     status, _, _ = _post(server.url + "/v1/nothing", {})
     assert status == 404
     status, _, body = _post(server.url + "/v1/classify", {"input": ["x"]})
-    assert status == 400 and "cannot classify" in json.loads(body)["error"]["message"]
+    err = json.loads(body)["error"]
+    assert status == 400 and "cannot classify" in err["message"]
+    assert "/v1/chat/completions" in err["hint"] and "()" not in err["hint"]  # names routes, not Python methods
     status, _, body = _post(server.url + "/v1/chat/completions", {"messages": MSGS, "max_tokens": 4})
     assert status == 200
 
@@ -120,10 +127,11 @@ def test_cli_run_prompt_and_errors(built, engine, capsys):
     res = runner.invoke(command, [str(built["bundle"]), "--trusted-key", str(built["public_key"]),
                                   "--prompt", "hi there", "--adapter", "alpha", "--max-new-tokens", "8"])
     assert res.exit_code == 0, res.output
-    assert res.output == want.text + "\n"
+    assert res.stdout == want.text + "\n"
+    assert ("answer cut" in res.stderr) == (want.finish_reason == "length")
     raw = runner.invoke(command, [str(built["bundle"]), "--trusted-key", str(built["public_key"]), "--raw",
                                   "--no-stream", "--prompt", "the tin", "--max-new-tokens", "6"])
-    assert raw.exit_code == 0 and raw.output == engine.generate("the tin", max_new_tokens=6).text + "\n"
+    assert raw.exit_code == 0 and raw.stdout == engine.generate("the tin", max_new_tokens=6).text + "\n"
     # library errors become one line with a hint through the CLI group
     code = main(["run", str(built["bundle"]), "--trusted-key", str(built["public_key"]), "--prompt", "hi",
                  "--adapter", "nope"])

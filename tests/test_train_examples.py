@@ -42,6 +42,11 @@ def test_bank_intents_script_on_tiny_base(tiny, tmp_path, capsys):
                                                "--out", str(tmp_path / "a"), "--results", str(tmp_path / "r.json")])
     assert "slice sms" in capsys.readouterr().out
     assert (tmp_path / "a" / "edgepeft_labels.json").is_file() and summary["labels"][0] == "balance"
+    # --from reports on an adapter trained elsewhere (the README's command, in make demo) without training again
+    again = load("train_bank_intents").main(["--from", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                                             "--results", str(tmp_path / "r2.json")])
+    assert again["after"] == summary["after"] and (tmp_path / "b" / "adapter_config.json").is_file()
+    assert "slice sms" in capsys.readouterr().out
 
 
 @pytest.mark.slow

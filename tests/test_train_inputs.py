@@ -65,6 +65,22 @@ def test_misnamed_columns_name_the_rename(tmp_path):
     assert "question -> prompt" in err.hint and "answer -> completion" in err.hint
 
 
+def test_text_beside_a_label_like_column_is_refused_not_trained_as_a_language_model(tmp_path):
+    (tmp_path / "d.csv").write_text("text,intent\n" + "".join(f"message {i},{'fraud' if i % 2 else 'legit'}\n"
+                                                                for i in range(8)))
+    err = expect(DataError, tmp_path, match="text \\+ intent look like a classifier", data=str(tmp_path / "d.csv"))
+    assert "intent -> label" in err.hint and "--task causal-lm" in err.hint
+    # an unnamed column of repeating short values reads as a label too; unique ids do not
+    rows = [{"text": f"note {i}", "kind": "a" if i % 2 else "b", "id": i} for i in range(8)]
+    expect(DataError, tmp_path, match="text \\+ kind", data=write_jsonl(tmp_path / "k.jsonl", rows))
+    plain = [{"text": f"note {i}", "id": i} for i in range(8)]
+    assert load_dataset(write_jsonl(tmp_path / "p.jsonl", plain), task=None, eval_data=None, eval_split=0.2,
+                        seed=1).shape == "text"
+    # choosing the task explicitly settles it
+    assert load_dataset(str(tmp_path / "d.csv"), task="causal-lm", eval_data=None, eval_split=0.2,
+                        seed=1).shape == "text"
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     expect(DataError, tmp_path, match="no records", data=str(tmp_path / "e.jsonl"))
@@ -188,6 +204,50 @@ def test_cli_trains_tiny_model(tmp_path, llama):
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout)
     assert metrics["train"]["steps"] == 2 and metrics["eval"]["examples"] == 1
+    assert set(metrics["eval"]["answer_match"]) == {"generated", "exact", "contains", "overlap"}
+    # said up front, on stderr: the task and why, the base, the columns
+    assert res.stderr.splitlines()[:2] == [
+        f"edgepeft train: causal-lm (the data has no label column) on m ({llama}), lora r=8",
+        "  columns: prompt + completion (loss on the completion)"]
+
+
+def test_summary_names_answer_overlap_not_a_contains_match_that_reads_as_failure():
+    from edgepeft.cli.cmd_train import summary_lines
+
+    ev = {"loss": 1.9, "perplexity": 6.8, "answer_match": {"generated": 11, "exact": 0.0, "contains": 0.0,
+                                                           "overlap": 0.41}}
+    base = {"loss": 4.4, "perplexity": 86.9, "answer_match": {"generated": 11, "exact": 0.0, "contains": 0.0,
+                                                              "overlap": 0.12}}
+    lines = summary_lines({"task": "causal-lm", "train": {"steps": 30, "loss_first": 3.2, "loss_last": 0.9},
+                           "eval": ev, "baseline": base})
+    assert "eval answer overlap with the reference (word F1, 11 greedy answers): 0.12 -> 0.41" in lines
+    assert not any("contains" in line for line in lines)
+
+
+def test_answer_overlap_credits_shared_words():
+    from edgepeft.spec.metrics import answer_scores
+
+    ref = "Hi there! Restart the router. Happy surfing! — Nora"
+    long = answer_scores("Hi there! Unplug it for ten seconds, then restart the router. Happy surfing! — Nora", ref)
+    assert not long["contains"] and 0.6 < long["overlap"] < 1.0
+    assert answer_scores("no idea", ref)["overlap"] == 0.0 and answer_scores(ref, ref)["exact"]
+
+
+def test_cli_output_has_no_load_report_or_library_warnings(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    from edgepeft.train.tiny import tiny_bert
+
+    bert = tiny_bert(tmp_path / "bert")
+    rows = [{"text": f"word {i} " * 3, "label": "a" if i % 2 else "b"} for i in range(8)]
+    proc = subprocess.run([sys.executable, "-m", "edgepeft", "train", "--data", write_jsonl(tmp_path / "d.jsonl", rows),
+                           "--base", str(bert), "--out", str(tmp_path / "o"), "--steps", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOAD REPORT" not in proc.stderr and "Warning" not in proc.stderr and "\x1b[" not in proc.stderr
+    assert "a new classification head" in proc.stderr and "Loading weights" not in proc.stderr
 
 
 # --- data order across processes (the accelerate launch path) --------------------------------

@@ -8,6 +8,7 @@ input is refused before the long export begins.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,17 @@ class AdapterInput:
     target_modules: list[str]
     version: int = 1
     record: dict = field(default_factory=dict)
+    record_sha256: str | None = None  # of the edgepeft_training.json bytes that were read
+
+    @property
+    def public_metrics(self) -> dict:
+        """What a bundle may carry about this adapter's training: metric values and the record's hash."""
+        from ..spec.metrics import manifest_metrics
+
+        out = manifest_metrics(self.metrics)
+        if self.record_sha256:
+            out["record_sha256"] = self.record_sha256
+        return out
 
     @property
     def labels(self) -> list[str] | None:
@@ -98,13 +110,46 @@ def read_adapter(name: str, path: Path, *, version: int | None = None) -> Adapte
     if task is None:
         raise AdapterError(f"adapter {name!r} has task_type {cfg.get('task_type')!r}",
                            hint="edgepeft builds causal-LM and sequence-classification adapters")
-    record = {}
+    record, record_sha = {}, None
     rec_path = path / TRAINING_RECORD
     if rec_path.is_file():
         try:
-            record = json.loads(rec_path.read_text())
+            raw = rec_path.read_bytes()
+            record = json.loads(raw)
         except (OSError, ValueError) as exc:
-            raise AdapterError(f"adapter {name!r}: {rec_path} is not valid JSON: {exc}") from exc
+            raise AdapterError(f"adapter {name!r}: {rec_path} is not valid JSON: {exc}",
+                               hint="rewrite it, or remove it to build the adapter without its training record") from exc
+        if not isinstance(record, dict):
+            raise AdapterError(f"adapter {name!r}: {rec_path} is not a JSON object",
+                               hint="rewrite it, or remove it to build the adapter without its training record")
+        record_sha = "sha256:" + hashlib.sha256(raw).hexdigest()
     ver = version or int(record.get("version", 1) or 1)
     return AdapterInput(name=name, path=path, config=cfg, rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
-                        task=task, target_modules=sorted(targets), version=ver, record=record)
+                        task=task, target_modules=sorted(targets), version=ver, record=record,
+                        record_sha256=record_sha)
+
+
+def check_trained_base(a: AdapterInput, base_name: str, base_dir: str | None) -> None:
+    """Refuse an adapter whose training record names another kind of base than ``base_dir``'s config.
+
+    Cheap (two small JSON files), so it runs before the export; the weights fingerprint
+    is compared after the export. Raises :class:`AdapterError` naming the base it was trained on.
+    """
+    trained = a.record.get("base") or {}
+    trained_type = trained.get("model_type")
+    cfg = Path(base_dir or "") / "config.json"
+    if not trained_type or not base_dir or not cfg.is_file():
+        return
+    try:
+        base_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return
+    if base_type and base_type != trained_type:
+        from ..basemodel import EMBEDDED, embedded_key
+
+        key = embedded_key(str(trained.get("name") or ""))
+        use = f"--base {EMBEDDED[key][0]}" if key else f"--base {trained.get('path') or trained.get('name')}"
+        raise AdapterError(f"adapter {a.name!r} was trained on {trained.get('name')} ({trained_type}), "
+                           f"not on {base_name} ({base_type})",
+                           hint=f"build it with {use}" + (" (or leave --base out)" if key else "")
+                           + ", or retrain it on this base")

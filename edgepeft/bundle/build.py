@@ -1,9 +1,15 @@
 """``edgepeft build``: base + PEFT adapters + target -> a signed device bundle (directory and .epb).
 
 Order matters for the user: everything cheap is checked first (target, key,
-adapter configs, ranks, merge name), then the long export runs in a temporary
-directory beside ``--out``, and only a bundle that fits its target and is
-signed is renamed into place. A failure at any step leaves no partial bundle.
+adapter configs, ranks, merge name, the base each adapter was trained on), then
+the long export runs in a temporary directory beside ``--out``, and only a
+bundle that fits its target and is signed is renamed into place. A failure at
+any step leaves no partial bundle.
+
+What travels about an adapter's training is its metric values and the SHA-256
+of its training record (``metrics.record_sha256``), never the record's samples:
+a bundle goes to every device, and held-out prompts and answers may be personal
+data.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from ..errors import AdapterError, BuildError, UsageError
 from ..spec.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
 from ..spec.target import QuantSpec, TargetProfile, load_target
 from ..spec.names import sha256_file
-from .adapters_in import AdapterInput, read_adapter
+from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
-from .entries import adapter_entry, public_metrics, read_health_checks
+from .entries import adapter_entry, read_health_checks
 from .fit import check_fit
 from .signing import load_private_key, sign_manifest
 
@@ -126,6 +132,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     from .. import export as export_api
 
     source = resolve_base(base, task=task)
+    for a in inputs:
+        check_trained_base(a, source.name, None if source.is_hub or source.gguf_file else source.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -185,7 +193,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         if merged is not None:
             data["model"] = data["model"] | {"merged": {
                 "name": merged.name, "version": merged.version, "rank": merged.rank, "alpha": merged.alpha,
-                "labels": data["model"].get("labels") or merged.labels, "metrics": public_metrics(merged.metrics),
+                "labels": data["model"].get("labels") or merged.labels, "metrics": merged.public_metrics,
                 "review_threshold": float(merged.record.get("review_threshold", 0.6))}}
         signed = sign_manifest(data, private_key)
         Manifest.from_dict(signed, str(work / MANIFEST_NAME))  # the manifest we write must parse on a device

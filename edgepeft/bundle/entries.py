@@ -13,25 +13,11 @@ from pathlib import Path
 from ..errors import UsageError
 from .adapters_in import AdapterInput
 
-# keys of a training record's metrics that hold raw examples: never shipped to devices
-_SAMPLE_KEYS = frozenset({"samples", "examples", "predictions"})
-
-
-def public_metrics(metrics) -> dict:
-    """The training record's metric values without held-out samples (prompts, answers, predictions):
-    bundles and updates go to every device, training data must not."""
-    if isinstance(metrics, dict):
-        return {k: public_metrics(v) for k, v in metrics.items() if k not in _SAMPLE_KEYS}
-    if isinstance(metrics, list):  # numbers (a confusion matrix row, a curve) stay; records of examples do not
-        return [public_metrics(v) for v in metrics if not isinstance(v, dict)]
-    return metrics
-
-
 def adapter_entry(a: AdapterInput, *, file: str, fingerprint: str, dtype: str, labels=None) -> dict:
     """The manifest/update entry of adapter ``a`` exported to ``file`` for base ``fingerprint``."""
     entry = {"name": a.name, "version": a.version, "file": file, "method": "lora", "rank": a.rank,
              "alpha": a.alpha, "base_fingerprint": fingerprint, "task": a.task, "dtype": dtype,
-             "target_modules": a.target_modules, "metrics": public_metrics(a.metrics)}
+             "target_modules": a.target_modules, "metrics": a.public_metrics}
     if a.task == "classification":
         entry["labels"] = list(a.labels or labels or [])  # the training record's names win over PEFT's LABEL_n
         entry["review_threshold"] = float(a.record.get("review_threshold", 0.6))

@@ -54,8 +54,10 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     if interval <= 0:
         raise UsageError("--interval must be positive", hint="e.g. --interval 300")
     opts = {k: v for k, v in {"threads": threads, "audit": audit}.items() if v is not None}
-    device = Device(bundle, trusted_keys(trusted_key), state, engine_options=opts)
-    token, token_path = load_token(Path(state), token_file)
+    keys = trusted_keys(trusted_key)
+    Path(state).mkdir(parents=True, exist_ok=True)
+    token, token_path = load_token(Path(state), token_file)  # first, so a client can read it while we load
+    device = Device(bundle, keys, state, engine_options=opts)
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
     mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key} \

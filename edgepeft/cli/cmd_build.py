@@ -7,10 +7,12 @@ import time
 
 import click
 
+from ..basemodel import BASE_HELP  # torch-free
+
 
 @click.command("build")
-@click.option("--base", default=None, help="Hub id, model directory or .gguf file [default: embedded SmolLM2-135M-Instruct, "
-              "or all-MiniLM-L6-v2 for classification adapters].")
+@click.option("--base", default=None, help=f"{BASE_HELP} [default: smollm2-135m-instruct; all-minilm-l6-v2 for "
+              "classification adapters].")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
               help="A PEFT LoRA adapter directory to ship as a swappable adapter (repeatable).")
 @click.option("--target", required=True, help="Target profile name (see `edgepeft targets`) or path to a .toml.")

@@ -10,6 +10,27 @@ import click
 from ..errors import UsageError
 
 
+def read_token_file(path: str, wait: float = 60.0) -> str:
+    """The device token from ``path``. An agent started a moment ago writes it on its first start,
+    so a missing file is waited for (up to ``wait`` seconds) before it is an error."""
+    import time
+    from pathlib import Path
+
+    p, deadline, said = Path(path), time.monotonic() + wait, False
+    while not p.is_file():
+        if time.monotonic() > deadline:
+            raise UsageError(f"token file {p} does not exist",
+                             hint="the agent writes STATE/token on its first start; or pass --token")
+        if not said:
+            click.echo(f"waiting for {p} (is the agent starting?)", err=True)
+            said = True
+        time.sleep(0.2)
+    try:
+        return p.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {p}: {exc.strerror or exc}", hint="check its permissions") from exc
+
+
 def open_link(to: str, token: str | None, token_file: str | None):
     """An HTTP or serial link from ``--to`` (http://HOST:PORT or serial:///dev/ttyX?baud=N)."""
     from urllib.parse import parse_qs, urlsplit
@@ -27,9 +48,7 @@ def open_link(to: str, token: str | None, token_file: str | None):
             raise UsageError(f"--to {to!r} names no serial port", hint="e.g. serial:///dev/ttyUSB0?baud=115200")
         return SerialLink(u.path, baud)
     if token_file:
-        from pathlib import Path
-
-        token = Path(token_file).read_text(encoding="utf-8").strip()
+        token = read_token_file(token_file)
     if not token:
         raise UsageError("the device's update API needs its token", hint="pass --token T or --token-file FILE")
     from ..transport.http import HttpLink
@@ -41,7 +60,8 @@ def open_link(to: str, token: str | None, token_file: str | None):
 @click.argument("package", type=click.Path(exists=True, dir_okay=False))
 @click.option("--to", "to", required=True, help="http://HOST:PORT of an agent, or serial:///dev/ttyUSB0?baud=115200.")
 @click.option("--token", default=None, envvar="EDGEPEFT_DEVICE_TOKEN", help="The device token (HTTP). Default: $EDGEPEFT_DEVICE_TOKEN.")
-@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None, help="Read the token from a file.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the token from a file (an agent's STATE/token; waited for if the agent is just starting).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the device to finish.")
 @click.option("--no-wait", is_flag=True, help="Return once the device has received it (do not wait for the health check).")
 @click.option("--json", "as_json", is_flag=True, help="Print the device's final status as JSON.")

@@ -10,7 +10,7 @@ import click
 @click.command("status")
 @click.option("--device", "to", required=True, help="http://HOST:PORT of an agent, or serial:///dev/ttyUSB0?baud=115200.")
 @click.option("--token", default=None, envvar="EDGEPEFT_DEVICE_TOKEN", help="The device token (HTTP).")
-@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None, help="Read the token from a file.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Read the token from a file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(to, token, token_file, as_json):
     """Show a device's base, bundle, adapters with versions, and its recent update results."""

@@ -12,6 +12,7 @@ import dataclasses
 
 import click
 
+from edgepeft.basemodel import BASE_HELP  # torch-free, like the options below
 from edgepeft.train.options import TrainOptions  # torch-free: keeps --help instant
 
 # Defaults live in TrainOptions only; the options below read them from there.
@@ -35,10 +36,11 @@ Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
 @click.command("train", epilog=EPILOG, short_help="Fine-tune a LoRA/QLoRA adapter.")
 @click.option("--data", required=True, help="Training data: .jsonl/.json/.csv/.tsv file or a datasets directory.")
 @click.option("--out", required=True, type=click.Path(), help="Adapter directory to create.")
-@click.option("--base", default=None, help="Hub id, local model directory or .gguf file "
-              "[default: embedded SmolLM2-135M-Instruct; all-MiniLM-L6-v2 for classification].")
+@click.option("--base", default=None, help=f"{BASE_HELP} [default: smollm2-135m-instruct; all-minilm-l6-v2 for "
+              "classification].")
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None,
-              help="Default: classification when the data has a label column.")
+              help="[default: classification when the data has a label column, else causal-lm; text beside a "
+                   "label-like column is refused until you rename it or choose].")
 @click.option("--method", type=click.Choice(["lora", "qlora"]), default=D["method"], show_default=True,
               help="qlora: 4-bit NF4 base via bitsandbytes, with gradient checkpointing.")
 @click.option("--rank", "-r", type=int, default=D["rank"], show_default=True, help="LoRA rank.")
@@ -77,7 +79,10 @@ def command(as_json: bool, **kwargs) -> None:
     """Fine-tune a LoRA/QLoRA adapter on a server and write a PEFT adapter directory."""
     from edgepeft.train import TrainOptions, train
 
-    result = train(TrainOptions(**kwargs))
+    def plan(lines: list[str]) -> None:  # which task, base and columns were chosen, before the weights load
+        click.echo("\n".join(lines), err=True)
+
+    result = train(TrainOptions(**kwargs), on_plan=plan)
     metrics = result.metrics
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
@@ -90,17 +95,22 @@ def command(as_json: bool, **kwargs) -> None:
 def summary_lines(metrics: dict) -> list[str]:
     """A few human lines from the metrics dict (before -> after where a baseline exists)."""
     t = metrics["train"]
-    lines = [f"train: {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}"]
+    lines = [f"train: {t['steps']} steps, loss {_num(t['loss_first'])} -> {_num(t['loss_last'])}"]
     ev, base = metrics.get("eval"), metrics.get("baseline") or {}
     if not ev:
         return lines + ["eval: none (no held-out split)"]
     keys = ["loss", "perplexity"] if metrics["task"] == "causal-lm" else ["loss", "accuracy", "macro_f1"]
     for k in keys:
-        before = f"{base.get(k)} -> " if base else ""
-        lines.append(f"eval {k}: {before}{ev.get(k)}")
+        before = f"{_num(base.get(k))} -> " if base else ""
+        lines.append(f"eval {k}: {before}{_num(ev.get(k))}")
     am = ev.get("answer_match")
-    if am:
+    if am and am.get("overlap") is not None:
         b = (base.get("answer_match") or {}) if base else {}
-        before = f"{b.get('contains')} -> " if b else ""
-        lines.append(f"eval answer contains-match ({am['generated']} prompts): {before}{am['contains']}")
+        before = f"{_num(b.get('overlap'))} -> " if b.get("overlap") is not None else ""
+        lines.append(f"eval answer overlap with the reference (word F1, {am['generated']} greedy answers): "
+                     f"{before}{_num(am['overlap'])}")
     return lines
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -3,14 +3,18 @@
 ``edgepeft --help`` must answer instantly on a device, so this module imports
 click and nothing heavy; each verb lives in ``edgepeft.cli.cmd_<verb>`` and
 exposes a click command named ``command``. Library errors
-(:class:`~edgepeft.errors.EdgePeftError`) become one ``error:`` line, an
-optional ``hint:`` line and the error's exit code, never a traceback
-(set ``EDGEPEFT_DEBUG=1`` to see one).
+(:class:`~edgepeft.errors.EdgePeftError`) and click's option errors alike become
+one ``error:`` line, an optional ``hint:`` line and the error's exit code, never
+a traceback (set ``EDGEPEFT_DEBUG=1`` to see one). When ``--json`` is on the
+command line, the error is one JSON object on stdout instead:
+``{"error": {"type", "message", "hint", "exit_code"}}``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import os
 import sys
 
@@ -26,6 +30,8 @@ VERBS = {
     "keygen": "Create an Ed25519 key pair for signing bundles and updates.",
     "targets": "List or show the device target profiles.",
     "run": "Run a bundle on this device: one prompt, classification, or a local HTTP API.",
+    "inspect": "Show what a bundle holds: target, base, signer, adapters and their metrics.",
+    "eval": "Score a bundle's adapter on labelled data on this device, beside its training figures.",
     "update": "Create or inspect a signed update package (a new adapter version or a new bundle).",
     "agent": "Run the device agent: inference plus signed updates over HTTP, serial or TUF pull.",
     "push": "Send a signed update to a device over HTTP or a serial line and wait for its health check.",
@@ -47,6 +53,14 @@ def _not_available(verb: str) -> click.Command:
     return placeholder
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def available(verb: str) -> bool:
+    """Whether ``verb`` has its module in this install (checked without importing it)."""
+    return importlib.util.find_spec(f"edgepeft.cli.cmd_{verb}") is not None
+
+
 class LazyGroup(click.Group):
     """Lists every verb from :data:`VERBS`; imports a verb's module only when it is invoked."""
 
@@ -65,8 +79,8 @@ class LazyGroup(click.Group):
             raise
 
     def format_commands(self, ctx, formatter):
-        # Help text comes from VERBS so `--help` imports no verb module.
-        rows = [(name, VERBS[name]) for name in VERBS]
+        # Help text comes from VERBS so `--help` imports no verb module (find_spec only looks for the file).
+        rows = [(name, VERBS[name] if available(name) else f"[not available yet] {VERBS[name]}") for name in VERBS]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -77,27 +91,58 @@ def cli():
     """edgepeft: fine-tune adapters on a server, ship one base model and many small adapters to devices."""
 
 
-def report(exc: EdgePeftError) -> int:
-    """Print an EdgePeftError as one or two lines on stderr; return its exit code."""
-    click.echo(f"error: {exc.message}", err=True)
-    if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
-    return exc.exit_code
+def report(exc: EdgePeftError, as_json: bool = False) -> int:
+    """Print an EdgePeftError as one or two lines on stderr (or one JSON object on stdout); return its exit code."""
+    return _print_error(type(exc).__name__, exc.message, exc.hint, exc.exit_code, as_json)
+
+
+def _print_error(kind: str, message: str, hint: str | None, code: int, as_json: bool) -> int:
+    if as_json:
+        click.echo(json.dumps({"error": {"type": kind, "message": message, "hint": hint, "exit_code": code}}))
+        return code
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    return code
+
+
+def click_error(exc: click.ClickException) -> tuple[str, str | None]:
+    """click's own message as the project's one line, with a hint where click's usage block pointed."""
+    guesses = getattr(exc, "possibilities", None)
+    message = exc.message if guesses else exc.format_message()  # the guesses go to the hint
+    message = message.rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    where = f"`{ctx.command_path} --help`" if ctx is not None else "`edgepeft --help`"
+    if isinstance(exc, click.exceptions.NoSuchCommand):
+        hint = (f"did you mean {' or '.join(guesses)}? " if guesses else "") + \
+            f"commands: {', '.join(VERBS)} (see `edgepeft --help`)"
+    elif guesses:
+        hint = f"did you mean {' or '.join(guesses)}? (all options: {where})"
+    else:
+        hint = f"see {where}" if isinstance(exc, click.UsageError) else None
+    return message, hint
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and, from the console script, exits with) the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
     try:
-        cli.main(args=argv, prog_name="edgepeft", standalone_mode=False)
+        cli.main(args=args, prog_name="edgepeft", standalone_mode=False)
     except EdgePeftError as exc:
         if os.environ.get("EDGEPEFT_DEBUG"):
             raise
-        return report(exc)
+        return report(exc, as_json)
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except _NO_ARGS_IS_HELP as exc:
+        click.echo(exc.ctx.get_help())
+        return 0
     except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+        message, hint = click_error(exc)
+        return _print_error("UsageError" if isinstance(exc, click.UsageError) else type(exc).__name__,
+                            message, hint, exc.exit_code, as_json)
     except (click.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         return 130

@@ -38,12 +38,12 @@ def _batch(engine, texts: Sequence[str]) -> dict:
     return {k: v for k, v in feeds.items() if k in wanted}
 
 
-def classify_batch(engine, texts, adapter: str | None) -> list[Classification]:
+def classify_batch(engine, texts, adapter: str | None, review_threshold: float | None = None) -> list[Classification]:
     """See :meth:`Engine.classify`."""
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, (list, tuple)) or not texts:
-        raise EngineError("classify needs a non-empty list of texts", hint='e.g. classify(["great product"])')
+        raise EngineError("classification needs a non-empty list of texts", hint='send a list such as ["great product"]')
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise EngineError(f"text {i} is empty", hint="send non-empty strings")
@@ -62,7 +62,7 @@ def classify_batch(engine, texts, adapter: str | None) -> list[Classification]:
                 raise AdapterError("the bare base has no classification head",
                                    hint=f"name an adapter: {', '.join(engine.registry.names()) or 'none loaded'}")
             own = a.review_threshold if a is not None else merged.get("review_threshold")
-            threshold = float(own if own is not None else engine.review_threshold)
+            threshold = float(next(t for t in (review_threshold, own, engine.review_threshold) if t is not None))
             logits = engine.session.run(["logits"], feeds | engine.registry.feeds(chosen))[0]
             if logits.ndim != 2 or logits.shape[1] != len(labels):
                 raise EngineError(f"the model returned {list(logits.shape)} logits for {len(labels)} labels",

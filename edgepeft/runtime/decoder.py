@@ -183,6 +183,36 @@ class DecoderRunner:
             for c in list(self._all):
                 c.forget(key_part, idle=id(c) in idle)
 
+    # -- scoring --------------------------------------------------------------------------
+    def prefill_logits(self, ids: Sequence[int], *, adapter_key: tuple = (),
+                       adapter_values: Iterable[tuple[str, object]] = ()) -> np.ndarray:
+        """Logits at every position of ``ids`` ([len(ids), vocab]) from one prefill: what perplexity needs.
+
+        Raises :class:`EngineError` when the sequence does not fit the context, or when the graph
+        returns the last position's logits only.
+        """
+        n = len(ids)
+        if self.last_only:
+            raise EngineError("this decoder graph returns only the last position's logits, so it cannot score text",
+                              hint="rebuild the bundle with edgepeft build, whose graphs return every position")
+        if n == 0 or n > self.max_len:
+            raise EngineError(f"a text of {n} tokens cannot be scored in a context of {self.max_len}",
+                              hint=f"keep scored texts between 1 and {self.max_len} tokens")
+        ctx = self._acquire(tuple(adapter_key))
+        try:
+            ctx.bind_adapters(self, tuple(adapter_key), adapter_values)
+            b = ctx.binding
+            b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(np.asarray([ids], np.int64)))
+            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :n]))
+            full = np.empty((1, n, self.vocab), np.float32)
+            b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(full))
+            self.session.run_with_iobinding(b)
+            b.bind_ortvalue_input("input_ids", ctx.ids_ov)  # leave the binding as generate() expects it
+            b.bind_ortvalue_output("logits", ctx.logits_ov)
+            return full[0]
+        finally:
+            self._release(ctx)
+
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], *, pick: Callable[[np.ndarray], int], max_new_tokens: int,
                  stop_ids: Sequence[int] = (), adapter_key: tuple = (),

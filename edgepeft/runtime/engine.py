@@ -190,9 +190,13 @@ class Engine:
     # -- generation -----------------------------------------------------------------------
     def _require(self, task: str) -> None:
         if self.task != task:
-            verb = "generate" if task == "causal-lm" else "classify"
-            raise EngineError(f"this bundle is a {self.task} model; it cannot {verb}",
-                              hint="use classify() for classification bundles and generate() for causal-lm ones")
+            if self.task == "classification":
+                raise EngineError("this bundle is a classification model; it cannot generate text",
+                                  hint="classify texts with it instead: `edgepeft run --classify TEXT`, "
+                                       "POST /v1/classify, or Engine.classify")
+            raise EngineError("this bundle is a causal-lm model; it cannot classify",
+                              hint="generate text with it instead: `edgepeft run --prompt TEXT`, "
+                                   "POST /v1/chat/completions, or Engine.generate")
 
     def encode_prompt(self, prompt=None, messages=None) -> list[int]:
         """Token ids of a raw prompt or of chat messages (rendered with the bundle's template)."""
@@ -204,7 +208,7 @@ class Engine:
                 raise EngineError("the messages are empty", hint="send at least one message with text")
         else:
             if not isinstance(prompt, str):
-                raise EngineError("prompt must be a string (or pass messages=)", hint="e.g. generate('Hello')")
+                raise EngineError("the prompt must be a string (or chat messages)", hint="send the prompt as text")
             if not prompt.strip():
                 raise EngineError("the prompt is empty", hint="send some text")
             text = prompt
@@ -230,7 +234,7 @@ class Engine:
         g = self.generation_defaults
         n_new = int(g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens)
         if n_new < 1:
-            raise EngineError(f"max_new_tokens must be at least 1, got {n_new}", hint="e.g. max_new_tokens=64")
+            raise EngineError(f"max_new_tokens must be at least 1, got {n_new}", hint="ask for 1 or more new tokens")
         params = SamplingParams(float(g.get("temperature", 0.0) if temperature is None else temperature),
                                 float(g.get("top_p", 1.0) if top_p is None else top_p), seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -240,7 +244,7 @@ class Engine:
         for n in names:
             if not isinstance(n, LoadedAdapter):
                 self.registry.get(n)  # unknown names fail here, before anything runs
-        out = Stream(iter(()))
+        out = Stream(iter(()), request_id=uuid.uuid4().hex[:12])
         pieces = self._pieces(ids, names, n_new, params, stops, out, text_digest(str(prompt or messages)))
         out._pieces = pieces
         if stream:
@@ -250,7 +254,7 @@ class Engine:
         return out.result
 
     def _pieces(self, ids, names, n_new, params, stops, out: Stream, digest: str):
-        request_id = uuid.uuid4().hex[:12]
+        request_id = out.request_id
         t0 = time.perf_counter()
         first = None
         status = "error"
@@ -297,15 +301,39 @@ class Engine:
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
                             finish_reason=out.result.finish_reason, ms=round(out.result.seconds * 1000, 2))
 
+    def token_logprobs(self, ids: Sequence[int], *, adapter: str | Sequence[str] | None = None) -> list[float]:
+        """Log-probability of each token of ``ids`` after the ones before it (``len(ids) - 1`` values),
+        from one prefill with ``adapter``: held-out loss and perplexity on the device itself.
+
+        Raises :class:`EngineError` (not a decoder bundle, empty or too long sequence) or
+        :class:`AdapterError` (unknown adapter).
+        """
+        import numpy as np
+
+        self._require("causal-lm")
+        ids = [int(i) for i in ids]
+        with self.registry.activate(adapter) as chosen:
+            values = (v for a in chosen for v in a.values)
+            logits = self.runner.prefill_logits(ids, adapter_key=tuple(a.key for a in chosen), adapter_values=values)
+        z = logits[:-1].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(z).sum(axis=1))
+        return (z[np.arange(len(ids) - 1), ids[1:]] - logz).tolist()
+
     # -- classification -------------------------------------------------------------------
-    def classify(self, texts: str | Sequence[str], *, adapter: str | None = None) -> list[Classification]:
+    def classify(self, texts: str | Sequence[str], *, adapter: str | None = None,
+                 review_threshold: float | None = None) -> list[Classification]:
         """Label each text. Every result carries all label probabilities and ``needs_review``
-        (confidence under the adapter's ``review_threshold``). Raises :class:`EngineError`
-        (empty or too long text) or :class:`AdapterError` (unknown adapter, no head)."""
+        (confidence under ``review_threshold`` when given, else the adapter's own threshold,
+        else the engine's). Raises :class:`EngineError` (empty or too long text, a threshold
+        outside [0, 1]) or :class:`AdapterError` (unknown adapter, no head)."""
         from .classify import classify_batch
 
         self._require("classification")
-        return classify_batch(self, texts, adapter)
+        if review_threshold is not None and not 0.0 <= float(review_threshold) <= 1.0:
+            raise EngineError(f"review threshold {review_threshold} is not a probability",
+                              hint="use a value from 0 (never review) to 1 (review everything)")
+        return classify_batch(self, texts, adapter, review_threshold)
 
     # -- audit ----------------------------------------------------------------------------
     def _audit(self, kind: str, request_id: str, chosen, status: str, digest: str, **extra) -> None:

@@ -53,12 +53,14 @@ class Stream:
     """Iterate to receive text pieces as tokens arrive; ``result`` is set once the stream ends.
 
     Closing the stream early (``close()``, or leaving a ``for`` loop and dropping it) stops
-    generation and frees the request's adapter.
+    generation and frees the request's adapter. ``request_id`` is known before the first
+    piece (streamed chunks carry it) and is the result's and the audit log's id.
     """
 
     _pieces: Iterator[str]
     result: GenerationResult | None = None
     _on_close: Callable[[], None] | None = field(default=None, repr=False)
+    request_id: str = ""
 
     def __iter__(self):
         return self

@@ -137,7 +137,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         def event(delta: dict | str, finish=None):
             choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat else
                       {"index": 0, "text": delta, "finish_reason": finish})
-            chunk = {"id": "chatcmpl-stream", "object": f"{obj}.chunk", "created": created, "model": model,
+            chunk = {"id": f"chatcmpl-{result.request_id}", "object": f"{obj}.chunk", "created": created, "model": model,
                      "choices": [choice]}
             self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n")
             self.wfile.flush()

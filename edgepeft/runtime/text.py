@@ -41,8 +41,9 @@ class TextCodec:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
-    def render(self, messages: Sequence[dict]) -> str:
-        """The prompt text for a chat; raises :class:`EngineError` for malformed messages."""
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for a chat (``add_generation_prompt=False``: the conversation as it stands,
+        for scoring a reference answer); raises :class:`EngineError` for malformed messages."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise EngineError("messages must be a non-empty list", hint='e.g. [{"role": "user", "content": "hi"}]')
         for i, m in enumerate(messages):
@@ -50,19 +51,24 @@ class TextCodec:
                 raise EngineError(f"message {i} needs a string 'role' and a string 'content'",
                                   hint='e.g. {"role": "user", "content": "hi"}')
         if not self.chat_template:
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self._plain(messages, add_generation_prompt)
         try:
             template = self._compiled()
         except ImportError:
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self._plain(messages, add_generation_prompt)
         try:
-            return template.render(messages=list(messages), add_generation_prompt=True,
+            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except EngineError:
             raise
         except Exception as exc:  # jinja2 errors
             raise EngineError(f"the bundle's chat template failed on these messages: {exc}",
                               hint="check the roles and order of the messages") from exc
+
+    @staticmethod
+    def _plain(messages, add_generation_prompt: bool) -> str:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + "assistant:" if add_generation_prompt else text
 
     def _compiled(self):
         if self._template is None:

@@ -118,8 +118,13 @@ def _read_saved_dataset(p: Path) -> tuple[list[dict], list[dict] | None]:
     return ds.to_list(), None
 
 
-def detect_shape(rows: list[dict], task: str | None, source: str) -> str:
-    """Which of :data:`SHAPES` the rows have; a :class:`DataError` naming the columns otherwise."""
+def detect_shape(rows: list[dict], task: str | None, source: str, slice_column: str | None = None) -> str:
+    """Which of :data:`SHAPES` the rows have; a :class:`DataError` naming the columns otherwise.
+
+    With no ``task`` given, ``text`` beside a column that looks like a label
+    (:func:`label_like_column`) is refused as ambiguous rather than silently
+    trained as plain text for a language model.
+    """
     if not rows:
         raise DataError(f"{source} holds no records", hint="add training examples; see examples/ for the shapes")
     cols = set(rows[0])
@@ -132,9 +137,30 @@ def detect_shape(rows: list[dict], task: str | None, source: str) -> str:
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "text" in cols:
+        suspect = label_like_column(rows, cols - {"text", "slice", slice_column}) if task is None else None
+        if suspect:
+            raise DataError(f"{source}: columns text + {suspect} look like a classifier's data, but there is no "
+                            f"'label' column, so this would train a language model on the text alone",
+                            hint=f"rename columns: {suspect} -> label (a classifier), or pass --task causal-lm "
+                                 "(a language model on the text)")
         return "text"
     _missing(cols, ["messages"], source, "causal-lm", alt="or prompt + completion, or text")
     raise AssertionError("unreachable")  # _missing always raises
+
+
+def label_like_column(rows: list[dict], candidates: set) -> str | None:
+    """The first candidate column that reads as a label: a usual label name (intent, class, category...),
+    or short values that repeat (at most half of them distinct, over four records or more)."""
+    named = sorted(c for c in candidates if _RENAMES.get(str(c).lower()) == "label")
+    if named:
+        return named[0]
+    for col in sorted(c for c in candidates if c is not None):
+        values = [r.get(col) for r in rows if r.get(col) not in (None, "")]
+        if len(values) < 4 or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            continue
+        if all(len(str(v)) <= 40 for v in values) and 2 <= len(set(map(str, values))) <= len(values) // 2:
+            return col
+    return None
 
 
 def _missing(cols: set, wanted: list[str], source: str, task: str, alt: str = "") -> None:
@@ -259,7 +285,7 @@ def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_spl
     dataset, missing or misnamed columns, bad records, or labels outside ``labels``.
     """
     rows, ready_eval = read_records(data)
-    shape = detect_shape(rows, task, data)
+    shape = detect_shape(rows, task, data, slice_column)
     if task == "causal-lm" and shape == "classification":
         raise DataError(f"{data} looks like classification data (text + label) but the task is causal-lm",
                         hint="drop --task causal-lm, or rename the label column")
@@ -272,7 +298,8 @@ def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_spl
         ev_rows, _ = read_records(eval_data)
         if not ev_rows:
             raise DataError(f"{eval_data} holds no records", hint="add evaluation examples or drop --eval-data")
-        ev_shape = detect_shape(ev_rows, "classification" if shape == "classification" else None, eval_data)
+        ev_shape = detect_shape(ev_rows, "classification" if shape == "classification" else task, eval_data,
+                                slice_column)
         if ev_shape != shape:
             raise DataError(f"{eval_data} has shape {ev_shape} but {data} has shape {shape}",
                             hint="give evaluation data the same columns as the training data")

@@ -10,8 +10,14 @@
 Held-out dict, decoder (``task == "causal-lm"``)::
 
     {"task": "causal-lm", "examples": int, "loss": float, "perplexity": float,
-     "answer_match": {"generated": int, "exact": float, "contains": float} | None,
-     "samples": [{"prompt", "reference", "prediction", "exact", "contains"}, ...]}
+     "answer_match": {"generated": int, "exact": float, "contains": float, "overlap": float} | None,
+     "samples": [{"prompt", "reference", "prediction", "exact", "contains", "overlap"}, ...]}
+
+``overlap`` is the word-level F1 of each greedy answer with its reference: it
+rises when the adapter answers in the data's words and style, where
+``contains`` (the whole reference inside the answer) stays near 0 for any
+answer longer than a sentence. Definitions: :mod:`edgepeft.spec.metrics`.
+``samples`` stay in the training record on the server; bundles carry values only.
 
 Held-out dict, classifier (``task == "classification"``)::
 
@@ -26,17 +32,14 @@ Every float is rounded to 6 places; keys never disappear (absent parts are None)
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 
+from ..spec.metrics import answer_scores, answer_summary, label_scores, normalize, r6 as _r, slice_scores
 from .encode import collate, prompt_text
 
+__all__ = ["causal_metrics", "classification_metrics", "generate", "label_scores", "mean_loss", "normalize"]
+
 SAMPLES_KEPT = 32  # generated answers kept in the record, for people and example scripts
-
-
-def normalize(text: str) -> str:
-    """Lowercase, punctuation to spaces, whitespace collapsed: for forgiving answer matching."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 @contextmanager
@@ -83,16 +86,14 @@ def causal_metrics(model, tok, rows: list[dict], items: list[dict], *, batch_siz
     if not pairs:
         return result
     preds = generate(model, tok, [p for p, _ in pairs], device=device, max_new_tokens=max_new_tokens)
-    exact = contains = 0
+    scores = []
     for (prompt, ref), pred in zip(pairs, preds):
-        e = normalize(pred) == normalize(ref)
-        c = bool(normalize(ref)) and normalize(ref) in normalize(pred)
-        exact, contains = exact + e, contains + c
+        sc = answer_scores(pred, ref)
+        scores.append(sc)
         if len(result["samples"]) < SAMPLES_KEPT:
             result["samples"].append({"prompt": prompt, "reference": ref, "prediction": pred,
-                                      "exact": e, "contains": c})
-    result["answer_match"] = {"generated": len(pairs), "exact": _r(exact / len(pairs)),
-                              "contains": _r(contains / len(pairs))}
+                                      "exact": sc["exact"], "contains": sc["contains"], "overlap": _r(sc["overlap"])})
+    result["answer_match"] = answer_summary(scores)
     return result
 
 
@@ -137,39 +138,5 @@ def classification_metrics(model, rows: list[dict], items: list[dict], labels: l
     result.update(label_scores(truth, preds, labels))
     result["slices"] = None
     if slice_column:
-        groups: dict = {}
-        for row, t, p in zip(rows, truth, preds):
-            groups.setdefault(str(row.get(slice_column, "")), []).append((t, p))
-        result["slices"] = {}
-        for name in sorted(groups):
-            ts, ps = zip(*groups[name])
-            s = label_scores(list(ts), list(ps), labels)
-            result["slices"][name] = {"examples": len(ts), "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
+        result["slices"] = slice_scores([str(row.get(slice_column, "")) for row in rows], truth, preds, labels)
     return result
-
-
-def label_scores(truth: list[int], preds: list[int], labels: list[str]) -> dict:
-    """Accuracy, macro F1 (over labels present in truth or predictions), per-label scores, confusion."""
-    k = len(labels)
-    confusion = [[0] * k for _ in range(k)]
-    for t, p in zip(truth, preds):
-        confusion[t][p] += 1
-    per, f1s = {}, []
-    for i, name in enumerate(labels):
-        tp = confusion[i][i]
-        fp = sum(confusion[j][i] for j in range(k)) - tp
-        fn = sum(confusion[i]) - tp
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per[name] = {"precision": _r(prec), "recall": _r(rec), "f1": _r(f1), "support": tp + fn}
-        if tp + fp + fn:
-            f1s.append(f1)
-    n = len(truth)
-    return {"accuracy": _r(sum(t == p for t, p in zip(truth, preds)) / n) if n else None,
-            "macro_f1": _r(sum(f1s) / len(f1s)) if f1s else None,
-            "per_label": per, "confusion": confusion}
-
-
-def _r(x):
-    return None if x is None else round(float(x), 6)

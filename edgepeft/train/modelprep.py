@@ -102,7 +102,8 @@ def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str]
     targets, heads = check_targets(config, task, opts.target_modules)
     id2label = {i: n for i, n in enumerate(labels)} if labels else None
 
-    model = load_model(source, task=task, num_labels=num_labels, id2label=id2label, dtype=torch.float32)
+    # quiet: transformers' load report would list the new head as MISSING; plan_lines already said so
+    model = load_model(source, task=task, num_labels=num_labels, id2label=id2label, dtype=torch.float32, quiet=True)
     fingerprint = weights_fingerprint(model.state_dict())
     if opts.method == "qlora":
         del model
@@ -170,7 +171,7 @@ def _load_4bit(source, task, num_labels, id2label, device, heads):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(heads or []) or None)
     model = load_model(source, task=task, num_labels=num_labels, id2label=id2label,
-                       dtype=torch.float32, quantization_config=bnb)
+                       dtype=torch.float32, quantization_config=bnb, quiet=True)
     if on_gpu and str(model.device) == "cpu":
         model.to(device)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,

@@ -95,6 +95,23 @@ def build_record(*, opts, task: str, base, prepared, dataset, state, metrics: di
     }
 
 
+def read_record(adapter_dir: str | os.PathLike) -> dict:
+    """The training record of a finished adapter directory; raises :class:`~edgepeft.errors.DataError`
+    when the directory has none or it is not a JSON object."""
+    from ..errors import DataError
+
+    path = Path(adapter_dir) / RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{adapter_dir} has no {RECORD}", hint="pass a directory written by `edgepeft train`") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not readable JSON: {exc}", hint="train the adapter again") from exc
+    if not isinstance(record, dict) or "metrics" not in record:
+        raise DataError(f"{path} is not an edgepeft training record", hint="train the adapter again")
+    return record
+
+
 def publish(staged: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``staged`` directory to ``out`` by rename (same filesystem, atomic per step)."""
     if out.exists():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +50,14 @@ def _check_paths(opts: TrainOptions) -> None:
                          hint=f"add --resume to continue it, or delete {partial} to start over")
 
 
-def train(options: TrainOptions | None = None, *, on_step=None, **kwargs) -> TrainResult:
+def train(options: TrainOptions | None = None, *, on_step=None, on_plan=None, **kwargs) -> TrainResult:
     """Fine-tune a LoRA/QLoRA adapter and publish it to ``options.out``.
 
     Pass a :class:`TrainOptions` or its fields as keyword arguments.
-    ``on_step(step, loss)`` is called after each optimizer step.
+    ``on_step(step, loss)`` is called after each optimizer step. ``on_plan(lines)``
+    receives, before the weights load, the few lines that say which task, base
+    and columns were chosen and why (default: printed on stderr unless
+    ``progress`` is off).
 
     Raises (all before the base weights load): :class:`UsageError` (bad option,
     ``out`` exists), :class:`DataError` (file, columns, labels),
@@ -65,6 +70,13 @@ def train(options: TrainOptions | None = None, *, on_step=None, **kwargs) -> Tra
     opts = options if options is not None else TrainOptions(**kwargs)
     if options is not None and kwargs:
         raise UsageError("pass either TrainOptions or keyword options, not both", hint="merge them into one")
+    with warnings.catch_warnings():
+        # transformers'/peft's deprecation notices name their own internals, nothing a user can act on
+        warnings.simplefilter("ignore", FutureWarning)
+        return _train(opts, on_step, on_plan)
+
+
+def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     wall = time.monotonic()
     _check_paths(opts)
     require("torch", "transformers", "peft", "accelerate", "tqdm", "matplotlib", feature="edgepeft train")
@@ -85,6 +97,11 @@ def train(options: TrainOptions | None = None, *, on_step=None, **kwargs) -> Tra
     if tok.pad_token_id is None:
         raise TrainError(f"the tokenizer of {source.name} has neither a pad nor an EOS token",
                          hint="use a base whose tokenizer defines one")
+    lines = plan_lines(opts, task, source, ds)
+    if on_plan is not None:
+        on_plan(lines)
+    elif opts.progress:
+        print("\n".join(lines), file=sys.stderr, flush=True)
     if task == "classification":
         train_items = encode_classification(ds.train, tok, opts.max_length)
         eval_items = encode_classification(ds.eval, tok, opts.max_length)
@@ -154,6 +171,37 @@ def train(options: TrainOptions | None = None, *, on_step=None, **kwargs) -> Tra
         result = _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok)
     accelerator.wait_for_everyone()
     return result or TrainResult(opts.out_path, {"metrics": metrics}, accelerator.unwrap_model(model))
+
+
+_SHAPES = {"messages": "messages (chat turns; loss on the assistant's answers)",
+           "prompt_completion": "prompt + completion (loss on the completion)",
+           "text": "text (plain text: loss on every token)"}
+
+
+def plan_lines(opts: TrainOptions, task: str, source, ds) -> list[str]:
+    """What this run will do and why, in a few lines, before anything heavy loads."""
+    from ..basemodel import embedded_key
+
+    why = "--task" if opts.task else ("the data has a label column" if task == "classification"
+                                      else "the data has no label column")
+    if opts.base is None:
+        origin = f"embedded, the default for {task}"
+    elif embedded_key(opts.base):
+        origin = "embedded"
+    else:
+        origin = "hub" if source.is_hub else source.path
+    if task == "classification":
+        labels = ", ".join(ds.labels or [])
+        cols = f"text -> label ({len(ds.labels or [])} labels: {labels}; a new classification head)"
+        if ds.slice_column:
+            cols += f"; per-slice figures by {ds.slice_column!r}"
+    else:
+        cols = _SHAPES[ds.shape]
+    held = f"from {opts.eval_data}" if opts.eval_data else \
+        (f"{opts.eval_split:.0%} held out of the training data" if ds.eval else "no evaluation")
+    return [f"edgepeft train: {task} ({why}) on {source.name} ({origin}), {opts.method} r={opts.rank}",
+            f"  columns: {cols}",
+            f"  examples: {len(ds.train)} train, {len(ds.eval)} eval ({held})"]
 
 
 def _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok) -> TrainResult:
