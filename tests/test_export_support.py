@@ -147,14 +147,14 @@ DECODER_FAMILIES = {
 }
 
 
-def tiny_decoder_dir(family, path, seed=0):
+def tiny_decoder_dir(family, path, seed=0, **extra):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
     cls, over = DECODER_FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, cls)(**{**_SMALL, **over})
+    config = getattr(transformers, cls)(**{**_SMALL, **over, **extra})
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().save_pretrained(path)
     return path
 
