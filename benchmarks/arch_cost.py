@@ -11,8 +11,11 @@ with only the config switches changed:
 - ``no window``: every layer global.
 
 Each runs int4 through the device runtime's decode loop (``DecoderRunner``: IOBinding, shared KV buffers),
-2 threads, a 512-token prompt and 64 greedy tokens, repetitions interleaved. Writes
-``benchmarks/results/arch_cost.json``. Takes ~5 min on 2 cores; run it on a quiet machine.
+2 threads, a 256-token prompt and 64 greedy tokens, repetitions interleaved. On a shared machine the
+whole-model figures drift by tens of percent, so the same features are also timed alone (``ops``): one
+``GroupQueryAttention`` decode step (8 heads, 4 KV heads, head 64) over a 320- and a 2048-token cache,
+plain / ``softcap`` / ``local_window_size=128``, and the final soft-cap (Div, Tanh, Mul) over 256k logits;
+each the best of 7 batches of 200 calls. Writes ``benchmarks/results/arch_cost.json``. Takes ~6 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -74,6 +77,62 @@ def _runner(onnx_dir: Path, threads: int):
                          head_dim=info["head_dim"], vocab_size=info["vocab_size"], max_context=1024), info
 
 
+def _op_model(kind: str, past: int):
+    """One decode-step graph: a GQA node (plain / softcap / window) or the final soft-cap ops."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    f = T.FLOAT
+    if kind == "final softcap":
+        cap = numpy_helper.from_array(np.array(30.0, np.float32), "cap")
+        nodes = [helper.make_node("Div", ["x", "cap"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+                 helper.make_node("Mul", ["b", "cap"], ["y"])]
+        ins, feeds = [helper.make_tensor_value_info("x", f, [1, 1, 256000])], \
+            {"x": np.random.default_rng(0).standard_normal((1, 1, 256000)).astype(np.float32) * 20}
+        graph = helper.make_graph(nodes, "op", ins, [helper.make_tensor_value_info("y", f, None)], [cap])
+    else:
+        attrs = {"plain": {}, "softcap": {"softcap": 50.0}, "window": {"local_window_size": 128}}[kind]
+        h, kv, d = 8, 4, 64
+        node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "sl", "tot"], ["o", "k", "v"],
+                                domain="com.microsoft", num_heads=h, kv_num_heads=kv, **attrs)
+        ins = [helper.make_tensor_value_info("qkv", f, [1, 1, (h + 2 * kv) * d]),
+               helper.make_tensor_value_info("pk", f, [1, kv, past, d]),
+               helper.make_tensor_value_info("pv", f, [1, kv, past, d]),
+               helper.make_tensor_value_info("sl", T.INT32, [1]), helper.make_tensor_value_info("tot", T.INT32, [])]
+        rng = np.random.default_rng(0)
+        feeds = {"qkv": rng.standard_normal((1, 1, (h + 2 * kv) * d)).astype(np.float32),
+                 "pk": rng.standard_normal((1, kv, past, d)).astype(np.float32),
+                 "pv": rng.standard_normal((1, kv, past, d)).astype(np.float32),
+                 "sl": np.array([past], np.int32), "tot": np.array(past + 1, np.int32)}
+        graph = helper.make_graph([node], "op", ins, [helper.make_tensor_value_info("o", f, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model, feeds
+
+
+def _time_ops(threads: int) -> dict:
+    import onnxruntime as ort
+
+    out = {}
+    cases = [(k, p) for p in (320, 2048) for k in ("plain", "softcap", "window")] + [("final softcap", 0)]
+    for kind, past in cases:
+        model, feeds = _op_model(kind, past)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for _ in range(50):
+            sess.run(None, feeds)
+        batches = []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(200):
+                sess.run(None, feeds)
+            batches.append((time.perf_counter() - t) / 200 * 1e6)
+        out[f"{kind} @ {past}" if past else kind] = {"best_us": min(batches), "median_us": statistics.median(batches)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -84,7 +143,7 @@ def main(argv=None) -> int:
 
     dirs = _build(WORK / "arch_cost")
     runners = {name: _runner(d, args.threads) for name, d in dirs.items()}
-    prompt = list(np.random.default_rng(0).integers(3, 256000, 512))
+    prompt = list(np.random.default_rng(0).integers(3, 256000, 256))
     new = 64
     samples = {name: {"prefill_s": [], "decode_tok_s": [], "decode_cpu_ms_per_tok": []} for name in runners}
     load0 = os.getloadavg()
@@ -111,7 +170,10 @@ def main(argv=None) -> int:
         "samples": samples, "median": med,
         "ratios_vs_gemma2": {n: {k: m[k] / ref[k] for k in m} for n, m in med.items()},
     }
+    result["ops"] = _time_ops(args.threads)
     write_json_atomic(args.out, result)
+    for n, m in result["ops"].items():
+        print(f"op {n:18s} best {m['best_us']:8.1f} us   median {m['median_us']:8.1f} us")
     for n, m in med.items():
         print(f"{n:16s} prefill {m['prefill_s'] * 1000:7.1f} ms   decode {m['decode_tok_s']:6.1f} tok/s "
               f"({m['decode_tok_s'] / ref['decode_tok_s']:.3f}x gemma2), CPU {m['decode_cpu_ms_per_tok']:6.2f} ms/token "

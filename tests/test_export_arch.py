@@ -143,3 +143,18 @@ def test_phi3_slots_follow_the_fused_checkpoint_modules(tmp_path):
     with pytest.raises(UsageError, match="'q_proj' is not an adaptable projection") as ei:
         export_model(str(base), tmp_path / "o", quant="fp32", target_modules=["q_proj"])
     assert "qkv_proj" in ei.value.hint
+
+
+def test_a_checkpoint_with_missing_weights_is_refused(tmp_path):
+    """transformers would fill a missing tensor with random values; the exporter refuses instead."""
+    from safetensors.torch import load_file, save_file
+    from test_export_support import tiny_decoder_dir
+
+    from edgepeft.export import export_model
+
+    base = tiny_decoder_dir("qwen3", tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"lacks 1 weight\(s\) of a qwen3 model \(model.layers.1.mlp.down_proj"):
+        export_model(str(base), tmp_path / "o", quant="fp32")

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .._extras import require
 import numpy as np
 
+from .._extras import require
 from ..errors import ModelError, UsageError
 from .quantize import WeightQuant
 from .slots import check_rank
@@ -90,7 +90,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     arch = describe(config, task)
     fingerprint = weights_fingerprint(model.state_dict())
     sd = _state_dict_numpy(model)
-    missing = {k.rsplit(".", 1)[0] for k in (loading or {}).get("missing_keys", ())}
+    missing = _missing_modules(arch, loading)
     lora = None
     if merge_adapter is not None:
         from .merge import merge_into
@@ -158,6 +158,25 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
 
 
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _missing_modules(arch, loading: dict | None) -> set:
+    """Modules whose weights the checkpoint lacks (transformers initialized them at random).
+
+    Only a classifier's head may be missing (adapters bring it; the encoder writer checks each stage);
+    anything else is refused, since a graph of random weights would be a wrong guess.
+    """
+    keys = sorted((loading or {}).get("missing_keys", ()))
+    heads = {s.module for s in getattr(arch, "head", ())}
+    prefix = getattr(arch, "prefix", "")
+    modules = {k.rsplit(".", 1)[0] for k in keys}
+    stray = [k for k in keys if k.rsplit(".", 1)[0].removeprefix(prefix) not in heads]
+    if stray:
+        raise ModelError(f"the checkpoint lacks {len(stray)} weight(s) of a {arch.family} model "
+                         f"({', '.join(stray[:4])}{', ...' if len(stray) > 4 else ''}); they would be random",
+                         hint="the checkpoint is incomplete or not what its config.json says; re-download or "
+                              "re-save it")
+    return {m.removeprefix(prefix) for m in modules}
 
 
 def _encoder_extra(arch, model, missing: set) -> dict:

@@ -225,6 +225,9 @@ def supported() -> dict[str, list[str]]:
     return {"causal-lm": sorted(DECODERS), "classification": sorted(ENCODERS)}
 
 
+supported_architectures = supported
+
+
 def describe(config, task: str) -> DecoderArch | EncoderArch:
     """The description for exporting ``config`` as ``task``; raises :class:`ModelError` otherwise.
 
@@ -322,4 +325,4 @@ def _check_encoder(arch: EncoderArch, config) -> None:
 
 
 __all__ = ["DecoderArch", "EncoderArch", "HeadStage", "DECODERS", "ENCODERS", "describe", "supported",
-           "decoder_act"]
+           "supported_architectures", "decoder_act"]

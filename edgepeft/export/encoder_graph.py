@@ -60,25 +60,23 @@ def encoder_dims(arch: EncoderArch, config) -> dict:
 
 
 def layer_groups(dims: dict, targets: list[str], arch: EncoderArch) -> list[Group]:
-    """Per-layer groups (q|k|v, o, up, down; ModernBERT: qkv, o, gate_up, down) plus one
-    layer-less group per base head stage (``pooler`` for BERT's pooler.dense)."""
+    """Per-layer groups (qkv, attn_out, up, down: q|k|v and ModernBERT's gate|up packed as the checkpoint
+    orders them) plus one layer-less group per base head stage (``pooler`` for BERT's pooler.dense)."""
     hid, inter = dims["hidden"], dims["inter"]
     size = {"q": hid, "k": hid, "v": hid, "qkv": 3 * hid, "o": hid, "up": inter, "gate_up": 2 * inter, "down": hid}
-    packs = {"qkv": ["q", "k", "v", "qkv"], "o": ["o"], "up": ["up", "gate_up"], "down": ["down"]}
+    packs = {"qkv": ("q", "k", "v", "qkv"), "attn_out": ("o",), "up": ("up", "gate_up"), "down": ("down",)}
     out = []
     for key, roles in packs.items():
         mods, off = [], 0
         for module, role in arch.proj:
             if role in roles:
-                mods.append((module, off, size[role]))
+                mods.append(Module(module, off, size[role]))
                 off += size[role]
-        in_dim = inter if key == "down" else hid
-        out.append(Group(key if key != "up" else "up", in_dim, off,
-                         tuple(Module(*m) for m in mods if m[0] in targets)))
+        out.append(Group(key, inter if key == "down" else hid, off, tuple(m for m in mods if m.peft_name in targets)))
     for stage in arch.head:
         if stage.source == "base":
-            out.append(Group(stage.module.split(".")[0], hid, hid,
-                             tuple(Module(stage.module, 0, hid) for _ in [0] if stage.module in targets)))
+            mods = (Module(stage.module, 0, hid),) if stage.module in targets else ()
+            out.append(Group(stage.module.split(".")[0], hid, hid, mods))
     return out
 
 
@@ -202,7 +200,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             h_in = x
         qkv = proj(h_in, "qkv", ["q", "k", "v", "qkv"], "qkv")
         att = attention.layer(i, qkv, h_in, lambda inp: proj(inp, "qkv", [], "qkv", again=True))
-        o = proj(att, "o", ["o"], "attn_out")
+        o = proj(att, "attn_out", ["o"], "attn_out")
         if arch.norms == "pre":
             x = gb.op("Add", [x, o], hint="residual")
             m_in = ln(x, p + arch.norm2, "mlp_ln")
