@@ -48,10 +48,12 @@ def read_config(src):
 
     try:
         return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
-    except (OSError, ValueError, KeyError) as exc:
-        text = str(exc).split("\n")[0][:300]
+    except OSError as exc:  # missing files, no network for a hub id
+        raise ModelError(f"cannot read the config of base {src.path}: {str(exc).splitlines()[0][:300]}",
+                         hint="check --base; hub ids need internet access") from exc
+    except (ValueError, KeyError) as exc:  # a model type transformers does not know, a malformed config
         fams = supported()
-        raise ModelError(f"cannot read the config of base {src.path}: {text}",
+        raise ModelError(f"cannot read the config of base {src.path}: {str(exc).splitlines()[0][:300]}",
                          hint=f"edgepeft exports decoders ({', '.join(fams['causal-lm'])}) and encoder classifiers "
                               f"({', '.join(fams['classification'])})") from exc
 
