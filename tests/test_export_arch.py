@@ -158,3 +158,34 @@ def test_a_checkpoint_with_missing_weights_is_refused(tmp_path):
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"lacks 1 weight\(s\) of a qwen3 model \(model.layers.1.mlp.down_proj"):
         export_model(str(base), tmp_path / "o", quant="fp32")
+
+
+def test_head_stage_from_a_classifier_checkpoint_is_the_default(tmp_path):
+    """A DeBERTa checkpoint saved with its pooler: an adapter that does not save the pooler uses the
+    checkpoint's (as PEFT did when training it), and the bare graph still runs."""
+    import numpy as np
+    import torch
+    import transformers
+    from test_export_support import ENCODER_FAMILIES, make_peft_adapter, run_options, session
+
+    from edgepeft.export import export_model, write_adapter
+
+    cls, over, _ = ENCODER_FAMILIES["deberta-v2"]
+    cfg = getattr(transformers, cls)(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64, initializer_range=0.1, **over)
+    torch.manual_seed(0)
+    transformers.DebertaV2ForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    res = export_model(str(tmp_path / "base"), tmp_path / "o", task="classification", quant="fp32", slot_rank=4)
+    assert [h["default"] for h in res.model_info["head"]] == [True, True]
+    model = make_peft_adapter(tmp_path / "base", tmp_path / "p", task="classification", r=2, num_labels=2,
+                              targets=("query_proj", "value_proj"))
+    info = write_adapter(tmp_path / "p", res.model_info, tmp_path / "a.onnx_adapter")
+    assert info.labels == ["LABEL_0", "LABEL_1"]
+    ids = np.array([[5, 7, 8, 9], [5, 9, 0, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+    sess = session(res.model_path)
+    got = sess.run(["logits"], feeds, run_options(tmp_path / "a.onnx_adapter"))[0]
+    with torch.no_grad():
+        ref = model(**{k: torch.tensor(v) for k, v in feeds.items()}).logits.numpy()
+    assert np.abs(got - ref).max() < 1e-4
+    assert sess.run(["logits"], feeds)[0].shape == (2, 2)  # the checkpoint's own head answers without an adapter

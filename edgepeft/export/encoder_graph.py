@@ -234,6 +234,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     else:
         pooled = gb.op("Gather", [x, gb.const(np.array(0, np.int64))], axis=1, hint="cls")
     head_info, n_labels, width = [], None, hid
+    default_in = hid  # the width the previous stage's default produces (1 after an empty intermediate default)
     last_adapter = [s for s in arch.head if s.source == "adapter"][-1]
     for stage in arch.head:
         last = stage is last_adapter
@@ -258,13 +259,13 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             has = stage.module in head_present and wt is not None
             # empty defaults: the final stage [in, 0]; a stage before it [in, 1] of zeros, so every MatMul
             # of the bare graph keeps a non-empty inner dimension (ORT's fused Gemm refuses K = 0)
-            empty = np.zeros((hid if width == hid else 1, 0 if last else 1), np.float32)
+            empty = np.zeros((default_in, 0 if last else 1), np.float32)
             wdef = np.ascontiguousarray(wt.T) if has else empty
             bdef = np.zeros(wdef.shape[1], np.float32) if bias is None or not has else bias
             gb.slot(ws, wdef, [width, out_sym], [hid, "num_labels" if last else hid])
             gb.slot(bs, bdef, [out_sym], ["num_labels" if last else hid])
             pooled = gb.op("Add", [gb.op("MatMul", [pooled, ws], hint="head"), bs], hint="head_bias")
-            width, n_labels = out_sym, "num_labels"
+            width, n_labels, default_in = out_sym, "num_labels", int(wdef.shape[1])
             head_info.append({"module": stage.module, "default": bool(has)})
         if stage.act:
             act = stage.act if stage.act in ("tanh", "relu") else str(_cfg(config, stage.act, default="gelu"))
