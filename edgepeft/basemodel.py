@@ -285,13 +285,16 @@ def load_tokenizer(source: BaseSource):
 
 
 def load_model(source: BaseSource, *, task: str = "causal-lm", num_labels: int | None = None,
-               id2label: dict | None = None, dtype=None, quantization_config=None, quiet: bool = False):
+               id2label: dict | None = None, dtype=None, quantization_config=None, quiet: bool = False,
+               loading_info: bool = False):
     """Load the model of ``source`` for ``task`` ("causal-lm" or "classification").
 
     GGUF files are dequantized by transformers. ``quiet`` hides transformers'
     load report and progress bars (the exporter loads encoders without the head,
     which adapters bring; training says in its own words that a new head starts
-    from random). Raises :class:`ModelError` when the model cannot be found or loaded.
+    from random). ``loading_info=True`` returns ``(model, info)`` with transformers'
+    ``missing_keys`` (weights the checkpoint lacks, so randomly initialized).
+    Raises :class:`ModelError` when the model cannot be found or loaded.
     """
     require("torch", "transformers", feature="loading a base model")
     from transformers.utils import logging as hf_logging
@@ -301,18 +304,20 @@ def load_model(source: BaseSource, *, task: str = "causal-lm", num_labels: int |
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        return _load_model(source, task, num_labels, id2label, dtype, quantization_config)
+        return _load_model(source, task, num_labels, id2label, dtype, quantization_config, loading_info)
     finally:
         hf_logging.set_verbosity(before)
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _load_model(source, task, num_labels, id2label, dtype, quantization_config):
+def _load_model(source, task, num_labels, id2label, dtype, quantization_config, loading_info=False):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": dtype or torch.float32}
+    if loading_info:
+        kwargs["output_loading_info"] = True
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if quantization_config is not None:
@@ -331,16 +336,21 @@ def _load_model(source, task, num_labels, id2label, dtype, quantization_config):
                          hint="check --base; hub ids need internet access") from exc
 
 
+_HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.", "pooler.")
+
+
 def weights_fingerprint(state_dict) -> str:
     """A stable SHA-256 over a base model's weights (names, shapes, dtypes, bytes).
 
     Adapters and bundles record it so a device can refuse an adapter trained
-    for another base. Only base weights count: LoRA and classifier-head tensors
-    are skipped so the same base always gets the same fingerprint.
+    for another base. Only base weights count: LoRA and classification-head
+    tensors (``classifier``/``score``, DistilBERT's ``pre_classifier``, DeBERTa's
+    top-level ``pooler``: randomly initialized when the checkpoint lacks them) are
+    skipped so the same base always gets the same fingerprint.
     """
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        if "lora_" in name or name.startswith(("score.", "classifier.")) or ".modules_to_save." in name:
+        if "lora_" in name or name.startswith(_HEAD_PREFIXES) or ".modules_to_save." in name:
             continue
         t = state_dict[name]
         arr = t.detach().to("cpu").contiguous().numpy() if hasattr(t, "detach") else t

@@ -44,6 +44,8 @@ def test_head_is_a_slot(exported):
     assert info["architecture"] == "bert" and info["task"] == "classification"
     assert info["slots"]["head.classifier.weight"] == [64, "num_labels"]
     assert info["slots"]["pooler.lora_B"] == ["rank", 64]
+    # slot names deployed bundles already carry (updates are written against them)
+    assert info["slots"]["layers.1.attn_out.lora_A"] == [64, "rank"] and "layers.0.qkv.lora_B" in info["slots"]
     bare = session(exported.model_path).run(["logits"], _batch())[0]
     assert bare.shape == (2, 0)  # no adapter, no head
 

@@ -110,3 +110,188 @@ def greedy_check(sess, info, torch_model, prompt, steps, ro=None):
             ref = torch_model(seq).logits.numpy()[:, -1:]
         diffs.append(float(np.abs(outs[0] - ref).max()))
     return diffs
+
+
+# -- one tiny random model per supported architecture (tests/test_export_families.py) -----------------------------
+
+_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.1)
+# family -> (config class, overrides). Windows of 4 tokens and small soft-caps make those paths matter on a
+# 7-token prompt; rope variants are each family's own (llama3 scaling, LongRoPE past a 16-token original context).
+DECODER_FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama3-rope": ("LlamaConfig", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                         "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 16})),
+    "mistral": ("MistralConfig", dict(sliding_window=4)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", dict(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                original_max_position_embeddings=8,
+                                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5,
+                                                 "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                 "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                                                 "original_max_position_embeddings": 8})),
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=4, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                             layer_types=["sliding_attention", "full_attention"])),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.1,
+                                      logits_scaling=4.0, attention_bias=True)),
+    "olmo2": ("Olmo2Config", {}),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),
+}
+
+
+def tiny_decoder_dir(family, path, seed=0, **extra):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls, over = DECODER_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls)(**{**_SMALL, **over, **extra})
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().save_pretrained(path)
+    return path
+
+
+ENCODER_FAMILIES = {
+    "bert": ("BertConfig", {}, {}),
+    "roberta": ("RobertaConfig", dict(type_vocab_size=1, pad_token_id=1), {}),
+    "xlm-roberta": ("XLMRobertaConfig", dict(type_vocab_size=1, pad_token_id=1), {}),
+    "distilbert": ("DistilBertConfig", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128), {}),
+    # DeBERTa-v3's published config: relative attention (c2p|p2c, 256 log buckets, shared keys), no absolute
+    # positions, no token types; its pooler is not in the checkpoint, so adapters save it (modules_to_save)
+    "deberta-v2": ("DebertaV2Config", dict(relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                           position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                                           share_att_key=True, position_biased_input=False, type_vocab_size=0,
+                                           pooler_hidden_act="gelu"),
+                   {"modules_to_save": ["pooler"]}),
+    "modernbert": ("ModernBertConfig", dict(local_attention=4, global_attn_every_n_layers=2, classifier_pooling="mean",
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                            sep_token_id=2), {}),
+}
+ENCODER_TARGETS = {
+    "bert": ("query", "value", "dense"),
+    "roberta": ("query", "key", "value", "intermediate.dense"),
+    "xlm-roberta": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin", "lin1", "lin2", "out_lin"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "intermediate.dense"),
+    "modernbert": ("Wqkv", "Wo", "Wi", "dense"),
+}
+
+
+def tiny_encoder_dir(family, path, seed=0):
+    """The bare encoder (no head), saved the way the family's pretrained checkpoints are (MLM head for ModernBERT)."""
+    import torch
+    import transformers
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    cls, over, _ = ENCODER_FAMILIES[family]
+    torch.manual_seed(seed)
+    base = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                max_position_embeddings=64, initializer_range=0.1)
+    config = getattr(transformers, cls)(**{**base, **over})
+    builder = AutoModelForMaskedLM if family == "modernbert" else AutoModel
+    builder.from_config(config).eval().save_pretrained(path)
+    return path
+
+
+def greedy_ids_check(sess, info, torch_model, prompt, steps, ro=None, near_tie=1e-3):
+    """Greedy decode through both KV caches (ORT's and transformers'); per step the max |logit diff|, and
+    the ids picked.
+
+    A step where ORT and torch pick different ids passes only when torch's own scores for the two ids are
+    within ``near_tie`` (a near-tie that fp32 rounding may flip); torch's id is fed to both, so one tie does
+    not derail the rest. Returns ``(diffs, tie_steps)``.
+    """
+    import torch
+
+    outs = sess.run(None, decoder_feeds(info, prompt), ro)
+    with torch.no_grad():
+        res = torch_model(torch.tensor(prompt), use_cache=True)
+    diffs, ties = [], []
+    for step in range(steps + 1):
+        got, ref = outs[0][:, -1:] if step else outs[0], res.logits.numpy()
+        diffs.append(float(np.abs(got - ref).max()))
+        a, b = int(got[0, -1].argmax()), int(ref[0, -1].argmax())
+        if a != b:
+            gap = float(ref[0, -1, b] - ref[0, -1, a])
+            assert gap < near_tie, f"step {step}: onnx picks {a}, torch {b} (torch gap {gap:.2e})"
+            ties.append(step)
+        if step == steps:
+            break
+        nxt = np.array([[b]])
+        outs = sess.run(None, decoder_feeds(info, nxt, outs[1:]), ro)
+        with torch.no_grad():
+            res = torch_model(torch.tensor(nxt), past_key_values=res.past_key_values, use_cache=True)
+    return diffs, ties
+
+
+_ROLE = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
+         "up_proj": "gate_up", "gate_up_proj": "gate_up", "down_proj": "down"}
+
+
+def fake_quant_dir(base, out, kind):
+    """``base`` with every weight the graph quantizes replaced by the value the graph computes with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgepeft.export import WeightQuant
+    from edgepeft.export.quantize import fake_quantize
+
+    q = WeightQuant(kind)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim != 2:
+                continue
+            if "embed_tokens" in name:
+                role = "embed"
+            elif name.startswith("lm_head"):
+                role = "embed" if tied else "lm_head"
+            else:
+                role = "l0." + _ROLE[name.split(".")[-2]]
+            p.copy_(torch.from_numpy(fake_quantize(p.numpy(), q, role)))
+    model.save_pretrained(out)
+    return out
+
+
+_ENC_ROLE = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv": "qkv", "o": "attn_out", "up": "up", "gate_up": "up",
+             "down": "down"}
+
+
+def fake_quant_classifier(base, peft_dir, kind, family, num_labels=3):
+    """transformers + PEFT classifier whose base weights are what the ``kind`` graph computes with."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from edgepeft.export import WeightQuant
+    from edgepeft.export.arch import ENCODERS
+    from edgepeft.export.quantize import fake_quantize
+
+    arch, q = ENCODERS[family], WeightQuant(kind)
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=num_labels, dtype=torch.float32), peft_dir).eval()
+    base_heads = [s.module for s in arch.head if s.source == "base"]
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if "lora_" in name or "modules_to_save" in name or "original_module" in name:
+                continue
+            path = name.replace(".base_layer", "")
+            if isinstance(mod, torch.nn.Embedding) and path.endswith(arch.embeddings["word"]):
+                role = "embed"
+            elif isinstance(mod, torch.nn.Linear):
+                role = next((f"l0.{_ENC_ROLE[r]}" for m, r in arch.proj if path.endswith("." + m)), None)
+                role = role or next((h.split(".")[0] for h in base_heads if path.endswith(h)), None)
+            else:
+                role = None
+            if role:
+                mod.weight.copy_(torch.from_numpy(fake_quantize(mod.weight.numpy(), q, role)))
+    return model

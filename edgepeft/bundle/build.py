@@ -78,6 +78,9 @@ def _tokenizer_files(tokenizer, dest: Path) -> dict:
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token": tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) else None,
         "special_tokens": sorted(set(getattr(tokenizer, "all_special_tokens", []))),
+        # what transformers' apply_chat_template passes the template (bos_token, eos_token, pad_token, ...)
+        "template_tokens": {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()
+                            if isinstance(v, str)},
         "model_max_length": min(int(getattr(tokenizer, "model_max_length", 1 << 30) or 0), 1 << 30),
     }
     return {k: v for k, v in info.items() if v is not None}

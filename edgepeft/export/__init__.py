@@ -2,7 +2,8 @@
 
 Heavy libraries (torch, transformers, onnx) load only when a function runs.
 Public API: :func:`export_model`, :class:`ExportResult`, :func:`write_adapter`,
-:class:`AdapterInfo`, :func:`base_fingerprint`, :class:`WeightQuant`.
+:class:`AdapterInfo`, :func:`base_fingerprint`, :class:`WeightQuant`, and
+:func:`supported_architectures` (the families :mod:`.arch` describes, per task).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 _EXPORTS = {
     "export_model": "api", "ExportResult": "api", "base_fingerprint": "api",
     "write_adapter": "adapters", "AdapterInfo": "adapters", "build_slot_tensors": "adapters",
-    "WeightQuant": "quantize",
+    "WeightQuant": "quantize", "supported_architectures": "arch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,12 +24,8 @@ from ..errors import AdapterError, UsageError
 from .peft_reader import read_peft_lora
 
 PAYLOADS = ("fp32", "fp16", "int8")
-# module path (PEFT, without "base_model.model.") -> (layer, adaptable name)
-_MODULE_RE = {
-    "llama": re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$"),
-    "bert": re.compile(r"^(?:bert\.)?(?:encoder\.layer\.(\d+)\.(.+)|(pooler\.dense))$"),
-}
 HEAD_WEIGHT, HEAD_BIAS = "head.classifier.weight", "head.classifier.bias"
+_DECODER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
 
 @dataclass
@@ -52,16 +48,55 @@ class AdapterInfo:
         return asdict(self)
 
 
+def arch_for(model_info: dict):
+    """The architecture description (:mod:`.arch`) a bundle's graph was exported from."""
+    from .arch import DECODERS, ENCODERS
+
+    fam = model_info["architecture"]
+    table = ENCODERS if model_info.get("task") == "classification" else DECODERS
+    arch = table.get(fam)
+    if arch is None:
+        raise AdapterError(f"model_info names unknown architecture {fam!r}",
+                           hint="re-export the base with this version of edgepeft")
+    return arch
+
+
 def layer_groups_for(model_info: dict):
     """The per-layer projection groups of the exported graph described by ``model_info``."""
-    arch, dims, targets = model_info["architecture"], model_info["dims"], model_info["target_modules"]
-    if arch == "llama":
-        from .llama_graph import layer_groups
-    elif arch == "bert":
-        from .bert_graph import layer_groups
+    arch, dims, targets = arch_for(model_info), model_info["dims"], model_info["target_modules"]
+    if model_info.get("task") == "classification":
+        from .encoder_graph import layer_groups
     else:
-        raise AdapterError(f"model_info names unknown architecture {arch!r}", hint="re-export the base")
-    return layer_groups(dims, targets)
+        from .decoder_graph import layer_groups
+    return layer_groups(dims, targets, arch)
+
+
+def _matcher(model_info: dict):
+    """module path (PEFT, without "base_model.model.") -> (layer or None, adaptable name), or None."""
+    arch = arch_for(model_info)
+    if model_info.get("task") != "classification":
+        def match(module):
+            m = _DECODER_MODULE.match(module)
+            return (int(m[1]), m[2]) if m else None
+        return match
+    prefix = re.escape(arch.prefix)
+    layer = re.compile(rf"^(?:{prefix})?" + re.escape(arch.layer).replace(re.escape("{i}"), r"(\d+)") + r"(.+)$")
+    base_heads = {s.module for s in arch.head if s.source == "base"}
+
+    def match(module):
+        m = layer.match(module)
+        if m:
+            return int(m[1]), m[2]
+        bare = module[len(arch.prefix):] if module.startswith(arch.prefix) else module
+        return (None, bare) if bare in base_heads else None
+    return match
+
+
+def head_stages(model_info: dict) -> list[dict]:
+    """The adapter-filled head stages of a classifier graph: ``[{"module", "default"}]`` in order."""
+    if "head" in model_info:
+        return list(model_info["head"])
+    return [{"module": "classifier", "default": False}]  # bundles exported before heads were described
 
 
 def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = True):
@@ -76,7 +111,7 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = T
     not fit the bundle's slots.
     """
     lora = read_peft_lora(peft_dir)
-    arch, slot_rank, nl = model_info["architecture"], model_info["slot_rank"], model_info["num_layers"]
+    slot_rank, nl = model_info["slot_rank"], model_info["num_layers"]
     if not model_info.get("slots"):
         raise AdapterError("this bundle's graph has no adapter slots (merged export)",
                            hint="export the base with slots to ship swappable adapters")
@@ -88,9 +123,12 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = T
     where = {m.peft_name: (g, j) for g in groups for j, m in enumerate(g.modules)}
     all_names = {m.peft_name for g in groups for m in g.modules}
     tensors = {}
+    layerless = set()
+    if model_info.get("task") == "classification":  # base head stages (BERT's pooler) have one slot pair
+        layerless = {s.module.split(".")[0] for s in arch_for(model_info).head if s.source == "base"}
     for g in groups:
         if g.modules:
-            for i in (range(nl) if g.key != "pooler" else [None]):
+            for i in (range(nl) if g.key not in layerless else [None]):
                 a_name, b_name = g.slot_names(i)
                 tensors[a_name] = np.zeros((g.in_dim, len(g.modules) * width), np.float32)
                 if g.split_b:
@@ -99,10 +137,10 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = T
                 else:
                     tensors[b_name] = np.zeros((len(g.modules) * width, g.out_dim), np.float32)
     trained = set()
+    match = _matcher(model_info)
     for module, (a, b, scaling) in lora.modules.items():
-        m = _MODULE_RE[arch].match(module)
-        layer, name = _layer_and_name(m)
-        if not m or name not in where:
+        layer, name = match(module) or (None, None)
+        if name not in where:
             hint = f"the bundle has slots for {', '.join(sorted(all_names)) or 'nothing'}"
             raise AdapterError(f"{lora.path.name}: adapter trains {module}, which has no slot in this bundle",
                                hint=hint + "; rebuild the bundle with these target modules or retrain")
@@ -124,21 +162,11 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = T
             tensors[b_name][c0:c0 + r, mod.out_offset:mod.out_offset + mod.out_size] = (b * scaling).T
         trained.add(name)
     if model_info.get("task") == "classification":
-        w = lora.saved.get("classifier.weight")
-        if w is None:
-            raise AdapterError(f"{lora.path.name}: a classification adapter must carry its head (classifier.weight)",
-                               hint="train with task_type=SEQ_CLS (PEFT saves the head via modules_to_save)")
-        hidden = model_info["hidden_size"]
-        if w.ndim != 2 or w.shape[1] != hidden:
-            raise AdapterError(f"{lora.path.name}: classifier.weight is {tuple(w.shape)}, expected [labels, {hidden}]",
-                               hint="the adapter was trained for a different base")
-        bias = lora.saved.get("classifier.bias", np.zeros(w.shape[0], np.float32))
-        tensors[HEAD_WEIGHT] = np.ascontiguousarray(w.T.astype(np.float32))
-        tensors[HEAD_BIAS] = bias.astype(np.float32)
-        labels = _labels(lora.path, w.shape[0], labels)
+        labels = _labels(lora.path, _head_tensors(lora, model_info, tensors), labels)
+        allowed = {f"{h['module']}.{p}" for h in head_stages(model_info) for p in ("weight", "bias")}
     else:
-        labels = None
-    extra = sorted(k for k in lora.saved if not k.startswith("classifier."))
+        labels, allowed = None, set()
+    extra = sorted(k for k in lora.saved if k not in allowed)
     if extra:
         raise AdapterError(f"{lora.path.name}: adapter also saves whole modules ({', '.join(extra)})",
                            hint="modules_to_save other than the classification head cannot be swapped; use merge mode")
@@ -146,12 +174,37 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = T
     return tensors, lora, labels
 
 
-def _layer_and_name(m):
-    if not m:
-        return None, None
-    if m.lastindex == 3 and m[3]:
-        return None, m[3]
-    return int(m[1]), m[2]
+def _head_tensors(lora, model_info: dict, tensors: dict) -> int:
+    """Fill the head slots from the adapter's saved head modules; returns the number of labels.
+
+    A stage the adapter does not save keeps the graph's default (the checkpoint's
+    weights) when there is one; otherwise the adapter cannot be served.
+    """
+    from .encoder_graph import head_slot_names
+
+    hidden, stages = model_info["hidden_size"], head_stages(model_info)
+    n = None
+    for j, st in enumerate(stages):
+        module, last = st["module"], j == len(stages) - 1
+        w = lora.saved.get(module + ".weight")
+        if w is None:
+            if st.get("default") and not last:
+                continue
+            root = module.split(".")[0]
+            raise AdapterError(f"{lora.path.name}: a classification adapter must carry its head ({module}.weight)",
+                               hint=f"train with task_type=SEQ_CLS and modules_to_save including {root!r} "
+                                    "(PEFT saves 'classifier' by default)")
+        out = w.shape[0] if last else hidden
+        if w.ndim != 2 or w.shape[1] != hidden or w.shape[0] != out:
+            want = f"[labels, {hidden}]" if last else f"[{hidden}, {hidden}]"
+            raise AdapterError(f"{lora.path.name}: {module}.weight is {tuple(w.shape)}, expected {want}",
+                               hint="the adapter was trained for a different base")
+        bias = lora.saved.get(module + ".bias", np.zeros(w.shape[0], np.float32))
+        ws, bs = head_slot_names(module)
+        tensors[ws] = np.ascontiguousarray(w.T.astype(np.float32))
+        tensors[bs] = bias.astype(np.float32)
+        n = int(w.shape[0]) if last else n
+    return n
 
 
 def _labels(adir: Path, n: int, labels) -> list:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .._extras import require
 from ..errors import ModelError, UsageError
 from .quantize import WeightQuant
@@ -37,23 +39,44 @@ def _state_dict_numpy(model) -> dict:
     return {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
 
 
+def read_config(src):
+    """The base's config, read without loading weights; raises :class:`ModelError` for a config transformers
+    cannot read (an unknown model type included), naming what the exporter supports."""
+    from transformers import AutoConfig
+
+    from .arch import supported
+
+    try:
+        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+    except OSError as exc:  # missing files, no network for a hub id
+        raise ModelError(f"cannot read the config of base {src.path}: {str(exc).splitlines()[0][:300]}",
+                         hint="check --base; hub ids need internet access") from exc
+    except (ValueError, KeyError) as exc:  # a model type transformers does not know, a malformed config
+        fams = supported()
+        raise ModelError(f"cannot read the config of base {src.path}: {str(exc).splitlines()[0][:300]}",
+                         hint=f"edgepeft exports decoders ({', '.join(fams['causal-lm'])}) and encoder classifiers "
+                              f"({', '.join(fams['classification'])})") from exc
+
+
 def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="int4", slot_rank: int = 16,
                  target_modules="all-linear", merge_adapter=None, max_context: int | None = None,
                  progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``source`` (a BaseSource, a model dir/hub id/.gguf, or None for the default) to ``out_dir``.
 
-    - ``task``: "causal-lm" (Llama-family decoder with KV cache) or
-      "classification" (BERT-family encoder whose head is a slot).
+    - ``task``: "causal-lm" (a decoder of :data:`.arch.DECODERS`, with KV cache) or
+      "classification" (an encoder of :data:`.arch.ENCODERS` whose head is a slot).
     - ``quant``: "int4" | "int8" | "fp16" | "fp32", a WeightQuant, or a spec QuantSpec.
     - ``slot_rank``: the LoRA rank every adapter of the bundle is padded to.
     - ``target_modules``: projections that get slots ("all-linear" or PEFT names).
     - ``merge_adapter``: a PEFT dir merged into the weights; the graph then has no slots.
 
-    Raises ModelError (base cannot be loaded / unsupported), UsageError (bad
-    options), AdapterError (merge adapter does not fit), BuildError (too big).
+    The architecture is checked on the config before any weights load. Raises
+    ModelError (base cannot be loaded / unsupported architecture / wrong task),
+    UsageError (bad options), AdapterError (merge adapter does not fit), BuildError (too big).
     """
     require("torch", "transformers", "onnx", "onnxruntime", feature="exporting a model")
     from ..basemodel import BaseSource, load_model, resolve_base, weights_fingerprint
+    from .arch import describe
     from .onnx_builder import save_model
 
     say = progress or (lambda msg: None)
@@ -62,57 +85,63 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     wq = WeightQuant.coerce(quant)
     slot_rank = check_rank(slot_rank)
     src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
-    say(f"loading {src.name}")
-    model = load_model(src, task=task, quiet=True)
+    arch = describe(read_config(src), task)
+    say(f"loading {src.name} ({arch.family})")
+    model, loading = load_model(src, task=task, quiet=True, loading_info=True)
     config = model.config
+    arch = describe(config, task)
     fingerprint = weights_fingerprint(model.state_dict())
     sd = _state_dict_numpy(model)
+    missing = _missing_modules(arch, loading)
     lora = None
     if merge_adapter is not None:
         from .merge import merge_into
 
         say(f"merging {Path(merge_adapter).name}")
         sd, lora = merge_into(sd, merge_adapter, task=task)
+        missing -= {k.rsplit(".", 1)[0] for k in lora.saved}
     out_dir = Path(out_dir)
     say(f"building the {wq.kind} graph")
     if task == "causal-lm":
-        from .llama_graph import build_decoder
+        from .decoder_graph import build_decoder, plan_decoder
+        from .rope import rope_tables
 
-        rot = getattr(getattr(model, "model", None), "rotary_emb", None)
-        if rot is None:
-            raise ModelError(f"{src.name} has no rotary embedding module", hint="use a llama-family decoder")
+        plan = plan_decoder(arch, config)
         ctx = int(max_context or min(config.max_position_embeddings, 4096))
-        graph, info = build_decoder(config, sd, quant=wq, target_modules=target_modules, max_context=ctx,
-                                    inv_freq=rot.inv_freq.detach().float().numpy(),
-                                    rope_scaling=float(getattr(rot, "attention_scaling", 1.0)),
+        plan.rope = rope_tables(model, plan.rope_keys, ctx)
+        graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
                                     slots=merge_adapter is None)
         dims = info["dims"]
         model_info = {
-            "architecture": "llama", "task": task, "model_type": config.model_type,
+            "architecture": arch.family, "task": task, "model_type": config.model_type,
             "num_layers": dims["layers"], "num_heads": dims["heads"], "num_kv_heads": dims["kv_heads"],
             "head_dim": dims["head_dim"], "hidden_size": dims["hidden"], "vocab_size": dims["vocab"],
-            "max_context": ctx,
+            "max_context": ctx, "attention": plan.describe(),
             "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key", "past_key_values.{i}.value"],
                    "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
                    "kv_layout": "BNSH", "kv_dtype": "float32", "past_present_share_buffer": True},
         }
     else:
-        from .bert_graph import build_encoder
+        from .encoder_graph import build_encoder
 
-        graph, info = build_encoder(config, sd, quant=wq, target_modules=target_modules,
-                                    slots=merge_adapter is None, merged_head=merge_adapter is not None)
+        extra = _encoder_extra(arch, model, missing)
+        head_present = frozenset(s.module for s in arch.head if s.module not in missing)
+        graph, info = build_encoder(arch, config, sd, quant=wq, target_modules=target_modules,
+                                    slots=merge_adapter is None, merged_head=merge_adapter is not None,
+                                    head_present=head_present, extra=extra)
         dims = info["dims"]
         ctx = int(dims["max_positions"])
         model_info = {
-            "architecture": "bert", "task": task, "model_type": config.model_type,
+            "architecture": arch.family, "task": task, "model_type": config.model_type,
             "num_layers": dims["layers"], "num_heads": dims["heads"], "head_dim": dims["hidden"] // dims["heads"],
-            "hidden_size": dims["hidden"], "vocab_size": dims["vocab"], "max_context": ctx,
-            "io": {"inputs": ["input_ids", "attention_mask", "token_type_ids"], "outputs": ["logits"]},
+            "hidden_size": dims["hidden"], "vocab_size": dims["vocab"], "max_context": ctx, "head": info["head"],
+            "io": {"inputs": [i.name for i in graph.graph.input if i.name in _ENCODER_INPUTS], "outputs": ["logits"]},
         }
         if lora is not None:
             from .adapters import _labels
 
-            model_info["labels"] = _labels(lora.path, int(sd["classifier.weight"].shape[0]), None)
+            final = arch.head[-1].module + ".weight"
+            model_info["labels"] = _labels(lora.path, int(sd[final].shape[0]), None)
     merged = merge_adapter is not None
     model_info.update({
         "dims": dims,
@@ -128,6 +157,54 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     size = save_model(graph, path)
     model_info["model_bytes"] = size
     return ExportResult(out_dir=out_dir, files={MODEL_FILE: path}, model_info=model_info, fingerprint=fingerprint)
+
+
+_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _missing_modules(arch, loading: dict | None) -> set:
+    """Modules whose weights the checkpoint lacks (transformers initialized them at random).
+
+    Only a classifier's head may be missing (adapters bring it; the encoder writer checks each stage);
+    anything else is refused, since a graph of random weights would be a wrong guess.
+    """
+    keys = sorted((loading or {}).get("missing_keys", ()))
+    heads = {s.module for s in getattr(arch, "head", ())}
+    prefix = getattr(arch, "prefix", "")
+    modules = {k.rsplit(".", 1)[0] for k in keys}
+    stray = [k for k in keys if k.rsplit(".", 1)[0].removeprefix(prefix) not in heads]
+    if stray:
+        raise ModelError(f"the checkpoint lacks {len(stray)} weight(s) of a {arch.family} model "
+                         f"({', '.join(stray[:4])}{', ...' if len(stray) > 4 else ''}); they would be random",
+                         hint="the checkpoint is incomplete or not what its config.json says; re-download or "
+                              "re-save it")
+    return {m.removeprefix(prefix) for m in modules}
+
+
+def _encoder_extra(arch, model, missing: set) -> dict:
+    """What the rotary and DeBERTa attention kinds take from the loaded model (rope, relative-position tables)."""
+    config = model.config
+    extra = {"missing": missing}
+    if arch.attention == "rotary":
+        from .rope import rope_tables
+
+        extra["rope"] = rope_tables(model, set(config.layer_types), int(config.max_position_embeddings))
+    elif arch.attention == "deberta" and config.relative_attention:
+        import torch
+        from transformers.models.deberta_v2 import modeling_deberta_v2 as dv2
+
+        enc = model.deberta.encoder
+        buckets, max_rel = int(enc.position_buckets), int(enc.max_relative_positions)
+        span = buckets if buckets > 0 else max_rel
+        n = int(config.max_position_embeddings)
+        d = torch.arange(-(n - 1), n, dtype=torch.long)
+        rel = dv2.make_log_bucket_position(d, buckets, max_rel) if buckets > 0 and max_rel > 0 else d
+        rel = rel.to(torch.long)
+        extra.update(att_span=span, rel_offset=n - 1, rel_norm="layer_norm" in enc.norm_rel_ebd,
+                     rel_embeddings=enc.rel_embeddings.weight.detach().float().numpy(),
+                     c2p_table=torch.clamp(rel + span, 0, 2 * span - 1).numpy().astype(np.int64),
+                     p2c_table=torch.clamp(-rel + span, 0, 2 * span - 1).numpy().astype(np.int64))
+    return extra
 
 
 def _targets(info: dict) -> list:

@@ -215,6 +215,7 @@ class LinearEmitter:
     def __init__(self, gb, quant: WeightQuant):
         self.gb, self.q = gb, quant
         self.dequantized: dict[str, np.ndarray] = {}  # name -> effective weight, for tests/metrics
+        self._emit: dict[str, object] = {}  # name -> emits the layer on another input, same stored weights
 
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         gb, q = self.gb, self.q
@@ -223,22 +224,32 @@ class LinearEmitter:
         if q.bits:
             bs = _fit_block(k, q.block_for(name))
             blk = quantize_blockwise(weight, q.bits, bs, symmetric=not q.asymmetric(name))
-            ins = [x, gb.const(blk.packed, f"{name}.qweight"), gb.const(blk.scales, f"{name}.scales")]
+            ins = [gb.const(blk.packed, f"{name}.qweight"), gb.const(blk.scales, f"{name}.scales")]
             if blk.zero_points is not None:
                 ins.append(gb.const(blk.zero_points, f"{name}.zero_points"))
             if bias is not None:
-                ins += [""] * (5 - len(ins)) + [gb.const(np.asarray(bias, np.float32), f"{name}.bias")]
-            return gb.ms("MatMulNBits", ins, hint=name.replace(".", "_"), K=k, N=n, bits=q.bits, block_size=bs,
-                         accuracy_level=q.accuracy_level)
-        w_t = np.ascontiguousarray(weight.T)
-        if q.kind == "fp16":
-            wname = gb.op("Cast", [gb.const(w_t.astype(np.float16), f"{name}.weight")], to=1, hint="cast")
+                ins += [""] * (4 - len(ins)) + [gb.const(np.asarray(bias, np.float32), f"{name}.bias")]
+
+            def emit(inp):
+                return gb.ms("MatMulNBits", [inp, *ins], hint=name.replace(".", "_"), K=k, N=n, bits=q.bits,
+                             block_size=bs, accuracy_level=q.accuracy_level)
         else:
-            wname = gb.const(w_t, f"{name}.weight")
-        y = gb.op("MatMul", [x, wname], hint=name.replace(".", "_"))
-        if bias is not None:
-            y = gb.op("Add", [y, gb.const(np.asarray(bias, np.float32), f"{name}.bias")])
-        return y
+            w_t = np.ascontiguousarray(weight.T)
+            if q.kind == "fp16":
+                wname = gb.op("Cast", [gb.const(w_t.astype(np.float16), f"{name}.weight")], to=1, hint="cast")
+            else:
+                wname = gb.const(w_t, f"{name}.weight")
+            bname = None if bias is None else gb.const(np.asarray(bias, np.float32), f"{name}.bias")
+
+            def emit(inp):
+                y = gb.op("MatMul", [inp, wname], hint=name.replace(".", "_"))
+                return y if bname is None else gb.op("Add", [y, bname])
+        self._emit[name] = emit
+        return emit(x)
+
+    def again(self, x: str, name: str) -> str:
+        """The layer emitted as ``name`` applied to another input, reading the same stored weights."""
+        return self._emit[name](x)
 
     def tied_embedding(self, ids: str, embed: np.ndarray, name: str = "embed"):
         """Embedding lookup plus a closure emitting the tied lm_head on the same stored weights.

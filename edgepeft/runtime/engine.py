@@ -212,7 +212,9 @@ class Engine:
             if not prompt.strip():
                 raise EngineError("the prompt is empty", hint="send some text")
             text = prompt
-        ids = self.codec.encode(text)
+        # as training encodes (edgepeft.train.encode): a raw prompt gets the tokenizer's own specials (Gemma's
+        # and Llama's BOS), a rendered chat already holds what its template put there
+        ids = self.codec.encode(text, add_special_tokens=messages is None)
         if not ids:
             raise EngineError("the prompt encodes to no tokens", hint="send some text")
         if len(ids) >= self.max_context:
