@@ -39,11 +39,16 @@ def agent(built, tmp_path_factory):
 
 
 def _push_bytes(agent, data: bytes, tmp_path, name="u.epu", **kw):
+    """Push as `edgepeft push` does, minus its local check of the file (so damaged bytes reach the device)."""
+    from edgepeft.spec.names import sha256_bytes
+    from edgepeft.spec.update import envelope_length
+
     p = tmp_path / name
     p.write_bytes(data)
+    n = envelope_length(data)
     link = HttpLink(agent.url, agent.token)
     try:
-        return push(Package.read(p), link, timeout=60, **kw)
+        return push(Package(p, data, sha256_bytes(data[:n]), n), link, timeout=60, **kw)
     finally:
         link.close()
 
@@ -170,6 +175,13 @@ def test_token_host_and_origin_are_checked(agent, built):
     assert req("/v1/device", ok | {"Origin": "http://evil.example"})[0] == 403
     r = run_cli("push", built["package"], "--to", agent.url, "--token", "not-the-token-at-all")
     assert r.returncode != 0 and "token" in r.stderr
+    # a file damaged on the sender's machine is caught before it is sent
+    damaged = built["root"] / "damaged.epu"
+    data = bytearray(built["package"].read_bytes())
+    data[-100] ^= 1
+    damaged.write_bytes(bytes(data))
+    r = run_cli("push", damaged, "--to", agent.url, "--token", agent.token)
+    assert r.returncode != 0 and "is damaged" in r.stderr
 
 
 def test_a_dropped_connection_and_an_agent_restart_resume_from_the_device_offset(built, tmp_path):

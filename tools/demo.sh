@@ -86,7 +86,7 @@ edgepeft status --device http://127.0.0.1:8731 --token-file devices/a/token
 curl -s http://127.0.0.1:8731/v1/chat/completions -H 'Content-Type: application/json' \
   -d '{"model": "northwind", "max_tokens": 40, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 echo
-python -c "d = bytearray(open('updates/northwind-v2.epu', 'rb').read()); d[-100] ^= 1; open('updates/tampered.epu', 'wb').write(d)"
+python -c "d = bytearray(open('updates/northwind-v2.epu', 'rb').read()); d[200] ^= 1; open('updates/tampered.epu', 'wb').write(d)"
 edgepeft push updates/tampered.epu --to http://127.0.0.1:8731 --token-file devices/a/token || echo "refused: version 2 keeps serving"
 
 step "11. device B over a serial line (two pseudo-terminals joined at 921600 baud, line rate enforced)"

@@ -63,11 +63,32 @@ class Package:
         n = envelope_length(data, str(path))
         if n is None or len(data) < n:
             raise TransportError(f"{path} is too short to be an update package", hint="recreate it")
+        _check_local_copy(path, data, n)
         return cls(path, data, sha256_bytes(data[:n]), n)
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+def _check_local_copy(path, data: bytes, n: int) -> None:
+    """A courtesy before sending: the payload must match the size and SHA-256 in the file's own metadata.
+
+    Nothing here is trusted (the device verifies the signature and everything else); it only catches a
+    file damaged on this machine before its bytes cross a slow link. Raises :class:`TransportError`.
+    """
+    import json
+
+    from ..spec.update import split_envelope
+
+    try:
+        payload = json.loads(split_envelope(data[:n], str(path))[0]).get("payload") or {}
+        size, digest = int(payload.get("size")), str(payload.get("sha256"))
+    except (ValueError, TypeError, AttributeError):
+        return  # unreadable metadata: let the device say what is wrong with it
+    if len(data) - n != size or sha256_bytes(data[n:]) != digest:
+        raise TransportError(f"{path} is damaged: its payload does not match the size and SHA-256 its metadata "
+                             "announces", hint="copy the package again from where it was created")
 
 
 def push(package: Package, link: Link, *, progress: Callable[[int, int], None] = lambda done, total: None,

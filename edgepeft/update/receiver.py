@@ -210,13 +210,17 @@ class Receiver:
             raw = fh.read(n)
         try:
             envelope = verify_envelope(raw, self.device.trusted_keys, source=f"update {up.id[:12]}")
-            if envelope.id != up.id:
-                return self._fail(up, f"the package's envelope hashes to {envelope.id[:12]}..., not the id "
-                                      f"{up.id[:12]}... it was sent under")
+        except EdgePeftError as exc:
+            return self._fail(up, exc.message)
+        up.envelope = envelope  # verified: its name and version may be reported from here on
+        if envelope.id != up.id:
+            return self._fail(up, f"the package's envelope hashes to {envelope.id[:12]}..., not the id "
+                                  f"{up.id[:12]}... it was sent under")
+        try:
             self.device.check(envelope)
         except EdgePeftError as exc:
             return self._fail(up, exc.message)
-        up.envelope, up.total = envelope, envelope.total_size
+        up.total = envelope.total_size
         if total is not None and total != up.total:
             return self._fail(up, f"the sender announces {total} bytes; the signed metadata says {up.total}",
                               retryable=True)
