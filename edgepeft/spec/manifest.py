@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import SpecError
 from ._fields import Fields
+from .methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, LORA, METHODS, PREFIX_METHODS
 from .names import check_name
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -39,41 +40,62 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    """One adapter version the bundle carries (or an update delivers)."""
+    """One adapter version the bundle carries (or an update delivers).
+
+    ``method`` names its family (:mod:`.methods`); the family's size fields are required
+    for it and absent otherwise: ``rank`` and ``alpha`` (LoRA), ``virtual_tokens``
+    (prefix and prompt tuning), ``bottleneck_size`` and ``activation`` (bottleneck, whose
+    ``target_modules`` are its points: ``attn_out``, ``mlp_out``).
+    """
 
     name: str
     version: int
     file: str
     method: str
-    rank: int
-    alpha: float
     base_fingerprint: str
+    rank: int | None = None
+    alpha: float | None = None
     task: str = "causal-lm"
     dtype: str = "fp32"
     target_modules: tuple[str, ...] = ()
     labels: tuple[str, ...] | None = None
     review_threshold: float | None = None
+    virtual_tokens: int | None = None
+    bottleneck_size: int | None = None
+    activation: str | None = None
     metrics: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_fields(cls, f: Fields) -> "AdapterEntry":
+        method = f.str("method", choices=METHODS)
+        lora, prefix, bottleneck = method == LORA, method in PREFIX_METHODS, method == BOTTLENECK
         entry = cls(
             name=check_name(f.str("name"), f.source, f.path("name")),
             version=f.int("version", min=1),
             file=_safe_relpath(f.str("file"), f.source, f.path("file")),
-            method=f.str("method", choices=("lora",)),
-            rank=f.int("rank", min=1),
-            alpha=f.float("alpha", min=0.0),
+            method=method,
+            rank=f.int("rank", min=1) if lora else f.int("rank", None, min=0),
+            alpha=f.float("alpha", min=0.0) if lora else f.float("alpha", None, min=0.0),
             base_fingerprint=f.str("base_fingerprint"),
             task=f.str("task", "causal-lm", choices=TASKS),
             dtype=f.str("dtype", "fp32", choices=("fp32", "fp16", "int8")),
             target_modules=tuple(f.str_list("target_modules", [])),
             labels=tuple(f.str_list("labels", None)) if f.data.get("labels") is not None else None,
             review_threshold=f.float("review_threshold", None, min=0.0, max=1.0),
+            virtual_tokens=f.int("virtual_tokens", min=1) if prefix else f.int("virtual_tokens", None, min=1),
+            bottleneck_size=f.int("bottleneck_size", min=1) if bottleneck else f.int("bottleneck_size", None, min=1),
+            activation=f.str("activation", choices=ACTIVATIONS) if bottleneck else f.str("activation", None),
             metrics=dict(f.table("metrics", {}).data),
         )
         if entry.task == "classification" and not entry.labels:
             raise f.error("labels", "a classification adapter must list its label names")
+        if prefix and entry.task != "causal-lm":
+            raise f.error("method", f"{method} adapters apply to decoders (causal-lm), not to {entry.task}")
+        if bottleneck:
+            odd = [p for p in entry.target_modules if p not in BOTTLENECK_POINTS]
+            if odd or not entry.target_modules:
+                raise f.error("target_modules", f"a bottleneck adapter sits at one or more of "
+                              f"{', '.join(BOTTLENECK_POINTS)}, got {list(entry.target_modules)}")
         return entry
 
     def to_dict(self) -> dict:
