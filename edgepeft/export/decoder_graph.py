@@ -18,8 +18,12 @@ device runtime needs no per-architecture code. Per layer:
   how it is stored.
 
 ``attn_out`` and ``mlp_out`` in :func:`build_decoder` are the two points where a
-block's output joins the residual stream: the place for anything inserted
-between blocks (bottleneck adapters).
+block's output joins the residual stream: with ``bottleneck`` they carry bottleneck
+adapter slots (:func:`.slots.emit_bottleneck`), right after the output projection as in
+the PyTorch module (:mod:`edgepeft.train.bottleneck`). The tensor ``inputs_embeds`` is
+where transformers' ``inputs_embeds`` enters (after Gemma's scaled embedding, before
+Granite's multiplier): the server computes a prompt-tuning soft prompt's key/value cache
+by feeding it there (:mod:`.prompt_kv`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from ..errors import ModelError
 from .arch import DecoderArch, decoder_act
 from .quantize import LinearEmitter, WeightQuant
 from .rope import RopeTable, rope_subgraph
-from .slots import Group, Module, emit_lora, emit_lora_split, groups_info, resolve_targets
+from .slots import Group, Module, emit_bottleneck, emit_lora, emit_lora_split, groups_info, resolve_targets
+
+EMBEDS = "inputs_embeds"  # the named tensor where token embeddings enter the layers (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -152,11 +158,12 @@ def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Grou
 
 
 def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_modules, max_context: int,
-                  slots: bool = True):
+                  slots: bool = True, bottleneck: dict | None = None):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
-    ``slots=False`` builds a graph without LoRA inputs (merge mode). Returns
-    ``(ModelProto, info)`` where info holds the dims, slots and group layout.
+    ``slots=False`` builds a graph without LoRA inputs (merge mode). ``bottleneck``
+    (``{"points": ["attn_out", "mlp_out"], "activation": "relu"}``) adds bottleneck slots at
+    those points. Returns ``(ModelProto, info)`` where info holds the dims, slots and group layout.
     Raises :class:`ModelError` when a weight the description names is missing.
     """
     from onnx import TensorProto
@@ -203,8 +210,19 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     rope = {key: rope_subgraph(gb, plan.rope[key], max_context, total) for key in sorted(plan.rope_keys)}
 
     emb, tied_head = lin.tied_embedding(ids, w("model.embed_tokens.weight"))
-    if plan.embed_scale != 1.0:
+    inside = arch.embed_scale == "sqrt_hidden"  # Gemma scales inside its embedding module, Granite after it
+    if plan.embed_scale != 1.0 and inside:
         emb = gb.op("Mul", [emb, gb.const(np.array(plan.embed_scale, np.float32))], hint="embed_scale")
+    gb.nodes.append(gb._helper.make_node("Identity", [emb], [EMBEDS], name="inputs_embeds_point"))
+    emb = EMBEDS
+    if plan.embed_scale != 1.0 and not inside:
+        emb = gb.op("Mul", [emb, gb.const(np.array(plan.embed_scale, np.float32))], hint="embed_scale")
+    points = set((bottleneck or {}).get("points") or ()) if slots else set()
+
+    def adapted(h, point, layer):
+        if point not in points:
+            return h
+        return emit_bottleneck(gb, h, point, layer, dims["hidden"], bottleneck["activation"])
 
     def rms(x, name, tag):
         return gb.op("SimplifiedLayerNormalization", [x, norm_w(name, tag)], axis=-1, epsilon=eps, stash_type=1,
@@ -256,7 +274,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         attn, pk, pv = gb.ms("GroupQueryAttention", [*qkv_in, past[i][0], past[i][1], seqlens, total, cos, sin],
                              outputs=[None, f"present.{i}.key", f"present.{i}.value"], hint="gqa", **attrs)
         o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o"), g_o, i)
-        attn_out = scaled(o)
+        attn_out = scaled(adapted(o, "attn_out", i))
         # -- MLP input
         if arch.norms == "post":
             attn_out = rms(attn_out, p + "post_attention_layernorm.weight", p + "ln2")
@@ -285,7 +303,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         h = gb.op("Mul", [act, up], hint="glu")
         d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down"),
                       g_down, i)
-        mlp_out = scaled(d)
+        mlp_out = scaled(adapted(d, "mlp_out", i))
         if arch.norms == "post":
             mlp_out = rms(mlp_out, p + "post_feedforward_layernorm.weight", p + "ln3")
             residual = gb.op("Add", [residual, mlp_out], hint="residual")
@@ -315,8 +333,11 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     gb.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", dims["vocab"]])
     # Graph outputs must be listed after all present.* in a stable order: logits first like genai.
     gb.outputs.insert(0, gb.outputs.pop())
-    info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots)}
+    info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots),
+            "bottleneck": {"points": [p for p in ("attn_out", "mlp_out") if p in points],
+                           "activation": bottleneck["activation"]} if points else None}
     return gb.model(f"edgepeft {arch.family} decoder"), info
 
 
-__all__ = ["DecoderPlan", "LayerPlan", "RopeTable", "plan_decoder", "layer_groups", "build_decoder", "decoder_dims"]
+__all__ = ["DecoderPlan", "LayerPlan", "RopeTable", "plan_decoder", "layer_groups", "build_decoder", "decoder_dims",
+           "EMBEDS"]

@@ -133,3 +133,34 @@ def check_rank(slot_rank) -> int:
         raise UsageError(f"slot rank {slot_rank!r} is not an integer in 1..1024",
                          hint="pass the largest LoRA rank the bundle must accept, e.g. 16")
     return slot_rank
+
+
+def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: str) -> str:
+    """A bottleneck adapter slot on ``h`` (a block's output [.., dim]): ``h + act(h @ D + d) @ U + u``.
+
+    Slots (:func:`edgepeft.spec.methods.bottleneck_names`): ``down.weight`` [dim, size],
+    ``down.bias`` [size], ``up.weight`` [size, dim], ``up.bias`` [dim]. The defaults (size 0,
+    ``up.bias`` zeros) make the point the identity; ``size`` is symbolic, so each adapter keeps
+    its own width. Returns the adapted output.
+    """
+    from ..spec.methods import bottleneck_names
+
+    names = bottleneck_names(point, layer)
+    sym = f"{point}_bottleneck"  # one symbol per point: ORT plans buffers as if equal symbols were equal sizes
+    gb.slot(names["down.weight"], np.zeros((dim, 0), np.float32), [dim, sym], [dim, "bottleneck"])
+    gb.slot(names["down.bias"], np.zeros((0,), np.float32), [sym], ["bottleneck"])
+    gb.slot(names["up.weight"], np.zeros((0, dim), np.float32), [sym, dim], ["bottleneck", dim])
+    gb.slot(names["up.bias"], np.zeros((dim,), np.float32), [dim], [dim])
+    tag = f"l{layer}_{point}_bneck"
+    z = gb.op("Add", [gb.op("MatMul", [h, names["down.weight"]], hint=tag), names["down.bias"]], hint=tag)
+    if activation == "relu":
+        a = gb.op("Relu", [z], hint=tag)
+    elif activation == "silu":
+        a = gb.op("Mul", [z, gb.op("Sigmoid", [z], hint=tag)], hint=tag)
+    elif activation == "gelu":
+        a = gb.ms("Gelu", [z], hint=tag)
+    else:
+        raise UsageError(f"bottleneck activation {activation!r} is not one of relu, silu, gelu",
+                         hint="train the adapter with --non-linearity relu, silu or gelu")
+    up = gb.op("Add", [gb.op("MatMul", [a, names["up.weight"]], hint=tag), names["up.bias"]], hint=tag)
+    return gb.op("Add", [h, up], hint=tag)
