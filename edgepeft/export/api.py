@@ -60,7 +60,7 @@ def read_config(src):
 
 def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="int4", slot_rank: int = 16,
                  target_modules="all-linear", merge_adapter=None, max_context: int | None = None,
-                 progress: Callable[[str], None] | None = None) -> ExportResult:
+                 bottleneck: dict | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``source`` (a BaseSource, a model dir/hub id/.gguf, or None for the default) to ``out_dir``.
 
     - ``task``: "causal-lm" (a decoder of :data:`.arch.DECODERS`, with KV cache) or
@@ -69,6 +69,8 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     - ``slot_rank``: the LoRA rank every adapter of the bundle is padded to.
     - ``target_modules``: projections that get slots ("all-linear" or PEFT names).
     - ``merge_adapter``: a PEFT dir merged into the weights; the graph then has no slots.
+    - ``bottleneck``: ``{"points": ["attn_out", "mlp_out"], "activation": "relu"}`` adds bottleneck
+      adapter slots (empty: the identity) at those points; None: none.
 
     The architecture is checked on the config before any weights load. Raises
     ModelError (base cannot be loaded / unsupported architecture / wrong task),
@@ -84,6 +86,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         raise UsageError(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}")
     wq = WeightQuant.coerce(quant)
     slot_rank = check_rank(slot_rank)
+    bottleneck = check_bottleneck(bottleneck)
     src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
     arch = describe(read_config(src), task)
     say(f"loading {src.name} ({arch.family})")
@@ -110,7 +113,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         ctx = int(max_context or min(config.max_position_embeddings, 4096))
         plan.rope = rope_tables(model, plan.rope_keys, ctx)
         graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
-                                    slots=merge_adapter is None)
+                                    slots=merge_adapter is None, bottleneck=bottleneck)
         dims = info["dims"]
         model_info = {
             "architecture": arch.family, "task": task, "model_type": config.model_type,
@@ -128,7 +131,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         head_present = frozenset(s.module for s in arch.head if s.module not in missing)
         graph, info = build_encoder(arch, config, sd, quant=wq, target_modules=target_modules,
                                     slots=merge_adapter is None, merged_head=merge_adapter is not None,
-                                    head_present=head_present, extra=extra)
+                                    head_present=head_present, extra=extra, bottleneck=bottleneck)
         dims = info["dims"]
         ctx = int(dims["max_positions"])
         model_info = {
@@ -152,6 +155,8 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         "merged_adapter": Path(merge_adapter).name if merged else None,
         "quant": wq.to_dict(),
     })
+    if info.get("bottleneck"):
+        model_info["bottleneck"] = info["bottleneck"]
     say("writing model.onnx")
     path = out_dir / MODEL_FILE
     size = save_model(graph, path)
@@ -214,10 +219,30 @@ def _targets(info: dict) -> list:
     return names
 
 
+def check_bottleneck(bottleneck: dict | None) -> dict | None:
+    """Validate the ``bottleneck`` option of :func:`export_model`; raises :class:`UsageError`."""
+    from ..spec.methods import ACTIVATIONS, BOTTLENECK_POINTS
+
+    if not bottleneck:
+        return None
+    points = [p for p in BOTTLENECK_POINTS if p in set(bottleneck.get("points") or ())]
+    odd = sorted(set(bottleneck.get("points") or ()) - set(BOTTLENECK_POINTS))
+    act = bottleneck.get("activation", "relu")
+    if odd or not points:
+        raise UsageError(f"bottleneck points {sorted(bottleneck.get('points') or [])} are not among "
+                         f"{', '.join(BOTTLENECK_POINTS)}", hint="use attn_out and/or mlp_out (houlsby: both)")
+    if act not in ACTIVATIONS:
+        raise UsageError(f"bottleneck activation {act!r} is not one of {', '.join(ACTIVATIONS)}",
+                         hint="use the --non-linearity the adapters were trained with")
+    return {"points": points, "activation": act}
+
+
 def _concrete(shape: list, rank: int) -> list:
     out = []
     for d in shape:
-        if isinstance(d, str) and d.endswith("rank"):
+        if d == "bottleneck":
+            out.append(0)  # each bottleneck adapter brings its own width
+        elif isinstance(d, str) and d.endswith("rank"):
             m = d.split("*")[0]
             out.append(rank * (int(m) if m != "rank" else 1))
         else:

@@ -69,6 +69,12 @@ class DecoderArch:
         names = [*self.qkv, "o_proj", *self.gate_up, "down_proj"]
         return {n: short.get(n, n) for n in names}
 
+    def bottleneck_modules(self) -> dict[str, str]:
+        """Bottleneck point -> the module (``{i}`` = layer) whose output it adapts, in the causal-LM model:
+        the attention's output projection and the MLP's down projection (where the graph's
+        ``attn_out``/``mlp_out`` points are)."""
+        return {"attn_out": "model.layers.{i}.self_attn.o_proj", "mlp_out": "model.layers.{i}.mlp.down_proj"}
+
 
 _GEMMA = dict(norm_offset=1.0, act_attr="hidden_activation", embed_scale="sqrt_hidden",
               scale="query_pre_attn_scalar")
@@ -153,6 +159,12 @@ class EncoderArch:
         out = {m: m for m, _ in self.proj}
         out.update({s.module: s.module for s in self.head if s.source == "base"})
         return out
+
+    def bottleneck_modules(self) -> dict[str, str]:
+        """Bottleneck point -> the module (``{i}`` = layer) whose output it adapts, in the
+        ``*ForSequenceClassification`` model: the attention output and the MLP output projections."""
+        roles = {r: m for m, r in self.proj}
+        return {"attn_out": f"{self.prefix}{self.layer}{roles['o']}", "mlp_out": f"{self.prefix}{self.layer}{roles['down']}"}
 
 
 _BERT_LAYER = (("attention.self.query", "q"), ("attention.self.key", "k"), ("attention.self.value", "v"),

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ModelError
 from .arch import EncoderArch
 from .quantize import LinearEmitter, WeightQuant
-from .slots import Group, Module, emit_lora, groups_info, resolve_targets
+from .slots import Group, Module, emit_bottleneck, emit_lora, groups_info, resolve_targets
 
 HEAD_WEIGHT, HEAD_BIAS = "head.classifier.weight", "head.classifier.bias"  # BERT's head slots (unchanged names)
 _ROLES_IN = {"q": "hidden", "k": "hidden", "v": "hidden", "qkv": "hidden", "o": "hidden", "up": "hidden",
@@ -95,8 +95,12 @@ def _act(gb, x: str, name: str) -> str:
 
 
 def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, target_modules, slots: bool = True,
-                  merged_head: bool = False, head_present: frozenset = frozenset(), extra: dict | None = None):
+                  merged_head: bool = False, head_present: frozenset = frozenset(), extra: dict | None = None,
+                  bottleneck: dict | None = None):
     """Build the classifier graph from ``sd`` (``*ForSequenceClassification`` names -> float32 numpy).
+
+    ``bottleneck`` (``{"points": [...], "activation": ...}``) adds bottleneck adapter slots after
+    the attention output and/or the MLP output projection of every layer (before the residual add).
 
     ``head_present``: adapter head stages whose weights the checkpoint holds (their
     slot defaults). ``extra``: what the rotary/deberta attention needs from the loaded
@@ -179,6 +183,12 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     x = ln(x, emb_names["norm"], "emb_ln")
 
     attention = _ATTENTION[arch.attention](gb, config, dims, mask, extra, ln, lin)
+    points = set((bottleneck or {}).get("points") or ()) if slots else set()
+
+    def adapted(h, point, layer):
+        if point not in points:
+            return h
+        return emit_bottleneck(gb, h, point, layer, hid, bottleneck["activation"])
     layer_tmpl = arch.layer
     roles = {r: m for m, r in arch.proj}
     for i in range(dims["layers"]):
@@ -200,7 +210,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             h_in = x
         qkv = proj(h_in, "qkv", ["q", "k", "v", "qkv"], "qkv")
         att = attention.layer(i, qkv, h_in, lambda inp: proj(inp, "qkv", [], "qkv", again=True))
-        o = proj(att, "attn_out", ["o"], "attn_out")
+        o = adapted(proj(att, "attn_out", ["o"], "attn_out"), "attn_out", i)
         if arch.norms == "pre":
             x = gb.op("Add", [x, o], hint="residual")
             m_in = ln(x, p + arch.norm2, "mlp_ln")
@@ -214,7 +224,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             h = gb.op("Mul", [_act(gb, a_in, act_name), gate], hint="glu")
         else:
             h = _act(gb, up, act_name)
-        d = proj(h, "down", ["down"], "down")
+        d = adapted(proj(h, "down", ["down"], "down"), "mlp_out", i)
         if arch.norms == "pre":
             x = gb.op("Add", [x, d], hint="residual")
         else:
@@ -274,7 +284,9 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             pooled = ln(pooled, stage.norm, "head_ln", prefix="")
     gb.nodes.append(gb._helper.make_node("Identity", [pooled], ["logits"], name="logits_out"))
     gb.output("logits", TensorProto.FLOAT, ["batch_size", n_labels])
-    info = {"dims": dims, "groups": groups_info(list(groups.values())), "slots": dict(gb.slots), "head": head_info}
+    info = {"dims": dims, "groups": groups_info(list(groups.values())), "slots": dict(gb.slots), "head": head_info,
+            "bottleneck": {"points": [p for p in ("attn_out", "mlp_out") if p in points],
+                           "activation": bottleneck["activation"]} if points else None}
     return gb.model(f"edgepeft {arch.family} classifier"), info
 
 
