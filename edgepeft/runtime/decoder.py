@@ -15,6 +15,12 @@ onnxruntime-genai did ~150 on the same graph):
   (zero copy). A request context keeps one IOBinding per adapter set it has
   served (KV buffers + that set's tensors), so a request naming an adapter the
   context has seen before binds nothing: switching is a dictionary lookup.
+- A prefix adapter (prefix or prompt tuning) is the first positions of the cache:
+  its key/values are copied into the context's buffers, the request's tokens follow
+  at the positions after it (GroupQueryAttention takes a non-empty past with a
+  multi-token prompt at batch 1 since ONNX Runtime 1.19), and the attention mask
+  covers both. Decoding never writes below the prompt, so a context that served a
+  prefix last keeps it: the next request with the same prefix copies nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class _Context:
         self.logits = np.empty((1, 1, r.vocab), np.float32)
         self.logits_ov = r.ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.adapter_key: tuple = ()
+        self.prefix_key: tuple | None = None  # the prefix whose key/values fill the cache's first positions
         self.binding = self._new_binding(r, ())
         self.bindings: OrderedDict[tuple, object] = OrderedDict({(): self.binding})
 
@@ -84,11 +91,26 @@ class _Context:
                         del self.bindings[old]
         self.binding, self.adapter_key = b, key
 
+    def load_prefix(self, prefix) -> int:
+        """Put ``prefix``'s key/values (one [kv_heads, P, head_dim] array per cache buffer) at the cache's
+        first positions, unless they are there already; returns P (0 without a prefix)."""
+        if prefix is None:
+            self.prefix_key = None  # this request's tokens overwrite whatever prefix was there
+            return 0
+        if self.prefix_key != prefix.key:
+            n = prefix.prefix_len
+            for buf, arr in zip(self.kv, prefix.prefix):
+                buf[0, :, :n, :] = arr
+            self.prefix_key = prefix.key
+        return prefix.prefix_len
+
     def forget(self, key_part, *, idle: bool) -> None:
         """Drop bindings naming ``key_part`` (caller holds the runner's lock). A running request
         keeps its own binding; its context falls back to the no-adapter binding when released."""
         for k in [k for k in self.bindings if key_part in k]:
             del self.bindings[k]
+        if self.prefix_key == key_part:
+            self.prefix_key = None
         if idle and self.adapter_key not in self.bindings:
             self.binding, self.adapter_key = self.bindings[()], ()
 
@@ -185,25 +207,29 @@ class DecoderRunner:
 
     # -- scoring --------------------------------------------------------------------------
     def prefill_logits(self, ids: Sequence[int], *, adapter_key: tuple = (),
-                       adapter_values: Iterable[tuple[str, object]] = ()) -> np.ndarray:
+                       adapter_values: Iterable[tuple[str, object]] = (), prefix=None) -> np.ndarray:
         """Logits at every position of ``ids`` ([len(ids), vocab]) from one prefill: what perplexity needs.
+        ``prefix``: a loaded prefix adapter (``key``, ``prefix`` arrays, ``prefix_len``) placed before ``ids``.
 
         Raises :class:`EngineError` when the sequence does not fit the context, or when the graph
         returns the last position's logits only.
         """
         n = len(ids)
+        p = prefix.prefix_len if prefix is not None else 0
         if self.last_only:
             raise EngineError("this decoder graph returns only the last position's logits, so it cannot score text",
                               hint="rebuild the bundle with edgepeft build, whose graphs return every position")
-        if n == 0 or n > self.max_len:
-            raise EngineError(f"a text of {n} tokens cannot be scored in a context of {self.max_len}",
-                              hint=f"keep scored texts between 1 and {self.max_len} tokens")
+        if n == 0 or n + p > self.max_len:
+            after = f" after a prefix of {p}" if p else ""
+            raise EngineError(f"a text of {n} tokens cannot be scored in a context of {self.max_len}{after}",
+                              hint=f"keep scored texts between 1 and {self.max_len - p} tokens")
         ctx = self._acquire(tuple(adapter_key))
         try:
             ctx.bind_adapters(self, tuple(adapter_key), adapter_values)
+            ctx.load_prefix(prefix)
             b = ctx.binding
             b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(np.asarray([ids], np.int64)))
-            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :n]))
+            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :p + n]))
             full = np.empty((1, n, self.vocab), np.float32)
             b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(full))
             self.session.run_with_iobinding(b)
@@ -216,28 +242,29 @@ class DecoderRunner:
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], *, pick: Callable[[np.ndarray], int], max_new_tokens: int,
                  stop_ids: Sequence[int] = (), adapter_key: tuple = (),
-                 adapter_values: Iterable[tuple[str, object]] = (), on_prefill=None) -> Iterator[int]:
+                 adapter_values: Iterable[tuple[str, object]] = (), on_prefill=None, prefix=None) -> Iterator[int]:
         """Yield generated token ids (a stop id ends the stream and is not yielded).
 
         ``adapter_key`` identifies ``adapter_values`` (e.g. ``(("name", "version"),)``) so a
-        context already bound to them is reused. Raises :class:`EngineError` when the prompt
-        leaves no room in the context.
+        context already bound to them is reused. ``prefix``: a loaded prefix adapter whose
+        key/values precede the prompt (see the module docstring). Raises :class:`EngineError`
+        when the prompt (after the prefix) leaves no room in the context.
         """
         n = len(prompt_ids)
+        p = prefix.prefix_len if prefix is not None else 0
         if n == 0:
             raise EngineError("the prompt is empty", hint="send at least one token of text")
-        if n >= self.max_len:
-            raise EngineError(f"the prompt is {n} tokens; the context holds {self.max_len}",
-                              hint=f"shorten the prompt to under {self.max_len} tokens")
-        budget = min(int(max_new_tokens), self.max_len - n)
+        check_room(n, p, self.max_len)
+        budget = min(int(max_new_tokens), self.max_len - n - p)
         stops = set(int(s) for s in stop_ids)
         ctx = self._acquire(tuple(adapter_key))
         try:
             ctx.bind_adapters(self, tuple(adapter_key), adapter_values)
+            ctx.load_prefix(prefix)
             b = ctx.binding
             ids = np.asarray([prompt_ids], np.int64)
             b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(ids))
-            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :n]))
+            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :p + n]))
             full = np.empty((1, 1 if self.last_only else n, self.vocab), np.float32)
             b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(full))
             self.session.run_with_iobinding(b)
@@ -247,7 +274,7 @@ class DecoderRunner:
             del full
             b.bind_ortvalue_input("input_ids", ctx.ids_ov)
             b.bind_ortvalue_output("logits", ctx.logits_ov)
-            total = n
+            total = p + n
             for step in range(budget):
                 if tok in stops:
                     return
@@ -261,3 +288,14 @@ class DecoderRunner:
                 tok = pick(ctx.logits[0, 0])
         finally:
             self._release(ctx)
+
+
+def check_room(prompt_tokens: int, prefix_tokens: int, max_len: int) -> None:
+    """Raise :class:`EngineError` unless a prompt (after a prefix of ``prefix_tokens``) leaves room to generate."""
+    if prompt_tokens + prefix_tokens >= max_len:
+        if prefix_tokens:
+            raise EngineError(f"the prompt is {prompt_tokens} tokens after the adapter's prefix of {prefix_tokens}; "
+                              f"the context holds {max_len}",
+                              hint=f"shorten the prompt to under {max_len - prefix_tokens} tokens")
+        raise EngineError(f"the prompt is {prompt_tokens} tokens; the context holds {max_len}",
+                          hint=f"shorten the prompt to under {max_len} tokens")
