@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 from ..errors import AdapterError
 from ..spec.adapter_payload import SCALE_SUFFIX
+from ..spec.methods import BOTTLENECK, BOTTLENECK_TAG, LORA, METHODS, PREFIX_METHODS, prefix_names
 from .adapter_file import AdapterHeader, map_arrays, read_header
 
 _SERIAL = itertools.count(1)  # identifies each loaded adapter object for the decode contexts' bindings
@@ -54,9 +55,12 @@ def parse_slots(model: dict, graph_inputs: dict[str, tuple] | None = None) -> di
 
 
 def _rank_of(dim, actual: int) -> int | None:
-    """For a slot dim ``"k*rank"``/``"rank"``, the rank that ``actual`` implies (None if not a rank dim)."""
+    """For a slot dim ``"k*rank"``/``"rank"`` (or a bottleneck's ``"bottleneck"``), the size that ``actual``
+    implies (None if not a symbolic dim)."""
     if isinstance(dim, int):
         return None
+    if str(dim).strip() == "bottleneck":
+        return actual
     m = re.fullmatch(r"\s*(?:(\d+)\s*\*\s*)?rank\s*", str(dim))
     if not m:
         return None
@@ -86,6 +90,16 @@ class LoadedAdapter:
     arrays: dict = field(default_factory=dict, repr=False)  # slot name -> read-only array (keeps the bytes alive)
     in_use: int = 0
     serial: int = field(default_factory=lambda: next(_SERIAL))
+    prefix: tuple = ()  # prefix families: per layer (key, value) arrays [kv_heads, P, head_dim], in layer order
+
+    @property
+    def method(self) -> str:
+        return self.meta.get("method", LORA)
+
+    @property
+    def prefix_len(self) -> int:
+        """Key/value positions this adapter puts before a request's tokens (0 unless a prefix family)."""
+        return int(self.prefix[0].shape[1]) if self.prefix else 0
 
     @property
     def key(self) -> tuple:
@@ -94,8 +108,9 @@ class LoadedAdapter:
         return (self.name, self.version, self.serial)
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "rank": self.rank, "task": self.task,
-                "method": self.meta.get("method", "lora"), "base_fingerprint": self.base_fingerprint,
+        return {"name": self.name, "version": self.version, "rank": self.rank or None, "task": self.task,
+                "method": self.method, "virtual_tokens": self.prefix_len or None,
+                "bottleneck_size": self.meta.get("bottleneck_size"), "base_fingerprint": self.base_fingerprint,
                 "bytes": self.nbytes, "in_use": self.in_use, "labels": list(self.labels) if self.labels else None,
                 "review_threshold": self.review_threshold, "sha256": self.meta.get("sha256")}
 
@@ -103,13 +118,61 @@ class LoadedAdapter:
 COMPACT = {"tensor(float16)", "tensor(int8)"}
 
 
-def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpec], base_fingerprint: str,
-                  slot_rank: int | None, task: str, source: str, compact: bool = False) -> int:
-    """Check an adapter file against the graph; return its rank. Raises :class:`AdapterError`.
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the checks of the other families need to know about the graph (from manifest["model"]).
 
-    With ``compact``, fp16/int8 payloads (and their ``.scale`` tensors) are accepted for float
-    slots: they are expanded to the slot's dtype before they are used.
+    ``bottleneck``: the graph's bottleneck slots (``{"points", "activation"}``) or None;
+    ``kv``: (layers, key/value heads, head size) of a decoder's cache, None for encoders;
+    ``max_context``: positions a request may use, prefix included.
     """
+
+    bottleneck: dict | None = None
+    kv: tuple | None = None
+    max_context: int = 0
+
+    @classmethod
+    def from_model(cls, model: dict, max_context: int | None = None) -> "GraphFacts":
+        kv = None
+        if model.get("task", "causal-lm") == "causal-lm" and model.get("num_layers"):
+            kv = (int(model["num_layers"]), int(model.get("num_kv_heads") or model.get("num_heads") or 0),
+                  int(model.get("head_dim") or 0))
+        return cls(model.get("bottleneck") or None, kv, int(max_context or model.get("max_context") or 0))
+
+
+def check_entry(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpec], base_fingerprint: str,
+                slot_rank: int | None, task: str, source: str, facts: GraphFacts, compact: bool = False) -> int:
+    """Check an adapter of any family against the graph; return its size (LoRA rank, bottleneck width or
+    virtual tokens). Raises :class:`AdapterError` naming what this graph cannot apply."""
+    method = meta.get("method", LORA)
+    if method not in METHODS:
+        raise AdapterError(f"{source} is a {method!r} adapter, which this runtime cannot apply",
+                           hint=f"this edgepeft applies {', '.join(METHODS)}; upgrade it on the device")
+    if method in PREFIX_METHODS:
+        return check_prefix(header, meta, base_fingerprint=base_fingerprint, task=task, source=source,
+                            facts=facts, compact=compact)
+    bottleneck = [p.name for p in header.params.values() if BOTTLENECK_TAG in p.name]
+    if method == BOTTLENECK:
+        graph = facts.bottleneck
+        if not graph:
+            raise AdapterError(f"{source} is a bottleneck adapter, and this bundle's graph has no bottleneck slots",
+                               hint="rebuild the bundle with bottleneck slots (edgepeft build --bottleneck-slots "
+                                    "houlsby, or with a bottleneck adapter), then install it")
+        if meta.get("activation") and meta["activation"] != graph.get("activation"):
+            raise AdapterError(f"{source} was trained with {meta['activation']}; this graph's bottleneck slots "
+                               f"apply {graph.get('activation')}", hint="retrain it with the bundle's non-linearity")
+        stray = [p for p in header.params if BOTTLENECK_TAG not in p and not p.startswith("head.")]
+        if stray:
+            raise AdapterError(f"{source}: a bottleneck adapter sets {stray[0]!r}, which is not a bottleneck slot",
+                               hint="re-export the adapter with edgepeft")
+    elif bottleneck:
+        raise AdapterError(f"{source}: a {method} adapter sets bottleneck slot {bottleneck[0]!r}",
+                           hint="its manifest entry names the wrong method; re-export the adapter")
+    return check_adapter(header, meta, slots=slots, base_fingerprint=base_fingerprint,
+                         slot_rank=slot_rank if method == LORA else None, task=task, source=source, compact=compact)
+
+
+def _check_base(meta: dict, *, base_fingerprint: str, task: str, source: str) -> None:
     fp = meta.get("base_fingerprint")
     if not fp:
         raise AdapterError(f"{source} does not say which base it was trained for",
@@ -121,6 +184,59 @@ def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpe
     if a_task != task:
         raise AdapterError(f"{source} is a {a_task} adapter; this engine runs a {task} model",
                            hint="load it into an engine for a bundle of that task")
+
+
+def check_prefix(header: AdapterHeader, meta: dict, *, base_fingerprint: str, task: str, source: str,
+                 facts: GraphFacts, compact: bool = False) -> int:
+    """Check a prefix (prefix or prompt tuning) against the decoder's cache; return its length.
+
+    Raises :class:`AdapterError` for an encoder, tensors of another layout, or a prefix that
+    leaves no room for a prompt in the context.
+    """
+    _check_base(meta, base_fingerprint=base_fingerprint, task=task, source=source)
+    if facts.kv is None:
+        raise AdapterError(f"{source} is a {meta.get('method')} adapter; prefixes apply to decoders only",
+                           hint="load it into a decoder bundle")
+    layers, kv, hd = facts.kv
+    want = {n for i in range(layers) for n in prefix_names(i)}
+    names = {p for p in header.params if not (compact and p.endswith(SCALE_SUFFIX) and
+                                                p[: -len(SCALE_SUFFIX)] in header.params)}
+    if names != want:
+        odd = sorted(names ^ want)
+        raise AdapterError(f"{source}: its tensors are not a prefix for this graph's {layers} layers "
+                           f"({odd[0]} ...)", hint="the adapter was exported for another base")
+    lengths = set()
+    for n in names:
+        p = header.params[n]
+        ok = p.dtype == "tensor(float)" or (compact and p.dtype in COMPACT)
+        if not ok or len(p.shape) != 3 or p.shape[0] != kv or p.shape[2] != hd or p.shape[1] < 1:
+            raise AdapterError(f"{source}: {n} is {p.dtype} {list(p.shape)}, the cache takes "
+                               f"[{kv}, positions, {hd}] floats", hint="the adapter was exported for another base")
+        lengths.add(p.shape[1])
+    if len(lengths) != 1:
+        raise AdapterError(f"{source}: its layers disagree on the prefix length ({sorted(lengths)})",
+                           hint="re-export the adapter")
+    n = lengths.pop()
+    declared = meta.get("virtual_tokens")
+    if declared is not None and int(declared) != n:
+        raise AdapterError(f"{source}: its entry says {declared} virtual tokens, its tensors hold {n}",
+                           hint="re-export the adapter")
+    if facts.max_context and n + 2 > facts.max_context:
+        raise AdapterError(f"{source} is a prefix of {n} positions; this device's context holds {facts.max_context}, "
+                           "leaving no room for a prompt", hint=f"train it with far fewer than {facts.max_context} "
+                                                                "virtual tokens")
+    return n
+
+
+def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpec], base_fingerprint: str,
+                  slot_rank: int | None, task: str, source: str, compact: bool = False) -> int:
+    """Check a slot adapter file (LoRA, bottleneck) against the graph; return its rank (width).
+    Raises :class:`AdapterError`.
+
+    With ``compact``, fp16/int8 payloads (and their ``.scale`` tensors) are accepted for float
+    slots: they are expanded to the slot's dtype before they are used.
+    """
+    _check_base(meta, base_fingerprint=base_fingerprint, task=task, source=source)
     if not header.params:
         raise AdapterError(f"{source} holds no tensors", hint="re-export the adapter")
     ranks = set()
@@ -161,8 +277,9 @@ class AdapterRegistry:
     """Adapters by name. Thread-safe; preparing and activating never touch the base session."""
 
     def __init__(self, slots: dict[str, SlotSpec], base_fingerprint: str, slot_rank: int | None = None,
-                 task: str = "causal-lm"):
+                 task: str = "causal-lm", facts: GraphFacts | None = None):
         self.slots, self.base_fingerprint, self.slot_rank, self.task = slots, base_fingerprint, slot_rank, task
+        self.facts = facts or GraphFacts()
         self._adapters: dict[str, LoadedAdapter] = {}
         self._lock = threading.Lock()
 
@@ -183,8 +300,9 @@ class AdapterRegistry:
             raise AdapterError("an adapter needs a name", hint="its manifest or update entry names it")
         source = f"adapter {name!r}"
         header = read_header(data, source)
-        rank = check_adapter(header, meta, slots=self.slots, base_fingerprint=self.base_fingerprint,
-                             slot_rank=self.slot_rank, task=self.task, source=source, compact=True)
+        rank = check_entry(header, meta, slots=self.slots, base_fingerprint=self.base_fingerprint,
+                           slot_rank=self.slot_rank, task=self.task, source=source, facts=self.facts, compact=True)
+        is_prefix = meta.get("method") in PREFIX_METHODS
         labels = tuple(meta["labels"]) if meta.get("labels") else None
         if self.task == "classification" and not labels:
             raise AdapterError(f"classification adapter {name!r} lists no labels",
@@ -195,19 +313,25 @@ class AdapterRegistry:
                 arrays = {k: v for k, v in expand_arrays(arrays).items()}
                 for v in arrays.values():
                     v.flags.writeable = False
-            params = active_params(arrays)
-            arrays = {k: v for k, v in arrays.items() if k in params}
-            values = tuple((k, ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays.items())
+            prefix = ()
+            if is_prefix:  # not graph inputs: the decode loop copies them into a request's cache
+                prefix = tuple(arrays[n] for i in range(self.facts.kv[0]) for n in prefix_names(i))
+                params, values = frozenset(), ()
+            else:
+                params = active_params(arrays)
+                arrays = {k: v for k, v in arrays.items() if k in params}
+                values = tuple((k, ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays.items())
         except AdapterError:
             raise
         except Exception as exc:  # numpy/onnxruntime raise their own exception types
             raise AdapterError(f"{source} cannot be loaded: {exc}",
                                hint="re-export the adapter; the file may be truncated") from exc
-        return LoadedAdapter(name=name, version=int(meta.get("version") or 0), rank=rank,
+        return LoadedAdapter(name=name, version=int(meta.get("version") or 0),
+                             rank=rank if meta.get("method", LORA) == LORA else 0,
                              base_fingerprint=meta["base_fingerprint"], params=params,
                              nbytes=sum(v.nbytes for v in arrays.values()), task=self.task, labels=labels,
                              review_threshold=meta.get("review_threshold"), meta=dict(meta), values=values,
-                             arrays=arrays)
+                             arrays=arrays, prefix=prefix)
 
     def put(self, adapter: LoadedAdapter, *, replace: bool = True) -> LoadedAdapter | None:
         """Serve ``adapter`` under its name; return the one it replaced (requests already running
@@ -271,6 +395,10 @@ class AdapterRegistry:
                                               for n in names)}.values())
             if len(chosen) > 1:
                 check_disjoint(chosen)
+                prefixes = [a.name for a in chosen if a.prefix]
+                if len(prefixes) > 1:
+                    raise AdapterError(f"adapters {', '.join(map(repr, prefixes))} are all prefixes; a request "
+                                       "starts from one key/value prefix", hint="name one prefix adapter per request")
             for a in chosen:
                 a.in_use += 1
         try:
@@ -280,6 +408,11 @@ class AdapterRegistry:
                 for a in chosen:
                     a.in_use -= 1
 
+    @staticmethod
+    def prefix_of(chosen: Sequence[LoadedAdapter]) -> LoadedAdapter | None:
+        """The prefix adapter among ``chosen`` (activate() allows at most one), or None."""
+        return next((a for a in chosen if a.prefix), None)
+
     def feeds(self, chosen: Sequence[LoadedAdapter]) -> dict:
         """``{slot name: array}`` of ``chosen``, for ``session.run`` (slots are graph inputs)."""
         return {k: v for a in chosen for k, v in a.arrays.items()}
@@ -287,9 +420,12 @@ class AdapterRegistry:
 
 def slot_group(name: str) -> str:
     """``layers.3.qkv.lora_A`` -> ``layers.3.qkv``: the slots that must be bound together (A with all
-    its B slots, e.g. ``layers.3.gate_up.lora_B.up_proj``; a head's weight with its bias)."""
+    its B slots, e.g. ``layers.3.gate_up.lora_B.up_proj``; a head's weight with its bias; the four
+    tensors of one bottleneck point)."""
     if ".lora_" in name:
         return name.split(".lora_")[0]
+    if BOTTLENECK_TAG in name:
+        return name.split(BOTTLENECK_TAG)[0] + BOTTLENECK_TAG.rstrip(".")
     for suffix in (".weight", ".bias"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
