@@ -21,8 +21,9 @@ from typing import Iterable, Sequence
 
 from ..errors import AdapterError, BundleError, EngineError, SpecError
 from .audit import AuditLog, text_digest
+from .decoder import check_room
 from .detok import IncrementalDetokenizer, StopMatcher
-from .registry import AdapterRegistry, LoadedAdapter, parse_slots
+from .registry import AdapterRegistry, GraphFacts, LoadedAdapter, parse_slots
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import open_session
@@ -87,11 +88,11 @@ class Engine:
                                     spinning=spinning, name=m.model.get("graph", "model.onnx"))
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
         slots = parse_slots(self.model_info, overridable)
-        self.registry = AdapterRegistry(slots, self.base_fingerprint, self.model_info.get("slot_rank") or None,
-                                        task=self.task)
         gen = dict(m.generation or {})
         self.generation_defaults = gen
         self.max_context = int(min(x for x in (gen.get("max_context"), self.model_info.get("max_context")) if x))
+        self.registry = AdapterRegistry(slots, self.base_fingerprint, self.model_info.get("slot_rank") or None,
+                                        task=self.task, facts=GraphFacts.from_model(self.model_info, self.max_context))
         self.review_threshold = float(review_threshold)
         self.runner = None
         if self.task == "causal-lm":
@@ -243,9 +244,9 @@ class Engine:
         if not all(isinstance(s, str) for s in stops):
             raise EngineError("stop must be a string or a list of strings", hint='e.g. stop=["\\n\\n"]')
         names = [adapter] if isinstance(adapter, (str, LoadedAdapter)) else list(adapter or [])
-        for n in names:
-            if not isinstance(n, LoadedAdapter):
-                self.registry.get(n)  # unknown names fail here, before anything runs
+        chosen = [n if isinstance(n, LoadedAdapter) else self.registry.get(n) for n in names]  # unknown names fail
+        prefix = max((a.prefix_len for a in chosen), default=0)  # here, before anything runs; so does a prompt
+        check_room(len(ids), prefix, self.max_context)  # with no room after an adapter's prefix
         out = Stream(iter(()), request_id=uuid.uuid4().hex[:12])
         pieces = self._pieces(ids, names, n_new, params, stops, out, text_digest(str(prompt or messages)))
         out._pieces = pieces
@@ -267,7 +268,7 @@ class Engine:
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
             inner = self.runner.generate(ids, pick=Sampler(params), max_new_tokens=n_new, adapter_key=key,
-                                         adapter_values=values)
+                                         adapter_values=values, prefix=self.registry.prefix_of(chosen))
             try:
                 for tok in inner:
                     if tok in eos:
@@ -316,7 +317,8 @@ class Engine:
         ids = [int(i) for i in ids]
         with self.registry.activate(adapter) as chosen:
             values = (v for a in chosen for v in a.values)
-            logits = self.runner.prefill_logits(ids, adapter_key=tuple(a.key for a in chosen), adapter_values=values)
+            logits = self.runner.prefill_logits(ids, adapter_key=tuple(a.key for a in chosen), adapter_values=values,
+                                                prefix=self.registry.prefix_of(chosen))
         z = logits[:-1].astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         logz = np.log(np.exp(z).sum(axis=1))
