@@ -1,4 +1,5 @@
-"""Load the base, fingerprint it, and wrap it in LoRA (or QLoRA) layers.
+"""Load the base, fingerprint it, and attach the adapter family: LoRA/QLoRA, prompt or prefix tuning
+(PEFT), or a bottleneck adapter (:mod:`.bottleneck`).
 
 Target modules are checked on a weightless ("meta") copy of the model first, so
 a typo fails in a second instead of after loading gigabytes. The fingerprint
@@ -9,7 +10,7 @@ one, so the adapter is bound to the same fingerprint the exporter computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._extras import require
 from ..basemodel import BaseSource, load_model, weights_fingerprint
@@ -28,6 +29,7 @@ class Prepared:
     modules_to_save: list[str] | None
     trainable_params: int
     total_params: int
+    adapter: dict = field(default_factory=dict)  # the training record's view: family and size
 
 
 def check_qlora_available() -> None:
@@ -92,14 +94,14 @@ def _is_adaptable(module) -> bool:
 
 def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str] | None,
             tokenizer, device) -> Prepared:
-    """Load the base for ``task``, fingerprint it, attach LoRA; raises ModelError/TrainError."""
+    """Load the base for ``task``, fingerprint it, attach the adapter; raises ModelError/TrainError."""
     require("torch", "transformers", "peft", feature="training")
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
 
     num_labels = len(labels) if labels else None
     config = load_config(source, task, num_labels)
-    targets, heads = check_targets(config, task, opts.target_modules)
+    lora_family = opts.method in ("lora", "qlora")
+    targets, heads = check_targets(config, task, opts.target_modules if lora_family else None)
     id2label = {i: n for i, n in enumerate(labels)} if labels else None
 
     # quiet: transformers' load report would list the new head as MISSING; plan_lines already said so
@@ -110,6 +112,29 @@ def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str]
         model = _load_4bit(source, task, num_labels, id2label, device, heads)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if opts.gradient_checkpointing and opts.method != "qlora":  # qlora turned it on already
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    elif opts.method == "prefix-tuning":
+        _no_checkpointing(model)
+    if lora_family:
+        adapted, info = _attach_lora(opts, model, config, task, targets)
+    elif opts.method == "bottleneck":
+        adapted, info = _attach_bottleneck(opts, model, task, heads, source)
+        targets = info["points"]
+    else:
+        adapted, info = _attach_prompt(opts, model, task, tokenizer)
+        targets = []
+    if opts.init_adapter:
+        load_initial_adapter(adapted, opts.init_adapter, fingerprint, opts)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in adapted.parameters())
+    return Prepared(adapted, fingerprint, config.model_type, targets, heads, trainable, total,
+                    {"method": opts.method} | info)
+
+
+def _attach_lora(opts, model, config, task, targets):
+    from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
                       bias="none",  # SEQ_CLS makes peft save the head ("classifier"/"score") itself
@@ -119,29 +144,79 @@ def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str]
     except ValueError as exc:
         raise TrainError(f"cannot attach LoRA to {config.model_type}: {exc}",
                          hint="pass --target-modules with linear layer names of this model") from exc
-    if opts.init_adapter:
-        load_initial_adapter(peft_model, opts.init_adapter, fingerprint, opts.rank)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
-    return Prepared(peft_model, fingerprint, config.model_type, targets, heads, trainable, total)
+    return peft_model, {"rank": opts.rank, "alpha": opts.alpha, "dropout": opts.dropout}
 
 
-def load_initial_adapter(peft_model, path, fingerprint: str, rank: int) -> None:
+def _attach_bottleneck(opts, model, task, heads, source):
+    from . import bottleneck
+
+    cfg = bottleneck.config_for(model, size=opts.bottleneck_size, non_linearity=opts.non_linearity,
+                                placement=opts.placement, task=task, heads=heads, base_name=source.name)
+    return bottleneck.wrap(model, cfg), {"bottleneck_size": cfg.bottleneck_size, "placement": cfg.placement,
+                                         "non_linearity": cfg.non_linearity, "points": list(cfg.points)}
+
+
+def _attach_prompt(opts, model, task, tokenizer):
+    """PEFT prompt tuning (soft prompt initialised from ``--prompt-init`` text, else from sampled vocabulary
+    embeddings) or prefix tuning (the per-layer key/value prefix itself, or through PEFT's MLP)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if task == "classification":  # the runner refuses this before any weights load; a guard for the API
+        raise TrainError(f"{opts.method} is exported for decoders only", hint="use --method bottleneck or lora")
+    n = opts.virtual_tokens
+    if opts.method == "prefix-tuning":
+        cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                 prefix_projection=opts.prefix_projection)
+        if opts.prefix_projection:
+            cfg.encoder_hidden_size = model.config.hidden_size
+        try:
+            peft_model = get_peft_model(model, cfg)
+        except ValueError as exc:  # e.g. a base that keeps no per-layer key/value cache
+            raise TrainError(f"cannot attach prefix tuning to {model.config.model_type}: {exc}",
+                             hint="use --method prompt-tuning or lora") from exc
+        return peft_model, {"virtual_tokens": n, "prefix_projection": opts.prefix_projection}
+    init = PromptTuningInit.SAMPLE_VOCAB if not opts.prompt_init else PromptTuningInit.RANDOM
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                                          prompt_tuning_init=init))
+    if opts.prompt_init:
+        _init_from_text(peft_model, tokenizer, opts.prompt_init, n)
+    return peft_model, {"virtual_tokens": n, "prompt_init": opts.prompt_init or "sampled vocabulary"}
+
+
+def _init_from_text(peft_model, tokenizer, text: str, n: int) -> None:
+    """PEFT's TEXT init with the run's own tokenizer: the text's token embeddings, repeated or cut to ``n``."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise TrainError(f"--prompt-init {text!r} encodes to no tokens", hint="give a few words of text")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    emb = peft_model.word_embeddings(torch.tensor(ids)).detach().clone()
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(emb)
+
+
+def _no_checkpointing(model) -> None:
+    """PEFT refuses prefix tuning on a model with gradient checkpointing on; a base whose saved config
+    turned it on gets it off (the prefix lives in the key/value cache, which recomputation would extend)."""
+    if getattr(model, "is_gradient_checkpointing", False) or any(
+            getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        model.gradient_checkpointing_disable()
+
+
+def load_initial_adapter(model, path, fingerprint: str, opts: TrainOptions) -> None:
     """Start from an existing adapter's weights, so the run trains its next version.
 
-    Raises :class:`TrainError` when the adapter was trained on another base, or its rank or
-    modules differ from this run's (the weights would not fit).
+    Raises :class:`TrainError` when the adapter was trained on another base, with another
+    method, or its size or modules differ from this run's (the weights would not fit).
     """
     import json
     from pathlib import Path
 
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     d = Path(path)
     cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
-        raise TrainError(f"--init-adapter {d} is not a PEFT adapter directory (adapter_config.json + "
+        raise TrainError(f"--init-adapter {d} is not an adapter directory (adapter_config.json + "
                          "adapter_model.safetensors)", hint="pass the --out of an earlier `edgepeft train`")
     cfg = json.loads(cfg_path.read_text())
     record = d / "edgepeft_training.json"
@@ -149,16 +224,53 @@ def load_initial_adapter(peft_model, path, fingerprint: str, rank: int) -> None:
     if trained_on and trained_on != fingerprint:
         raise TrainError(f"--init-adapter {d} was trained on another base ({trained_on[:19]}...)",
                          hint="continue it on the base it was trained on (--base)")
-    if int(cfg.get("r", 0)) != rank:
-        raise TrainError(f"--init-adapter {d} has rank {cfg.get('r')}, this run uses rank {rank}",
+    ptype = str(cfg.get("peft_type", "")).upper()
+    want = {"lora": "LORA", "qlora": "LORA", "prompt-tuning": "PROMPT_TUNING", "prefix-tuning": "PREFIX_TUNING",
+            "bottleneck": "BOTTLENECK"}[opts.method]
+    if ptype != want:
+        raise TrainError(f"--init-adapter {d} is a {ptype or 'unknown'} adapter, this run trains {opts.method}",
+                         hint="continue it with the --method it was trained with")
+    if opts.method == "bottleneck":
+        _init_bottleneck(model, d)
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if want == "LORA" and int(cfg.get("r", 0)) != opts.rank:
+        raise TrainError(f"--init-adapter {d} has rank {cfg.get('r')}, this run uses rank {opts.rank}",
                          hint=f"pass --rank {cfg.get('r')}")
-    result = set_peft_model_state_dict(peft_model, load_file(str(weights)))
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if want != "LORA" and int(cfg.get("num_virtual_tokens", 0)) != opts.virtual_tokens:
+        raise TrainError(f"--init-adapter {d} has {cfg.get('num_virtual_tokens')} virtual tokens, this run "
+                         f"uses {opts.virtual_tokens}", hint=f"pass --virtual-tokens {cfg.get('num_virtual_tokens')}")
+    if want == "PREFIX_TUNING" and bool(cfg.get("prefix_projection")) != opts.prefix_projection:
+        raise TrainError(f"--init-adapter {d} was trained {'with' if cfg.get('prefix_projection') else 'without'} "
+                         "--prefix-projection", hint="continue it with the same setting")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    tag = "lora_" if want == "LORA" else "prompt_encoder"
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if tag in k]
+    missing = [k for k in getattr(result, "missing_keys", []) if tag in k]
     if unexpected or missing:
         raise TrainError(f"--init-adapter {d} does not fit this run's modules "
                          f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
                          hint="train with the same --target-modules as the adapter you continue")
+
+
+def _init_bottleneck(model, d) -> None:
+    from safetensors.torch import load_file
+
+    from ..errors import AdapterError
+    from .bottleneck import WEIGHTS_NAME, read_config
+
+    try:
+        old = read_config(d)
+        mine = model.bottleneck_config
+        for attr in ("bottleneck_size", "non_linearity", "placement", "points"):
+            if getattr(old, attr) != getattr(mine, attr):
+                raise TrainError(f"--init-adapter {d} has {attr} {getattr(old, attr)!r}, this run "
+                                 f"{getattr(mine, attr)!r}", hint="continue it with the same bottleneck options")
+        model.load_adapter_state_dict(load_file(str(d / WEIGHTS_NAME)), str(d))
+    except AdapterError as exc:
+        raise TrainError(f"--init-adapter {d}: {exc.message}", hint=exc.hint) from exc
 
 
 def _load_4bit(source, task, num_labels, id2label, device, heads):

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from ..errors import TrainError, UsageError
 
-METHODS = ("lora", "qlora")
+METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning", "bottleneck")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")  # PEFT prompt learning: decoders only (see the runner)
+# Peak learning rate when --lr is not given: soft prompts and prefixes need much larger steps than LoRA
+# (PEFT's prompt-learning examples use 1e-2..3e-2); bottleneck adapters train from a zero up-projection.
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "bottleneck": 1e-3}
+PLACEMENTS = ("houlsby", "pfeiffer")
+NON_LINEARITIES = ("relu", "silu", "gelu")
 TASKS = ("causal-lm", "classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -49,7 +55,10 @@ class TrainOptions:
 
     ``data`` is JSON Lines, CSV, or a saved ``datasets`` directory; ``out`` is
     the adapter directory to create. ``task`` None means "causal-lm" unless the
-    data has a ``label`` column. ``epochs`` counts passes over the training
+    data has a ``label`` column. ``method`` picks the family: LoRA / QLoRA
+    (``rank``, ``alpha``, ``dropout``, ``target_modules``), prompt or prefix tuning
+    (``virtual_tokens``; ``prompt_init`` text for prompt tuning, ``prefix_projection``),
+    or a bottleneck adapter (``bottleneck_size``, ``placement``, ``non_linearity``). ``epochs`` counts passes over the training
     split; ``max_steps`` (optimizer steps), when set, wins. ``eval_split`` is
     the held-out fraction (0 disables evaluation) unless ``eval_data`` names a
     separate file. Raises :class:`UsageError` or :class:`TrainError` on values
@@ -67,7 +76,7 @@ class TrainOptions:
     target_modules: list[str] | None = None  # None: per-architecture default
     epochs: float = 1.0
     max_steps: int | None = None
-    learning_rate: float = 2e-4
+    learning_rate: float | None = None  # None: DEFAULT_LR of the method
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
@@ -84,6 +93,13 @@ class TrainOptions:
     precision: str = "auto"
     save_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
     init_adapter: str | None = None  # start from this PEFT adapter's weights (its next version)
+    virtual_tokens: int = 20  # prompt/prefix tuning: virtual tokens (the prefix's key/value positions)
+    prompt_init: str | None = None  # prompt tuning: initialise the soft prompt from this text's embeddings
+    prefix_projection: bool = False  # prefix tuning: train through PEFT's MLP reparametrisation
+    bottleneck_size: int | None = None  # bottleneck: width of the down-projection (None: hidden // 16)
+    placement: str = "houlsby"  # bottleneck: houlsby (after attention and MLP) or pfeiffer (after the MLP)
+    non_linearity: str = "relu"  # bottleneck: relu, silu or gelu
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -98,6 +114,19 @@ class TrainOptions:
             raise UsageError(f"unknown method {self.method!r}", hint=f"use one of: {', '.join(METHODS)}")
         if self.task is not None and self.task not in TASKS:
             raise UsageError(f"unknown task {self.task!r}", hint=f"use one of: {', '.join(TASKS)}")
+        if self.placement not in PLACEMENTS:
+            raise UsageError(f"unknown placement {self.placement!r}", hint=f"use one of: {', '.join(PLACEMENTS)}")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise UsageError(f"unknown non-linearity {self.non_linearity!r}",
+                             hint=f"use one of: {', '.join(NON_LINEARITIES)}")
+        if self.method == "prefix-tuning" and self.gradient_checkpointing:
+            raise TrainError("prefix tuning cannot use gradient checkpointing: PEFT puts the prefix in the "
+                             "key/value cache, which a checkpointed layer would extend again when it recomputes",
+                             hint="drop --gradient-checkpointing and lower --batch-size or --max-length to save "
+                                  "memory, or use --method prompt-tuning, which can checkpoint")
+        _positive_int("virtual_tokens", self.virtual_tokens, "use --virtual-tokens such as 10 or 20")
+        if self.bottleneck_size is not None:
+            _positive_int("bottleneck_size", self.bottleneck_size, "use --bottleneck-size such as 32 or 64")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
         _positive_int("rank", self.rank, "a LoRA rank is a positive integer such as 8 or 16")
@@ -118,7 +147,10 @@ class TrainOptions:
             _positive_int("max_steps", self.max_steps, "use --steps 1 or more, or leave it out to train by --epochs")
         elif not (math.isfinite(self.epochs) and self.epochs > 0):
             raise TrainError(f"epochs must be positive, got {self.epochs}", hint="use --epochs 1 or more, or --steps N")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LR[self.method]
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
             raise TrainError(f"learning rate must be positive, got {self.learning_rate}", hint="use --lr 2e-4")
         if not (0.0 <= self.warmup < 1.0):
             raise TrainError(f"warmup must be a fraction in [0, 1), got {self.warmup}", hint="use --warmup 0.05")

@@ -81,9 +81,9 @@ def build_record(*, opts, task: str, base, prepared, dataset, state, metrics: di
         "method": opts.method,
         "base": {"name": base.name, "path": base.path, "gguf_file": base.gguf_file,
                  "fingerprint": prepared.fingerprint, "model_type": prepared.model_type},
-        "adapter": {"rank": opts.rank, "alpha": opts.alpha, "dropout": opts.dropout,
-                    "target_modules": prepared.target_modules, "modules_to_save": prepared.modules_to_save,
-                    "trainable_params": prepared.trainable_params, "total_params": prepared.total_params},
+        "adapter": (prepared.adapter or {"rank": opts.rank, "alpha": opts.alpha, "dropout": opts.dropout})
+        | {"target_modules": prepared.target_modules, "modules_to_save": prepared.modules_to_save,
+           "trainable_params": prepared.trainable_params, "total_params": prepared.total_params},
         "data": dataset.summary(),
         "labels": dataset.labels,
         "options": opts.to_dict(),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .._extras import quiet_optional_kernel_notice, require
 from ..errors import TrainError, UsageError
-from .options import TrainOptions
+from .options import PROMPT_METHODS, TrainOptions
 
 
 @dataclass
@@ -92,6 +92,9 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     ds = load_dataset(opts.data, task=opts.task, eval_data=opts.eval_data, eval_split=opts.eval_split,
                       seed=opts.seed, labels=opts.labels, slice_column=opts.slice_column)
     task = "classification" if ds.shape == "classification" else "causal-lm"
+    if task == "classification" and opts.method in PROMPT_METHODS:
+        raise TrainError(f"{opts.method} is exported for decoders only: a classifier's graph has no key/value "
+                         "cache to put a prefix in", hint="train a classifier with --method bottleneck or lora")
     source = resolve_base(opts.base, task=task)
     tok = load_tokenizer(source)
     if tok.pad_token_id is None:
@@ -126,7 +129,7 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     torch.manual_seed(opts.seed)
     prepared = modelprep.prepare(opts, source, task, ds.labels, tok, accelerator.device)
     model = prepared.model
-    if opts.method == "lora":
+    if opts.method != "qlora":  # the 4-bit base was placed when it loaded
         model.to(accelerator.device)
 
     def evaluate(tag: str) -> dict | None:
@@ -199,9 +202,19 @@ def plan_lines(opts: TrainOptions, task: str, source, ds) -> list[str]:
         cols = _SHAPES[ds.shape]
     held = f"from {opts.eval_data}" if opts.eval_data else \
         (f"{opts.eval_split:.0%} held out of the training data" if ds.eval else "no evaluation")
-    return [f"edgepeft train: {task} ({why}) on {source.name} ({origin}), {opts.method} r={opts.rank}",
+    return [f"edgepeft train: {task} ({why}) on {source.name} ({origin}), {method_summary(opts)}",
             f"  columns: {cols}",
             f"  examples: {len(ds.train)} train, {len(ds.eval)} eval ({held})"]
+
+
+def method_summary(opts: TrainOptions) -> str:
+    """The family and its size in a few words: ``lora r=8``, ``prefix-tuning 20 virtual tokens``, ..."""
+    if opts.method in PROMPT_METHODS:
+        return f"{opts.method} {opts.virtual_tokens} virtual tokens"
+    if opts.method == "bottleneck":
+        size = opts.bottleneck_size or "hidden/16"
+        return f"bottleneck size {size} ({opts.placement}, {opts.non_linearity})"
+    return f"{opts.method} r={opts.rank}"
 
 
 def _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok) -> TrainResult:
@@ -220,7 +233,7 @@ def _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator
                               metrics=metrics, wall_seconds=time.monotonic() - wall, accelerator=accelerator,
                               versions=_versions())
     points = [(0, (metrics["baseline"] or {}).get("loss")), (state.step, (metrics["eval"] or {}).get("loss"))]
-    record.plot_losses(staged / record.PLOT, state.losses, points, f"{source.name} + {opts.method} r={opts.rank}")
+    record.plot_losses(staged / record.PLOT, state.losses, points, f"{source.name} + {method_summary(opts)}")
     record.write_json(staged / record.RECORD, rec)
     record.publish(staged, opts.out_path, opts.overwrite)
     shutil.rmtree(partial, ignore_errors=True)
