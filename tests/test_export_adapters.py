@@ -52,11 +52,14 @@ def _write(adapter_dir, exported, tmp_path, **kw):
 
 
 def test_other_peft_methods_refused(base, exported, tmp_path):
-    from peft import IA3Config, LoraConfig, PromptTuningConfig
+    from peft import IA3Config, LoraConfig, PromptEncoderConfig, PromptTuningConfig
 
     cases = {
         "ia3": (IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[], task_type="CAUSAL_LM"), "IA3"),
-        "prompt": (PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"), "PROMPT_TUNING"),
+        "ptuning": (PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16, task_type="CAUSAL_LM"),
+                    "P_TUNING"),
+        # a soft prompt is compiled by the bundle's graph, which write_adapter must be given
+        "prompt": (PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"), "needs the bundle's graph"),
         "dora": (LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"), "DoRA"),
     }
     for name, (cfg, word) in cases.items():

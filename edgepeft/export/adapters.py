@@ -1,4 +1,8 @@
-"""PEFT LoRA directory -> ONNX Runtime adapter file (``.onnx_adapter``) for a bundle's slots.
+"""An adapter directory -> ONNX Runtime adapter file (``.onnx_adapter``) for a bundle's graph.
+
+Every family travels in this one container (:mod:`edgepeft.spec.methods`): LoRA and
+bottleneck adapters as slot tensors, prefix and prompt tuning as the per-layer
+key/value prefix (:mod:`.prefix`). LoRA:
 
 The file holds one tensor per slot, named exactly as the graph inputs, so
 ``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter`` activate it
@@ -42,6 +46,9 @@ class AdapterInfo:
     slot_rank: int
     labels: list | None = None
     base_model_name_or_path: str | None = None
+    virtual_tokens: int | None = None
+    bottleneck_size: int | None = None
+    activation: str | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -233,15 +240,22 @@ def _labels(adir: Path, n: int, labels) -> list:
 
 
 def encode_payload(tensors: dict, dtype: str) -> dict:
-    """fp32 slot tensors -> stored tensors: as is, fp16, or int8 with ``<name>.scale`` (per rank row/col)."""
+    """fp32 tensors -> stored tensors: as is, fp16, or int8 with ``<name>.scale`` (per rank row/col, per
+    bottleneck unit, per prefix head and position)."""
     if dtype == "fp32":
         return tensors
     if dtype == "fp16":
         return {k: v.astype(np.float16) for k, v in tensors.items()}
     out = {}
     for k, v in tensors.items():
-        if v.ndim == 2:
-            axis = 0 if k.endswith("lora_A") or k == HEAD_WEIGHT else 1  # scale per rank column / row / label
+        if v.ndim == 3:  # a prefix [heads, positions, head_dim]: one scale per head and position
+            amax = np.abs(v).max(axis=-1, keepdims=True)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            out[k] = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+            out[k + ".scale"] = scale
+        elif v.ndim == 2:
+            first = k.endswith(("lora_A", "down.weight")) or k == HEAD_WEIGHT
+            axis = 0 if first else 1  # scale per rank column / row / label / bottleneck unit
             amax = np.abs(v).max(axis=axis, keepdims=True)
             scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
             out[k] = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
@@ -252,12 +266,15 @@ def encode_payload(tensors: dict, dtype: str) -> dict:
 
 
 def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, name: str | None = None,
-                  version: int = 1, labels=None, pad: bool = True) -> AdapterInfo:
-    """Write ``peft_dir`` as an ORT adapter file for the bundle described by ``model_info``.
+                  version: int = 1, labels=None, pad: bool = True, graph_path=None) -> AdapterInfo:
+    """Write the adapter in ``peft_dir`` (any family) as an ORT adapter file for the graph ``model_info``
+    describes.
 
     ``dtype`` is the payload: "fp32" (activates directly), "fp16" or "int8"
     (expand on the device with edgepeft.spec.adapter_payload). ``pad`` as in
-    :func:`build_slot_tensors`. The write is atomic. Raises :class:`AdapterError` for adapters that do not fit.
+    :func:`build_slot_tensors`. ``graph_path`` is the bundle's model.onnx, which compiles a
+    prompt-tuning soft prompt (:mod:`.prefix`). The write is atomic. Raises :class:`AdapterError`
+    for adapters that do not fit.
     """
     from .._extras import require
 
@@ -267,12 +284,55 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     if dtype not in PAYLOADS:
         raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
                          hint="use fp32 (default), fp16 or int8")
-    tensors, lora, labels = build_slot_tensors(peft_dir, model_info, labels, pad=pad)
+    tensors, info = family_tensors(peft_dir, model_info, labels, pad=pad, graph_path=graph_path)
     stored = encode_payload(tensors, dtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_adapter_file(out_path, stored, adapter_version=version)
-    return AdapterInfo(name=name or lora.path.name, rank=lora.rank, alpha=lora.alpha, method=lora.method,
-                       target_modules=lora.trained, bytes=out_path.stat().st_size, dtype=dtype,
-                       slot_rank=model_info["slot_rank"], labels=labels,
-                       base_model_name_or_path=lora.config.get("base_model_name_or_path"))
+    info.name = name or info.name
+    info.bytes, info.dtype = out_path.stat().st_size, dtype
+    return info
+
+
+def family_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = True,
+                   graph_path=None) -> tuple[dict, AdapterInfo]:
+    """fp32 tensors of any family's adapter for the graph ``model_info`` describes, and what the
+    manifest records about it (``bytes`` and ``dtype`` still unset). Raises :class:`AdapterError`."""
+    from ..spec.methods import BOTTLENECK, LORA, PREFIX_TUNING
+    from .prefix import read_method
+
+    method = read_method(peft_dir)
+    slot_rank = int(model_info.get("slot_rank") or 0)
+    if method == LORA:
+        tensors, lora, labels = build_slot_tensors(peft_dir, model_info, labels, pad=pad)
+        return tensors, AdapterInfo(name=lora.path.name, rank=lora.rank, alpha=lora.alpha, method=lora.method,
+                                    target_modules=lora.trained, bytes=0, dtype="", slot_rank=slot_rank,
+                                    labels=labels, base_model_name_or_path=lora.config.get("base_model_name_or_path"))
+    if method == BOTTLENECK:
+        from .bottleneck_slots import bottleneck_slot_tensors
+
+        if not model_info.get("slots"):
+            raise AdapterError("this bundle's graph has no adapter slots (merged export)",
+                               hint="export the base with slots to ship swappable adapters")
+        tensors, b = bottleneck_slot_tensors(peft_dir, model_info)
+        if model_info.get("task") == "classification":
+            labels = _labels(b.path, _head_tensors(b, model_info, tensors), labels)
+            allowed = {f"{h['module']}.{p}" for h in head_stages(model_info) for p in ("weight", "bias")}
+        else:
+            labels, allowed = None, set()
+        extra = sorted(k for k in b.saved if k not in allowed)
+        if extra:
+            raise AdapterError(f"{b.path.name}: adapter also saves whole modules ({', '.join(extra)})",
+                               hint="only a classifier's head may travel with a bottleneck adapter")
+        cfg = b.config
+        return tensors, AdapterInfo(name=b.path.name, rank=0, alpha=None, method=BOTTLENECK,
+                                    target_modules=list(cfg.points), bytes=0, dtype="", slot_rank=slot_rank,
+                                    labels=labels, base_model_name_or_path=cfg.base_model_name_or_path,
+                                    bottleneck_size=cfg.bottleneck_size, activation=cfg.non_linearity)
+    from .prefix import prefix_tensors, prompt_tensors, read_peft_prompt
+
+    p = read_peft_prompt(peft_dir)
+    tensors = prefix_tensors(p, model_info) if method == PREFIX_TUNING else prompt_tensors(p, model_info, graph_path)
+    return tensors, AdapterInfo(name=p.name, rank=0, alpha=None, method=method, target_modules=[], bytes=0,
+                                dtype="", slot_rank=slot_rank, base_model_name_or_path=p.config.get(
+                                    "base_model_name_or_path"), virtual_tokens=p.virtual_tokens)
