@@ -32,8 +32,11 @@ def test_reads_a_plain_lora_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, match", [
-    ({"peft_type": "PREFIX_TUNING"}, "PREFIX_TUNING"),
+    ({"peft_type": "PREFIX_TUNING"}, "num_virtual_tokens None"),
+    ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4, "task_type": "SEQ_CLS"}, "exported for decoders"),
+    ({"peft_type": "BOTTLENECK"}, "not a valid bottleneck config"),
     ({"peft_type": "IA3"}, "IA3"),
+    ({"peft_type": "P_TUNING"}, "cannot ship"),
     ({"use_dora": True}, "DoRA"),
     ({"r": 0}, "rank 0"),
     ({"rank_pattern": {"q_proj": 4}}, "per-module ranks"),

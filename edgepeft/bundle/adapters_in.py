@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterError
+from ..spec.methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, PREFIX_METHODS
 from ..spec.names import check_name
 
 TRAINING_RECORD = "edgepeft_training.json"
 _TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
+_METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuning",
+            "BOTTLENECK": "bottleneck"}
 
 
 @dataclass
@@ -27,13 +30,17 @@ class AdapterInput:
     name: str
     path: Path
     config: dict
-    rank: int
-    alpha: float
+    rank: int  # LoRA rank; 0 for the other families
+    alpha: float | None
     task: str
-    target_modules: list[str]
+    target_modules: list[str]  # LoRA: projections; bottleneck: points (attn_out, mlp_out)
     version: int = 1
     record: dict = field(default_factory=dict)
     record_sha256: str | None = None  # of the edgepeft_training.json bytes that were read
+    method: str = "lora"
+    virtual_tokens: int | None = None  # prefix and prompt tuning
+    bottleneck_size: int | None = None
+    activation: str | None = None  # bottleneck: its non-linearity
 
     @property
     def public_metrics(self) -> dict:
@@ -68,10 +75,11 @@ def parse_adapter_arg(text: str) -> tuple[str, Path]:
 
 
 def read_adapter(name: str, path: Path, *, version: int | None = None) -> AdapterInput:
-    """Read a PEFT adapter directory; refuse what edgepeft cannot turn into slots.
+    """Read an adapter directory (PEFT LoRA, prefix or prompt tuning; edgepeft's bottleneck format);
+    refuse what edgepeft cannot ship.
 
     Raises :class:`AdapterError` for a missing directory or file, an unreadable
-    config, or a method other than plain LoRA.
+    config, or a method edgepeft cannot apply on a device.
     """
     cfg_path = path / "adapter_config.json"
     if not path.is_dir():
@@ -88,11 +96,39 @@ def read_adapter(name: str, path: Path, *, version: int | None = None) -> Adapte
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as exc:
         raise AdapterError(f"adapter {name!r}: {cfg_path} is not valid JSON: {exc}") from exc
-    method = str(cfg.get("peft_type", "")).upper()
-    if method != "LORA":
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {name!r}: {cfg_path} is not a JSON object", hint="re-save the adapter")
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype not in _METHODS:
         raise AdapterError(
-            f"adapter {name!r} uses PEFT method {method or 'unknown'}; edgepeft build supports LoRA adapters",
-            hint="train a LoRA or QLoRA adapter (edgepeft train --method lora|qlora)")
+            f"adapter {name!r} uses PEFT method {ptype or 'unknown'}, which edgepeft cannot ship to a device",
+            hint="train LoRA, QLoRA, prompt tuning, prefix tuning or a bottleneck adapter "
+                 "(edgepeft train --method lora|qlora|prompt-tuning|prefix-tuning|bottleneck)")
+    record, record_sha = _record(name, path)
+    task = _TASKS.get(str(cfg.get("task_type", "CAUSAL_LM")).upper())
+    if task is None:
+        raise AdapterError(f"adapter {name!r} has task_type {cfg.get('task_type')!r}",
+                           hint="edgepeft builds causal-LM and sequence-classification adapters")
+    ver = version or int(record.get("version", 1) or 1)
+    common = dict(name=name, path=path, config=cfg, task=task, version=ver, record=record, record_sha256=record_sha)
+    method = _METHODS[ptype]
+    if method in PREFIX_METHODS:
+        n = cfg.get("num_virtual_tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise AdapterError(f"adapter {name!r} has num_virtual_tokens {n!r}", hint="re-save it with PEFT")
+        if task != "causal-lm":
+            raise AdapterError(f"adapter {name!r} is {method} for a classifier; prefixes are exported for decoders",
+                               hint="train the classifier with --method bottleneck or lora")
+        return AdapterInput(rank=0, alpha=None, target_modules=[], method=method, virtual_tokens=n, **common)
+    if method == BOTTLENECK:
+        size, act, points = cfg.get("bottleneck_size"), cfg.get("non_linearity"), cfg.get("points")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or act not in ACTIVATIONS or \
+                not isinstance(points, list) or not points or set(points) - set(BOTTLENECK_POINTS):
+            raise AdapterError(f"adapter {name!r}: {cfg_path} is not a valid bottleneck config "
+                               f"(bottleneck_size {size!r}, non_linearity {act!r}, points {points!r})",
+                               hint="re-save it with edgepeft train --method bottleneck")
+        return AdapterInput(rank=0, alpha=None, target_modules=list(points), method=method, bottleneck_size=size,
+                            activation=act, **common)
     for flag, label in (("use_dora", "DoRA"), ("layer_replication", "layer replication")):
         if cfg.get(flag):
             raise AdapterError(f"adapter {name!r} uses {label}, which adapter slots cannot express",
@@ -106,10 +142,12 @@ def read_adapter(name: str, path: Path, *, version: int | None = None) -> Adapte
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    task = _TASKS.get(str(cfg.get("task_type", "CAUSAL_LM")).upper())
-    if task is None:
-        raise AdapterError(f"adapter {name!r} has task_type {cfg.get('task_type')!r}",
-                           hint="edgepeft builds causal-LM and sequence-classification adapters")
+    return AdapterInput(rank=rank, alpha=float(cfg.get("lora_alpha", rank)), target_modules=sorted(targets),
+                        **common)
+
+
+def _record(name: str, path: Path) -> tuple[dict, str | None]:
+    """The training record beside an adapter (``{}`` if none) and the SHA-256 of its bytes."""
     record, record_sha = {}, None
     rec_path = path / TRAINING_RECORD
     if rec_path.is_file():
@@ -123,10 +161,7 @@ def read_adapter(name: str, path: Path, *, version: int | None = None) -> Adapte
             raise AdapterError(f"adapter {name!r}: {rec_path} is not a JSON object",
                                hint="rewrite it, or remove it to build the adapter without its training record")
         record_sha = "sha256:" + hashlib.sha256(raw).hexdigest()
-    ver = version or int(record.get("version", 1) or 1)
-    return AdapterInput(name=name, path=path, config=cfg, rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
-                        task=task, target_modules=sorted(targets), version=ver, record=record,
-                        record_sha256=record_sha)
+    return record, record_sha
 
 
 def check_trained_base(a: AdapterInput, base_name: str, base_dir: str | None) -> None:

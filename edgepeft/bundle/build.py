@@ -31,6 +31,7 @@ from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
 from .entries import adapter_entry, read_health_checks
+from ..spec.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from .fit import check_fit
 from .signing import load_private_key, sign_manifest
 
@@ -53,8 +54,9 @@ class BuildResult:
             "archive_bytes": self.archive.stat().st_size,
             "target": self.manifest["target"]["name"], "quantization": self.manifest["quantization"],
             "base": self.manifest["base"], "merged_adapter": self.manifest.get("merged_adapter"),
-            "adapters": [{k: a[k] for k in ("name", "version", "rank", "dtype", "file")} | {"bytes": files[a["file"]]}
-                         for a in self.manifest["adapters"]],
+            "adapters": [{k: a.get(k) for k in ("name", "version", "method", "rank", "virtual_tokens",
+                                                "bottleneck_size", "activation", "target_modules", "dtype", "file")}
+                         | {"bytes": files[a["file"]]} for a in self.manifest["adapters"]],
             "files": files, "fit": self.fit,
         }
 
@@ -90,8 +92,14 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
                  key: str | os.PathLike, out: str | os.PathLike, quant: str | None = None,
                  merge: str | None = None, adapter_dtype: str | None = None, slot_rank: int | None = None,
                  health_checks: str | os.PathLike | None = None, task: str | None = None, force: bool = False,
+                 bottleneck_slots: str | None = None, bottleneck_activation: str | None = None,
                  progress: Callable[[str], None] = lambda msg: None) -> BuildResult:
     """Build a signed bundle. See the module docstring for the order of checks.
+
+    Adapters of every family may travel together. The graph gets bottleneck slots where the
+    bundle's bottleneck adapters sit, plus ``bottleneck_slots`` ("houlsby": after attention and
+    MLP, "pfeiffer": after the MLP) for adapters that will arrive later as updates, with
+    ``bottleneck_activation`` (default: the adapters', else relu).
 
     Raises :class:`UsageError` (bad options), :class:`AdapterError` (an adapter
     that cannot be used with this base or target), :class:`SignatureError` (key),
@@ -121,11 +129,17 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     if len(tasks) > 1:
         raise AdapterError(f"adapters mix tasks {sorted(tasks)}", hint="build one bundle per task")
     task = tasks.pop() if tasks else "causal-lm"
-    max_rank = max([a.rank for a in inputs], default=0)
+    loras = [a for a in inputs if a.method == "lora"]
+    if merge is not None and next(a for a in inputs if a.name == merge).method != "lora":
+        raise UsageError(f"--merge {merge!r} is a {next(a for a in inputs if a.name == merge).method} adapter; only "
+                         "LoRA merges into the base weights", hint="build it as a swappable adapter (no --merge)")
+    bottleneck = bottleneck_plan(inputs, bottleneck_slots, bottleneck_activation)
+    check_prefix_room(inputs, profile.budgets.max_context, f"target {profile.name}")
+    max_rank = max([a.rank for a in loras], default=0)
     rank = slot_rank or max(max_rank, 1)
     if rank < max_rank:
         raise UsageError(f"--slot-rank {rank} is below the largest adapter rank {max_rank}")
-    over = [f"{a.name} (rank {a.rank})" for a in inputs if a.rank > profile.budgets.max_adapter_rank]
+    over = [f"{a.name} (rank {a.rank})" for a in loras if a.rank > profile.budgets.max_adapter_rank]
     if over or rank > profile.budgets.max_adapter_rank:
         raise AdapterError(f"{', '.join(over) or f'slot rank {rank}'} above target {profile.name}'s limit "
                            f"of {profile.budgets.max_adapter_rank}",
@@ -146,8 +160,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         exported = export_api.export_model(
             source, work, task=task, slot_rank=rank,
             quant=QuantSpec(weights=quant, block_size=profile.quant.block_size, adapter_dtype=adapter_dtype),
-            target_modules=sorted({m for a in inputs for m in a.target_modules}) or "all-linear",
-            merge_adapter=merged.path if merged else None, progress=progress)
+            target_modules=sorted({m for a in loras for m in a.target_modules}) or "all-linear",
+            merge_adapter=merged.path if merged else None, bottleneck=bottleneck, progress=progress)
         fingerprint = exported.fingerprint
         for a in inputs:
             if a.base_fingerprint and a.base_fingerprint != fingerprint:
@@ -160,9 +174,12 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             rel = f"adapters/{a.name}-{a.version}.onnx_adapter"
             # Slots have a symbolic rank dim, so each adapter keeps its own rank (<= the slot rank):
             # padding a rank-8 adapter to 16 measured 8 % slower decode and doubles the file.
-            progress(f"adapter {a.name} v{a.version}: rank {a.rank} (slots take up to {rank}), {adapter_dtype}")
+            size = f"rank {a.rank} (slots take up to {rank})" if a.method == "lora" else \
+                f"{a.method}, {describe_size(a.method, vars(a))}"
+            progress(f"adapter {a.name} v{a.version}: {size}, {adapter_dtype}")
             info = export_api.write_adapter(a.path, exported.model_info, work / rel, dtype=adapter_dtype,
-                                            name=a.name, version=a.version, labels=a.labels, pad=False)
+                                            name=a.name, version=a.version, labels=a.labels, pad=False,
+                                            graph_path=exported.model_path)
             adapter_entries.append(adapter_entry(a, file=rel, fingerprint=fingerprint, dtype=adapter_dtype,
                                                  labels=info.labels))
         progress("tokenizer")
@@ -179,6 +196,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         adapter_bytes = sum(f["size"] for f in files if f["path"].startswith("adapters/"))
         fit = check_fit(profile, bundle_bytes=sum(f["size"] for f in files), weight_bytes=weight_bytes,
                         adapter_bytes=adapter_bytes, model_info=exported.model_info, max_rank=max_rank)
+        check_prefix_room(slot_adapters, fit.context, f"this bundle for {profile.name}")
         data = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -212,3 +230,35 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     finally:
         shutil.rmtree(work, ignore_errors=True)
         Path(out.parent / f".{out.name}.epb.tmp").unlink(missing_ok=True)
+
+
+def bottleneck_plan(inputs: list[AdapterInput], slots: str | None, activation: str | None) -> dict | None:
+    """The graph's bottleneck slots: the points the bottleneck adapters use plus ``slots``'s placement,
+    with one activation. Raises :class:`UsageError` for an unknown placement or activation, and
+    :class:`AdapterError` when adapters disagree on their activation (one graph applies one)."""
+    if slots not in (None, "none") and slots not in PLACEMENTS:
+        raise UsageError(f"--bottleneck-slots {slots!r} is not one of {', '.join(PLACEMENTS)}, none",
+                         hint="houlsby: after the attention and the MLP blocks; pfeiffer: after the MLP")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise UsageError(f"--bottleneck-activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    ours = [a for a in inputs if a.method == "bottleneck"]
+    acts = {a.activation for a in ours} | ({activation} if activation else set())
+    if len(acts) > 1:
+        who = ", ".join(f"{a.name} ({a.activation})" for a in ours)
+        raise AdapterError(f"bottleneck adapters disagree on their non-linearity: {who}"
+                           + (f", --bottleneck-activation {activation}" if activation else ""),
+                           hint="one graph applies one non-linearity: retrain with the same --non-linearity, "
+                                "or build them into separate bundles")
+    points = {p for a in ours for p in a.target_modules} | set(PLACEMENTS.get(slots or "none", ()))
+    if not points:
+        return None
+    return {"points": sorted(points), "activation": acts.pop() if acts else "relu"}
+
+
+def check_prefix_room(inputs: list[AdapterInput], context: int, where: str) -> None:
+    """Refuse a prefix adapter whose virtual tokens leave no room for a prompt in ``context``."""
+    for a in inputs:
+        if a.method in PREFIX_METHODS and a.virtual_tokens + 2 > context:
+            raise AdapterError(f"adapter {a.name!r} puts {a.virtual_tokens} virtual tokens before every prompt; "
+                               f"{where} holds {context} tokens", hint="train it with far fewer --virtual-tokens, "
+                                                                       "or choose a target with a longer context")

@@ -8,13 +8,15 @@ import time
 import click
 
 from ..basemodel import BASE_HELP  # torch-free
+from ..spec.methods import describe_size  # torch-free
 
 
 @click.command("build")
 @click.option("--base", default=None, help=f"{BASE_HELP} [default: smollm2-135m-instruct; all-minilm-l6-v2 for "
               "classification adapters].")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
-              help="A PEFT LoRA adapter directory to ship as a swappable adapter (repeatable).")
+              help="An adapter directory to ship as a swappable adapter (repeatable): PEFT LoRA, prefix or "
+                   "prompt tuning, or an edgepeft bottleneck adapter; families may be mixed.")
 @click.option("--target", required=True, help="Target profile name (see `edgepeft targets`) or path to a .toml.")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
               help="Base weight quantization [default: the target's].")
@@ -24,14 +26,19 @@ from ..basemodel import BASE_HELP  # torch-free
 @click.option("--slot-rank", type=int, default=None, help="Rank of the adapter slots [default: the largest adapter rank].")
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None,
               help="Task of a bundle built without adapters [default: from the adapters, else causal-lm].")
+@click.option("--bottleneck-slots", type=click.Choice(["houlsby", "pfeiffer", "none"]), default=None,
+              help="Bottleneck adapter slots for adapters that arrive later as updates: houlsby (after attention "
+                   "and MLP) or pfeiffer (after the MLP) [default: where this build's bottleneck adapters sit].")
+@click.option("--bottleneck-activation", type=click.Choice(["relu", "silu", "gelu"]), default=None,
+              help="Non-linearity of the bottleneck slots [default: the bottleneck adapters', else relu].")
 @click.option("--health-check", "health_checks", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON Lines of {input, expect: {contains|equals|label}, adapter} run on the device after installs.")
 @click.option("--key", required=True, type=click.Path(dir_okay=False), help="Private signing key from `edgepeft keygen`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create (OUT.epb is written beside it).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
-def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task, health_checks, key, out, force,
-            as_json):
+def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task, bottleneck_slots,
+            bottleneck_activation, health_checks, key, out, force, as_json):
     """Export the base once to ONNX with adapter slots, quantize it for a target, turn adapters into
     small swappable files (or merge one), and sign it all into a device bundle."""
     from ..bundle.adapters_in import parse_adapter_arg
@@ -44,7 +51,8 @@ def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task
 
     result = build_bundle(base=base, adapters=[parse_adapter_arg(a) for a in adapters], target=target, key=key,
                           out=out, quant=quant, merge=merge, adapter_dtype=adapter_dtype, slot_rank=slot_rank,
-                          health_checks=health_checks, task=task, force=force, progress=progress)
+                          health_checks=health_checks, task=task, force=force, bottleneck_slots=bottleneck_slots,
+                          bottleneck_activation=bottleneck_activation, progress=progress)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -55,4 +63,5 @@ def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task
     click.echo(f"target  {summary['target']}: estimated memory {summary['fit']['memory_mib']:.0f} MiB, "
                f"weights {summary['quantization']['weights']}")
     for a in summary["adapters"]:
-        click.echo(f"adapter {a['name']} v{a['version']}: rank {a['rank']}, {a['dtype']}, {a['bytes'] / 1024:.0f} KiB")
+        click.echo(f"adapter {a['name']} v{a['version']}: {a['method']} {describe_size(a['method'], a)}, {a['dtype']}, "
+                   f"{a['bytes'] / 1024:.0f} KiB")

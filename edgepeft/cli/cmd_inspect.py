@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ..errors import BundleError
+from ..spec.methods import describe_size  # torch-free
 
 
 def load(bundle: Path, trusted_keys: list[str]) -> tuple[dict, bool]:
@@ -53,7 +54,8 @@ def summary(bundle: Path, m: dict, verified: bool) -> dict:
     adapters = []
     for a in m["adapters"]:
         adapters.append({k: a.get(k) for k in ("name", "version", "method", "task", "rank", "alpha", "dtype",
-                                               "target_modules", "labels", "review_threshold")}
+                                               "target_modules", "labels", "review_threshold", "virtual_tokens",
+                                               "bottleneck_size", "activation")}
                         | {"bytes": sizes.get(a["file"]), "metrics": manifest_metrics(a.get("metrics"))})
     merged = (m["model"].get("merged") or None)
     if merged:
@@ -136,8 +138,12 @@ def command(bundle: str, trusted_key: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"  {line}")
     click.echo(f"adapters ({len(info['adapters'])})" + ("" if info["adapters"] else ": none"))
     for a in info["adapters"]:
-        click.echo(f"  {a['name']} v{a['version']}: {a['method']} r={a['rank']} alpha={_num(a['alpha'])}, {a['dtype']}, "
-                   f"{_mib(a['bytes'])}; modules {', '.join(a['target_modules'] or [])}")
+        if a["method"] == "lora":
+            size = f"r={a['rank']} alpha={_num(a['alpha'])}"
+            where = f"; modules {', '.join(a['target_modules'] or [])}"
+        else:
+            size, where = describe_size(a["method"], a), ""
+        click.echo(f"  {a['name']} v{a['version']}: {a['method']} {size}, {a['dtype']}, {_mib(a['bytes'])}{where}")
         if a.get("labels"):
             click.echo(f"    labels: {', '.join(a['labels'])}; review under {_num(a.get('review_threshold'))}")
         for line in _figures(a["metrics"]):

@@ -82,6 +82,7 @@ def inspect(package, trusted_key, as_json):
     """Show what an update package carries; with --trusted-key, verify it as a device would."""
     from pathlib import Path
 
+    from ..spec.methods import describe_size
     from ..spec.names import sha256_bytes
     from ..spec.update import UpdateMeta, envelope_length, read_update, split_envelope
 
@@ -104,6 +105,7 @@ def inspect(package, trusted_key, as_json):
     click.echo(f"created   {meta.created}   expires {meta.expires or 'never'}   min runtime {meta.min_runtime}")
     if meta.adapter is not None:
         a = meta.adapter
-        click.echo(f"adapter   {a.method} rank {a.rank}, {a.dtype}, modules {', '.join(a.target_modules)}")
+        where = f", modules {', '.join(a.target_modules)}" if a.method == "lora" else ""
+        click.echo(f"adapter   {a.method} {describe_size(a.method, a.to_dict())}, {a.dtype}{where}")
     click.echo(f"checks    {len(meta.health_checks)} health check(s)")
     click.echo("signature " + (f"verified (key {verified})" if verified else "not checked (pass --trusted-key)"))

@@ -162,32 +162,29 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
                            f"bundle {bundle} carries ({fingerprint[:19]}...)",
                            hint="train it on the bundle's base, or ship a bundle update with the new base")
     slot_rank = int(model.get("slot_rank") or 0)
-    limit = int(((manifest.target or {}).get("budgets") or {}).get("max_adapter_rank") or slot_rank)
-    if a.rank > slot_rank or a.rank > limit:
-        raise AdapterError(f"adapter {name!r} has rank {a.rank}; bundle {bundle} takes ranks up to "
-                           f"{min(slot_rank, limit)}", hint="retrain with a smaller --rank, or rebuild the bundle")
-    exported = set(model.get("target_modules") or [])
-    missing = sorted(set(a.target_modules) - exported) if exported else []
-    if missing:
-        raise AdapterError(f"adapter {name!r} trains {', '.join(missing)}, which bundle {bundle} has no slots for "
-                           f"(it has {', '.join(sorted(exported))})",
-                           hint="retrain on the bundle's modules, or rebuild the bundle with these modules")
+    if a.method == "lora":
+        _check_lora_fits(a, manifest, bundle, slot_rank)
+    context = int(min(x for x in ((manifest.generation or {}).get("max_context"), model.get("max_context")) if x))
+    if a.method in ("prefix-tuning", "prompt-tuning") and a.virtual_tokens + 2 > context:
+        raise AdapterError(f"adapter {name!r} puts {a.virtual_tokens} virtual tokens before every prompt; bundle "
+                           f"{bundle} holds {context} tokens", hint="train it with far fewer --virtual-tokens")
     dtype = adapter_dtype or (manifest.quantization or {}).get("adapter_dtype", "fp32")
     checks = read_health_checks(health_checks)
     from .. import export as export_api
     from ..runtime.adapter_file import read_header
-    from ..runtime.registry import check_adapter, parse_slots
+    from ..runtime.registry import GraphFacts, check_entry, parse_slots
 
     work = Path(tempfile.mkdtemp(prefix=".update-", dir=out.parent if out.parent.exists() else None))
     try:
         rel = f"adapters/{name}-{version}.onnx_adapter"
-        progress(f"exporting adapter {name} v{version} ({dtype}) for {manifest.base.get('name')}")
+        progress(f"exporting adapter {name} v{version} ({a.method}, {dtype}) for {manifest.base.get('name')}")
+        graph = _bundle_graph(Path(bundle), manifest, work) if a.method == "prompt-tuning" else None
         info = export_api.write_adapter(a.path, model, work / "payload.onnx_adapter", dtype=dtype, name=name,
-                                        version=version, labels=a.labels, pad=False)
+                                        version=version, labels=a.labels, pad=False, graph_path=graph)
         entry = adapter_entry(a, file=rel, fingerprint=fingerprint, dtype=dtype, labels=info.labels)
         header = read_header(work / "payload.onnx_adapter")
-        check_adapter(header, entry, slots=parse_slots(model), base_fingerprint=fingerprint, slot_rank=slot_rank,
-                      task=task, source=f"adapter {name!r}", compact=True)
+        check_entry(header, entry, slots=parse_slots(model), base_fingerprint=fingerprint, slot_rank=slot_rank,
+                    task=task, source=f"adapter {name!r}", facts=GraphFacts.from_model(model, context), compact=True)
         meta = _common("adapter", base_fingerprint=fingerprint, payload=work / "payload.onnx_adapter",
                        fmt="onnx_adapter", expires=expires, health_checks=checks, min_runtime=min_runtime)
         meta["adapter"] = entry
@@ -198,6 +195,36 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_lora_fits(a, manifest: Manifest, bundle, slot_rank: int) -> None:
+    """A LoRA adapter's rank and modules against the bundle's slots; raises :class:`AdapterError`."""
+    limit = int(((manifest.target or {}).get("budgets") or {}).get("max_adapter_rank") or slot_rank)
+    if a.rank > slot_rank or a.rank > limit:
+        raise AdapterError(f"adapter {a.name!r} has rank {a.rank}; bundle {bundle} takes ranks up to "
+                           f"{min(slot_rank, limit)}", hint="retrain with a smaller --rank, or rebuild the bundle")
+    exported = set(manifest.model.get("target_modules") or [])
+    missing = sorted(set(a.target_modules) - exported) if exported else []
+    if missing:
+        raise AdapterError(f"adapter {a.name!r} trains {', '.join(missing)}, which bundle {bundle} has no slots for "
+                           f"(it has {', '.join(sorted(exported))})",
+                           hint="retrain on the bundle's modules, or rebuild the bundle with these modules")
+
+
+def _bundle_graph(bundle: Path, manifest: Manifest, work: Path) -> Path:
+    """The bundle's model.onnx, copied into ``work`` from bytes checked against the manifest's SHA-256: a
+    prompt-tuning soft prompt is compiled by exactly the graph the devices run. Raises :class:`BuildError`."""
+    from ..errors import IntegrityError
+    from ..spec.verify import read_verified
+
+    entry = manifest.file(manifest.model.get("graph", "model.onnx"))
+    try:
+        data = read_verified(bundle, entry)
+    except IntegrityError as exc:
+        raise BuildError(f"bundle {bundle}: {exc.message}", hint="rebuild the bundle, or restore its model.onnx") from exc
+    path = work / "model.onnx"
+    path.write_bytes(data)
+    return path
 
 
 def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: str | os.PathLike,
