@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -295,3 +297,74 @@ def fake_quant_classifier(base, peft_dir, kind, family, num_labels=3):
             if role:
                 mod.weight.copy_(torch.from_numpy(fake_quantize(mod.weight.numpy(), q, role)))
     return model
+
+
+# -- adapters of the other families (prefix tuning, prompt tuning, bottleneck) ------------------------------------
+
+def make_prompt_adapter(base_dir, out_dir, *, kind="prefix-tuning", tokens=5, seed=2, scale=1.0):
+    """A PEFT prefix- or prompt-tuning adapter (causal LM) saved with save_pretrained, with random weights
+    large enough to change greedy answers. Returns the PeftModel."""
+    import torch
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = (PrefixTuningConfig if kind == "prefix-tuning" else PromptTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=tokens)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(0, scale)
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+def make_bottleneck_adapter(base_dir, out_dir, *, task="causal-lm", size=8, placement="houlsby",
+                            non_linearity="relu", seed=3, num_labels=3, scale=0.3):
+    """An edgepeft bottleneck adapter (random NONZERO up-projections) saved in its format; classifiers
+    also get a random head. Returns the wrapped model (PyTorch reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from edgepeft.train import bottleneck
+
+    torch.manual_seed(seed)
+    if task == "causal-lm":
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        heads = None
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
+                                                                  dtype=torch.float32)
+        heads = ["classifier"]
+    cfg = bottleneck.config_for(base, size=size, non_linearity=non_linearity, placement=placement, task=task,
+                                heads=heads, base_name=str(base_dir))
+    model = bottleneck.wrap(base, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, scale)
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+def load_family_model(base_dir, adapter_dir, *, task="causal-lm", num_labels=None):
+    """The PyTorch reference of a saved adapter of any family: PEFT's model, or the bottleneck module."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from edgepeft.train import bottleneck
+
+    if task == "causal-lm":
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
+                                                                  dtype=torch.float32)
+    ptype = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["peft_type"]
+    if ptype == "BOTTLENECK":
+        return bottleneck.load(base, adapter_dir).eval()
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -126,6 +126,81 @@ def build_encoder_bundle(root: Path, private_key: Path) -> dict:
     return {"bundle": res.bundle_dir, "manifest": res.manifest, "model_info": res.manifest["model"], "base": base}
 
 
+FAMILY_PROMPT = "the tin ünï ☃"
+FAMILY_STEPS = 10
+# name -> family of the adapters the "families" fixture bundle carries (one of each, LoRA beside them)
+FAMILY_ADAPTERS = {"voice": "lora", "pre": "prefix-tuning", "prm": "prompt-tuning", "bn": "bottleneck"}
+
+
+def build_families_bundle(root: Path, private_key: Path) -> dict:
+    """Tiny llama (GQA: 4 heads, 2 key/value heads) + one adapter of every family in one signed fp32 bundle,
+    a LoRA-only bundle of the same base (no bottleneck slots), next versions of the prefix (int8 payload),
+    prompt and bottleneck adapters as update packages, and the PyTorch+PEFT reference: greedy ids and
+    per-step logits for every adapter and none (what the device must reproduce, recorded on the host)."""
+    from test_export_support import (make_bottleneck_adapter, make_peft_adapter, make_prompt_adapter,
+                                     tiny_llama_dir)
+
+    from edgepeft.bundle.build import build_bundle
+    from edgepeft.release.package import create_adapter_update
+
+    base = tiny_llama_dir(root / "base", seed=0, vocab_size=VOCAB, initializer_range=0.2)
+    byte_level_tokenizer(base)
+    dirs = {n: root / f"adapter-{n}" for n in FAMILY_ADAPTERS}
+    models = {"voice": make_peft_adapter(base, dirs["voice"], r=4, alpha=8, targets=("q_proj", "v_proj"), seed=31),
+              "pre": make_prompt_adapter(base, dirs["pre"], kind="prefix-tuning", tokens=6, seed=32),
+              "prm": make_prompt_adapter(base, dirs["prm"], kind="prompt-tuning", tokens=5, seed=33),
+              "bn": make_bottleneck_adapter(base, dirs["bn"], size=8, seed=34)}
+    res = build_bundle(base=str(base), adapters=list(dirs.items()), target="x86-64-gateway", key=private_key,
+                       out=root / "bundle", quant="fp32", slot_rank=4)
+    plain = build_bundle(base=str(base), adapters=[("voice", dirs["voice"])], target="x86-64-gateway",
+                         key=private_key, out=root / "plain", quant="fp32", slot_rank=4)
+    nxt = {"pre": root / "adapter-pre-2", "prm": root / "adapter-prm-2", "bn": root / "adapter-bn-2"}
+    make_prompt_adapter(base, nxt["pre"], kind="prefix-tuning", tokens=7, seed=35)
+    make_prompt_adapter(base, nxt["prm"], kind="prompt-tuning", tokens=3, seed=36)
+    make_bottleneck_adapter(base, nxt["bn"], size=12, placement="pfeiffer", seed=37)
+    upd = root / "updates"
+    upd.mkdir()
+    packages = {}
+    for name, dtype in (("pre", "int8"), ("prm", "fp16"), ("bn", "fp32")):
+        packages[name] = upd / f"{name}-2.epu"
+        create_adapter_update(bundle=res.bundle_dir, name=name, adapter=nxt[name], version=2, key=private_key,
+                              out=packages[name], adapter_dtype=dtype)
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(res.bundle_dir / "tokenizer.json")).encode(FAMILY_PROMPT,
+                                                                             add_special_tokens=False).ids
+    reference = {name or "": _torch_greedy(models[name] if name else models["voice"], ids, FAMILY_STEPS,
+                                           bare=name is None) for name in (None, *FAMILY_ADAPTERS)}
+    reference_v2 = {}
+    for name, d in nxt.items():
+        from test_export_support import load_family_model
+
+        reference_v2[name] = _torch_greedy(load_family_model(base, d), ids, FAMILY_STEPS)
+    return {"bundle": res.bundle_dir, "manifest": res.manifest, "plain": plain.bundle_dir, "base": base,
+            "packages": packages, "adapters": dirs, "next": nxt, "prompt_ids": ids,
+            "torch": reference, "torch_v2": reference_v2}
+
+
+def _torch_greedy(model, ids, steps: int, *, bare: bool = False) -> dict:
+    """Greedy ids and each step's last-position logits from PyTorch (the PEFT or bottleneck model; ``bare``:
+    its base with the adapter off), re-running the whole sequence each step (no cache to get wrong)."""
+    import contextlib
+
+    import torch
+
+    seq, out, rows = list(ids), [], []
+    off = model.disable_adapter() if bare else contextlib.nullcontext()
+    with off, torch.no_grad():
+        for _ in range(steps):
+            x = torch.tensor([seq])
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1]
+            rows.append([float(v) for v in logits])
+            tok = int(logits.argmax())
+            out.append(tok)
+            seq.append(tok)
+    return {"tokens": out, "logits": rows}
+
+
 def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapter_file: Path | None = None,
                      logits: list | None = None):
     """The plainest possible loop: session.run, a growing numpy cache, ORT's own LoraAdapter.
@@ -212,6 +287,8 @@ def _build(kind: str, root: Path) -> dict:
         built = build_decoder_bundle(root, priv, quant="int4", target="raspberry-pi-5")
     elif kind == "encoder":
         built = build_encoder_bundle(root, priv)
+    elif kind == "families":
+        built = build_families_bundle(root, priv)
     else:
         raise ValueError(f"unknown fixture kind {kind!r}")
     built |= {"private_key": priv, "public_key": pub, "root": root}
@@ -220,7 +297,7 @@ def _build(kind: str, root: Path) -> dict:
     return built
 
 
-KINDS = ("decoder", "decoder-int4", "encoder")
+KINDS = ("decoder", "decoder-int4", "encoder", "families")
 
 
 def _to_json(value, root: Path):
