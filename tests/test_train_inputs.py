@@ -185,7 +185,7 @@ def test_cli_help_and_error_path(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(command, ["--help"])
-    assert res.exit_code == 0 and "--method [lora|qlora]" in res.output and "--resume" in res.output
+    assert res.exit_code == 0 and "--method [lora|qlora|prompt-tuning|prefix-tuning|bottleneck]" in res.output and "--resume" in res.output
     res = runner.invoke(command, ["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, DataError)  # the CLI group formats it
     res = runner.invoke(command, ["--data", "d.jsonl", "--out", str(tmp_path / "o"), "--rank", "0"])

@@ -1,4 +1,4 @@
-"""``edgepeft train``: fine-tune a LoRA/QLoRA adapter (thin wrapper over :func:`edgepeft.train.train`).
+"""``edgepeft train``: fine-tune an adapter of any family (thin wrapper over :func:`edgepeft.train.train`).
 
 Imports nothing heavy at module level, so ``edgepeft train --help`` is instant.
 EdgePeftError propagates; the CLI group turns it into one line.
@@ -13,7 +13,8 @@ import dataclasses
 import click
 
 from edgepeft.basemodel import BASE_HELP  # torch-free, like the options below
-from edgepeft.train.options import TrainOptions  # torch-free: keeps --help instant
+from edgepeft.train.options import (DEFAULT_LR, METHODS, NON_LINEARITIES, PLACEMENTS,  # torch-free: keeps --help
+                                    TrainOptions)  # instant
 
 # Defaults live in TrainOptions only; the options below read them from there.
 D = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
@@ -25,7 +26,12 @@ Data shapes (JSON Lines, CSV, or a datasets directory):
   plain text  {"text": "..."}
   classifier  {"text": "...", "label": "fraud"}           (optional "slice")
 \b
-Output: OUT/ holds a PEFT adapter, edgepeft_training.json (options, data hash,
+Methods: lora, qlora (4-bit NF4 base), prompt-tuning and prefix-tuning (PEFT; decoders),
+bottleneck (small layers after the attention and/or MLP blocks; decoders and classifiers).
+Every family is built, signed, shipped and hot-swapped on devices like LoRA.
+\b
+Output: OUT/ holds the adapter (PEFT's format; bottleneck: edgepeft's, documented in
+edgepeft/train/bottleneck.py), edgepeft_training.json (options, data hash,
 base fingerprint, metrics) and loss_curve.png. While training, checkpoints live
 in OUT.partial/; Ctrl-C saves one and --resume continues from it.
 Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
@@ -33,7 +39,7 @@ Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
 """
 
 
-@click.command("train", epilog=EPILOG, short_help="Fine-tune a LoRA/QLoRA adapter.")
+@click.command("train", epilog=EPILOG, short_help="Fine-tune an adapter (LoRA, QLoRA, prompt, prefix, bottleneck).")
 @click.option("--data", required=True, help="Training data: .jsonl/.json/.csv/.tsv file or a datasets directory.")
 @click.option("--out", required=True, type=click.Path(), help="Adapter directory to create.")
 @click.option("--base", default=None, help=f"{BASE_HELP} [default: smollm2-135m-instruct; all-minilm-l6-v2 for "
@@ -41,16 +47,32 @@ Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default=None,
               help="[default: classification when the data has a label column, else causal-lm; text beside a "
                    "label-like column is refused until you rename it or choose].")
-@click.option("--method", type=click.Choice(["lora", "qlora"]), default=D["method"], show_default=True,
-              help="qlora: 4-bit NF4 base via bitsandbytes, with gradient checkpointing.")
+@click.option("--method", type=click.Choice(list(METHODS)), default=D["method"], show_default=True,
+              help="qlora: 4-bit NF4 base via bitsandbytes, with gradient checkpointing; prompt-tuning / "
+                   "prefix-tuning: decoders only.")
 @click.option("--rank", "-r", type=int, default=D["rank"], show_default=True, help="LoRA rank.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 x rank].")
 @click.option("--dropout", type=float, default=D["dropout"], show_default=True, help="LoRA dropout.")
 @click.option("--target-modules", default=None,
-              help="Comma-separated module names [default: attention + MLP projections of the architecture].")
+              help="LoRA: comma-separated module names [default: attention + MLP projections of the architecture].")
+@click.option("--virtual-tokens", type=int, default=D["virtual_tokens"], show_default=True,
+              help="Prompt/prefix tuning: virtual tokens before every prompt (key/value positions on the device).")
+@click.option("--prompt-init", default=None, metavar="TEXT",
+              help="Prompt/prefix tuning: start the soft prompt (its embeddings) or the prefix (its keys and "
+                   "values) from this text [default: tokens sampled from the vocabulary].")
+@click.option("--prefix-projection", is_flag=True, help="Prefix tuning: train through PEFT's MLP reparametrisation.")
+@click.option("--bottleneck-size", type=int, default=None, help="Bottleneck width [default: hidden size / 16].")
+@click.option("--placement", type=click.Choice(list(PLACEMENTS)), default=D["placement"], show_default=True,
+              help="Bottleneck: houlsby (after attention and MLP) or pfeiffer (after the MLP only).")
+@click.option("--non-linearity", type=click.Choice(list(NON_LINEARITIES)), default=D["non_linearity"],
+              show_default=True, help="Bottleneck non-linearity (the bundle's bottleneck slots apply the same one).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in the backward pass: less memory, slower (not with prefix-tuning).")
 @click.option("--epochs", type=float, default=D["epochs"], show_default=True, help="Passes over the training split.")
 @click.option("--steps", "max_steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", "learning_rate", type=float, default=D["learning_rate"], show_default=True, help="Peak learning rate.")
+@click.option("--lr", "learning_rate", type=float, default=None,
+              help="Peak learning rate [default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()
+                                                              if k != "qlora") + "].")
 @click.option("--batch-size", type=int, default=D["batch_size"], show_default=True, help="Examples per device per micro-batch.")
 @click.option("--grad-accum", type=int, default=D["grad_accum"], show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-length", type=int, default=D["max_length"], show_default=True, help="Tokens per example (longer ones are cut).")
@@ -70,13 +92,14 @@ Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
               help="auto: bf16 autocast on a GPU that has it, fp32 otherwise.")
 @click.option("--save-every", type=int, default=D["save_every"], show_default=True, help="Checkpoint every N steps (0: on Ctrl-C only).")
 @click.option("--init-adapter", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Start from this adapter's weights (same base, rank, modules) to train its next version.")
+              help="Start from this adapter's weights (same base, method and size) to train its next version.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.partial/.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once training succeeds).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON at the end.")
 def command(as_json: bool, **kwargs) -> None:
-    """Fine-tune a LoRA/QLoRA adapter on a server and write a PEFT adapter directory."""
+    """Fine-tune an adapter (LoRA, QLoRA, prompt or prefix tuning, bottleneck) on a server and write its
+    directory."""
     from edgepeft.train import TrainOptions, train
 
     def plan(lines: list[str]) -> None:  # which task, base and columns were chosen, before the weights load

@@ -157,8 +157,9 @@ def _attach_bottleneck(opts, model, task, heads, source):
 
 
 def _attach_prompt(opts, model, task, tokenizer):
-    """PEFT prompt tuning (soft prompt initialised from ``--prompt-init`` text, else from sampled vocabulary
-    embeddings) or prefix tuning (the per-layer key/value prefix itself, or through PEFT's MLP)."""
+    """PEFT prompt tuning (a soft prompt) or prefix tuning (the per-layer key/value prefix itself, or through
+    PEFT's MLP), both started from real tokens: ``--prompt-init`` text, else tokens sampled from the vocabulary."""
+    import torch
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     if task == "classification":  # the runner refuses this before any weights load; a guard for the API
@@ -174,26 +175,48 @@ def _attach_prompt(opts, model, task, tokenizer):
         except ValueError as exc:  # e.g. a base that keeps no per-layer key/value cache
             raise TrainError(f"cannot attach prefix tuning to {model.config.model_type}: {exc}",
                              hint="use --method prompt-tuning or lora") from exc
-        return peft_model, {"virtual_tokens": n, "prefix_projection": opts.prefix_projection}
-    init = PromptTuningInit.SAMPLE_VOCAB if not opts.prompt_init else PromptTuningInit.RANDOM
+        if not opts.prefix_projection:
+            _init_prefix(peft_model, _init_ids(tokenizer, opts.prompt_init, n, model.config.vocab_size, opts.seed))
+        return peft_model, {"virtual_tokens": n, "prefix_projection": opts.prefix_projection,
+                            "init": opts.prompt_init or ("sampled vocabulary" if not opts.prefix_projection
+                                                         else "random (PEFT)")}
     peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
-                                                          prompt_tuning_init=init))
-    if opts.prompt_init:
-        _init_from_text(peft_model, tokenizer, opts.prompt_init, n)
-    return peft_model, {"virtual_tokens": n, "prompt_init": opts.prompt_init or "sampled vocabulary"}
+                                                          prompt_tuning_init=PromptTuningInit.RANDOM))
+    ids = _init_ids(tokenizer, opts.prompt_init, n, model.config.vocab_size, opts.seed)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(peft_model.word_embeddings(ids))
+    return peft_model, {"virtual_tokens": n, "init": opts.prompt_init or "sampled vocabulary"}
 
 
-def _init_from_text(peft_model, tokenizer, text: str, n: int) -> None:
-    """PEFT's TEXT init with the run's own tokenizer: the text's token embeddings, repeated or cut to ``n``."""
+def _init_ids(tokenizer, text: str | None, n: int, vocab: int, seed: int):
+    """``n`` token ids to start a soft prompt or prefix from: ``text``'s tokens, repeated or cut to ``n``, or
+    (no text) tokens sampled from the vocabulary, as PEFT's SAMPLE_VOCAB init does. Raises :class:`TrainError`."""
     import torch
 
+    if text is None:
+        return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise TrainError(f"--prompt-init {text!r} encodes to no tokens", hint="give a few words of text")
-    ids = (ids * (n // len(ids) + 1))[:n]
-    emb = peft_model.word_embeddings(torch.tensor(ids)).detach().clone()
+    return torch.tensor((ids * (n // len(ids) + 1))[:n])
+
+
+def _init_prefix(peft_model, ids) -> None:
+    """Start a prefix from the key/values the base computes for real tokens (Li & Liang 2021 found this far
+    more stable than PEFT's random init, which here sent SmolLM2's held-out loss from 4.5 to 9.6), laid out
+    as PEFT's ``get_prompt`` reads them: [tokens, layers * 2 (key, value), kv_heads * head_dim]."""
+    import torch
+
+    base = peft_model.get_base_model()
     with torch.no_grad():
-        peft_model.prompt_encoder["default"].embedding.weight.copy_(emb)
+        cache = base(input_ids=ids[None], use_cache=True).past_key_values
+        rows = []
+        for layer in range(len(cache.layers) if hasattr(cache, "layers") else len(cache)):
+            k, v = (cache.layers[layer].keys, cache.layers[layer].values) if hasattr(cache, "layers") else cache[layer]
+            for t in (k, v):  # [1, kv_heads, n, head_dim] -> [n, kv_heads * head_dim]
+                rows.append(t[0].permute(1, 0, 2).reshape(t.shape[2], -1))
+        weight = peft_model.prompt_encoder["default"].embedding.weight
+        weight.copy_(torch.cat(rows, dim=1).to(weight.dtype))
 
 
 def _no_checkpointing(model) -> None:

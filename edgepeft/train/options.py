@@ -94,7 +94,7 @@ class TrainOptions:
     save_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
     init_adapter: str | None = None  # start from this PEFT adapter's weights (its next version)
     virtual_tokens: int = 20  # prompt/prefix tuning: virtual tokens (the prefix's key/value positions)
-    prompt_init: str | None = None  # prompt tuning: initialise the soft prompt from this text's embeddings
+    prompt_init: str | None = None  # prompt/prefix tuning: start from this text (else sampled vocabulary tokens)
     prefix_projection: bool = False  # prefix tuning: train through PEFT's MLP reparametrisation
     bottleneck_size: int | None = None  # bottleneck: width of the down-projection (None: hidden // 16)
     placement: str = "houlsby"  # bottleneck: houlsby (after attention and MLP) or pfeiffer (after the MLP)
