@@ -168,17 +168,24 @@ def build_slot_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = T
         else:
             tensors[b_name][c0:c0 + r, mod.out_offset:mod.out_offset + mod.out_size] = (b * scaling).T
         trained.add(name)
+    labels = _saved_head(lora, model_info, tensors, labels, "modules_to_save other than the classification head "
+                                                            "cannot be swapped; use merge mode")
+    lora.trained = sorted(trained)
+    return tensors, lora, labels
+
+
+def _saved_head(adapter, model_info: dict, tensors: dict, labels, hint: str):
+    """A classifier's head from ``adapter.saved`` into ``tensors``; returns its labels (None for a decoder).
+    Raises :class:`AdapterError` when the adapter saves any other whole module."""
     if model_info.get("task") == "classification":
-        labels = _labels(lora.path, _head_tensors(lora, model_info, tensors), labels)
+        labels = _labels(adapter.path, _head_tensors(adapter, model_info, tensors), labels)
         allowed = {f"{h['module']}.{p}" for h in head_stages(model_info) for p in ("weight", "bias")}
     else:
         labels, allowed = None, set()
-    extra = sorted(k for k in lora.saved if k not in allowed)
+    extra = sorted(k for k in adapter.saved if k not in allowed)
     if extra:
-        raise AdapterError(f"{lora.path.name}: adapter also saves whole modules ({', '.join(extra)})",
-                           hint="modules_to_save other than the classification head cannot be swapped; use merge mode")
-    lora.trained = sorted(trained)
-    return tensors, lora, labels
+        raise AdapterError(f"{adapter.path.name}: adapter also saves whole modules ({', '.join(extra)})", hint=hint)
+    return labels
 
 
 def _head_tensors(lora, model_info: dict, tensors: dict) -> int:
@@ -315,15 +322,8 @@ def family_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = True,
             raise AdapterError("this bundle's graph has no adapter slots (merged export)",
                                hint="export the base with slots to ship swappable adapters")
         tensors, b = bottleneck_slot_tensors(peft_dir, model_info)
-        if model_info.get("task") == "classification":
-            labels = _labels(b.path, _head_tensors(b, model_info, tensors), labels)
-            allowed = {f"{h['module']}.{p}" for h in head_stages(model_info) for p in ("weight", "bias")}
-        else:
-            labels, allowed = None, set()
-        extra = sorted(k for k in b.saved if k not in allowed)
-        if extra:
-            raise AdapterError(f"{b.path.name}: adapter also saves whole modules ({', '.join(extra)})",
-                               hint="only a classifier's head may travel with a bottleneck adapter")
+        labels = _saved_head(b, model_info, tensors, labels, "only a classifier's head may travel with a "
+                                                            "bottleneck adapter")
         cfg = b.config
         return tensors, AdapterInfo(name=b.path.name, rank=0, alpha=None, method=BOTTLENECK,
                                     target_modules=list(cfg.points), bytes=0, dtype="", slot_rank=slot_rank,
