@@ -80,7 +80,7 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     # genai and llama.cpp peers are left to the full run: building genai models takes ~20 s each
     rc = main(["--smoke", "--out", str(out), "--work", str(work), "--readme", str(readme), "--reps", "2",
                "--systems", "transformers,edgepeft",
-               "--sections", "decode,switch,sizes,quality,transport,classify"])
+               "--sections", "decode,switch,sizes,quality,transport,classify,families"])
     assert rc == 0
     data = json.loads((out / "bench-smoke.json").read_text())
     assert data["schema"] == "edgepeft-bench/1" and data["mode"] == "smoke"
@@ -96,8 +96,13 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     assert torch_fig["n"] == 2 and torch_fig["median"] > 0 and torch_fig["unit"] == "tok/s"
     for key in ("median", "p25", "p75", "iqr", "samples", "ratios"):
         assert key in torch_fig
+    families = {f["system"]: f for g in sections["families"]["groups"] for f in g["figures"]}
+    for method in ("lora", "prefix-tuning", "prompt-tuning", "bottleneck"):
+        assert families[f"{method} int8"]["median"] < families[f"{method} fp32"]["median"], method
+    assert {"edgepeft int4 (no bottleneck slots)", "+ prefix (20 tokens)", "+ bottleneck (houlsby, hidden/16)",
+            "+ prompt (20 tokens, compiled cache)", "+ LoRA r8 (all linear)"} <= set(families), sorted(families)
     table = (out / "table-smoke.md").read_text()
-    assert "Decode speed" in table and "Updates: serial line use" in table
+    assert "Decode speed" in table and "Updates: serial line use" in table and "Adapter families" in table
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())
