@@ -103,6 +103,28 @@ def test_readme_train_commands_are_the_examples_settings(example, data):
     assert readme == want
 
 
+def test_readme_prompt_tuning_command_is_the_families_example_setting():
+    from edgepeft.cli.cmd_train import command
+    from edgepeft.train import TrainOptions
+
+    argv = next(a for a in _edgepeft_commands() if a[1] == "train" and "prompt-tuning" in a)
+    params = command.make_context("train", argv[2:]).params
+    params.pop("as_json")
+    readme = asdict(TrainOptions(**params))
+    want = asdict(TrainOptions(**(_load("train_adapter_families").SETTINGS["prompt-tuning"] | {"out": readme["out"]})))
+    for key in ("data", "eval_data"):
+        readme[key] = str((ROOT / readme[key]).resolve())
+    assert readme == want
+
+
+def test_the_demo_serves_a_new_family_beside_lora_from_one_bundle():
+    cmds = commands(readme_paths())
+    build = next(c for c in cmds if c.startswith("edgepeft build") and "bundles/pi5" in c)
+    assert "northwind=adapters/northwind" in build and "northwind-prompt=adapters/northwind-prompt" in build
+    assert any("--adapter northwind-prompt" in c and c.startswith("edgepeft run") for c in cmds)
+    assert any(c.startswith("curl") and "northwind-prompt" in c for c in cmds)
+
+
 @pytest.mark.slow
 def test_the_readme_classifier_path_classifies_its_own_example_on_the_real_model(tmp_path):
     """The README's classifier commands, run as written (about 3 minutes on 2 cores): its example text is a

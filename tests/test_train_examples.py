@@ -49,6 +49,34 @@ def test_bank_intents_script_on_tiny_base(tiny, tmp_path, capsys):
     assert "slice sms" in capsys.readouterr().out
 
 
+def test_adapter_families_script_on_tiny_base(tiny, tmp_path, capsys):
+    args = ["--base", tiny["llama"], "--steps", "2", "--eval-generate", "2", "--max-new-tokens", "4", "--quiet",
+            "--out", str(tmp_path / "a"), "--results", str(tmp_path / "r.json")]
+    summary = load("train_adapter_families").main(args)
+    assert set(summary["after"]) == {"prompt-tuning", "prefix-tuning", "bottleneck"}
+    assert "trained numbers" in capsys.readouterr().out
+    assert summary["trainable_params"]["prompt-tuning"] == 20 * 64  # 20 virtual tokens x hidden 64
+    # --from reports on adapters trained elsewhere; the bare base comes from the one trained with --eval-before
+    again = load("train_adapter_families").main(["--from", f"bottleneck={tmp_path / 'a' / 'bottleneck'}",
+                                                 "--from", f"prompt-tuning={tmp_path / 'a' / 'prompt-tuning'}",
+                                                 "--out", str(tmp_path / "b"), "--results", str(tmp_path / "r2.json")])
+    assert again["after"]["bottleneck"] == summary["after"]["bottleneck"]
+    assert again["before"] == summary["before"]
+    with pytest.raises(SystemExit, match="eval-before"):
+        load("train_adapter_families").main(["--from", f"bottleneck={tmp_path / 'a' / 'bottleneck'}",
+                                             "--out", str(tmp_path / "c"), "--results", str(tmp_path / "r3.json")])
+
+
+@pytest.mark.slow
+def test_adapter_families_change_behaviour_on_the_real_model(tmp_path):
+    """Each family moves SmolLM2 towards the Northwind voice on held-out questions (~25 CPU-minutes)."""
+    s = load("train_adapter_families").main(["--quiet", "--out", str(tmp_path / "a"),
+                                             "--results", str(tmp_path / "r.json")])
+    for method, after in s["after"].items():
+        assert after["perplexity of reference answers"] < s["before"]["perplexity of reference answers"] / 3, method
+        assert after["greeting 'Hi there!'"] >= 0.5 > s["before"]["greeting 'Hi there!'"], method
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, check", [
     ("train_bank_intents", lambda s: s["after"]["accuracy"] > s["before"]["accuracy"] + 0.3),

@@ -2,7 +2,7 @@
 # The README's quickstart and classifier paths, command for command, on the embedded SmolLM2-135M-Instruct and
 # all-MiniLM-L6-v2, offline. tests/test_readme_demo.py checks that every `edgepeft` and `curl` command in those
 # README sections runs here verbatim, and that every one run here is in the README.
-# Run it through `make demo`, which creates the environment first. About 13 CPU-minutes: 7-8 minutes on 2 idle cores.
+# Run it through `make demo`, which creates the environment first. About 17 CPU-minutes: 9-10 minutes on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,24 +20,32 @@ step "1. device target profiles, and the signing key (the .key stays on the serv
 edgepeft targets
 edgepeft keygen --out keys/fleet
 
-step "2. train a LoRA adapter in the Northwind support voice on SmolLM2-135M-Instruct (before -> after on held-out questions)"
+step "2. train a LoRA adapter in the Northwind support voice on SmolLM2-135M-Instruct (before -> after on held-out questions),"
+step "   and the same voice by prompt tuning (20 virtual tokens, the model untouched)"
 edgepeft train --data examples/northwind_support/train.jsonl --eval-data examples/northwind_support/eval.jsonl \
   --out adapters/northwind --steps 30 --batch-size 2 --lr 2e-3 --max-length 160 --warmup 0.1 \
   --eval-before --eval-generate 8 --max-new-tokens 96
+edgepeft train --method prompt-tuning --data examples/northwind_support/train.jsonl \
+  --eval-data examples/northwind_support/eval.jsonl --out adapters/northwind-prompt --steps 30 --batch-size 2 \
+  --max-length 160 --warmup 0.1 --eval-before --eval-generate 8 --max-new-tokens 96
 
-step "3. build an int4 bundle for a Raspberry Pi 5: base once, the adapter as a small swappable file, signed"
-edgepeft build --adapter northwind=adapters/northwind --target raspberry-pi-5 \
-  --health-check examples/northwind_support/health.jsonl --key keys/fleet.key --out bundles/pi5
+step "3. build an int4 bundle for a Raspberry Pi 5: base once, both adapters as small swappable files, signed"
+edgepeft build --adapter northwind=adapters/northwind --adapter northwind-prompt=adapters/northwind-prompt \
+  --target raspberry-pi-5 --health-check examples/northwind_support/health.jsonl --key keys/fleet.key --out bundles/pi5
 
-step "4. run on the device side (no torch): the bare base, then the adapter, one loaded model"
+step "4. run on the device side (no torch): the bare base, then each adapter (LoRA, prompt tuning), one loaded model"
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --adapter northwind --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
+edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --adapter northwind-prompt --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 
-step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only)"
+step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only): each adapter is a model id"
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --serve --port 8080 &
 curl -s --retry 60 --retry-connrefused --retry-delay 1 http://127.0.0.1:8080/v1/chat/completions \
   -H 'Content-Type: application/json' \
   -d '{"model": "northwind", "max_tokens": 60, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
+echo
+curl -s http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model": "northwind-prompt", "max_tokens": 60, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 kill $!
 
 step "6. train an intent classifier (LoRA on all-MiniLM-L6-v2), build int8 for the x86-64 gateway, classify"
@@ -54,6 +62,7 @@ edgepeft eval bundles/gateway --trusted-key keys/fleet.pub --data examples/bank_
 
 step "8. before/after tables from the training records; the adapters go to examples/out, where make bench reads them"
 python examples/train_support_voice.py --from adapters/northwind
+python examples/train_adapter_families.py --from prompt-tuning=adapters/northwind-prompt
 python examples/train_bank_intents.py --from adapters/intents
 
 wait_for() {  # seconds, then a command that must succeed before that
