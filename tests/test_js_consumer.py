@@ -121,6 +121,16 @@ def test_js_app_refuses_what_the_engine_refuses(node_modules, tmp_path_factory, 
         assert proc.stdout == ""
 
 
+def test_js_app_refuses_families_it_does_not_apply_and_still_runs_lora_from_the_same_bundle(node_modules,
+                                                                                           tmp_path_factory):
+    b = cached_bundle("families", tmp_path_factory)
+    for name, method in (("pre", "prefix-tuning"), ("prm", "prompt-tuning"), ("bn", "bottleneck")):
+        proc = _run_js(b, adapter=name, prompt="hi", check=False)
+        assert proc.returncode == 1 and f"is a {method} adapter; this example applies LoRA" in proc.stderr
+    want = Engine(b["bundle"], [b["public_key"]]).generate("the tin", adapter="voice", max_new_tokens=8)
+    assert _run_js(b, adapter="voice", prompt="the tin", tokens=8)["token_ids"] == want.token_ids
+
+
 def _random_doubles(n: int, seed: int = 7) -> list[float]:
     rng, out = random.Random(seed), []
     while len(out) < n:

@@ -41,6 +41,10 @@ function adapterTensors(bundle, name) {
     throw new BundleError(`${source} was built for base ${entry.base_fingerprint}, this bundle's base is ${manifest.base.fingerprint}`);
   }
   if ((entry.task || "causal-lm") !== "causal-lm") throw new BundleError(`${source} is a ${entry.task} adapter`);
+  if ((entry.method || "lora") !== "lora") {  // bottleneck slots and prefixes: docs/bundle-format.md 6.3, 6.4
+    throw new BundleError(`${source} is a ${entry.method} adapter; this example applies LoRA adapters only`,
+      "run it with edgepeft, or extend this consumer as docs/bundle-format.md sections 6.3 and 6.4 describe");
+  }
   const tensors = expandToFloat32(readAdapter(bundle.file(entry.file), source), source);
   const slots = manifest.model.slots || {};
   const ranks = new Set();
