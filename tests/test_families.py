@@ -242,3 +242,30 @@ def test_build_and_update_create_refuse_what_devices_could_not_apply(families_bu
                                key=keypair[0], out=tmp_path / "pre.epu")
     assert ok.meta["adapter"]["method"] == "prefix-tuning" and ok.meta["adapter"]["virtual_tokens"] == 4
     assert ok.meta["slots"] == sorted(f"prefix.{i}.{w}" for i in range(2) for w in ("key", "value"))
+
+
+@pytest.mark.slow
+def test_each_family_on_the_real_smollm2_answers_as_pytorch_peft(tmp_path, keypair):
+    """SmolLM2-135M-Instruct fp32 bundle with a prefix, a compiled soft prompt and a bottleneck adapter (made
+    from real tokens / small random weights, untrained): the device's greedy ids equal PyTorch+PEFT's."""
+    from edgepeft.basemodel import resolve_base
+    from edgepeft.bundle.build import build_bundle
+    from edgepeft.runtime import Engine
+
+    base = resolve_base(None).path
+    make_prompt_adapter(base, tmp_path / "pre", kind="prefix-tuning", tokens=8, scale=0.05)
+    make_prompt_adapter(base, tmp_path / "prm", kind="prompt-tuning", tokens=8, scale=0.02)
+    make_bottleneck_adapter(base, tmp_path / "bn", size=16, scale=0.02)
+    res = build_bundle(base=None, adapters=[(n, tmp_path / n) for n in ("pre", "prm", "bn")],
+                       target="x86-64-gateway", key=keypair[0], out=tmp_path / "bundle", quant="fp32",
+                       adapter_dtype="fp32")
+    engine = Engine(res.bundle_dir, [keypair[1]])
+    msgs = [{"role": "user", "content": "My Wi-Fi keeps dropping every evening. What should I do?"}]
+    ids = engine.encode_prompt(messages=msgs)
+    x = torch.tensor([ids])
+    for name in ("pre", "prm", "bn"):
+        got = engine.generate(messages=msgs, adapter=name, max_new_tokens=24).token_ids
+        with torch.no_grad():
+            ref = load_family_model(base, tmp_path / name).generate(
+                input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)[0, len(ids):]
+        assert got == ref.tolist()[:len(got)] and len(got) >= 8, name

@@ -205,3 +205,19 @@ def test_a_bottleneck_adapter_named_as_lora_is_refused(built, tmp_path):
     eng = Engine(built["bundle"], [built["public_key"]], threads=1)
     res = Updater(eng, tmp_path / "state").install(data)
     assert res.status == "rejected" and "bottleneck slot" in res.reason, res.reason
+
+
+def test_a_prefix_update_that_fails_its_health_check_rolls_back(built, tmp_path):
+    """The health check runs on the prepared prefix adapter itself (not served yet); a failure leaves v1."""
+    from edgepeft.update.installer import Updater
+
+    def check(meta):
+        meta["health_checks"] = [{"input": FAMILY_PROMPT, "expect": {"contains": "never-in-this-answer"},
+                                  "max_new_tokens": 4}]
+    eng = Engine(built["bundle"], [built["public_key"]], threads=1)
+    before = eng.generate(FAMILY_PROMPT, adapter="prm", max_new_tokens=6).token_ids
+    res = Updater(eng, tmp_path / "state").install(forge(built["packages"]["prm"].read_bytes(), built["private_key"],
+                                                         mutate=check))
+    assert res.status == "rolled-back" and "never-in-this-answer" in res.reason, res.reason
+    assert eng.registry.get("prm").version == 1
+    assert eng.generate(FAMILY_PROMPT, adapter="prm", max_new_tokens=6).token_ids == before
