@@ -294,3 +294,33 @@ def test_a_bottleneck_classifier_on_the_real_minilm_learns_and_scores_the_same_o
     device = classifier_metrics(Engine(res.bundle_dir, [keypair[1]]), rows, adapter="intents",
                                 labels=result.record["labels"])
     assert device["accuracy"] == m["eval"]["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "bottleneck"])
+def test_ctrl_c_and_resume_give_the_uninterrupted_run_for_the_other_families(method, tmp_path):
+    import os
+    import signal
+
+    from edgepeft.train import TrainingInterrupted, train
+    from edgepeft.train.tiny import tiny_llama
+
+    base = str(tiny_llama(tmp_path / "base"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"reset my password {i}", "completion": "cheers"}) + "\n"
+                            for i in range(16)))
+    opts = dict(data=str(data), base=base, method=method, max_steps=4, batch_size=4, eval_split=0.0,
+                virtual_tokens=3, progress=False, warmup=0.0, max_length=32)
+    reference = train(**opts, out=str(tmp_path / "ref"))
+
+    def press_ctrl_c(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(**opts, out=str(tmp_path / "run"), on_step=press_ctrl_c)
+    resumed = train(**opts, out=str(tmp_path / "run"), resume=True)
+    assert resumed.record["loss_curve"] == reference.record["loss_curve"]
+    ref = dict(reference.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, ref[name], atol=1e-6, rtol=1e-5)
