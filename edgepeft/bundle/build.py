@@ -26,7 +26,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import AdapterError, BuildError, UsageError
 from ..spec.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
-from ..spec.target import QuantSpec, TargetProfile, load_target
+from ..spec.target import GGUF_MODES, QuantSpec, TargetProfile, load_target
 from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
@@ -90,6 +90,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
                  key: str | os.PathLike, out: str | os.PathLike, quant: str | None = None,
                  merge: str | None = None, adapter_dtype: str | None = None, slot_rank: int | None = None,
                  health_checks: str | os.PathLike | None = None, task: str | None = None, force: bool = False,
+                 gguf: str | None = None,
                  progress: Callable[[str], None] = lambda msg: None) -> BuildResult:
     """Build a signed bundle. See the module docstring for the order of checks.
 
@@ -103,6 +104,9 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     if quant not in QUANTS:
         raise UsageError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
     adapter_dtype = adapter_dtype or profile.quant.adapter_dtype
+    gguf = gguf or profile.quant.gguf
+    if gguf not in GGUF_MODES:
+        raise UsageError(f"--gguf {gguf!r} is not one of {', '.join(GGUF_MODES)}")
     private_key = load_private_key(key)
     out = Path(out)
     if out.exists() and not force:
@@ -145,7 +149,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         progress(f"exporting {source.name} for {task} ({quant}{', merged ' + merge if merge else ''})")
         exported = export_api.export_model(
             source, work, task=task, slot_rank=rank,
-            quant=QuantSpec(weights=quant, block_size=profile.quant.block_size, adapter_dtype=adapter_dtype),
+            quant=QuantSpec(weights=quant, block_size=profile.quant.block_size, adapter_dtype=adapter_dtype,
+                            gguf=gguf),
             target_modules=sorted({m for a in inputs for m in a.target_modules}) or "all-linear",
             merge_adapter=merged.path if merged else None, progress=progress)
         fingerprint = exported.fingerprint
@@ -185,7 +190,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             "base": {"name": source.name, "fingerprint": fingerprint, "task": task,
                      "architecture": exported.model_info.get("architecture", "unknown")},
             "target": profile.to_dict() | {"description": profile.description},
-            "quantization": {"weights": quant, "block_size": profile.quant.block_size, "adapter_dtype": adapter_dtype},
+            "quantization": {"weights": quant, "block_size": profile.quant.block_size, "adapter_dtype": adapter_dtype,
+                             "gguf": gguf},
             "model": {"graph": next(iter(exported.files))} | exported.model_info, "tokenizer": tokenizer_info,
             "generation": {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0,
                            "max_context": fit.context},

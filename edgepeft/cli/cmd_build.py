@@ -18,6 +18,11 @@ from ..basemodel import BASE_HELP  # torch-free
 @click.option("--target", required=True, help="Target profile name (see `edgepeft targets`) or path to a .toml.")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
               help="Base weight quantization [default: the target's].")
+@click.option("--gguf", type=click.Choice(["keep", "layers", "requantize"]), default=None,
+              help="A GGUF base's quantized blocks in an int4/int8 bundle: keep them all as they are (the weights "
+                   "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "
+                   "(smaller, a little lower quality), or re-quantize all (smallest, lowest quality) [default: the "
+                   "target's, keep].")
 @click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Adapter payload type [default: the target's].")
 @click.option("--merge", default=None, metavar="NAME", help="Merge this adapter into the base: a single-task bundle, no slots.")
@@ -30,8 +35,8 @@ from ..basemodel import BASE_HELP  # torch-free
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create (OUT.epb is written beside it).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
-def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task, health_checks, key, out, force,
-            as_json):
+def command(base, adapters, target, quant, gguf, adapter_dtype, merge, slot_rank, task, health_checks, key, out,
+            force, as_json):
     """Export the base once to ONNX with adapter slots, quantize it for a target, turn adapters into
     small swappable files (or merge one), and sign it all into a device bundle."""
     from ..bundle.adapters_in import parse_adapter_arg
@@ -44,7 +49,7 @@ def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task
 
     result = build_bundle(base=base, adapters=[parse_adapter_arg(a) for a in adapters], target=target, key=key,
                           out=out, quant=quant, merge=merge, adapter_dtype=adapter_dtype, slot_rank=slot_rank,
-                          health_checks=health_checks, task=task, force=force, progress=progress)
+                          health_checks=health_checks, task=task, force=force, gguf=gguf, progress=progress)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

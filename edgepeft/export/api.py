@@ -101,6 +101,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         sd, lora = merge_into(sd, merge_adapter, task=task)
         missing -= {k.rsplit(".", 1)[0] for k in lora.saved}
     out_dir = Path(out_dir)
+    blocks = _gguf_blocks(src, config, sd, wq, task, say)
     say(f"building the {wq.kind} graph")
     if task == "causal-lm":
         from .decoder_graph import build_decoder, plan_decoder
@@ -110,7 +111,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         ctx = int(max_context or min(config.max_position_embeddings, 4096))
         plan.rope = rope_tables(model, plan.rope_keys, ctx)
         graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
-                                    slots=merge_adapter is None)
+                                    slots=merge_adapter is None, blocks=blocks)
         dims = info["dims"]
         model_info = {
             "architecture": arch.family, "task": task, "model_type": config.model_type,
@@ -150,7 +151,8 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         "slot_shapes": {k: _concrete(v, slot_rank) for k, v in info["slots"].items()},
         "slot_rank": 0 if merged else slot_rank,
         "merged_adapter": Path(merge_adapter).name if merged else None,
-        "quant": wq.to_dict(),
+        "quant": wq.to_dict() | ({"gguf_blocks": blocks.describe(info["carried"])}
+                                 if blocks is not None and info.get("carried") else {}),
     })
     say("writing model.onnx")
     path = out_dir / MODEL_FILE
@@ -160,6 +162,25 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
 
 
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _gguf_blocks(src, config, sd: dict, wq: WeightQuant, task: str, say):
+    """The base's GGUF blocks to carry into an int4/int8 decoder graph (``gguf`` "keep" or "layers"), or None."""
+    if not wq.bits or wq.gguf == "requantize" or task != "causal-lm":
+        return None
+    from ..basemodel import gguf_origin
+
+    path = gguf_origin(src)
+    if path is None:
+        return None
+    from .gguf_blocks import load_gguf_blocks
+
+    say(f"reading the quantized blocks of {path.name}")
+    blocks = load_gguf_blocks(path, config, sd)
+    if blocks.skipped:
+        why = sorted(set(blocks.skipped.values()))
+        say(f"{len(blocks.weights)} GGUF weights carried as they are; {len(blocks.skipped)} re-quantized ({'; '.join(why)})")
+    return blocks
 
 
 def _missing_modules(arch, loading: dict | None) -> set:

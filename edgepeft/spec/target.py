@@ -22,6 +22,7 @@ DEVICE_CLASSES = ("phone", "jetson", "sbc", "gateway", "serial-gateway")
 ARCHES = ("aarch64", "x86_64", "armv7l")
 WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
 ADAPTER_DTYPES = ("fp32", "fp16", "int8")
+GGUF_MODES = ("keep", "layers", "requantize")
 LINKS = ("network", "serial")
 KNOWN_PROVIDERS = (
     "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
@@ -38,6 +39,7 @@ class QuantSpec:
     weights: str = "int4"
     block_size: int = 32
     adapter_dtype: str = "fp32"
+    gguf: str = "keep"  # a GGUF base's blocks in int4/int8: "keep", "layers" (embedding re-quantized), "requantize"
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class TargetProfile:
             weights=q.str("weights", "int4", choices=WEIGHT_QUANTS),
             block_size=q.int("block_size", 32, min=16, max=256),
             adapter_dtype=q.str("adapter_dtype", "fp32", choices=ADAPTER_DTYPES),
+            gguf=q.str("gguf", "keep", choices=GGUF_MODES),
         )
         if quant.block_size & (quant.block_size - 1):
             raise q.error("block_size", f"must be a power of two, got {quant.block_size}")
