@@ -152,11 +152,12 @@ def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Grou
 
 
 def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_modules, max_context: int,
-                  slots: bool = True):
+                  slots: bool = True, blocks=None):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
-    ``slots=False`` builds a graph without LoRA inputs (merge mode). Returns
-    ``(ModelProto, info)`` where info holds the dims, slots and group layout.
+    ``slots=False`` builds a graph without LoRA inputs (merge mode). ``blocks``: the base's
+    GGUF block weights (:class:`.gguf_blocks.GGUFBlocks`) to carry as they are. Returns
+    ``(ModelProto, info)`` where info holds the dims, slots, group layout and carried weights.
     Raises :class:`ModelError` when a weight the description names is missing.
     """
     from onnx import TensorProto
@@ -167,7 +168,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
     g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch)
     gb = GraphBuilder("edgepeft_decoder")
-    lin = LinearEmitter(gb, quant)
+    lin = LinearEmitter(gb, quant, blocks)
     heads, kvh, hd, nl = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["layers"]
     eps, off = dims["eps"], arch.norm_offset
 
@@ -202,7 +203,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
                   to=TensorProto.INT32, hint="total_seq_len")
     rope = {key: rope_subgraph(gb, plan.rope[key], max_context, total) for key in sorted(plan.rope_keys)}
 
-    emb, tied_head = lin.tied_embedding(ids, w("model.embed_tokens.weight"))
+    emb, tied_head = lin.tied_embedding(ids, w("model.embed_tokens.weight"), source="model.embed_tokens.weight")
     if plan.embed_scale != 1.0:
         emb = gb.op("Mul", [emb, gb.const(np.array(plan.embed_scale, np.float32))], hint="embed_scale")
 
@@ -239,7 +240,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             x, residual = skip_rms(pending, residual, p + "input_layernorm.weight", p + "ln1")
         # -- q|k|v, q/k norms, attention
         names = [a + n for n in arch.qkv]
-        qkv = emit_lora(gb, x, lin.linear(x, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.qkv"), g_qkv, i)
+        qkv = emit_lora(gb, x, lin.linear(x, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.qkv",
+                                          source=[n + ".weight" for n in names]), g_qkv, i)
         qkv_in = [qkv, "", ""]
         if arch.qk_norm:
             q, k, v = gb.op("Split", [qkv, gb.const(np.array([heads * hd, kvh * hd, kvh * hd], np.int64))],
@@ -255,7 +257,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             attrs["softcap"] = float(lp.softcap)
         attn, pk, pv = gb.ms("GroupQueryAttention", [*qkv_in, past[i][0], past[i][1], seqlens, total, cos, sin],
                              outputs=[None, f"present.{i}.key", f"present.{i}.value"], hint="gqa", **attrs)
-        o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o"), g_o, i)
+        o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o",
+                                           source=[a + "o_proj.weight"]), g_o, i)
         attn_out = scaled(o)
         # -- MLP input
         if arch.norms == "post":
@@ -269,7 +272,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             x2, residual = skip_rms(attn_out, residual, p + "post_attention_layernorm.weight", p + "ln2")
         # -- gate|up, activation, down
         names = [m + n for n in arch.gate_up]
-        gu = lin.linear(x2, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.gate_up")
+        gu = lin.linear(x2, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.gate_up",
+                        source=[n + ".weight" for n in names])
         if g_gu.split_b:
             gate, up = gb.op("Split", [gu], outputs=2, axis=-1, hint="gate_up_split")
             parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i)
@@ -283,8 +287,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         else:
             act = gb.ms("Gelu", [gate], hint="gelu")
         h = gb.op("Mul", [act, up], hint="glu")
-        d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down"),
-                      g_down, i)
+        d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down",
+                                        source=[m + "down_proj.weight"]), g_down, i)
         mlp_out = scaled(d)
         if arch.norms == "post":
             mlp_out = rms(mlp_out, p + "post_feedforward_layernorm.weight", p + "ln3")
@@ -307,7 +311,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     if dims["tied"] or "lm_head.weight" not in sd:
         logits = tied_head(final)
     else:
-        logits = lin.linear(final, sd["lm_head.weight"], None, "lm_head")
+        logits = lin.linear(final, sd["lm_head.weight"], None, "lm_head", source=["lm_head.weight"])
     if plan.final_softcap:
         cap = gb.const(np.array(plan.final_softcap, np.float32))
         logits = gb.op("Mul", [gb.op("Tanh", [gb.op("Div", [logits, cap])]), cap], hint="final_softcap")
@@ -315,7 +319,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     gb.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", dims["vocab"]])
     # Graph outputs must be listed after all present.* in a stable order: logits first like genai.
     gb.outputs.insert(0, gb.outputs.pop())
-    info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots)}
+    info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots),
+            "carried": list(lin.carried)}
     return gb.model(f"edgepeft {arch.family} decoder"), info
 
 
