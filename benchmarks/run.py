@@ -26,14 +26,14 @@ from .harness import Section, machine, versions
 from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
-SECTIONS = ["decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
+SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
 
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
     """Run the chosen sections in order; returns (sections, goals)."""
-    from . import sec_adapters, sec_classify, sec_decode, sec_memory, sec_quality, sec_transport
+    from . import sec_adapters, sec_classify, sec_decode, sec_kernels, sec_memory, sec_quality, sec_transport
 
-    runners = {"decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
+    runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
                "memory": sec_memory.run, "classify": sec_classify.run}
     sections, goals = [], []
