@@ -150,6 +150,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         "slots": info["slots"],
         "slot_shapes": {k: _concrete(v, slot_rank) for k, v in info["slots"].items()},
         "slot_rank": 0 if merged else slot_rank,
+        "slot_dtypes": info.get("slot_dtypes", {}),  # slots that are not float32 (int8 LoRA B)
         "merged_adapter": Path(merge_adapter).name if merged else None,
         "quant": wq.to_dict() | ({"gguf_blocks": blocks.describe(info["carried"])}
                                  if blocks is not None and info.get("carried") else {}),

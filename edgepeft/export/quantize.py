@@ -53,7 +53,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import UsageError
-from ..spec.target import GGUF_MODES  # a GGUF base's blocks: carried as they are, or re-quantized
+from ..spec.target import GGUF_MODES, LORA_B_TYPES as LORA_B  # GGUF blocks kept or re-quantized; LoRA B dtype
 
 KINDS = ("fp32", "fp16", "int8", "int4")
 ZERO_POINTS = ("auto", "none", "all")
@@ -81,8 +81,11 @@ class WeightQuant:
     accuracy_level: int = 4
     zero_points: str = "auto"
     gguf: str = "keep"
+    lora_b: str = "auto"
 
     def __post_init__(self):
+        if self.lora_b not in LORA_B:
+            raise UsageError(f"unknown LoRA B slot type {self.lora_b!r}", hint=f"use one of {', '.join(LORA_B)}")
         if self.gguf not in GGUF_MODES:
             raise UsageError(f"unknown GGUF mode {self.gguf!r}", hint=f"use one of {', '.join(GGUF_MODES)}")
         if self.kind not in KINDS:
@@ -115,6 +118,11 @@ class WeightQuant:
         return max(self.block_size, 64) if self.kind == "int4" else self.block_size
 
     @property
+    def lora_b_int8(self) -> bool:
+        """Whether decoder LoRA B slots are int8 (``DynamicQuantizeMatMul``; scales folded into A)."""
+        return self.lora_b == "int8" or (self.lora_b == "auto" and self.bits is not None)
+
+    @property
     def bits(self) -> int | None:
         return {"int4": 4, "int8": 8}.get(self.kind)
 
@@ -138,7 +146,7 @@ class WeightQuant:
             return cls(kind=quant)
         kind = getattr(quant, "weights", None) or getattr(quant, "kind", None)
         return cls(kind=kind, block_size=int(getattr(quant, "block_size", 32) or 32),
-                   gguf=getattr(quant, "gguf", None) or "keep")
+                   gguf=getattr(quant, "gguf", None) or "keep", lora_b=getattr(quant, "lora_b", None) or "auto")
 
 
 class Blocks(NamedTuple):

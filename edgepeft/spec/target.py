@@ -23,6 +23,7 @@ ARCHES = ("aarch64", "x86_64", "armv7l")
 WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
 ADAPTER_DTYPES = ("fp32", "fp16", "int8")
 GGUF_MODES = ("keep", "layers", "requantize")
+LORA_B_TYPES = ("auto", "int8", "fp32")
 LINKS = ("network", "serial")
 KNOWN_PROVIDERS = (
     "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
@@ -40,6 +41,7 @@ class QuantSpec:
     block_size: int = 32
     adapter_dtype: str = "fp32"
     gguf: str = "keep"  # a GGUF base's blocks in int4/int8: "keep", "layers" (embedding re-quantized), "requantize"
+    lora_b: str = "auto"  # decoder LoRA B slots: "int8" (auto with int4/int8 weights) or "fp32"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class TargetProfile:
             block_size=q.int("block_size", 32, min=16, max=256),
             adapter_dtype=q.str("adapter_dtype", "fp32", choices=ADAPTER_DTYPES),
             gguf=q.str("gguf", "keep", choices=GGUF_MODES),
+            lora_b=q.str("lora_b", "auto", choices=LORA_B_TYPES),
         )
         if quant.block_size & (quant.block_size - 1):
             raise q.error("block_size", f"must be a power of two, got {quant.block_size}")
