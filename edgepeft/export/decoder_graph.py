@@ -169,6 +169,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch)
     gb = GraphBuilder("edgepeft_decoder")
     lin = LinearEmitter(gb, quant, blocks)
+    b_int8 = quant.lora_b_int8  # LoRA B slots stored int8 (see .slots)
     heads, kvh, hd, nl = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["layers"]
     eps, off = dims["eps"], arch.norm_offset
 
@@ -241,7 +242,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         # -- q|k|v, q/k norms, attention
         names = [a + n for n in arch.qkv]
         qkv = emit_lora(gb, x, lin.linear(x, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.qkv",
-                                          source=[n + ".weight" for n in names]), g_qkv, i)
+                                          source=[n + ".weight" for n in names]), g_qkv, i, b_int8)
         qkv_in = [qkv, "", ""]
         if arch.qk_norm:
             q, k, v = gb.op("Split", [qkv, gb.const(np.array([heads * hd, kvh * hd, kvh * hd], np.int64))],
@@ -258,7 +259,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         attn, pk, pv = gb.ms("GroupQueryAttention", [*qkv_in, past[i][0], past[i][1], seqlens, total, cos, sin],
                              outputs=[None, f"present.{i}.key", f"present.{i}.value"], hint="gqa", **attrs)
         o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o",
-                                           source=[a + "o_proj.weight"]), g_o, i)
+                                           source=[a + "o_proj.weight"]), g_o, i, b_int8)
         attn_out = scaled(o)
         # -- MLP input
         if arch.norms == "post":
@@ -276,10 +277,11 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
                         source=[n + ".weight" for n in names])
         if g_gu.split_b:
             gate, up = gb.op("Split", [gu], outputs=2, axis=-1, hint="gate_up_split")
-            parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i)
+            parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i, b_int8)
             gate, up = (parts[n] for n in arch.gate_up)
         else:
-            gate, up = gb.op("Split", [emit_lora(gb, x2, gu, g_gu, i)], outputs=2, axis=-1, hint="gate_up_split")
+            gate, up = gb.op("Split", [emit_lora(gb, x2, gu, g_gu, i, b_int8)], outputs=2, axis=-1,
+                             hint="gate_up_split")
         if plan.act == "silu":
             act = gb.op("Mul", [gate, gb.op("Sigmoid", [gate])], hint="silu")
         elif plan.act == "gelu_tanh":
@@ -288,7 +290,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             act = gb.ms("Gelu", [gate], hint="gelu")
         h = gb.op("Mul", [act, up], hint="glu")
         d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down",
-                                        source=[m + "down_proj.weight"]), g_down, i)
+                                        source=[m + "down_proj.weight"]), g_down, i, b_int8)
         mlp_out = scaled(d)
         if arch.norms == "post":
             mlp_out = rms(mlp_out, p + "post_feedforward_layernorm.weight", p + "ln3")
@@ -320,7 +322,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     # Graph outputs must be listed after all present.* in a stable order: logits first like genai.
     gb.outputs.insert(0, gb.outputs.pop())
     info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots),
-            "carried": list(lin.carried)}
+            "slot_dtypes": dict(gb.slot_dtypes), "carried": list(lin.carried)}
     return gb.model(f"edgepeft {arch.family} decoder"), info
 
 
