@@ -138,3 +138,24 @@ print(json.dumps({"mods": mods, "leaked": sorted(m for m in sys.modules if m.spl
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["leaked"] == []
     assert {"edgepeft.runtime.engine", "edgepeft.runtime.decoder", "edgepeft.runtime.server"} <= set(out["mods"])
+
+
+def test_sealed_file_holds_exactly_the_bytes_and_refuses_changes():
+    """The graph reaches onnxruntime as a sealed memfd (less memory than bytes): what was verified is what
+    it reads, and nothing can write, truncate or grow it; without memfd the caller falls back to bytes."""
+    import os
+
+    from edgepeft.runtime.session import sealed_file
+
+    data = bytes(range(256)) * 4099  # not a multiple of a page: partial writes are completed
+    with sealed_file(data) as path:
+        if path is None:
+            pytest.skip("no sealed memfd on this system: the engine hands onnxruntime the bytes")
+        assert open(path, "rb").read() == data
+        with pytest.raises(OSError):
+            with open(path, "r+b") as fh:
+                fh.write(b"x")
+        fd = int(path.rsplit("/", 1)[1])
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 10)
+    assert not os.path.exists(path)
