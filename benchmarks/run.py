@@ -50,11 +50,13 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             ctx.skip(f"section {sid}", f"{type(exc).__name__}: {str(exc)[:300]}")
         sections.append(sec)
         if sid == "decode":
-            goals.append(sec_decode.goal_decode(sec))
+            goals += sec_decode.goals_decode(sec)
         elif sid == "switch":
             goals.append(sec_adapters.goal_switch(sec))
         elif sid == "sizes":
-            goals.append(sec_adapters.goal_bundle(sec))
+            goals += sec_adapters.goals_sizes(sec)
+        elif sid == "quality":
+            goals.append(sec_quality.goal_quality(sec))
         elif sid == "transport":
             goals.append(sec_transport.goal_serial(sec))
     return sections, goals
