@@ -34,7 +34,7 @@ from .entries import adapter_entry, read_health_checks
 from .fit import check_fit
 from .signing import load_private_key, sign_manifest
 
-QUANTS = ("int4", "int8", "fp16", "fp32")
+QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
 
 
 @dataclass
@@ -59,6 +59,18 @@ class BuildResult:
         }
 
 
+def _compact_merges(spec: dict) -> None:
+    """BPE merges as ``"a b"`` strings instead of ``["a", "b"]`` pairs when no token holds a space: the
+    tokenizers library reads both the same way, and SmolLM2's 48,900 merges shrink by 191 KiB."""
+    model = spec.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(merges, list) or not merges:
+        return
+    if all(isinstance(m, list) and len(m) == 2 and all(isinstance(t, str) and " " not in t for t in m)
+           for m in merges):
+        model["merges"] = [f"{a} {b}" for a, b in merges]
+
+
 def _tokenizer_files(tokenizer, dest: Path) -> dict:
     """Save what the device-side ``tokenizers`` library needs; return manifest["tokenizer"]."""
     tmp = dest / ".tok"
@@ -66,8 +78,9 @@ def _tokenizer_files(tokenizer, dest: Path) -> dict:
     if not (tmp / "tokenizer.json").is_file():
         raise BuildError("the base tokenizer has no fast (tokenizer.json) form, which devices need",
                          hint="use a base whose tokenizer has a tokenizer.json")
-    # Compact JSON: the same tokenizer in less than half the bytes (3.4 -> 1.5 MiB for SmolLM2).
+    # Compact JSON: the same tokenizer in less than half the bytes (3.4 -> 1.3 MiB for SmolLM2).
     spec = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+    _compact_merges(spec)
     (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     shutil.rmtree(tmp)
     eos = tokenizer.eos_token_id

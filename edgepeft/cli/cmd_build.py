@@ -16,8 +16,9 @@ from ..basemodel import BASE_HELP  # torch-free
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
               help="A PEFT LoRA adapter directory to ship as a swappable adapter (repeatable).")
 @click.option("--target", required=True, help="Target profile name (see `edgepeft targets`) or path to a .toml.")
-@click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
-              help="Base weight quantization [default: the target's].")
+@click.option("--quant", type=click.Choice(["int4", "int8", "nf4", "fp16", "fp32"]), default=None,
+              help="Base weight quantization [default: the target's]. nf4: the 4-bit base a QLoRA adapter was "
+                   "trained on, quantized by bitsandbytes (MatMulBnb4; exact but slow on CPUs).")
 @click.option("--gguf", type=click.Choice(["keep", "layers", "requantize"]), default=None,
               help="A GGUF base's quantized blocks in an int4/int8 bundle: keep them all as they are (the weights "
                    "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "

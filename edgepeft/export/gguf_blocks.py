@@ -13,8 +13,10 @@ along K), so the device graph can compute with the very same numbers:
   per block, is added as ``blocksum(x) @ (m + 8d)^T``, a small fp32 matmul (one value per
   32 weights). ``MatMulNBits`` also takes a *float* zero point ``-m / d`` that computes the
   same, but ONNX Runtime 1.32's CPU kernel has no packed path for it: it dequantizes the
-  whole weight on every call (measured 7-19x slower than the uint8 zero point on
-  SmolLM2's shapes, ``python -m benchmarks.kernels``), so the correction matmul it is.
+  whole weight on every call (measured 41x the uint8 zero point's time on one SmolLM2
+  layer, 64x on its lm_head: ``benchmarks`` section "kernels"), so the correction matmul
+  it is (about 1.5x the uint8 kernel's time in that section on a loaded machine; a whole
+  decode step's CPU time stays within 0-3 % of the re-quantized graph's, one thread).
 
 Scales and minimums stay the GGUF's fp16 values in the file (the bundle keeps GGUF's
 5 bits per Q4_1 weight); ``Cast`` nodes that ONNX Runtime folds at load hand the kernels fp32.
@@ -91,6 +93,10 @@ class BlockWeight:
             w = d * (q - (8 if self.bits == 4 else 128))
         return w.reshape(self.rows, self.cols)
 
+    @classmethod
+    def concat(cls, parts: list["BlockWeight"]):
+        return concat_rows(parts)
+
     def take_rows(self, order: np.ndarray) -> "BlockWeight":
         return BlockWeight(self.qtype, self.codes[order], self.scales[order],
                            None if self.mins is None else self.mins[order])
@@ -159,7 +165,8 @@ class GGUFBlocks:
             kinds[qtype] = kinds.get(qtype, 0) + 1
         out = {"file": self.path.name, "carried": dict(sorted(kinds.items()))}
         requantized = dict(self.skipped)
-        requantized.update({n: "re-quantized by choice (gguf = layers)" for n in self.weights if n not in used})
+        requantized.update({n: "not carried by choice (gguf = layers, or nf4's own layers)"
+                            for n in self.weights if n not in used})
         if requantized:
             out["requantized"] = dict(sorted(requantized.items()))
         return out

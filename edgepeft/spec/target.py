@@ -20,7 +20,7 @@ from ._fields import Fields
 TARGET_SCHEMA_VERSION = 1
 DEVICE_CLASSES = ("phone", "jetson", "sbc", "gateway", "serial-gateway")
 ARCHES = ("aarch64", "x86_64", "armv7l")
-WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
+WEIGHT_QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
 ADAPTER_DTYPES = ("fp32", "fp16", "int8")
 GGUF_MODES = ("keep", "layers", "requantize")
 LORA_B_TYPES = ("auto", "int8", "fp32")
