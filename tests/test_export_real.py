@@ -35,9 +35,19 @@ def _greedy(sess, info, tok, question, n=24):
     return tok.decode(new)
 
 
-def test_smollm2_int4_carries_the_gguf_and_answers(smol, tmp_path):
-    """The embedded SmolLM2 is a Q4_1 GGUF: int4 keeps its blocks (no larger than the GGUF), and the
-    smaller form that re-quantizes only the embedding fits 80 MiB."""
+def _heldout_ids(tok, n):
+    import sysconfig
+    from pathlib import Path
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text(encoding="utf-8")[:16000]
+    return tok(text, add_special_tokens=False)["input_ids"][:n]
+
+
+def test_smollm2_int4_carries_the_gguf_and_answers_as_fp32(smol, tmp_path):
+    """The embedded SmolLM2 is a Q4_1 GGUF: int4 keeps its blocks (no larger than the GGUF) and predicts the
+    fp32 graph's next token at almost every position of held-out text (MatMulNBits' int8 activations flip
+    near ties: "What is the capital of France?" starts "The" at 25.33 vs "L" at 25.24 in fp32); the smaller
+    form that re-quantizes only the embedding fits 80 MiB."""
     from edgepeft.basemodel import gguf_origin
     from edgepeft.export import WeightQuant, export_model
 
@@ -48,10 +58,15 @@ def test_smollm2_int4_carries_the_gguf_and_answers(smol, tmp_path):
     facts = info["quant"]["gguf_blocks"]
     assert facts["carried"] == {"Q4_1": 210, "Q8_0": 1} and "requantized" not in facts
     assert res.model_path.stat().st_size <= gguf_origin(src).stat().st_size
-    assert "Paris" in _greedy(session(res.model_path), info, tok, "What is the capital of France?")
+    ref = export_model(src, tmp_path / "fp32", quant="fp32", slot_rank=16)
+    ids = np.array([_heldout_ids(tok, 256)])
+    want = session(ref.model_path).run(["logits"], decoder_feeds(ref.model_info, ids))[0][0].argmax(-1)
+    got = session(res.model_path).run(["logits"], decoder_feeds(info, ids))[0][0].argmax(-1)
+    assert (got == want).mean() >= 0.95, (got == want).mean()  # measured 0.977
     layers = export_model(src, tmp_path / "layers", quant=WeightQuant("int4", gguf="layers"), slot_rank=16)
     assert layers.model_path.stat().st_size <= 80 * 2**20
-    assert "Paris" in _greedy(session(layers.model_path), layers.model_info, tok, "What is the capital of France?")
+    got = session(layers.model_path).run(["logits"], decoder_feeds(layers.model_info, ids))[0][0].argmax(-1)
+    assert (got == want).mean() >= 0.75, (got == want).mean()  # measured 0.78 (re-quantized: 0.66)
 
 
 def _perplexity(sess, info, ids, window=256):
@@ -69,14 +84,10 @@ def _perplexity(sess, info, ids, window=256):
 def test_smollm2_int4_perplexity_is_the_fp32_models(smol, tmp_path):
     """Issue 13's quality goal on 1024 held-out tokens: int4 (the GGUF's blocks) within 1 % of the fp32
     graph of the same weights; re-quantizing them costs far more."""
-    import sysconfig
-    from pathlib import Path
-
     from edgepeft.export import WeightQuant, export_model
 
     src, tok = smol
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text(encoding="utf-8")[:16000]
-    ids = tok(text, add_special_tokens=False)["input_ids"][:1024]
+    ids = _heldout_ids(tok, 1024)
     ppl = {}
     for name, quant in (("fp32", "fp32"), ("keep", "int4"), ("requantize", WeightQuant("int4", gguf="requantize"))):
         res = export_model(src, tmp_path / name, quant=quant, slot_rank=8)
