@@ -10,7 +10,7 @@ from . import sys_edgepeft
 from .context import Context
 from .fixtures import LORA_RANK, dir_size
 from .harness import Section, Skip, interleaved
-from .systems import EP_INT4_LAYERS, EP_INT4_RQ, GENAI_AD, bundle, decoder, genai_dirs, peft_adapters, pubkey
+from .systems import EP_INT4_LAYERS, EP_INT4_RQ, EP_NF4, GENAI_AD, bundle, decoder, genai_dirs, peft_adapters, pubkey
 
 SWITCH = "edgepeft switch (registry + rebind)"
 REOPEN_ORT = "reopen merged int4: ORT session"
@@ -112,7 +112,7 @@ def run_sizes(ctx: Context) -> Section:
     g_a = sec.group("bundle_one_adapter_bytes", f"bundle with one adapter (rank {LORA_RANK}, fp32 payload)", "lower")
     forms = [("edgepeft int4", dict(quant="int4", all_adapters=True)),
              (EP_INT4_LAYERS, dict(quant="int4", gguf="layers")), (EP_INT4_RQ, dict(quant="int4", gguf="requantize")),
-             ("edgepeft int8", dict(quant="int8")), ("edgepeft fp32", dict(quant="fp32"))]
+             ("edgepeft int8", dict(quant="int8")), (EP_NF4, dict(quant="nf4")), ("edgepeft fp32", dict(quant="fp32"))]
     for label, kw in forms:
         try:
             b = bundle(ctx, **kw)

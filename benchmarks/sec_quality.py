@@ -19,7 +19,7 @@ import numpy as np
 from .context import Context
 from .fixtures import heldout_text
 from .harness import THREADS, Section, Skip
-from .systems import EP_INT4_LAYERS, EP_INT4_RQ, bundle, decoder, genai_dirs, llama_scorer
+from .systems import EP_INT4_LAYERS, EP_INT4_RQ, EP_NF4, bundle, decoder, genai_dirs, llama_scorer
 
 REF = "transformers fp32"
 
@@ -107,8 +107,11 @@ def run(ctx: Context) -> Section:
         pass
     forms = [("edgepeft fp32", dict(quant="fp32")), ("edgepeft int8", dict(quant="int8")),
              ("edgepeft int4", dict(quant="int4", all_adapters=True)),
-             (EP_INT4_LAYERS, dict(quant="int4", gguf="layers")), (EP_INT4_RQ, dict(quant="int4", gguf="requantize"))]
+             (EP_INT4_LAYERS, dict(quant="int4", gguf="layers")), (EP_INT4_RQ, dict(quant="int4", gguf="requantize")),
+             (EP_NF4, dict(quant="nf4"))]
     for label, kw in forms:
+        if not ctx.wanted(label):
+            continue
         try:
             scorers[label] = OnnxScorer(bundle(ctx, **kw) / "model.onnx", cfg).logits
         except Skip:

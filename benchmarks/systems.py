@@ -27,6 +27,7 @@ EP_INT4_LAYERS = "edgepeft int4, GGUF layers"
 EP_INT4_LAYERS_AD = "edgepeft int4, GGUF layers + adapter"
 EP_INT4_RQ = "edgepeft int4, re-quantized"
 EP_INT4_FP32B_AD = "edgepeft int4 + adapter, fp32 B slots"
+EP_NF4 = "edgepeft nf4 (QLoRA base, MatMulBnb4)"
 EP_INT8 = "edgepeft int8"
 EP_FP32 = "edgepeft fp32"
 EP_INT4_MERGED = "edgepeft int4 merged"
@@ -219,6 +220,8 @@ def decoder(ctx: Context, name: str):
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), "a0" if name == EP_INT4_LAYERS_AD else None))
         if name == EP_INT4_RQ:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", gguf="requantize"), pubkey(ctx), None))
+        if name == EP_NF4:
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "nf4"), pubkey(ctx), None))
         if name == EP_INT4_FP32B_AD:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", lora_b="fp32"), pubkey(ctx), "a0"))
         quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
@@ -250,4 +253,4 @@ def torch_classifier(ctx: Context) -> RemoteRunner:
 
 
 DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT4_LAYERS_AD, EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_FP32B_AD, EP_INT8,
-            EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
+            EP_NF4, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
