@@ -293,7 +293,7 @@ def fake_quant_classifier(base, peft_dir, kind, family, num_labels=3):
             else:
                 role = None
             if role:
-                mod.weight.copy_(torch.from_numpy(fake_quantize(mod.weight.numpy(), q, role)))
+                mod.weight.copy_(torch.from_numpy(fake_quantize(mod.weight.numpy(), q, role, per_channel=True)))
     return model
 
 

@@ -111,7 +111,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
     groups = {g.key: g for g in layer_groups(dims, targets, arch)}
     gb = GraphBuilder("edgepeft_encoder")
-    lin = LinearEmitter(gb, quant)
+    lin = LinearEmitter(gb, quant, per_channel_int8=True)  # int8: per-channel DynamicQuantizeMatMul
     hid, eps, heads = dims["hidden"], dims["eps"], dims["heads"]
     hd = hid // heads
     extra = extra or {}
