@@ -57,6 +57,8 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals += sec_adapters.goals_sizes(sec)
         elif sid == "quality":
             goals.append(sec_quality.goal_quality(sec))
+        elif sid == "classify":
+            goals.append(sec_classify.goal_classify(sec))
         elif sid == "transport":
             goals.append(sec_transport.goal_serial(sec))
     return sections, goals
