@@ -258,8 +258,10 @@ class LinearEmitter:
         self.gb, self.q = gb, quant
         self.blocks = blocks  # HF name -> a GGUF BlockWeight or an NF4Weight (anything with .get)
         # int8 layers as DynamicQuantizeMatMul (one scale per output channel, activations quantized per
-        # tensor): encoders run batches of many rows, where its VNNI GEMM did 1.7-1.8x fp32 on MiniLM and
-        # MatMulNBits int8 0.87x (CPU time, one thread); decoders keep MatMulNBits' per-block activations
+        # tensor): encoders run batches of many rows, where its VNNI GEMM did 1.7-1.9x fp32 on MiniLM and
+        # MatMulNBits int8 0.87x (CPU time, one thread), at the price of probabilities moved by a few
+        # hundredths (so classifiers default to fp16, edgepeft.bundle.build); decoders keep MatMulNBits'
+        # per-block activations
         self.per_channel_int8 = per_channel_int8
         self.dequantized: dict[str, np.ndarray] = {}  # name -> effective weight, for tests/metrics
         self.carried: list[str] = []  # HF names of the weights whose GGUF blocks were carried as they are
