@@ -155,8 +155,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
                   slots: bool = True, blocks=None):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
-    ``slots=False`` builds a graph without LoRA inputs (merge mode). ``blocks``: the base's
-    GGUF block weights (:class:`.gguf_blocks.GGUFBlocks`) to carry as they are. Returns
+    ``slots=False`` builds a graph without LoRA inputs (merge mode). ``blocks``: quantized source
+    weights by HF name to carry as they are (a GGUF's blocks, :mod:`.gguf_blocks`; NF4, :mod:`.nf4`). Returns
     ``(ModelProto, info)`` where info holds the dims, slots, group layout and carried weights.
     Raises :class:`ModelError` when a weight the description names is missing.
     """
