@@ -174,8 +174,9 @@ class Device:
         return res
 
     def record(self, result: InstallResult) -> None:
+        """Append a finished result to the history (the newest one for an id answers status queries)."""
         with self._hist_lock:
-            items = [h for h in self._history() if h.get("id") != result.id or not result.id]
+            items = self._history()
             items.append(result.to_dict() | {"finished": round(time.time(), 3)})
             write_atomic(FileIO(), self.state_dir / "history.json",
                          json.dumps(items[-HISTORY:], sort_keys=True).encode("utf-8"))
