@@ -28,7 +28,7 @@ def free_port() -> int:
 class Mosquitto:
     """``mosquitto -c CONF`` listening on 127.0.0.1:PORT, anonymous, no persistence. Stop with :meth:`stop`."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra: str = ""):
         exe = find_mosquitto()
         if exe is None:
             raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
@@ -36,7 +36,7 @@ class Mosquitto:
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"max_queued_messages 100000\nmax_inflight_messages 1000\nlog_type error\n")
+                        f"max_queued_messages 100000\nmax_inflight_messages 1000\nlog_type error\n{extra}")
         self.log = open(workdir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self.log, stderr=self.log)
         deadline = time.time() + 15

@@ -137,7 +137,8 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
     bundle's base: another base, task, modules, a rank above the limit), :class:`SignatureError` (key).
     """
     from ..bundle.adapters_in import read_adapter
-    from ..bundle.entries import adapter_entry, read_health_checks
+    from ..bundle.entries import adapter_entry
+    from ..spec.checks import read_health_checks
     from ..bundle.signing import load_private_key
 
     out = _check_out(out)
@@ -208,7 +209,7 @@ def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: s
     ``bundle`` is a bundle directory (packed here) or its ``.epb``. The bundle keeps its own
     signed manifest; the device verifies both. Raises :class:`UsageError` or :class:`BuildError`.
     """
-    from ..bundle.entries import read_health_checks
+    from ..spec.checks import read_health_checks
     from ..bundle.signing import load_private_key
 
     out = _check_out(out)

@@ -49,7 +49,8 @@ class Device:
     """
 
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
-                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30):
+                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30,
+                 local_checks=()):
         from ..spec.verify import load_public_key
 
         self.state_dir = Path(state_dir)
@@ -58,12 +59,13 @@ class Device:
         self.trusted_keys = [load_public_key(k) for k in trusted_keys]
         self.io = io or FileIO()
         self.engine_options = dict(engine_options or {})
+        self.local_checks = list(local_checks)  # this device's own checks, on top of every signed set
         self.notes: list[str] = []
         self._lock = threading.RLock()
         self._hist_lock = threading.Lock()
         self.factory = self._factory_dir(Path(bundle))
         self.engine, self.bundle_dir = self._open_current()
-        self.updater = Updater(self.engine, self.state_dir, io=self.io)
+        self.updater = Updater(self.engine, self.state_dir, io=self.io, local_checks=self.local_checks)
         self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
 
     # -- bundles -------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ class Device:
                 failures.append(f"the bundle's base is {engine.base_fingerprint[:19]}..., its update says "
                                 f"{meta.base_fingerprint[:19]}...")
             else:
-                checks = list(engine.manifest.health_checks) + list(meta.health_checks)
+                checks = list(engine.manifest.health_checks) + list(meta.health_checks) + self.local_checks
                 failures += self._bundle_checks(engine, checks)
         except EdgePeftError as exc:
             failures.append(f"the new bundle does not open: {exc.message}")
@@ -252,7 +254,7 @@ class Device:
                                  failed={k: v for k, v in before.failed.items() if k > meta.version})
         self._write_bundle_state(committed)  # the commit point
         self.engine, self.bundle_dir = engine, slot
-        self.updater = Updater(engine, self.state_dir, io=self.io)
+        self.updater = Updater(engine, self.state_dir, io=self.io, local_checks=self.local_checks)
         self.notes += self.updater.notes
         self._prune_bundles(committed)
         result.seconds = time.time() - t0
@@ -282,7 +284,7 @@ class Device:
             new = replace(state, current=state.previous, previous=None)
             self._write_bundle_state(new)
             self.engine, self.bundle_dir = engine, target
-            self.updater = Updater(engine, self.state_dir, io=self.io)
+            self.updater = Updater(engine, self.state_dir, io=self.io, local_checks=self.local_checks)
             self._prune_bundles(new)
             return {"name": "bundle", "version": state.previous, "rolled_back_from": state.current}
 
