@@ -28,6 +28,7 @@ from ..spec.manifest import MANIFEST_NAME, Manifest, read_manifest_dict
 from ..spec.names import check_name, sha256_file
 from ..spec.update import (KIND, SUFFIX, UPDATE_SCHEMA_VERSION, UpdateMeta, encode_envelope, format_time,
                            metadata_bytes, utc_now)
+from .files import write_atomic
 
 # The first edgepeft whose devices read update packages; a package never asks for less.
 MIN_RUNTIME = "0.2.0"
@@ -91,19 +92,7 @@ def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
     body = metadata_bytes(meta)
     envelope = encode_envelope(body, [sign_bytes(body, private_key)])
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, open(payload, "rb") as src:
-            fh.write(envelope)
-            while block := src.read(1 << 20):
-                fh.write(block)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(out, envelope, payload)
     from ..spec.names import sha256_bytes
 
     return UpdateResult(path=out, id=sha256_bytes(envelope), meta=meta, bytes=out.stat().st_size)
