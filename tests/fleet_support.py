@@ -28,11 +28,15 @@ def free_port() -> int:
 class Mosquitto:
     """``mosquitto -c CONF`` listening on 127.0.0.1:PORT, anonymous, no persistence. Stop with :meth:`stop`."""
 
-    def __init__(self, workdir: Path, extra: str = ""):
+    def __init__(self, workdir: Path, extra: str = "", tls: bool = False):
+        """``extra``: more configuration lines; with ``tls``, ``{tls_port}`` in them is a second free port."""
         exe = find_mosquitto()
         if exe is None:
             raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        if tls:
+            extra = extra.replace("{tls_port}", str(self.tls_port))
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -40,14 +44,15 @@ class Mosquitto:
         self.log = open(workdir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self.log, stderr=self.log)
         deadline = time.time() + 15
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: see {workdir / 'mosquitto.log'}")
-                time.sleep(0.05)
+        for port in [p for p in (self.port, self.tls_port) if p]:
+            while time.time() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"mosquitto exited: see {workdir / 'mosquitto.log'}")
+                    time.sleep(0.05)
         self.url = f"mqtt://127.0.0.1:{self.port}"
 
     def stop(self) -> None:

@@ -162,7 +162,7 @@ class Rollout:
         if self._plane is None:
             from .mqtt_plane import ControlPlane
 
-            self._plane = ControlPlane(self.inventory.mqtt_url, self.id)
+            self._plane = ControlPlane(self.inventory.mqtt_url, self.id, **self.inventory.mqtt_tls)
         return self._plane
 
     def _notify(self, e: Execution) -> None:
