@@ -110,7 +110,7 @@ wait_for 120 northwind_v2 http://127.0.0.1:8733 devices/c/token
 edgepeft status --device http://127.0.0.1:8733 --token-file devices/c/token
 
 step "13. a fleet: a local MQTT broker, device D behind it, device E with its own check that version 3 fails"
-printf 'listener 18830 127.0.0.1\nallow_anonymous true\n' > mosquitto.conf
+printf 'listener 18830 127.0.0.1\nallow_anonymous true\nlog_type error\n' > mosquitto.conf
 "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c mosquitto.conf &
 edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/d --listen 127.0.0.1:8734 \
   --mqtt mqtt://127.0.0.1:18830 --device-id d &

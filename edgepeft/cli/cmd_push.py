@@ -49,7 +49,8 @@ def command(package, to, token, token_file, timeout, no_wait, as_json):
         click.echo(json.dumps(st, indent=2, ensure_ascii=False))
     else:
         name, version = st.get("name", "?"), st.get("version")
-        line = f"{name} v{version}: {st.get('status')}"
+        what = f"{name} v{version}" if version is not None else f"update {pkg.id[:12]}"  # refused before it was read
+        line = f"{what}: {st.get('status')}"
         if st.get("reason"):
             line += f" ({st['reason']})"
         steps = " -> ".join(s["status"] for s in st.get("steps", []))
