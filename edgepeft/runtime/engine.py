@@ -224,8 +224,17 @@ class Engine:
 
     def generate(self, prompt=None, *, messages=None, adapter: str | Sequence[str] | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False, seed: int | None = None):
+                 stop: str | Sequence[str] | None = None, stream: bool = False, seed: int | None = None,
+                 top_k: int | None = None, repetition_penalty: float | None = None,
+                 frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 logprobs: int | None = None):
         """Generate text for ``prompt`` (a string) or ``messages`` (chat, [{role, content}]).
+
+        Sampling (see :class:`SamplingParams`): ``temperature`` (0: greedy), ``top_k``, ``top_p``,
+        ``repetition_penalty`` (prompt and answer, transformers' convention), ``frequency_penalty`` /
+        ``presence_penalty`` (answer only, OpenAI's), ``seed`` (same seed, same answer) and
+        ``logprobs`` (None, or how many alternatives to report per token: the result's ``logprobs``).
+        Unset values come from the bundle's generation defaults.
 
         Returns a :class:`GenerationResult`, or with ``stream=True`` a :class:`Stream` of text
         pieces. Raises :class:`EngineError` (empty or too long prompt, bad parameters) or
@@ -234,20 +243,28 @@ class Engine:
         self._require("causal-lm")
         ids = self.encode_prompt(prompt, messages)
         g = self.generation_defaults
-        n_new = int(g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens)
-        if n_new < 1:
-            raise EngineError(f"max_new_tokens must be at least 1, got {n_new}", hint="ask for 1 or more new tokens")
-        params = SamplingParams(float(g.get("temperature", 0.0) if temperature is None else temperature),
-                                float(g.get("top_p", 1.0) if top_p is None else top_p), seed)
+        n_new = _count("max_new_tokens", g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens)
+
+        def pick(value, key, default):
+            return g.get(key, default) if value is None else value
+
+        params = SamplingParams(pick(temperature, "temperature", 0.0), pick(top_p, "top_p", 1.0), seed,
+                                top_k=pick(top_k, "top_k", 0),
+                                repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
+                                frequency_penalty=pick(frequency_penalty, "frequency_penalty", 0.0),
+                                presence_penalty=pick(presence_penalty, "presence_penalty", 0.0), logprobs=logprobs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise EngineError("stop must be a string or a list of strings", hint='e.g. stop=["\\n\\n"]')
+        if not all(isinstance(s, str) and s for s in stops):
+            raise EngineError("stop must be a non-empty string or a list of them", hint='e.g. stop=["\\n\\n"]')
         names = [adapter] if isinstance(adapter, (str, LoadedAdapter)) else list(adapter or [])
         for n in names:
             if not isinstance(n, LoadedAdapter):
                 self.registry.get(n)  # unknown names fail here, before anything runs
         out = Stream(iter(()), request_id=uuid.uuid4().hex[:12])
-        pieces = self._pieces(ids, names, n_new, params, stops, out, text_digest(str(prompt or messages)))
+        sampler = Sampler(params, ids)
+        out._token_text = self._token_text if logprobs is not None else None
+        out._sampler = sampler
+        pieces = self._pieces(ids, names, n_new, sampler, stops, out, text_digest(str(prompt or messages)))
         out._pieces = pieces
         if stream:
             return out
@@ -255,7 +272,10 @@ class Engine:
             pass
         return out.result
 
-    def _pieces(self, ids, names, n_new, params, stops, out: Stream, digest: str):
+    def _token_text(self, token_id: int) -> str:
+        return self.codec.tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def _pieces(self, ids, names, n_new, sampler, stops, out: Stream, digest: str):
         request_id = out.request_id
         t0 = time.perf_counter()
         first = None
@@ -266,7 +286,7 @@ class Engine:
             values = (v for a in chosen for v in a.values)  # read only when a context first binds them
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
-            inner = self.runner.generate(ids, pick=Sampler(params), max_new_tokens=n_new, adapter_key=key,
+            inner = self.runner.generate(ids, pick=sampler, max_new_tokens=n_new, adapter_key=key,
                                          adapter_values=values)
             try:
                 for tok in inner:
@@ -298,7 +318,8 @@ class Engine:
                     text="".join(text), token_ids=gen_ids, finish_reason=finish if status == "ok" else status,
                     prompt_tokens=len(ids), adapter="+".join(x.name for x in chosen) or None,
                     adapter_version=_versions(chosen), request_id=request_id,
-                    seconds=time.perf_counter() - t0, first_token_seconds=first)
+                    seconds=time.perf_counter() - t0, first_token_seconds=first,
+                    logprobs=out.logprobs_of(gen_ids) if sampler.params.logprobs is not None else None)
                 self._audit("generate", out.result.request_id, chosen, status, digest,
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
                             finish_reason=out.result.finish_reason, ms=round(out.result.seconds * 1000, 2))
@@ -350,6 +371,16 @@ class Engine:
         return {"base": self.manifest.base, "task": self.task, "providers": self.session.get_providers(),
                 "threads": self.threads, "max_context": self.max_context, "adapters": self.adapters(),
                 "open_seconds": round(self.open_seconds, 4)}
+
+
+def _count(name: str, value) -> int:
+    """A whole number >= 1 from a request (JSON gives floats such as 1e400 too); raises :class:`EngineError`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EngineError(f"{name} must be a whole number of at least 1, got {value!r}",
+                          hint="ask for 1 or more new tokens")
+    return value
 
 
 def _versions(chosen):
