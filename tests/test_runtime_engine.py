@@ -263,3 +263,4 @@ def test_audit_log_records_each_request(engine):
     assert last["adapters"][0]["name"] == "beta" and last["adapters"][0]["version"] == 1
     assert len(last["adapters"][0]["sha256"]) == 64
     assert last["base_fingerprint"] == engine.base_fingerprint and PROMPT not in json.dumps(last)
+    assert last["input_digest"] == engine.audit.digest(PROMPT) == engine.digest(PROMPT)  # keyed, findable by the owner

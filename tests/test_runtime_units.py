@@ -158,8 +158,8 @@ def test_audit_log_appends_json_lines_and_rotates_by_size(tmp_path):
     for i in range(30):
         log.record(request_id=f"r{i}", adapters=[{"name": "a", "version": "2"}], status="ok")
     files = sorted(p.name for p in (tmp_path / "audit").iterdir())
-    assert files == ["log.jsonl", "log.jsonl.1", "log.jsonl.2"]
-    for p in (tmp_path / "audit").iterdir():
+    assert files == ["log.jsonl", "log.jsonl.1", "log.jsonl.2", "log.jsonl.key"]
+    for p in (tmp_path / "audit").glob("log.jsonl*[0-9l]"):
         assert p.stat().st_size <= 400
         for line in p.read_text().splitlines():
             assert json.loads(line)["status"] == "ok"
@@ -167,6 +167,29 @@ def test_audit_log_appends_json_lines_and_rotates_by_size(tmp_path):
     assert ids == sorted(ids, key=lambda x: int(x[1:])) and ids[-1] == "r29"  # oldest first, newest kept
     with pytest.raises(EngineError):
         AuditLog(tmp_path / "x.jsonl", max_bytes=10)
+
+
+def test_audit_digest_is_keyed_per_device_so_short_prompts_cannot_be_looked_up(tmp_path):
+    import hashlib
+    import os
+    import stat
+
+    log = AuditLog(tmp_path / "a" / "audit.jsonl")
+    key_file = tmp_path / "a" / "audit.jsonl.key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    d = log.digest("yes")
+    assert d.startswith("hmac-sha256:")
+    # a dictionary of plain hashes finds nothing: the digest is not a hash of the text alone
+    plain = {hashlib.sha256(w.encode()).hexdigest()[: len(d) - 12] for w in ("yes", "no", "1234", "hi")}
+    assert d[12:] not in plain and d[12:] != hashlib.sha256(b"yes").hexdigest()[:32]
+    # the same device (key file) gives the same digest after a restart; another device another one
+    assert AuditLog(tmp_path / "a" / "audit.jsonl").digest("yes") == d
+    other = AuditLog(tmp_path / "b" / "audit.jsonl")
+    assert other.digest("yes") != d and other.key_id != log.key_id
+    assert log.record(request_id="r")["key_id"] == log.key_id
+    key_file.write_text("zz")
+    with pytest.raises(EngineError, match="audit key"):
+        AuditLog(tmp_path / "a" / "audit.jsonl")
 
 
 def test_runtime_modules_import_with_server_libraries_blocked():

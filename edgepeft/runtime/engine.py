@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import AdapterError, BundleError, EngineError, SpecError
-from .audit import AuditLog, text_digest
+from .audit import AuditLog
 from .detok import IncrementalDetokenizer, StopMatcher
 from .registry import AdapterRegistry, LoadedAdapter, parse_slots
-from .results import Classification, GenerationResult, Stream
+from .results import Classification, Embeddings, GenerationResult, Stream  # noqa: F401 (Embeddings: embed())
 from .sampling import Sampler, SamplingParams
 from .session import open_session
 
@@ -35,37 +35,53 @@ class Engine:
       also verify the update packages this engine is given.
     - ``providers`` / ``threads``: override the bundle target's provider order and thread count.
     - ``audit``: an :class:`AuditLog` (or a path) recording which adapter version answered.
+    - ``max_concurrent``: requests decoding at once (each holds one key/value context of the
+      bundle's context length; more wait); ``spinning``: worker threads spin between kernels
+      (faster decode, more power).
+    - ``health_checks``: run the bundle's own signed health checks before the engine is
+      returned (a bundle that is broken on this device is refused here, not found by a user).
+
+    Use it as a context manager, or call :meth:`close`, to release the session and adapters.
 
     Raises :class:`BundleError` (incl. ``SignatureError``/``IntegrityError``) for a bundle
-    that is malformed, tampered with or signed by an untrusted key.
+    that is malformed, tampered with, signed by an untrusted key, or fails its health checks.
     """
 
     def __init__(self, bundle_dir: str | Path, trusted_keys: Iterable = (), *, providers: Sequence[str] | None = None,
                  threads: int | None = None, audit: AuditLog | str | Path | None = None,
                  review_threshold: float = 0.6,
-                 max_concurrent: int = 4, spinning: bool = True):
+                 max_concurrent: int = 4, spinning: bool = True, health_checks: bool = True):
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..spec.verify import load_public_key, read_verified, verify_bundle, verify_files
+        from ..spec.verify import BundleFiles, load_public_key, verify_bundle
 
         t0 = time.perf_counter()
-        self.bundle_dir = Path(bundle_dir)
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 256:
+            raise EngineError(f"max_concurrent must be a whole number from 1 to 256, got {max_concurrent!r}",
+                              hint="e.g. max_concurrent=2 on a small device")
+        self.max_concurrent = max_concurrent
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self.bundle_dir = Path(bundle_dir)  # a directory, or the .epb archive read in place
         self.trusted_keys = [load_public_key(k) for k in trusted_keys]
+        self._files = BundleFiles(self.bundle_dir)
         try:
             # signature and schema first; file hashes below, the graph's before onnxruntime parses it
-            self.manifest = verify_bundle(self.bundle_dir, self.trusted_keys, check_files=False)
+            self.manifest = verify_bundle(self._files, self.trusted_keys, check_files=False)
         except SpecError as exc:
             raise BundleError(f"bundle manifest is invalid: {exc.message}", hint=exc.hint or "rebuild the bundle") from exc
         m = self.manifest
         graph = m.model.get("graph", "model.onnx")
         # every file the engine uses is read once and loaded from the bytes that were hashed
-        model_bytes = read_verified(self.bundle_dir, m.file(graph))
+        model_bytes = self._files.read(m.file(graph))
         tok_name = m.tokenizer.get("file", "tokenizer.json")
         used = {graph, tok_name} | {a.file for a in m.adapters}
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
             # on another core while the session is built: the tokenizer and any other listed file
-            tok = pool.submit(read_verified, self.bundle_dir, m.file(tok_name))
-            rest = pool.submit(verify_files, self.bundle_dir, m, [f.path for f in m.files if f.path not in used])
+            tok = pool.submit(self._files.read, m.file(tok_name))
+            rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in used])
             try:
                 self._open(m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent)
             finally:
@@ -74,7 +90,79 @@ class Engine:
                 tok_bytes = tok.result()
         self._load_adapters(m, tok_bytes)
         self.audit = AuditLog(audit) if isinstance(audit, (str, Path)) else audit
+        if health_checks and m.health_checks:
+            self._check_bundle()
         self.open_seconds = time.perf_counter() - t0
+
+    def _check_bundle(self) -> None:
+        from .health import run_bundle_checks
+
+        failures = run_bundle_checks(self, self.manifest.health_checks)
+        if failures:
+            self.close()
+            raise BundleError(f"the bundle's own health checks fail on this device: {'; '.join(failures)}",
+                              hint="this device computes other answers than the build machine (another "
+                                   "onnxruntime or CPU?); rebuild for this target, or open it with the checks "
+                                   "turned off (--skip-health-checks) to investigate")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, wait up to ``timeout`` seconds for running ones, then release the
+        session, the decode contexts and every adapter. Idempotent. Raises :class:`EngineError`
+        when requests are still running after ``timeout`` (nothing is released then)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closed = True
+            while self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineError(f"{self._running} request(s) still run after {timeout} s",
+                                      hint="stop their streams (Stream.close()) first, or wait longer")
+                self._cond.wait(left)
+        for name in self.registry.names():
+            self.registry.unload(name)
+        self.runner = None
+        self.session = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict:
+        """Requests running now and how many may decode at once (the rest wait)."""
+        with self._cond:
+            return {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
+
+    def add_warning(self, message: str) -> None:
+        """Record something users of this engine should see (e.g. an installed adapter that was not
+        served); the CLI prints these and ``/v1/models`` lists them."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def _request(self):
+        """Counts one running request (refused once the engine is closed)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def running():
+            with self._cond:
+                if self._closed:
+                    raise EngineError("this engine is closed", hint="open the bundle again")
+                self._running += 1
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+        return running()
 
     def _open(self, m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent) -> None:
         self.model_info = dict(m.model)
@@ -122,14 +210,12 @@ class Engine:
         """The version of ``name`` this bundle carries, read and hashed again from the bundle and
         prepared (not served). Raises :class:`AdapterError` if the bundle carries no such adapter,
         :class:`IntegrityError` if its file no longer matches the manifest."""
-        from ..spec.verify import read_verified
-
         try:
             entry = self.manifest.adapter(name)
         except SpecError as exc:
             raise AdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
         f = self.manifest.file(entry.file)
-        data = read_verified(self.bundle_dir, f)
+        data = self._files.read(f)
         return self.registry.prepare(data, entry.to_dict() | {"sha256": f.sha256}, name=entry.name)
 
     def load_adapter(self, package, *, name: str | None = None) -> dict:
@@ -241,6 +327,8 @@ class Engine:
         :class:`AdapterError` (unknown or overlapping adapters) before anything runs.
         """
         self._require("causal-lm")
+        if self._closed:
+            raise EngineError("this engine is closed", hint="open the bundle again")
         ids = self.encode_prompt(prompt, messages)
         g = self.generation_defaults
         n_new = _count("max_new_tokens", g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens)
@@ -264,7 +352,7 @@ class Engine:
         sampler = Sampler(params, ids)
         out._token_text = self._token_text if logprobs is not None else None
         out._sampler = sampler
-        pieces = self._pieces(ids, names, n_new, sampler, stops, out, text_digest(str(prompt or messages)))
+        pieces = self._pieces(ids, names, n_new, sampler, stops, out, self.digest(str(prompt or messages)))
         out._pieces = pieces
         if stream:
             return out
@@ -282,7 +370,7 @@ class Engine:
         status = "error"
         text, gen_ids, finish = [], [], "length"
         eos = set(self.codec.eos_ids)
-        with self.registry.activate(names) as chosen:
+        with self._request(), self.registry.activate(names) as chosen:
             values = (v for a in chosen for v in a.values)  # read only when a context first binds them
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
@@ -335,7 +423,7 @@ class Engine:
 
         self._require("causal-lm")
         ids = [int(i) for i in ids]
-        with self.registry.activate(adapter) as chosen:
+        with self._request(), self.registry.activate(adapter) as chosen:
             values = (v for a in chosen for v in a.values)
             logits = self.runner.prefill_logits(ids, adapter_key=tuple(a.key for a in chosen), adapter_values=values)
         z = logits[:-1].astype(np.float64)
@@ -356,20 +444,42 @@ class Engine:
         if review_threshold is not None and not 0.0 <= float(review_threshold) <= 1.0:
             raise EngineError(f"review threshold {review_threshold} is not a probability",
                               hint="use a value from 0 (never review) to 1 (review everything)")
-        return classify_batch(self, texts, adapter, review_threshold)
+        with self._request():
+            return classify_batch(self, texts, adapter, review_threshold)
+
+    def embed(self, texts: str | Sequence[str], *, adapter: str | None = None, normalize: bool = True):
+        """One vector per text from an encoder bundle (the pooled output before the classification
+        head, with ``adapter``'s weights when named), L2-normalized unless ``normalize`` is False.
+
+        Returns an :class:`Embeddings`. Raises :class:`EngineError` (not an encoder bundle, a graph
+        built without an embeddings output, empty or too long text) or :class:`AdapterError`.
+        """
+        from .classify import embed_batch
+
+        if self.task != "classification":
+            raise EngineError("embeddings come from encoder bundles; this one is a causal-lm model",
+                              hint="build a bundle of an encoder base (e.g. all-MiniLM-L6-v2) for embeddings")
+        with self._request():
+            return embed_batch(self, texts, adapter, normalize)
 
     # -- audit ----------------------------------------------------------------------------
+    def digest(self, text: str) -> str | None:
+        """The audit log's keyed digest of request text (None without an audit log)."""
+        return self.audit.digest(text) if self.audit is not None else None
+
     def _audit(self, kind: str, request_id: str, chosen, status: str, digest: str, **extra) -> None:
         if self.audit is None:
             return
         self.audit.record(request_id=request_id, kind=kind, status=status, base=self.manifest.base.get("name"),
                           base_fingerprint=self.base_fingerprint,
                           adapters=[{"name": a.name, "version": a.version, "sha256": a.meta.get("sha256")}
-                                    for a in chosen], input_sha256=digest, **extra)
+                                    for a in chosen], input_digest=digest, **extra)
 
     def info(self) -> dict:
-        return {"base": self.manifest.base, "task": self.task, "providers": self.session.get_providers(),
+        return {"base": self.manifest.base, "task": self.task,
+                "providers": self.session.get_providers() if self.session is not None else [],
                 "threads": self.threads, "max_context": self.max_context, "adapters": self.adapters(),
+                "max_concurrent": self.max_concurrent, "warnings": list(self.warnings),
                 "open_seconds": round(self.open_seconds, 4)}
 
 

@@ -51,6 +51,20 @@ class Classification:
 
 
 @dataclass
+class Embeddings:
+    """Vectors of an :meth:`Engine.embed` request: ``vectors`` is float32 [texts, width]."""
+
+    vectors: object
+    tokens: int
+    adapter: str | None
+    adapter_version: int | None
+    request_id: str = ""
+
+    def tolist(self) -> list:
+        return self.vectors.tolist()
+
+
+@dataclass
 class Stream:
     """Iterate to receive text pieces as tokens arrive; ``result`` is set once the stream ends.
 
