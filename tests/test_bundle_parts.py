@@ -62,13 +62,30 @@ def test_fit_refuses_with_numbers():
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
     phone = load_target("android-arm64")
     ok = check_fit(phone, bundle_bytes=80 << 20, weight_bytes=78 << 20, adapter_bytes=1 << 20, model_info=info,
-                   max_rank=8)
+                   max_rank=8, concurrency=1)
     assert ok.context == 1024 and 40 < ok.kv_cache_mib < 50
     with pytest.raises(TargetFitError) as err:
         check_fit(phone, bundle_bytes=600 << 20, weight_bytes=500 << 20, adapter_bytes=0, model_info=info, max_rank=32)
     msg = str(err.value)
     assert "600.0 MiB" in msg and "storage budget is 512 MiB" in msg and "memory budget is 384 MiB" in msg
     assert "rank 32" in msg
+
+
+def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_open_peak():
+    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, kv_cache_bytes
+
+    info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
+    pi = load_target("raspberry-pi-5")
+    kw = dict(bundle_bytes=120 << 20, weight_bytes=100 << 20, model_info=info, max_rank=8)
+    r = check_fit(pi, adapters=[(10 << 20, "fp16"), (5 << 20, "int8"), (3 << 20, "fp32")], **kw)
+    assert r.adapters_mib == 20 + 20 + 3  # fp16 files double as fp32 arrays, int8 ones quadruple
+    assert r.concurrency == 4 and r.kv_cache_mib == 4 * kv_cache_bytes(info, r.context) / MIB  # one per request
+    assert r.memory_mib == 100 + r.kv_cache_mib + 43 + RUNTIME_OVERHEAD_MIB
+    assert r.open_peak_mib == r.memory_mib + 100  # the verified graph bytes until the session holds its copy
+    big = kw | {"weight_bytes": 600 << 20}  # 600 + 360 KV + adapters + 40, and 600 more while it opens
+    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 600 + 360 + 150 + 40 + 600
+    with pytest.raises(TargetFitError, match="adapters 600.0 as fp32.*while it opens"):  # counted as files: fits
+        check_fit(pi, adapters=[(150 << 20, "int8")], **big)
 
 
 def test_archive_round_trip_is_deterministic(tmp_path, keypair):
