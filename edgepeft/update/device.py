@@ -15,6 +15,7 @@ State folder (private to the device user)::
     STATE/unloaded.json         adapters taken out of service (`edgepeft adapters unload`)
     STATE/checked.json          bundles whose own health checks passed on this device (run on first open)
     STATE/.lock                 held by the one process that owns the state (the agent)
+    STATE/device.json           {"bundle": the path of the bundle the device was shipped}
 
 A bundle update (a new base) is installed beside the running one: unpacked,
 opened and verified by a second engine, health-checked with the new bundle's
@@ -45,7 +46,7 @@ HISTORY = 100
 class Device:
     """Engine + updater + receiver over one state folder. Thread-safe.
 
-    ``bundle`` is the bundle the device was shipped (a directory or its ``.epb``), used
+    ``bundle`` is the bundle the device was shipped (a directory, or its ``.epb`` read in place), used
     until a bundle update replaces it. ``engine_options`` go to every
     :class:`~edgepeft.runtime.Engine` it opens (threads, providers, audit ...).
     Raises :class:`BundleError` when no bundle verifies, :class:`StoreError` for an unreadable
@@ -69,6 +70,9 @@ class Device:
         self._owner = _lock_state(self.state_dir)
         try:
             self.factory = self._factory_dir(Path(bundle))
+            if shipped_bundle(self.state_dir) != str(Path(bundle).resolve()):
+                write_atomic(self.io, self.state_dir / "device.json",
+                             json.dumps({"bundle": str(Path(bundle).resolve())}).encode("utf-8"))
             self.engine, self.bundle_dir = self._open_current()
             self.updater = self._new_updater(self.engine)
             self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
@@ -82,19 +86,10 @@ class Device:
         return self.state_dir / "bundles"
 
     def _factory_dir(self, bundle: Path) -> Path:
-        """The shipped bundle as a directory (an .epb is unpacked once into the state folder)."""
-        if bundle.is_dir():
+        """The shipped bundle: a directory, or its .epb read in place (no unpacked copy on the device)."""
+        if bundle.is_dir() or bundle.is_file():
             return bundle
-        if not bundle.is_file():
-            raise UsageError(f"bundle {bundle} does not exist", hint="pass the bundle directory or its .epb archive")
-        from ..spec.archive import unpack_bundle
-        from ..spec.names import sha256_file
-
-        dest = self._bundles / f"factory-{sha256_file(bundle)[:16]}"
-        if not dest.is_dir():
-            self._bundles.mkdir(parents=True, exist_ok=True)
-            unpack_bundle(bundle, dest)
-        return dest
+        raise UsageError(f"bundle {bundle} does not exist", hint="pass the bundle directory or its .epb archive")
 
     def _bundle_state(self) -> AdapterState:
         p = self.state_dir / "bundle.json"
@@ -375,9 +370,23 @@ class Device:
                     "warnings": _unique(self.updater.notes + self.engine.warnings)}
 
     def close(self) -> None:
-        """Stop receiving and give the state folder back (another process may open it then)."""
+        """Stop receiving, close the engine (waiting a little for running requests) and give the state
+        folder back (another process may open it then)."""
         self.receiver.close()
+        try:
+            self.engine.close(timeout=10.0)
+        except EdgePeftError:
+            pass  # a request still runs: the process is ending anyway
         self._owner.close()
+
+
+def shipped_bundle(state_dir: Path) -> str | None:
+    """The bundle a device's agent was last started with (recorded in ``STATE/device.json``)."""
+    try:
+        value = json.loads((Path(state_dir) / "device.json").read_text(encoding="utf-8")).get("bundle")
+        return value if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _unique(items: list) -> list:
