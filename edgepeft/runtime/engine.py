@@ -25,7 +25,7 @@ from .detok import IncrementalDetokenizer, StopMatcher
 from .registry import AdapterRegistry, LoadedAdapter, parse_slots
 from .results import Classification, Embeddings, GenerationResult, Stream  # noqa: F401 (Embeddings: embed())
 from .sampling import Sampler, SamplingParams
-from .session import open_session
+from .session import check_runtime, open_session
 
 
 class Engine:
@@ -171,6 +171,7 @@ class Engine:
         target = m.target or {}
         self.providers = list(providers or target.get("providers") or ["CPUExecutionProvider"])
         self.threads = int(threads or target.get("threads") or 1)
+        check_runtime(m.quantization or {})
         self.session = open_session(model_bytes, providers=self.providers, threads=self.threads,
                                     spinning=spinning, name=m.model.get("graph", "model.onnx"))
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
