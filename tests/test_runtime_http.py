@@ -238,7 +238,8 @@ def test_errors_are_json_with_the_right_status_and_the_server_keeps_serving(serv
     status, _, body = _post(server.url + "/v1/embeddings", {"input": "x"})
     assert status == 400 and "encoder bundles" in json.loads(body)["error"]["message"]
     # http.server's own refusals (a method it has no handler for, a broken request line) are JSON too
-    answer = _raw(server, b"PATCH /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    answer = _raw(server, b"PATCH /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+                          b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 405") and b'"type": "invalid_request_error"' in answer
     answer = _raw(server, b"GARBAGE\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400") and b'"error"' in answer

@@ -23,7 +23,7 @@ from ..errors import AdapterError, BundleError, EngineError, SpecError
 from .audit import AuditLog
 from .detok import IncrementalDetokenizer, StopMatcher
 from .registry import AdapterRegistry, LoadedAdapter, parse_slots
-from .results import Classification, Embeddings, GenerationResult, Stream  # noqa: F401 (Embeddings: embed())
+from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import check_runtime, open_session
 

@@ -361,7 +361,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.send_response(204)
             self._cors_headers()
             self.send_header("Access-Control-Allow-Methods", "GET, POST, PUT, OPTIONS")
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Upload-Offset, Upload-Length")
+            self.send_header("Access-Control-Allow-Headers",
+                             "Authorization, Content-Type, Upload-Offset, Upload-Length")
             self.send_header("Access-Control-Max-Age", "600")
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -394,7 +395,8 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _models(self):
         now = int(time.time())
         eng = self.engine
-        data = [{"id": self.server.base_id, "object": "model", "created": now, "owned_by": "edgepeft", "task": eng.task}]
+        data = [{"id": self.server.base_id, "object": "model", "created": now, "owned_by": "edgepeft",
+                 "task": eng.task}]
         data += [{"id": a["name"], "object": "model", "created": now, "owned_by": "edgepeft",
                   "version": a["version"], "task": a["task"]} for a in eng.adapters()]
         self._send(200, {"object": "list", "data": data, "warnings": list(eng.warnings)})
@@ -434,16 +436,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 raise ApiError(400, "'messages' must be a list", hint='e.g. [{"role": "user", "content": "hi"}]')
             prompts = [{"messages": data["messages"]}]
         else:
-            prompt = data.get("prompt")
-            if isinstance(prompt, str):
-                prompt = [prompt]
-            if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-                raise ApiError(400, "'prompt' must be a string or a non-empty list of strings",
-                               hint='e.g. "Once upon a time" or ["one", "two"]')
-            if len(prompt) > lim.max_inputs:
-                raise ApiError(413, f"{len(prompt)} prompts in one request; the limit is {lim.max_inputs}",
-                               "too_large", "send fewer prompts per request")
-            prompts = [{"prompt": p} for p in prompt]
+            prompts = [{"prompt": p} for p in self._texts(data, "prompt", '"Once upon a time" or ["one", "two"]')]
         n = data.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= lim.max_n:
             raise ApiError(400, f"'n' must be a whole number from 1 to {lim.max_n}, got {n!r}")
@@ -606,22 +599,22 @@ class ApiHandler(BaseHTTPRequestHandler):
             pass
 
     # -- encoders --------------------------------------------------------------------------
-    def _inputs(self, data: dict) -> list[str]:
-        texts = data.get("input")
+    def _texts(self, data: dict, key: str = "input", example: str = '["great product", "never again"]') -> list[str]:
+        """``data[key]``: a string or a non-empty list of them, at most ``max_inputs`` (413 beyond)."""
+        texts = data.get(key)
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise ApiError(400, "'input' must be a string or a non-empty list of strings",
-                           hint='e.g. ["great product", "never again"]')
+            raise ApiError(400, f"'{key}' must be a string or a non-empty list of strings", hint=f"e.g. {example}")
         lim = self.server.limits.max_inputs
         if len(texts) > lim:
-            raise ApiError(413, f"{len(texts)} inputs in one request; the limit is {lim}", "too_large",
-                           f"send at most {lim} texts per request")
+            raise ApiError(413, f"{len(texts)} {key}s in one request; the limit is {lim}", "too_large",
+                           f"send at most {lim} per request")
         return texts
 
     def _classify(self):
         data = self._json()
-        texts, adapter = self._inputs(data), self._model(data)
+        texts, adapter = self._texts(data), self._model(data)
         threshold = data.get("review_threshold")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ApiError(400, "'review_threshold' must be a number from 0 to 1")
@@ -632,7 +625,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _embeddings(self):
         data = self._json()
-        texts, adapter = self._inputs(data), self._model(data)
+        texts, adapter = self._texts(data), self._model(data)
         fmt = data.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"")
