@@ -189,3 +189,39 @@ def test_a_bundles_own_health_checks_run_on_the_first_open(built, tmp_path):
             Device(good, [built["public_key"]], tmp_path / "state3")
         finally:
             first.close()
+
+
+def test_an_installed_version_that_no_longer_verifies_is_a_warning_everywhere(built, tmp_path):
+    """A stored version damaged on disk is not served (the previous one is); users see why: `run`
+    prints it, the agent's /v1/models and `adapters list` carry it in their warnings."""
+    import urllib.request
+
+    state, pub = tmp_path / "state", built["public_key"]
+    dev = Device(built["bundle"], [pub], state)
+    assert dev.install_file(built["package"]).status == "healthy"
+    dev.close()
+    stored = state / "adapters" / "alpha" / "v-2.epu"
+    data = bytearray(stored.read_bytes())
+    data[-10] ^= 1
+    stored.write_bytes(bytes(data))
+    r = run_cli("run", built["bundle"], "--trusted-key", pub, "--state", state, "--raw", "--prompt", "the tin",
+                "--max-new-tokens", "2", "--adapter", "alpha")
+    assert r.returncode == 0 and "warning: alpha v2 not served" in r.stderr, r.stderr
+    agent = AgentProcess(built["bundle"], pub, state)
+    try:
+        req = urllib.request.Request(agent.url + "/v1/models", headers={"Authorization": f"Bearer {agent.token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            models = json.load(resp)
+        assert any("alpha v2 not served" in w for w in models["warnings"]), models
+        assert agent.chat("alpha", Q)["adapter_version"] == 1
+        listed = _json(run_cli("adapters", "list", "--device", agent.url, "--token", agent.token, "--json"))
+        assert any("alpha v2 not served" in w for w in listed["warnings"])
+    finally:
+        agent.stop()
+
+
+def test_the_agent_listens_beyond_the_device_only_when_told(built, tmp_path):
+    r = run_cli("agent", built["bundle"], "--trusted-key", built["public_key"], "--state", tmp_path / "s",
+                "--listen", "0.0.0.0:0")
+    assert r.returncode == 2 and "reachable from other machines" in r.stderr and "--expose" in r.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was written
