@@ -36,8 +36,8 @@ class Engine:
     - ``providers`` / ``threads``: override the bundle target's provider order and thread count.
     - ``audit``: an :class:`AuditLog` (or a path) recording which adapter version answered.
     - ``max_concurrent``: requests decoding at once (each holds one key/value context of the
-      bundle's context length; more wait); ``spinning``: worker threads spin between kernels
-      (faster decode, more power).
+      bundle's context length; more wait; default: the bundle target's ``max_concurrent``, else 4);
+      ``spinning``: worker threads spin between kernels (faster decode, more power).
     - ``health_checks``: run the bundle's own signed health checks before the engine is
       returned (a bundle that is broken on this device is refused here, not found by a user).
 
@@ -50,17 +50,17 @@ class Engine:
     def __init__(self, bundle_dir: str | Path, trusted_keys: Iterable = (), *, providers: Sequence[str] | None = None,
                  threads: int | None = None, audit: AuditLog | str | Path | None = None,
                  review_threshold: float = 0.6,
-                 max_concurrent: int = 4, spinning: bool = True, health_checks: bool = True):
+                 max_concurrent: int | None = None, spinning: bool = True, health_checks: bool = True):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
         from ..spec.verify import BundleFiles, load_public_key, verify_bundle
 
         t0 = time.perf_counter()
-        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 256:
+        if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
+                                           or not 1 <= max_concurrent <= 256):
             raise EngineError(f"max_concurrent must be a whole number from 1 to 256, got {max_concurrent!r}",
                               hint="e.g. max_concurrent=2 on a small device")
-        self.max_concurrent = max_concurrent
         self._cond = threading.Condition()
         self._running = 0
         self._closed = False
@@ -74,8 +74,9 @@ class Engine:
             raise BundleError(f"bundle manifest is invalid: {exc.message}", hint=exc.hint or "rebuild the bundle") from exc
         m = self.manifest
         graph = m.model.get("graph", "model.onnx")
-        # every file the engine uses is read once and loaded from the bytes that were hashed
-        model_bytes = self._files.read(m.file(graph))
+        # every file the engine uses is read once and loaded from what was hashed (the graph as a sealed
+        # in-memory file onnxruntime opens by path: one copy in memory instead of two)
+        model_file = self._files.open_verified(m.file(graph))
         tok_name = m.tokenizer.get("file", "tokenizer.json")
         used = {graph, tok_name} | {a.file for a in m.adapters}
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
@@ -83,9 +84,9 @@ class Engine:
             tok = pool.submit(self._files.read, m.file(tok_name))
             rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in used])
             try:
-                self._open(m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent)
+                self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent)
             finally:
-                del model_bytes
+                model_file.close()
                 rest.result()
                 tok_bytes = tok.result()
         self._load_adapters(m, tok_bytes)
@@ -164,15 +165,18 @@ class Engine:
 
         return running()
 
-    def _open(self, m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent) -> None:
+    def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent) -> None:
         self.model_info = dict(m.model)
         self.task = m.base.get("task", self.model_info.get("task", "causal-lm"))
         self.base_fingerprint = m.base["fingerprint"]
         target = m.target or {}
+        budgets = target.get("budgets") if isinstance(target.get("budgets"), dict) else {}
+        self.max_concurrent = int(max_concurrent or budgets.get("max_concurrent") or 4)
+        max_concurrent = self.max_concurrent
         self.providers = list(providers or target.get("providers") or ["CPUExecutionProvider"])
         self.threads = int(threads or target.get("threads") or 1)
         check_runtime(m.quantization or {})
-        self.session = open_session(model_bytes, providers=self.providers, threads=self.threads,
+        self.session = open_session(model, providers=self.providers, threads=self.threads,
                                     spinning=spinning, name=m.model.get("graph", "model.onnx"))
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
         slots = parse_slots(self.model_info, overridable)
@@ -216,7 +220,11 @@ class Engine:
         except SpecError as exc:
             raise AdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
         f = self.manifest.file(entry.file)
-        data = self._files.read(f)
+        verified = self._files.open_verified(f)
+        try:
+            data = verified.view()  # the tensors are views of it; its memory goes when the adapter does
+        finally:
+            verified.close()
         return self.registry.prepare(data, entry.to_dict() | {"sha256": f.sha256}, name=entry.name)
 
     def load_adapter(self, package, *, name: str | None = None) -> dict:

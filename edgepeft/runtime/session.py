@@ -66,7 +66,7 @@ def check_runtime(quantization: dict) -> None:
 
 def open_session(model, *, providers: Sequence[str] | None, threads: int, spinning: bool = True,
                  name: str = "model.onnx"):
-    """One InferenceSession from the graph's verified bytes (or a path); raises :class:`BundleError`
+    """One InferenceSession from the graph's verified bytes or a path to them; raises :class:`BundleError`
     when the graph cannot be loaded."""
     import onnxruntime as ort
 

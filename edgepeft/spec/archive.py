@@ -165,6 +165,25 @@ class ArchiveFiles:
                 raise IntegrityError(f"{entry.path} in {self.path.name} does not match the manifest "
                                      "(tampered or corrupted)", hint="copy the bundle again from a trusted source")
 
+    def blocks(self, entry):
+        """One listed file's bytes in blocks (unchecked: the caller hashes them). Raises
+        :class:`IntegrityError` for a missing or resized member."""
+        member = self._members.by_name.get(entry.path)
+        if member is None:
+            raise IntegrityError(f"{entry.path} is missing from {self.path.name}", hint="transfer it again")
+        if member.size != entry.size:
+            raise IntegrityError(f"{entry.path} in {self.path.name} is {member.size} bytes, the manifest says "
+                                 f"{entry.size}", hint="the archive is damaged or was altered; transfer it again")
+        with open(self.path, "rb") as fh:
+            fh.seek(member.offset_data)
+            left = member.size
+            while left:
+                block = fh.read(min(left, 1 << 20))
+                if not block:
+                    raise BundleError(f"{self.path} is truncated at {entry.path}", hint="transfer it again")
+                left -= len(block)
+                yield block
+
     def read(self, entry) -> bytes:
         """One listed file's bytes, checked against ``entry`` (size and SHA-256): what is returned
         is what was hashed. Raises :class:`IntegrityError`."""
