@@ -83,9 +83,12 @@ def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_op
     assert r.memory_mib == 100 + r.kv_cache_mib + 43 + RUNTIME_OVERHEAD_MIB
     assert r.open_peak_mib == r.memory_mib + 100  # the verified graph bytes until the session holds its copy
     big = kw | {"weight_bytes": 600 << 20}  # 600 + 360 KV + adapters + 40, and 600 more while it opens
-    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 600 + 360 + 150 + 40 + 600
+    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 600 + 360 + 150 + 96 + 600
     with pytest.raises(TargetFitError, match="adapters 600.0 as fp32.*while it opens"):  # counted as files: fits
         check_fit(pi, adapters=[(150 << 20, "int8")], **big)
+    # a phone decodes one request at a time (its profile says so): one cache is counted, and its engine holds one
+    phone = load_target("android-arm64")
+    assert phone.budgets.max_concurrent == 1 and check_fit(phone, adapters=[], **kw).concurrency == 1
 
 
 def test_archive_round_trip_is_deterministic(tmp_path, keypair):

@@ -142,6 +142,19 @@ def test_links_inside_a_bundle_are_refused_even_as_folders(built, tmp_path):
         Engine(copy, [built["public_key"]])
 
 
+def test_engine_concurrency_follows_the_bundles_target(built, tmp_path):
+    from test_runtime_support import resign_bundle
+
+    target = built["manifest"]["target"]
+    two = resign_bundle(built, tmp_path / "two", target=target | {"budgets": target["budgets"] | {"max_concurrent": 2}})
+    with Engine(two, [built["public_key"]]) as eng:
+        assert eng.max_concurrent == eng.stats()["max_concurrent"] == 2  # what the fit check counted
+    with Engine(two, [built["public_key"]], max_concurrent=3) as eng:
+        assert eng.max_concurrent == 3
+    with pytest.raises(EngineError, match="max_concurrent"):
+        Engine(two, [built["public_key"]], max_concurrent=0)
+
+
 def test_engine_close_and_context_manager(built):
     with Engine(built["bundle"], [built["public_key"]]) as eng:
         stream = eng.generate(Q, max_new_tokens=20, stream=True)

@@ -4,11 +4,14 @@ The memory estimate counts what the device runtime really holds, and is document
 user can see where the number comes from:
 
 - the base weights as stored (ONNX Runtime keeps them in the session);
-- one key/value cache at the target's context length per request decoding at once
-  (``max_concurrent``, the engine's default 4: each concurrent request owns one);
+- one key/value cache at the target's context length per request decoding at once (the
+  target's ``max_concurrent``, 4 unless it says otherwise, which is also the engine's default
+  on that target: each concurrent request owns one);
 - every adapter as the engine holds it: fp32 payloads as they are, fp16 payloads expanded
   to fp32 (2x their file), int8 payloads expanded to fp32 (4x);
-- a fixed allowance for ONNX Runtime's arenas, the tokenizer and Python.
+- a fixed allowance for Python, numpy, ONNX Runtime (session, arenas) and the tokenizer: 96 MiB,
+  from 87 MiB measured for a tiny bundle's engine after its first tokens on x86-64 (the
+  benchmark's memory section prints this estimate beside the measured resident memory).
 
 While the engine opens, the verified bytes of the graph are held beside the session's copy
 until the session is built: the peak at open is the estimate plus the graph file once more,
@@ -23,9 +26,9 @@ from ..errors import TargetFitError
 from ..spec.target import TargetProfile
 
 MIB = 1 << 20
-RUNTIME_OVERHEAD_MIB = 40  # ORT session, arenas, tokenizer, Python: measured ~30-40 MiB on x86-64
+RUNTIME_OVERHEAD_MIB = 96  # Python, numpy, onnxruntime, tokenizers: 87 MiB measured with a tiny bundle (x86-64)
 EXPANSION = {"fp32": 1, "fp16": 2, "int8": 4}  # bytes held per payload byte once loaded as fp32
-DEFAULT_CONCURRENCY = 4  # Engine(max_concurrent=4)
+DEFAULT_CONCURRENCY = 4  # a target's budgets.max_concurrent when it names none
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,13 @@ def adapter_resident_bytes(adapters) -> int:
 
 
 def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, adapter_bytes: int | None = None,
-              model_info: dict, max_rank: int, adapters=None, concurrency: int = DEFAULT_CONCURRENCY) -> FitReport:
+              model_info: dict, max_rank: int, adapters=None, concurrency: int | None = None) -> FitReport:
     """Estimate and compare against ``target``; raises :class:`TargetFitError` listing every overrun.
 
-    ``adapters``: ``(file bytes, dtype)`` per adapter (``adapter_bytes`` alone counts as fp32 files).
+    ``adapters``: ``(file bytes, dtype)`` per adapter (``adapter_bytes`` alone counts as fp32 files);
+    ``concurrency``: requests decoding at once (default: the target's ``max_concurrent``).
     """
+    concurrency = concurrency or target.budgets.max_concurrent
     context = min(target.budgets.max_context, int(model_info.get("max_context") or target.budgets.max_context))
     kv_one = kv_cache_bytes(model_info, context)
     kv = kv_one * concurrency
@@ -87,9 +92,11 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
     return report
 
 
-def manifest_estimate(manifest: dict, concurrency: int = DEFAULT_CONCURRENCY) -> FitReport:
+def manifest_estimate(manifest: dict, concurrency: int | None = None) -> FitReport:
     """The same estimate for a built bundle, from its manifest (no budget check): what the
-    benchmark compares measured memory with."""
+    benchmark compares measured memory with. ``concurrency`` defaults to the bundle target's."""
+    budgets = (manifest.get("target") or {}).get("budgets") or {}
+    concurrency = concurrency or int(budgets.get("max_concurrent") or DEFAULT_CONCURRENCY)
     sizes = {f["path"]: f["size"] for f in manifest["files"]}
     model = manifest["model"]
     graph = model.get("graph", "model.onnx")

@@ -13,9 +13,9 @@ def engine_options(f):
     for opt in reversed([
         click.option("--threads", type=click.IntRange(1, 256), default=None,
                      help="Inference threads. [default: the bundle target's]"),
-        click.option("--max-concurrent", type=click.IntRange(1, 64), default=4, show_default=True,
+        click.option("--max-concurrent", type=click.IntRange(1, 64), default=None,
                      help="Requests decoding at once; each holds one key/value cache of the bundle's context "
-                          "(more wait for a free one)."),
+                          "(more wait for a free one). [default: the bundle target's, 4 unless it says otherwise]"),
         click.option("--no-spinning", is_flag=True,
                      help="Let inference threads sleep between kernels: slower decode, less power."),
         click.option("--skip-health-checks", is_flag=True,
