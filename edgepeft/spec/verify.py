@@ -158,17 +158,22 @@ def _open(opener, label: str, root: Path) -> int:
                              hint="copy the bundle again as plain files") from exc
 
 
-def _read_checked(fd: int, entry, label: str, *, keep: bool = True) -> bytes | None:
-    """Read a regular file's bytes from ``fd`` and check size and SHA-256 (closing ``fd``)."""
+def _check_open_file(fh, entry, label: str) -> None:
+    """An opened bundle file must be a regular file of the listed size; raises :class:`IntegrityError`."""
     import stat
 
+    st = os.fstat(fh.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise IntegrityError(f"{label} is not a regular file", hint="copy the bundle again as plain files")
+    if st.st_size != entry.size:
+        raise IntegrityError(f"{label} is {st.st_size} bytes, the manifest says {entry.size}",
+                             hint="the file is truncated or replaced; copy the bundle again")
+
+
+def _read_checked(fd: int, entry, label: str, *, keep: bool = True) -> bytes | None:
+    """Read a regular file's bytes from ``fd`` and check size and SHA-256 (closing ``fd``)."""
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{label} is not a regular file", hint="copy the bundle again as plain files")
-        if st.st_size != entry.size:
-            raise IntegrityError(f"{label} is {st.st_size} bytes, the manifest says {entry.size}",
-                                 hint="the file is truncated or replaced; copy the bundle again")
+        _check_open_file(fh, entry, label)
         if keep:
             data = fh.read(entry.size + 1)
             ok = len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256
@@ -295,20 +300,13 @@ class BundleFiles:
     def open_verified(self, entry) -> VerifiedFile:
         """A listed file checked against ``entry`` as a sealed in-memory file a loader opens by path
         (the bytes where that is not possible). Raises :class:`IntegrityError`."""
-        import stat
-
         if self.archive is not None:
             blocks = self.archive.blocks(entry)
             sealed = _sealed(blocks, entry, entry.path)
             return sealed if sealed is not None else VerifiedFile(data=self.archive.read(entry))
         fd = open_in_bundle(self.path, entry.path)
         with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise IntegrityError(f"{entry.path} is not a regular file", hint="copy the bundle again as plain files")
-            if st.st_size != entry.size:
-                raise IntegrityError(f"{entry.path} is {st.st_size} bytes, the manifest says {entry.size}",
-                                     hint="the file is truncated or replaced; copy the bundle again")
+            _check_open_file(fh, entry, entry.path)
             sealed = _sealed(iter(lambda: fh.read(1 << 20), b""), entry, entry.path)
         return sealed if sealed is not None else VerifiedFile(data=read_verified(self.path, entry))
 
