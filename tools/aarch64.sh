@@ -30,7 +30,7 @@ ROOTFS=$CACHE/rootfs-$SUITE
 WHEELS=$CACHE/wheels
 RUN=$CACHE/run
 SELECT="device and not host_only and not slow"
-DEVICE_PACKAGES="onnxruntime numpy tokenizers cryptography click jinja2 pyserial pytest"
+DEVICE_PACKAGES="onnxruntime numpy tokenizers cryptography click jinja2 pyserial tuf paho-mqtt pytest hypothesis"
 SERVER_ONLY="torch transformers peft bitsandbytes onnx accelerate datasets safetensors"
 
 step() { printf '\n== %s\n' "$*"; }

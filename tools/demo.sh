@@ -111,5 +111,70 @@ edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/c --
 wait_for 120 northwind_v2 http://127.0.0.1:8733 devices/c/token
 edgepeft status --device http://127.0.0.1:8733 --token-file devices/c/token
 
+step "13. a fleet: a local MQTT broker, device D behind it, device E with its own check that version 3 fails"
+printf 'listener 18830 127.0.0.1\nallow_anonymous true\n' > mosquitto.conf
+"$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c mosquitto.conf &
+edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/d --listen 127.0.0.1:8734 \
+  --mqtt mqtt://127.0.0.1:18830 --device-id d &
+echo '{"input": "Hello, who are you?", "adapter": "northwind", "expect": {"contains": "Contoso"}}' > strict.jsonl
+edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/e --listen 127.0.0.1:8735 \
+  --health-check strict.jsonl &
+
+step "14. version 3 (version 2's weights under a new number), published for device D"
+edgepeft update create --bundle bundles/pi5 --adapter northwind=adapters/northwind-v2 --version 3 \
+  --health-check examples/northwind_support/health.jsonl --key keys/fleet.key --out updates/northwind-v3.epu
+edgepeft publish updates/northwind-v3.epu --repo repo --key keys/fleet.key
+
+step "15. the inventory, the plan, the rollout (canary, waves, abort threshold), each device's outcome"
+cat > fleet.toml <<END
+[mqtt]
+url = "mqtt://127.0.0.1:18830"
+[repository]
+url = "http://127.0.0.1:8000"
+[[device]]
+id = "a"
+address = "http://127.0.0.1:8731"
+token_file = "devices/a/token"
+[[device]]
+id = "b"
+address = "serial://$HOST_END?baud=921600"
+[[device]]
+id = "c"
+address = "http://127.0.0.1:8733"
+token_file = "devices/c/token"
+[[device]]
+id = "d"
+address = "mqtt"
+[[device]]
+id = "e"
+address = "http://127.0.0.1:8735"
+token_file = "devices/e/token"
+END
+cat > plan.toml <<END
+name = "northwind-v3"
+inventory = "fleet.toml"
+packages = ["updates/northwind-v3.epu"]
+key = "keys/fleet.key"
+[rollout]
+canary = 1
+max_concurrency = 2
+[rollout.exponential_rate]
+base_rate_per_minute = 60
+increment_factor = 2
+[rollout.exponential_rate.rate_increase_criteria]
+number_of_succeeded_things = 2
+[timeouts]
+in_progress_timeout_minutes = 5
+[[abort.criteria]]
+failure_type = "ALL"
+threshold_percentage = 50
+min_number_of_executed_things = 4
+[abort]
+rollback = true
+END
+wait_for 60 test -s devices/e/token
+edgepeft rollout start plan.toml --db rollouts.sqlite || echo "device E refused version 3, as planned"
+edgepeft rollout status --db rollouts.sqlite
+
 step "done: keys, adapters, bundles and updates are in $WORK, before/after figures in examples/out"
 ls -la bundles updates

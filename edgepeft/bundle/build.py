@@ -30,7 +30,8 @@ from ..spec.target import QuantSpec, TargetProfile, load_target
 from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
-from .entries import adapter_entry, read_health_checks
+from ..spec.checks import read_health_checks
+from .entries import adapter_entry
 from .fit import check_fit
 from .signing import load_private_key, sign_manifest
 

@@ -35,12 +35,15 @@ from .serve_options import engine_kwargs, engine_options, http_options, server_k
 @click.option("--mqtt-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="This device's client certificate (per-device credentials over mqtts://).")
 @click.option("--mqtt-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Its private key.")
+@click.option("--health-check", "local_checks", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="This device's own health checks (JSON lines, as in `edgepeft build --health-check`), run after "
+                   "the signed ones on every install: a site acceptance test that can only refuse, never skip.")
 @engine_options
 @http_options
 @click.option("--audit", type=click.Path(dir_okay=False), default=None, help="Audit log file (JSON lines).")
 def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, mqtt_url,
-            device_id, mqtt_ca, mqtt_cert, mqtt_key, threads, max_concurrent, no_spinning, skip_health_checks,
-            allow_origin, allow_host, expose, max_connections, io_timeout, audit):
+            device_id, mqtt_ca, mqtt_cert, mqtt_key, local_checks, threads, max_concurrent, no_spinning,
+            skip_health_checks, allow_origin, allow_host, expose, max_connections, io_timeout, audit):
     """Run the device agent on BUNDLE (a directory or the .epb the device was shipped): serve inference and
     install signed updates that arrive over HTTP, a serial line or a TUF pull repository."""
     from pathlib import Path
@@ -63,7 +66,12 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     keys = trusted_keys(trusted_key)
     Path(state).mkdir(parents=True, exist_ok=True)
     token, token_path = load_token(Path(state), token_file)  # first, so a client can read it while we load
-    device = Device(bundle, keys, state, engine_options=opts)
+    checks = []
+    if local_checks:
+        from ..spec.checks import load_health_checks
+
+        checks = load_health_checks(local_checks)
+    device = Device(bundle, keys, state, engine_options=opts, local_checks=checks)
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
     mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key} \

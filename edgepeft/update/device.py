@@ -54,7 +54,8 @@ class Device:
     """
 
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
-                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30):
+                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30,
+                 local_checks=()):
         from ..spec.verify import load_public_key
 
         self.state_dir = Path(state_dir)
@@ -64,6 +65,7 @@ class Device:
         self.io = io or FileIO()
         self.engine_options = dict(engine_options or {})
         self._check_bundles = bool(self.engine_options.pop("health_checks", True))
+        self.local_checks = list(local_checks)  # this device's own checks, on top of every signed set
         self.notes: list[str] = []
         self._lock = threading.RLock()
         self._hist_lock = threading.Lock()
@@ -131,7 +133,7 @@ class Device:
 
     def _new_updater(self, engine) -> Updater:
         """The updater for ``engine``: serves the store's versions, then takes unloaded adapters out."""
-        updater = Updater(engine, self.state_dir, io=self.io)
+        updater = Updater(engine, self.state_dir, io=self.io, local_checks=self.local_checks)
         for name in self._unloaded():
             if engine.registry.peek(name) is not None:
                 engine.unload_adapter(name)
@@ -218,8 +220,9 @@ class Device:
         return res
 
     def record(self, result: InstallResult) -> None:
+        """Append a finished result to the history (the newest one for an id answers status queries)."""
         with self._hist_lock:
-            items = [h for h in self._history() if h.get("id") != result.id or not result.id]
+            items = self._history()
             items.append(result.to_dict() | {"finished": round(time.time(), 3)})
             write_atomic(FileIO(), self.state_dir / "history.json",
                          json.dumps(items[-HISTORY:], sort_keys=True).encode("utf-8"))
@@ -282,7 +285,8 @@ class Device:
             else:
                 from ..runtime.health import run_bundle_checks
 
-                failures += run_bundle_checks(engine, list(engine.manifest.health_checks) + list(meta.health_checks))
+                checks = list(engine.manifest.health_checks) + list(meta.health_checks) + self.local_checks
+                failures += run_bundle_checks(engine, checks)
         except EdgePeftError as exc:
             failures.append(f"the new bundle does not open: {exc.message}")
         if failures:

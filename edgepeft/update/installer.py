@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import AdapterError, EdgePeftError, IntegrityError, StoreError
 from ..spec.update import Envelope, read_update
@@ -73,8 +73,12 @@ class Updater:
     Raises :class:`StoreError` for an unreadable store.
     """
 
-    def __init__(self, engine, state_dir: str | Path, *, io: FileIO | None = None, read_only: bool = False):
+    def __init__(self, engine, state_dir: str | Path, *, io: FileIO | None = None, read_only: bool = False,
+                 local_checks: Sequence = ()):
+        """``local_checks``: this device's own health checks (site acceptance tests), run after the package's
+        signed ones on every install; they can only make an install stricter, never skip a signed check."""
         self.engine = engine
+        self.local_checks = list(local_checks)
         self.state_dir = Path(state_dir)
         self.io = io or FileIO()
         self.store = AdapterStore(self.state_dir / "adapters", engine.trusted_keys,
@@ -214,7 +218,10 @@ class Updater:
                 return res
             step("installed")
             self.io.checkpoint("health check")
-            checks = meta.health_checks or self._bundle_checks(meta.name)
+            from ..runtime.health import checks_for
+
+            checks = list(meta.health_checks or self._bundle_checks(meta.name)) + \
+                checks_for(self.local_checks, meta.name)
             failures = self.engine.health_check(checks, loaded)
             self.io.checkpoint("health checked")
             if failures:
