@@ -58,7 +58,7 @@ class AgentProcess:
     def chat(self, adapter: str, text: str, max_tokens: int = 8) -> dict:
         body = {"model": adapter, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
         req = urllib.request.Request(self.url + "/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.load(r)
 

@@ -15,6 +15,11 @@ cd "$WORK"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # the --serve step's server, if the demo stops early
 step() { printf '\n== %s\n' "$*"; }
+wait_for() {  # seconds, then a command that must succeed before that
+  local n=$1; shift
+  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+  "$@"
+}
 
 step "1. device target profiles, and the signing key (the .key stays on the server, the .pub goes on devices)"
 edgepeft targets
@@ -33,10 +38,11 @@ step "4. run on the device side (no torch): the bare base, then the adapter, one
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --adapter northwind --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 
-step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only)"
-edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --serve --port 8080 &
+step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only, with the API token)"
+edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --serve --port 8080 --token-file api.token &
+wait_for 60 test -s api.token
 curl -s --retry 60 --retry-connrefused --retry-delay 1 http://127.0.0.1:8080/v1/chat/completions \
-  -H 'Content-Type: application/json' \
+  -H "Authorization: Bearer $(cat api.token)" -H 'Content-Type: application/json' \
   -d '{"model": "northwind", "max_tokens": 60, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 kill $!
 
@@ -56,11 +62,6 @@ step "8. before/after tables from the training records; the adapters go to examp
 python examples/train_support_voice.py --from adapters/northwind
 python examples/train_bank_intents.py --from adapters/intents
 
-wait_for() {  # seconds, then a command that must succeed before that
-  local n=$1; shift
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
-  "$@"
-}
 northwind_v2() {  # URL TOKEN_FILE: does the device serve northwind version 2?
   python - "$1" "$2" <<'PY'
 import json, sys, urllib.request
@@ -83,7 +84,8 @@ step "10. device A: an agent on 127.0.0.1, a push over HTTP, its status, and who
 edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/a --listen 127.0.0.1:8731 &
 edgepeft push updates/northwind-v2.epu --to http://127.0.0.1:8731 --token-file devices/a/token
 edgepeft status --device http://127.0.0.1:8731 --token-file devices/a/token
-curl -s http://127.0.0.1:8731/v1/chat/completions -H 'Content-Type: application/json' \
+curl -s http://127.0.0.1:8731/v1/chat/completions -H "Authorization: Bearer $(cat devices/a/token)" \
+  -H 'Content-Type: application/json' \
   -d '{"model": "northwind", "max_tokens": 40, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 echo
 python -c "d = bytearray(open('updates/northwind-v2.epu', 'rb').read()); d[200] ^= 1; open('updates/tampered.epu', 'wb').write(d)"

@@ -90,6 +90,8 @@ class Updater:
             if not read_only:
                 self.notes += self.store.recover(name)
             self._serve_committed(name)
+        for note in self.notes:
+            engine.add_warning(note)
 
     # -- what is installed ---------------------------------------------------------------------
     def _bundle_version(self, name: str) -> int:
@@ -99,7 +101,7 @@ class Updater:
         """The highest version of ``name`` this device has accepted (bundle or store)."""
         return max(self.store.state(name).floor, self._bundle_version(name))
 
-    def _serve_committed(self, name: str) -> None:
+    def _serve_committed(self, name: str) -> bool:
         state = self.store.state(name)
         for v in (state.current, state.previous):
             if v is None or v <= self._bundle_version(name):
@@ -112,7 +114,22 @@ class Updater:
                 continue
             if v != state.current and not self.read_only:  # the current one failed verification: the previous serves
                 self.store.write_state(name, replace(state, current=v, previous=None))
-            return
+            return True
+        return False
+
+    def serve(self, name: str) -> dict:
+        """Put ``name``'s committed version into service again (else the bundle's); returns what
+        serves. Raises :class:`StoreError` when this device has no version of it."""
+        with self._lock:
+            if self._serve_committed(name):
+                return self.engine.registry.get(name).describe()
+            try:
+                loaded = self.engine.bundled_adapter(name)
+            except AdapterError as exc:
+                raise StoreError(f"this device has no version of adapter {name!r} to serve",
+                                 hint="install one with `edgepeft adapters install PACKAGE`") from exc
+            self.engine.serve_adapter(loaded)
+            return loaded.describe()
 
     def installed(self) -> list[dict]:
         """Per adapter: the version serving, where it came from, the floor and failed versions."""
