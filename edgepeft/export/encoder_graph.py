@@ -112,8 +112,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     groups = {g.key: g for g in layer_groups(dims, targets, arch)}
     gb = GraphBuilder("edgepeft_encoder")
     lin = LinearEmitter(gb, quant)
-    hid, eps, heads = dims["hidden"], dims["eps"], dims["heads"]
-    hd = hid // heads
+    hid, eps = dims["hidden"], dims["eps"]
     extra = extra or {}
     pre = arch.prefix
 
