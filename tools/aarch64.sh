@@ -101,7 +101,7 @@ if [ "$(cat "$ROOTFS/opt/edgepeft/.stamp" 2>/dev/null)" != "$stamp" ]; then
   device python3 -m venv /opt/edgepeft
 fi
 device python -m pip install -q --disable-pip-version-check --no-index --find-links /mnt/edgepeft/wheels \
-  -c constraints.txt edgepeft pytest
+  -c constraints.txt edgepeft pytest hypothesis
 device python -m pip install -q --disable-pip-version-check --no-index --find-links /mnt/edgepeft/wheels \
   --no-deps --force-reinstall edgepeft
 echo "$stamp" > "$ROOTFS/opt/edgepeft/.stamp"
