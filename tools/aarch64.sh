@@ -140,6 +140,7 @@ device python tools/device_probe.py /mnt/edgepeft/fixtures /mnt/edgepeft/probe-d
 (cd "$RUN/src" && "$HOST_PY" tools/device_probe.py "$RUN/fixtures" "$RUN/probe-host.json")
 if [ "${AARCH64_REAL:-1}" = 1 ]; then
   step "7. SmolLM2-135M-Instruct int4 for a Raspberry Pi 5, built here: greedy answers natively and emulated"
+  mkdir -p "$RUN/real/keys"
   (cd "$RUN/src" && "$HOST_PY" -m edgepeft keygen --out "$RUN/real/keys/fleet" >/dev/null \
     && "$HOST_PY" -m edgepeft build --target raspberry-pi-5 --quant int4 --key "$RUN/real/keys/fleet.key" \
          --out "$RUN/real/bundle" \
