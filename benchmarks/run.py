@@ -26,16 +26,17 @@ from .harness import Section, machine, versions
 from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
-SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify"]
+SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify", "fleet"]
 
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
     """Run the chosen sections in order; returns (sections, goals)."""
-    from . import sec_adapters, sec_classify, sec_decode, sec_kernels, sec_memory, sec_quality, sec_transport
+    from . import (sec_adapters, sec_classify, sec_decode, sec_fleet, sec_kernels, sec_memory, sec_quality,
+                   sec_transport)
 
     runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
-               "memory": sec_memory.run, "classify": sec_classify.run}
+               "memory": sec_memory.run, "classify": sec_classify.run, "fleet": sec_fleet.run}
     sections, goals = [], []
     for sid in SECTIONS:
         if sid not in only:
@@ -61,6 +62,8 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals.append(sec_classify.goal_classify(sec))
         elif sid == "transport":
             goals.append(sec_transport.goal_serial(sec))
+        elif sid == "fleet":
+            goals.append(sec_fleet.goal_fleet(sec))
     return sections, goals
 
 

@@ -30,7 +30,8 @@ from ..spec.target import GGUF_MODES, LORA_B_TYPES, QuantSpec, TargetProfile, lo
 from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
-from .entries import adapter_entry, read_health_checks
+from ..spec.checks import read_health_checks
+from .entries import adapter_entry
 from .fit import check_fit
 from .signing import load_private_key, sign_manifest
 
@@ -206,9 +207,10 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             rel = p.relative_to(work).as_posix()
             files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
         weight_bytes = sum(f["size"] for f in files if f["path"] in exported.files)
-        adapter_bytes = sum(f["size"] for f in files if f["path"].startswith("adapters/"))
-        fit = check_fit(profile, bundle_bytes=sum(f["size"] for f in files), weight_bytes=weight_bytes,
-                        adapter_bytes=adapter_bytes, model_info=exported.model_info, max_rank=max_rank)
+        sizes = {f["path"]: f["size"] for f in files}
+        fit = check_fit(profile, bundle_bytes=sum(sizes.values()), weight_bytes=weight_bytes,
+                        adapters=[(sizes[e["file"]], e.get("dtype", "fp32")) for e in adapter_entries],
+                        model_info=exported.model_info, max_rank=max_rank)
         data = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

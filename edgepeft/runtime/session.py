@@ -7,8 +7,6 @@ CPU provider is always the last fallback.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -51,53 +49,31 @@ def session_options(threads: int, *, spinning: bool = True, optimized_model: Pat
     return so
 
 
-@contextmanager
-def sealed_file(data):
-    """A path whose content is ``data`` and can no longer change: a sealed memfd (Linux), else None.
+MIN_ORT_INT4 = (1, 27)  # older onnxruntime computes these int4 graphs wrongly (logits off by up to ~9)
 
-    Why: ONNX Runtime keeps a whole extra copy of a model it is given as bytes (measured +78 MiB of
-    private memory for SmolLM2's int4 graph, ``benchmarks.sec_memory``), but not of one it reads from
-    a file. Handing it the bundle's file path would load bytes that may have changed since they were
-    hashed; a memfd sealed against writes, truncation and growth holds exactly the verified bytes,
-    and is gone once closed.
-    """
-    import fcntl
 
-    seals = getattr(fcntl, "F_SEAL_WRITE", None)
-    if not hasattr(os, "memfd_create") or seals is None or not os.path.isdir("/proc/self/fd"):
-        yield None
-        return
-    try:
-        fd = os.memfd_create("edgepeft-model", os.MFD_ALLOW_SEALING | getattr(os, "MFD_CLOEXEC", 0))
-    except OSError:
-        yield None
-        return
-    try:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
+def check_runtime(quantization: dict) -> None:
+    """Refuse a graph this onnxruntime is known to compute wrongly (raises :class:`BundleError`)."""
+    import onnxruntime as ort
+
+    version = tuple(int(x) for x in ort.__version__.split(".")[:2] if x.isdigit())
+    if quantization.get("weights") == "int4" and version < MIN_ORT_INT4:
+        want = ".".join(map(str, MIN_ORT_INT4))
+        raise BundleError(f"onnxruntime {ort.__version__} computes int4 graphs wrongly (measured: logits off by up to "
+                          f"8.6 where 1.27 and later agree with the reference)",
+                          hint=f"install onnxruntime>={want} (Python 3.11 or later), or use an int8 bundle")
 
 
 def open_session(model, *, providers: Sequence[str] | None, threads: int, spinning: bool = True,
                  name: str = "model.onnx"):
-    """One InferenceSession from the graph's verified bytes (or a path); raises :class:`BundleError`
-    when the graph cannot be loaded. Bytes reach ONNX Runtime through :func:`sealed_file` where the
-    system has one (less memory), else as bytes."""
+    """One InferenceSession from the graph's verified bytes or a path to them; raises :class:`BundleError`
+    when the graph cannot be loaded."""
     import onnxruntime as ort
 
     so = session_options(threads, spinning=spinning)
     try:
-        if not isinstance(model, (bytes, bytearray, memoryview)):
-            return ort.InferenceSession(str(model), so, providers=choose_providers(providers))
-        with sealed_file(model) as path:
-            src = path if path is not None else bytes(model)
-            return ort.InferenceSession(src, so, providers=choose_providers(providers))
+        src = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else str(model)
+        return ort.InferenceSession(src, so, providers=choose_providers(providers))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BundleError(f"onnxruntime cannot load {name}: {str(exc)[:300]}",
                           hint="the bundle may need a newer onnxruntime, or was built for another target") from exc

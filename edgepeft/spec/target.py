@@ -52,6 +52,7 @@ class Budgets:
     storage_mib: int
     max_adapter_rank: int = 64
     max_context: int = 2048
+    max_concurrent: int = 4  # requests decoding at once, each with its own key/value cache
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class TargetProfile:
             storage_mib=b.int("storage_mib", min=16),
             max_adapter_rank=b.int("max_adapter_rank", 64, min=1, max=1024),
             max_context=b.int("max_context", 2048, min=16),
+            max_concurrent=b.int("max_concurrent", 4, min=1, max=64),
         )
         b.reject_unknown()
 
