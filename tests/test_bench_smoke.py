@@ -85,6 +85,7 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     data = json.loads((out / "bench-smoke.json").read_text())
     assert data["schema"] == "edgepeft-bench/1" and data["mode"] == "smoke"
     assert data["machine"]["threads_per_system"] == 2 and data["versions"]["onnxruntime"]
+    assert edgepeft_failures(data) == []  # a failing edgepeft build or engine fails the test, not a skip
     sections = {s["id"]: s for s in data["sections"]}
     transport = {f["system"]: f for g in sections["transport"]["groups"] for f in g["figures"]}
     assert {"edgepeft serial @ 115200", "edgepeft serial @ 921600", "edgepeft HTTP push",
@@ -106,6 +107,46 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+# What every smoke run must measure for edgepeft; a skip of any of these (or any other skip but the example
+# adapters, which are trained by `make demo`, not here) means an edgepeft build or engine failed.
+EDGEPEFT_SYSTEMS = {
+    "decode": {"edgepeft fp32", "edgepeft int4", "edgepeft int8", "edgepeft int4 + adapter", "edgepeft int4 merged"},
+    "switch": {"edgepeft switch (registry + rebind)", "reopen merged int4: Engine (verify + session)"},
+    "sizes": {"edgepeft fp32", "edgepeft int4", "edgepeft int8", "adapter file fp32", "adapter file fp16",
+              "adapter file int8"},
+    "quality": {"edgepeft fp32", "edgepeft int4", "edgepeft int8"},
+    "transport": {"edgepeft serial @ 115200", "edgepeft serial @ 921600", "edgepeft HTTP push",
+                  "edgepeft install to healthy"},
+    "classify": {"edgepeft fp32 + adapter", "edgepeft int8 + adapter"},
+}
+
+
+def edgepeft_failures(data: dict) -> list[str]:
+    """Why a smoke result does not show every edgepeft system working ([] when it does)."""
+    out = [f"skipped {s['what']}: {s['why']}" for s in data.get("skipped", [])
+           if not (s["what"].startswith("example adapter ") and s["why"].startswith("not trained yet"))]
+    measured = {s["id"]: {f["system"] for g in s["groups"] for f in g["figures"] if f.get("n", 1)}
+                for s in data["sections"]}
+    for sid, want in EDGEPEFT_SYSTEMS.items():
+        if sid in measured:
+            out += [f"{sid}: no figure for {name}" for name in sorted(want - measured[sid])]
+    return out
+
+
+def test_edgepeft_failures_are_not_dropped_as_skips():
+    ok = {"skipped": [{"what": "example adapter bank-intents", "why": "not trained yet: run ...", "kind": "skipped"}],
+          "sections": [{"id": "quality", "groups": [{"figures": [{"system": s, "n": 2} for s in
+                                                                  EDGEPEFT_SYSTEMS["quality"]]}]}]}
+    assert edgepeft_failures(ok) == []
+    broken = json.loads(json.dumps(ok))
+    broken["skipped"].append({"what": "edgepeft int4 perplexity", "why": "BundleError: ...", "kind": "skipped"})
+    broken["sections"][0]["groups"][0]["figures"].pop()
+    problems = edgepeft_failures(broken)
+    assert any("edgepeft int4 perplexity" in p for p in problems) and any("no figure" in p for p in problems)
+    crashed = {"skipped": [{"what": "section decode", "why": "EngineError: ...", "kind": "skipped"}], "sections": []}
+    assert edgepeft_failures(crashed) == ["skipped section decode: EngineError: ..."]
 
 
 # Fake peers for the crash tests. They run in worker processes, which import them from this module by name.

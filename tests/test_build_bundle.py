@@ -208,3 +208,24 @@ def test_encoder_adapter_on_a_decoder_base_names_the_base_it_was_trained_on(tiny
     assert code == 1 and err[0] == "error: adapter 'intents' was trained on all-MiniLM-L6-v2 (bert), not on base (llama)"
     assert err[1] == "hint: build it with --base all-minilm-l6-v2 (or leave --base out), or retrain it on this base"
     assert not (tmp_path / "b").exists()
+
+
+def test_bpe_merges_are_written_compact_and_read_back_the_same(tmp_path):
+    """A bundle's tokenizer.json keeps BPE merges as "a b" strings (smaller; tokenizers reads both forms),
+    unless a token holds a space, which only the pair form can say."""
+    from test_runtime_support import byte_level_tokenizer
+    from tokenizers import Tokenizer
+
+    from edgepeft.bundle.build import _compact_merges
+
+    byte_level_tokenizer(tmp_path)
+    raw = (tmp_path / "tokenizer.json").read_text(encoding="utf-8")
+    spec = json.loads(raw)
+    assert all(isinstance(m, list) for m in spec["model"]["merges"])
+    _compact_merges(spec)
+    assert spec["model"]["merges"][0] == "Ġ t"
+    text = "the tin ünï ☃ then\n<|im_end|>"
+    assert Tokenizer.from_str(json.dumps(spec)).encode(text).ids == Tokenizer.from_str(raw).encode(text).ids
+    spaced = {"model": {"type": "BPE", "merges": [["a b", "c"], ["d", "e"]]}}
+    _compact_merges(spaced)
+    assert spaced["model"]["merges"] == [["a b", "c"], ["d", "e"]]

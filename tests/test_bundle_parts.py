@@ -11,7 +11,7 @@ import pytest
 from edgepeft.bundle.adapters_in import parse_adapter_arg, read_adapter
 from edgepeft.bundle.archive import pack_bundle
 from edgepeft.bundle.fit import check_fit
-from edgepeft.errors import AdapterError, BundleError, TargetFitError
+from edgepeft.errors import AdapterError, BundleError, IntegrityError, SpecError, TargetFitError
 from edgepeft.spec.archive import unpack_bundle
 from edgepeft.spec.target import load_target
 
@@ -65,7 +65,7 @@ def test_fit_refuses_with_numbers():
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
     phone = load_target("android-arm64")
     ok = check_fit(phone, bundle_bytes=80 << 20, weight_bytes=78 << 20, adapter_bytes=1 << 20, model_info=info,
-                   max_rank=8)
+                   max_rank=8, concurrency=1)
     assert ok.context == 1024 and 40 < ok.kv_cache_mib < 50
     with pytest.raises(TargetFitError) as err:
         check_fit(phone, bundle_bytes=600 << 20, weight_bytes=500 << 20, adapter_bytes=0, model_info=info, max_rank=32)
@@ -74,39 +74,111 @@ def test_fit_refuses_with_numbers():
     assert "rank 32" in msg
 
 
-def test_archive_round_trip_is_deterministic(tmp_path):
+def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_open_peak():
+    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, kv_cache_bytes
+
+    info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
+    pi = load_target("raspberry-pi-5")
+    kw = dict(bundle_bytes=120 << 20, weight_bytes=100 << 20, model_info=info, max_rank=8)
+    r = check_fit(pi, adapters=[(10 << 20, "fp16"), (5 << 20, "int8"), (3 << 20, "fp32")], **kw)
+    assert r.adapters_mib == 20 + 20 + 3  # fp16 files double as fp32 arrays, int8 ones quadruple
+    assert r.concurrency == 4 and r.kv_cache_mib == 4 * kv_cache_bytes(info, r.context) / MIB  # one per request
+    assert r.memory_mib == 100 + r.kv_cache_mib + 43 + RUNTIME_OVERHEAD_MIB
+    assert r.open_peak_mib == r.memory_mib + 100  # the verified graph bytes until the session holds its copy
+    big = kw | {"weight_bytes": 600 << 20}  # 600 + 360 KV + adapters + 40, and 600 more while it opens
+    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 600 + 360 + 150 + 96 + 600
+    with pytest.raises(TargetFitError, match="adapters 600.0 as fp32.*while it opens"):  # counted as files: fits
+        check_fit(pi, adapters=[(150 << 20, "int8")], **big)
+    # a phone decodes one request at a time (its profile says so): one cache is counted, and its engine holds one
+    phone = load_target("android-arm64")
+    assert phone.budgets.max_concurrent == 1 and check_fit(phone, adapters=[], **kw).concurrency == 1
+
+
+def test_archive_round_trip_is_deterministic(tmp_path, keypair):
+    from test_spec_manifest import _write_bundle
+
     src = tmp_path / "bundle"
-    (src / "adapters").mkdir(parents=True)
-    (src / "manifest.json").write_text("{}")
-    (src / "model.onnx").write_bytes(b"m" * 1000)
-    (src / "adapters" / "a-1.onnx_adapter").write_bytes(b"a" * 10)
+    _write_bundle(src, keypair[0])
     first = pack_bundle(src, tmp_path / "one.epb").read_bytes()
     assert pack_bundle(src, tmp_path / "two.epb").read_bytes() == first
     with tarfile.open(tmp_path / "one.epb") as tar:
         assert tar.getnames()[0] == "manifest.json"
     out = unpack_bundle(tmp_path / "one.epb", tmp_path / "unpacked")
-    assert (out / "adapters" / "a-1.onnx_adapter").read_bytes() == b"a" * 10
+    assert (out / "adapters" / "support-1.onnx_adapter").read_bytes() == b"\x01\x02" * 50
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \
+        ["adapters/support-1.onnx_adapter", "manifest.json", "model.onnx"]
     with pytest.raises(BundleError, match="already exists"):
         unpack_bundle(tmp_path / "one.epb", out)
 
 
-def test_unpack_refuses_hostile_and_truncated_archives(tmp_path):
-    evil = tmp_path / "evil.epb"
-    with tarfile.open(evil, "w") as tar:
-        data = b"pwned"
-        info = tarfile.TarInfo("../escape.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(BundleError, match="unsafe entry"):
-        unpack_bundle(evil, tmp_path / "dest")
-    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "dest").exists()
+def _tar(path, members):
+    """A tar from (name, bytes | None for a folder | ("link", target)) in order, as a hostile tool writes it."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_unpack_refuses_hostile_inconsistent_and_truncated_archives(tmp_path, keypair):
+    from test_spec_manifest import _write_bundle
+
     src = tmp_path / "b"
-    src.mkdir()
-    (src / "model.onnx").write_bytes(b"m" * 100000)
-    good = pack_bundle(src, tmp_path / "good.epb").read_bytes()
-    (tmp_path / "cut.epb").write_bytes(good[:50000])
-    with pytest.raises(BundleError):
-        unpack_bundle(tmp_path / "cut.epb", tmp_path / "dest2")
-    assert not (tmp_path / "dest2").exists()
+    _write_bundle(src, keypair[0])
+    manifest = (src / "manifest.json").read_bytes()
+    model, adapter = (src / "model.onnx").read_bytes(), (src / "adapters/support-1.onnx_adapter").read_bytes()
+    good = [("manifest.json", manifest), ("model.onnx", model), ("adapters/support-1.onnx_adapter", adapter)]
+    cases = {
+        "escape": (good + [("../escape.txt", b"pwned")], BundleError, "unsafe entry"),
+        "absolute": (good + [("/etc/x", b"x")], BundleError, "unsafe entry"),
+        "dot": ([(".", None)] + good, BundleError, "not a regular file"),
+        "dot-file": (good + [("./model.onnx", model)], BundleError, "unsafe entry"),
+        "empty-part": (good + [("adapters//x", b"x")], BundleError, "unsafe entry"),
+        "backslash": (good + [("adapters\\x", b"x")], BundleError, "unsafe entry"),
+        "file-then-folder": ([("manifest.json", manifest), ("model.onnx", model), ("model.onnx/x", b"x")],
+                             BundleError, "both a file and a folder"),
+        "folder-then-file": ([("manifest.json", manifest), ("a/b", b"x"), ("a", b"y")], BundleError,
+                             "both a file and a folder"),
+        "duplicate": (good + [("model.onnx", model)], BundleError, "twice"),
+        "symlink": (good + [("adapters/link", ("link", "/etc/passwd"))], BundleError, "not a regular file"),
+        "not-listed": (good + [("extra.bin", b"x")], IntegrityError, "does not list"),
+        "missing": (good[:2], IntegrityError, "lacks adapters/support-1.onnx_adapter"),
+        "resized": ([good[0], ("model.onnx", model + b"!"), good[2]], IntegrityError, "the manifest says"),
+        "altered": ([good[0], ("model.onnx", model[:-1] + b"!"), good[2]], IntegrityError, "SHA-256"),
+        "no-manifest": (good[1:], BundleError, "has no manifest.json"),
+        "manifest-list": ([("manifest.json", b"[1, 2]")] + good[1:], SpecError, "expected a JSON object"),
+        "manifest-bad-field": ([("manifest.json", manifest.replace(b'"size": 500', b'"size": [500]'))] + good[1:],
+                               SpecError, "files\\[0\\].size: expected an integer"),
+    }
+    for name, (members, error, match) in cases.items():
+        archive = _tar(tmp_path / f"{name}.epb", members)
+        with pytest.raises(error, match=match):
+            unpack_bundle(archive, tmp_path / f"dest-{name}")
+        assert not (tmp_path / f"dest-{name}").exists(), name
+    assert not (tmp_path / "escape.txt").exists()
+    # the same refusals when the archive is read in place
+    from edgepeft.spec.verify import verify_bundle
+
+    for name in ("file-then-folder", "duplicate", "not-listed", "altered", "symlink"):
+        with pytest.raises((BundleError, SpecError)):
+            verify_bundle(tmp_path / f"{name}.epb", [keypair[1]])
+    assert verify_bundle(_tar(tmp_path / "good.epb", good), [keypair[1]]).adapters[0].name == "support"
+    # truncated anywhere: refused, nothing left behind
+    packed = pack_bundle(src, tmp_path / "packed.epb").read_bytes()
+    with tarfile.open(tmp_path / "packed.epb") as tar:
+        last = tar.getmembers()[-1].offset_data
+    for cut in (100, 1500, last + 10):
+        (tmp_path / "cut.epb").write_bytes(packed[:cut])
+        with pytest.raises(BundleError):
+            unpack_bundle(tmp_path / "cut.epb", tmp_path / "dest-cut")
+        assert not (tmp_path / "dest-cut").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".unpack-")]
     assert leftovers == []

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import click
@@ -130,8 +131,42 @@ def test_serve_json_prints_the_url_once_listening(decoder):
         assert info["url"].startswith("http://127.0.0.1:") and info["adapters"] == ["alpha", "beta"]
         with urllib.request.urlopen(info["url"] + "/health", timeout=30) as r:
             assert json.load(r)["status"] == "ok"
+        # a new token, shown once; every other route needs it
+        assert len(info["token"]) >= 32 and info["token_file"] is None
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(info["url"] + "/v1/models", timeout=30)
+        assert refused.value.code == 401
+        req = urllib.request.Request(info["url"] + "/v1/models", headers={"Authorization": f"Bearer {info['token']}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert [m["id"] for m in json.load(r)["data"]][1:] == ["alpha", "beta"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_serve_token_file_is_created_private_and_reused(decoder, tmp_path):
+    import stat
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    token_file = tmp_path / "app" / "api.token"
+    tokens = []
+    for _ in range(2):  # the second start reads the token the first one created
+        proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "run", str(decoder["bundle"]), "--trusted-key",
+                                 str(decoder["public_key"]), "--serve", "--port", "0", "--json", "--token-file",
+                                 str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            info = json.loads(proc.stdout.readline())
+            assert info["token"] is None and info["token_file"] == str(token_file)  # never printed
+            token = token_file.read_text().strip()
+            tokens.append(token)
+            req = urllib.request.Request(info["url"] + "/v1/models", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+    assert tokens[0] == tokens[1] and stat.S_IMODE(token_file.stat().st_mode) == 0o600

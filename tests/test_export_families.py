@@ -81,9 +81,11 @@ def test_decoder_family_int4_within_tolerance(dec):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.export import export_model
+    from edgepeft.export import WeightQuant, export_model
 
-    res = export_model(str(dec.base), dec.tmp / "int4", quant="int4", slot_rank=8)
+    # fp32 LoRA B slots: this checks each family's int4 weights; the int8 B slots of the default build have
+    # their own parity tests against PEFT (test_export_lora_int8.py)
+    res = export_model(str(dec.base), dec.tmp / "int4", quant=WeightQuant("int4", lora_b="fp32"), slot_rank=8)
     _, ro = _adapter_file(dec, res, "int4")
     fq = fake_quant_dir(dec.base, dec.tmp / "fq", "int4")
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fq, dtype=torch.float32), dec.peft_dir).eval()

@@ -97,9 +97,16 @@ def test_int4_graph_uses_fused_quantized_ops_and_one_embedding_copy(base, tmp_pa
     assert all(np.prod(i.dims) < 10_000 for i in float_inits)  # only scales are float, no fp32 weight copies
     emb_users = [n for n in g.node if "embed.qweight" in n.input]
     assert {n.op_type for n in emb_users} == {"Reshape", "MatMulNBits"}  # Gather and lm_head share the bytes
-    # every slot stays fp32 and empty by default
-    slots = {i.name: i for i in g.initializer if i.name in res.model_info["slots"]}
-    assert slots and all(i.data_type == onnx.TensorProto.FLOAT and 0 in i.dims for i in slots.values())
+    # A slots stay fp32, B slots are int8 (DynamicQuantizeMatMul); their zero defaults (one column / row per
+    # module: DynamicQuantizeMatMul leaves an empty input's output unwritten) are sparse: no bytes
+    slots = {i.values.name: i for i in g.sparse_initializer if i.values.name in res.model_info["slots"]}
+    assert set(slots) == set(res.model_info["slots"]) and not any(i.name in slots for i in g.initializer)
+    b_slots = {k for k in slots if ".lora_B" in k}
+    assert b_slots and res.model_info["slot_dtypes"] == {k: "int8" for k in b_slots}
+    assert all(slots[k].values.data_type == (onnx.TensorProto.INT8 if k in b_slots else onnx.TensorProto.FLOAT)
+               for k in slots)
+    assert all(len(i.values.raw_data) == 0 and 0 not in i.dims for i in slots.values())
+    assert {n.op_type for n in g.node if set(n.input) & b_slots} == {"DynamicQuantizeMatMul"}
 
 
 def test_quantized_base_without_adapter_equals_empty_slots(base, tmp_path):

@@ -35,15 +35,65 @@ def _greedy(sess, info, tok, question, n=24):
     return tok.decode(new)
 
 
-def test_smollm2_int4_fits_and_answers(smol, tmp_path):
-    from edgepeft.export import export_model
+def _heldout_ids(tok, n):
+    import sysconfig
+    from pathlib import Path
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text(encoding="utf-8")[:16000]
+    return tok(text, add_special_tokens=False)["input_ids"][:n]
+
+
+def test_smollm2_int4_carries_the_gguf_and_answers_as_fp32(smol, tmp_path):
+    """The embedded SmolLM2 is a Q4_1 GGUF: int4 keeps its blocks (no larger than the GGUF) and predicts the
+    fp32 graph's next token at almost every position of held-out text (MatMulNBits' int8 activations flip
+    near ties: "What is the capital of France?" starts "The" at 25.33 vs "L" at 25.24 in fp32); the smaller
+    form that re-quantizes only the embedding fits 80 MiB."""
+    from edgepeft.basemodel import gguf_origin
+    from edgepeft.export import WeightQuant, export_model
 
     src, tok = smol
-    res = export_model(src, tmp_path, quant="int4", slot_rank=16)
+    res = export_model(src, tmp_path / "keep", quant="int4", slot_rank=16)
     info = res.model_info
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["vocab_size"]) == (30, 3, 64, 49152)
-    assert res.model_path.stat().st_size <= 80 * 2**20
-    assert "Paris" in _greedy(session(res.model_path), info, tok, "What is the capital of France?")
+    facts = info["quant"]["gguf_blocks"]
+    assert facts["carried"] == {"Q4_1": 210, "Q8_0": 1} and "requantized" not in facts
+    assert res.model_path.stat().st_size <= gguf_origin(src).stat().st_size
+    ref = export_model(src, tmp_path / "fp32", quant="fp32", slot_rank=16)
+    ids = np.array([_heldout_ids(tok, 256)])
+    want = session(ref.model_path).run(["logits"], decoder_feeds(ref.model_info, ids))[0][0].argmax(-1)
+    got = session(res.model_path).run(["logits"], decoder_feeds(info, ids))[0][0].argmax(-1)
+    assert (got == want).mean() >= 0.95, (got == want).mean()  # measured 0.977
+    layers = export_model(src, tmp_path / "layers", quant=WeightQuant("int4", gguf="layers"), slot_rank=16)
+    assert layers.model_path.stat().st_size <= 80 * 2**20
+    got = session(layers.model_path).run(["logits"], decoder_feeds(layers.model_info, ids))[0][0].argmax(-1)
+    assert (got == want).mean() >= 0.75, (got == want).mean()  # measured 0.78 (re-quantized: 0.66)
+
+
+def _perplexity(sess, info, ids, window=256):
+    nll, n = 0.0, 0
+    for i in range(0, len(ids) - 1, window):
+        w = np.array([ids[i:i + window]])
+        x = sess.run(["logits"], decoder_feeds(info, w))[0][0, :-1].astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        nll -= logp[np.arange(w.shape[1] - 1), w[0, 1:]].sum()
+        n += w.shape[1] - 1
+    return float(np.exp(nll / n))
+
+
+def test_smollm2_int4_perplexity_is_the_fp32_models(smol, tmp_path):
+    """Issue 13's quality goal on 1024 held-out tokens: int4 (the GGUF's blocks) within 1 % of the fp32
+    graph of the same weights; re-quantizing them costs far more."""
+    from edgepeft.export import WeightQuant, export_model
+
+    src, tok = smol
+    ids = _heldout_ids(tok, 1024)
+    ppl = {}
+    for name, quant in (("fp32", "fp32"), ("keep", "int4"), ("requantize", WeightQuant("int4", gguf="requantize"))):
+        res = export_model(src, tmp_path / name, quant=quant, slot_rank=8)
+        ppl[name] = _perplexity(session(res.model_path), res.model_info, ids)
+    assert ppl["keep"] <= 1.01 * ppl["fp32"], ppl
+    assert ppl["requantize"] > 1.2 * ppl["fp32"], ppl
 
 
 def test_smollm2_fp32_with_adapter_matches_peft(smol, tmp_path):

@@ -295,7 +295,7 @@ def fake_quant_classifier(base, peft_dir, kind, family, num_labels=3):
             else:
                 role = None
             if role:
-                mod.weight.copy_(torch.from_numpy(fake_quantize(mod.weight.numpy(), q, role)))
+                mod.weight.copy_(torch.from_numpy(fake_quantize(mod.weight.numpy(), q, role, per_channel=True)))
     return model
 
 
@@ -368,3 +368,57 @@ def load_family_model(base_dir, adapter_dir, *, task="causal-lm", num_labels=Non
     if ptype == "BOTTLENECK":
         return bottleneck.load(base, adapter_dir).eval()
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def llama_cpp_permute(w, n_head):
+    """llama.cpp's convert_hf_to_gguf row permutation of q/k weights (its rotary layout)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_gguf(hf_dir, path, types):
+    """Write the tiny llama at ``hf_dir`` as a GGUF file the way llama.cpp's converter does.
+
+    ``types`` maps a GGUF tensor role ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output",
+    "ffn_gate", "ffn_up", "ffn_down") to "Q4_0", "Q4_1", "Q8_0" or "F32"; norms stay F32.
+    q/k rows are permuted as llama.cpp does. Returns the path.
+    """
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
+                         else float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem = names.get_name(hf_name.rsplit(".", 1)[0])
+        arr = t.detach().numpy().astype(np.float32)
+        role = stem.split(".")[-1]
+        if role == "attn_q":
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+        elif role == "attn_k":
+            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        qtype = types.get(role, "F32") if arr.ndim == 2 else "F32"
+        if qtype == "F32":
+            w.add_tensor(f"{stem}.weight", arr)
+        else:
+            qt = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(f"{stem}.weight", gguf.quants.quantize(arr, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

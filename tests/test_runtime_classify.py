@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -89,20 +90,80 @@ def test_bad_classification_requests(engine):
     assert engine.classify(TEXTS[:1], adapter="sentiment")[0].label in ("negative", "positive")
 
 
-def test_classify_route(engine):
-    srv, thread = start_server(engine, "127.0.0.1", 0)
+def _call(srv, path, payload, token):
+    req = urllib.request.Request(srv.url + path, method="POST", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
-        req = urllib.request.Request(srv.url + "/v1/classify", method="POST",
-                                     data=json.dumps({"model": "topic", "input": TEXTS[:2]}).encode())
         with urllib.request.urlopen(req, timeout=30) as resp:
-            data = json.loads(resp.read())
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_classify_and_embeddings_routes(engine):
+    srv, thread = start_server(engine, "127.0.0.1", 0, token="t" * 32)
+    try:
+        status, data = _call(srv, "/v1/classify", {"model": "topic", "input": TEXTS[:2]}, "t" * 32)
+        assert status == 200
         want = engine.classify(TEXTS[:2], adapter="topic")
         assert [d["label"] for d in data["data"]] == [w.label for w in want]
         assert [d["needs_review"] for d in data["data"]] == [w.needs_review for w in want]
+        status, data = _call(srv, "/v1/embeddings", {"model": "topic", "input": TEXTS}, "t" * 32)
+        assert status == 200 and data["object"] == "list" and [d["index"] for d in data["data"]] == [0, 1, 2, 3]
+        got = np.array([d["embedding"] for d in data["data"]], np.float32)
+        np.testing.assert_allclose(got, engine.embed(TEXTS, adapter="topic").vectors, atol=1e-6)
+        assert data["usage"]["prompt_tokens"] == engine.embed(TEXTS).tokens > len(TEXTS)
+        status, b64 = _call(srv, "/v1/embeddings", {"input": "great", "encoding_format": "base64"}, "t" * 32)
+        vec = np.frombuffer(__import__("base64").b64decode(b64["data"][0]["embedding"]), "<f4")
+        np.testing.assert_allclose(vec, engine.embed("great").vectors[0], atol=1e-7)
+        status, err = _call(srv, "/v1/embeddings", {"input": [""]}, "t" * 32)
+        assert status == 400 and "empty" in err["error"]["message"]
+        status, err = _call(srv, "/v1/classify", {"input": ["x"] * 65}, "t" * 32)
+        assert status == 413 and "limit is 64" in err["error"]["message"]  # batches are bounded
+        status, _ = _call(srv, "/v1/classify", {"input": ["x"]}, "wrong-token-wrong-token")
+        assert status == 401
     finally:
         srv.shutdown()
         srv.server_close()
         thread.join(5)
+
+
+def test_embeddings_are_normalized_sentence_vectors_each_adapter_its_own(engine):
+    base, topic = engine.embed(TEXTS), engine.embed(TEXTS, adapter="topic")
+    assert base.vectors.shape == (4, engine.model_info["dims"]["hidden"]) and base.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(base.vectors, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(base.vectors, topic.vectors, atol=1e-4)  # LoRA on the encoder changes the vectors
+    raw = engine.embed(TEXTS, normalize=False).vectors
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), base.vectors, atol=1e-6)
+    assert topic.adapter == "topic" and topic.adapter_version == 1
+    assert [e["kind"] for e in engine.audit.entries()][-1] == "embed"
+
+
+@pytest.mark.host_only
+def test_embeddings_match_pytorch_mean_pooling_with_and_without_the_adapter(engine, built):
+    import torch
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    tok = Tokenizer.from_file(str(built["bundle"] / "tokenizer.json"))
+    enc = tok.encode_batch(TEXTS)
+    n = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [0] * (n - len(e.ids)) for e in enc])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (n - len(e.ids)) for e in enc])
+
+    def pooled(model):
+        with torch.no_grad():
+            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(v, dim=1).numpy()
+
+    base = AutoModel.from_pretrained(built["base"]).eval()
+    np.testing.assert_allclose(engine.embed(TEXTS).vectors, pooled(base), atol=1e-5)
+    cls = AutoModelForSequenceClassification.from_pretrained(built["base"], num_labels=2)
+    lora = PeftModel.from_pretrained(cls, built["root"] / "peft-sentiment").eval()
+    assert not np.allclose(pooled(lora), pooled(base), atol=1e-4)  # the adapter was really loaded
+    np.testing.assert_allclose(engine.embed(TEXTS, adapter="sentiment").vectors, pooled(lora), atol=1e-5)
 
 
 def test_cli_classify(built, engine):

@@ -60,6 +60,37 @@ def test_streaming_pieces_join_to_the_full_text(engine):
     assert stream.result.token_ids == full.token_ids and stream.result.finish_reason == full.finish_reason
 
 
+def test_seeded_sampling_repeats_and_logprobs_match_a_prefill(engine):
+    kw = dict(adapter="alpha", max_new_tokens=12, temperature=1.3, top_k=40, top_p=0.95, seed=1234)
+    a, b = engine.generate(PROMPT, **kw), engine.generate(PROMPT, **kw)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    others = {tuple(engine.generate(PROMPT, **(kw | {"seed": s})).token_ids) for s in range(6)}
+    assert len(others) > 1  # the seed really drives the draws
+    # the reported log-probabilities are the model's: the same as scoring prompt + answer in one prefill
+    res = engine.generate(PROMPT, adapter="alpha", max_new_tokens=8, logprobs=3)
+    assert len(res.logprobs) == len(res.token_ids)
+    ids = engine.codec.encode(PROMPT)
+    scored = engine.token_logprobs(ids + res.token_ids, adapter="alpha")[len(ids) - 1:]
+    assert [r["logprob"] for r in res.logprobs] == pytest.approx(scored, abs=1e-3)
+    for r in res.logprobs:
+        assert r["id"] == r["top"][0]["id"] and len(r["top"]) == 3  # greedy: the chosen token is the likeliest
+        assert r["top"][0]["logprob"] >= r["top"][1]["logprob"] >= r["top"][2]["logprob"]
+        assert isinstance(r["token"], str)
+    streamed = engine.generate(PROMPT, adapter="alpha", max_new_tokens=8, logprobs=0, stream=True)
+    got = []
+    for _ in streamed:
+        got += streamed.new_logprobs()
+    got += streamed.new_logprobs()
+    assert [g["id"] for g in got] == res.token_ids and all(g["top"] == [] for g in got)
+    penalized = engine.generate(PROMPT, adapter="alpha", max_new_tokens=12, repetition_penalty=1.5)
+    assert penalized.token_ids != engine.generate(PROMPT, adapter="alpha", max_new_tokens=12).token_ids
+    for bad, match in [({"top_k": -2}, "top_k"), ({"presence_penalty": 9}, "presence_penalty"),
+                       ({"max_new_tokens": float("inf")}, "max_new_tokens"), ({"seed": -1}, "seed"),
+                       ({"stop": [""]}, "stop")]:
+        with pytest.raises(EngineError, match=match):
+            engine.generate(PROMPT, **bad)
+
+
 def test_stop_strings_cut_the_answer(engine):
     full = engine.generate(PROMPT, max_new_tokens=12).text
     assert len(full) >= 3
@@ -232,3 +263,4 @@ def test_audit_log_records_each_request(engine):
     assert last["adapters"][0]["name"] == "beta" and last["adapters"][0]["version"] == 1
     assert len(last["adapters"][0]["sha256"]) == 64
     assert last["base_fingerprint"] == engine.base_fingerprint and PROMPT not in json.dumps(last)
+    assert last["input_digest"] == engine.audit.digest(PROMPT) == engine.digest(PROMPT)  # keyed, findable by the owner

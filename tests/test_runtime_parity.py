@@ -55,6 +55,22 @@ def test_int4_bundle_is_the_raspberry_pi_build(tmp_path_factory):
     assert {a["dtype"] for a in m["adapters"]} == {"fp16"}
 
 
+def test_an_onnxruntime_that_computes_int4_wrongly_is_refused(monkeypatch, tmp_path_factory):
+    """onnxruntime 1.26 and older (the newest for Python 3.10 is 1.23.2) give this int4 graph logits up to 8.6
+    away from its dequantized PyTorch reference (1.27-1.32 agree); such a runtime is refused, not trusted."""
+    import onnxruntime
+
+    from edgepeft.errors import BundleError
+
+    b = cached_bundle("decoder-int4", tmp_path_factory)
+    monkeypatch.setattr(onnxruntime, "__version__", "1.23.2")
+    with pytest.raises(BundleError, match="computes int4 graphs wrongly") as refused:
+        Engine(b["bundle"], [b["public_key"]])
+    assert "onnxruntime>=1.27" in refused.value.hint
+    monkeypatch.setattr(onnxruntime, "__version__", "1.27.0")
+    assert Engine(b["bundle"], [b["public_key"]]).task == "causal-lm"
+
+
 def test_engine_equals_the_plain_loop_on_this_machine(built):
     kind, b = built
     bundle, manifest, ref = b["bundle"], b["manifest"], b["reference"]

@@ -374,3 +374,18 @@ def cached_bundle(kind: str, tmp_path_factory) -> dict:
         else:
             _BUILT[kind] = _build(kind, tmp_path_factory.mktemp(f"rt-{kind}"))
     return _BUILT[kind]
+
+
+def resign_bundle(built: dict, out: Path, **changes) -> Path:
+    """A copy of a fixture bundle with manifest fields changed (e.g. ``health_checks``), signed again
+    with the fixture's key: a variant of a bundle without the server side (works on the device run)."""
+    from edgepeft.bundle.signing import load_private_key, sign_manifest
+
+    out = Path(out)
+    shutil.copytree(built["bundle"], out)
+    data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    data.pop("signature", None)
+    data.update(changes)
+    signed = sign_manifest(data, load_private_key(built["private_key"]))
+    (out / "manifest.json").write_text(json.dumps(signed, indent=2, ensure_ascii=False), encoding="utf-8")
+    return out

@@ -98,13 +98,68 @@ def test_sampling_greedy_top_p_and_seeds():
         SamplingParams(temperature=-0.5)
 
 
+def test_top_k_keeps_only_the_likeliest_tokens():
+    logits = np.array([5.0, 4.9, 4.8, 4.7, 0.0, -1.0], np.float32)
+    draws = {Sampler(SamplingParams(temperature=5.0, top_k=2, seed=i))(logits) for i in range(200)}
+    assert draws == {0, 1}
+    wide = {Sampler(SamplingParams(temperature=5.0, seed=i))(logits) for i in range(200)}
+    assert len(wide) >= 4  # without top_k the flat tail is drawn too
+    both = {Sampler(SamplingParams(temperature=5.0, top_k=3, top_p=0.5, seed=i))(logits) for i in range(200)}
+    assert both <= {0, 1, 2} and len(both) >= 2
+
+
+def test_repetition_penalty_counts_prompt_and_answer_frequency_presence_count_the_answer():
+    logits = np.array([2.0, 1.9, -0.5, -0.4], np.float32)
+    assert Sampler(SamplingParams())(logits) == 0
+    # transformers' convention: a seen positive logit is divided, a seen negative one multiplied
+    s = Sampler(SamplingParams(repetition_penalty=1.2), prompt_ids=[0, 3])
+    assert s(logits) == 1  # 2.0 / 1.2 < 1.9
+    z = s._penalize(logits)
+    np.testing.assert_allclose(z, [2.0 / 1.2, 1.9 / 1.2, -0.5, -0.4 * 1.2], rtol=1e-6)  # 1 was just picked
+    assert logits[0] == np.float32(2.0)  # the decode loop's buffer is never written
+    # a 135M model loops under greedy decoding; the penalty breaks the loop
+    loop = np.array([3.0, 2.0, 1.5, 1.0], np.float32)
+    plain = Sampler(SamplingParams())
+    assert [plain(loop) for _ in range(4)] == [0, 0, 0, 0]
+    pen = Sampler(SamplingParams(repetition_penalty=2.5))
+    assert [pen(loop) for _ in range(3)] == [0, 1, 2]
+    # OpenAI's: the answer's counts lower a logit by frequency * count + presence; the prompt does not count
+    f = Sampler(SamplingParams(frequency_penalty=0.6), prompt_ids=[1, 1, 1])
+    assert [f(loop) for _ in range(3)] == [0, 0, 1]  # 3.0, 2.4, 1.8 < 2.0
+    pr = Sampler(SamplingParams(presence_penalty=1.6))
+    assert [pr(loop) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(EngineError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)
+    with pytest.raises(EngineError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=3)
+    with pytest.raises(EngineError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(EngineError, match="must be a number"):
+        SamplingParams(temperature="hot")
+    with pytest.raises(EngineError, match="out of range"):
+        SamplingParams(temperature=float("inf"))
+
+
+def test_logprobs_are_the_model_distribution_with_the_top_alternatives():
+    logits = np.array([1.0, 3.0, 2.0, -4.0], np.float32)
+    s = Sampler(SamplingParams(logprobs=2, repetition_penalty=1.5, temperature=0.0))
+    assert s(logits) == 1
+    want = logits - np.log(np.exp(logits.astype(np.float64)).sum())
+    tok, lp, top = s.records[0]
+    assert tok == 1 and lp == pytest.approx(want[1])
+    assert [i for i, _ in top] == [1, 2] and [v for _, v in top] == pytest.approx([want[1], want[2]])
+    assert Sampler(SamplingParams()).records == []
+    with pytest.raises(EngineError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 def test_audit_log_appends_json_lines_and_rotates_by_size(tmp_path):
     log = AuditLog(tmp_path / "audit" / "log.jsonl", max_bytes=400, backups=2)
     for i in range(30):
         log.record(request_id=f"r{i}", adapters=[{"name": "a", "version": "2"}], status="ok")
     files = sorted(p.name for p in (tmp_path / "audit").iterdir())
-    assert files == ["log.jsonl", "log.jsonl.1", "log.jsonl.2"]
-    for p in (tmp_path / "audit").iterdir():
+    assert files == ["log.jsonl", "log.jsonl.1", "log.jsonl.2", "log.jsonl.key"]
+    for p in (tmp_path / "audit").glob("log.jsonl*[0-9l]"):
         assert p.stat().st_size <= 400
         for line in p.read_text().splitlines():
             assert json.loads(line)["status"] == "ok"
@@ -112,6 +167,29 @@ def test_audit_log_appends_json_lines_and_rotates_by_size(tmp_path):
     assert ids == sorted(ids, key=lambda x: int(x[1:])) and ids[-1] == "r29"  # oldest first, newest kept
     with pytest.raises(EngineError):
         AuditLog(tmp_path / "x.jsonl", max_bytes=10)
+
+
+def test_audit_digest_is_keyed_per_device_so_short_prompts_cannot_be_looked_up(tmp_path):
+    import hashlib
+    import os
+    import stat
+
+    log = AuditLog(tmp_path / "a" / "audit.jsonl")
+    key_file = tmp_path / "a" / "audit.jsonl.key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    d = log.digest("yes")
+    assert d.startswith("hmac-sha256:")
+    # a dictionary of plain hashes finds nothing: the digest is not a hash of the text alone
+    plain = {hashlib.sha256(w.encode()).hexdigest()[: len(d) - 12] for w in ("yes", "no", "1234", "hi")}
+    assert d[12:] not in plain and d[12:] != hashlib.sha256(b"yes").hexdigest()[:32]
+    # the same device (key file) gives the same digest after a restart; another device another one
+    assert AuditLog(tmp_path / "a" / "audit.jsonl").digest("yes") == d
+    other = AuditLog(tmp_path / "b" / "audit.jsonl")
+    assert other.digest("yes") != d and other.key_id != log.key_id
+    assert log.record(request_id="r")["key_id"] == log.key_id
+    key_file.write_text("zz")
+    with pytest.raises(EngineError, match="audit key"):
+        AuditLog(tmp_path / "a" / "audit.jsonl")
 
 
 def test_runtime_modules_import_with_server_libraries_blocked():

@@ -138,3 +138,32 @@ def test_json_that_parsers_read_differently_is_refused(bundle, keypair, edit, er
     path.write_text(edit(path.read_text()))
     with pytest.raises(error, match=match):
         verify_bundle(bundle, [keypair[1]])
+
+
+def test_verified_files_are_sealed_copies_of_what_was_hashed(bundle, keypair):
+    """The graph and bundled adapters reach the engine as a sealed in-memory file made while hashing: a write to
+    the bundle afterwards changes nothing, and nobody (this process included) can write to the copy."""
+    import os
+
+    from edgepeft.spec.verify import BundleFiles
+
+    files = BundleFiles(bundle)
+    m = verify_bundle(files, [keypair[1]])
+    entry = m.file("model.onnx")
+    vf = files.open_verified(entry)
+    view = vf.view()
+    (bundle / "model.onnx").write_bytes(b"X" * entry.size)  # replaced after the check
+    assert bytes(view) == b"graph" * 100
+    if isinstance(vf.source, str):  # Linux: a sealed memfd
+        with pytest.raises(PermissionError):
+            with open(vf.source, "r+b") as fh:
+                fh.write(b"tampered")
+        fd = os.open(vf.source, os.O_RDONLY)
+        try:
+            assert os.read(fd, 10) == b"graphgraph"
+        finally:
+            os.close(fd)
+    vf.close()
+    assert bytes(view[:5]) == b"graph"  # the view outlives the file
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        files.open_verified(entry)

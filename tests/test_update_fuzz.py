@@ -149,6 +149,136 @@ def test_store_state_parser(state):
         pass
 
 
+def _manifest(key, files: dict[str, bytes] | None = None, **edits) -> dict:
+    """A valid signed bundle manifest listing ``files`` (path -> content), with top-level ``edits``."""
+    from edgepeft.bundle.signing import sign_manifest
+    from edgepeft.spec.names import sha256_bytes
+
+    files = files if files is not None else {"model.onnx": b"graph", "adapters/a-1.onnx_adapter": b"ad"}
+    data = {
+        "schema_version": 1, "kind": "bundle", "edgepeft_version": "0.2.0", "created": "2026-11-22T00:00:00Z",
+        "base": {"name": "tiny", "fingerprint": "sha256:ab", "task": "causal-lm", "architecture": "llama"},
+        "target": {"name": "x"}, "quantization": {"weights": "int4"}, "model": {"graph": "model.onnx"},
+        "tokenizer": {"file": "tokenizer.json"}, "generation": {},
+        "files": [{"path": p, "size": len(b), "sha256": sha256_bytes(b)} for p, b in files.items()],
+        "adapters": [{"name": "a", "version": 1, "file": "adapters/a-1.onnx_adapter", "method": "lora", "rank": 4,
+                      "alpha": 8.0, "base_fingerprint": "sha256:ab"}] if "adapters/a-1.onnx_adapter" in files else [],
+        "health_checks": [{"input": "hi", "expect": {"contains": "x"}}], "merged_adapter": None,
+    }
+    data.update(edits)
+    return sign_manifest(data, key[0])
+
+
+@FUZZ
+@given(edits=st.dictionaries(st.sampled_from(["schema_version", "kind", "base", "target", "model", "files",
+                                              "adapters", "health_checks", "generation", "merged_adapter",
+                                              "tokenizer", "signature", "extra"]), json_values, max_size=3),
+       inner=st.tuples(st.sampled_from(["files", "adapters", "health_checks", "base", "model"]),
+                       st.dictionaries(st.text(max_size=10) | st.sampled_from(["path", "size", "sha256", "name",
+                                                                               "version", "file", "expect", "graph",
+                                                                               "task", "key_id", "rank"]),
+                                       json_values, max_size=3)))
+def test_signed_but_malformed_manifest_gives_a_spec_or_bundle_error(key, tmp_path_factory, edits, inner):
+    """A manifest signed by a trusted key but wrong in any field, of any type: a typed error naming
+    the file (and the field), never an AttributeError/TypeError from deep inside."""
+    from edgepeft.spec.verify import verify_bundle
+
+    _count("manifest: signed, malformed fields")
+    where, changes = inner
+    base = _manifest(key)
+    target = base[where][0] if isinstance(base[where], list) and base[where] else base[where]
+    if isinstance(target, dict):
+        target.update(changes)
+    base.pop("signature")
+    base.update(edits)
+    from edgepeft.bundle.signing import sign_manifest
+
+    try:
+        signed = sign_manifest(base, key[0])
+        text = json.dumps(signed)
+    except (TypeError, ValueError):
+        return  # not representable as canonical JSON: a build never writes it
+    d = tmp_path_factory.mktemp("m")
+    (d / "manifest.json").write_text(text)
+    try:
+        m = verify_bundle(d, [key[1]], check_files=False)
+    except EdgePeftError as exc:
+        assert "manifest.json" in str(exc) or "signature" in str(exc).lower() or "signed" in str(exc), exc
+        return
+    assert m.base["name"] and m.files
+
+
+@FUZZ
+@given(raw=st.binary(max_size=400) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
+       | json_values.map(lambda v: json.dumps(v).encode()))
+def test_manifest_bytes_of_any_kind(key, tmp_path_factory, raw):
+    from edgepeft.spec.verify import verify_bundle
+
+    _count("manifest: any bytes")
+    d = tmp_path_factory.mktemp("raw")
+    (d / "manifest.json").write_bytes(raw)
+    with pytest.raises(EdgePeftError):
+        verify_bundle(d, [key[1]])
+
+
+_NAMES = st.sampled_from(["model.onnx", "adapters/a-1.onnx_adapter", "manifest.json", ".", "..", "a", "a/b", "/abs",
+                          "../x", "adapters", "adapters/", "./model.onnx", "a//b", "a\\b", "x\x00y", "tokenizer.json"])
+_MEMBER = st.tuples(_NAMES | st.text(alphabet="ab/.", max_size=6),
+                    st.sampled_from(["file", "file", "file", "dir", "symlink", "hardlink", "fifo"]),
+                    st.binary(max_size=40))
+
+
+@FUZZ
+@given(members=st.lists(_MEMBER, max_size=6), listed=st.booleans(), cut=st.none() | st.integers(0, 4000))
+def test_archive_unpacker_and_reader_on_hostile_tars(key, tmp_path_factory, members, listed, cut):
+    """Any member list (links, folders, duplicates, a file and a folder of one name, unlisted files),
+    whole or cut short: only edgepeft's errors, nothing outside the destination, nothing left on failure,
+    and on success exactly the manifest's files."""
+    import io
+    import tarfile
+
+    from edgepeft.spec.archive import unpack_bundle
+    from edgepeft.spec.verify import verify_bundle
+
+    _count("archive: hostile members")
+    d = tmp_path_factory.mktemp("tar")
+    files = {n: b for n, kind, b in members if kind == "file" and n != "manifest.json"} if listed else None
+    try:
+        manifest = json.dumps(_manifest(key, files) if files or not listed else _manifest(key)).encode()
+    except EdgePeftError:
+        manifest = b"{}"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, body in [("manifest.json", "file", manifest)] + members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "fifo": tarfile.FIFOTYPE}[kind]
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    data = buf.getvalue() if cut is None else buf.getvalue()[:cut]
+    archive = d / "b.epb"
+    archive.write_bytes(data)
+    dest = d / "out" / "bundle"
+    try:
+        unpack_bundle(archive, dest)
+    except EdgePeftError:
+        assert not dest.exists()
+    else:
+        got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+        want = sorted(f["path"] for f in json.loads(manifest)["files"]) + ["manifest.json"]
+        assert got == sorted(want)
+    assert sorted(p.name for p in (d / "out").iterdir()) in ([], ["bundle"]) if (d / "out").exists() else True
+    assert {p.name for p in d.iterdir()} <= {"b.epb", "out"}  # nothing written outside the destination
+    try:
+        verify_bundle(archive, [key[1]])
+    except EdgePeftError:
+        pass
+
+
 def test_report_how_many_inputs_were_tried():
     print("\nhypothesis inputs tried:", json.dumps(TRIED))
     assert all(n >= 50 for n in TRIED.values()), TRIED

@@ -144,3 +144,22 @@ def test_agent_process_pulls_on_its_own(built, served, tmp_path):
     finally:
         agent.stop()
     shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_roles_can_have_their_own_keys(built, served, tmp_path):
+    """An online timestamp key apart from the fleet key (which keeps root, targets and snapshot): devices still
+    anchor on the fleet key, and python-tuf checks each role against the keys root names for it."""
+    from edgepeft.bundle.signing import generate_keypair
+
+    repo, url = served
+    online, _ = generate_keypair(tmp_path / "online")
+    r = run_cli("publish", built["package"], "--repo", repo, "--key", built["private_key"],
+                "--role-key", f"timestamp={online}")
+    assert r.returncode == 0, r.stderr
+    root = json.loads((repo / "metadata/1.root.json").read_text())["signed"]
+    assert root["roles"]["timestamp"]["keyids"] != root["roles"]["root"]["keyids"]
+    device = Device(built["bundle"], [built["public_key"]], tmp_path / "state")
+    assert [x["status"] for x in Puller(device, url).poll()] == ["healthy"]
+    # republishing without the online key is refused: the repository's timestamp role is not the fleet key's
+    r = run_cli("publish", "--refresh", "--repo", repo, "--key", built["private_key"])
+    assert r.returncode != 0 and "timestamp key given is not a timestamp key" in r.stderr

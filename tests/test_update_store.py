@@ -196,3 +196,19 @@ def test_power_cut_at_every_step_of_an_install_leaves_the_old_or_the_new_version
     assert answers["v1"] in outcomes
     if health == "passes":
         assert answers["v2"] in outcomes
+
+
+def test_a_device_s_own_checks_can_refuse_an_update_the_signed_checks_pass(built, answers, tmp_path):
+    """Site acceptance: checks kept on the device run after the signed ones and can only make it stricter."""
+    from edgepeft.spec.manifest import HealthCheck
+
+    strict = [HealthCheck(input="hello", expect={"contains": "Contoso"}, max_new_tokens=8)]
+    eng = _engine(built)
+    up = Updater(eng, tmp_path / "state", local_checks=strict)
+    res = up.install(built["package"].read_bytes())
+    assert res.status == "rolled-back" and "Contoso" in res.reason
+    assert _serving(eng).text == answers["v1"]
+    other = HealthCheck(input="hello", expect={"contains": "x"}, adapter="beta")  # about another adapter: not run
+    eng2 = _engine(built)
+    assert Updater(eng2, tmp_path / "state2", local_checks=[other]).install(
+        built["package"].read_bytes()).status == "healthy"

@@ -30,7 +30,7 @@ ROOTFS=$CACHE/rootfs-$SUITE
 WHEELS=$CACHE/wheels
 RUN=$CACHE/run
 SELECT="device and not host_only and not slow"
-DEVICE_PACKAGES="onnxruntime numpy tokenizers cryptography click jinja2 pyserial pytest"
+DEVICE_PACKAGES="onnxruntime numpy tokenizers cryptography click jinja2 pyserial tuf paho-mqtt pytest hypothesis"
 SERVER_ONLY="torch transformers peft bitsandbytes onnx accelerate datasets safetensors"
 
 step() { printf '\n== %s\n' "$*"; }
@@ -101,7 +101,7 @@ if [ "$(cat "$ROOTFS/opt/edgepeft/.stamp" 2>/dev/null)" != "$stamp" ]; then
   device python3 -m venv /opt/edgepeft
 fi
 device python -m pip install -q --disable-pip-version-check --no-index --find-links /mnt/edgepeft/wheels \
-  -c constraints.txt edgepeft pytest
+  -c constraints.txt edgepeft pytest hypothesis
 device python -m pip install -q --disable-pip-version-check --no-index --find-links /mnt/edgepeft/wheels \
   --no-deps --force-reinstall edgepeft
 echo "$stamp" > "$ROOTFS/opt/edgepeft/.stamp"
@@ -140,6 +140,7 @@ device python tools/device_probe.py /mnt/edgepeft/fixtures /mnt/edgepeft/probe-d
 (cd "$RUN/src" && "$HOST_PY" tools/device_probe.py "$RUN/fixtures" "$RUN/probe-host.json")
 if [ "${AARCH64_REAL:-1}" = 1 ]; then
   step "7. SmolLM2-135M-Instruct int4 for a Raspberry Pi 5, built here: greedy answers natively and emulated"
+  mkdir -p "$RUN/real/keys"
   (cd "$RUN/src" && "$HOST_PY" -m edgepeft keygen --out "$RUN/real/keys/fleet" >/dev/null \
     && "$HOST_PY" -m edgepeft build --target raspberry-pi-5 --quant int4 --key "$RUN/real/keys/fleet.key" \
          --out "$RUN/real/bundle" \

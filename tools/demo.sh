@@ -15,6 +15,11 @@ cd "$WORK"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # the --serve step's server, if the demo stops early
 step() { printf '\n== %s\n' "$*"; }
+wait_for() {  # seconds, then a command that must succeed before that
+  local n=$1; shift
+  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+  "$@"
+}
 
 step "1. device target profiles, and the signing key (the .key stays on the server, the .pub goes on devices)"
 edgepeft targets
@@ -38,13 +43,15 @@ edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --prompt "My Wi-Fi keeps d
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --adapter northwind --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --adapter northwind-prompt --prompt "My Wi-Fi keeps dropping every evening. What should I do?"
 
-step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only): each adapter is a model id"
-edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --serve --port 8080 &
+step "5. the local HTTP API an app would call (OpenAI-style, 127.0.0.1 only, with the API token): each adapter is a model id"
+edgepeft run bundles/pi5 --trusted-key keys/fleet.pub --serve --port 8080 --token-file api.token &
+wait_for 60 test -s api.token
 curl -s --retry 60 --retry-connrefused --retry-delay 1 http://127.0.0.1:8080/v1/chat/completions \
-  -H 'Content-Type: application/json' \
+  -H "Authorization: Bearer $(cat api.token)" -H 'Content-Type: application/json' \
   -d '{"model": "northwind", "max_tokens": 60, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 echo
-curl -s http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \
+curl -s http://127.0.0.1:8080/v1/chat/completions \
+  -H "Authorization: Bearer $(cat api.token)" -H 'Content-Type: application/json' \
   -d '{"model": "northwind-prompt", "max_tokens": 60, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 kill $!
 
@@ -65,11 +72,6 @@ python examples/train_support_voice.py --from adapters/northwind
 python examples/train_adapter_families.py --from prompt-tuning=adapters/northwind-prompt
 python examples/train_bank_intents.py --from adapters/intents
 
-wait_for() {  # seconds, then a command that must succeed before that
-  local n=$1; shift
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
-  "$@"
-}
 northwind_v2() {  # URL TOKEN_FILE: does the device serve northwind version 2?
   python - "$1" "$2" <<'PY'
 import json, sys, urllib.request
@@ -92,7 +94,8 @@ step "10. device A: an agent on 127.0.0.1, a push over HTTP, its status, and who
 edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/a --listen 127.0.0.1:8731 &
 edgepeft push updates/northwind-v2.epu --to http://127.0.0.1:8731 --token-file devices/a/token
 edgepeft status --device http://127.0.0.1:8731 --token-file devices/a/token
-curl -s http://127.0.0.1:8731/v1/chat/completions -H 'Content-Type: application/json' \
+curl -s http://127.0.0.1:8731/v1/chat/completions -H "Authorization: Bearer $(cat devices/a/token)" \
+  -H 'Content-Type: application/json' \
   -d '{"model": "northwind", "max_tokens": 40, "messages": [{"role": "user", "content": "Hello, who are you?"}]}'
 echo
 python -c "d = bytearray(open('updates/northwind-v2.epu', 'rb').read()); d[200] ^= 1; open('updates/tampered.epu', 'wb').write(d)"
@@ -117,6 +120,71 @@ edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/c --
   --pull http://127.0.0.1:8000 --interval 2 &
 wait_for 120 northwind_v2 http://127.0.0.1:8733 devices/c/token
 edgepeft status --device http://127.0.0.1:8733 --token-file devices/c/token
+
+step "13. a fleet: a local MQTT broker, device D behind it, device E with its own check that version 3 fails"
+printf 'listener 18830 127.0.0.1\nallow_anonymous true\nlog_type error\n' > mosquitto.conf
+"$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c mosquitto.conf &
+edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/d --listen 127.0.0.1:8734 \
+  --mqtt mqtt://127.0.0.1:18830 --device-id d &
+echo '{"input": "Hello, who are you?", "adapter": "northwind", "expect": {"contains": "Contoso"}}' > strict.jsonl
+edgepeft agent bundles/pi5.epb --trusted-key keys/fleet.pub --state devices/e --listen 127.0.0.1:8735 \
+  --health-check strict.jsonl &
+
+step "14. version 3 (version 2's weights under a new number), published for device D"
+edgepeft update create --bundle bundles/pi5 --adapter northwind=adapters/northwind-v2 --version 3 \
+  --health-check examples/northwind_support/health.jsonl --key keys/fleet.key --out updates/northwind-v3.epu
+edgepeft publish updates/northwind-v3.epu --repo repo --key keys/fleet.key
+
+step "15. the inventory, the plan, the rollout (canary, waves, abort threshold), each device's outcome"
+cat > fleet.toml <<END
+[mqtt]
+url = "mqtt://127.0.0.1:18830"
+[repository]
+url = "http://127.0.0.1:8000"
+[[device]]
+id = "a"
+address = "http://127.0.0.1:8731"
+token_file = "devices/a/token"
+[[device]]
+id = "b"
+address = "serial://$HOST_END?baud=921600"
+[[device]]
+id = "c"
+address = "http://127.0.0.1:8733"
+token_file = "devices/c/token"
+[[device]]
+id = "d"
+address = "mqtt"
+[[device]]
+id = "e"
+address = "http://127.0.0.1:8735"
+token_file = "devices/e/token"
+END
+cat > plan.toml <<END
+name = "northwind-v3"
+inventory = "fleet.toml"
+packages = ["updates/northwind-v3.epu"]
+key = "keys/fleet.key"
+[rollout]
+canary = 1
+max_concurrency = 2
+[rollout.exponential_rate]
+base_rate_per_minute = 60
+increment_factor = 2
+[rollout.exponential_rate.rate_increase_criteria]
+number_of_succeeded_things = 2
+[timeouts]
+in_progress_timeout_minutes = 5
+[[abort.criteria]]
+failure_type = "ALL"
+threshold_percentage = 50
+min_number_of_executed_things = 4
+[abort]
+rollback = true
+END
+wait_for 60 test -s devices/e/token
+edgepeft rollout start plan.toml --db rollouts.sqlite || echo "device E refused version 3, as planned"
+edgepeft rollout status --db rollouts.sqlite
 
 step "done: keys, adapters, bundles and updates are in $WORK, before/after figures in examples/out"
 ls -la bundles updates

@@ -1,17 +1,14 @@
 """What a bundle manifest or an update package says about one adapter, built in one place.
 
 ``edgepeft build`` and ``edgepeft update create`` both describe adapters to
-devices; keeping the entry (and the health-check file reader) here means a
-device sees the same fields whichever way an adapter arrived.
+devices; keeping the entry here means a device sees the same fields whichever
+way an adapter arrived.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ..errors import UsageError
 from .adapters_in import AdapterInput
+
 
 def adapter_entry(a: AdapterInput, *, file: str, fingerprint: str, dtype: str, labels=None) -> dict:
     """The manifest/update entry of adapter ``a`` exported to ``file`` for base ``fingerprint``."""
@@ -28,26 +25,3 @@ def adapter_entry(a: AdapterInput, *, file: str, fingerprint: str, dtype: str, l
         entry["labels"] = list(a.labels or labels or [])  # the training record's names win over PEFT's LABEL_n
         entry["review_threshold"] = float(a.record.get("review_threshold", 0.6))
     return entry
-
-
-def read_health_checks(path) -> list[dict]:
-    """Health checks from a JSON-lines file (one ``{"input", "expect", ...}`` per line); [] for None.
-
-    Raises :class:`UsageError` naming the file and line.
-    """
-    if path is None:
-        return []
-    checks = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read health-check file {path}: {exc.strerror or exc}") from exc
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            checks.append(json.loads(line))
-        except ValueError as exc:
-            raise UsageError(f"{path}:{n} is not a JSON object: {exc}",
-                             hint='one object per line, e.g. {"input": "hi", "expect": {"contains": "Northwind"}}') from exc
-    return checks

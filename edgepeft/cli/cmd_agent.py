@@ -8,6 +8,7 @@ import click
 
 from ..errors import UsageError
 from .keys import trusted_keys
+from .serve_options import engine_kwargs, engine_options, http_options, server_kwargs
 
 
 @click.command("agent")
@@ -17,7 +18,8 @@ from .keys import trusted_keys
 @click.option("--state", required=True, type=click.Path(file_okay=False),
               help="Device state folder: installed versions, floors, partial uploads, the token.")
 @click.option("--listen", default="127.0.0.1:8731", show_default=True,
-              help="HOST:PORT of the HTTP API (inference + updates). Port 0 picks a free one.")
+              help="HOST:PORT of the HTTP API (inference + updates). Port 0 picks a free one; a host other "
+                   "than loopback needs --expose.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the device token [default: STATE/token, generated on first start].")
 @click.option("--serial", "serial_port", default=None, help="Also take updates on this serial port (e.g. /dev/ttyS0).")
@@ -33,10 +35,15 @@ from .keys import trusted_keys
 @click.option("--mqtt-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="This device's client certificate (per-device credentials over mqtts://).")
 @click.option("--mqtt-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Its private key.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's thread count.")
+@click.option("--health-check", "local_checks", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="This device's own health checks (JSON lines, as in `edgepeft build --health-check`), run after "
+                   "the signed ones on every install: a site acceptance test that can only refuse, never skip.")
+@engine_options
+@http_options
 @click.option("--audit", type=click.Path(dir_okay=False), default=None, help="Audit log file (JSON lines).")
 def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, mqtt_url,
-            device_id, mqtt_ca, mqtt_cert, mqtt_key, threads, audit):
+            device_id, mqtt_ca, mqtt_cert, mqtt_key, local_checks, threads, max_concurrent, no_spinning,
+            skip_health_checks, allow_origin, allow_host, expose, max_connections, io_timeout, audit):
     """Run the device agent on BUNDLE (a directory or the .epb the device was shipped): serve inference and
     install signed updates that arrive over HTTP, a serial line or a TUF pull repository."""
     from pathlib import Path
@@ -45,6 +52,7 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     from ..update.device import Device
 
     host, port = parse_listen(listen)
+    http = server_kwargs(host, allow_origin, allow_host, expose, max_connections, io_timeout)
     if mqtt_url and not device_id:
         raise UsageError("--mqtt needs --device-id (the id the fleet inventory uses)", hint="e.g. --device-id pi-001")
     if device_id:
@@ -53,16 +61,22 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
         check_name(device_id, "--device-id", "ID")
     if interval <= 0:
         raise UsageError("--interval must be positive", hint="e.g. --interval 300")
-    opts = {k: v for k, v in {"threads": threads, "audit": audit}.items() if v is not None}
+    opts = {k: v for k, v in {"audit": audit}.items() if v is not None}
+    opts |= engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks)
     keys = trusted_keys(trusted_key)
     Path(state).mkdir(parents=True, exist_ok=True)
     token, token_path = load_token(Path(state), token_file)  # first, so a client can read it while we load
-    device = Device(bundle, keys, state, engine_options=opts)
+    checks = []
+    if local_checks:
+        from ..spec.checks import load_health_checks
+
+        checks = load_health_checks(local_checks)
+    device = Device(bundle, keys, state, engine_options=opts, local_checks=checks)
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
     mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key} \
         if mqtt_url else None
-    agent = Agent(device, token=token, listen=(host, port), serial=serial, pull=pull, mqtt=mqtt).start()
+    agent = Agent(device, token=token, listen=(host, port), serial=serial, pull=pull, mqtt=mqtt, http=http).start()
     for note in device.status()["notes"]:
         click.echo(f"warning: {note}", err=True)
     links = [agent.url] + ([f"serial {serial_port} @ {baud}"] if serial else []) + \

@@ -18,8 +18,14 @@ from ..spec.methods import describe_size  # torch-free
               help="An adapter directory to ship as a swappable adapter (repeatable): PEFT LoRA, prefix or "
                    "prompt tuning, or an edgepeft bottleneck adapter; families may be mixed.")
 @click.option("--target", required=True, help="Target profile name (see `edgepeft targets`) or path to a .toml.")
-@click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
-              help="Base weight quantization [default: the target's].")
+@click.option("--quant", type=click.Choice(["int4", "int8", "nf4", "fp16", "fp32"]), default=None,
+              help="Base weight quantization [default: the target's]. nf4: the 4-bit base a QLoRA adapter was "
+                   "trained on, quantized by bitsandbytes (MatMulBnb4; exact but slow on CPUs).")
+@click.option("--gguf", type=click.Choice(["keep", "layers", "requantize"]), default=None,
+              help="A GGUF base's quantized blocks in an int4/int8 bundle: keep them all as they are (the weights "
+                   "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "
+                   "(smaller, a little lower quality), or re-quantize all (smallest, lowest quality) [default: the "
+                   "target's, keep].")
 @click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Adapter payload type [default: the target's].")
 @click.option("--merge", default=None, metavar="NAME", help="Merge this adapter into the base: a single-task bundle, no slots.")
@@ -37,7 +43,7 @@ from ..spec.methods import describe_size  # torch-free
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create (OUT.epb is written beside it).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
-def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task, bottleneck_slots,
+def command(base, adapters, target, quant, gguf, adapter_dtype, merge, slot_rank, task, bottleneck_slots,
             bottleneck_activation, health_checks, key, out, force, as_json):
     """Export the base once to ONNX with adapter slots, quantize it for a target, turn adapters into
     small swappable files (or merge one), and sign it all into a device bundle."""
@@ -52,7 +58,7 @@ def command(base, adapters, target, quant, adapter_dtype, merge, slot_rank, task
     result = build_bundle(base=base, adapters=[parse_adapter_arg(a) for a in adapters], target=target, key=key,
                           out=out, quant=quant, merge=merge, adapter_dtype=adapter_dtype, slot_rank=slot_rank,
                           health_checks=health_checks, task=task, force=force, bottleneck_slots=bottleneck_slots,
-                          bottleneck_activation=bottleneck_activation, progress=progress)
+                          bottleneck_activation=bottleneck_activation, gguf=gguf, progress=progress)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

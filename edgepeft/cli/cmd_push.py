@@ -7,53 +7,7 @@ import sys
 
 import click
 
-from ..errors import UsageError
-
-
-def read_token_file(path: str, wait: float = 60.0) -> str:
-    """The device token from ``path``. An agent started a moment ago writes it on its first start,
-    so a missing file is waited for (up to ``wait`` seconds) before it is an error."""
-    import time
-    from pathlib import Path
-
-    p, deadline, said = Path(path), time.monotonic() + wait, False
-    while not p.is_file():
-        if time.monotonic() > deadline:
-            raise UsageError(f"token file {p} does not exist",
-                             hint="the agent writes STATE/token on its first start; or pass --token")
-        if not said:
-            click.echo(f"waiting for {p} (is the agent starting?)", err=True)
-            said = True
-        time.sleep(0.2)
-    try:
-        return p.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read token file {p}: {exc.strerror or exc}", hint="check its permissions") from exc
-
-
-def open_link(to: str, token: str | None, token_file: str | None):
-    """An HTTP or serial link from ``--to`` (http://HOST:PORT or serial:///dev/ttyX?baud=N)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    if to.startswith("serial:"):
-        from ..transport.serial_link import SerialLink
-
-        u = urlsplit(to)
-        q = parse_qs(u.query)
-        try:
-            baud = int(q.get("baud", ["115200"])[0])
-        except ValueError as exc:
-            raise UsageError(f"--to {to!r}: baud must be a number", hint="e.g. serial:///dev/ttyUSB0?baud=115200") from exc
-        if not u.path:
-            raise UsageError(f"--to {to!r} names no serial port", hint="e.g. serial:///dev/ttyUSB0?baud=115200")
-        return SerialLink(u.path, baud)
-    if token_file:
-        token = read_token_file(token_file)
-    if not token:
-        raise UsageError("the device's update API needs its token", hint="pass --token T or --token-file FILE")
-    from ..transport.http import HttpLink
-
-    return HttpLink(to, token)
+from ..transport.open import open_link
 
 
 @click.command("push")
@@ -95,7 +49,8 @@ def command(package, to, token, token_file, timeout, no_wait, as_json):
         click.echo(json.dumps(st, indent=2, ensure_ascii=False))
     else:
         name, version = st.get("name", "?"), st.get("version")
-        line = f"{name} v{version}: {st.get('status')}"
+        what = f"{name} v{version}" if version is not None else f"update {pkg.id[:12]}"  # refused before it was read
+        line = f"{what}: {st.get('status')}"
         if st.get("reason"):
             line += f" ({st['reason']})"
         steps = " -> ".join(s["status"] for s in st.get("steps", []))

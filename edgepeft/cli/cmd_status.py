@@ -14,7 +14,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(to, token, token_file, as_json):
     """Show a device's base, bundle, adapters with versions, and its recent update results."""
-    from .cmd_push import open_link
+    from ..transport.open import open_link
 
     link = open_link(to, token, token_file)
     try:

@@ -31,11 +31,13 @@ VERBS = {
     "targets": "List or show the device target profiles.",
     "run": "Run a bundle on this device: one prompt, classification, or a local HTTP API.",
     "inspect": "Show what a bundle holds: target, base, signer, adapters and their metrics.",
+    "verify": "Check a bundle (directory or .epb) or update package as a device would: signature and every hash.",
     "eval": "Score a bundle's adapter on labelled data on this device, beside its training figures.",
     "update": "Create or inspect a signed update package (a new adapter version or a new bundle).",
     "agent": "Run the device agent: inference plus signed updates over HTTP, serial or TUF pull.",
     "push": "Send a signed update to a device over HTTP or a serial line and wait for its health check.",
     "status": "Show what a device runs and what happened to its last updates.",
+    "adapters": "List, install, roll back, unload or load adapters on a device (state folder or running agent).",
     "publish": "Publish signed update packages into a TUF repository for devices to pull.",
     "rollout": "Move a fleet to an update in waves, with abort thresholds and rollback.",
 }

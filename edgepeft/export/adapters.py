@@ -12,7 +12,9 @@ zero-padded up to the bundle's slot rank; modules the adapter does not train
 stay zero. Groups with ``split_b`` (gate|up) get one B tensor per module.
 Payloads: fp32 (activates as is), fp16 or int8 (smaller updates;
 the device expands them to fp32 once at install with
-:func:`edgepeft.spec.adapter_payload.expand_adapter`).
+:func:`edgepeft.spec.adapter_payload.expand_adapter`). Bundles whose LoRA B slots
+are int8 (:mod:`.slots`) get B as int8 with each row's scale folded into A
+(:func:`fold_b_int8`), whatever the payload: it is the slot's own form.
 """
 
 from __future__ import annotations
@@ -246,16 +248,54 @@ def _labels(adir: Path, n: int, labels) -> list:
     return [str(x) for x in labels]
 
 
+def fold_b_int8(tensors: dict, model_info: dict) -> dict:
+    """For a graph whose LoRA B slots are int8 (``model_info["slot_dtypes"]``): each B row quantized to int8
+    with its own scale (max |row| / 127), that scale multiplied into the matching column of A.
+
+    ``x @ A @ B == x @ (A * s) @ (B / s)`` exactly; only ``round(B / s)`` rounds (half a step of each row's
+    largest value). Rows of a packed B [m*rank, out] match A's columns one to one; a split group's
+    ``B_j`` [rank, out_j] matches A's columns ``j*rank .. (j+1)*rank``. Returns a new dict.
+    """
+    int8 = {k for k, v in (model_info.get("slot_dtypes") or {}).items() if v == "int8"}
+    if not int8:
+        return tensors
+    out = dict(tensors)
+    groups = layer_groups_for(model_info)
+    for name in sorted(int8 & set(tensors)):
+        b = np.asarray(tensors[name], np.float32)
+        prefix, _, module = name.partition(".lora_B")
+        a_name = prefix + ".lora_A"
+        if a_name not in out:
+            raise AdapterError(f"int8 slot {name} has no {a_name} to fold its scales into",
+                               hint="re-export the adapter with this version of edgepeft")
+        cols = slice(0, b.shape[0])
+        if module:  # ".gate_proj": a split group's per-module B
+            key = prefix.rsplit(".", 1)[-1]
+            g = next(g for g in groups if g.key == key)
+            j = [m.peft_name for m in g.modules].index(module[1:])
+            cols = slice(j * b.shape[0], (j + 1) * b.shape[0])
+        amax = np.abs(b).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        out[name] = np.clip(np.rint(b / scale[:, None]), -127, 127).astype(np.int8)
+        a = np.array(out[a_name], np.float32)
+        a[:, cols] *= scale[None, :]
+        out[a_name] = a
+    return out
+
+
 def encode_payload(tensors: dict, dtype: str) -> dict:
-    """fp32 tensors -> stored tensors: as is, fp16, or int8 with ``<name>.scale`` (per rank row/col, per
-    bottleneck unit, per prefix head and position)."""
+    """Slot tensors -> stored tensors: float ones as is, fp16, or int8 with ``<name>.scale`` (per rank
+    row/col, per bottleneck unit, per prefix head and position); int8 tensors (int8 B slots, already in the
+    slot's form) pass through."""
     if dtype == "fp32":
         return tensors
     if dtype == "fp16":
-        return {k: v.astype(np.float16) for k, v in tensors.items()}
+        return {k: v if v.dtype == np.int8 else v.astype(np.float16) for k, v in tensors.items()}
     out = {}
     for k, v in tensors.items():
-        if v.ndim == 3:  # a prefix [heads, positions, head_dim]: one scale per head and position
+        if v.dtype == np.int8:
+            out[k] = v
+        elif v.ndim == 3:  # a prefix [heads, positions, head_dim]: one scale per head and position
             amax = np.abs(v).max(axis=-1, keepdims=True)
             scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
             out[k] = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
@@ -292,7 +332,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
         raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
                          hint="use fp32 (default), fp16 or int8")
     tensors, info = family_tensors(peft_dir, model_info, labels, pad=pad, graph_path=graph_path)
-    stored = encode_payload(tensors, dtype)
+    stored = encode_payload(fold_b_int8(tensors, model_info), dtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_adapter_file(out_path, stored, adapter_version=version)

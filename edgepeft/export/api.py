@@ -104,6 +104,12 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         sd, lora = merge_into(sd, merge_adapter, task=task)
         missing -= {k.rsplit(".", 1)[0] for k in lora.saved}
     out_dir = Path(out_dir)
+    blocks = gguf = _gguf_blocks(src, config, sd, wq, task, say)
+    if wq.kind == "nf4":
+        if task != "causal-lm":
+            raise UsageError("--quant nf4 is for decoders (the QLoRA base); classifiers export as int8 or fp32",
+                             hint="use --quant int8")
+        blocks = _nf4_blocks(sd, gguf, say)
     say(f"building the {wq.kind} graph")
     if task == "causal-lm":
         from .decoder_graph import build_decoder, plan_decoder
@@ -113,7 +119,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         ctx = int(max_context or min(config.max_position_embeddings, 4096))
         plan.rope = rope_tables(model, plan.rope_keys, ctx)
         graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
-                                    slots=merge_adapter is None, bottleneck=bottleneck)
+                                    slots=merge_adapter is None, bottleneck=bottleneck, blocks=blocks)
         dims = info["dims"]
         model_info = {
             "architecture": arch.family, "task": task, "model_type": config.model_type,
@@ -152,8 +158,9 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         "slots": info["slots"],
         "slot_shapes": {k: _concrete(v, slot_rank) for k, v in info["slots"].items()},
         "slot_rank": 0 if merged else slot_rank,
+        "slot_dtypes": info.get("slot_dtypes", {}),  # slots that are not float32 (int8 LoRA B)
         "merged_adapter": Path(merge_adapter).name if merged else None,
-        "quant": wq.to_dict(),
+        "quant": wq.to_dict() | _carried_facts(wq, gguf, blocks, info),
     })
     if info.get("bottleneck"):
         model_info["bottleneck"] = info["bottleneck"]
@@ -165,6 +172,54 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
 
 
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _gguf_blocks(src, config, sd: dict, wq: WeightQuant, task: str, say):
+    """The base's GGUF blocks to carry into an int4/int8/nf4 decoder graph (``gguf`` "keep" or "layers";
+    nf4 takes only the embedding from them), or None."""
+    if not (wq.bits or wq.kind == "nf4") or wq.gguf == "requantize" or task != "causal-lm":
+        return None
+    from ..basemodel import gguf_origin
+
+    path = gguf_origin(src)
+    if path is None:
+        return None
+    from .gguf_blocks import load_gguf_blocks
+
+    say(f"reading the quantized blocks of {path.name}")
+    blocks = load_gguf_blocks(path, config, sd)
+    if blocks.skipped:
+        why = sorted(set(blocks.skipped.values()))
+        say(f"{len(blocks.weights)} GGUF weights carried as they are; {len(blocks.skipped)} re-quantized ({'; '.join(why)})")
+    return blocks
+
+
+def _carried_facts(wq: WeightQuant, gguf, used, info: dict) -> dict:
+    """manifest["model"]["quant"] additions: which GGUF blocks went in as they are; nf4's layout.
+    ``used``: the weights the graph was given (GGUF blocks, or nf4's mix of NF4 and GGUF blocks)."""
+    from .gguf_blocks import BlockWeight
+
+    carried = [n for n in info.get("carried", []) if isinstance(used.get(n), BlockWeight)] if used else []
+    out = {"gguf_blocks": gguf.describe(carried)} if gguf is not None and carried else {}
+    if wq.kind == "nf4":
+        out.get("gguf_blocks", {}).pop("requantized", None)  # the layers are NF4 by design, not listed
+        out["nf4"] = {"op": "MatMulBnb4", "block_size": 64, "double_quant": True, "quantized_by": "bitsandbytes",
+                      "embedding": "GGUF blocks" if carried else "int8"}
+    return out
+
+
+def _nf4_blocks(sd: dict, blocks, say) -> dict:
+    """nf4: the layers' linear weights quantized by bitsandbytes (what QLoRA trains against), plus any GGUF
+    block weight of the embedding; ``{HF name: weight}``."""
+    from .nf4 import nf4_weights
+
+    names = [k for k, v in sd.items() if k.startswith("model.layers.") and k.endswith(".weight") and np.ndim(v) == 2]
+    say(f"quantizing {len(names)} layer weights to NF4 with bitsandbytes (the QLoRA base)")
+    out = nf4_weights(sd, names)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if blocks is not None and blocks.get(k) is not None:
+            out[k] = blocks.get(k)
+    return out
 
 
 def _missing_modules(arch, loading: dict | None) -> set:

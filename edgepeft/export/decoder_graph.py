@@ -158,12 +158,14 @@ def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Grou
 
 
 def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_modules, max_context: int,
-                  slots: bool = True, bottleneck: dict | None = None):
+                  slots: bool = True, bottleneck: dict | None = None, blocks=None):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
     ``slots=False`` builds a graph without LoRA inputs (merge mode). ``bottleneck``
     (``{"points": ["attn_out", "mlp_out"], "activation": "relu"}``) adds bottleneck slots at
-    those points. Returns ``(ModelProto, info)`` where info holds the dims, slots and group layout.
+    those points. ``blocks``: quantized source weights by HF name to carry as they are (a GGUF's
+    blocks, :mod:`.gguf_blocks`; NF4, :mod:`.nf4`). Returns ``(ModelProto, info)`` where info holds
+    the dims, slots, group layout and carried weights.
     Raises :class:`ModelError` when a weight the description names is missing.
     """
     from onnx import TensorProto
@@ -174,7 +176,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
     g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch)
     gb = GraphBuilder("edgepeft_decoder")
-    lin = LinearEmitter(gb, quant)
+    lin = LinearEmitter(gb, quant, blocks)
+    b_int8 = quant.lora_b_int8  # LoRA B slots stored int8 (see .slots)
     heads, kvh, hd, nl = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["layers"]
     eps, off = dims["eps"], arch.norm_offset
 
@@ -209,7 +212,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
                   to=TensorProto.INT32, hint="total_seq_len")
     rope = {key: rope_subgraph(gb, plan.rope[key], max_context, total) for key in sorted(plan.rope_keys)}
 
-    emb, tied_head = lin.tied_embedding(ids, w("model.embed_tokens.weight"))
+    emb, tied_head = lin.tied_embedding(ids, w("model.embed_tokens.weight"), source="model.embed_tokens.weight")
     inside = arch.embed_scale == "sqrt_hidden"  # Gemma scales inside its embedding module, Granite after it
     if plan.embed_scale != 1.0 and inside:
         emb = gb.op("Mul", [emb, gb.const(np.array(plan.embed_scale, np.float32))], hint="embed_scale")
@@ -257,7 +260,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             x, residual = skip_rms(pending, residual, p + "input_layernorm.weight", p + "ln1")
         # -- q|k|v, q/k norms, attention
         names = [a + n for n in arch.qkv]
-        qkv = emit_lora(gb, x, lin.linear(x, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.qkv"), g_qkv, i)
+        qkv = emit_lora(gb, x, lin.linear(x, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.qkv",
+                                          source=[n + ".weight" for n in names]), g_qkv, i, b_int8)
         qkv_in = [qkv, "", ""]
         if arch.qk_norm:
             q, k, v = gb.op("Split", [qkv, gb.const(np.array([heads * hd, kvh * hd, kvh * hd], np.int64))],
@@ -273,7 +277,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             attrs["softcap"] = float(lp.softcap)
         attn, pk, pv = gb.ms("GroupQueryAttention", [*qkv_in, past[i][0], past[i][1], seqlens, total, cos, sin],
                              outputs=[None, f"present.{i}.key", f"present.{i}.value"], hint="gqa", **attrs)
-        o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o"), g_o, i)
+        o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o",
+                                           source=[a + "o_proj.weight"]), g_o, i, b_int8)
         attn_out = scaled(adapted(o, "attn_out", i))
         # -- MLP input
         if arch.norms == "post":
@@ -287,13 +292,15 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             x2, residual = skip_rms(attn_out, residual, p + "post_attention_layernorm.weight", p + "ln2")
         # -- gate|up, activation, down
         names = [m + n for n in arch.gate_up]
-        gu = lin.linear(x2, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.gate_up")
+        gu = lin.linear(x2, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.gate_up",
+                        source=[n + ".weight" for n in names])
         if g_gu.split_b:
             gate, up = gb.op("Split", [gu], outputs=2, axis=-1, hint="gate_up_split")
-            parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i)
+            parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i, b_int8)
             gate, up = (parts[n] for n in arch.gate_up)
         else:
-            gate, up = gb.op("Split", [emit_lora(gb, x2, gu, g_gu, i)], outputs=2, axis=-1, hint="gate_up_split")
+            gate, up = gb.op("Split", [emit_lora(gb, x2, gu, g_gu, i, b_int8)], outputs=2, axis=-1,
+                             hint="gate_up_split")
         if plan.act == "silu":
             act = gb.op("Mul", [gate, gb.op("Sigmoid", [gate])], hint="silu")
         elif plan.act == "gelu_tanh":
@@ -301,8 +308,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         else:
             act = gb.ms("Gelu", [gate], hint="gelu")
         h = gb.op("Mul", [act, up], hint="glu")
-        d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down"),
-                      g_down, i)
+        d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down",
+                                        source=[m + "down_proj.weight"]), g_down, i, b_int8)
         mlp_out = scaled(adapted(d, "mlp_out", i))
         if arch.norms == "post":
             mlp_out = rms(mlp_out, p + "post_feedforward_layernorm.weight", p + "ln3")
@@ -325,7 +332,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     if dims["tied"] or "lm_head.weight" not in sd:
         logits = tied_head(final)
     else:
-        logits = lin.linear(final, sd["lm_head.weight"], None, "lm_head")
+        logits = lin.linear(final, sd["lm_head.weight"], None, "lm_head", source=["lm_head.weight"])
     if plan.final_softcap:
         cap = gb.const(np.array(plan.final_softcap, np.float32))
         logits = gb.op("Mul", [gb.op("Tanh", [gb.op("Div", [logits, cap])]), cap], hint="final_softcap")
@@ -335,7 +342,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     gb.outputs.insert(0, gb.outputs.pop())
     info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots),
             "bottleneck": {"points": [p for p in ("attn_out", "mlp_out") if p in points],
-                           "activation": bottleneck["activation"]} if points else None}
+                           "activation": bottleneck["activation"]} if points else None,
+            "slot_dtypes": dict(gb.slot_dtypes), "carried": list(lin.carried)}
     return gb.model(f"edgepeft {arch.family} decoder"), info
 
 

@@ -115,9 +115,8 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
     groups = {g.key: g for g in layer_groups(dims, targets, arch)}
     gb = GraphBuilder("edgepeft_encoder")
-    lin = LinearEmitter(gb, quant)
-    hid, eps, heads = dims["hidden"], dims["eps"], dims["heads"]
-    hd = hid // heads
+    lin = LinearEmitter(gb, quant, per_channel_int8=True)  # int8: per-channel DynamicQuantizeMatMul
+    hid, eps = dims["hidden"], dims["eps"]
     extra = extra or {}
     pre = arch.prefix
 
@@ -233,16 +232,21 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
         x = ln(x, arch.final_norm, "final_norm")
 
     # -- pooling and head
-    pooling = arch.pooling if arch.pooling == "cls" else str(getattr(config, arch.pooling, "cls"))
-    if pooling == "mean":
+    def mean_pool(x):
         m3 = gb.op("Unsqueeze", [mask, gb.const(np.array([2], np.int64))], hint="mask3")
         keep = gb.op("Where", [gb.op("Cast", [m3], to=TensorProto.BOOL), x, gb.const(np.array(0, np.float32))])
         total = gb.op("ReduceSum", [keep, gb.const(np.array([1], np.int64))], keepdims=0, hint="pool_sum")
         count = gb.op("Cast", [gb.op("ReduceSum", [m3, gb.const(np.array([1], np.int64))], keepdims=0)],
                       to=TensorProto.FLOAT)
-        pooled = gb.op("Div", [total, count], hint="pool_mean")
-    else:
-        pooled = gb.op("Gather", [x, gb.const(np.array(0, np.int64))], axis=1, hint="cls")
+        return gb.op("Div", [total, count], hint="pool_mean")
+
+    pooling = arch.pooling if arch.pooling == "cls" else str(getattr(config, arch.pooling, "cls"))
+    mean = mean_pool(x)
+    pooled = mean if pooling == "mean" else gb.op("Gather", [x, gb.const(np.array(0, np.int64))], axis=1, hint="cls")
+    # a sentence embedding (what /v1/embeddings returns): the mean of the last hidden states over the
+    # text's tokens, sentence-transformers' default pooling, whatever pooling the classification head uses
+    gb.nodes.append(gb._helper.make_node("Identity", [mean], ["embeddings"], name="embeddings_out"))
+    gb.output("embeddings", TensorProto.FLOAT, ["batch_size", hid])
     head_info, n_labels, width = [], None, hid
     default_in = hid  # the width the previous stage's default produces (1 after an empty intermediate default)
     last_adapter = [s for s in arch.head if s.source == "adapter"][-1]

@@ -28,11 +28,13 @@ class GraphBuilder:
         self.name = name
         self.nodes: list = []
         self.initializers: list = []
+        self.sparse_initializers: list = []  # all-zero slot defaults: a shape, no bytes
         self.inputs: list = []
         self.outputs: list = []
         self._names: set[str] = set()
         self._count = 0
         self.slots: dict[str, list] = {}
+        self.slot_dtypes: dict[str, str] = {}  # slots that are not float32: name -> numpy dtype name
 
     # -- naming -------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -68,13 +70,30 @@ class GraphBuilder:
 
         ``shape`` is the graph-level shape (symbolic dims allowed, so adapters of
         the bundle's rank can replace an empty default); ``described`` is what
-        goes into manifest["model"]["slots"].
+        goes into manifest["model"]["slots"]. The slot takes ``default``'s dtype when it
+        is int8 (quantized LoRA B slots), float32 otherwise.
         """
-        from onnx import TensorProto
+        from onnx import TensorProto, numpy_helper
 
-        self.const(default.astype(np.float32), name)
-        self.inputs.append(self._helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        default = default if default.dtype == np.int8 else default.astype(np.float32)
+        if default.dtype == np.int8:
+            self.slot_dtypes[name] = "int8"
+        elem = TensorProto.INT8 if default.dtype == np.int8 else TensorProto.FLOAT
+        if default.size and not default.any():  # zeros of a shape: a sparse initializer with no values
+            values = numpy_helper.from_array(np.zeros(0, default.dtype), name)
+            indices = numpy_helper.from_array(np.zeros(0, np.int64), name + ".indices")
+            self.sparse_initializers.append(self._helper.make_sparse_tensor(values, indices, list(default.shape)))
+            self._names.add(name)
+        else:
+            self.const(default, name)
+        self.inputs.append(self._helper.make_tensor_value_info(name, elem, shape))
         self.slots[name] = described
+        return name
+
+    def shared(self, name: str, array) -> str:
+        """An initializer many nodes use, added once under ``name``."""
+        if name not in self._names:
+            self.const(array, name)
         return name
 
     # -- nodes --------------------------------------------------------------
@@ -98,7 +117,8 @@ class GraphBuilder:
 
     # -- model --------------------------------------------------------------
     def model(self, doc: str = ""):
-        graph = self._helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        graph = self._helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers,
+                                        sparse_initializer=self.sparse_initializers)
         model = self._helper.make_model(
             graph,
             opset_imports=[self._helper.make_opsetid("", OPSET), self._helper.make_opsetid(MS_DOMAIN, 1)],

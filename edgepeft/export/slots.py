@@ -13,6 +13,15 @@ is two zero-FLOP MatMuls and an Add of zeros.
 For gate|up, whose block-diagonal B would be half zeros, each module gets its
 own B slot instead (``split_b``): ``layers.{i}.gate_up.lora_B.gate_proj`` [rank, inter].
 
+int8 B slots (``b_int8``, decoders with int4/int8 weights): B is stored int8 and
+multiplied by ``DynamicQuantizeMatMul``, which reads a quarter of fp32's bytes per
+token. Each B row's scale is folded into the matching column of A (the adapter
+writer does it, :func:`.adapters.fold_b_int8`), so the op needs no per-row scale:
+``x @ (A * s) @ round(B / s)``. Their defaults cannot be empty: ``DynamicQuantizeMatMul``
+leaves its output unwritten for an empty input (whatever the arena held comes out), so
+they hold one zero column (A) / row (B) per module, stored as sparse initializers with
+no values (a shape, no bytes; dense zeros would add 0.8 MB to SmolLM2's graph).
+
 Slot names: ``layers.{i}.{group}.lora_A`` / ``.lora_B`` (``pooler.lora_A`` for the
 encoder's layer-less pooler); the encoder's head:
 ``head.classifier.weight`` [hidden, num_labels] and ``head.classifier.bias``.
@@ -81,21 +90,41 @@ def resolve_targets(target_modules, known: dict[str, str]) -> list[str]:
     return [k for k in known if k in out]
 
 
-def emit_lora(gb, x: str, y: str, group: Group, layer: int) -> str:
+B_SCALE = "lora.b_scale"  # the scalar 1.0 every int8 B slot's DynamicQuantizeMatMul takes
+
+
+def _a_slot(gb, group: Group, layer, b_int8: bool) -> str:
+    """The group's A slot [in, m*rank]: empty by default, or one zero column per module with int8 B."""
+    m = len(group.modules)
+    a_name = group.slot_names(layer)[0]
+    gb.slot(a_name, np.zeros((group.in_dim, m if b_int8 else 0), np.float32), [group.in_dim, f"{group.key}_rank"],
+            [group.in_dim, rank_expr(m)])
+    return a_name
+
+
+def _b_times(gb, t: str, b_name: str, rows: int, cols: int, sym: str, described: str, b_int8: bool, hint: str):
+    """``t @ B`` for a B slot [rank rows, cols]: fp32 MatMul (empty default), or int8 B with
+    DynamicQuantizeMatMul (``rows`` zero rows by default)."""
+    if not b_int8:
+        gb.slot(b_name, np.zeros((0, cols), np.float32), [sym, cols], [described, cols])
+        return gb.op("MatMul", [t, b_name], hint=hint)
+    gb.slot(b_name, np.zeros((rows, cols), np.int8), [sym, cols], [described, cols])
+    return gb.ms("DynamicQuantizeMatMul", [t, b_name, gb.shared(B_SCALE, np.array(1.0, np.float32))], hint=hint)
+
+
+def emit_lora(gb, x: str, y: str, group: Group, layer: int, b_int8: bool = False) -> str:
     """Add the LoRA path of ``group`` to ``y`` (the base projection of ``x``); returns the sum."""
     if not group.modules:
         return y
     m = len(group.modules)
-    a_name, b_name = group.slot_names(layer)
-    sym = f"{group.key}_rank"
-    gb.slot(a_name, np.zeros((group.in_dim, 0), np.float32), [group.in_dim, sym], [group.in_dim, rank_expr(m)])
-    gb.slot(b_name, np.zeros((0, group.out_dim), np.float32), [sym, group.out_dim], [rank_expr(m), group.out_dim])
+    a_name = _a_slot(gb, group, layer, b_int8)
     t = gb.op("MatMul", [x, a_name], hint=f"l{layer}_{group.key}_loraA")
-    d = gb.op("MatMul", [t, b_name], hint=f"l{layer}_{group.key}_loraB")
+    d = _b_times(gb, t, group.slot_names(layer)[1], m, group.out_dim, f"{group.key}_rank", rank_expr(m), b_int8,
+                 f"l{layer}_{group.key}_loraB")
     return gb.op("Add", [y, d], hint=f"l{layer}_{group.key}_lora")
 
 
-def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int) -> dict:
+def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int, b_int8: bool = False) -> dict:
     """LoRA for a ``split_b`` group whose base output is already split per projection.
 
     ``outs`` maps each projection's PEFT name to its base output; one packed
@@ -106,17 +135,13 @@ def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int) -> dict:
     if not group.modules:
         return outs
     m = len(group.modules)
-    a_name, _ = group.slot_names(layer)
-    sym = f"{group.key}_rank"
-    gb.slot(a_name, np.zeros((group.in_dim, 0), np.float32), [group.in_dim, sym], [group.in_dim, rank_expr(m)])
+    a_name = _a_slot(gb, group, layer, b_int8)
     t = gb.op("MatMul", [x, a_name], hint=f"l{layer}_{group.key}_loraA")
     parts = gb.op("Split", [t], outputs=m, axis=-1, hint="lora_split") if m > 1 else [t]
     out = dict(outs)
     for j, mod in enumerate(group.modules):
-        b_name = group.b_slot_name(layer, mod)
-        gb.slot(b_name, np.zeros((0, mod.out_size), np.float32), [f"{group.key}_rank_1", mod.out_size],
-                ["rank", mod.out_size])
-        d = gb.op("MatMul", [parts[j], b_name], hint=f"l{layer}_{group.key}_loraB")
+        d = _b_times(gb, parts[j], group.b_slot_name(layer, mod), 1, mod.out_size, f"{group.key}_rank_1", "rank",
+                     b_int8, f"l{layer}_{group.key}_loraB")
         out[mod.peft_name] = gb.op("Add", [out[mod.peft_name], d], hint=f"l{layer}_{group.key}_lora")
     return out
 

@@ -59,6 +59,7 @@ class Inventory:
     mqtt_url: str | None = None
     repository_url: str | None = None
     source: str = "inventory"
+    mqtt_tls: dict = field(default_factory=dict)  # ca, cert, key for mqtts:// (the controller's own credentials)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Inventory":
@@ -71,6 +72,11 @@ class Inventory:
         f = Fields(data, source)
         mqtt = f.table("mqtt", {})
         mqtt_url = mqtt.str("url", None)
+        tls = {}
+        for k in ("ca", "cert", "key"):
+            v = mqtt.str(k, None)
+            if v is not None:
+                tls[k] = str(base / v) if base is not None and not os.path.isabs(v) else v
         mqtt.reject_unknown()
         repo = f.table("repository", {})
         repo_url = repo.str("url", None)
@@ -99,7 +105,7 @@ class Inventory:
                               hint="devices behind NAT get jobs from the broker and packages from the repository")
             devices.append(dev)
         f.reject_unknown()
-        return cls(tuple(devices), mqtt_url, repo_url, source)
+        return cls(tuple(devices), mqtt_url, repo_url, source, tls)
 
     def select(self, groups=(), tags=(), ids=()) -> list[Device]:
         """Devices in any of ``groups`` (all when empty) that carry every tag in ``tags``."""

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
   id TEXT PRIMARY KEY, name TEXT, plan TEXT, status TEXT, reason TEXT, created REAL, updated REAL,
   rate REAL, wave INTEGER, rate_counter INTEGER, rollback INTEGER DEFAULT 0, controller_pid INTEGER);
 CREATE TABLE IF NOT EXISTS executions (
-  rollout_id TEXT, device_id TEXT, link TEXT, status TEXT, attempts INTEGER, wave INTEGER,
+  rollout_id TEXT, device_id TEXT, seq INTEGER, link TEXT, status TEXT, attempts INTEGER, wave INTEGER,
   package TEXT, started REAL, updated REAL, reason TEXT, detail TEXT,
   PRIMARY KEY (rollout_id, device_id));
 CREATE TABLE IF NOT EXISTS events (
@@ -85,8 +85,9 @@ class RolloutDB:
             self.conn.execute("INSERT INTO rollouts (id, name, plan, status, created, updated, rate, wave, rate_counter)"
                               " VALUES (?, ?, ?, 'IN_PROGRESS', ?, ?, ?, 0, 0)",
                               (rid, name, json.dumps(plan), now, now, rate))
-            self.conn.executemany("INSERT INTO executions (rollout_id, device_id, link, status, attempts, updated) "
-                                  "VALUES (?, ?, ?, 'QUEUED', 0, ?)", [(rid, d, link, now) for d, link in devices])
+            self.conn.executemany("INSERT INTO executions (rollout_id, device_id, seq, link, status, attempts, updated) "
+                                  "VALUES (?, ?, ?, ?, 'QUEUED', 0, ?)",
+                                  [(rid, d, i, link, now) for i, (d, link) in enumerate(devices)])
         return rid
 
     def rollout(self, rid: str) -> dict:
@@ -115,9 +116,11 @@ class RolloutDB:
 
     # -- executions ----------------------------------------------------------------------------
     def executions(self, rid: str) -> dict[str, Execution]:
+        """The devices of a rollout in the order they are notified (the inventory's order)."""
         with self._lock:
             rows = self.conn.execute("SELECT device_id, link, status, attempts, wave, package, started, updated, "
-                                     "reason, detail FROM executions WHERE rollout_id = ?", (rid,)).fetchall()
+                                     "reason, detail FROM executions WHERE rollout_id = ? ORDER BY seq",
+                                     (rid,)).fetchall()
         return {r[0]: Execution(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
                                 json.loads(r[9]) if r[9] else None) for r in rows}
 

@@ -28,6 +28,7 @@ from ..spec.manifest import MANIFEST_NAME, Manifest, read_manifest_dict
 from ..spec.names import check_name, sha256_file
 from ..spec.update import (KIND, SUFFIX, UPDATE_SCHEMA_VERSION, UpdateMeta, encode_envelope, format_time,
                            metadata_bytes, utc_now)
+from .files import write_atomic
 
 # The first edgepeft whose devices read update packages; a package never asks for less.
 MIN_RUNTIME = "0.2.0"
@@ -91,19 +92,7 @@ def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
     body = metadata_bytes(meta)
     envelope = encode_envelope(body, [sign_bytes(body, private_key)])
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, open(payload, "rb") as src:
-            fh.write(envelope)
-            while block := src.read(1 << 20):
-                fh.write(block)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(out, envelope, payload)
     from ..spec.names import sha256_bytes
 
     return UpdateResult(path=out, id=sha256_bytes(envelope), meta=meta, bytes=out.stat().st_size)
@@ -137,7 +126,8 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
     bundle's base: another base, task, modules, a rank above the limit), :class:`SignatureError` (key).
     """
     from ..bundle.adapters_in import read_adapter
-    from ..bundle.entries import adapter_entry, read_health_checks
+    from ..bundle.entries import adapter_entry
+    from ..spec.checks import read_health_checks
     from ..bundle.signing import load_private_key
 
     out = _check_out(out)
@@ -235,7 +225,7 @@ def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: s
     ``bundle`` is a bundle directory (packed here) or its ``.epb``. The bundle keeps its own
     signed manifest; the device verifies both. Raises :class:`UsageError` or :class:`BuildError`.
     """
-    from ..bundle.entries import read_health_checks
+    from ..spec.checks import read_health_checks
     from ..bundle.signing import load_private_key
 
     out = _check_out(out)

@@ -28,10 +28,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from ..errors import BuildError, UsageError
+from .files import write_atomic
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 1}  # days
@@ -99,7 +99,7 @@ class TufRepository:
 
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         data = md.to_bytes(JSONSerializer(compact=False))
-        _write_atomic(self.meta_dir / filename, data)
+        write_atomic(self.meta_dir / filename, data)
 
     # -- writing -------------------------------------------------------------------------------
     def _root(self):
@@ -172,7 +172,7 @@ class TufRepository:
     def _store_target(self, path: str, tf, data: bytes) -> None:
         dest = self.targets_dir / Path(path).parent / f"{tf.hashes['sha256']}.{Path(path).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(dest, data)
+        write_atomic(dest, data)
 
     def _bump(self, md, role: str) -> None:
         md.signed.version += 1 if self._load(role) is not None else 0
@@ -196,19 +196,6 @@ class TufRepository:
         ts.signed.snapshot_meta = MetaFile(version=snap.signed.version)
         self._bump(ts, "timestamp")
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def publish(packages, *, repo, key, role_keys: dict | None = None, expiry_days: dict | None = None,

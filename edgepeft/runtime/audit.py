@@ -3,35 +3,75 @@
 Append-only JSON lines (one object per request), rotated by size: ``audit.jsonl``
 becomes ``audit.jsonl.1`` (older ones shift up, the oldest beyond ``backups`` is
 dropped). People who oversee decisions made with an adapter can trace any answer
-to the exact adapter version and its file hash. Prompts are not logged, only their
-SHA-256, so the log can be kept without holding user text.
+to the exact adapter version and its file hash.
+
+Prompts are not logged, only a keyed digest of them: HMAC-SHA-256 with a secret
+of this device (``<log>.key`` beside the log, created mode 0600 on first use). A
+plain hash of a short prompt ("yes", a card number) could be recovered by trying
+candidates; without the device's key it cannot. Whoever holds the key (the
+device's operator) can still find a known prompt's entries: :meth:`AuditLog.digest`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
 
 from ..errors import EngineError
 
+KEY_BYTES = 32
 
-def text_digest(text: str) -> str:
-    """A short, stable fingerprint of request text (never the text itself)."""
-    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+def text_digest(text: str, key: bytes) -> str:
+    """A keyed fingerprint of request text (never the text itself): HMAC-SHA-256 under ``key``."""
+    return "hmac-sha256:" + hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+
+
+def load_key(path: Path) -> bytes:
+    """The device's audit key from ``path``, created (32 random bytes, mode 0600) when missing.
+    Raises :class:`EngineError` for an unreadable or malformed key file."""
+    path = Path(path)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(KEY_BYTES) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # of two processes starting at once, one key wins and both use it
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        key = bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"the audit key {path} is unreadable: {exc}",
+                          hint="restore it from a backup, or move the log aside and let a new key be made") from exc
+    if len(key) < 16:
+        raise EngineError(f"the audit key {path} is too short", hint="use at least 16 random bytes (hex)")
+    return key
 
 
 class AuditLog:
     """Thread-safe JSON-lines writer with size-based rotation.
 
+    ``key`` (bytes) or ``key_file`` (default ``<path>.key``) is the secret of the prompt digests.
+
     Raises :class:`EngineError` when the log folder cannot be created or written;
     an engine configured with an audit log refuses to answer without recording.
     """
 
-    def __init__(self, path: str | Path, *, max_bytes: int = 1 << 20, backups: int = 3):
+    def __init__(self, path: str | Path, *, max_bytes: int = 1 << 20, backups: int = 3, key: bytes | None = None,
+                 key_file: str | Path | None = None):
         if max_bytes < 256 or backups < 1:
             raise EngineError("audit log needs max_bytes >= 256 and backups >= 1",
                               hint="e.g. AuditLog(path, max_bytes=1_048_576, backups=3)")
@@ -43,10 +83,17 @@ class AuditLog:
         except OSError as exc:
             raise EngineError(f"cannot create the audit log folder {self.path.parent}: {exc}",
                               hint="pass an audit path on writable storage") from exc
+        self.key_file = Path(key_file) if key_file else self.path.with_name(self.path.name + ".key")
+        self._key = key if key is not None else load_key(self.key_file)
+        self.key_id = hashlib.sha256(b"edgepeft-audit-key" + self._key).hexdigest()[:16]
+
+    def digest(self, text: str) -> str:
+        """The digest this log records for ``text`` (to find a known prompt's entries)."""
+        return text_digest(text, self._key)
 
     def record(self, **fields) -> dict:
         """Append one entry (``ts`` added); returns what was written."""
-        entry = {"ts": round(time.time(), 3), **fields}
+        entry = {"ts": round(time.time(), 3), **fields, "key_id": self.key_id}
         line = (json.dumps(entry, sort_keys=True, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self._lock:
             try:

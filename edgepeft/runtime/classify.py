@@ -1,4 +1,5 @@
-"""Classification on an encoder bundle: batch, run once with the adapter's head, flag low confidence.
+"""Classification and embeddings on an encoder bundle: batch, run once with the adapter's weights,
+flag low confidence.
 
 The head is itself an adapter slot, so each adapter brings its own labels and
 head; a merged bundle carries its labels in ``manifest.model["labels"]``. A
@@ -15,8 +16,20 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import AdapterError, EngineError
-from .audit import text_digest
-from .results import Classification
+from .results import Classification, Embeddings
+
+EMBEDDINGS = "embeddings"  # the encoder graph's pooled output, before the classification head
+
+
+def _texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise EngineError("this needs a non-empty list of texts", hint='send a list such as ["great product"]')
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise EngineError(f"text {i} is empty", hint="send non-empty strings")
+    return list(texts)
 
 
 def _batch(engine, texts: Sequence[str]) -> dict:
@@ -40,13 +53,7 @@ def _batch(engine, texts: Sequence[str]) -> dict:
 
 def classify_batch(engine, texts, adapter: str | None, review_threshold: float | None = None) -> list[Classification]:
     """See :meth:`Engine.classify`."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)) or not texts:
-        raise EngineError("classification needs a non-empty list of texts", hint='send a list such as ["great product"]')
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise EngineError(f"text {i} is empty", hint="send non-empty strings")
+    texts = _texts(texts)
     feeds = _batch(engine, texts)
     request_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
@@ -81,6 +88,30 @@ def classify_batch(engine, texts, adapter: str | None, review_threshold: float |
             status = "ok"
             return out
     finally:
-        engine._audit("classify", request_id, chosen, status, text_digest("\x1e".join(texts)), texts=len(texts),
+        engine._audit("classify", request_id, chosen, status, engine.digest("\x1e".join(texts)), texts=len(texts),
                       ms=round((time.perf_counter() - t0) * 1000, 2),
                       needs_review=[r.needs_review for r in out] if status == "ok" else None)
+
+
+def embed_batch(engine, texts, adapter: str | None, normalize: bool = True) -> Embeddings:
+    """See :meth:`Engine.embed`."""
+    if EMBEDDINGS not in {o.name for o in engine.session.get_outputs()}:
+        raise EngineError("this bundle's graph has no embeddings output (it was built by an older edgepeft)",
+                          hint="rebuild the bundle with `edgepeft build` to get /v1/embeddings")
+    texts = _texts(texts)
+    feeds = _batch(engine, texts)
+    request_id = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
+    status, chosen = "error", []
+    try:
+        with engine.registry.activate(adapter) as chosen:
+            vectors = engine.session.run([EMBEDDINGS], feeds | engine.registry.feeds(chosen))[0].astype(np.float32)
+            if normalize:
+                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            a = chosen[0] if chosen else None
+            status = "ok"
+            return Embeddings(vectors=vectors, tokens=int(feeds["attention_mask"].sum()), adapter=a.name if a else None,
+                              adapter_version=a.version if a else None, request_id=request_id)
+    finally:
+        engine._audit("embed", request_id, chosen, status, engine.digest("\x1e".join(texts)), texts=len(texts),
+                      ms=round((time.perf_counter() - t0) * 1000, 2))

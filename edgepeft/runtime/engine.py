@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import AdapterError, BundleError, EngineError, SpecError
-from .audit import AuditLog, text_digest
+from .audit import AuditLog
 from .decoder import check_room
 from .detok import IncrementalDetokenizer, StopMatcher
 from .registry import AdapterRegistry, GraphFacts, LoadedAdapter, parse_slots
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
-from .session import open_session
+from .session import check_runtime, open_session
 
 
 class Engine:
@@ -36,55 +36,148 @@ class Engine:
       also verify the update packages this engine is given.
     - ``providers`` / ``threads``: override the bundle target's provider order and thread count.
     - ``audit``: an :class:`AuditLog` (or a path) recording which adapter version answered.
+    - ``max_concurrent``: requests decoding at once (each holds one key/value context of the
+      bundle's context length; more wait; default: the bundle target's ``max_concurrent``, else 4);
+      ``spinning``: worker threads spin between kernels (faster decode, more power).
+    - ``health_checks``: run the bundle's own signed health checks before the engine is
+      returned (a bundle that is broken on this device is refused here, not found by a user).
+
+    Use it as a context manager, or call :meth:`close`, to release the session and adapters.
 
     Raises :class:`BundleError` (incl. ``SignatureError``/``IntegrityError``) for a bundle
-    that is malformed, tampered with or signed by an untrusted key.
+    that is malformed, tampered with, signed by an untrusted key, or fails its health checks.
     """
 
     def __init__(self, bundle_dir: str | Path, trusted_keys: Iterable = (), *, providers: Sequence[str] | None = None,
                  threads: int | None = None, audit: AuditLog | str | Path | None = None,
                  review_threshold: float = 0.6,
-                 max_concurrent: int = 4, spinning: bool = True):
+                 max_concurrent: int | None = None, spinning: bool = True, health_checks: bool = True):
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..spec.verify import load_public_key, read_verified, verify_bundle, verify_files
+        from ..spec.verify import BundleFiles, load_public_key, verify_bundle
 
         t0 = time.perf_counter()
-        self.bundle_dir = Path(bundle_dir)
+        if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
+                                           or not 1 <= max_concurrent <= 256):
+            raise EngineError(f"max_concurrent must be a whole number from 1 to 256, got {max_concurrent!r}",
+                              hint="e.g. max_concurrent=2 on a small device")
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self.bundle_dir = Path(bundle_dir)  # a directory, or the .epb archive read in place
         self.trusted_keys = [load_public_key(k) for k in trusted_keys]
+        self._files = BundleFiles(self.bundle_dir)
         try:
             # signature and schema first; file hashes below, the graph's before onnxruntime parses it
-            self.manifest = verify_bundle(self.bundle_dir, self.trusted_keys, check_files=False)
+            self.manifest = verify_bundle(self._files, self.trusted_keys, check_files=False)
         except SpecError as exc:
             raise BundleError(f"bundle manifest is invalid: {exc.message}", hint=exc.hint or "rebuild the bundle") from exc
         m = self.manifest
         graph = m.model.get("graph", "model.onnx")
-        # every file the engine uses is read once and loaded from the bytes that were hashed
-        model_bytes = read_verified(self.bundle_dir, m.file(graph))
+        # every file the engine uses is read once and loaded from what was hashed (the graph as a sealed
+        # in-memory file onnxruntime opens by path: one copy in memory instead of two)
+        model_file = self._files.open_verified(m.file(graph))
         tok_name = m.tokenizer.get("file", "tokenizer.json")
         used = {graph, tok_name} | {a.file for a in m.adapters}
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
             # on another core while the session is built: the tokenizer and any other listed file
-            tok = pool.submit(read_verified, self.bundle_dir, m.file(tok_name))
-            rest = pool.submit(verify_files, self.bundle_dir, m, [f.path for f in m.files if f.path not in used])
+            tok = pool.submit(self._files.read, m.file(tok_name))
+            rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in used])
             try:
-                self._open(m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent)
+                self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent)
             finally:
-                del model_bytes
+                model_file.close()
                 rest.result()
                 tok_bytes = tok.result()
         self._load_adapters(m, tok_bytes)
         self.audit = AuditLog(audit) if isinstance(audit, (str, Path)) else audit
+        if health_checks and m.health_checks:
+            self._check_bundle()
         self.open_seconds = time.perf_counter() - t0
 
-    def _open(self, m, model_bytes, providers, threads, spinning, review_threshold, max_concurrent) -> None:
+    def _check_bundle(self) -> None:
+        from .health import run_bundle_checks
+
+        failures = run_bundle_checks(self, self.manifest.health_checks)
+        if failures:
+            self.close()
+            raise BundleError(f"the bundle's own health checks fail on this device: {'; '.join(failures)}",
+                              hint="this device computes other answers than the build machine (another "
+                                   "onnxruntime or CPU?); rebuild for this target, or open it with the checks "
+                                   "turned off (--skip-health-checks) to investigate")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, wait up to ``timeout`` seconds for running ones, then release the
+        session, the decode contexts and every adapter. Idempotent. Raises :class:`EngineError`
+        when requests are still running after ``timeout`` (nothing is released then)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closed = True
+            while self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineError(f"{self._running} request(s) still run after {timeout} s",
+                                      hint="stop their streams (Stream.close()) first, or wait longer")
+                self._cond.wait(left)
+        for name in self.registry.names():
+            self.registry.unload(name)
+        self.runner = None
+        self.session = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict:
+        """Requests running now and how many may decode at once (the rest wait)."""
+        with self._cond:
+            return {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
+
+    def add_warning(self, message: str) -> None:
+        """Record something users of this engine should see (e.g. an installed adapter that was not
+        served); the CLI prints these and ``/v1/models`` lists them."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def _request(self):
+        """Counts one running request (refused once the engine is closed)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def running():
+            with self._cond:
+                if self._closed:
+                    raise EngineError("this engine is closed", hint="open the bundle again")
+                self._running += 1
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+        return running()
+
+    def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent) -> None:
         self.model_info = dict(m.model)
         self.task = m.base.get("task", self.model_info.get("task", "causal-lm"))
         self.base_fingerprint = m.base["fingerprint"]
         target = m.target or {}
+        budgets = target.get("budgets") if isinstance(target.get("budgets"), dict) else {}
+        self.max_concurrent = int(max_concurrent or budgets.get("max_concurrent") or 4)
+        max_concurrent = self.max_concurrent
         self.providers = list(providers or target.get("providers") or ["CPUExecutionProvider"])
         self.threads = int(threads or target.get("threads") or 1)
-        self.session = open_session(model_bytes, providers=self.providers, threads=self.threads,
+        check_runtime(m.quantization or {})
+        self.session = open_session(model, providers=self.providers, threads=self.threads,
                                     spinning=spinning, name=m.model.get("graph", "model.onnx"))
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
         slots = parse_slots(self.model_info, overridable)
@@ -123,14 +216,16 @@ class Engine:
         """The version of ``name`` this bundle carries, read and hashed again from the bundle and
         prepared (not served). Raises :class:`AdapterError` if the bundle carries no such adapter,
         :class:`IntegrityError` if its file no longer matches the manifest."""
-        from ..spec.verify import read_verified
-
         try:
             entry = self.manifest.adapter(name)
         except SpecError as exc:
             raise AdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
         f = self.manifest.file(entry.file)
-        data = read_verified(self.bundle_dir, f)
+        verified = self._files.open_verified(f)
+        try:
+            data = verified.view()  # the tensors are views of it; its memory goes when the adapter does
+        finally:
+            verified.close()
         return self.registry.prepare(data, entry.to_dict() | {"sha256": f.sha256}, name=entry.name)
 
     def load_adapter(self, package, *, name: str | None = None) -> dict:
@@ -225,30 +320,49 @@ class Engine:
 
     def generate(self, prompt=None, *, messages=None, adapter: str | Sequence[str] | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False, seed: int | None = None):
+                 stop: str | Sequence[str] | None = None, stream: bool = False, seed: int | None = None,
+                 top_k: int | None = None, repetition_penalty: float | None = None,
+                 frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 logprobs: int | None = None):
         """Generate text for ``prompt`` (a string) or ``messages`` (chat, [{role, content}]).
+
+        Sampling (see :class:`SamplingParams`): ``temperature`` (0: greedy), ``top_k``, ``top_p``,
+        ``repetition_penalty`` (prompt and answer, transformers' convention), ``frequency_penalty`` /
+        ``presence_penalty`` (answer only, OpenAI's), ``seed`` (same seed, same answer) and
+        ``logprobs`` (None, or how many alternatives to report per token: the result's ``logprobs``).
+        Unset values come from the bundle's generation defaults.
 
         Returns a :class:`GenerationResult`, or with ``stream=True`` a :class:`Stream` of text
         pieces. Raises :class:`EngineError` (empty or too long prompt, bad parameters) or
         :class:`AdapterError` (unknown or overlapping adapters) before anything runs.
         """
         self._require("causal-lm")
+        if self._closed:
+            raise EngineError("this engine is closed", hint="open the bundle again")
         ids = self.encode_prompt(prompt, messages)
         g = self.generation_defaults
-        n_new = int(g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens)
-        if n_new < 1:
-            raise EngineError(f"max_new_tokens must be at least 1, got {n_new}", hint="ask for 1 or more new tokens")
-        params = SamplingParams(float(g.get("temperature", 0.0) if temperature is None else temperature),
-                                float(g.get("top_p", 1.0) if top_p is None else top_p), seed)
+        n_new = _count("max_new_tokens", g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens)
+
+        def pick(value, key, default):
+            return g.get(key, default) if value is None else value
+
+        params = SamplingParams(pick(temperature, "temperature", 0.0), pick(top_p, "top_p", 1.0), seed,
+                                top_k=pick(top_k, "top_k", 0),
+                                repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
+                                frequency_penalty=pick(frequency_penalty, "frequency_penalty", 0.0),
+                                presence_penalty=pick(presence_penalty, "presence_penalty", 0.0), logprobs=logprobs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise EngineError("stop must be a string or a list of strings", hint='e.g. stop=["\\n\\n"]')
+        if not all(isinstance(s, str) and s for s in stops):
+            raise EngineError("stop must be a non-empty string or a list of them", hint='e.g. stop=["\\n\\n"]')
         names = [adapter] if isinstance(adapter, (str, LoadedAdapter)) else list(adapter or [])
         chosen = [n if isinstance(n, LoadedAdapter) else self.registry.get(n) for n in names]  # unknown names fail
         prefix = max((a.prefix_len for a in chosen), default=0)  # here, before anything runs; so does a prompt
         check_room(len(ids), prefix, self.max_context)  # with no room after an adapter's prefix
         out = Stream(iter(()), request_id=uuid.uuid4().hex[:12])
-        pieces = self._pieces(ids, names, n_new, params, stops, out, text_digest(str(prompt or messages)))
+        sampler = Sampler(params, ids)
+        out._token_text = self._token_text if logprobs is not None else None
+        out._sampler = sampler
+        pieces = self._pieces(ids, names, n_new, sampler, stops, out, self.digest(str(prompt or messages)))
         out._pieces = pieces
         if stream:
             return out
@@ -256,18 +370,21 @@ class Engine:
             pass
         return out.result
 
-    def _pieces(self, ids, names, n_new, params, stops, out: Stream, digest: str):
+    def _token_text(self, token_id: int) -> str:
+        return self.codec.tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def _pieces(self, ids, names, n_new, sampler, stops, out: Stream, digest: str):
         request_id = out.request_id
         t0 = time.perf_counter()
         first = None
         status = "error"
         text, gen_ids, finish = [], [], "length"
         eos = set(self.codec.eos_ids)
-        with self.registry.activate(names) as chosen:
+        with self._request(), self.registry.activate(names) as chosen:
             values = (v for a in chosen for v in a.values)  # read only when a context first binds them
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
-            inner = self.runner.generate(ids, pick=Sampler(params), max_new_tokens=n_new, adapter_key=key,
+            inner = self.runner.generate(ids, pick=sampler, max_new_tokens=n_new, adapter_key=key,
                                          adapter_values=values, prefix=self.registry.prefix_of(chosen))
             try:
                 for tok in inner:
@@ -299,7 +416,8 @@ class Engine:
                     text="".join(text), token_ids=gen_ids, finish_reason=finish if status == "ok" else status,
                     prompt_tokens=len(ids), adapter="+".join(x.name for x in chosen) or None,
                     adapter_version=_versions(chosen), request_id=request_id,
-                    seconds=time.perf_counter() - t0, first_token_seconds=first)
+                    seconds=time.perf_counter() - t0, first_token_seconds=first,
+                    logprobs=out.logprobs_of(gen_ids) if sampler.params.logprobs is not None else None)
                 self._audit("generate", out.result.request_id, chosen, status, digest,
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
                             finish_reason=out.result.finish_reason, ms=round(out.result.seconds * 1000, 2))
@@ -315,7 +433,7 @@ class Engine:
 
         self._require("causal-lm")
         ids = [int(i) for i in ids]
-        with self.registry.activate(adapter) as chosen:
+        with self._request(), self.registry.activate(adapter) as chosen:
             values = (v for a in chosen for v in a.values)
             logits = self.runner.prefill_logits(ids, adapter_key=tuple(a.key for a in chosen), adapter_values=values,
                                                 prefix=self.registry.prefix_of(chosen))
@@ -337,21 +455,53 @@ class Engine:
         if review_threshold is not None and not 0.0 <= float(review_threshold) <= 1.0:
             raise EngineError(f"review threshold {review_threshold} is not a probability",
                               hint="use a value from 0 (never review) to 1 (review everything)")
-        return classify_batch(self, texts, adapter, review_threshold)
+        with self._request():
+            return classify_batch(self, texts, adapter, review_threshold)
+
+    def embed(self, texts: str | Sequence[str], *, adapter: str | None = None, normalize: bool = True):
+        """One vector per text from an encoder bundle (the pooled output before the classification
+        head, with ``adapter``'s weights when named), L2-normalized unless ``normalize`` is False.
+
+        Returns an :class:`Embeddings`. Raises :class:`EngineError` (not an encoder bundle, a graph
+        built without an embeddings output, empty or too long text) or :class:`AdapterError`.
+        """
+        from .classify import embed_batch
+
+        if self.task != "classification":
+            raise EngineError("embeddings come from encoder bundles; this one is a causal-lm model",
+                              hint="build a bundle of an encoder base (e.g. all-MiniLM-L6-v2) for embeddings")
+        with self._request():
+            return embed_batch(self, texts, adapter, normalize)
 
     # -- audit ----------------------------------------------------------------------------
+    def digest(self, text: str) -> str | None:
+        """The audit log's keyed digest of request text (None without an audit log)."""
+        return self.audit.digest(text) if self.audit is not None else None
+
     def _audit(self, kind: str, request_id: str, chosen, status: str, digest: str, **extra) -> None:
         if self.audit is None:
             return
         self.audit.record(request_id=request_id, kind=kind, status=status, base=self.manifest.base.get("name"),
                           base_fingerprint=self.base_fingerprint,
                           adapters=[{"name": a.name, "version": a.version, "sha256": a.meta.get("sha256")}
-                                    for a in chosen], input_sha256=digest, **extra)
+                                    for a in chosen], input_digest=digest, **extra)
 
     def info(self) -> dict:
-        return {"base": self.manifest.base, "task": self.task, "providers": self.session.get_providers(),
+        return {"base": self.manifest.base, "task": self.task,
+                "providers": self.session.get_providers() if self.session is not None else [],
                 "threads": self.threads, "max_context": self.max_context, "adapters": self.adapters(),
+                "max_concurrent": self.max_concurrent, "warnings": list(self.warnings),
                 "open_seconds": round(self.open_seconds, 4)}
+
+
+def _count(name: str, value) -> int:
+    """A whole number >= 1 from a request (JSON gives floats such as 1e400 too); raises :class:`EngineError`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EngineError(f"{name} must be a whole number of at least 1, got {value!r}",
+                          hint="ask for 1 or more new tokens")
+    return value
 
 
 def _versions(chosen):

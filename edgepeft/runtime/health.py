@@ -45,3 +45,13 @@ def run_health_checks(engine, checks: Sequence, adapter) -> list[str]:
         if not ok:
             failures.append(f"check #{i} ({str(text)[:40]!r}): expected {want}, got {str(got)[:80]!r}")
     return failures
+
+
+def run_bundle_checks(engine, checks: Sequence) -> list[str]:
+    """Run a bundle's checks, each with the adapter it names (or the bare base); one message per
+    failure, prefixed with that adapter's name ("base" for none)."""
+    failures = []
+    for name in sorted({_field(c, "adapter") for c in checks}, key=lambda x: x or ""):
+        mine = [c for c in checks if _field(c, "adapter") == name]
+        failures += [f"{name or 'base'}: {f}" for f in run_health_checks(engine, mine, name)]
+    return failures

@@ -42,13 +42,17 @@ def parse_slots(model: dict, graph_inputs: dict[str, tuple] | None = None) -> di
     ``InferenceSession.get_overridable_initializers()``; a slot missing from the graph is an error.
     """
     raw = model.get("slots") or {}
+    stated = {k: f"tensor({v})" for k, v in (model.get("slot_dtypes") or {}).items()}  # not float32: int8 LoRA B
     slots = {}
     for name, dims in raw.items():
-        dtype = "tensor(float)"
+        dtype = stated.get(name, "tensor(float)")
         if graph_inputs is not None:
             if name not in graph_inputs:
                 raise AdapterError(f"the manifest lists adapter slot {name!r} that the graph does not have",
                                    hint="the bundle's model.onnx and manifest do not belong together; rebuild it")
+            if graph_inputs[name][1] != dtype:
+                raise AdapterError(f"adapter slot {name!r} is {graph_inputs[name][1]} in the graph, {dtype} in the "
+                                   "manifest", hint="the bundle's model.onnx and manifest do not belong together")
             dtype = graph_inputs[name][1]
         slots[name] = SlotSpec(name, tuple(dims), dtype)
     return slots
@@ -115,7 +119,9 @@ class LoadedAdapter:
                 "review_threshold": self.review_threshold, "sha256": self.meta.get("sha256")}
 
 
-COMPACT = {"tensor(float16)", "tensor(int8)"}
+
+
+COMPACT = {"tensor(float16)", "tensor(int8)"}  # stored forms a float slot or a prefix takes once expanded
 
 
 @dataclass(frozen=True)
@@ -247,9 +253,11 @@ def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpe
         if slot is None:
             raise AdapterError(f"{source}: tensor {p.name!r} matches no adapter slot of this graph",
                                hint="the adapter targets modules the bundle was not exported with; rebuild it for this bundle")
-        if p.dtype != slot.dtype and not (compact and p.dtype in COMPACT and slot.dtype == "tensor(float)"):
-            raise AdapterError(f"{source}: tensor {p.name!r} is {p.dtype}, the slot takes {slot.dtype}",
-                               hint="export the adapter with the bundle's adapter dtype")
+        if not _dtype_fits(p, slot, header, compact):
+            raise AdapterError(f"{source}: tensor {p.name!r} is {p.dtype}"
+                               f"{' with a scale' if p.name + SCALE_SUFFIX in header.params else ''}, "
+                               f"the slot takes {slot.dtype}",
+                               hint="export the adapter for this bundle (edgepeft build or edgepeft update create)")
         if len(p.shape) != len(slot.dims):
             raise AdapterError(f"{source}: tensor {p.name!r} has shape {list(p.shape)}, the slot is {list(slot.dims)}",
                                hint="the adapter was exported for another graph")
@@ -271,6 +279,18 @@ def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpe
         raise AdapterError(f"{source} has rank {rank}, above this bundle's slot rank {slot_rank}",
                            hint=f"retrain with rank <= {slot_rank} or rebuild the bundle with a larger rank")
     return rank
+
+
+def _dtype_fits(p, slot: SlotSpec, header: AdapterHeader, compact: bool) -> bool:
+    """An int8 slot takes int8 as stored (scales folded into lora_A); a float slot takes float32, and with
+    ``compact`` fp16 or int8 with its ``.scale`` (expanded before use)."""
+    scaled = p.name + SCALE_SUFFIX in header.params
+    if slot.dtype == "tensor(int8)":
+        return p.dtype == "tensor(int8)" and not scaled
+    if p.dtype == slot.dtype:
+        return True
+    return compact and slot.dtype == "tensor(float)" and (
+        p.dtype == "tensor(float16)" or (p.dtype == "tensor(int8)" and scaled))
 
 
 class AdapterRegistry:
@@ -309,7 +329,7 @@ class AdapterRegistry:
                                hint="its manifest entry must carry the label names")
         try:
             arrays = map_arrays(data, header)
-            if any(p.dtype != "tensor(float)" for p in header.params.values()):
+            if any(p.dtype == "tensor(float16)" or p.name.endswith(SCALE_SUFFIX) for p in header.params.values()):
                 arrays = {k: v for k, v in expand_arrays(arrays).items()}
                 for v in arrays.values():
                     v.flags.writeable = False

@@ -19,6 +19,8 @@ class GenerationResult:
     request_id: str
     seconds: float = 0.0
     first_token_seconds: float | None = None
+    # with logprobs requested: per generated token {"id", "token", "logprob", "top": [{"id", "token", "logprob"}]}
+    logprobs: list | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -49,6 +51,20 @@ class Classification:
 
 
 @dataclass
+class Embeddings:
+    """Vectors of an :meth:`Engine.embed` request: ``vectors`` is float32 [texts, width]."""
+
+    vectors: object
+    tokens: int
+    adapter: str | None
+    adapter_version: int | None
+    request_id: str = ""
+
+    def tolist(self) -> list:
+        return self.vectors.tolist()
+
+
+@dataclass
 class Stream:
     """Iterate to receive text pieces as tokens arrive; ``result`` is set once the stream ends.
 
@@ -61,6 +77,9 @@ class Stream:
     result: GenerationResult | None = None
     _on_close: Callable[[], None] | None = field(default=None, repr=False)
     request_id: str = ""
+    _sampler: object = field(default=None, repr=False)
+    _token_text: Callable[[int], str] | None = field(default=None, repr=False)
+    _given: int = field(default=0, repr=False)
 
     def __iter__(self):
         return self
@@ -72,6 +91,22 @@ class Stream:
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
+
+    def logprobs_of(self, token_ids, start: int = 0) -> list:
+        """The log-probability records of ``token_ids`` (the first tokens generated; from ``start``), as dicts."""
+        records = getattr(self._sampler, "records", [])[start: len(token_ids)]
+        name = self._token_text or str
+        return [{"id": t, "token": name(t), "logprob": lp,
+                 "top": [{"id": i, "token": name(i), "logprob": v} for i, v in top]} for t, lp, top in records]
+
+    def new_logprobs(self) -> list:
+        """Log-probability records of the tokens picked since the last call (streaming with logprobs);
+        the token that ended the answer (end of text) is never included."""
+        records = getattr(self._sampler, "records", [])
+        end = len(records) if self.result is None else min(len(records), self.result.completion_tokens)
+        out = self.logprobs_of(range(end), self._given) if end > self._given else []
+        self._given = max(self._given, end)
+        return out
 
     def text(self) -> str:
         """Consume the rest of the stream and return the full text."""

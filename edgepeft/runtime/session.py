@@ -49,9 +49,24 @@ def session_options(threads: int, *, spinning: bool = True, optimized_model: Pat
     return so
 
 
+MIN_ORT_INT4 = (1, 27)  # older onnxruntime computes these int4 graphs wrongly (logits off by up to ~9)
+
+
+def check_runtime(quantization: dict) -> None:
+    """Refuse a graph this onnxruntime is known to compute wrongly (raises :class:`BundleError`)."""
+    import onnxruntime as ort
+
+    version = tuple(int(x) for x in ort.__version__.split(".")[:2] if x.isdigit())
+    if quantization.get("weights") == "int4" and version < MIN_ORT_INT4:
+        want = ".".join(map(str, MIN_ORT_INT4))
+        raise BundleError(f"onnxruntime {ort.__version__} computes int4 graphs wrongly (measured: logits off by up to "
+                          f"8.6 where 1.27 and later agree with the reference)",
+                          hint=f"install onnxruntime>={want} (Python 3.11 or later), or use an int8 bundle")
+
+
 def open_session(model, *, providers: Sequence[str] | None, threads: int, spinning: bool = True,
                  name: str = "model.onnx"):
-    """One InferenceSession from the graph's verified bytes (or a path); raises :class:`BundleError`
+    """One InferenceSession from the graph's verified bytes or a path to them; raises :class:`BundleError`
     when the graph cannot be loaded."""
     import onnxruntime as ort
 

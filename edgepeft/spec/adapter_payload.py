@@ -1,10 +1,12 @@
-"""Expand compact adapter payloads (fp16, int8) into the fp32 tensors the graph's slots take.
+"""Expand compact adapter payloads (fp16, int8) into the tensors the graph's slots take.
 
-Exported graphs declare their LoRA slots as float32 and ONNX Runtime refuses
-other dtypes, so an adapter shipped as fp16 or int8 (to shrink updates) is
-expanded once, at install, into an fp32 ``.onnx_adapter`` that then loads
-memory-mapped like any other. int8 tensors come with a ``<name>.scale`` fp32
-tensor (per rank column of lora_A / row of lora_B / label of the head).
+Exported graphs declare their LoRA slots as float32 (and, in int4/int8 decoders, LoRA B
+as int8) and ONNX Runtime refuses other dtypes, so an adapter shipped as fp16 or int8
+(to shrink updates) is expanded once, at install, into the slots' dtypes, and then
+loads like any other. A compact int8 tensor comes with a ``<name>.scale`` fp32 tensor
+(per rank column of lora_A / row of lora_B / label of the head); an int8 tensor
+*without* one is already in an int8 slot's form (its scales are folded into lora_A)
+and is kept as it is.
 
 Device-safe: numpy and onnxruntime only, imported inside the functions.
 """
@@ -18,9 +20,9 @@ SCALE_SUFFIX = ".scale"
 
 
 def expand_arrays(params: dict) -> dict:
-    """``{name: ndarray}`` as stored -> ``{slot name: float32 ndarray}``.
+    """``{name: ndarray}`` as stored -> ``{slot name: ndarray}`` (float32, or int8 for int8 slots).
 
-    Raises ValueError for an int8 tensor without its scale or a scale without a tensor.
+    Raises ValueError for a scale without a tensor.
     """
     import numpy as np
 
@@ -33,8 +35,9 @@ def expand_arrays(params: dict) -> dict:
         arr = np.asarray(arr)
         if arr.dtype == np.int8:
             scale = params.get(name + SCALE_SUFFIX)
-            if scale is None:
-                raise ValueError(f"int8 adapter tensor {name} has no {name}{SCALE_SUFFIX}")
+            if scale is None:  # an int8 slot's tensor: kept as it is
+                out[name] = arr
+                continue
             out[name] = (arr.astype(np.float32) * np.asarray(scale, np.float32)).astype(np.float32)
         else:
             out[name] = arr.astype(np.float32, copy=False)
@@ -42,16 +45,17 @@ def expand_arrays(params: dict) -> dict:
 
 
 def needs_expansion(path) -> bool:
-    """True when the adapter file at ``path`` holds anything but float32 tensors."""
+    """True when the adapter file at ``path`` holds compact tensors (fp16, or int8 with a scale)."""
     import numpy as np
     import onnxruntime as ort
 
-    params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-    return any(v.numpy().dtype != np.float32 for v in params.values())
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    params = fmt.get_parameters()
+    return any(v.numpy().dtype == np.float16 or k.endswith(SCALE_SUFFIX) for k, v in params.items())
 
 
 def expand_adapter(src, dst) -> dict:
-    """Read ``src`` (.onnx_adapter, any payload), write an fp32 copy to ``dst`` atomically.
+    """Read ``src`` (.onnx_adapter, any payload), write its slot-ready copy to ``dst`` atomically.
 
     Returns ``{slot name: shape}`` of what was written. Raises ValueError (bad
     payload) or onnxruntime's errors for a file that is not an adapter.

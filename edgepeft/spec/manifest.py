@@ -19,15 +19,18 @@ from .methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, LORA, METHODS, 
 from .names import check_name
 
 MANIFEST_SCHEMA_VERSION = 1
+MAX_FILE_BYTES = 1 << 46  # 64 TiB: a size beyond any device
 MANIFEST_NAME = "manifest.json"
 TASKS = ("causal-lm", "classification")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _safe_relpath(value: str, source: str, field_name: str) -> str:
-    p = Path(value)
-    if p.is_absolute() or ".." in p.parts or not value or "\\" in value:
-        raise SpecError(source, field_name, f"{value!r} must be a relative path inside the bundle")
+    parts = value.split("/")
+    if (not value or value.startswith("/") or "\\" in value or re.search(r"[\x00-\x1f\x7f]", value)
+            or any(p in ("", ".", "..") for p in parts) or len(value) > 1024):
+        raise SpecError(source, field_name, f"{value!r} must be a plain relative path inside the bundle",
+                        hint='e.g. "adapters/support-1.onnx_adapter"')
     return value
 
 
@@ -171,15 +174,19 @@ class Manifest:
         base = f.table("base")
         base.str("name"), base.str("fingerprint"), base.str("task", choices=TASKS), base.str("architecture")
         files = []
-        seen = set()
+        seen, dirs = set(), set()
         for i, item in enumerate(f.items("files")):
             ff = Fields(item, source, f"files[{i}]")
             entry = FileEntry(_safe_relpath(ff.str("path"), source, ff.path("path")),
-                              ff.int("size", min=0), ff.str("sha256"))
+                              ff.int("size", min=0, max=MAX_FILE_BYTES), ff.str("sha256"))
             if not _SHA_RE.match(entry.sha256):
                 raise ff.error("sha256", "must be 64 lowercase hex digits")
             if entry.path in seen or entry.path == MANIFEST_NAME:
                 raise ff.error("path", f"{entry.path!r} is listed twice or names the manifest itself")
+            folders = {"/".join(entry.path.split("/")[:k]) for k in range(1, entry.path.count("/") + 1)}
+            if folders & seen or entry.path in dirs:
+                raise ff.error("path", f"{entry.path!r} is both a file and a folder of the bundle")
+            dirs |= folders
             seen.add(entry.path)
             ff.reject_unknown()
             files.append(entry)
@@ -266,17 +273,42 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def read_manifest_dict(path: Path) -> dict:
-    """Read a manifest file as a dict; raises :class:`SpecError` if it is not strict JSON.
+def parse_manifest(raw: bytes, source: str) -> dict:
+    """A manifest's bytes as a dict; raises :class:`SpecError` if they are not one strict JSON object.
 
     Strict: a key twice in one object (parsers disagree on which one wins, so a verifier in another
     language could check one value and use another) and NaN/Infinity (not JSON; the canonical
     form cannot hold them) are refused, as docs/bundle-format.md specifies.
     """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys,
+        data = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
                           parse_constant=_no_constant)
+    except RecursionError:
+        raise SpecError(source, "", "nests too deeply to be a manifest") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise SpecError(source, "", f"is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(source, "(top level)", f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_manifest_dict(path: Path) -> dict:
+    """Read a manifest file (never through a symbolic link) as a dict; raises :class:`SpecError`
+    if it is missing, a link, or not one strict JSON object (see :func:`parse_manifest`)."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError as exc:
         raise SpecError(str(path), "", "does not exist", hint="is this a bundle directory?") from exc
-    except (OSError, ValueError) as exc:
-        raise SpecError(str(path), "", f"is not readable JSON: {exc}") from exc
+    except OSError as exc:
+        raise SpecError(str(path), "", f"cannot be opened ({exc.strerror}); links are not allowed in bundles",
+                        hint="copy the bundle again as plain files") from exc
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 16 << 20:
+            raise SpecError(str(path), "", "is not a regular file of manifest size",
+                            hint="copy the bundle again as plain files")
+        raw = fh.read()
+    return parse_manifest(raw, str(path))

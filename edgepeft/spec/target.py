@@ -20,8 +20,10 @@ from ._fields import Fields
 TARGET_SCHEMA_VERSION = 1
 DEVICE_CLASSES = ("phone", "jetson", "sbc", "gateway", "serial-gateway")
 ARCHES = ("aarch64", "x86_64", "armv7l")
-WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
+WEIGHT_QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
 ADAPTER_DTYPES = ("fp32", "fp16", "int8")
+GGUF_MODES = ("keep", "layers", "requantize")
+LORA_B_TYPES = ("auto", "int8", "fp32")
 LINKS = ("network", "serial")
 KNOWN_PROVIDERS = (
     "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
@@ -38,6 +40,8 @@ class QuantSpec:
     weights: str = "int4"
     block_size: int = 32
     adapter_dtype: str = "fp32"
+    gguf: str = "keep"  # a GGUF base's blocks in int4/int8: "keep", "layers" (embedding re-quantized), "requantize"
+    lora_b: str = "auto"  # decoder LoRA B slots: "int8" (auto with int4/int8 weights) or "fp32"
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Budgets:
     storage_mib: int
     max_adapter_rank: int = 64
     max_context: int = 2048
+    max_concurrent: int = 4  # requests decoding at once, each with its own key/value cache
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class TargetProfile:
             weights=q.str("weights", "int4", choices=WEIGHT_QUANTS),
             block_size=q.int("block_size", 32, min=16, max=256),
             adapter_dtype=q.str("adapter_dtype", "fp32", choices=ADAPTER_DTYPES),
+            gguf=q.str("gguf", "keep", choices=GGUF_MODES),
+            lora_b=q.str("lora_b", "auto", choices=LORA_B_TYPES),
         )
         if quant.block_size & (quant.block_size - 1):
             raise q.error("block_size", f"must be a power of two, got {quant.block_size}")
@@ -112,6 +119,7 @@ class TargetProfile:
             storage_mib=b.int("storage_mib", min=16),
             max_adapter_rank=b.int("max_adapter_rank", 64, min=1, max=1024),
             max_context=b.int("max_context", 2048, min=16),
+            max_concurrent=b.int("max_concurrent", 4, min=1, max=64),
         )
         b.reject_unknown()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from ..errors import IntegrityError, SignatureError
-from .names import sha256_file
+from .names import sha256_file  # noqa: F401 (re-exported by edgepeft.spec)
 from .manifest import MANIFEST_NAME, Manifest, canonical_bytes, read_manifest_dict
 
 KeyLike = Union[str, os.PathLike, bytes, "Ed25519PublicKey"]  # noqa: F821
@@ -123,71 +123,215 @@ def verify_signature(data: dict, trusted_keys: Iterable[KeyLike], source: str = 
     return verify_detached(message, [sig], trusted_keys, source)
 
 
+def open_in_bundle(root: Path, relpath: str) -> int:
+    """A read-only descriptor of ``root/relpath``, opened one path component at a time without
+    following a symbolic link anywhere below ``root`` (a linked folder is refused like a linked
+    file). Raises :class:`IntegrityError`."""
+    root = Path(root)
+    parts = relpath.split("/")
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not (os.open in os.supports_dir_fd and nofollow):  # pragma: no cover - not POSIX: check with lstat
+        p = root.joinpath(*parts)
+        for k in range(1, len(parts) + 1):
+            if root.joinpath(*parts[:k]).is_symlink():
+                raise IntegrityError(f"{relpath} passes through a link; links are not allowed in bundles",
+                                     hint="copy the bundle again as plain files")
+        return _open(lambda: os.open(p, os.O_RDONLY), relpath, root)
+    fd = _open(lambda: os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)), relpath, root)
+    try:
+        for part in parts[:-1]:
+            nxt = _open(lambda: os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=fd), relpath, root)
+            os.close(fd)
+            fd = nxt
+        return _open(lambda: os.open(parts[-1], os.O_RDONLY | nofollow, dir_fd=fd), relpath, root)
+    finally:
+        os.close(fd)
+
+
+def _open(opener, label: str, root: Path) -> int:
+    try:
+        return opener()
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"{label} is missing from {root}", hint="copy or unpack the whole bundle again") from exc
+    except OSError as exc:
+        raise IntegrityError(f"{label} cannot be opened ({exc.strerror}); links are not allowed in bundles",
+                             hint="copy the bundle again as plain files") from exc
+
+
+def _check_open_file(fh, entry, label: str) -> None:
+    """An opened bundle file must be a regular file of the listed size; raises :class:`IntegrityError`."""
+    import stat
+
+    st = os.fstat(fh.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise IntegrityError(f"{label} is not a regular file", hint="copy the bundle again as plain files")
+    if st.st_size != entry.size:
+        raise IntegrityError(f"{label} is {st.st_size} bytes, the manifest says {entry.size}",
+                             hint="the file is truncated or replaced; copy the bundle again")
+
+
+def _read_checked(fd: int, entry, label: str, *, keep: bool = True) -> bytes | None:
+    """Read a regular file's bytes from ``fd`` and check size and SHA-256 (closing ``fd``)."""
+    with os.fdopen(fd, "rb") as fh:
+        _check_open_file(fh, entry, label)
+        if keep:
+            data = fh.read(entry.size + 1)
+            ok = len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256
+        else:
+            data, h, n = None, hashlib.sha256(), 0
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+                n += len(block)
+            ok = n == entry.size and h.hexdigest() == entry.sha256
+    if not ok:
+        raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
+                             hint="copy the bundle again from a trusted source")
+    return data
+
+
 def verify_files(root: Path, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
     """Check size, then SHA-256, of each listed file (all by default); raises :class:`IntegrityError`."""
-    root = Path(root)
     wanted = set(paths) if paths is not None else None
     for entry in manifest.files:
-        if wanted is not None and entry.path not in wanted:
-            continue
-        p = root / entry.path
-        try:
-            size = p.stat().st_size
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"{entry.path} is missing from {root}",
-                                 hint="copy or unpack the whole bundle again") from exc
-        if size != entry.size:
-            raise IntegrityError(f"{entry.path} is {size} bytes, the manifest says {entry.size}",
-                                 hint="the file is truncated or replaced; copy the bundle again")
-        if sha256_file(p) != entry.sha256:
-            raise IntegrityError(f"{entry.path} does not match its SHA-256 in the manifest (tampered or corrupted)",
-                                 hint="copy the bundle again from a trusted source")
+        if wanted is None or entry.path in wanted:
+            _read_checked(open_in_bundle(Path(root), entry.path), entry, entry.path, keep=False)
 
 
 def read_verified(root: Path, entry, *, source: str | None = None) -> bytes:
     """Read one bundle file once and check those very bytes against its manifest entry.
 
     What is returned is what was hashed, so a write to the file after this check cannot change
-    what the caller loads. Symbolic links and non-regular files are refused. Raises
-    :class:`IntegrityError` (missing, a link, wrong size or hash).
+    what the caller loads. Symbolic links (the file's or a folder's on its path) and non-regular
+    files are refused. Raises :class:`IntegrityError` (missing, a link, wrong size or hash).
     """
-    import stat
+    return _read_checked(open_in_bundle(Path(root), entry.path), entry, source or entry.path)
 
-    p = Path(root) / entry.path
-    label = source or entry.path
+
+class VerifiedFile:
+    """A bundle file's verified content for a loader that reads by path (onnxruntime): a sealed
+    in-memory file (Linux ``memfd``: nothing can write to it once sealed, and it is gone when
+    closed), else the verified bytes. ``source`` is what to hand the loader; :meth:`close` frees it.
+
+    Loading from a path lets onnxruntime keep one copy of the graph instead of two (measured for
+    SmolLM2-135M int4: 78 MiB less resident memory than loading from a bytes object)."""
+
+    def __init__(self, fd: int | None = None, data: bytes | None = None, size: int = 0):
+        self._fd, self._data, self.size = fd, data, size
+
+    @property
+    def source(self):
+        return f"/proc/self/fd/{self._fd}" if self._fd is not None else self._data
+
+    def view(self) -> memoryview:
+        """The content as a read-only buffer: a mapping of the sealed file (its pages are given back
+        to the system when the last view goes, unlike a freed bytes object), else the bytes. The
+        view stays valid after :meth:`close`."""
+        import mmap
+
+        if self._fd is None or self.size == 0:
+            return memoryview(self._data if self._data is not None else b"")
+        return memoryview(mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = self._data = None
+
+
+def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
+    """Stream ``blocks`` into a memfd while hashing; seal it once size and SHA-256 match ``entry``.
+    None where memfds do not exist (not Linux). Raises :class:`IntegrityError`."""
+    import fcntl
+
+    if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
+        return None
+    fd = os.memfd_create(label.replace("/", "_")[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as exc:
-        raise IntegrityError(f"{label} is missing from {root}", hint="copy or unpack the whole bundle again") from exc
-    except OSError as exc:
-        raise IntegrityError(f"{label} cannot be opened ({exc.strerror}); links are not allowed in bundles",
-                             hint="copy the bundle again as plain files") from exc
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{label} is not a regular file", hint="copy the bundle again as plain files")
-        if st.st_size != entry.size:
-            raise IntegrityError(f"{label} is {st.st_size} bytes, the manifest says {entry.size}",
-                                 hint="the file is truncated or replaced; copy the bundle again")
-        data = fh.read(entry.size + 1)
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
-                             hint="copy the bundle again from a trusted source")
-    return data
+        h, n = hashlib.sha256(), 0
+        for block in blocks:
+            h.update(block)
+            n += len(block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view):]
+        if n != entry.size or h.hexdigest() != entry.sha256:
+            raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
+                                 hint="copy the bundle again from a trusted source")
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_SEAL)
+        return VerifiedFile(fd=fd, size=n)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def verify_bundle(bundle_dir: str | os.PathLike, trusted_keys: Iterable[KeyLike], *,
-                  check_files: bool = True) -> Manifest:
-    """Open a bundle directory the way a device must: signature first, then schema, then files.
+class BundleFiles:
+    """Where a bundle's files come from: a directory, or a ``.epb`` archive read in place.
 
-    Raises :class:`SignatureError`, :class:`~edgepeft.errors.SpecError` or
-    :class:`IntegrityError`; returns the validated :class:`Manifest`.
+    ``BundleFiles(path)`` picks by what ``path`` is. :meth:`read` returns a listed file's bytes
+    checked against its entry; :meth:`check` verifies files without keeping them. Raises
+    :class:`BundleError` for an unreadable archive or a path that is neither.
     """
-    root = Path(bundle_dir)
-    path = root / MANIFEST_NAME
-    data = read_manifest_dict(path)
-    verify_signature(data, trusted_keys, str(path))
-    manifest = Manifest.from_dict(data, str(path))
+
+    def __init__(self, path: str | os.PathLike):
+        from ..errors import BundleError
+        from .archive import ArchiveFiles
+
+        self.path = Path(path)
+        self.archive = ArchiveFiles(self.path) if self.path.is_file() else None
+        if self.archive is None and self.path.exists() and not self.path.is_dir():
+            raise BundleError(f"{self.path} is neither a bundle directory nor a .epb archive",
+                              hint="pass the folder or the .epb written by `edgepeft build`")
+
+    @property
+    def manifest_source(self) -> str:
+        return f"{self.path}:{MANIFEST_NAME}" if self.archive is not None else str(self.path / MANIFEST_NAME)
+
+    def manifest_dict(self) -> dict:
+        from .manifest import parse_manifest
+
+        if self.archive is not None:
+            return parse_manifest(self.archive.manifest_bytes(), self.manifest_source)
+        return read_manifest_dict(self.path / MANIFEST_NAME)
+
+    def read(self, entry) -> bytes:
+        return self.archive.read(entry) if self.archive is not None else read_verified(self.path, entry)
+
+    def open_verified(self, entry) -> VerifiedFile:
+        """A listed file checked against ``entry`` as a sealed in-memory file a loader opens by path
+        (the bytes where that is not possible). Raises :class:`IntegrityError`."""
+        if self.archive is not None:
+            blocks = self.archive.blocks(entry)
+            sealed = _sealed(blocks, entry, entry.path)
+            return sealed if sealed is not None else VerifiedFile(data=self.archive.read(entry))
+        fd = open_in_bundle(self.path, entry.path)
+        with os.fdopen(fd, "rb") as fh:
+            _check_open_file(fh, entry, entry.path)
+            sealed = _sealed(iter(lambda: fh.read(1 << 20), b""), entry, entry.path)
+        return sealed if sealed is not None else VerifiedFile(data=read_verified(self.path, entry))
+
+    def check(self, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
+        if self.archive is not None:
+            wanted = set(paths) if paths is not None else None
+            self.archive.check([f for f in manifest.files if wanted is None or f.path in wanted])
+        else:
+            verify_files(self.path, manifest, paths)
+
+
+def verify_bundle(bundle: str | os.PathLike | BundleFiles, trusted_keys: Iterable[KeyLike], *,
+                  check_files: bool = True) -> Manifest:
+    """Open a bundle (directory or ``.epb``) the way a device must: signature first, then schema,
+    then files (an archive may hold only the files its manifest lists).
+
+    Raises :class:`SignatureError`, :class:`~edgepeft.errors.SpecError`, :class:`IntegrityError`
+    or :class:`~edgepeft.errors.BundleError`; returns the validated :class:`Manifest`.
+    """
+    files = bundle if isinstance(bundle, BundleFiles) else BundleFiles(bundle)
+    data = files.manifest_dict()
+    verify_signature(data, trusted_keys, files.manifest_source)
+    manifest = Manifest.from_dict(data, files.manifest_source)
+    if files.archive is not None:
+        files.archive.check_listed(manifest)
     if check_files:
-        verify_files(root, manifest)
+        files.check(manifest)
     return manifest

@@ -103,7 +103,20 @@ class HttpLink:
         return payload
 
     def rollback(self, name: str) -> dict:
-        code, payload = self._request("POST", f"/v1/adapters/{name}/rollback", body=b"")
+        return self.adapter_action(name, "rollback")
+
+    def adapters(self) -> dict:
+        """What the agent serves: ``{"data": [adapters], "warnings": [...]}``."""
+        code, payload = self._request("GET", "/v1/adapters")
+        if code != 200:
+            self._fail(code, payload)
+        return payload
+
+    def adapter_action(self, name: str, action: str) -> dict:
+        """POST ``/v1/adapters/<name>/<action>`` (rollback, unload, load); raises :class:`TransportError`."""
+        from urllib.parse import quote
+
+        code, payload = self._request("POST", f"/v1/adapters/{quote(name, safe='')}/{action}", body=b"")
         if code != 200:
             self._fail(code, payload)
         return payload

@@ -23,15 +23,28 @@ from ..errors import UsageError
 TOKEN_FILE = "token"
 
 
-def load_token(state_dir: Path, token_file: str | os.PathLike | None = None) -> tuple[str, Path]:
+def load_token(state_dir: Path, token_file: str | os.PathLike | None = None, *, name: str = TOKEN_FILE
+               ) -> tuple[str, Path]:
     """The device token: read from ``token_file``, or generated on first start into the state
-    folder (mode 0600). Raises :class:`UsageError` for an unreadable or too short token."""
-    path = Path(token_file) if token_file else Path(state_dir) / TOKEN_FILE
+    folder as ``name`` (mode 0600). Raises :class:`UsageError` for an unreadable or too short token."""
+    path = Path(token_file) if token_file else Path(state_dir) / name
     if token_file is None and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
+        # written whole beside it, then linked into place: a reader never sees a half-written token,
+        # and of two processes starting at once, one token wins and both read it
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
     try:
         token = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -62,9 +75,12 @@ class Agent:
     """The agent's links around one :class:`Device`. ``start()`` returns once all are listening."""
 
     def __init__(self, device, *, token: str, listen: tuple[str, int] = ("127.0.0.1", 0), serial: dict | None = None,
-                 pull: dict | None = None, mqtt: dict | None = None,
+                 pull: dict | None = None, mqtt: dict | None = None, http: dict | None = None,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        """``http``: options of the HTTP API (:class:`~edgepeft.runtime.server.EngineServer`'s
+        ``limits``, ``allowed_origins``, ``allowed_hosts``, ``expose``)."""
         self.device, self.token, self.listen, self.log = device, token, listen, log
+        self.http_options = dict(http or {})
         self.serial_options, self.pull_options, self.mqtt_options = serial, pull, mqtt
         self.http = None
         self.serial = None
@@ -77,10 +93,10 @@ class Agent:
         from .agent_http import AgentServer
 
         host, port = self.listen
+        self.http = AgentServer(self.device, self.token, host, port, **self.http_options)
         if not is_loopback(host):
             self.log(f"WARNING: the agent listens on {host}, beyond this device: anyone who can reach it "
-                     "and holds the token can install updates; use a firewall and TLS in front of it")
-        self.http = AgentServer(self.device, self.token, host, port)
+                     "and holds the token can install updates and use the model; put a firewall and TLS in front")
         t = threading.Thread(target=self.http.serve_forever, name="edgepeft-agent-http", daemon=True)
         t.start()
         self._threads.append(t)

@@ -12,6 +12,10 @@ State folder (private to the device user)::
     STATE/bundle.json           {"current", "previous", "floor", "trial", "failed"} for bundle updates
     STATE/incoming/<id>.part    partial uploads (resumable)
     STATE/history.json          the last results, for status queries
+    STATE/unloaded.json         adapters taken out of service (`edgepeft adapters unload`)
+    STATE/checked.json          bundles whose own health checks passed on this device (run on first open)
+    STATE/.lock                 held by the one process that owns the state (the agent)
+    STATE/device.json           {"bundle": the path of the bundle the device was shipped}
 
 A bundle update (a new base) is installed beside the running one: unpacked,
 opened and verified by a second engine, health-checked with the new bundle's
@@ -42,14 +46,16 @@ HISTORY = 100
 class Device:
     """Engine + updater + receiver over one state folder. Thread-safe.
 
-    ``bundle`` is the bundle the device was shipped (a directory or its ``.epb``), used
+    ``bundle`` is the bundle the device was shipped (a directory, or its ``.epb`` read in place), used
     until a bundle update replaces it. ``engine_options`` go to every
     :class:`~edgepeft.runtime.Engine` it opens (threads, providers, audit ...).
-    Raises :class:`BundleError` when no bundle verifies, :class:`StoreError` for an unreadable state.
+    Raises :class:`BundleError` when no bundle verifies, :class:`StoreError` for an unreadable
+    state or one another process (a running agent) holds.
     """
 
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
-                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30):
+                 engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30,
+                 local_checks=()):
         from ..spec.verify import load_public_key
 
         self.state_dir = Path(state_dir)
@@ -58,13 +64,23 @@ class Device:
         self.trusted_keys = [load_public_key(k) for k in trusted_keys]
         self.io = io or FileIO()
         self.engine_options = dict(engine_options or {})
+        self._check_bundles = bool(self.engine_options.pop("health_checks", True))
+        self.local_checks = list(local_checks)  # this device's own checks, on top of every signed set
         self.notes: list[str] = []
         self._lock = threading.RLock()
         self._hist_lock = threading.Lock()
-        self.factory = self._factory_dir(Path(bundle))
-        self.engine, self.bundle_dir = self._open_current()
-        self.updater = Updater(self.engine, self.state_dir, io=self.io)
-        self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
+        self._owner = _lock_state(self.state_dir)
+        try:
+            self.factory = self._factory_dir(Path(bundle))
+            if shipped_bundle(self.state_dir) != str(Path(bundle).resolve()):
+                write_atomic(self.io, self.state_dir / "device.json",
+                             json.dumps({"bundle": str(Path(bundle).resolve())}).encode("utf-8"))
+            self.engine, self.bundle_dir = self._open_current()
+            self.updater = self._new_updater(self.engine)
+            self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
+        except BaseException:
+            self._owner.close()
+            raise
 
     # -- bundles -------------------------------------------------------------------------------
     @property
@@ -72,19 +88,10 @@ class Device:
         return self.state_dir / "bundles"
 
     def _factory_dir(self, bundle: Path) -> Path:
-        """The shipped bundle as a directory (an .epb is unpacked once into the state folder)."""
-        if bundle.is_dir():
+        """The shipped bundle: a directory, or its .epb read in place (no unpacked copy on the device)."""
+        if bundle.is_dir() or bundle.is_file():
             return bundle
-        if not bundle.is_file():
-            raise UsageError(f"bundle {bundle} does not exist", hint="pass the bundle directory or its .epb archive")
-        from ..spec.archive import unpack_bundle
-        from ..spec.names import sha256_file
-
-        dest = self._bundles / f"factory-{sha256_file(bundle)[:16]}"
-        if not dest.is_dir():
-            self._bundles.mkdir(parents=True, exist_ok=True)
-            unpack_bundle(bundle, dest)
-        return dest
+        raise UsageError(f"bundle {bundle} does not exist", hint="pass the bundle directory or its .epb archive")
 
     def _bundle_state(self) -> AdapterState:
         p = self.state_dir / "bundle.json"
@@ -101,10 +108,46 @@ class Device:
     def _write_bundle_state(self, state: AdapterState) -> None:
         write_atomic(self.io, self.state_dir / "bundle.json", json.dumps(state.to_dict(), sort_keys=True).encode())
 
-    def _open_engine(self, bundle_dir: Path):
+    def _open_engine(self, bundle_dir: Path, *, checks: bool = True):
+        """An engine on ``bundle_dir``; the bundle's own health checks run the first time this device
+        opens that bundle (then remembered by its signature), unless turned off."""
         from ..runtime.engine import Engine
 
-        return Engine(bundle_dir, self.trusted_keys, **self.engine_options)
+        sig = _signature_of(bundle_dir)
+        first = checks and self._check_bundles and sig is not None and sig not in self._checked()
+        engine = Engine(bundle_dir, self.trusted_keys, **self.engine_options, health_checks=first)
+        if first:
+            self._mark_checked(sig)
+        return engine
+
+    def _checked(self) -> list:
+        try:
+            data = json.loads((self.state_dir / "checked.json").read_text(encoding="utf-8"))
+            return [x for x in data if isinstance(x, str)] if isinstance(data, list) else []
+        except (OSError, ValueError):
+            return []
+
+    def _mark_checked(self, sig: str) -> None:
+        items = [x for x in self._checked() if x != sig][-19:] + [sig]
+        write_atomic(self.io, self.state_dir / "checked.json", json.dumps(items).encode("utf-8"))
+
+    def _new_updater(self, engine) -> Updater:
+        """The updater for ``engine``: serves the store's versions, then takes unloaded adapters out."""
+        updater = Updater(engine, self.state_dir, io=self.io, local_checks=self.local_checks)
+        for name in self._unloaded():
+            if engine.registry.peek(name) is not None:
+                engine.unload_adapter(name)
+        return updater
+
+    def _unloaded(self) -> list[str]:
+        try:
+            data = json.loads((self.state_dir / "unloaded.json").read_text(encoding="utf-8"))
+            return sorted(x for x in data if isinstance(x, str)) if isinstance(data, list) else []
+        except (OSError, ValueError):
+            return []
+
+    def _set_unloaded(self, names) -> None:
+        write_atomic(self.io, self.state_dir / "unloaded.json", json.dumps(sorted(set(names))).encode("utf-8"))
 
     def _open_current(self):
         """The committed bundle if it verifies, else the previous one, else the shipped one."""
@@ -164,7 +207,10 @@ class Device:
                 return result
             result.type = envelope.meta.type
             if envelope.meta.type == "adapter":
-                return self.updater.install(data, result=result)
+                res = self.updater.install(data, result=result)
+                if res.status == "healthy" and res.name in self._unloaded():  # installing serves it again
+                    self._set_unloaded(set(self._unloaded()) - {res.name})
+                return res
             return self._install_bundle(data, envelope, result)
 
     def install_file(self, path: str | os.PathLike) -> InstallResult:
@@ -174,8 +220,9 @@ class Device:
         return res
 
     def record(self, result: InstallResult) -> None:
+        """Append a finished result to the history (the newest one for an id answers status queries)."""
         with self._hist_lock:
-            items = [h for h in self._history() if h.get("id") != result.id or not result.id]
+            items = self._history()
             items.append(result.to_dict() | {"finished": round(time.time(), 3)})
             write_atomic(FileIO(), self.state_dir / "history.json",
                          json.dumps(items[-HISTORY:], sort_keys=True).encode("utf-8"))
@@ -231,13 +278,15 @@ class Device:
         self.io.checkpoint("bundle health check")
         failures, engine = [], None
         try:
-            engine = self._open_engine(slot)
+            engine = self._open_engine(slot, checks=False)  # its own checks run below, with the update's
             if engine.base_fingerprint != meta.base_fingerprint:
                 failures.append(f"the bundle's base is {engine.base_fingerprint[:19]}..., its update says "
                                 f"{meta.base_fingerprint[:19]}...")
             else:
-                checks = list(engine.manifest.health_checks) + list(meta.health_checks)
-                failures += self._bundle_checks(engine, checks)
+                from ..runtime.health import run_bundle_checks
+
+                checks = list(engine.manifest.health_checks) + list(meta.health_checks) + self.local_checks
+                failures += run_bundle_checks(engine, checks)
         except EdgePeftError as exc:
             failures.append(f"the new bundle does not open: {exc.message}")
         if failures:
@@ -250,28 +299,26 @@ class Device:
         committed = AdapterState(current=meta.version, previous=before.current, floor=meta.version,
                                  failed={k: v for k, v in before.failed.items() if k > meta.version})
         self._write_bundle_state(committed)  # the commit point
+        sig = _signature_of(slot)
+        if sig is not None:
+            self._mark_checked(sig)
         self.engine, self.bundle_dir = engine, slot
-        self.updater = Updater(engine, self.state_dir, io=self.io)
+        self.updater = self._new_updater(engine)
         self.notes += self.updater.notes
         self._prune_bundles(committed)
         result.seconds = time.time() - t0
         step("healthy")
         return result
 
-    @staticmethod
-    def _bundle_checks(engine, checks) -> list[str]:
-        failures = []
-        for name in sorted({getattr(c, "adapter", None) for c in checks}, key=lambda x: x or ""):
-            mine = [c for c in checks if getattr(c, "adapter", None) == name]
-            failures += [f"{name or 'base'}: {f}" for f in engine.health_check(mine, name)]
-        return failures
-
     # -- operations ----------------------------------------------------------------------------
     def rollback(self, name: str, reason: str = "requested") -> dict:
         """Roll adapter ``name`` (or ``"bundle"``) back to its previous version. Raises :class:`StoreError`."""
         with self._lock:
             if name != "bundle":
-                return self.updater.rollback(name, reason)
+                out = self.updater.rollback(name, reason)
+                if name in self._unloaded():  # rolling back serves that version
+                    self._set_unloaded(set(self._unloaded()) - {name})
+                return out
             state = self._bundle_state()
             if state.current is None:
                 raise StoreError("the device runs the bundle it was shipped; there is no bundle update to roll back",
@@ -281,7 +328,7 @@ class Device:
             new = replace(state, current=state.previous, previous=None)
             self._write_bundle_state(new)
             self.engine, self.bundle_dir = engine, target
-            self.updater = Updater(engine, self.state_dir, io=self.io)
+            self.updater = self._new_updater(engine)
             self._prune_bundles(new)
             return {"name": "bundle", "version": state.previous, "rolled_back_from": state.current}
 
@@ -295,11 +342,95 @@ class Device:
                     "bundle": {"version": bstate.current or 0, "floor": bstate.floor,
                                "source": "update" if bstate.current else "shipped", "path": str(self.bundle_dir),
                                "failed": {str(k): v for k, v in bstate.failed.items()}},
-                    "adapters": self.updater.installed(), "uploads": self.receiver.active(),
-                    "recent": self._history()[-10:], "notes": self.notes + self.updater.notes + eng.warnings}
+                    "adapters": self.updater.installed(), "unloaded": self._unloaded(),
+                    "uploads": self.receiver.active(), "recent": self._history()[-10:],
+                    "notes": _unique(self.notes + self.updater.notes + eng.warnings)}
+
+    def unload(self, name: str) -> dict:
+        """Stop serving adapter ``name`` and remember it across restarts (installing or rolling back
+        a version of it, or :meth:`load`, serves it again). Raises :class:`AdapterError` (unknown,
+        or in use by a running request)."""
+        with self._lock:
+            self.engine.unload_adapter(name)
+            self._set_unloaded(set(self._unloaded()) | {name})
+            return {"name": name, "status": "unloaded"}
+
+    def load(self, name: str) -> dict:
+        """Serve an unloaded adapter again (its committed version, else the bundle's).
+        Raises :class:`StoreError` when it was not unloaded or this device has no version of it."""
+        with self._lock:
+            if name not in self._unloaded():
+                raise StoreError(f"adapter {name!r} was not unloaded on this device",
+                                 hint="`edgepeft adapters list` shows what is served")
+            served = self.updater.serve(name)
+            self._set_unloaded(set(self._unloaded()) - {name})
+            return served | {"status": "serving"}
+
+    def adapters(self) -> dict:
+        """What `edgepeft adapters list` shows: each adapter's served version, source, floor and
+        failed versions, the unloaded ones, and the engine's warnings."""
+        with self._lock:
+            return {"adapters": self.updater.installed(), "unloaded": self._unloaded(),
+                    "warnings": _unique(self.updater.notes + self.engine.warnings)}
 
     def close(self) -> None:
+        """Stop receiving, close the engine (waiting a little for running requests) and give the state
+        folder back (another process may open it then)."""
         self.receiver.close()
+        try:
+            self.engine.close(timeout=10.0)
+        except EdgePeftError:
+            pass  # a request still runs: the process is ending anyway
+        self._owner.close()
+
+
+def shipped_bundle(state_dir: Path) -> str | None:
+    """The bundle a device's agent was last started with (recorded in ``STATE/device.json``)."""
+    try:
+        value = json.loads((Path(state_dir) / "device.json").read_text(encoding="utf-8")).get("bundle")
+        return value if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _unique(items: list) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _signature_of(bundle_dir: Path) -> str | None:
+    """The manifest's signature value: identifies one signed bundle (unverified here; the engine verifies)."""
+    try:
+        sig = json.loads((Path(bundle_dir) / "manifest.json").read_text(encoding="utf-8")).get("signature")
+        return sig.get("value") if isinstance(sig, dict) and isinstance(sig.get("value"), str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class _StateLock:
+    """An exclusive lock on ``STATE/.lock`` (fcntl; where it is missing, nothing is locked)."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the file releases the lock
+            self._fh = None
+
+
+def _lock_state(state_dir: Path) -> _StateLock:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return _StateLock(None)
+    fh = open(state_dir / ".lock", "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.close()
+        raise StoreError(f"the device state {state_dir} is in use by another process (a running agent?)",
+                         hint="talk to that agent with --device http://HOST:PORT, or stop it first") from exc
+    return _StateLock(fh)
 
 
 def _fsync_tree(root: Path) -> None:

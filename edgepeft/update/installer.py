@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import AdapterError, EdgePeftError, IntegrityError, StoreError
 from ..spec.update import Envelope, read_update
@@ -73,8 +73,12 @@ class Updater:
     Raises :class:`StoreError` for an unreadable store.
     """
 
-    def __init__(self, engine, state_dir: str | Path, *, io: FileIO | None = None, read_only: bool = False):
+    def __init__(self, engine, state_dir: str | Path, *, io: FileIO | None = None, read_only: bool = False,
+                 local_checks: Sequence = ()):
+        """``local_checks``: this device's own health checks (site acceptance tests), run after the package's
+        signed ones on every install; they can only make an install stricter, never skip a signed check."""
         self.engine = engine
+        self.local_checks = list(local_checks)
         self.state_dir = Path(state_dir)
         self.io = io or FileIO()
         self.store = AdapterStore(self.state_dir / "adapters", engine.trusted_keys,
@@ -86,6 +90,8 @@ class Updater:
             if not read_only:
                 self.notes += self.store.recover(name)
             self._serve_committed(name)
+        for note in self.notes:
+            engine.add_warning(note)
 
     # -- what is installed ---------------------------------------------------------------------
     def _bundle_version(self, name: str) -> int:
@@ -95,7 +101,7 @@ class Updater:
         """The highest version of ``name`` this device has accepted (bundle or store)."""
         return max(self.store.state(name).floor, self._bundle_version(name))
 
-    def _serve_committed(self, name: str) -> None:
+    def _serve_committed(self, name: str) -> bool:
         state = self.store.state(name)
         for v in (state.current, state.previous):
             if v is None or v <= self._bundle_version(name):
@@ -108,7 +114,22 @@ class Updater:
                 continue
             if v != state.current and not self.read_only:  # the current one failed verification: the previous serves
                 self.store.write_state(name, replace(state, current=v, previous=None))
-            return
+            return True
+        return False
+
+    def serve(self, name: str) -> dict:
+        """Put ``name``'s committed version into service again (else the bundle's); returns what
+        serves. Raises :class:`StoreError` when this device has no version of it."""
+        with self._lock:
+            if self._serve_committed(name):
+                return self.engine.registry.get(name).describe()
+            try:
+                loaded = self.engine.bundled_adapter(name)
+            except AdapterError as exc:
+                raise StoreError(f"this device has no version of adapter {name!r} to serve",
+                                 hint="install one with `edgepeft adapters install PACKAGE`") from exc
+            self.engine.serve_adapter(loaded)
+            return loaded.describe()
 
     def installed(self) -> list[dict]:
         """Per adapter: the version serving, where it came from, the floor and failed versions."""
@@ -197,7 +218,10 @@ class Updater:
                 return res
             step("installed")
             self.io.checkpoint("health check")
-            checks = meta.health_checks or self._bundle_checks(meta.name)
+            from ..runtime.health import checks_for
+
+            checks = list(meta.health_checks or self._bundle_checks(meta.name)) + \
+                checks_for(self.local_checks, meta.name)
             failures = self.engine.health_check(checks, loaded)
             self.io.checkpoint("health checked")
             if failures:

@@ -12,7 +12,7 @@ import { parseArgs } from "node:util";
 
 import ort from "onnxruntime-node";
 
-import { expandToFloat32, readAdapter } from "./lib/adapter_file.mjs";
+import { expandToSlots, readAdapter } from "./lib/adapter_file.mjs";
 import { BundleError, loadTrustedKey, openBundle } from "./lib/bundle.mjs";
 import { greedy, openSession } from "./lib/decode.mjs";
 import { detachSlots } from "./lib/onnx_slots.mjs";
@@ -45,12 +45,15 @@ function adapterTensors(bundle, name) {
     throw new BundleError(`${source} is a ${entry.method} adapter; this example applies LoRA adapters only`,
       "run it with edgepeft, or extend this consumer as docs/bundle-format.md sections 6.3 and 6.4 describe");
   }
-  const tensors = expandToFloat32(readAdapter(bundle.file(entry.file), source), source);
+  const tensors = expandToSlots(readAdapter(bundle.file(entry.file), source), source);
   const slots = manifest.model.slots || {};
+  const slotTypes = manifest.model.slot_dtypes || {};  // slots that are not float32 (int8 LoRA B)
   const ranks = new Set();
   for (const [tname, t] of Object.entries(tensors)) {
     const dims = slots[tname];
     if (!dims) throw new BundleError(`${source}: tensor ${tname} matches no adapter slot of this graph`);
+    const want = slotTypes[tname] === "int8" ? "int8" : "float32";
+    if (t.type !== want) throw new BundleError(`${source}: tensor ${tname} is ${t.type}, the slot takes ${want}`);
     if (dims.length !== t.dims.length) throw new BundleError(`${source}: tensor ${tname} has shape [${t.dims}], the slot is [${dims}]`);
     dims.forEach((d, i) => {
       const r = rankOf(d, t.dims[i]);
@@ -104,7 +107,7 @@ async function main(argv) {
   const slotFeeds = {};
   for (const name of slotNames) {
     const t = adapter.tensors[name] || defaults[name];
-    slotFeeds[name] = new ort.Tensor("float32", t.data, t.dims);
+    slotFeeds[name] = new ort.Tensor(t.type, t.data, t.dims);
   }
   const { ids, finish } = await greedy(session, model, promptIds, {
     maxNewTokens, maxContext, eosIds: codec.eosIds, slotFeeds,

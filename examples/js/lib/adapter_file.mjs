@@ -5,7 +5,9 @@
 //   table Parameter { name:string; dims:[int64]; data_type:TensorDataType(int32); raw_data:[uint8]; }
 //
 // and expanding compact payloads the way edgepeft's runtime does: fp16 -> fp32, and int8 times its
-// "<name>.scale" fp32 tensor (numpy broadcasting). The result is plain fp32 tensors named after slots.
+// "<name>.scale" fp32 tensor (numpy broadcasting). An int8 tensor without a scale is an int8 slot's own
+// form (LoRA B in int4/int8 bundles, its scales folded into lora_A) and stays int8. The result is
+// tensors named after slots, each {dims, type: "float32" | "int8", data}.
 
 import os from "node:os";
 
@@ -113,8 +115,8 @@ function broadcastIndex(dims, sdims, source, name) {
   };
 }
 
-/** Compact payloads -> {slot name: {dims, data: Float32Array}}, as edgepeft.spec.adapter_payload does. */
-export function expandToFloat32(params, source) {
+/** Compact payloads -> {slot name: {dims, type, data}}, as edgepeft.spec.adapter_payload does. */
+export function expandToSlots(params, source) {
   const out = {};
   for (const [name, p] of Object.entries(params)) {
     if (name.endsWith(SCALE_SUFFIX)) {
@@ -124,17 +126,22 @@ export function expandToFloat32(params, source) {
       continue;
     }
     if (p.type === FLOAT) {
-      out[name] = { dims: p.dims, data: p.data };
+      out[name] = { dims: p.dims, type: "float32", data: p.data };
     } else if (p.type === FLOAT16) {
-      out[name] = { dims: p.dims, data: Float32Array.from(p.data, halfToFloat) };
+      out[name] = { dims: p.dims, type: "float32", data: Float32Array.from(p.data, halfToFloat) };
     } else {
       const scale = params[name + SCALE_SUFFIX];
-      if (!scale || scale.type !== FLOAT) {
-        throw new BundleError(`${source}: int8 tensor ${name} has no float32 ${name}${SCALE_SUFFIX}`, "re-export the adapter");
+      if (!scale) {  // an int8 slot's tensor
+        out[name] = { dims: p.dims, type: "int8", data: p.data };
+        continue;
+      }
+      if (scale.type !== FLOAT) {
+        throw new BundleError(`${source}: ${name}${SCALE_SUFFIX} is not float32`, "re-export the adapter");
       }
       const at = broadcastIndex(p.dims, scale.dims, source, name);
       // Math.fround after the product: numpy multiplies two float32 arrays in float32
-      out[name] = { dims: p.dims, data: Float32Array.from(p.data, (v, k) => Math.fround(v * scale.data[at(k)])) };
+      out[name] = { dims: p.dims, type: "float32",
+        data: Float32Array.from(p.data, (v, k) => Math.fround(v * scale.data[at(k)])) };
     }
   }
   return out;

@@ -5,8 +5,10 @@
 // but onnxruntime-node only forwards feeds named in session.inputNames, which leaves overridable
 // initializers out: an adapter fed by name would be dropped without an error. So, before the
 // session is created, this moves each slot's initializer out of the graph (protobuf wire format:
-// ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, GraphProto.input = 11)
-// and keeps its value as the default feed. Everything else in the file is copied byte for byte.
+// ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, GraphProto.input = 11;
+// an all-zero default is a GraphProto.sparse_initializer = 15 with no values: SparseTensorProto
+// values = 1, indices = 2, dims = 3) and keeps its value as the default feed. Everything else in
+// the file is copied byte for byte.
 
 import { BundleError } from "./bundle.mjs";
 
@@ -75,13 +77,43 @@ function readTensor(buf, [s, e]) {
   return t;
 }
 
+// TensorProto data types of slots: 1 = float (LoRA A, heads, fp32 LoRA B), 3 = int8 (LoRA B of int4/int8 bundles)
 function defaultValue(t) {
-  if (t.dataType !== 1) throw new BundleError(`slot ${t.name} has data type ${t.dataType}; this app handles float32 slots`);
+  if (t.dataType !== 1 && t.dataType !== 3) {
+    throw new BundleError(`slot ${t.name} has data type ${t.dataType}; this app handles float32 and int8 slots`);
+  }
   if (t.external) throw new BundleError(`slot ${t.name} keeps its default in external data`, "rebuild the bundle");
   const count = t.dims.reduce((a, b) => a * b, 1);
-  const data = t.raw ? new Float32Array(new Uint8Array(t.raw).buffer) : Float32Array.from(t.floats);
+  const bytes = t.raw ? new Uint8Array(t.raw) : null;
+  const data = t.dataType === 3 ? (bytes ? new Int8Array(bytes.buffer) : new Int8Array(count))
+    : bytes ? new Float32Array(bytes.buffer) : Float32Array.from(t.floats);
   if (data.length !== count) throw new BundleError(`slot ${t.name}'s default does not match its shape [${t.dims}]`);
-  return { dims: t.dims, data };
+  return { dims: t.dims, type: t.dataType === 3 ? "int8" : "float32", data };
+}
+
+// SparseTensorProto: values = 1 (TensorProto), indices = 2, dims = 3. edgepeft writes all-zero slot
+// defaults this way (no values); anything with values is refused rather than half-read.
+function sparseDefault(buf, [s, e]) {
+  let values = null, dims = [], hasIndices = false;
+  for (const f of fields(buf, s, e)) {
+    if (f.field === 1 && f.body) values = readTensor(buf, f.body);
+    else if (f.field === 2 && f.body) hasIndices = readTensor(buf, f.body).dims.some((d) => d > 0);
+    else if (f.field === 3 && f.wire === 0) dims.push(f.value);
+    else if (f.field === 3 && f.body) {
+      for (let p = f.body[0], v; p < f.body[1];) { [v, p] = readVarint(buf, p); dims.push(v); }
+    }
+  }
+  if (!values) throw new BundleError("a sparse initializer has no values tensor", "rebuild the bundle");
+  const count = dims.reduce((a, b) => a * b, 1);
+  if (hasIndices || (values.raw && values.raw.length) || values.floats.length) {
+    throw new BundleError(`slot ${values.name}'s sparse default holds values; this app reads all-zero ones`);
+  }
+  if (values.dataType !== 1 && values.dataType !== 3) {
+    throw new BundleError(`slot ${values.name} has data type ${values.dataType}; this app handles float32 and int8 slots`);
+  }
+  const int8 = values.dataType === 3;
+  return { name: values.name, dims, type: int8 ? "int8" : "float32",
+    data: int8 ? new Int8Array(count) : new Float32Array(count) };
 }
 
 /**
@@ -107,6 +139,12 @@ export function detachSlots(model, slotNames) {
           const t = readTensor(model, g.body);
           if (wanted.has(t.name)) {
             defaults[t.name] = defaultValue(t);
+            continue;
+          }
+        } else if (g.field === 15 && g.body) {
+          const d = sparseDefault(model, g.body);
+          if (wanted.has(d.name)) {
+            defaults[d.name] = { dims: d.dims, type: d.type, data: d.data };
             continue;
           }
         } else if (g.field === 11 && g.body) {

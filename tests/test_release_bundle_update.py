@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")
-pytestmark = pytest.mark.host_only  # builds a second base during the test (server side)
+# builds a second base during the test: server side, so not among the device-side modules
 
 from test_runtime_support import build_decoder_bundle, cached_bundle  # noqa: E402
 

@@ -1,0 +1,136 @@
+"""``edgepeft rollout start|status|resume|abort``: move a fleet to an update in waves, from a plan file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+DB_HELP = "Rollout state (SQLite) [default: $EDGEPEFT_ROLLOUT_DB or ./edgepeft-rollouts.sqlite]."
+
+
+def _db(path):
+    from ..fleet.state import RolloutDB
+
+    return RolloutDB(path or os.environ.get("EDGEPEFT_ROLLOUT_DB") or "edgepeft-rollouts.sqlite")
+
+
+def _print_report(rep: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, default=str))
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(rep["counts"].items()))
+    click.echo(f"rollout {rep['id']}: {rep['status']}" + (f" ({rep['reason']})" if rep.get("reason") else ""))
+    click.echo(f"devices: {counts}; {rep['waves']} wave(s), last rate {rep['rate_per_minute']:.0f}/min")
+    rows = [("device", "link", "group", "status", "tries", "wave", "reason")]
+    for d in rep["devices"]:
+        rows.append((d["device"], d["link"], d.get("group") or "-", d["status"], str(d["attempts"]),
+                     "-" if d["wave"] is None else str(d["wave"]), (d.get("reason") or "")[:100]))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6])
+
+
+@click.group("rollout")
+def command():
+    """Fleet rollouts: waves with a canary, abort thresholds, health-gated success, rollback; state in SQLite."""
+
+
+@command.command("start")
+@click.argument("plan", type=click.Path(exists=True, dir_okay=False))
+@click.option("--db", default=None, help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+def start(plan, db, as_json):
+    """Check PLAN (eval gate, devices, packages), start the rollout and drive it to its end.
+    Exit code 0 when every device succeeded, 6 otherwise (the report says why for each)."""
+    from ..fleet.controller import start_rollout
+
+    rollout = start_rollout(plan, _db(db).path)
+    rep = rollout.run()
+    _print_report(rep, as_json)
+    raise SystemExit(0 if rep["status"] == "SUCCEEDED" else 6)
+
+
+@command.command("resume")
+@click.argument("rollout_id")
+@click.option("--db", default=None, help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+def resume(rollout_id, db, as_json):
+    """Continue a rollout whose controller stopped (killed, rebooted): nothing is installed twice."""
+    from ..fleet.controller import Rollout
+
+    rep = Rollout(_db(db), rollout_id).run()
+    _print_report(rep, as_json)
+    raise SystemExit(0 if rep["status"] == "SUCCEEDED" else 6)
+
+
+@command.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--device", default=None, help="Show this device's log (every status change, with reasons).")
+@click.option("--db", default=None, help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(rollout_id, device, db, as_json):
+    """List rollouts, or show one: per-device status, attempts, wave and reason."""
+    store = _db(db)
+    if rollout_id is None:
+        items = store.rollouts()
+        if as_json:
+            click.echo(json.dumps(items, indent=2))
+            return
+        for r in items:
+            click.echo(f"{r['id']}  {r['status']}" + (f"  ({r['reason']})" if r.get("reason") else ""))
+        return
+    if device:
+        events = store.events(rollout_id, device)
+        if as_json:
+            click.echo(json.dumps(events, indent=2))
+            return
+        import time
+
+        for ev in events:
+            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(ev['at']))}  {ev['status']:<12} {ev['message']}")
+        return
+    row = store.rollout(rollout_id)
+    ex = store.executions(rollout_id)
+    counts: dict = {}
+    for e in ex.values():
+        counts[e.status] = counts.get(e.status, 0) + 1
+    rep = {"id": rollout_id, "name": row["name"], "status": row["status"], "reason": row["reason"],
+           "counts": counts, "rate_per_minute": row["rate"] or 0, "waves": row["wave"] or 0,
+           "devices": [e.to_dict() | {"group": None} for _, e in sorted(ex.items())]}
+    _print_report(rep, as_json)
+
+
+@command.command("abort")
+@click.argument("rollout_id")
+@click.option("--rollback", is_flag=True, help="Also roll back the devices this rollout already updated.")
+@click.option("--db", default=None, help=DB_HELP)
+def abort(rollout_id, rollback, db):
+    """Stop a rollout: no new installs; with --rollback, devices already updated go back to their previous
+    version. A running controller picks it up within a tick; otherwise this command carries it out."""
+    from ..fleet.controller import Rollout
+
+    store = _db(db)
+    row = store.rollout(rollout_id)
+    if row["status"] in ("SUCCEEDED", "COMPLETED", "ABORTED"):
+        click.echo(f"rollout {rollout_id} already ended: {row['status']}")
+        if not rollback:
+            return
+    store.set_rollout(rollout_id, status="ABORT_REQUESTED", reason="aborted by request", rollback=int(rollback))
+    pid = row.get("controller_pid")
+    if pid and _alive(pid) and pid != os.getpid():
+        click.echo(f"abort requested; the controller (pid {pid}) carries it out")
+        return
+    rep = Rollout(store, rollout_id).run()
+    _print_report(rep, False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
