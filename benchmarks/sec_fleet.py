@@ -1,4 +1,4 @@
-"""Section 8: fleet rollout throughput. The controller (`edgepeft rollout start`, in a process of its own)
+"""Section 9: fleet rollout throughput. The controller (`edgepeft rollout start`, in a process of its own)
 moves 10,000 simulated devices through a canary and waves over a real mosquitto broker on 127.0.0.1.
 
 The simulated devices (``edgepeft.fleet.simulator``, two processes, 5,000 devices each) answer on the same
@@ -50,7 +50,7 @@ def _sys_counters(url: str, out: dict, stop: threading.Event) -> None:
 
 
 def run(ctx: Context) -> Section:
-    sec = Section("fleet", "8. Fleet rollout: controller throughput over MQTT (simulated devices)")
+    sec = Section("fleet", "9. Fleet rollout: controller throughput over MQTT (simulated devices)")
     n = 300 if ctx.smoke else 10_000
     try:
         _measure(ctx, sec, n)

@@ -51,7 +51,9 @@ def fleet(tmp_path_factory):
     built = cached_bundle("decoder", tmp_path_factory)
     key, pub = built["private_key"], built["public_key"]
     root = tmp_path_factory.mktemp("fleet")
-    int4 = build_decoder_bundle(root / "int4", key, quant="int4")  # same base, another graph
+    # same base, another graph; fp32 LoRA B slots, so the fp32 bundle's packages load into it too (an int4
+    # graph's default int8 B slots take only packages exported for them, and refuse the others by name)
+    int4 = build_decoder_bundle(root / "int4", key, quant="int4", lora_b="fp32")
     other = build_decoder_bundle(root / "other", key, base_seed=5)  # another base
     # a health check the fp32 graph passes and the int4 graph fails: v2's own fp32 answer, exactly
     prompt = next(p for p in ("hello", "the tin", "abc", "router", "wifi", "x y z", "tin tin", "help me")

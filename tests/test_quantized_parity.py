@@ -91,8 +91,9 @@ def test_quantized_graph_with_compact_payload_matches_pytorch_peft(base, adapter
         ids = engine.codec.encode("the tin ünï ☃ hello") + [int(t) for t in rng.integers(3, 250, 24)]
         got_bare = np.array(engine.token_logprobs(ids))
         got = np.array(engine.token_logprobs(ids, adapter="a"))
-        held = engine.registry.get("a").arrays  # the payload was expanded to the fp32 slots
-        assert all(v.dtype == np.float32 for v in held.values())
+        held = engine.registry.get("a").arrays  # expanded to the fp32 slots; int8 B slots take theirs as stored
+        int8_slots = {k for k, v in res.manifest["model"].get("slot_dtypes", {}).items() if v == "int8"}
+        assert all(v.dtype == (np.int8 if k in int8_slots else np.float32) for k, v in held.items())
     ref_bare, ref = _reference(base, adapter, quant, tmp_path / "fq", ids)
     assert np.abs(got_bare - ref_bare).max() < TOL, (quant, np.abs(got_bare - ref_bare).max())
     err = np.abs(got - ref).max()

@@ -75,7 +75,7 @@ def _record(peft_dir: Path, **fields) -> None:
 
 
 def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32",
-                         target: str = "x86-64-gateway", base_seed: int = 0) -> dict:
+                         target: str = "x86-64-gateway", base_seed: int = 0, lora_b: str | None = None) -> dict:
     """Tiny llama + adapters "alpha" (q,v) and "beta" (gate,down) -> a signed bundle via ``build_bundle``,
     plus an update for "alpha" (version 2, exported for the same slots) and a compact int8 copy of it."""
     from test_export_support import make_peft_adapter, tiny_llama_dir
@@ -91,7 +91,7 @@ def build_decoder_bundle(root: Path, private_key: Path, *, quant: str = "fp32",
     make_peft_adapter(base, beta, r=4, alpha=8, targets=("gate_proj", "down_proj"), seed=12)
     make_peft_adapter(base, gamma, r=4, alpha=8, targets=("q_proj", "v_proj"), seed=13)
     res = build_bundle(base=str(base), adapters=[("alpha", alpha), ("beta", beta)], target=target,
-                       key=private_key, out=root / "bundle", quant=quant, slot_rank=4)
+                       key=private_key, out=root / "bundle", quant=quant, slot_rank=4, lora_b=lora_b)
     manifest = res.manifest
     upd = root / "updates"
     upd.mkdir()
