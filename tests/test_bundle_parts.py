@@ -62,10 +62,13 @@ def test_missing_and_corrupt_adapter_dirs(tmp_path):
 
 
 def test_fit_refuses_with_numbers():
+    from edgepeft.bundle.fit import SessionMemory
+
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
     phone = load_target("android-arm64")
+    sm = SessionMemory(resident=155 << 20, peak=160 << 20)  # SmolLM2 int4 (78 MiB graph) as measured
     ok = check_fit(phone, bundle_bytes=80 << 20, weight_bytes=78 << 20, adapter_bytes=1 << 20, model_info=info,
-                   max_rank=8, concurrency=1)
+                   max_rank=8, concurrency=1, session=sm)
     assert ok.context == 1024 and 40 < ok.kv_cache_mib < 50
     with pytest.raises(TargetFitError) as err:
         check_fit(phone, bundle_bytes=600 << 20, weight_bytes=500 << 20, adapter_bytes=0, model_info=info, max_rank=32)
@@ -75,7 +78,7 @@ def test_fit_refuses_with_numbers():
 
 
 def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_open_peak():
-    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, kv_cache_bytes
+    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, SessionMemory, kv_cache_bytes
 
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
     pi = load_target("raspberry-pi-5")
@@ -83,15 +86,24 @@ def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_op
     r = check_fit(pi, adapters=[(10 << 20, "fp16"), (5 << 20, "int8"), (3 << 20, "fp32")], **kw)
     assert r.adapters_mib == 20 + 20 + 3  # fp16 files double as fp32 arrays, int8 ones quadruple
     assert r.concurrency == 4 and r.kv_cache_mib == 4 * kv_cache_bytes(info, r.context) / MIB  # one per request
-    assert r.memory_mib == 100 + r.kv_cache_mib + 43 + RUNTIME_OVERHEAD_MIB
-    assert r.open_peak_mib == r.memory_mib + 100  # the verified graph bytes until the session holds its copy
-    big = kw | {"weight_bytes": 600 << 20}  # 600 + 360 KV + adapters + 40, and 600 more while it opens
-    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 600 + 360 + 150 + 96 + 600
+    assert r.memory_mib == 2 * 100 + r.kv_cache_mib + 43 + RUNTIME_OVERHEAD_MIB  # unmeasured: twice the file
+    assert not r.measured and r.open_peak_mib == r.memory_mib + 100  # the verified bytes beside the session
+    big = kw | {"weight_bytes": 400 << 20}  # 800 + 360 KV + adapters + 112, and 400 more while it opens
+    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 800 + 360 + 150 + 112 + 400
     with pytest.raises(TargetFitError, match="adapters 600.0 as fp32.*while it opens"):  # counted as files: fits
         check_fit(pi, adapters=[(150 << 20, "int8")], **big)
+    # measured: what the session holds replaces the file, its measured opening peak the extra copy
+    s = SessionMemory(resident=230 << 20, peak=250 << 20)
+    m = check_fit(pi, adapters=[(5 << 20, "int8")], session=s, **kw)
+    assert m.measured and m.session_mib == 230
+    assert m.memory_mib == 230 + m.kv_cache_mib + 20 + RUNTIME_OVERHEAD_MIB
+    assert m.open_peak_mib == max(m.memory_mib, 250 + 20 + RUNTIME_OVERHEAD_MIB)
+    with pytest.raises(TargetFitError, match=r"the graph's session 230.0 \(measured; the file is 100.0\)"):
+        check_fit(load_target("android-arm64"), adapters=[(30 << 20, "int8")], session=s, **kw)
     # a phone decodes one request at a time (its profile says so): one cache is counted, and its engine holds one
     phone = load_target("android-arm64")
-    assert phone.budgets.max_concurrent == 1 and check_fit(phone, adapters=[], **kw).concurrency == 1
+    assert phone.budgets.max_concurrent == 1
+    assert check_fit(phone, adapters=[], session=SessionMemory(150 << 20, 150 << 20), **kw).concurrency == 1
 
 
 def test_archive_round_trip_is_deterministic(tmp_path, keypair):
@@ -182,3 +194,22 @@ def test_unpack_refuses_hostile_inconsistent_and_truncated_archives(tmp_path, ke
         assert not (tmp_path / "dest-cut").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".unpack-")]
     assert leftovers == []
+
+
+def test_the_session_memory_of_a_real_graph_is_measured_at_build_time(tmp_path, keypair):
+    """ONNX Runtime holds more than a graph's file (pre-packed weights, fp32 copies of fp16 constants): the
+    fit check opens the built graph and counts what its session holds, and says that it measured it."""
+    from test_export_support import tiny_llama_dir
+    from test_runtime_support import byte_level_tokenizer
+
+    from edgepeft.bundle.build import build_bundle
+    from edgepeft.bundle.fit import measure_session
+
+    base = tiny_llama_dir(tmp_path / "base")
+    byte_level_tokenizer(base)
+    res = build_bundle(base=str(base), adapters=[], target="raspberry-pi-5", key=keypair[0], out=tmp_path / "b",
+                       quant="int4")
+    assert res.fit["measured"] and res.fit["session_mib"] > 0
+    s = measure_session(res.bundle_dir / "model.onnx")
+    assert s is not None and 0 < s.resident <= s.peak
+    assert measure_session(tmp_path / "missing.onnx") is None  # cannot be opened here: not measured

@@ -33,7 +33,7 @@ from .archive import pack_bundle
 from ..spec.checks import read_health_checks
 from ..spec.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from .entries import adapter_entry
-from .fit import check_fit
+from .fit import check_fit, measure_session
 from .signing import load_private_key, sign_manifest
 
 QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
@@ -225,9 +225,11 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
         weight_bytes = sum(f["size"] for f in files if f["path"] in exported.files)
         sizes = {f["path"]: f["size"] for f in files}
+        progress("measuring the graph's session memory")
         fit = check_fit(profile, bundle_bytes=sum(sizes.values()), weight_bytes=weight_bytes,
                         adapters=[(sizes[e["file"]], e.get("dtype", "fp32")) for e in adapter_entries],
-                        model_info=exported.model_info, max_rank=max_rank)
+                        model_info=exported.model_info, max_rank=max_rank,
+                        session=measure_session(exported.model_path, threads=profile.threads))
         check_prefix_room(slot_adapters, fit.context, f"this bundle for {profile.name}")
         data = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,

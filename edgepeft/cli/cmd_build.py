@@ -66,8 +66,12 @@ def command(base, adapters, target, quant, gguf, adapter_dtype, merge, slot_rank
     mib = 1 << 20
     click.echo(f"bundle  {summary['bundle']}  ({sum(summary['files'].values()) / mib:.1f} MiB)")
     click.echo(f"archive {summary['archive']}  ({summary['archive_bytes'] / mib:.1f} MiB)")
-    click.echo(f"target  {summary['target']}: estimated memory {summary['fit']['memory_mib']:.0f} MiB, "
-               f"weights {summary['quantization']['weights']}")
+    fit = summary["fit"]
+    click.echo(f"target  {summary['target']}: estimated memory {fit['memory_mib']:.0f} MiB serving, "
+               f"{fit['open_peak_mib']:.0f} MiB while opening (the graph's session "
+               f"{fit['session_mib']:.0f} MiB{', measured' if fit.get('measured') else ''}; KV cache "
+               f"{fit['kv_cache_mib']:.0f} MiB for {fit['concurrency']} request(s)), weights "
+               f"{summary['quantization']['weights']}")
     for a in summary["adapters"]:
         click.echo(f"adapter {a['name']} v{a['version']}: {a['method']} {describe_size(a['method'], a)}, {a['dtype']}, "
                    f"{a['bytes'] / 1024:.0f} KiB")
