@@ -47,8 +47,10 @@ test-slow: $(STAMP) extra-models
 test-aarch64: $(STAMP)
 	HOST_PYTHON="$(abspath $(BIN))/python" bash tools/aarch64.sh
 
+# The demo, then the slow real-model checks (pytest -m slow: SmolLM2 and MiniLM; Gemma 3 with extra-models).
 demo: $(STAMP) system-deps
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
+	$(BIN)/python -m pytest -q -m slow
 
 # llama.cpp (llama-cpp-python) is an optional peer that compiles from source (6-40 min on 2 cores);
 # LLAMA_CPP=0 skips it and the benchmark notes its absence. It is built portably (issue 17): GGML_NATIVE=OFF
@@ -57,7 +59,8 @@ demo: $(STAMP) system-deps
 # from reusing a wheel it built earlier with other flags.
 LLAMA_CPP ?= 1
 LLAMA_REBUILD ?= 0
-bench: $(STAMP)
+bench: $(STAMP) extra-models
+	$(BIN)/python -m pytest -q -m slow
 	@if [ "$(LLAMA_CPP)" = 1 ] && { [ "$(LLAMA_REBUILD)" = 1 ] || ! $(BIN)/python -m benchmarks.llama_build --check; }; then \
 	  args="$$($(BIN)/python -m benchmarks.llama_build) -DLLAVA_BUILD=OFF"; \
 	  echo "building llama-cpp-python (optional peer; LLAMA_CPP=0 skips it) with CMAKE_ARGS=$$args"; \

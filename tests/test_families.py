@@ -257,8 +257,8 @@ def test_each_family_on_the_real_smollm2_answers_as_pytorch_peft(tmp_path, keypa
     make_prompt_adapter(base, tmp_path / "prm", kind="prompt-tuning", tokens=8, scale=0.02)
     make_bottleneck_adapter(base, tmp_path / "bn", size=16, scale=0.02)
     res = build_bundle(base=None, adapters=[(n, tmp_path / n) for n in ("pre", "prm", "bn")],
-                       target="x86-64-gateway", key=keypair[0], out=tmp_path / "bundle", quant="fp32",
-                       adapter_dtype="fp32")
+                       target="raspberry-pi-5", key=keypair[0], out=tmp_path / "bundle", quant="fp32",
+                       adapter_dtype="fp32")  # fp32 SmolLM2 needs 1.3 GiB with 4 contexts: the Pi, not the gateway
     engine = Engine(res.bundle_dir, [keypair[1]])
     msgs = [{"role": "user", "content": "My Wi-Fi keeps dropping every evening. What should I do?"}]
     ids = engine.encode_prompt(messages=msgs)
