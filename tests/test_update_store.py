@@ -69,8 +69,16 @@ def test_install_serves_the_new_version_and_survives_a_restart(built, answers, t
     up2 = Updater(eng2, tmp_path / "state")
     assert _serving(eng2).text == answers["v2"] and not up2.notes
     assert {"name": "alpha", "version": 2, "source": "store"}.items() <= up2.installed()[0].items()
-    # replay (same version) and an older version are refused, also after the restart
-    for data, why in ((built["package"].read_bytes(), "same version"),
+    # the very package that serves, delivered again (pulled, then pushed by a rollout): healthy, nothing installed
+    seen.clear()
+    res = up2.install(built["package"].read_bytes(), on_status=lambda s, r: seen.append(s))
+    assert res.status == "healthy" and "already installed" in res.reason and seen == ["verified", "healthy"]
+    assert up2.store.state("alpha").current == 2
+    # another package under the same version, and an older version, are refused, also after the restart
+    other_v2 = forge(built["package"].read_bytes(), built["private_key"],
+                     mutate=lambda m: m.__setitem__("expires", "2099-01-01T00:00:00Z"))
+    assert other_v2 != built["package"].read_bytes()
+    for data, why in ((other_v2, "same version"),
                       (_with_checks(built, [], version=1), "older than")):
         res = up2.install(data)
         assert res.status == "rejected" and why in res.reason, res.reason

@@ -192,6 +192,12 @@ class Updater:
         try:
             envelope, payload = read_update(data, self.engine.trusted_keys, source=f"update {res.id[:12] or ''}".strip())
             res.name, res.version, res.id = envelope.meta.name, envelope.meta.version, envelope.id
+            if self._already_serving(envelope):  # delivered twice (pulled, then pushed): nothing to do
+                step("verified")
+                step("healthy", f"already installed: v{envelope.meta.version} of {envelope.meta.name} is "
+                                "serving from this very package")
+                res.seconds = time.time() - t0
+                return res
             self.check(envelope)
             loaded = self.engine.prepare_adapter(envelope, payload)
         except EdgePeftError as exc:
@@ -240,6 +246,22 @@ class Updater:
         step("healthy")
         res.seconds = time.time() - t0
         return res
+
+    def _already_serving(self, envelope) -> bool:
+        """True when this exact package (same signed envelope) is the current, serving version: a second
+        delivery of it (a device that pulled it, then got it pushed by a rollout) is answered "healthy"
+        instead of being refused as a replay. Any other version at or below the floor is still refused."""
+        meta = envelope.meta
+        if meta.type != "adapter" or self.store.state(meta.name).current != meta.version:
+            return False
+        serving = self.engine.registry.peek(meta.name)
+        if serving is None or serving.version != meta.version:
+            return False
+        try:
+            stored, _ = self.store.read(meta.name, meta.version)
+        except EdgePeftError:
+            return False
+        return stored.id == envelope.id
 
     def _bundle_checks(self, name: str) -> list:
         from ..runtime.health import checks_for
