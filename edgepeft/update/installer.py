@@ -39,6 +39,9 @@ FAILED = ("rejected", "rolled-back")
 TERMINAL = ("healthy",) + FAILED
 
 
+_ALREADY = "already installed: v{v} of {name} is serving from this very package"
+
+
 @dataclass
 class InstallResult:
     """What happened to one update package on this device."""
@@ -194,8 +197,7 @@ class Updater:
             res.name, res.version, res.id = envelope.meta.name, envelope.meta.version, envelope.id
             if self._already_serving(envelope):  # delivered twice (pulled, then pushed): nothing to do
                 step("verified")
-                step("healthy", f"already installed: v{envelope.meta.version} of {envelope.meta.name} is "
-                                "serving from this very package")
+                step("healthy", _ALREADY.format(v=envelope.meta.version, name=envelope.meta.name))
                 res.seconds = time.time() - t0
                 return res
             self.check(envelope)
@@ -208,6 +210,10 @@ class Updater:
         step("verified")
         meta = envelope.meta
         with self._lock:
+            if self._already_serving(envelope):  # another link installed this very package meanwhile
+                step("healthy", _ALREADY.format(v=meta.version, name=meta.name))
+                res.seconds = time.time() - t0
+                return res
             try:
                 self.check(envelope)  # again, under the lock: another link may have installed meanwhile
                 before = self.store.state(meta.name)
