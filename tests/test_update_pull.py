@@ -141,6 +141,10 @@ def test_agent_process_pulls_on_its_own(built, served, tmp_path):
         while time.time() < deadline and agent.chat("alpha", Q)["adapter_version"] != 2:
             time.sleep(0.3)
         assert agent.chat("alpha", Q)["adapter_version"] == 2
+        # a rollout then pushes the very package it pulled: healthy (the pull's result), not a replay refusal
+        r = run_cli("push", built["package"], "--to", agent.url, "--token", agent.token, "--json")
+        st = json.loads(r.stdout)
+        assert r.returncode == 0 and (st["status"], st["version"]) == ("healthy", 2), r.stdout
     finally:
         agent.stop()
     shutil.rmtree(tmp_path / "state", ignore_errors=True)

@@ -73,6 +73,10 @@ def test_install_serves_the_new_version_and_survives_a_restart(built, answers, t
     seen.clear()
     res = up2.install(built["package"].read_bytes(), on_status=lambda s, r: seen.append(s))
     assert res.status == "healthy" and "already installed" in res.reason and seen == ["verified", "healthy"]
+    from edgepeft.spec.update import read_update
+
+    envelope, _ = read_update(built["package"].read_bytes(), eng2.trusted_keys)
+    up2.check(envelope)  # a link's early check (after the envelope) lets it through too
     assert up2.store.state("alpha").current == 2
     # another package under the same version, and an older version, are refused, also after the restart
     other_v2 = forge(built["package"].read_bytes(), built["private_key"],

@@ -149,8 +149,11 @@ class Updater:
 
     # -- the checks that need no writes --------------------------------------------------------
     def check(self, envelope: Envelope) -> None:
-        """The device's own rules for a verified envelope; raises :class:`Rejected` with the reason."""
+        """The device's own rules for a verified envelope; raises :class:`Rejected` with the reason.
+        The package that already serves passes (:meth:`install` answers it "already installed")."""
         meta = envelope.meta
+        if self._already_serving(envelope):
+            return
         if meta.type != "adapter":
             raise Rejected(f"{meta.type} updates are installed by the device agent, not the adapter updater",
                            hint="push it to `edgepeft agent`")
