@@ -159,13 +159,7 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
             for k, (v, h) in enumerate(zip(med, hi)):
                 ax.text(v + h + right * 0.01, k, fmt(v), va="center", fontsize=8)
             ax.set_xlim(0, right * 1.15)
-            fig.tight_layout()
-            name = f"{grp['id'].replace('/', '_')}.png"
-            tmp = out_dir / f".{name}.tmp.png"
-            fig.savefig(tmp, dpi=100)
-            plt.close(fig)
-            os.replace(tmp, out_dir / name)
-            written.append(name)
+            written.append(_save(plt, fig, out_dir, f"{grp['id'].replace('/', '_')}.png"))
         for ser in sec.get("series", []):
             fig, ax = plt.subplots(figsize=(7, 4))
             for label, points in ser["lines"].items():
@@ -176,14 +170,18 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
             ax.set_title(ser["title"])
             ax.legend()
             ax.grid(alpha=0.3)
-            fig.tight_layout()
-            name = f"{sec['id']}.{ser['id']}.png"
-            tmp = out_dir / f".{name}.tmp.png"
-            fig.savefig(tmp, dpi=100)
-            plt.close(fig)
-            os.replace(tmp, out_dir / name)
-            written.append(name)
+            written.append(_save(plt, fig, out_dir, f"{sec['id']}.{ser['id']}.png"))
     return written
+
+
+def _save(plt, fig, out_dir: Path, name: str) -> str:
+    """Write ``fig`` to ``out_dir/name`` atomically (a half-written PNG never replaces the last one)."""
+    fig.tight_layout()
+    tmp = out_dir / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_dir / name)
+    return name
 
 
 def _plot_scale(unit: str, top: float) -> tuple[float, str]:

@@ -106,7 +106,8 @@ def _against_estimate(bundle_dir: str, runs: list[dict]) -> str:
     the estimate compared is the one for a single request (one full context counted)."""
     import statistics
 
-    from edgepeft.bundle.fit import MIB, manifest_estimate, measure_session
+    from edgepeft.bundle.fit import MIB, manifest_estimate
+    from edgepeft.bundle.session_memory import measure_session
 
     manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text(encoding="utf-8"))
     session = measure_session(Path(bundle_dir) / manifest["model"].get("graph", "model.onnx"))

@@ -62,7 +62,7 @@ def test_missing_and_corrupt_adapter_dirs(tmp_path):
 
 
 def test_fit_refuses_with_numbers():
-    from edgepeft.bundle.fit import SessionMemory
+    from edgepeft.bundle.session_memory import SessionMemory
 
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
     phone = load_target("android-arm64")
@@ -78,7 +78,8 @@ def test_fit_refuses_with_numbers():
 
 
 def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_open_peak():
-    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, SessionMemory, kv_cache_bytes
+    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, kv_cache_bytes
+    from edgepeft.bundle.session_memory import SessionMemory
 
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
     pi = load_target("raspberry-pi-5")
@@ -203,7 +204,7 @@ def test_the_session_memory_of_a_real_graph_is_measured_at_build_time(tmp_path, 
     from test_runtime_support import byte_level_tokenizer
 
     from edgepeft.bundle.build import build_bundle
-    from edgepeft.bundle.fit import measure_session
+    from edgepeft.bundle.session_memory import measure_session
 
     base = tiny_llama_dir(tmp_path / "base")
     byte_level_tokenizer(base)

@@ -33,7 +33,8 @@ from .archive import pack_bundle
 from ..spec.checks import read_health_checks
 from ..spec.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from .entries import adapter_entry
-from .fit import check_fit, measure_session
+from .fit import check_fit
+from .session_memory import measure_session
 from .signing import load_private_key, sign_manifest
 
 QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")

@@ -4,7 +4,7 @@ The memory estimate counts what the device runtime really holds, and is document
 user can see where the number comes from:
 
 - the graph as ONNX Runtime holds it: **measured** at build time by opening the built graph in
-  a session (:func:`measure_session`): ONNX Runtime keeps the stored initializers *and* what it
+  a session (:func:`.session_memory.measure_session`): ONNX Runtime keeps the stored initializers *and* what it
   derives from them (pre-packed int4/int8 weights, fp32 copies of fp16 constants), measured at
   1.6-2.8x the file (SmolLM2: int4 re-quantized 155 MiB for a 77 MiB graph, int4 with the GGUF's
   blocks 240 for 92, fp32 837 for 513). Where the session cannot be opened on the build host,
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from ..errors import TargetFitError
 from ..spec.target import TargetProfile
+from .session_memory import SessionMemory
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD_MIB = 112  # Python, numpy, onnxruntime, tokenizers, engine: 102-105 MiB measured (SmolLM2, x86-64)
@@ -55,74 +56,6 @@ class FitReport:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-@dataclass(frozen=True)
-class SessionMemory:
-    """What an ONNX Runtime session of a graph holds once open, and at most while opening (bytes)."""
-    resident: int
-    peak: int
-
-
-def _rss() -> tuple[int, int] | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            d = dict(line.split(":", 1) for line in fh if ":" in line)
-        return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def measure_session(graph_path, threads: int = 1, timeout: float = 300.0) -> SessionMemory | None:
-    """Open ``graph_path`` in an ONNX Runtime CPU session (the device's session options) in a fresh
-    process and return how much resident memory the session added, and its peak while opening; None
-    where this cannot be measured (no /proc, the graph does not open here, the process fails).
-
-    A fresh process, because in the building process freed memory is reused and the figure comes out
-    low (measured 90 MiB in-process against 155 MiB for SmolLM2's re-quantized int4 graph).
-    """
-    import json
-    import subprocess
-    import sys
-
-    try:
-        proc = subprocess.run([sys.executable, "-m", "edgepeft.bundle.fit", str(graph_path), str(threads)],
-                              capture_output=True, text=True, timeout=timeout)
-        out = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
-    if not out:
-        return None
-    return SessionMemory(resident=int(out["resident"]), peak=int(out["peak"]))
-
-
-def _measure_here(graph_path: str, threads: int) -> dict | None:
-    """The measurement itself, in the process that runs it (see :func:`measure_session`)."""
-    import onnxruntime as ort  # the library itself is in the runtime allowance, not in the session
-
-    from ..runtime.session import session_options
-
-    so = session_options(threads)
-    before = _rss()
-    if before is None:
-        return None
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")  # reset VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    before = _rss()
-    try:
-        sess = ort.InferenceSession(graph_path, so, providers=["CPUExecutionProvider"])
-    except Exception:  # onnxruntime raises its own types; a graph for another provider is not measured here
-        return None
-    after = _rss()
-    del sess
-    if after is None:
-        return None
-    resident = max(0, after[0] - before[0])
-    return {"resident": resident, "peak": max(resident, after[1] - before[0]) if reset else resident}
-
-
 def kv_cache_bytes(model_info: dict, context: int, bytes_per_value: int = 4) -> int:
     """Key + value cache for one sequence of ``context`` tokens (0 for encoders)."""
     if model_info.get("task") != "causal-lm":
@@ -143,7 +76,7 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
 
     ``adapters``: ``(file bytes, dtype)`` per adapter (``adapter_bytes`` alone counts as fp32 files);
     ``concurrency``: requests decoding at once (default: the target's ``max_concurrent``);
-    ``session``: the graph's session memory from :func:`measure_session` (else the file stands in).
+    ``session``: the graph's session memory from :func:`.session_memory.measure_session` (else the file stands in).
     """
     concurrency = concurrency or target.budgets.max_concurrent
     context = min(target.budgets.max_context, int(model_info.get("max_context") or target.budgets.max_context))
@@ -202,9 +135,3 @@ def manifest_estimate(manifest: dict, concurrency: int | None = None,
                    max_rank=max((a.get("rank", 0) for a in manifest.get("adapters", [])), default=0),
                    context=context, concurrency=concurrency)
 
-
-if __name__ == "__main__":  # python -m edgepeft.bundle.fit GRAPH THREADS: one JSON line (measure_session)
-    import json as _json
-    import sys as _sys
-
-    print(_json.dumps(_measure_here(_sys.argv[1], int(_sys.argv[2]))))
