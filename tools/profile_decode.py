@@ -31,6 +31,7 @@ def profile(bundle: Path, steps: int = 40) -> None:
     sess = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
     kv = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     heads, dim = kv[0].shape[1], kv[0].shape[3]
+    dim = dim if isinstance(dim, int) else 64  # onnxruntime-genai names the head dim (SmolLM2's is 64)
     past = {i.name: np.zeros((1, heads, 256, dim), np.float32) for i in kv}
 
     def run(ids: list[int], pos: int) -> None:
