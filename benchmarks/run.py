@@ -33,7 +33,7 @@ SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "mem
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
     """Run the chosen sections in order; returns (sections, goals)."""
     from . import (sec_adapters, sec_classify, sec_decode, sec_families, sec_fleet, sec_kernels, sec_memory,
-                   sec_quality, sec_transport)
+                   sec_quality, sec_tasks, sec_transport)
 
     runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
@@ -60,6 +60,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals += sec_adapters.goals_sizes(sec)
         elif sid == "quality":
             goals.append(sec_quality.goal_quality(sec))
+            goals.append(sec_tasks.goal_int4_payload(sec))
         elif sid == "classify":
             goals.append(sec_classify.goal_classify(sec))
         elif sid == "transport":

@@ -138,7 +138,7 @@ def run_sizes(ctx: Context) -> Section:
     try:
         b = bundle(ctx, "int4", all_adapters=True)
         peft0 = peft_adapters(ctx)[0]
-        for dtype in ("fp32", "fp16", "int8"):
+        for dtype in ("fp32", "fp16", "int8", "int4"):
             try:
                 dest = ctx.work / "payloads" / f"a0-r{LORA_RANK}-{dtype}.onnx_adapter"
                 f = sys_edgepeft.write_adapter_file(b, peft0, dest, dtype)
@@ -158,7 +158,8 @@ def run_sizes(ctx: Context) -> Section:
                      "base); \"GGUF layers\" keeps the layers' blocks and re-quantizes the embedding / lm_head to "
                      "int4; \"re-quantized\" is the previous scheme from the dequantized weights; int8 is re-quantized "
                      "to 8 bits. Update payloads are for the int4 bundle, whose LoRA B slots are int8 in every payload "
-                     "(scales folded into A): fp16/int8 shrink A.")
+                     "(scales folded into A): fp16/int8 shrink A; int4 packs A and B in 4-bit groups of 32 and leaves out "
+                     "all-zero groups (the off-diagonal blocks of the packed q|k|v B).")
     return sec
 
 

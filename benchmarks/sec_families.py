@@ -139,7 +139,7 @@ def _sizes(ctx: Context, sec: Section, fam: Path) -> None:
     out = ctx.work / "payloads" / "families"
     out.mkdir(parents=True, exist_ok=True)
     for method, d in ads.items():
-        for dtype in ("fp32", "fp16", "int8"):
+        for dtype in ("fp32", "fp16", "int8", "int4"):
             try:
                 res = create_adapter_update(bundle=fam, name=method.replace("-tuning", ""), adapter=d, version=2,
                                             key=priv, out=out / f"{method}-{dtype}.epu", adapter_dtype=dtype)

@@ -26,7 +26,7 @@ from ..spec.methods import describe_size  # torch-free
                    "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "
                    "(smaller, a little lower quality), or re-quantize all (smallest, lowest quality) [default: the "
                    "target's, keep].")
-@click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+@click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Adapter payload type [default: the target's].")
 @click.option("--merge", default=None, metavar="NAME", help="Merge this adapter into the base: a single-task bundle, no slots.")
 @click.option("--slot-rank", type=int, default=None, help="Rank of the adapter slots [default: the largest adapter rank].")

@@ -30,7 +30,7 @@ def command():
                    "(2026-12-31T00:00:00Z) or 'never'.")
 @click.option("--health-check", "health_checks", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON Lines of {input, expect: {contains|equals|label}} the device runs before it commits.")
-@click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+@click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Adapter payload type [default: the bundle's].")
 @click.option("--min-runtime", default=None, help="Oldest edgepeft a device may run to install it [default: 0.2.0].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The package file to write (.epu).")

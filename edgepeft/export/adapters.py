@@ -10,8 +10,8 @@ with no copy of the base. Per group the modules' ``A.T`` are placed side by
 side and ``(B * scaling).T`` block-diagonally (see :mod:`.slots`), each module
 zero-padded up to the bundle's slot rank; modules the adapter does not train
 stay zero. Groups with ``split_b`` (gate|up) get one B tensor per module.
-Payloads: fp32 (activates as is), fp16 or int8 (smaller updates;
-the device expands them to fp32 once at install with
+Payloads: fp32 (activates as is), fp16, int8 or int4 (smaller updates;
+the device expands them to the slots' dtypes once at install with
 :func:`edgepeft.spec.adapter_payload.expand_adapter`). Bundles whose LoRA B slots
 are int8 (:mod:`.slots`) get B as int8 with each row's scale folded into A
 (:func:`fold_b_int8`), whatever the payload: it is the slot's own form.
@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import AdapterError, UsageError
 from .peft_reader import read_peft_lora
 
-PAYLOADS = ("fp32", "fp16", "int8")
+PAYLOADS = ("fp32", "fp16", "int8", "int4")
 HEAD_WEIGHT, HEAD_BIAS = "head.classifier.weight", "head.classifier.bias"
 _DECODER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
@@ -291,6 +291,8 @@ def encode_payload(tensors: dict, dtype: str) -> dict:
         return tensors
     if dtype == "fp16":
         return {k: v if v.dtype == np.int8 else v.astype(np.float16) for k, v in tensors.items()}
+    if dtype == "int4":
+        return _encode_int4(tensors)
     out = {}
     for k, v in tensors.items():
         if v.dtype == np.int8:
@@ -312,12 +314,33 @@ def encode_payload(tensors: dict, dtype: str) -> dict:
     return out
 
 
+def _encode_int4(tensors: dict) -> dict:
+    """int4 payload: every matrix and prefix in 4-bit groups (:func:`edgepeft.spec.adapter_payload.int4_encode`;
+    lora_A grouped along its inputs, one rank column at a time); a classifier's head as int8, 1-D tensors
+    (biases) as they are. int8 B slots are re-coded from their int8 form and come back as int8.
+
+    Feeding A's rounding error into B by least squares (as GPTQ does between columns) was measured and
+    left out: at rank 8 it cut the product's error from 13.1 % to 13.0 % (Frobenius, tiny llama)."""
+    from ..spec.adapter_payload import int4_encode
+
+    out = {}
+    for k, v in tensors.items():
+        if v.ndim < 2 or v.size < 64:
+            out[k] = v if v.dtype == np.int8 else v.astype(np.float32)
+        elif k == HEAD_WEIGHT:
+            out.update(encode_payload({k: v}, "int8"))
+        else:
+            parts = int4_encode(v, transposed=v.ndim == 2 and k.endswith(("lora_A", "down.weight")))
+            out.update({k + sfx: part for sfx, part in parts.items()})
+    return out
+
+
 def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, name: str | None = None,
                   version: int = 1, labels=None, pad: bool = True, graph_path=None) -> AdapterInfo:
     """Write the adapter in ``peft_dir`` (any family) as an ORT adapter file for the graph ``model_info``
     describes.
 
-    ``dtype`` is the payload: "fp32" (activates directly), "fp16" or "int8"
+    ``dtype`` is the payload: "fp32" (activates directly), "fp16", "int8" or "int4"
     (expand on the device with edgepeft.spec.adapter_payload). ``pad`` as in
     :func:`build_slot_tensors`. ``graph_path`` is the bundle's model.onnx, which compiles a
     prompt-tuning soft prompt (:mod:`.prefix`). The write is atomic. Raises :class:`AdapterError`
@@ -330,7 +353,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
 
     if dtype not in PAYLOADS:
         raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
-                         hint="use fp32 (default), fp16 or int8")
+                         hint="use fp32 (default), fp16, int8 or int4")
     tensors, info = family_tensors(peft_dir, model_info, labels, pad=pad, graph_path=graph_path)
     stored = encode_payload(fold_b_int8(tensors, model_info), dtype)
     out_path = Path(out_path)

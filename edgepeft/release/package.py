@@ -161,7 +161,7 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
     dtype = adapter_dtype or (manifest.quantization or {}).get("adapter_dtype", "fp32")
     checks = read_health_checks(health_checks)
     from .. import export as export_api
-    from ..runtime.adapter_file import read_header
+    from ..runtime.adapter_file import read_logical_header
     from ..runtime.registry import GraphFacts, check_entry, parse_slots
 
     work = Path(tempfile.mkdtemp(prefix=".update-", dir=out.parent if out.parent.exists() else None))
@@ -172,7 +172,7 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
         info = export_api.write_adapter(a.path, model, work / "payload.onnx_adapter", dtype=dtype, name=name,
                                         version=version, labels=a.labels, pad=False, graph_path=graph)
         entry = adapter_entry(a, file=rel, fingerprint=fingerprint, dtype=dtype, labels=info.labels)
-        header = read_header(work / "payload.onnx_adapter")
+        header = read_logical_header(work / "payload.onnx_adapter")  # int4 parts as the tensors they expand to
         check_entry(header, entry, slots=parse_slots(model), base_fingerprint=fingerprint, slot_rank=slot_rank,
                     task=task, source=f"adapter {name!r}", facts=GraphFacts.from_model(model, context), compact=True)
         meta = _common("adapter", base_fingerprint=fingerprint, payload=work / "payload.onnx_adapter",

@@ -145,6 +145,41 @@ def _parse_header(buf, source: str) -> AdapterHeader:
                            hint="re-export the adapter with edgepeft build, or check the file was not truncated") from exc
 
 
+def logical_header(header: AdapterHeader, arrays: dict, source: str = "adapter") -> AdapterHeader:
+    """``header`` with each int4-packed tensor (:mod:`edgepeft.spec.adapter_payload`) seen as the tensor it
+    expands to: its logical name, shape and dtype, so the slot checks run before anything is expanded.
+    ``arrays`` are :func:`map_arrays`'s views. Raises :class:`AdapterError` for malformed int4 parts."""
+    from ..spec.adapter_payload import INT4_META, INT4_PARTS, int4_layout, int4_names
+
+    packed = int4_names(header.params)
+    if not packed:
+        return header
+    params = {k: p for k, p in header.params.items() if not (k.endswith(INT4_PARTS) and k.rpartition(".")[0] in packed)}
+    for name in sorted(packed):
+        if name in params:
+            raise AdapterError(f"{source}: {name} is stored both as is and as int4", hint="re-export the adapter")
+        try:
+            shape, out_int8, _, _ = int4_layout(arrays[name + INT4_META])
+        except ValueError as exc:
+            raise AdapterError(f"{source}: {name}: {exc}", hint="re-export the adapter with edgepeft") from exc
+        dtype = "tensor(int8)" if out_int8 else "tensor(float)"
+        count = int(np.prod(shape))
+        params[name] = AdapterParam(name, shape, dtype, count * _ITEMSIZE[dtype])
+    return AdapterHeader(header.format_version, header.adapter_version, header.model_version, params)
+
+
+def read_logical_header(path) -> AdapterHeader:
+    """:func:`read_header` of the adapter file at ``path``, int4 parts seen as their tensors
+    (:func:`logical_header`). Raises :class:`AdapterError`."""
+    data = Path(path).read_bytes()
+    header = read_header(data, str(path))
+    try:
+        return logical_header(header, map_arrays(data, header), str(path))
+    except ValueError as exc:  # a tensor that does not lie within the file
+        raise AdapterError(f"{path} is not a readable .onnx_adapter file: {exc}",
+                           hint="re-export the adapter with edgepeft build") from exc
+
+
 def map_arrays(data, header: AdapterHeader) -> dict:
     """Read-only numpy views of every parameter over ``data`` (the adapter's verified bytes; no copy).
 

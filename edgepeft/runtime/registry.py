@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 from ..errors import AdapterError
 from ..spec.adapter_payload import SCALE_SUFFIX
 from ..spec.methods import BOTTLENECK, BOTTLENECK_TAG, LORA, METHODS, PREFIX_METHODS, prefix_names
-from .adapter_file import AdapterHeader, map_arrays, read_header
+from .adapter_file import AdapterHeader, logical_header, map_arrays, read_header
 
 _SERIAL = itertools.count(1)  # identifies each loaded adapter object for the decode contexts' bindings
 
@@ -319,7 +319,13 @@ class AdapterRegistry:
         if not name:
             raise AdapterError("an adapter needs a name", hint="its manifest or update entry names it")
         source = f"adapter {name!r}"
-        header = read_header(data, source)
+        stored = read_header(data, source)
+        try:
+            mapped = map_arrays(data, stored)
+        except ValueError as exc:  # numpy: a tensor that does not lie within the file
+            raise AdapterError(f"{source} cannot be loaded: {exc}",
+                               hint="re-export the adapter; the file may be truncated") from exc
+        header = logical_header(stored, mapped, source)  # int4 parts seen as what they expand to
         rank = check_entry(header, meta, slots=self.slots, base_fingerprint=self.base_fingerprint,
                            slot_rank=self.slot_rank, task=self.task, source=source, facts=self.facts, compact=True)
         is_prefix = meta.get("method") in PREFIX_METHODS
@@ -328,8 +334,9 @@ class AdapterRegistry:
             raise AdapterError(f"classification adapter {name!r} lists no labels",
                                hint="its manifest entry must carry the label names")
         try:
-            arrays = map_arrays(data, header)
-            if any(p.dtype == "tensor(float16)" or p.name.endswith(SCALE_SUFFIX) for p in header.params.values()):
+            arrays = mapped
+            if header is not stored or any(p.dtype == "tensor(float16)" or p.name.endswith(SCALE_SUFFIX)
+                                           for p in header.params.values()):
                 arrays = {k: v for k, v in expand_arrays(arrays).items()}
                 for v in arrays.values():
                     v.flags.writeable = False

@@ -81,7 +81,7 @@ class AdapterEntry:
             alpha=f.float("alpha", min=0.0) if lora else f.float("alpha", None, min=0.0),
             base_fingerprint=f.str("base_fingerprint"),
             task=f.str("task", "causal-lm", choices=TASKS),
-            dtype=f.str("dtype", "fp32", choices=("fp32", "fp16", "int8")),
+            dtype=f.str("dtype", "fp32", choices=("fp32", "fp16", "int8", "int4")),
             target_modules=tuple(f.str_list("target_modules", [])),
             labels=tuple(f.str_list("labels", None)) if f.data.get("labels") is not None else None,
             review_threshold=f.float("review_threshold", None, min=0.0, max=1.0),

@@ -69,8 +69,10 @@ export function readAdapter(buffer, source) {
     for (const t of root.tables(3)) {
       const name = t.string(0), dims = t.int64s(1), type = t.int32(2), raw = t.bytes(3);
       if (!ITEMSIZE[type]) {
-        throw new BundleError(`${source}: parameter ${name} has unsupported data type ${type}`,
-          "export adapters with float32, float16 or int8 tensors");
+        const int4 = /\.q4(meta|mask|scale)?$/.test(name);  // the int4 payload's parts (docs/bundle-format.md 6.2)
+        throw new BundleError(`${source}: parameter ${name} has unsupported data type ${type}`
+          + (int4 ? " (an int4 payload, which this app does not expand)" : ""),
+          "export adapters with float32, float16 or int8 tensors (edgepeft build --adapter-dtype int8)");
       }
       const count = dims.reduce((a, b) => a * b, 1);
       if (dims.some((d) => d < 0) || raw.length !== count * ITEMSIZE[type]) {
