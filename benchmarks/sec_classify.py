@@ -73,15 +73,25 @@ def run(ctx: Context) -> Section:
     systems = {k: v for k, v in systems.items() if v is not None}
     for batch in s.classify_batch:
         texts = (TEXTS * (batch // len(TEXTS) + 1))[:batch]
-        samples = interleaved({n: (lambda o=o, t=texts: o.run(t)) for n, o in systems.items()}, s.reps, s.warmup)
-        g = sec.group(f"samples_per_s_b{batch}", f"samples/s at batch {batch} (tokenizing included)", "higher",
-                      [TORCH])
+        calls = max(1, 32 // batch)  # one batch-1 call is ~2 ms: a sample of one call is mostly noise
+        samples = interleaved({n: (lambda o=o, t=texts: _repeated(o, t, calls)) for n, o in systems.items()},
+                              s.reps, s.warmup)
+        g = sec.group(f"samples_per_s_b{batch}", f"samples/s at batch {batch} (tokenizing included; "
+                      f"{calls} calls per sample)", "higher", [TORCH])
         for name, vals in samples.items():
             if "__skip__" in vals:
                 ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
             else:
                 g.add(name, "samples/s", vals["samples_per_s"])
     return sec
+
+
+def _repeated(system, texts: list[str], calls: int) -> dict:
+    """``calls`` back-to-back calls as one sample: texts classified over the time the calls took."""
+    spent = 0.0
+    for _ in range(calls):
+        spent += len(texts) / system.run(texts)["samples_per_s"]
+    return {"samples_per_s": calls * len(texts) / spent}
 
 
 def goal_classify(sec: Section) -> dict:
