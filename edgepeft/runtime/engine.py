@@ -86,10 +86,11 @@ class Engine:
         model_file = self._files.open_verified(m.file(graph))
         tok_name = m.tokenizer.get("file", "tokenizer.json")
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
-            # on another core while the session is built: the tokenizer, then every other listed file
-            # (adapters included: a tampered bundle is refused at open even though they load later)
+            # on another core while the session is built: the tokenizer, then every other listed file (lazy
+            # adapters included: a tampered bundle is refused at open, and they are hashed again when loaded)
             codec = pool.submit(self._codec, m.file(tok_name), m.tokenizer)
-            rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in {graph, tok_name}])
+            loaded_now = {graph, tok_name} | (set() if lazy_adapters else {a.file for a in m.adapters})
+            rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in loaded_now])
             try:
                 self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent)
             finally:

@@ -459,24 +459,23 @@ class AdapterRegistry:
         elif isinstance(names, (str, LoadedAdapter)):
             names = [names]
         while True:
-            for n in names:  # deferred adapters are read and verified here, outside the lock
-                if not isinstance(n, LoadedAdapter):
-                    self.get(n)
             with self._lock:
                 found = [n if isinstance(n, LoadedAdapter) else self._get(n) for n in names]
-                if not all(isinstance(a, LoadedAdapter) for a in found):
-                    continue  # one was deferred again meanwhile: load it, then count
-                chosen = list({id(a): a for a in found}.values())
-                if len(chosen) > 1:
-                    check_disjoint(chosen)
-                    prefixes = [a.name for a in chosen if a.prefix]
-                    if len(prefixes) > 1:
-                        raise AdapterError(f"adapters {', '.join(map(repr, prefixes))} are all prefixes; a "
-                                           "request starts from one key/value prefix",
-                                           hint="name one prefix adapter per request")
-                for a in chosen:
-                    a.in_use += 1
-                break
+                deferred = [a.name for a in found if isinstance(a, DeferredAdapter)]
+                if not deferred:
+                    chosen = list({id(a): a for a in found}.values())
+                    if len(chosen) > 1:
+                        check_disjoint(chosen)
+                        prefixes = [a.name for a in chosen if a.prefix]
+                        if len(prefixes) > 1:
+                            raise AdapterError(f"adapters {', '.join(map(repr, prefixes))} are all prefixes; a "
+                                               "request starts from one key/value prefix",
+                                               hint="name one prefix adapter per request")
+                    for a in chosen:
+                        a.in_use += 1
+                    break
+            for name in deferred:  # read, hashed and loaded outside the lock; then look again
+                self.get(name)
         try:
             yield chosen
         finally:
