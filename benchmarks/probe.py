@@ -3,6 +3,9 @@
 Run as ``python -m benchmarks.probe KIND ARGS_JSON``; prints one JSON line. A
 separate process per measurement gives honest resident-memory numbers (nothing
 else loaded) and a real "open to first token" (page cache warm, process cold).
+Each system's Python modules and native libraries are imported before the clock
+starts (``import_s``), as ``import onnxruntime_genai`` loads genai's: edgepeft's
+engine imports onnxruntime and tokenizers lazily, so the probe imports them first.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def main() -> None:
     n_new = int(args.get("n_new", 2))
     text, ids = args["text"], args["ids"]
     if kind == "edgepeft":
+        import onnxruntime  # noqa: F401  the runtime's native libraries, as genai's import loads its own
+        import tokenizers  # noqa: F401
+
         from edgepeft.runtime.engine import Engine
 
         out["import_s"] = time.perf_counter() - t_imp

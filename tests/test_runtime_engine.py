@@ -253,6 +253,70 @@ def test_tampered_or_untrusted_bundles_are_refused(built, tmp_path):
     assert isinstance(ei.value, BundleError) and ei.value.hint
 
 
+def test_bundled_adapters_serve_from_open_and_load_on_first_use(built, tmp_path):
+    """Opening reads no adapter tensors: the manifest entries list and serve them, the first request
+    naming one reads, hashes and loads it (once, with concurrent first requests), with the answers of
+    an engine that loaded everything at open; .epb archives the same."""
+    from edgepeft.bundle.archive import pack_bundle
+    from edgepeft.runtime.registry import DeferredAdapter, LoadedAdapter
+
+    eager = Engine(built["bundle"], [built["public_key"]], lazy_adapters=False)
+    want = {n: eager.generate(PROMPT, adapter=n, max_new_tokens=8).token_ids for n in ("alpha", "beta")}
+    assert all(a["loaded"] and a["bytes"] for a in eager.adapters())
+    for source in (built["bundle"], pack_bundle(built["bundle"], tmp_path / "b.epb")):
+        eng = Engine(source, [built["public_key"]])
+        listed = {a["name"]: a for a in eng.adapters()}
+        assert set(listed) == {"alpha", "beta"} and not any(a["loaded"] for a in listed.values())
+        for name, a in listed.items():  # what the manifest says, before any byte of the file is read
+            full = {x["name"]: x for x in eager.adapters()}[name]
+            assert {k: a[k] for k in ("version", "rank", "task", "method", "sha256", "base_fingerprint")} == \
+                {k: full[k] for k in ("version", "rank", "task", "method", "sha256", "base_fingerprint")}
+        assert isinstance(eng.registry.peek("alpha"), DeferredAdapter)
+        loads = []
+        real = eng.bundled_adapter
+        eng.bundled_adapter = lambda name: loads.append(name) or real(name)
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(eng.registry.get("alpha"))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert loads == ["alpha"] and len({id(a) for a in got}) == 1 and isinstance(got[0], LoadedAdapter)
+        assert {n: eng.generate(PROMPT, adapter=n, max_new_tokens=8).token_ids for n in want} == want
+        assert all(a["loaded"] and a["bytes"] for a in eng.adapters()) and loads == ["alpha", "beta"]
+        eng.close()
+    eager.close()
+
+
+def test_a_bundled_adapter_tampered_after_open_is_refused_when_first_used(built, tmp_path):
+    """The adapter is hashed again when it loads: a file changed after the bundle was opened never
+    reaches the session; every request naming it gets the same clear error, a warning says so, and
+    everything else keeps serving. Unloading a deferred adapter works without reading it."""
+    copy = tmp_path / "b"
+    shutil.copytree(built["bundle"], copy)
+    eng = Engine(copy, [built["public_key"]])
+    bare = eng.generate(PROMPT, max_new_tokens=6).token_ids
+    path = copy / "adapters/alpha-1.onnx_adapter"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    for _ in range(2):
+        with pytest.raises(IntegrityError, match="alpha-1.onnx_adapter does not match its SHA-256") as ei:
+            eng.generate(PROMPT, adapter="alpha", max_new_tokens=6)
+        assert ei.value.hint
+    with pytest.raises(IntegrityError, match="alpha-1.onnx_adapter"):
+        eng.token_logprobs(eng.codec.encode(PROMPT), adapter="alpha")
+    assert any("alpha" in w and "SHA-256" in w for w in eng.info()["warnings"])
+    assert {a["name"]: a["loaded"] for a in eng.adapters()} == {"alpha": False, "beta": False}
+    assert eng.generate(PROMPT, max_new_tokens=6).token_ids == bare
+    assert eng.generate(PROMPT, adapter="beta", max_new_tokens=6).finish_reason in ("length", "stop")
+    eng.unload_adapter("alpha")
+    assert [a["name"] for a in eng.adapters()] == ["beta"]
+    with pytest.raises(AdapterError, match="unknown adapter 'alpha'"):
+        eng.generate(PROMPT, adapter="alpha", max_new_tokens=6)
+    eng.close()
+
+
 def test_audit_log_records_each_request(engine):
     before = len(engine.audit.entries())
     res = engine.generate(PROMPT, adapter="beta", max_new_tokens=5)

@@ -128,6 +128,38 @@ def test_binds_loopback_and_lists_models(server, engine):
     assert status == 200 and {a["name"] for a in listed["data"]} == {"alpha", "beta"}
 
 
+def test_models_list_bundled_adapters_unread_and_a_tampered_one_fails_its_first_request(built, tmp_path):
+    """/v1/models and /v1/adapters list the bundle's adapters from its manifest before any request reads
+    them; an adapter file changed after open is refused (its hash) when a request first names it."""
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(built["bundle"], copy)
+    eng = Engine(copy, [built["public_key"]])
+    srv, thread = _serve(eng)
+    try:
+        status, _, data = _get(srv.url + "/v1/models")
+        assert status == 200 and {(m["id"], m.get("version")) for m in data["data"][1:]} == {("alpha", 1), ("beta", 1)}
+        status, _, listed = _get(srv.url + "/v1/adapters")
+        assert status == 200 and [(a["name"], a["loaded"]) for a in listed["data"]] == [("alpha", False),
+                                                                                        ("beta", False)]
+        path = copy / "adapters/alpha-1.onnx_adapter"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        status, _, body = _post(srv.url + "/v1/chat/completions", {"model": "alpha", "messages": MSGS, "max_tokens": 4})
+        err = json.loads(body)["error"]
+        assert status == 400 and err["type"] == "IntegrityError" and "does not match its SHA-256" in err["message"]
+        assert _post(srv.url + "/v1/chat/completions", {"model": "beta", "messages": MSGS, "max_tokens": 4})[0] == 200
+        status, _, data = _get(srv.url + "/v1/models")
+        assert any("alpha-1.onnx_adapter" in w for w in data["warnings"])
+        status, _, listed = _get(srv.url + "/v1/adapters")
+        assert [(a["name"], a["loaded"]) for a in listed["data"]] == [("alpha", False), ("beta", True)]
+    finally:
+        _stop(srv, thread)
+        eng.close()
+
+
 def test_chat_completion_matches_the_engine(server, engine):
     want = engine.generate(messages=MSGS, adapter="alpha", max_new_tokens=10)
     status, ctype, body = _post(server.url + "/v1/chat/completions",

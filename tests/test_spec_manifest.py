@@ -167,3 +167,32 @@ def test_verified_files_are_sealed_copies_of_what_was_hashed(bundle, keypair):
     assert bytes(view[:5]) == b"graph"  # the view outlives the file
     with pytest.raises(IntegrityError, match="SHA-256"):
         files.open_verified(entry)
+
+
+def test_sealing_waits_out_busy_pages_and_fails_clearly_when_they_stay_busy():
+    """The kernel refuses the write seal while a writable shared mapping of the memfd exists (EBUSY, as
+    when another kernel user briefly holds one of its pages): the seal is tried again, and takes once the
+    mapping is gone; a mapping that never goes gives a typed error instead of an OSError."""
+    import fcntl
+    import mmap
+    import os
+    import threading
+
+    from edgepeft.spec.verify import _seal
+
+    if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
+        pytest.skip("memfds are Linux-only")
+    fd = os.memfd_create("seal-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, b"graph" * 1000)
+        busy = mmap.mmap(fd, 5000, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with pytest.raises(IntegrityError, match="cannot be sealed") as ei:
+            _seal(fd, "model.onnx", tries=2)
+        assert ei.value.hint
+        threading.Timer(0.02, busy.close).start()  # the mapping goes while the seal is being retried
+        _seal(fd, "model.onnx")
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+        with pytest.raises(PermissionError):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)

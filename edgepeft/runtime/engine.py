@@ -1,10 +1,11 @@
 """The device engine: one verified bundle, one ONNX Runtime session, many adapters.
 
 ``Engine(bundle_dir, trusted_keys)`` checks the manifest signature and every
-file's hash before anything is loaded, opens one session with the target's
-providers and threads, and loads the bundle's adapters from the very bytes it
-hashed. Requests name their adapter; requests with different adapters run
-concurrently on the same session. A refused request (bad input, unknown
+file's hash before anything is loaded, and opens one session with the target's
+providers and threads. The bundle's adapters serve from the start but are read
+when first used (hashed again then, and loaded from the very bytes hashed), so
+opening costs the same with 1 or 10 of them. Requests name their adapter;
+requests with different adapters run concurrently on the same session. A refused request (bad input, unknown
 adapter, ...) raises and leaves the engine as it was.
 
 Newer adapter versions arrive as signed update packages through
@@ -14,16 +15,17 @@ this class (prepare, serve, health-check) and never the engine's internals.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import AdapterError, BundleError, EngineError, SpecError
+from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError
 from .audit import AuditLog
 from .decoder import check_room
 from .detok import IncrementalDetokenizer, StopMatcher
-from .registry import AdapterRegistry, GraphFacts, LoadedAdapter, parse_slots
+from .registry import AdapterRegistry, DeferredAdapter, GraphFacts, LoadedAdapter, parse_slots
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import check_runtime, open_session
@@ -41,6 +43,9 @@ class Engine:
       ``spinning``: worker threads spin between kernels (faster decode, more power).
     - ``health_checks``: run the bundle's own signed health checks before the engine is
       returned (a bundle that is broken on this device is refused here, not found by a user).
+    - ``lazy_adapters``: the bundle's adapters are loaded by the first request that names them
+      (their files are still hashed at open, so a tampered bundle is refused here, and hashed
+      again when loaded); False loads them all before the engine is returned.
 
     Use it as a context manager, or call :meth:`close`, to release the session and adapters.
 
@@ -51,7 +56,8 @@ class Engine:
     def __init__(self, bundle_dir: str | Path, trusted_keys: Iterable = (), *, providers: Sequence[str] | None = None,
                  threads: int | None = None, audit: AuditLog | str | Path | None = None,
                  review_threshold: float = 0.6,
-                 max_concurrent: int | None = None, spinning: bool = True, health_checks: bool = True):
+                 max_concurrent: int | None = None, spinning: bool = True, health_checks: bool = True,
+                 lazy_adapters: bool = True):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -79,18 +85,19 @@ class Engine:
         # in-memory file onnxruntime opens by path: one copy in memory instead of two)
         model_file = self._files.open_verified(m.file(graph))
         tok_name = m.tokenizer.get("file", "tokenizer.json")
-        used = {graph, tok_name} | {a.file for a in m.adapters}
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
-            # on another core while the session is built: the tokenizer and any other listed file
-            tok = pool.submit(self._files.read, m.file(tok_name))
-            rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in used])
+            # on another core while the session is built: the tokenizer, then every other listed file (lazy
+            # adapters included: a tampered bundle is refused at open, and they are hashed again when loaded)
+            codec = pool.submit(self._codec, m.file(tok_name), m.tokenizer)
+            loaded_now = {graph, tok_name} | (set() if lazy_adapters else {a.file for a in m.adapters})
+            rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in loaded_now])
             try:
                 self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent)
             finally:
                 model_file.close()
                 rest.result()
-                tok_bytes = tok.result()
-        self._load_adapters(m, tok_bytes)
+                self.codec = codec.result()
+        self._serve_bundled(m, lazy_adapters)
         self.audit = AuditLog(audit) if isinstance(audit, (str, Path)) else audit
         if health_checks and m.health_checks:
             self._check_bundle()
@@ -200,12 +207,29 @@ class Engine:
                                         max_context=self.max_context, max_contexts=max_concurrent)
         self.warnings: list[str] = []
 
-    def _load_adapters(self, m, tokenizer_json: bytes) -> None:
+    def _codec(self, entry, info: dict):
         from .text import TextCodec
 
-        self.codec = TextCodec(tokenizer_json, m.tokenizer)
+        return TextCodec(self._files.read(entry), info)
+
+    def _serve_bundled(self, m, lazy: bool) -> None:
+        """Put the bundle's adapters in service: deferred (read, hashed and loaded by the first request
+        that names one) or, with ``lazy`` False, loaded now."""
         for entry in m.adapters:
-            self.registry.put(self.bundled_adapter(entry.name))
+            if not lazy:
+                self.registry.put(self.bundled_adapter(entry.name))
+                continue
+            meta = entry.to_dict() | {"sha256": m.file(entry.file).sha256}
+            self.registry.put(DeferredAdapter(entry.name, int(entry.version), meta,
+                                              load=functools.partial(self._load_bundled, entry.name)))
+
+    def _load_bundled(self, name: str) -> LoadedAdapter:
+        """A deferred bundled adapter's first load; a failure is also kept as a warning (``/v1/models``)."""
+        try:
+            return self.bundled_adapter(name)
+        except EdgePeftError as exc:
+            self.add_warning(f"bundled adapter {name!r} cannot be served: {exc.message}")
+            raise
 
     # -- adapters -------------------------------------------------------------------------
     def adapters(self) -> list[dict]:

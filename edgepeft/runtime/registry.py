@@ -16,7 +16,7 @@ import threading
 import numpy as np
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..errors import AdapterError
 from ..spec.adapter_payload import SCALE_SUFFIX
@@ -116,9 +116,40 @@ class LoadedAdapter:
                 "method": self.method, "virtual_tokens": self.prefix_len or None,
                 "bottleneck_size": self.meta.get("bottleneck_size"), "base_fingerprint": self.base_fingerprint,
                 "bytes": self.nbytes, "in_use": self.in_use, "labels": list(self.labels) if self.labels else None,
-                "review_threshold": self.review_threshold, "sha256": self.meta.get("sha256")}
+                "review_threshold": self.review_threshold, "sha256": self.meta.get("sha256"), "loaded": True}
 
 
+@dataclass
+class DeferredAdapter:
+    """A bundled adapter in service whose file is not read yet: its signed manifest entry stands in.
+
+    Opening a bundle then costs nothing per adapter; the first request that names it (or anything
+    else that needs its tensors) calls ``load``, which reads the file, checks its SHA-256 against
+    the manifest and prepares the tensors from those very bytes, so what serves is still what was
+    verified. A failed load leaves it deferred and raises the same error to every request.
+    """
+
+    name: str
+    version: int
+    meta: dict
+    load: Callable[[], LoadedAdapter] = field(repr=False)
+    serial: int = field(default_factory=lambda: next(_SERIAL))
+    in_use: int = 0  # never used by a request: it is loaded first
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.version, self.serial)
+
+    def describe(self) -> dict:
+        m = self.meta  # the fields a loaded adapter reports that its manifest entry already holds
+        lora = m.get("method", LORA) == LORA
+        return {"name": self.name, "version": self.version, "rank": (m.get("rank") or None) if lora else None,
+                "task": m.get("task", "causal-lm"), "method": m.get("method", LORA),
+                "virtual_tokens": m.get("virtual_tokens"), "bottleneck_size": m.get("bottleneck_size"),
+                "base_fingerprint": m.get("base_fingerprint"), "bytes": None, "in_use": 0,
+                "labels": list(m["labels"]) if m.get("labels") else None,
+                "review_threshold": m.get("review_threshold"), "sha256": m.get("sha256"), "loaded": False}
 
 
 COMPACT = {"tensor(float16)", "tensor(int8)"}  # stored forms a float slot or a prefix takes once expanded
@@ -300,7 +331,7 @@ class AdapterRegistry:
                  task: str = "causal-lm", facts: GraphFacts | None = None):
         self.slots, self.base_fingerprint, self.slot_rank, self.task = slots, base_fingerprint, slot_rank, task
         self.facts = facts or GraphFacts()
-        self._adapters: dict[str, LoadedAdapter] = {}
+        self._adapters: dict[str, LoadedAdapter | DeferredAdapter] = {}
         self._lock = threading.Lock()
 
     def prepare(self, data, meta: dict, *, name: str | None = None) -> LoadedAdapter:
@@ -360,9 +391,11 @@ class AdapterRegistry:
                              review_threshold=meta.get("review_threshold"), meta=dict(meta), values=values,
                              arrays=arrays, prefix=prefix)
 
-    def put(self, adapter: LoadedAdapter, *, replace: bool = True) -> LoadedAdapter | None:
-        """Serve ``adapter`` under its name; return the one it replaced (requests already running
-        finish on that one). Raises :class:`AdapterError` when the name is taken and not ``replace``."""
+    def put(self, adapter: LoadedAdapter | DeferredAdapter, *,
+            replace: bool = True) -> LoadedAdapter | DeferredAdapter | None:
+        """Serve ``adapter`` under its name (a :class:`DeferredAdapter` is loaded when first used);
+        return the one it replaced (requests already running finish on that one). Raises
+        :class:`AdapterError` when the name is taken and not ``replace``."""
         with self._lock:
             old = self._adapters.get(adapter.name)
             if old is not None and not replace:
@@ -371,8 +404,8 @@ class AdapterRegistry:
             self._adapters[adapter.name] = adapter
             return old
 
-    def unload(self, name: str) -> LoadedAdapter:
-        """Drop ``name``; refused while a request uses it. Returns what was unloaded."""
+    def unload(self, name: str) -> LoadedAdapter | DeferredAdapter:
+        """Drop ``name`` (loaded or deferred); refused while a request uses it. Returns what was unloaded."""
         with self._lock:
             a = self._get(name)
             if a.in_use:
@@ -380,7 +413,7 @@ class AdapterRegistry:
                                    hint="retry when they finish")
             return self._adapters.pop(name)
 
-    def _get(self, name: str) -> LoadedAdapter:
+    def _get(self, name: str) -> LoadedAdapter | DeferredAdapter:
         a = self._adapters.get(name) if isinstance(name, str) else None
         if a is None:
             known = ", ".join(sorted(self._adapters)) or "none"
@@ -388,11 +421,26 @@ class AdapterRegistry:
         return a
 
     def get(self, name: str) -> LoadedAdapter:
-        with self._lock:
-            return self._get(name)
+        """The adapter serving as ``name``, loaded now if it was deferred. Raises :class:`AdapterError`
+        (unknown name, or a bundled file that does not fit the graph) or :class:`IntegrityError`
+        (a bundled file that no longer matches its manifest hash)."""
+        while True:
+            with self._lock:
+                a = self._get(name)
+            if isinstance(a, LoadedAdapter):
+                return a
+            with a.lock:  # one reader per deferred adapter; the others wait for its result
+                with self._lock:
+                    if self._adapters.get(name) is not a:
+                        continue  # loaded, replaced or unloaded meanwhile: look again
+                loaded = a.load()
+                with self._lock:
+                    if self._adapters.get(name) is a:
+                        self._adapters[name] = loaded
+                        return loaded
 
-    def peek(self, name: str) -> LoadedAdapter | None:
-        """The loaded adapter called ``name``, or None."""
+    def peek(self, name: str) -> LoadedAdapter | DeferredAdapter | None:
+        """What serves as ``name`` without loading it (a :class:`DeferredAdapter` until first use), or None."""
         with self._lock:
             return self._adapters.get(name)
 
@@ -417,17 +465,24 @@ class AdapterRegistry:
             names = []
         elif isinstance(names, (str, LoadedAdapter)):
             names = [names]
-        with self._lock:
-            chosen = list({id(a): a for a in (n if isinstance(n, LoadedAdapter) else self._get(n)
-                                              for n in names)}.values())
-            if len(chosen) > 1:
-                check_disjoint(chosen)
-                prefixes = [a.name for a in chosen if a.prefix]
-                if len(prefixes) > 1:
-                    raise AdapterError(f"adapters {', '.join(map(repr, prefixes))} are all prefixes; a request "
-                                       "starts from one key/value prefix", hint="name one prefix adapter per request")
-            for a in chosen:
-                a.in_use += 1
+        while True:
+            with self._lock:
+                found = [n if isinstance(n, LoadedAdapter) else self._get(n) for n in names]
+                deferred = [a.name for a in found if isinstance(a, DeferredAdapter)]
+                if not deferred:
+                    chosen = list({id(a): a for a in found}.values())
+                    if len(chosen) > 1:
+                        check_disjoint(chosen)
+                        prefixes = [a.name for a in chosen if a.prefix]
+                        if len(prefixes) > 1:
+                            raise AdapterError(f"adapters {', '.join(map(repr, prefixes))} are all prefixes; a "
+                                               "request starts from one key/value prefix",
+                                               hint="name one prefix adapter per request")
+                    for a in chosen:
+                        a.in_use += 1
+                    break
+            for name in deferred:  # read, hashed and loaded outside the lock; then look again
+                self.get(name)
         try:
             yield chosen
         finally:

@@ -257,12 +257,35 @@ def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
         if n != entry.size or h.hexdigest() != entry.sha256:
             raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
                                  hint="copy the bundle again from a trusted source")
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_SEAL)
+        _seal(fd, label)
         return VerifiedFile(fd=fd, size=n)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _seal(fd: int, label: str, tries: int = 6) -> None:
+    """Forbid every further change to the memfd. The kernel refuses the write seal (EBUSY) while
+    something else still holds a reference to one of its pages (seen here with the kernel's page
+    access monitor, kdamond, running); such references are short-lived, so it tries again.
+    Raises :class:`IntegrityError` when the seal never takes."""
+    import errno
+    import fcntl
+    import time
+
+    for attempt in range(tries):
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_SEAL)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            if attempt == tries - 1:
+                raise IntegrityError(f"the verified in-memory copy of {label} cannot be sealed against changes "
+                                     "(the kernel says its pages are busy)",
+                                     hint="open the bundle again; if it persists, report the kernel version") from exc
+            time.sleep(0.005 * 2 ** attempt)
 
 
 class BundleFiles:
