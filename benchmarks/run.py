@@ -60,7 +60,10 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals += sec_adapters.goals_sizes(sec)
         elif sid == "quality":
             goals.append(sec_quality.goal_quality(sec))
+            goals.append(sec_quality.goal_float_base(sec, next((x for x in sections if x.id == "sizes"), None)))
             goals.append(sec_tasks.goal_int4_payload(sec))
+        elif sid == "memory":
+            goals += sec_memory.goals_memory(sec)
         elif sid == "classify":
             goals.append(sec_classify.goal_classify(sec))
         elif sid == "transport":

@@ -1,5 +1,8 @@
 """Section 6: resident memory with 0, 1 and 10 adapters in use; bundle open to first token.
 
+edgepeft is measured on the default int4 bundle (the GGUF's blocks) and on the re-quantized one the phone
+profile ships (targets/android-arm64.toml).
+
 Each measurement is a fresh process (``benchmarks.probe``), repeated and
 interleaved across systems like everything else.
 """
@@ -15,6 +18,7 @@ from .context import Context
 from .fixtures import bench_prompt
 from .harness import Section, Skip
 from .isolate import PeerFailed, exit_text
+from .systems import EP_INT4_RQ as EP_RQ
 from .systems import bundle, genai_dirs, pubkey
 from .sys_llama import available as llama_available
 
@@ -47,6 +51,12 @@ def run(ctx: Context) -> Section:
                                                           "pub": str(pubkey(ctx))})
     except Skip:
         pass
+    if not ctx.smoke:  # the phone profile's form (targets/android-arm64.toml: gguf = "requantize")
+        try:
+            probes[EP_RQ] = ("edgepeft", common | {"bundle": str(bundle(ctx, "int4", all_adapters=True,
+                                                                        gguf="requantize")), "pub": str(pubkey(ctx))})
+        except Skip:
+            pass
     if ctx.wanted("genai"):
         try:
             probes["genai int4"] = ("genai", common | {"dir": str(genai_dirs(ctx)[0])})
@@ -77,15 +87,15 @@ def run(ctx: Context) -> Section:
     for name, runs in results.items():
         if not runs:
             continue
-        if name == "edgepeft int4":
+        if name in ("edgepeft int4", EP_RQ):
             n_ad = runs[0].get("adapters", 0)
             for k in (0, 1, 10):
                 if all(f"rss_{k}" in r for r in runs):
-                    label = f"edgepeft int4, {k} adapter{'' if k == 1 else 's'}"
+                    label = f"{name}, {k} adapter{'' if k == 1 else 's'}"
                     g_rss.add(label, "bytes", [r[f"rss_{k}"] for r in runs])
                     g_anon.add(label, "bytes", [r[f"anon_{k}"] for r in runs])
             if n_ad < 10:
-                sec.notes.append(f"the int4 bundle holds {n_ad} adapters, so the 10-adapter figure is missing")
+                sec.notes.append(f"the {name} bundle holds {n_ad} adapters, so the 10-adapter figure is missing")
         else:
             g_rss.add(name, "bytes", [r["rss_0"] for r in runs])
             g_anon.add(name, "bytes", [r["anon_0"] for r in runs])
@@ -99,6 +109,43 @@ def run(ctx: Context) -> Section:
                      "adapters load (hashed again) on the first request naming them. Each system's imports "
                      "(genai's native library; edgepeft's onnxruntime and tokenizers) happen before the clock.")
     return sec
+
+
+PHONE_MIB = 384  # targets/android-arm64.toml's memory budget
+
+
+def goals_memory(sec: Section) -> list[dict]:
+    """Resident memory <= genai int4's (no adapter); 10 rank-8 adapters within the phone profile with room
+    (<= 90 % of its budget, in the phone's re-quantized form); open to first token <= 1.2x genai's."""
+    rss, ttft = sec.find("rss_bytes"), sec.find("open_to_first_token_s")
+    fig = (lambda g, n: g.get(n) if g else None)
+    out = []
+    genai = fig(rss, "genai int4")
+    goal = {"name": "resident memory without adapters <= genai int4", "target": "ratio <= 1.00"}
+    forms = [f for f in (fig(rss, "edgepeft int4, 0 adapters"), fig(rss, f"{EP_RQ}, 0 adapters")) if f]
+    if genai is None or not forms:
+        out.append(goal | {"met": None, "measured": "not measured"})
+    else:
+        out.append(goal | {"met": forms[0].median <= genai.median, "measured": ", ".join(
+            f"{f.system} {f.median / 2 ** 20:.0f} MiB ({f.median / genai.median:.2f}x)" for f in forms)
+            + f" vs genai {genai.median / 2 ** 20:.0f} MiB"})
+    ten = fig(rss, f"{EP_RQ}, 10 adapters")
+    goal = {"name": "10 rank-8 adapters on the phone profile", "target": f"<= 90 % of {PHONE_MIB} MiB"}
+    out.append(goal | ({"met": None, "measured": "not measured"} if ten is None else
+                       {"met": ten.median <= 0.9 * PHONE_MIB * 2 ** 20,
+                        "measured": f"{ten.system} {ten.median / 2 ** 20:.0f} MiB "
+                                    f"({100 * ten.median / (PHONE_MIB * 2 ** 20):.0f} % of {PHONE_MIB})"}))
+    mine, ref = fig(ttft, "edgepeft int4"), fig(ttft, "genai int4")
+    goal = {"name": "bundle open to first token", "target": "<= 1.2x genai int4 (verification kept)"}
+    if mine is None or ref is None:
+        out.append(goal | {"met": None, "measured": "not measured"})
+    else:
+        rq = fig(ttft, EP_RQ)
+        extra = f"; re-quantized {rq.median * 1e3:.0f} ms ({rq.median / ref.median:.2f}x)" if rq else ""
+        out.append(goal | {"met": mine.median <= 1.2 * ref.median,
+                           "measured": f"{mine.median * 1e3:.0f} vs {ref.median * 1e3:.0f} ms = "
+                                       f"{mine.median / ref.median:.2f}x{extra}"})
+    return out
 
 
 def _against_estimate(bundle_dir: str, runs: list[dict]) -> str:

@@ -144,6 +144,21 @@ def run(ctx: Context) -> Section:
     return sec
 
 
+def goal_float_base(sec: Section, sizes: Section | None) -> dict:
+    """Float bases: int4 from float weights (here the re-quantized form, from the GGUF's dequantized weights,
+    round-to-nearest) at perplexity <= genai int4's and size <= genai's, same run."""
+    goal = {"name": "int4 from float weights vs genai int4", "target": "perplexity and size <= genai's"}
+    g = sec.find("perplexity")
+    mine, ref = (g.get(EP_INT4_RQ), g.get("genai int4")) if g else (None, None)
+    if mine is None or ref is None:
+        return goal | {"met": None, "measured": "not measured"}
+    b = sizes.find("bundle_bytes") if sizes else None
+    sm, sr = (b.get(EP_INT4_RQ), b.get("genai int4 model dir")) if b else (None, None)
+    size = f"; {sm.median / 2 ** 20:.1f} vs {sr.median / 2 ** 20:.1f} MiB" if sm and sr else ""
+    met = mine.median <= ref.median and (sm is None or sr is None or sm.median <= sr.median)
+    return goal | {"met": met, "measured": f"perplexity {mine.median:.2f} vs {ref.median:.2f}{size}"}
+
+
 def goal_quality(sec: Section) -> dict:
     """int4 perplexity within 1 % of the fp32 reference (transformers on the same dequantized weights)."""
     goal = {"name": "int4 perplexity vs fp32 reference", "target": "within 1 %"}

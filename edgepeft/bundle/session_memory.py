@@ -52,7 +52,7 @@ def _measure_here(graph_path: str, threads: int) -> dict | None:
     """The measurement itself, in the process that runs it (see :func:`measure_session`)."""
     import onnxruntime as ort  # the library itself is in the runtime allowance, not in the session
 
-    from ..runtime.session import session_options
+    from ..runtime.session import return_freed_heap, session_options
 
     so = session_options(threads)
     try:
@@ -68,6 +68,7 @@ def _measure_here(graph_path: str, threads: int) -> dict | None:
         sess = ort.InferenceSession(graph_path, so, providers=["CPUExecutionProvider"])
     except Exception:  # onnxruntime raises its own types; a graph for another provider is not measured here
         return None
+    return_freed_heap()  # as the engine does once open
     after = _rss()
     del sess
     if after is None:

@@ -64,6 +64,24 @@ def check_runtime(quantization: dict) -> None:
                           hint=f"install onnxruntime>={want} (Python 3.11 or later), or use an int8 bundle")
 
 
+def return_freed_heap() -> bool:
+    """Give the heap memory freed while a session was built back to the system (glibc's ``malloc_trim``).
+
+    Why: opening a graph parses it, folds its constants and pre-packs its weights; glibc keeps the
+    blocks freed on the way in its arenas, so resident memory stays as if they were live (measured on
+    SmolLM2 int4 after open: 78 MiB for the GGUF-block graph, 34 MiB for the re-quantized one, in a few
+    milliseconds). With another C library (no ``malloc_trim``) nothing happens and False is returned.
+    """
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
 def open_session(model, *, providers: Sequence[str] | None, threads: int, spinning: bool = True,
                  name: str = "model.onnx"):
     """One InferenceSession from the graph's verified bytes or a path to them; raises :class:`BundleError`
