@@ -19,7 +19,7 @@ import numpy as np
 from .context import Context
 from .fixtures import heldout_text
 from .harness import THREADS, Section, Skip
-from .systems import EP_INT4_LAYERS, EP_INT4_RQ, EP_NF4, bundle, decoder, genai_dirs, llama_scorer
+from .systems import EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_RQ_SMALL, EP_NF4, bundle, decoder, genai_dirs, llama_scorer
 
 REF = "transformers fp32"
 
@@ -108,6 +108,7 @@ def run(ctx: Context) -> Section:
     forms = [("edgepeft fp32", dict(quant="fp32")), ("edgepeft int8", dict(quant="int8")),
              ("edgepeft int4", dict(quant="int4", all_adapters=True)),
              (EP_INT4_LAYERS, dict(quant="int4", gguf="layers")), (EP_INT4_RQ, dict(quant="int4", gguf="requantize")),
+             (EP_INT4_RQ_SMALL, dict(quant="int4", gguf="requantize", zero_points="auto")),
              (EP_NF4, dict(quant="nf4"))]
     for label, kw in forms:
         if not ctx.wanted(label):

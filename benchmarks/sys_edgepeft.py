@@ -67,7 +67,7 @@ def edgepeft_root() -> str:
 
 def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, Path]], quant: str,
           task: str = "causal-lm", merge: str | None = None, adapter_dtype: str = "fp32", gguf: str = "keep",
-          lora_b: str = "auto", log: Callable[[str], None] = print) -> Path:
+          lora_b: str = "auto", zero_points: str = "all", log: Callable[[str], None] = print) -> Path:
     """Build (or reuse) bundle ``work/bundles/<name>``; raises :class:`Skip` if edgepeft cannot yet.
 
     Reused only while its stamp (build code + adapters + options) is unchanged.
@@ -75,7 +75,7 @@ def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, 
     out = work / "bundles" / name
     stamp_file = out.with_name(name + ".stamp")
     try:
-        stamp = _stamp(base, adapters, quant, merge, adapter_dtype, gguf, lora_b)
+        stamp = _stamp(base, adapters, quant, merge, adapter_dtype, gguf, lora_b, zero_points)
     except OSError as exc:
         raise Skip(f"cannot read the inputs of bundle {name}: {exc}") from exc
     if (out / "manifest.json").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
@@ -89,7 +89,8 @@ def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, 
     t0 = time.perf_counter()
     try:
         build_bundle(base=base, adapters=adapters, target=TARGET, key=priv, out=out, quant=quant, merge=merge,
-                     adapter_dtype=adapter_dtype, task=task, force=True, gguf=gguf, lora_b=lora_b)
+                     adapter_dtype=adapter_dtype, task=task, force=True, gguf=gguf, lora_b=lora_b,
+                     zero_points=zero_points)
     except Exception as exc:  # report any failure of the code under test as a skip with its message
         shutil.rmtree(out, ignore_errors=True)
         raise Skip(f"edgepeft build of {name} failed: {type(exc).__name__}: {exc}") from exc

@@ -26,6 +26,7 @@ EP_INT4_QV = "edgepeft int4 + q,v adapter"
 EP_INT4_LAYERS = "edgepeft int4, GGUF layers"
 EP_INT4_LAYERS_AD = "edgepeft int4, GGUF layers + adapter"
 EP_INT4_RQ = "edgepeft int4, re-quantized"
+EP_INT4_RQ_SMALL = "edgepeft int4, re-quantized, zero points auto"  # the smaller mix (--zero-points auto)
 EP_INT4_FP32B_AD = "edgepeft int4 + adapter, fp32 B slots"
 EP_NF4 = "edgepeft nf4 (QLoRA base, MatMulBnb4)"
 EP_INT8 = "edgepeft int8"
@@ -52,12 +53,13 @@ def pubkey(ctx: Context) -> Path:
 
 
 def bundle(ctx: Context, quant: str, *, merged: bool = False, all_adapters: bool = False, gguf: str | None = None,
-           lora_b: str = "auto") -> Path:
+           lora_b: str = "auto", zero_points: str = "all") -> Path:
     """A decoder bundle: ``quant`` weights, adapter ``a0`` (or all of them), or ``a0`` merged.
 
     ``gguf``: what becomes of the GGUF base's blocks (edgepeft build --gguf); by default "keep" for int4
     and "requantize" for int8 (int8 then shows a real 8-bit build, not the same 4-bit blocks again).
-    ``lora_b``: the LoRA B slot type ("auto": int8 with int4/int8 weights).
+    ``lora_b``: the LoRA B slot type ("auto": int8 with int4/int8 weights). ``zero_points``: the int4
+    re-quantization's zero-point policy (edgepeft build --zero-points).
     """
     gguf = gguf or ("requantize" if quant == "int8" else "keep")
     if ctx.smoke and gguf != "keep" and quant != "int8":
@@ -65,12 +67,14 @@ def bundle(ctx: Context, quant: str, *, merged: bool = False, all_adapters: bool
     ads = peft_adapters(ctx)
     pairs = [(f"a{i}", p) for i, p in enumerate(ads if all_adapters else ads[:1])]
     name = f"dec-{quant}-r{LORA_RANK}" + ("-merged" if merged else "") + ("-all" if all_adapters else "") + \
-        ("" if gguf == "keep" else f"-{gguf}") + ("" if lora_b == "auto" else f"-b{lora_b}")
+        ("" if gguf == "keep" else f"-{gguf}") + ("" if lora_b == "auto" else f"-b{lora_b}") + \
+        ("" if zero_points == "all" else f"-zp{zero_points}")
     base = str(ctx.models.decoder_dir)
 
     def make():
         return sys_edgepeft.build(ctx.work, name, base=base, adapters=pairs, quant=quant,
-                                  merge="a0" if merged else None, gguf=gguf, lora_b=lora_b, log=ctx.log)
+                                  merge="a0" if merged else None, gguf=gguf, lora_b=lora_b, zero_points=zero_points,
+                                  log=ctx.log)
     return ctx.get(f"bundle {name}", make)
 
 

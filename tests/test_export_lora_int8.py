@@ -180,8 +180,12 @@ def test_an_update_package_for_an_int8_b_bundle_serves_like_the_bundled_adapter(
     ids = engine.codec.encode(prompt)
     want = reference_greedy(b["bundle"], b["manifest"], ids, 6, b["update"])
     assert engine.generate(prompt, adapter="alpha-fp32", max_new_tokens=6).token_ids == want
-    got8 = engine.generate(prompt, adapter="alpha-int8", max_new_tokens=6).token_ids
-    assert got8[:3] == want[:3]  # int8 A rounds further: near-ties may part late
+    # the int8 payload rounds A further: greedy near-ties may part, so compare log-probabilities
+    bare, fp32, int8 = (np.array(engine.token_logprobs(ids + want, adapter=a)) for a in (None, "alpha-fp32",
+                                                                                         "alpha-int8"))
+    effect = np.abs(fp32 - bare).max()
+    print(f"int8 package: {np.abs(int8 - fp32).max() / effect:.3f} of the effect")
+    assert effect > 0 and np.abs(int8 - fp32).max() < 0.15 * effect
 
 
 def test_an_int4_update_package_installs_and_serves(tmp_path_factory, tmp_path):

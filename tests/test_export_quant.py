@@ -15,8 +15,11 @@ from test_export_support import (decoder_feeds, greedy_check, make_peft_adapter,
 # - IMPL: vs torch running the SAME dequantized weights (what the graph must compute; the rest is
 #   MatMulNBits' int8 activation rounding at accuracy_level 4), relative to max |logit|;
 # - COS: cosine similarity of logits vs the fp32 model (random weights are the worst case for int4).
-IMPL_TOL = {"fp16": 3e-3, "int8": 0.04, "int4": 0.06}
-COS_MIN = {"fp16": 0.9999, "int8": 0.999, "int4": 0.95}
+# int4 with zero points on every block (the default) measured 0.054 / 0.919 here, the earlier "auto" mix
+# 0.026 / 0.967: on this tiny random model; on SmolLM2 "all" is the better one (KL to fp32 per token
+# 0.50 against 0.61, top-1 agreement 65.5 % against 62.5 %, perplexity 20.6 against 23.4).
+IMPL_TOL = {"fp16": 3e-3, "int8": 0.04, "int4": 0.08}
+COS_MIN = {"fp16": 0.9999, "int8": 0.999, "int4": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +132,10 @@ def test_quant_options_validated():
         WeightQuant("int3")
     with pytest.raises(UsageError):
         WeightQuant("int4", block_size=48)
-    assert WeightQuant("int4").to_dict()["embed_block_size"] == 64
-    q = WeightQuant("int4")
+    q = WeightQuant("int4")  # default: zero points on every block of 32, the embedding's included
+    assert q.to_dict()["embed_block_size"] == 32 and q.asymmetric("l3.gate_up") and q.block_for("l3.down") == 32
+    assert WeightQuant("int4", zero_points="auto").to_dict()["embed_block_size"] == 64
+    q = WeightQuant("int4", zero_points="auto")
     assert q.asymmetric("embed") and q.asymmetric("l3.qkv") and not q.asymmetric("l3.gate_up")
     assert q.block_for("l3.down") == 64 and q.block_for("l3.qkv") == 32
     assert not WeightQuant("int4", zero_points="none").asymmetric("embed")

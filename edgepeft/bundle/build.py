@@ -26,7 +26,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import AdapterError, BuildError, UsageError
 from ..spec.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
-from ..spec.target import GGUF_MODES, LORA_B_TYPES, QuantSpec, TargetProfile, load_target
+from ..spec.target import GGUF_MODES, LORA_B_TYPES, ZERO_POINTS, QuantSpec, TargetProfile, load_target
 from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
@@ -108,7 +108,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
                  merge: str | None = None, adapter_dtype: str | None = None, slot_rank: int | None = None,
                  health_checks: str | os.PathLike | None = None, task: str | None = None, force: bool = False,
                  bottleneck_slots: str | None = None, bottleneck_activation: str | None = None,
-                 gguf: str | None = None, lora_b: str | None = None,
+                 gguf: str | None = None, lora_b: str | None = None, zero_points: str | None = None,
                  progress: Callable[[str], None] = lambda msg: None) -> BuildResult:
     """Build a signed bundle. See the module docstring for the order of checks.
 
@@ -132,6 +132,9 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     if gguf not in GGUF_MODES:
         raise UsageError(f"--gguf {gguf!r} is not one of {', '.join(GGUF_MODES)}")
     lora_b = lora_b or profile.quant.lora_b
+    zero_points = zero_points or profile.quant.zero_points
+    if zero_points not in ZERO_POINTS:
+        raise UsageError(f"--zero-points {zero_points!r} is not one of {', '.join(ZERO_POINTS)}")
     if lora_b not in LORA_B_TYPES:
         raise UsageError(f"LoRA B slot type {lora_b!r} is not one of {', '.join(LORA_B_TYPES)}")
     private_key = load_private_key(key)
@@ -191,7 +194,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         exported = export_api.export_model(
             source, work, task=task, slot_rank=rank,
             quant=QuantSpec(weights=quant, block_size=profile.quant.block_size, adapter_dtype=adapter_dtype,
-                            gguf=gguf, lora_b=lora_b),
+                            gguf=gguf, lora_b=lora_b, zero_points=zero_points),
             target_modules=sorted({m for a in loras for m in a.target_modules}) or "all-linear",
             merge_adapter=merged.path if merged else None, bottleneck=bottleneck, progress=progress)
         fingerprint = exported.fingerprint
@@ -239,7 +242,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
                      "architecture": exported.model_info.get("architecture", "unknown")},
             "target": profile.to_dict() | {"description": profile.description},
             "quantization": {"weights": quant, "block_size": profile.quant.block_size, "adapter_dtype": adapter_dtype,
-                             "gguf": gguf, "lora_b": lora_b},
+                             "gguf": gguf, "lora_b": lora_b, "zero_points": zero_points},
             "model": {"graph": next(iter(exported.files))} | exported.model_info, "tokenizer": tokenizer_info,
             "generation": {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0,
                            "max_context": fit.context},

@@ -21,6 +21,9 @@ from ..spec.methods import describe_size  # torch-free
 @click.option("--quant", type=click.Choice(["int4", "int8", "nf4", "fp16", "fp32"]), default=None,
               help="Base weight quantization [default: the target's]. nf4: the 4-bit base a QLoRA adapter was "
                    "trained on, quantized by bitsandbytes (MatMulBnb4; exact but slow on CPUs).")
+@click.option("--zero-points", type=click.Choice(["all", "auto", "none"]), default=None,
+              help="int4 weights quantized from floats: zero points on every block (default), or 'auto' "
+                   "(a smaller mix: SmolLM2 79 instead of 84 MiB, perplexity 23.4 instead of 20.6) [default: the target's].")
 @click.option("--gguf", type=click.Choice(["keep", "layers", "requantize"]), default=None,
               help="A GGUF base's quantized blocks in an int4/int8 bundle: keep them all as they are (the weights "
                    "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "
@@ -43,7 +46,7 @@ from ..spec.methods import describe_size  # torch-free
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create (OUT.epb is written beside it).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
-def command(base, adapters, target, quant, gguf, adapter_dtype, merge, slot_rank, task, bottleneck_slots,
+def command(base, adapters, target, quant, zero_points, gguf, adapter_dtype, merge, slot_rank, task, bottleneck_slots,
             bottleneck_activation, health_checks, key, out, force, as_json):
     """Export the base once to ONNX with adapter slots, quantize it for a target, turn adapters into
     small swappable files (or merge one), and sign it all into a device bundle."""
@@ -58,7 +61,7 @@ def command(base, adapters, target, quant, gguf, adapter_dtype, merge, slot_rank
     result = build_bundle(base=base, adapters=[parse_adapter_arg(a) for a in adapters], target=target, key=key,
                           out=out, quant=quant, merge=merge, adapter_dtype=adapter_dtype, slot_rank=slot_rank,
                           health_checks=health_checks, task=task, force=force, bottleneck_slots=bottleneck_slots,
-                          bottleneck_activation=bottleneck_activation, gguf=gguf, progress=progress)
+                          bottleneck_activation=bottleneck_activation, gguf=gguf, zero_points=zero_points, progress=progress)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -12,10 +12,11 @@ swappable and exact.
   the scheme this docstring describes next.
 - ``nf4``: the QLoRA base, quantized by bitsandbytes and run by ``MatMulBnb4`` (:mod:`.nf4`).
 
-- ``int4``: ``MatMulNBits`` (bits=4), block-wise along K, mixed per role (``zero_points="auto"``):
+- ``int4``: ``MatMulNBits`` (bits=4), block-wise along K. Default ``zero_points="all"``: every
+  weight in blocks of 32 with uint4 zero points, the tied embedding / lm_head (one copy,
+  ``GatherBlockQuantized`` + ``MatMulNBits``) included. The smaller ``"auto"`` mix:
   qkv: block 32 + uint4 zero points; o, gate|up: block 32 symmetric; down: block 64
-  + zero points; tied embedding / lm_head (one copy, ``GatherBlockQuantized`` + ``MatMulNBits``):
-  block 64 + zero points (576 = 9 x 64: 128 would pad). Symmetric blocks store
+  + zero points; embedding / lm_head block 64 + zero points. Symmetric blocks store
   ``scale = w[argmax|w|] / -8`` (largest magnitude exactly on -8); asymmetric blocks
   take the min/max range (including 0), round the zero point, then rescale so the
   block's larger-magnitude extreme lands exactly on code 0 or 15. Exact extremes
@@ -36,8 +37,15 @@ swappable and exact.
   ``"all"``: zero points everywhere (32/64)   80.56     20.04  22.22  0.584
   ==========================================  ========  =====  =====  =====
 
-  The bundle (model + 1.5 MiB tokenizer + manifest) must stay <= 80 MiB, so
-  model.onnx <= ~78.4 MiB: "old" and "all" do not fit. Zero points cost 1/64
+  The embedding / lm_head's block turned out to matter most (2026-11-26, model.onnx MiB and
+  ppl3k; onnxruntime-genai's int4 of the same weights, symmetric blocks of 32 everywhere: 21.68
+  in an 84.2 MiB folder): ``"none"`` with embedding blocks of 32: 80.4 / 21.77; ``"auto"`` with
+  32: 79.7 / 22.07; ``"all"`` with 32 (the default since): 82.4 / 20.56, a bundle of genai's
+  size with lower perplexity; ``"all"`` with 16: 86.2 / 20.00. ``gguf="layers"`` with the
+  default embedding: 80.9 / 18.18 (19.26 under ``"auto"``).
+
+  Under the earlier 80 MiB bound (model + 1.5 MiB tokenizer + manifest), model.onnx
+  <= ~78.4 MiB: "old" and "all" did not fit. Zero points cost 1/64
   byte per weight at block 32; a down projection at block 64 with zero points
   saves 1.4 MiB over block 32 symmetric and pays for the rest. "auto" wins on
   the larger text and on KL (-12 %); the 1024-token figure alone moves the other
@@ -62,10 +70,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import UsageError
-from ..spec.target import GGUF_MODES, LORA_B_TYPES as LORA_B  # GGUF blocks kept or re-quantized; LoRA B dtype
+from ..spec.target import GGUF_MODES, ZERO_POINTS, LORA_B_TYPES as LORA_B  # GGUF blocks, zero points, LoRA B
 
 KINDS = ("fp32", "fp16", "int8", "int4", "nf4")
-ZERO_POINTS = ("auto", "none", "all")
 _ASYM_AUTO = ("embed", "lm_head", ".qkv", ".down")  # names (endings) with zero points under "auto"
 _WIDE_AUTO = (".down",)  # ... of which these use blocks of 2 * block_size
 
@@ -75,20 +82,21 @@ class WeightQuant:
     """How base weights are stored. Validated here, where it enters the exporter.
 
     ``embed_block_size`` is the block size of the (tied) embedding / lm_head;
-    None means the int4 default (see :attr:`embed_block`) and ``block_size`` otherwise.
-    ``zero_points`` (int4 only; int8 is always symmetric): ``"auto"`` gives the
-    embedding / lm_head and the qkv projection asymmetric blocks with uint4 zero
-    points, and the MLP down projection asymmetric blocks of ``2 * block_size``
-    (the measured best within SmolLM2's 80 MiB bundle, module docstring);
-    ``"all"`` makes every int4 weight asymmetric at its block size, ``"none"``
-    is plain symmetric (the previous scheme).
+    None means the policy's default (see :attr:`embed_block`).
+    ``zero_points`` (int4 only; int8 is always symmetric): ``"all"`` (default) makes
+    every int4 weight asymmetric at its block size, the embedding / lm_head included
+    (the measured best from float weights at onnxruntime-genai's size, module
+    docstring); ``"auto"`` gives only the embedding / lm_head (blocks of 64) and the
+    qkv projection zero points, and the MLP down projection asymmetric blocks of
+    ``2 * block_size`` (the smaller form: SmolLM2 under 80 MiB); ``"none"`` is plain
+    symmetric.
     """
 
     kind: str = "int4"
     block_size: int = 32
     embed_block_size: int | None = None
     accuracy_level: int = 4
-    zero_points: str = "auto"
+    zero_points: str = "all"
     gguf: str = "keep"
     lora_b: str = "auto"
 
@@ -121,10 +129,11 @@ class WeightQuant:
 
     @property
     def embed_block(self) -> int:
-        """Tied embedding / lm_head block: 64 for int4 unless set (keeps SmolLM2's int4 bundle under 80 MiB)."""
+        """Tied embedding / lm_head block: ``block_size`` unless set, 64 under ``zero_points="auto"`` (the
+        smaller form: keeps SmolLM2's int4 bundle under 80 MiB)."""
         if self.embed_block_size:
             return self.embed_block_size
-        return max(self.block_size, 64) if self.kind == "int4" else self.block_size
+        return max(self.block_size, 64) if self.kind == "int4" and self.zero_points == "auto" else self.block_size
 
     @property
     def lora_b_int8(self) -> bool:
@@ -155,7 +164,8 @@ class WeightQuant:
             return cls(kind=quant)
         kind = getattr(quant, "weights", None) or getattr(quant, "kind", None)
         return cls(kind=kind, block_size=int(getattr(quant, "block_size", 32) or 32),
-                   gguf=getattr(quant, "gguf", None) or "keep", lora_b=getattr(quant, "lora_b", None) or "auto")
+                   gguf=getattr(quant, "gguf", None) or "keep", lora_b=getattr(quant, "lora_b", None) or "auto",
+                   zero_points=getattr(quant, "zero_points", None) or "all")
 
 
 class Blocks(NamedTuple):
@@ -434,7 +444,7 @@ class LinearEmitter:
         """Tied embedding and lm_head on one copy of GGUF blocks (``GatherBlockQuantized`` + ``MatMulNBits``)."""
         from .gguf_blocks import BLOCK
 
-        gb, q = self.gb, self.q
+        gb = self.gb
         vocab, hidden = blk.rows, blk.cols
         scales, offset = self._scales(blk, name)
         wname = gb.const(blk.codes, f"{name}.qweight")

@@ -24,6 +24,7 @@ WEIGHT_QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
 ADAPTER_DTYPES = ("fp32", "fp16", "int8", "int4")
 GGUF_MODES = ("keep", "layers", "requantize")
 LORA_B_TYPES = ("auto", "int8", "fp32")
+ZERO_POINTS = ("all", "auto", "none")  # int4 zero points: every weight, the measured smaller mix, none
 LINKS = ("network", "serial")
 KNOWN_PROVIDERS = (
     "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
@@ -42,6 +43,7 @@ class QuantSpec:
     adapter_dtype: str = "fp32"
     gguf: str = "keep"  # a GGUF base's blocks in int4/int8: "keep", "layers" (embedding re-quantized), "requantize"
     lora_b: str = "auto"  # decoder LoRA B slots: "int8" (auto with int4/int8 weights) or "fp32"
+    zero_points: str = "all"  # int4 re-quantized from float weights: "all", "auto" (smaller) or "none"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class TargetProfile:
             adapter_dtype=q.str("adapter_dtype", "fp32", choices=ADAPTER_DTYPES),
             gguf=q.str("gguf", "keep", choices=GGUF_MODES),
             lora_b=q.str("lora_b", "auto", choices=LORA_B_TYPES),
+            zero_points=q.str("zero_points", "all", choices=ZERO_POINTS),
         )
         if quant.block_size & (quant.block_size - 1):
             raise q.error("block_size", f"must be a power of two, got {quant.block_size}")
