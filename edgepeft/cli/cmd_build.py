@@ -27,7 +27,7 @@ from ..spec.methods import describe_size  # torch-free
 @click.option("--gguf", type=click.Choice(["keep", "layers", "requantize"]), default=None,
               help="A GGUF base's quantized blocks in an int4/int8 bundle: keep them all as they are (the weights "
                    "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "
-                   "(smaller, a little lower quality), or re-quantize all (smallest, lowest quality) [default: the "
+                   "(smaller, a little lower quality), or re-quantize all (fastest decode, lowest quality) [default: the "
                    "target's, keep].")
 @click.option("--adapter-dtype", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Adapter payload type [default: the target's].")
