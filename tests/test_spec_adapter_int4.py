@@ -58,12 +58,24 @@ def _parts(x=None):
     (lambda p: p.__setitem__(INT4_META, np.array([33, 0, 0, 2, 32], np.int64)), "groups are one of"),
     (lambda p: p.__setitem__(INT4_META, np.array([32, 1, 0, 2, 32, 1], np.int64)), "impossible shape"),
     (lambda p: p.__setitem__(INT4_META, np.array([32, 0, 0, 0, 32], np.int64)), "impossible shape"),
+    (lambda p: p.__setitem__(INT4_CODES, np.zeros_like(p[INT4_CODES])), "code 0"),
+    (lambda p: p.__setitem__(INT4_SCALE, np.array([1.0, 3e38], np.float32)), "at most"),
 ])
 def test_parts_that_disagree_are_refused(mutate, message):
     parts = _parts()
     mutate(parts)
     with pytest.raises(ValueError, match=message):
         int4_decode(parts)
+
+
+def test_scales_stay_fp16_only_while_normal_and_bad_values_are_refused():
+    tiny = np.full((2, 32), 3e-5, np.float32)  # scales ~4e-6: subnormal in fp16
+    parts = int4_encode(tiny)
+    assert parts[INT4_SCALE].dtype == np.float32
+    assert np.abs(int4_decode(parts) - tiny).max() <= 3e-5 / 14 * 1.01
+    assert int4_encode(np.ones((2, 32), np.float32))[INT4_SCALE].dtype == np.float16
+    with pytest.raises(ValueError, match="NaN"):
+        int4_encode(np.array([[1.0, np.nan] * 16], np.float32))
 
 
 def test_expand_refuses_missing_and_orphan_parts():
@@ -121,6 +133,16 @@ def test_registry_checks_the_claimed_shape_before_expanding(tmp_path):
     huge[INT4_META] = np.array([32, 0, 0, 1 << 24, 1 << 24], np.int64)
     arrays = {f"layers.0.o.lora_A{k}": v for k, v in huge.items()}
     with pytest.raises(AdapterError, match="layers.0.o.lora_A.*shape"):
+        _registry().prepare(_file(tmp_path, arrays), {"name": "a", "base_fingerprint": "sha256:x", "version": 1})
+
+
+def test_a_width_above_the_layer_is_refused_before_expanding(tmp_path):
+    """A bottleneck width (or rank) larger than the slot's own size: no adapter, and a small int4 file must not
+    expand into it."""
+    wide = np.zeros((64, 65), np.float32)
+    wide[0, 0] = 1.0
+    arrays = {f"layers.0.o.lora_A{k}": v for k, v in int4_encode(wide).items()}
+    with pytest.raises(AdapterError, match="exceeds the slot's fixed size 64"):
         _registry().prepare(_file(tmp_path, arrays), {"name": "a", "base_fingerprint": "sha256:x", "version": 1})
 
 

@@ -34,7 +34,9 @@ from .session_memory import SessionMemory
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD_MIB = 112  # Python, numpy, onnxruntime, tokenizers, engine: 102-105 MiB measured (SmolLM2, x86-64)
-EXPANSION = {"fp32": 1, "fp16": 2, "int8": 4}  # bytes held per payload byte once loaded as fp32
+# bytes held per payload byte once loaded (as fp32; int4 also expands the all-zero groups it leaves out:
+# measured 4.4x with int8 B slots, 7.9x with fp32 ones, for SmolLM2's rank-8 all-linear adapter)
+EXPANSION = {"fp32": 1, "fp16": 2, "int8": 4, "int4": 8}
 UNMEASURED_FACTOR = 2  # session bytes per graph byte where unmeasured (measured 1.6-2.8, 2.0 for int4)
 DEFAULT_CONCURRENCY = 4  # a target's budgets.max_concurrent when it names none
 

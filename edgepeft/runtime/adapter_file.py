@@ -11,6 +11,7 @@ raw_data}]}) from a memory map, touching only the few header pages.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ def logical_header(header: AdapterHeader, arrays: dict, source: str = "adapter")
         except ValueError as exc:
             raise AdapterError(f"{source}: {name}: {exc}", hint="re-export the adapter with edgepeft") from exc
         dtype = "tensor(int8)" if out_int8 else "tensor(float)"
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # Python ints: no int64 wrap-around for a hostile shape
         params[name] = AdapterParam(name, shape, dtype, count * _ITEMSIZE[dtype])
     return AdapterHeader(header.format_version, header.adapter_version, header.model_version, params)
 

@@ -245,7 +245,8 @@ def check_prefix(header: AdapterHeader, meta: dict, *, base_fingerprint: str, ta
     lengths = set()
     for n in names:
         p = header.params[n]
-        ok = p.dtype == "tensor(float)" or (compact and p.dtype in COMPACT)
+        ok = p.dtype == "tensor(float)" or (compact and p.dtype in COMPACT and (
+            p.dtype != "tensor(int8)" or n + SCALE_SUFFIX in header.params))  # int8 only with its scale
         if not ok or len(p.shape) != 3 or p.shape[0] != kv or p.shape[2] != hd or p.shape[1] < 1:
             raise AdapterError(f"{source}: {n} is {p.dtype} {list(p.shape)}, the cache takes "
                                f"[{kv}, positions, {hd}] floats", hint="the adapter was exported for another base")
@@ -292,8 +293,15 @@ def check_adapter(header: AdapterHeader, meta: dict, *, slots: dict[str, SlotSpe
         if len(p.shape) != len(slot.dims):
             raise AdapterError(f"{source}: tensor {p.name!r} has shape {list(p.shape)}, the slot is {list(slot.dims)}",
                                hint="the adapter was exported for another graph")
+        fixed = max((d for d in slot.dims if isinstance(d, int)), default=None)
         for dim, actual in zip(slot.dims, p.shape):
             r = _rank_of(dim, actual)
+            if r is not None and fixed is not None and actual > fixed:
+                # a rank or bottleneck width above the layer's own size is no low-rank adapter, and would
+                # let a small (int4, zero-group) file expand into an arbitrarily large tensor
+                raise AdapterError(f"{source}: tensor {p.name!r} has shape {list(p.shape)}: its {dim} dim {actual} "
+                                   f"exceeds the slot's fixed size {fixed}", hint="the adapter was exported for "
+                                   "another graph; re-export it for this bundle")
             if r is None and isinstance(dim, int) and dim != actual:
                 raise AdapterError(f"{source}: tensor {p.name!r} has shape {list(p.shape)}, the slot is "
                                    f"{list(slot.dims)}", hint="the adapter was exported for another base or graph")

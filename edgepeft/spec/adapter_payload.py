@@ -32,6 +32,7 @@ INT4_PARTS = (INT4_CODES, INT4_SCALE, INT4_MASK, INT4_META)
 INT4_GROUP = 32
 _INT4_GROUPS = (8, 16, 32, 64, 128, 256)
 _CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # candidate clipping of each group's range (least error kept)
+_MAX_SCALE = 1e30  # far above any adapter weight; keeps (code - 8) * scale finite in float32
 
 
 def int4_names(names) -> set[str]:
@@ -79,6 +80,8 @@ def int4_encode(arr, *, group: int = INT4_GROUP, transposed: bool = False) -> di
 
     a = np.asarray(arr)
     out_int8 = a.dtype == np.int8
+    if not out_int8 and not np.all(np.isfinite(a)):
+        raise ValueError("an int4 payload cannot hold NaN or infinite values")
     shape = tuple(a.shape)
     rows, cols = _rows(shape, transposed)
     m = (a.T if transposed else a.reshape(rows, cols)).astype(np.float32)
@@ -98,7 +101,8 @@ def int4_encode(arr, *, group: int = INT4_GROUP, transposed: bool = False) -> di
         best_err[better], best_s[better], best_q[better] = err[better], s[better], q[better]
     keep = best_s > 0
     scales16 = best_s[keep].astype(np.float16)
-    fits = bool(np.all(np.isfinite(scales16)) and np.all(scales16 > 0))
+    # fp16 only where every scale stays a normal number: folded int8-B slots push A's scales near 1e-6
+    fits = bool(np.all(np.isfinite(scales16)) and np.all(scales16 >= np.finfo(np.float16).tiny))
     codes = (best_q[keep].astype(np.int16) + 8).astype(np.uint8).reshape(-1)
     if codes.size % 2:
         codes = np.append(codes, np.uint8(8))
@@ -124,12 +128,15 @@ def int4_decode(parts: dict, name: str = "tensor"):
     if np.unpackbits(mask, bitorder="little")[total:].any():
         raise ValueError(f"{name}: its .q4mask marks groups beyond the tensor")
     kept = int(keep.sum())
-    if scale.dtype not in (np.float16, np.float32) or scale.shape != (kept,) or not np.all(np.isfinite(scale)):
-        raise ValueError(f"{name}: its .q4scale must hold {kept} finite fp16/fp32 scales")
+    if scale.dtype not in (np.float16, np.float32) or scale.shape != (kept,) or not np.all(np.isfinite(scale)) \
+            or np.any(np.abs(scale.astype(np.float32)) > _MAX_SCALE):
+        raise ValueError(f"{name}: its .q4scale must hold {kept} finite fp16/fp32 scales of at most {_MAX_SCALE:.1e}")
     if codes.dtype != np.uint8 or codes.shape != (-(-kept * group // 2),):
         raise ValueError(f"{name}: its .q4 must hold {-(-kept * group // 2)} bytes for {kept} groups of {group}")
     nib = np.empty(codes.size * 2, np.int8)
     nib[0::2], nib[1::2] = codes & 0x0F, codes >> 4
+    if np.any(nib[: kept * group] == 0) or np.any(nib[kept * group:] != 8):
+        raise ValueError(f"{name}: its .q4 holds code 0 (not a value) or padding other than 8")
     vals = (nib[: kept * group].astype(np.float32) - 8.0).reshape(kept, group) * scale.astype(np.float32)[:, None]
     g = np.zeros((total, group), np.float32)
     g[keep] = vals

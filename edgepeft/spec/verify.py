@@ -240,7 +240,8 @@ class VerifiedFile:
 
 def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
     """Stream ``blocks`` into a memfd while hashing; seal it once size and SHA-256 match ``entry``.
-    None where memfds do not exist (not Linux). Raises :class:`IntegrityError`."""
+    None where memfds do not exist (not Linux) or the seal never takes (the caller then loads the
+    verified bytes). Raises :class:`IntegrityError` for content that does not match."""
     import fcntl
 
     if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
@@ -257,7 +258,11 @@ def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
         if n != entry.size or h.hexdigest() != entry.sha256:
             raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
                                  hint="copy the bundle again from a trusted source")
-        _seal(fd, label)
+        try:
+            _seal(fd, label)
+        except IntegrityError:  # its pages stayed busy: the caller falls back to the verified bytes
+            os.close(fd)
+            return None
         return VerifiedFile(fd=fd, size=n)
     except BaseException:
         os.close(fd)
