@@ -74,7 +74,7 @@ def int4_encode(arr, *, group: int = INT4_GROUP, transposed: bool = False) -> di
 
     Each group of ``group`` values gets a symmetric scale chosen among a few clippings of its largest
     magnitude by least squared error (round-to-nearest within the group); all-zero groups are dropped.
-    Scales are fp16 where every one fits, else fp32. An int8 ``arr`` comes back as int8.
+    Scales are fp16 where that holds every one within 1/64, else fp32. An int8 ``arr`` comes back as int8.
     """
     import numpy as np
 
@@ -101,8 +101,10 @@ def int4_encode(arr, *, group: int = INT4_GROUP, transposed: bool = False) -> di
         best_err[better], best_s[better], best_q[better] = err[better], s[better], q[better]
     keep = best_s > 0
     scales16 = best_s[keep].astype(np.float16)
-    # fp16 only where every scale stays a normal number: folded int8-B slots push A's scales near 1e-6
-    fits = bool(np.all(np.isfinite(scales16)) and np.all(scales16 >= np.finfo(np.float16).tiny))
+    # fp16 only where it holds every scale within 1/64 (the int4 step is 1/7 of a group's range): folded int8-B
+    # slots push A's scales to ~1e-5, below fp16's normal range, where its absolute step (6e-8) may not be
+    kept_s = best_s[keep]
+    fits = bool(np.all(np.isfinite(scales16)) and np.all(np.abs(scales16.astype(np.float32) - kept_s) <= kept_s / 64))
     codes = (best_q[keep].astype(np.int16) + 8).astype(np.uint8).reshape(-1)
     if codes.size % 2:
         codes = np.append(codes, np.uint8(8))
