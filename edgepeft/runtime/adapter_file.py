@@ -150,12 +150,12 @@ def logical_header(header: AdapterHeader, arrays: dict, source: str = "adapter")
     """``header`` with each int4-packed tensor (:mod:`edgepeft.spec.adapter_payload`) seen as the tensor it
     expands to: its logical name, shape and dtype, so the slot checks run before anything is expanded.
     ``arrays`` are :func:`map_arrays`'s views. Raises :class:`AdapterError` for malformed int4 parts."""
-    from ..spec.adapter_payload import INT4_META, INT4_PARTS, int4_layout, int4_names
+    from ..spec.adapter_payload import INT4_META, int4_layout, int4_names, is_int4_part
 
     packed = int4_names(header.params)
     if not packed:
         return header
-    params = {k: p for k, p in header.params.items() if not (k.endswith(INT4_PARTS) and k.rpartition(".")[0] in packed)}
+    params = {k: p for k, p in header.params.items() if not is_int4_part(k, packed)}
     for name in sorted(packed):
         if name in params:
             raise AdapterError(f"{source}: {name} is stored both as is and as int4", hint="re-export the adapter")

@@ -40,6 +40,11 @@ def int4_names(names) -> set[str]:
     return {n[: -len(INT4_META)] for n in names if n.endswith(INT4_META)}
 
 
+def is_int4_part(name: str, packed: set[str]) -> bool:
+    """Whether stored tensor ``name`` is one of the parts of a tensor in ``packed`` (:func:`int4_names`)."""
+    return name.endswith(INT4_PARTS) and name.rpartition(".")[0] in packed
+
+
 def int4_layout(meta) -> tuple[tuple[int, ...], bool, int, bool]:
     """``(shape, int8 output, group, transposed)`` from a ``.q4meta`` tensor. Raises ValueError for a
     malformed one (a hostile file must not make the receiver allocate what the graph does not take:
@@ -60,13 +65,10 @@ def int4_layout(meta) -> tuple[tuple[int, ...], bool, int, bool]:
 
 
 def _rows(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
-    if transposed:
-        return shape[1], shape[0]
-    cols = shape[-1]
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    return rows, cols
+    """(rows, columns) of the 2-D view whose rows are cut into groups."""
+    import math
+
+    return (shape[1], shape[0]) if transposed else (math.prod(shape[:-1]), shape[-1])
 
 
 def int4_encode(arr, *, group: int = INT4_GROUP, transposed: bool = False) -> dict:
@@ -165,7 +167,7 @@ def expand_arrays(params: dict) -> dict:
             raise ValueError(f"int4 tensor {name} lacks its {missing[0]} part")
         out[name] = int4_decode(parts, name)
     for name, arr in params.items():
-        if name.endswith(INT4_PARTS) and name.rpartition(".")[0] in packed:
+        if is_int4_part(name, packed):
             continue
         if name.endswith(INT4_PARTS):
             raise ValueError(f"adapter tensor {name} is part of an int4 tensor the file does not describe")
