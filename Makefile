@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgepeft-installed
 
-.PHONY: env system-deps test test-slow test-aarch64 extra-models demo bench bench-smoke clean
+.PHONY: env system-deps lint test test-slow test-aarch64 extra-models demo bench bench-smoke clean
 
 env: $(STAMP)
 
@@ -28,7 +28,12 @@ system-deps:
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	    else echo "mosquitto is missing and cannot be installed here (needs root and apt): the fleet tests will skip"; fi; }
 
-test: $(STAMP) system-deps
+# The linters first (seconds): the layer contract (import-linter, pyproject.toml) and ruff.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
 
 # A second real decoder for the slow tests, shipped offline on PyPI: google/gemma-3-270m as a Q4_K_M GGUF split

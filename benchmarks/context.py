@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .fixtures import Models
 from .harness import Skip
@@ -37,7 +37,7 @@ class Settings:
     examples_out: str | None = None  # where the trained example adapters are (default examples/out)
 
     @classmethod
-    def smoke(cls) -> "Settings":
+    def smoke(cls) -> Settings:
         return cls(reps=3, warmup=1, new_tokens=12, prompt_tokens=24, switch_reps=20, ppl_tokens=96,
                    ppl_window=48, classify_batch=[1, 4], memory_reps=1)
 

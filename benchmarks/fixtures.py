@@ -44,7 +44,7 @@ class Models:
 
 def real_models() -> Models:
     """The embedded SmolLM2-135M-Instruct (HF dir + its original Q4_1 GGUF) and MiniLM."""
-    from edgepeft.basemodel import resolve_base
+    from edgepeft.models.base import resolve_base
 
     dec, enc = resolve_base(None), resolve_base(None, task="classification")
     return Models(Path(dec.path), Path(enc.path), smollm2_gguf(), smoke=False, decoder_name=dec.name,

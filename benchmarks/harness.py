@@ -16,9 +16,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Callable
 
 THREADS = 2  # every system gets the same thread budget
 

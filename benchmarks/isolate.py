@@ -19,8 +19,8 @@ import faulthandler
 import multiprocessing as mp
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .harness import Skip
 
@@ -126,7 +126,7 @@ class Worker:
         except (EOFError, OSError):
             self._proc.join(10)
             code = self._proc.exitcode
-            raise self._fail("crashed" if code is None or code < 0 else "exited", phase, exit_text(code))
+            raise self._fail("crashed" if code is None or code < 0 else "exited", phase, exit_text(code)) from None
         if status == "ok":
             return rest[0]
         is_skip, text = rest

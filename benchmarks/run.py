@@ -32,8 +32,18 @@ SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "mem
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
     """Run the chosen sections in order; returns (sections, goals)."""
-    from . import (sec_adapters, sec_classify, sec_decode, sec_families, sec_fleet, sec_kernels, sec_memory,
-                   sec_quality, sec_tasks, sec_transport)
+    from . import (
+        sec_adapters,
+        sec_classify,
+        sec_decode,
+        sec_families,
+        sec_fleet,
+        sec_kernels,
+        sec_memory,
+        sec_quality,
+        sec_tasks,
+        sec_transport,
+    )
 
     runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown sections {unknown}; choose from {SECTIONS}")
 
-    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     mach = machine()
     models = tiny_models(work) if a.smoke else real_models()
     ctx = Context(models, settings, work)

@@ -10,7 +10,18 @@ from . import sys_edgepeft
 from .context import Context
 from .fixtures import LORA_RANK, dir_size
 from .harness import Section, Skip, interleaved
-from .systems import EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_RQ_SMALL, EP_NF4, GENAI_AD, bundle, decoder, genai_dirs, peft_adapters, pubkey
+from .systems import (
+    EP_INT4_LAYERS,
+    EP_INT4_RQ,
+    EP_INT4_RQ_SMALL,
+    EP_NF4,
+    GENAI_AD,
+    bundle,
+    decoder,
+    genai_dirs,
+    peft_adapters,
+    pubkey,
+)
 
 SWITCH = "edgepeft switch (registry + rebind)"
 REOPEN_ORT = "reopen merged int4: ORT session"
@@ -66,6 +77,7 @@ def run_switch(ctx: Context) -> Section:
     try:
         merged = bundle(ctx, "int4", merged=True)
         import onnxruntime as ort
+
         from edgepeft.runtime.engine import Engine
 
         from .harness import THREADS

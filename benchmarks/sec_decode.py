@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from . import systems
 from .context import Context
 from .fixtures import bench_prompt
-from . import systems
 from .harness import Section, Skip, interleaved
-from .systems import (EP_INT4, EP_INT4_AD, EP_INT4_FP32B_AD, EP_INT4_LAYERS_AD, EP_INT4_QV,
-                      EP_INT4_RQ, GENAI, GENAI_AD, LLAMA, TORCH, bundle, decoder)
+from .systems import (
+    EP_INT4,
+    EP_INT4_AD,
+    EP_INT4_FP32B_AD,
+    EP_INT4_LAYERS_AD,
+    EP_INT4_QV,
+    EP_INT4_RQ,
+    GENAI,
+    GENAI_AD,
+    LLAMA,
+    TORCH,
+    bundle,
+    decoder,
+)
 
 REFS = [GENAI, LLAMA, TORCH]
 

@@ -28,7 +28,7 @@ SHARDS = 2
 
 def _sys_counters(url: str, out: dict, stop: threading.Event) -> None:
     """Follow mosquitto's $SYS message counters (sys_interval 1) until ``stop``."""
-    from edgepeft.update.agent_mqtt import mqtt_client
+    from edgepeft.transport.mqtt import mqtt_client
 
     c = mqtt_client(url, "edgepeft-bench-sys")
 
@@ -67,9 +67,9 @@ def _measure(ctx: Context, sec: Section, n: int) -> None:
         sys.path.pop(0)
     if find_mosquitto() is None:
         raise Skip("mosquitto is not installed (make test / make demo install it with apt)")
+    from .fixtures import lora_adapter
     from .sec_transport import _packages
     from .systems import bundle_qv
-    from .fixtures import lora_adapter
 
     qv = bundle_qv(ctx)
     peft = lora_adapter(ctx.models.decoder_dir, ctx.work / "adapters", seed=0, targets=["q_proj", "v_proj"])

@@ -18,9 +18,9 @@ from .context import Context
 from .fixtures import bench_prompt
 from .harness import Section, Skip
 from .isolate import PeerFailed, exit_text
+from .sys_llama import available as llama_available
 from .systems import EP_INT4_RQ as EP_RQ
 from .systems import bundle, genai_dirs, pubkey
-from .sys_llama import available as llama_available
 
 ROOT = Path(__file__).resolve().parent.parent
 

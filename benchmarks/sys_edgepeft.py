@@ -11,8 +11,8 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .harness import THREADS, Skip
 
@@ -21,7 +21,7 @@ TARGET = str(Path(__file__).with_name("bench-host.toml"))  # the x86-64 gateway 
 
 def keypair(work: Path) -> tuple[Path, Path]:
     """A signing key pair for the benchmark bundles (private, public)."""
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     stem = work / "keys" / "bench"
     priv, pub = stem.with_suffix(".key"), stem.with_suffix(".pub")

@@ -9,8 +9,8 @@ the reason and the run goes on.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import sys_edgepeft, sys_genai, sys_llama, sys_torch
 from .context import Context

@@ -3,7 +3,7 @@
 Importing the package is cheap: the server side (``edgepeft.train``,
 ``edgepeft.export``, ``edgepeft.bundle``) loads torch only inside the
 functions that need it, and the device side (``edgepeft.runtime``,
-``edgepeft.spec``) never does.
+``edgepeft.contracts``) never does.
 """
 
 __version__ = "0.2.0"

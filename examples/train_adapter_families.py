@@ -45,7 +45,7 @@ SETTINGS = {
 
 def style(samples: list[dict]) -> dict:
     """Share of generated answers that open and close in the Northwind voice."""
-    from edgepeft.spec.metrics import normalize
+    from edgepeft.contracts.metrics import normalize
 
     preds = [normalize(s["prediction"]) for s in samples]
     n = max(len(preds), 1)

@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from edgepeft.spec.metrics import normalize
+from edgepeft.contracts.metrics import normalize
 from edgepeft.train.record import read_record
 
 HERE = Path(__file__).resolve().parent

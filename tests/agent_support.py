@@ -30,7 +30,7 @@ class AgentProcess:
         if wait:
             self.wait_ready()
 
-    def wait_ready(self) -> "AgentProcess":
+    def wait_ready(self) -> AgentProcess:
         """Block until the agent prints its address (start several, then wait for each: they load in parallel)."""
         deadline = time.time() + self.timeout
         line = b""

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # tools/aarch64.sh). Each of their tests gets the `device` marker; a test in them that needs the
 # server side takes `@pytest.mark.host_only`. Fixtures that need torch come from
 # test_runtime_support.cached_bundle, which the device run reads prebuilt.
-DEVICE_TESTS = ("test_spec_*.py", "test_runtime_*.py", "test_device_*.py",
+DEVICE_TESTS = ("test_contracts_*.py", "test_runtime_*.py", "test_device_*.py",
                 "test_update*.py", "test_transport*.py", "test_agent*.py")
 DEVICE_RUN = os.environ.get("EDGEPEFT_DEVICE_RUN") == "1"  # set by tools/aarch64.sh on the device
 
@@ -61,7 +61,7 @@ def _quiet_env():
 @pytest.fixture(scope="session")
 def keypair(tmp_path_factory):
     """An Ed25519 key pair (private path, public path) for signing test bundles."""
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys") / "test")
 

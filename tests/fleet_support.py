@@ -51,7 +51,7 @@ class Mosquitto:
                     break
                 except OSError:
                     if self.proc.poll() is not None:
-                        raise RuntimeError(f"mosquitto exited: see {workdir / 'mosquitto.log'}")
+                        raise RuntimeError(f"mosquitto exited: see {workdir / 'mosquitto.log'}") from None
                     time.sleep(0.05)
         self.url = f"mqtt://127.0.0.1:{self.port}"
 

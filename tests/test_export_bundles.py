@@ -15,8 +15,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")
 
-from test_export_support import (ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter,  # noqa: E402
-                                 tiny_decoder_dir, tiny_encoder_dir)
+from test_export_support import ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter, tiny_decoder_dir, tiny_encoder_dir  # noqa: E402
 from test_runtime_support import VOCAB, byte_level_tokenizer, wordpiece_tokenizer  # noqa: E402
 
 from edgepeft.runtime import Engine  # noqa: E402

@@ -8,8 +8,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")
 
-from test_export_support import (decoder_feeds, greedy_check, make_peft_adapter, run_options, session,  # noqa: E402
-                                 tiny_llama_dir)
+from test_export_support import decoder_feeds, greedy_check, make_peft_adapter, run_options, session, tiny_llama_dir  # noqa: E402
 
 TOL = 1e-4
 

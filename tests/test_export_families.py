@@ -16,9 +16,18 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")
 
-from test_export_support import (DECODER_FAMILIES, ENCODER_FAMILIES, ENCODER_TARGETS, fake_quant_dir,  # noqa: E402
-                                 greedy_ids_check, make_peft_adapter, run_options, session, tiny_decoder_dir,
-                                 tiny_encoder_dir)
+from test_export_support import (  # noqa: E402
+    DECODER_FAMILIES,
+    ENCODER_FAMILIES,
+    ENCODER_TARGETS,
+    fake_quant_dir,
+    greedy_ids_check,
+    make_peft_adapter,
+    run_options,
+    session,
+    tiny_decoder_dir,
+    tiny_encoder_dir,
+)
 
 TOL = 2e-5          # fp32: max |logit diff| / max |logit|
 NEAR_TIE = 1e-4     # ids may differ only where torch's two scores are this close (absolute)
@@ -36,7 +45,7 @@ class _Case:
 @pytest.fixture(scope="module", params=sorted(DECODER_FAMILIES))
 def dec(request, tmp_path_factory):
     from edgepeft.export import export_model
-    from edgepeft.export.arch import DECODERS
+    from edgepeft.models.arch import DECODERS
 
     c = _Case()
     c.family = request.param

@@ -132,7 +132,7 @@ def test_a_changed_weight_is_requantized_with_the_reason(tiny_files, tmp_path):
 
     path = tiny_files["mixed"]
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    from edgepeft.basemodel import BaseSource, load_model
+    from edgepeft.models.base import BaseSource, load_model
 
     model = load_model(BaseSource("t", str(path.parent), gguf_file=path.name), quiet=True)
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -147,7 +147,7 @@ def test_a_changed_weight_is_requantized_with_the_reason(tiny_files, tmp_path):
 
 
 def test_requantize_and_float_bases_ignore_gguf(tiny_files, tmp_path):
-    from edgepeft.basemodel import BaseSource, gguf_origin
+    from edgepeft.models.base import BaseSource, gguf_origin
 
     path = tiny_files["mixed"]
     assert gguf_origin(BaseSource("t", str(path.parent), gguf_file=path.name)) == path

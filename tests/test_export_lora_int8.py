@@ -112,8 +112,8 @@ def test_int8_b_slots_match_peft_for_every_payload(setup, payload):
 def test_int4_payload_keeps_each_modules_product(setup):
     """The int4 codec on the real slot tensors: each A @ B within ``INT4_PRODUCT`` of the exported one,
     zero blocks of a packed q|k|v B not stored, and the payload about a quarter of the fp32 one."""
+    from edgepeft.contracts.adapter_payload import expand_arrays
     from edgepeft.export.adapters import build_slot_tensors, encode_payload, fold_b_int8
-    from edgepeft.spec.adapter_payload import expand_arrays
 
     res = _export(setup, "int8", "int8-int4")
     folded = fold_b_int8(build_slot_tensors(setup["peft"], res.model_info, pad=False)[0], res.model_info)

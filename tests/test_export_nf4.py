@@ -25,8 +25,8 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
 def test_nf4_weights_dequantize_as_bitsandbytes():
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     from edgepeft.export.nf4 import quantize_nf4
 

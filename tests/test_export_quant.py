@@ -8,8 +8,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")
 
-from test_export_support import (decoder_feeds, greedy_check, make_peft_adapter, run_options, session,  # noqa: E402
-                                 tiny_llama_dir)
+from test_export_support import decoder_feeds, greedy_check, make_peft_adapter, run_options, session, tiny_llama_dir  # noqa: E402
 
 # Two bounds per kind, on a tiny random llama with a LoRA adapter active:
 # - IMPL: vs torch running the SAME dequantized weights (what the graph must compute; the rest is

@@ -14,7 +14,7 @@ from test_export_support import decoder_feeds, make_peft_adapter, run_options, s
 
 @pytest.fixture(scope="module")
 def smol():
-    from edgepeft.basemodel import load_tokenizer, resolve_base
+    from edgepeft.models.base import load_tokenizer, resolve_base
 
     src = resolve_base(None)
     return src, load_tokenizer(src)
@@ -23,7 +23,7 @@ def smol():
 def _greedy(sess, info, tok, question, n=24):
     ids = np.array([tok(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                                 tokenize=False))["input_ids"]])
-    out, past, new = None, None, []
+    _out, past, new = None, None, []
     end = tok.convert_tokens_to_ids("<|im_end|>")
     for _ in range(n):
         outs = sess.run(None, decoder_feeds(info, ids, past))
@@ -48,8 +48,8 @@ def test_smollm2_int4_carries_the_gguf_and_answers_as_fp32(smol, tmp_path):
     fp32 graph's next token at almost every position of held-out text (MatMulNBits' int8 activations flip
     near ties: "What is the capital of France?" starts "The" at 25.33 vs "L" at 25.24 in fp32); the smaller
     form that re-quantizes only the embedding fits 80 MiB."""
-    from edgepeft.basemodel import gguf_origin
     from edgepeft.export import WeightQuant, export_model
+    from edgepeft.models.base import gguf_origin
 
     src, tok = smol
     res = export_model(src, tmp_path / "keep", quant="int4", slot_rank=16)
@@ -122,8 +122,8 @@ def test_smollm2_fp32_with_adapter_matches_peft(smol, tmp_path):
 def test_minilm_classifier_matches_peft(tmp_path):
     import torch
 
-    from edgepeft.basemodel import load_tokenizer, resolve_base
     from edgepeft.export import export_model, write_adapter
+    from edgepeft.models.base import load_tokenizer, resolve_base
 
     src = resolve_base(None, task="classification")
     tok = load_tokenizer(src)
@@ -158,7 +158,7 @@ def gemma3_270m_dir():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from edgepeft.basemodel import cache_dir
+    from edgepeft.models.base import cache_dir
 
     target = cache_dir() / "models" / "gemma-3-270m"
     if (target / "model.safetensors").is_file():

@@ -275,8 +275,8 @@ def fake_quant_classifier(base, peft_dir, kind, family, num_labels=3):
     from transformers import AutoModelForSequenceClassification
 
     from edgepeft.export import WeightQuant
-    from edgepeft.export.arch import ENCODERS
     from edgepeft.export.quantize import fake_quantize
+    from edgepeft.models.arch import ENCODERS
 
     arch, q = ENCODERS[family], WeightQuant(kind)
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
@@ -341,7 +341,7 @@ def make_bottleneck_adapter(base_dir, out_dir, *, task="causal-lm", size=8, plac
                                 heads=heads, base_name=str(base_dir))
     model = bottleneck.wrap(base, cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.normal_(0, scale)
     model.eval()

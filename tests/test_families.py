@@ -17,9 +17,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from test_export_support import (DECODER_FAMILIES, load_family_model, make_bottleneck_adapter,  # noqa: E402
-                                 make_peft_adapter, make_prompt_adapter, session, tiny_bert_dir,
-                                 tiny_decoder_dir, tiny_llama_dir)
+from test_export_support import (  # noqa: E402
+    DECODER_FAMILIES,
+    load_family_model,
+    make_bottleneck_adapter,
+    make_peft_adapter,
+    make_prompt_adapter,
+    session,
+    tiny_bert_dir,
+    tiny_decoder_dir,
+    tiny_llama_dir,
+)
 
 from edgepeft.errors import AdapterError, TrainError, UsageError  # noqa: E402
 
@@ -214,8 +222,8 @@ def test_build_and_update_create_refuse_what_devices_could_not_apply(families_bu
     from dataclasses import replace
 
     from edgepeft.bundle.build import build_bundle
+    from edgepeft.contracts.target import load_target
     from edgepeft.release.package import create_adapter_update
-    from edgepeft.spec.target import load_target
 
     root = families_bundle
     common = dict(base=str(root / "base"), target="x86-64-gateway", key=keypair[0], quant="fp32")
@@ -248,8 +256,8 @@ def test_build_and_update_create_refuse_what_devices_could_not_apply(families_bu
 def test_each_family_on_the_real_smollm2_answers_as_pytorch_peft(tmp_path, keypair):
     """SmolLM2-135M-Instruct fp32 bundle with a prefix, a compiled soft prompt and a bottleneck adapter (made
     from real tokens / small random weights, untrained): the device's greedy ids equal PyTorch+PEFT's."""
-    from edgepeft.basemodel import resolve_base
     from edgepeft.bundle.build import build_bundle
+    from edgepeft.models.base import resolve_base
     from edgepeft.runtime import Engine
 
     base = resolve_base(None).path

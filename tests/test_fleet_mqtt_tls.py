@@ -32,7 +32,7 @@ def _pki(d):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def write(name, key, cert):
         (d / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -67,8 +67,8 @@ def built(tmp_path_factory):
 
 
 def test_mqtt_over_tls_with_a_certificate_and_topics_per_device(built, tmp_path):
-    from edgepeft.spec.job import job_topic, job_update_topic, new_job, sign_job
-    from edgepeft.update.agent_mqtt import mqtt_client
+    from edgepeft.contracts.job import job_topic, job_update_topic, new_job, sign_job
+    from edgepeft.transport.mqtt import mqtt_client
 
     pki = tmp_path / "pki"
     pki.mkdir()
@@ -124,7 +124,7 @@ def test_mqtt_over_tls_with_a_certificate_and_topics_per_device(built, tmp_path)
         job = new_job(job_id="j1", device_id="dev1", operation="install", repository="http://127.0.0.1:9/",
                       package={"path": "edgepeft/adapters/alpha/v2.epu", "id": "0" * 64, "name": "alpha",
                                "version": 2, "type": "adapter"})
-        from edgepeft.bundle.signing import load_private_key
+        from edgepeft.contracts.signing import load_private_key
 
         ctl.publish(job_topic("dev1", "j1"), sign_job(job, load_private_key(built["private_key"])), qos=1,
                     retain=True).wait_for_publish(5)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +26,7 @@ pytest.importorskip("paho.mqtt")
 from agent_support import ROOT, AgentProcess, run_cli  # noqa: E402
 from fleet_support import Mosquitto, find_mosquitto, free_port  # noqa: E402
 from test_runtime_support import build_decoder_bundle, cached_bundle  # noqa: E402
-from update_support import forge, version_of  # noqa: E402
+from update_support import forge  # noqa: E402
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="MOSQUITTO IS NOT INSTALLED: `make test` installs it (apt-get install mosquitto); "
@@ -246,7 +245,7 @@ in_progress_timeout_minutes = 0.5
     rep = json.loads(r.stdout)
     assert rep["status"] == "SUCCEEDED" and set(_statuses(rep).values()) == {"SUCCEEDED"}
     pkg_id = __import__("hashlib").sha256(
-        fleet["packages"][4].read_bytes()[:__import__("edgepeft.spec.update", fromlist=["x"]).envelope_length(
+        fleet["packages"][4].read_bytes()[:__import__("edgepeft.contracts.update", fromlist=["x"]).envelope_length(
             fleet["packages"][4].read_bytes())]).hexdigest()
     for dev, a in fleet["agents"].items():
         if dev[0] not in "ab":

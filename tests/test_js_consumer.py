@@ -18,7 +18,6 @@ import struct
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 JS = ROOT / "examples" / "js"
@@ -31,8 +30,8 @@ from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 
 require_fixtures()
 
+from edgepeft.contracts.manifest import canonical_bytes  # noqa: E402
 from edgepeft.runtime import Engine  # noqa: E402
-from edgepeft.spec.manifest import canonical_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def test_js_app_answers_exactly_as_the_python_engine(node_modules, tmp_path_fact
 
 
 def test_js_app_refuses_what_the_engine_refuses(node_modules, tmp_path_factory, tmp_path):
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     b = cached_bundle("decoder", tmp_path_factory)
     flipped = tmp_path / "flipped"
@@ -169,7 +168,7 @@ def test_js_app_on_the_real_smollm2_int4_bundle(node_modules, tmp_path):
     """The real tokenizer and chat template (SmolLM2-135M-Instruct, int4 for a Raspberry Pi 5) through
     @huggingface/tokenizers and @huggingface/jinja give the Python engine's answer token for token."""
     from edgepeft.bundle.build import build_bundle
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     priv, pub = generate_keypair(tmp_path / "keys" / "fleet")
     res = build_bundle(base=None, adapters=[], target="raspberry-pi-5", key=priv, out=tmp_path / "pi5", quant="int4")

@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 from test_runtime_support import cached_bundle, reference_greedy, require_fixtures  # noqa: E402
-
 from update_support import forge  # noqa: E402
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -194,7 +193,7 @@ def test_bad_requests_fail_clearly_and_the_engine_keeps_serving(engine, built):
     assert ei.value.hint
     with pytest.raises(BundleError, match="not an edgepeft update package"):
         engine.load_adapter(built["update"], name="raw")  # an adapter file without its signed envelope
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     stranger, _ = generate_keypair(built["root"] / "keys" / "stranger", force=True)
     with pytest.raises(SignatureError, match="does not trust"):
@@ -230,7 +229,7 @@ def test_adapter_with_wrong_shapes_is_refused(engine, built, tmp_path):
 
 
 def test_tampered_or_untrusted_bundles_are_refused(built, tmp_path):
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     src = built["bundle"]
     flipped = tmp_path / "flipped"

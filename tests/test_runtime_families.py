@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
-from test_runtime_support import (FAMILY_ADAPTERS, FAMILY_PROMPT, FAMILY_STEPS, cached_bundle,  # noqa: E402
-                                  require_fixtures)
-
+from test_runtime_support import FAMILY_ADAPTERS, FAMILY_PROMPT, FAMILY_STEPS, cached_bundle, require_fixtures  # noqa: E402
 from update_support import forge  # noqa: E402
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -160,8 +158,8 @@ def test_a_graph_without_bottleneck_slots_refuses_a_bottleneck_update(built, tmp
 def _prefix_package(built, tmp_path, positions: int, **entry) -> bytes:
     """A signed prefix update whose payload holds ``positions`` zero key/values per layer (device-safe:
     written with onnxruntime's adapter format, no torch)."""
-    from edgepeft.spec.adapter_payload import write_adapter_file
-    from edgepeft.spec.methods import prefix_names
+    from edgepeft.contracts.adapter_payload import write_adapter_file
+    from edgepeft.contracts.methods import prefix_names
 
     m = built["manifest"]["model"]
     arrays = {n: np.zeros((m["num_kv_heads"], positions, m["head_dim"]), np.float32)

@@ -137,8 +137,7 @@ def build_families_bundle(root: Path, private_key: Path) -> dict:
     a LoRA-only bundle of the same base (no bottleneck slots), next versions of the prefix (int8 payload),
     prompt and bottleneck adapters as update packages, and the PyTorch+PEFT reference: greedy ids and
     per-step logits for every adapter and none (what the device must reproduce, recorded on the host)."""
-    from test_export_support import (make_bottleneck_adapter, make_peft_adapter, make_prompt_adapter,
-                                     tiny_llama_dir)
+    from test_export_support import make_bottleneck_adapter, make_peft_adapter, make_prompt_adapter, tiny_llama_dir
 
     from edgepeft.bundle.build import build_bundle
     from edgepeft.release.package import create_adapter_update
@@ -211,8 +210,8 @@ def reference_greedy(bundle: Path, manifest: dict, prompt_ids, steps: int, adapt
 
     import onnxruntime as ort
 
+    from edgepeft.contracts.adapter_payload import expand_adapter
     from edgepeft.runtime.adapter_file import read_header
-    from edgepeft.spec.adapter_payload import expand_adapter
 
     info = manifest["model"]
     so = ort.SessionOptions()
@@ -278,7 +277,7 @@ def _record_reference(built: dict) -> dict:
 
 
 def _build(kind: str, root: Path) -> dict:
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     priv, pub = generate_keypair(root / "keys" / "device")
     if kind == "decoder":
@@ -379,7 +378,7 @@ def cached_bundle(kind: str, tmp_path_factory) -> dict:
 def resign_bundle(built: dict, out: Path, **changes) -> Path:
     """A copy of a fixture bundle with manifest fields changed (e.g. ``health_checks``), signed again
     with the fixture's key: a variant of a bundle without the server side (works on the device run)."""
-    from edgepeft.bundle.signing import load_private_key, sign_manifest
+    from edgepeft.contracts.signing import load_private_key, sign_manifest
 
     out = Path(out)
     shutil.copytree(built["bundle"], out)

@@ -161,7 +161,7 @@ def test_max_length_cutting_every_answer(tmp_path, llama):
 # --- the loss mask ----------------------------------------------------------------------------
 
 def test_loss_covers_only_assistant_turns(llama):
-    from edgepeft.basemodel import BaseSource, load_tokenizer
+    from edgepeft.models.base import BaseSource, load_tokenizer
     from edgepeft.train.encode import IGNORE, encode_causal
 
     tok = load_tokenizer(BaseSource("t", llama))
@@ -225,7 +225,7 @@ def test_summary_names_answer_overlap_not_a_contains_match_that_reads_as_failure
 
 
 def test_answer_overlap_credits_shared_words():
-    from edgepeft.spec.metrics import answer_scores
+    from edgepeft.contracts.metrics import answer_scores
 
     ref = "Hi there! Restart the router. Happy surfing! — Nora"
     long = answer_scores("Hi there! Unplug it for ten seconds, then restart the router. Happy surfing! — Nora", ref)

@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from edgepeft.basemodel import BaseSource, load_model, weights_fingerprint  # noqa: E402
 from edgepeft.errors import TrainError  # noqa: E402
+from edgepeft.models.base import BaseSource, load_model, weights_fingerprint  # noqa: E402
 from edgepeft.train import TrainingInterrupted, train  # noqa: E402
 from edgepeft.train.tiny import tiny_bert, tiny_llama  # noqa: E402
 

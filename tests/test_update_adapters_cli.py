@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
 
 import pytest
 
@@ -97,8 +98,9 @@ def test_adapters_against_a_state_folder(built, tmp_path):
     agent = AgentProcess(built["bundle"], pub, state)
     try:
         assert agent.chat("alpha", Q)["adapter_version"] == 2
-        with pytest.raises(Exception):
+        with pytest.raises(urllib.error.HTTPError) as refused:  # an unloaded adapter is an unknown model
             agent.chat("beta", Q)
+        assert refused.value.code in (400, 404)
     finally:
         agent.stop()
     r = run_cli("adapters", "load", "alpha", "--state", state, "--trusted-key", pub)

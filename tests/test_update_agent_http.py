@@ -40,8 +40,8 @@ def agent(built, tmp_path_factory):
 
 def _push_bytes(agent, data: bytes, tmp_path, name="u.epu", **kw):
     """Push as `edgepeft push` does, minus its local check of the file (so damaged bytes reach the device)."""
-    from edgepeft.spec.names import sha256_bytes
-    from edgepeft.spec.update import envelope_length
+    from edgepeft.contracts.names import sha256_bytes
+    from edgepeft.contracts.update import envelope_length
 
     p = tmp_path / name
     p.write_bytes(data)
@@ -77,7 +77,7 @@ def test_push_over_http_installs_and_serves_the_new_version(agent, built, tmp_pa
 
 
 def _expired(m):
-    m["expires"] = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    m["expires"] = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _version_to(v):
@@ -103,7 +103,7 @@ def _flip(data: bytes, at: int) -> bytes:
 def test_bad_packages_are_refused_with_a_reason_and_the_device_keeps_serving(agent, built, tmp_path):
     if _version(agent) != 2:  # order independence: make v2 current first
         assert _push_bytes(agent, built["package"].read_bytes(), tmp_path)["status"] == "healthy"
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     stranger, _ = generate_keypair(tmp_path / "stranger")
     good = built["package"].read_bytes()
@@ -151,7 +151,7 @@ def test_bad_packages_are_refused_with_a_reason_and_the_device_keeps_serving(age
 
 
 def _unsigned(meta, payload):
-    from edgepeft.spec.update import encode_envelope, metadata_bytes
+    from edgepeft.contracts.update import encode_envelope, metadata_bytes
 
     meta["adapter"]["version"] = 9
     return encode_envelope(metadata_bytes(meta), []) + payload

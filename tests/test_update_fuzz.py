@@ -14,8 +14,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from edgepeft.contracts.update import HEADER, MAGIC, encode_envelope, metadata_bytes, verify_envelope  # noqa: E402
 from edgepeft.errors import EdgePeftError  # noqa: E402
-from edgepeft.spec.update import HEADER, MAGIC, encode_envelope, metadata_bytes, verify_envelope  # noqa: E402
 from edgepeft.transport.framing import FrameDecoder, cobs_decode, cobs_encode, encode_frame  # noqa: E402
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -24,7 +24,7 @@ TRIED: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def key(tmp_path_factory):
-    from edgepeft.bundle.signing import generate_keypair, load_private_key
+    from edgepeft.contracts.signing import generate_keypair, load_private_key
 
     priv, pub = generate_keypair(tmp_path_factory.mktemp("k") / "fuzz")
     return load_private_key(priv), pub
@@ -59,7 +59,7 @@ def test_envelope_parser_on_random_bytes(key, raw):
        adapter_edits=st.dictionaries(st.sampled_from(sorted(VALID["adapter"]) + ["odd"]), json_values, max_size=3))
 def test_signed_but_malformed_metadata_gives_a_spec_error(key, edits, adapter_edits):
     """Even a validly signed envelope must not crash the parser with any field of any type."""
-    from edgepeft.bundle.signing import sign_bytes
+    from edgepeft.contracts.signing import sign_bytes
 
     _count("envelope: signed, malformed metadata")
     meta = json.loads(json.dumps(VALID))
@@ -112,7 +112,7 @@ def test_cobs_round_trip_and_garbage(data):
 @given(body=st.binary(max_size=80), kind=st.sampled_from([ord(c) for c in "SDIRX"]))
 def test_device_serial_handler_ignores_malformed_messages(tmp_path_factory, body, kind):
     """The device end of the serial link gets every message type with any body: no exception escapes."""
-    from edgepeft.update.agent_serial import SerialAgent
+    from edgepeft.transport.serial_agent import SerialAgent
 
     _count("serial messages to the device")
 
@@ -151,8 +151,8 @@ def test_store_state_parser(state):
 
 def _manifest(key, files: dict[str, bytes] | None = None, **edits) -> dict:
     """A valid signed bundle manifest listing ``files`` (path -> content), with top-level ``edits``."""
-    from edgepeft.bundle.signing import sign_manifest
-    from edgepeft.spec.names import sha256_bytes
+    from edgepeft.contracts.names import sha256_bytes
+    from edgepeft.contracts.signing import sign_manifest
 
     files = files if files is not None else {"model.onnx": b"graph", "adapters/a-1.onnx_adapter": b"ad"}
     data = {
@@ -181,7 +181,7 @@ def _manifest(key, files: dict[str, bytes] | None = None, **edits) -> dict:
 def test_signed_but_malformed_manifest_gives_a_spec_or_bundle_error(key, tmp_path_factory, edits, inner):
     """A manifest signed by a trusted key but wrong in any field, of any type: a typed error naming
     the file (and the field), never an AttributeError/TypeError from deep inside."""
-    from edgepeft.spec.verify import verify_bundle
+    from edgepeft.contracts.verify import verify_bundle
 
     _count("manifest: signed, malformed fields")
     where, changes = inner
@@ -191,7 +191,7 @@ def test_signed_but_malformed_manifest_gives_a_spec_or_bundle_error(key, tmp_pat
         target.update(changes)
     base.pop("signature")
     base.update(edits)
-    from edgepeft.bundle.signing import sign_manifest
+    from edgepeft.contracts.signing import sign_manifest
 
     try:
         signed = sign_manifest(base, key[0])
@@ -212,7 +212,7 @@ def test_signed_but_malformed_manifest_gives_a_spec_or_bundle_error(key, tmp_pat
 @given(raw=st.binary(max_size=400) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
        | json_values.map(lambda v: json.dumps(v).encode()))
 def test_manifest_bytes_of_any_kind(key, tmp_path_factory, raw):
-    from edgepeft.spec.verify import verify_bundle
+    from edgepeft.contracts.verify import verify_bundle
 
     _count("manifest: any bytes")
     d = tmp_path_factory.mktemp("raw")
@@ -237,8 +237,8 @@ def test_archive_unpacker_and_reader_on_hostile_tars(key, tmp_path_factory, memb
     import io
     import tarfile
 
-    from edgepeft.spec.archive import unpack_bundle
-    from edgepeft.spec.verify import verify_bundle
+    from edgepeft.contracts.archive import unpack_bundle
+    from edgepeft.contracts.verify import verify_bundle
 
     _count("archive: hostile members")
     d = tmp_path_factory.mktemp("tar")

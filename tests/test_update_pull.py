@@ -22,8 +22,8 @@ from update_support import version_of  # noqa: E402
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.errors import TransportError  # noqa: E402
+from edgepeft.transport.tuf_pull import Puller  # noqa: E402
 from edgepeft.update.device import Device  # noqa: E402
-from edgepeft.update.pull import Puller  # noqa: E402
 
 Q = "héllo ☃"
 
@@ -106,7 +106,7 @@ def test_tampered_stale_and_rolled_back_repositories_are_refused(built, served, 
     assert [x["version"] for x in pull.poll()] == [4]
     assert snapshot_files  # (the repository kept every version file, as consistent snapshots do)
     # stale metadata (a freeze attack): a timestamp that has expired is refused
-    from edgepeft.bundle.signing import load_private_key
+    from edgepeft.contracts.signing import load_private_key
     from edgepeft.release.tuf_repo import ROLES, TufRepository
 
     TufRepository(repo, {r: load_private_key(key) for r in ROLES}, expiry_days={"timestamp": -1}).refresh()
@@ -116,12 +116,12 @@ def test_tampered_stale_and_rolled_back_repositories_are_refused(built, served, 
 
 
 def test_a_repository_signed_by_a_stranger_is_not_trusted(built, served, tmp_path):
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     repo, url = served
     stranger, _ = generate_keypair(tmp_path / "stranger")
     assert run_cli("publish", built["package"], "--repo", repo, "--key", stranger).returncode != 0  # not our package
-    from edgepeft.bundle.signing import load_private_key
+    from edgepeft.contracts.signing import load_private_key
     from edgepeft.release.tuf_repo import ROLES, TufRepository
 
     TufRepository(repo, {r: load_private_key(stranger) for r in ROLES}).publish(
@@ -153,7 +153,7 @@ def test_agent_process_pulls_on_its_own(built, served, tmp_path):
 def test_roles_can_have_their_own_keys(built, served, tmp_path):
     """An online timestamp key apart from the fleet key (which keeps root, targets and snapshot): devices still
     anchor on the fleet key, and python-tuf checks each role against the keys root names for it."""
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     repo, url = served
     online, _ = generate_keypair(tmp_path / "online")

@@ -16,8 +16,8 @@ from update_support import forge, unpack_package  # noqa: E402
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
+from edgepeft.fsio import FaultyIO, FileIO, PowerCut  # noqa: E402
 from edgepeft.runtime import Engine  # noqa: E402
-from edgepeft.update.fsio import FaultyIO, FileIO, PowerCut  # noqa: E402
 from edgepeft.update.installer import Updater  # noqa: E402
 
 PROMPT = "the tin ünï ☃"
@@ -73,7 +73,7 @@ def test_install_serves_the_new_version_and_survives_a_restart(built, answers, t
     seen.clear()
     res = up2.install(built["package"].read_bytes(), on_status=lambda s, r: seen.append(s))
     assert res.status == "healthy" and "already installed" in res.reason and seen == ["verified", "healthy"]
-    from edgepeft.spec.update import read_update
+    from edgepeft.contracts.update import read_update
 
     envelope, _ = read_update(built["package"].read_bytes(), eng2.trusted_keys)
     up2.check(envelope)  # a link's early check (after the envelope) lets it through too
@@ -212,7 +212,7 @@ def test_power_cut_at_every_step_of_an_install_leaves_the_old_or_the_new_version
 
 def test_a_device_s_own_checks_can_refuse_an_update_the_signed_checks_pass(built, answers, tmp_path):
     """Site acceptance: checks kept on the device run after the signed ones and can only make it stricter."""
-    from edgepeft.spec.manifest import HealthCheck
+    from edgepeft.contracts.manifest import HealthCheck
 
     strict = [HealthCheck(input="hello", expect={"contains": "Contoso"}, max_new_tokens=8)]
     eng = _engine(built)

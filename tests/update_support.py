@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgepeft.spec.names import sha256_bytes
-from edgepeft.spec.update import HEADER, encode_envelope, envelope_length, metadata_bytes
+from edgepeft.contracts.names import sha256_bytes
+from edgepeft.contracts.update import HEADER, encode_envelope, envelope_length, metadata_bytes
 
 
 def unpack_package(data: bytes) -> tuple[dict, list, bytes]:
@@ -23,7 +23,7 @@ def unpack_package(data: bytes) -> tuple[dict, list, bytes]:
 
 
 def sign_package(meta: dict, payload: bytes, key_path) -> bytes:
-    from edgepeft.bundle.signing import load_private_key, sign_bytes
+    from edgepeft.contracts.signing import load_private_key, sign_bytes
 
     body = metadata_bytes(meta)
     return encode_envelope(body, [sign_bytes(body, load_private_key(key_path))]) + payload

@@ -50,7 +50,7 @@ def build(run: Path) -> dict:
     parity = [json.loads(p.read_text()) for p in sorted(run.glob("parity.json.*.json"))]
     result = {
         "schema": "edgepeft-aarch64/1",
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "note": "aarch64 is emulated (qemu-user): absolute times say nothing about a real device; only the "
                 "ratios do. The host ran the same selection natively in the same run.",
         "environment": env,

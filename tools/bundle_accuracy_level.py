@@ -25,8 +25,8 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     import onnx
 
-    from edgepeft.bundle.signing import load_private_key, sign_manifest
-    from edgepeft.spec.verify import sha256_file
+    from edgepeft.contracts.signing import load_private_key, sign_manifest
+    from edgepeft.contracts.verify import sha256_file
 
     src, dst, key, level = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
     if dst.exists():

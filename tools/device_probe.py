@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
 
     samples: dict = {name: {"open_s": [], "first_token_s": [], "decode_tok_s": []} for name, _, _ in SYSTEMS}
     engines = {kind: _engine(args.fixtures, kind)[0] for _, kind, _ in SYSTEMS}  # also the warm-up of opening
-    for name, kind, adapter in SYSTEMS:  # warm-up
+    for _name, kind, adapter in SYSTEMS:  # warm-up
         engines[kind].generate(PROMPT, adapter=adapter, max_new_tokens=4)
     for rep in range(args.reps):  # interleaved, starting system rotating
         order = SYSTEMS[rep % len(SYSTEMS):] + SYSTEMS[:rep % len(SYSTEMS)]

@@ -26,9 +26,9 @@ def main() -> int:
     ap.add_argument("--allow-cpu", action="store_true", help="dry-run the same steps on the CPU")
     args = ap.parse_args()
     import bitsandbytes as bnb
+    import peft
     import torch
     import transformers
-    import peft
 
     from edgepeft.train import train
     from edgepeft.train.tiny import tiny_llama
@@ -52,7 +52,7 @@ def main() -> int:
         report[method] = {"seconds": round(time.time() - t0, 1), "train": res.metrics.get("train"),
                           "eval": {k: v for k, v in (res.metrics.get("eval") or {}).items() if k != "samples"}}
     # the 4-bit layers really are bitsandbytes on the GPU
-    from edgepeft.basemodel import resolve_base
+    from edgepeft.models.base import resolve_base
     from edgepeft.train.modelprep import _load_4bit
 
     model = _load_4bit(resolve_base(str(base)), "causal-lm", None, None, device, None)
@@ -66,7 +66,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from edgepeft.bundle.build import build_bundle
-    from edgepeft.bundle.signing import generate_keypair
+    from edgepeft.contracts.signing import generate_keypair
 
     print(json.dumps(report, default=str), flush=True)  # the GPU part, before the CPU bundle part
     key, pub = generate_keypair(out / "key", force=True)

@@ -31,7 +31,7 @@ def main(ref_graph: str, graphs: list[str], tokens: int = 3072, window: int = 25
 
     from benchmarks.fixtures import heldout_text
     from benchmarks.sec_quality import OnnxScorer
-    from edgepeft.basemodel import embedded_smollm2_dir
+    from edgepeft.models.base import embedded_smollm2_dir
 
     model_dir = embedded_smollm2_dir()
     ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(heldout_text()[0]).ids[:tokens]

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..contracts.methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, PREFIX_METHODS
+from ..contracts.names import check_name
 from ..errors import AdapterError
-from ..spec.methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, PREFIX_METHODS
-from ..spec.names import check_name
 
 TRAINING_RECORD = "edgepeft_training.json"
 _TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
@@ -45,7 +45,7 @@ class AdapterInput:
     @property
     def public_metrics(self) -> dict:
         """What a bundle may carry about this adapter's training: metric values and the record's hash."""
-        from ..spec.metrics import manifest_metrics
+        from ..contracts.metrics import manifest_metrics
 
         out = manifest_metrics(self.metrics)
         if self.record_sha256:
@@ -180,7 +180,7 @@ def check_trained_base(a: AdapterInput, base_name: str, base_dir: str | None) ->
     except (OSError, ValueError):
         return
     if base_type and base_type != trained_type:
-        from ..basemodel import EMBEDDED, embedded_key
+        from ..models.base import EMBEDDED, embedded_key
 
         key = embedded_key(str(trained.get("name") or ""))
         use = f"--base {EMBEDDED[key][0]}" if key else f"--base {trained.get('path') or trained.get('name')}"

@@ -2,7 +2,7 @@
 
 Uncompressed because int4/int8 weights barely compress and a device should be
 able to stream-extract without holding the archive twice. Unpacking (device
-side) lives in :mod:`edgepeft.spec.archive`.
+side) lives in :mod:`edgepeft.contracts.archive`.
 """
 
 from __future__ import annotations

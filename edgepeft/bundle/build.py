@@ -19,23 +19,23 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .. import __version__
+from ..contracts.checks import read_health_checks
+from ..contracts.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
+from ..contracts.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
+from ..contracts.names import sha256_file
+from ..contracts.signing import load_private_key, sign_manifest
+from ..contracts.target import GGUF_MODES, LORA_B_TYPES, ZERO_POINTS, QuantSpec, TargetProfile, load_target
 from ..errors import AdapterError, BuildError, UsageError
-from ..spec.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
-from ..spec.target import GGUF_MODES, LORA_B_TYPES, ZERO_POINTS, QuantSpec, TargetProfile, load_target
-from ..spec.names import sha256_file
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
-from ..spec.checks import read_health_checks
-from ..spec.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from .entries import adapter_entry
 from .fit import check_fit
 from .session_memory import measure_session
-from .signing import load_private_key, sign_manifest
 
 QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
 
@@ -179,8 +179,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
                            f"of {profile.budgets.max_adapter_rank}",
                            hint="retrain with a smaller --rank, or choose a target with a larger max_adapter_rank")
 
-    from ..basemodel import resolve_base
     from .. import export as export_api
+    from ..models.base import resolve_base
 
     source = resolve_base(base, task=task)
     for a in inputs:
@@ -218,7 +218,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             adapter_entries.append(adapter_entry(a, file=rel, fingerprint=fingerprint, dtype=adapter_dtype,
                                                  labels=info.labels))
         progress("tokenizer")
-        from ..basemodel import load_tokenizer
+        from ..models.base import load_tokenizer
 
         tokenizer_info = _tokenizer_files(load_tokenizer(source), work)
         files = []
@@ -237,7 +237,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         check_prefix_room(slot_adapters, fit.context, f"this bundle for {profile.name}")
         data = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "base": {"name": source.name, "fingerprint": fingerprint, "task": task,
                      "architecture": exported.model_info.get("architecture", "unknown")},
             "target": profile.to_dict() | {"description": profile.description},

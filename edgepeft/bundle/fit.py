@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..contracts.target import TargetProfile
 from ..errors import TargetFitError
-from ..spec.target import TargetProfile
 from .session_memory import SessionMemory
 
 MIB = 1 << 20

@@ -56,7 +56,7 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     if mqtt_url and not device_id:
         raise UsageError("--mqtt needs --device-id (the id the fleet inventory uses)", hint="e.g. --device-id pi-001")
     if device_id:
-        from ..spec.names import check_name
+        from ..contracts.names import check_name
 
         check_name(device_id, "--device-id", "ID")
     if interval <= 0:
@@ -68,7 +68,7 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     token, token_path = load_token(Path(state), token_file)  # first, so a client can read it while we load
     checks = []
     if local_checks:
-        from ..spec.checks import load_health_checks
+        from ..contracts.checks import load_health_checks
 
         checks = load_health_checks(local_checks)
     device = Device(bundle, keys, state, engine_options=opts, local_checks=checks)

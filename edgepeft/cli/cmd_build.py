@@ -7,8 +7,8 @@ import time
 
 import click
 
-from ..basemodel import BASE_HELP  # torch-free
-from ..spec.methods import describe_size  # torch-free
+from ..contracts.methods import describe_size  # torch-free
+from ..models.base import BASE_HELP  # torch-free
 
 
 @click.command("build")

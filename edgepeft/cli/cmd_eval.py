@@ -1,7 +1,7 @@
 """``edgepeft eval BUNDLE --data FILE``: an adapter's held-out figures on the device runtime, beside training's.
 
 The same metrics as ``edgepeft train`` reports (definitions in
-:mod:`edgepeft.spec.metrics`), computed through :class:`~edgepeft.runtime.Engine`
+:mod:`edgepeft.contracts.metrics`), computed through :class:`~edgepeft.runtime.Engine`
 on the bundle as shipped (quantized graph, adapter file), next to the figures
 the bundle carries from the adapter's training record. A gap between the two
 columns is what export and quantization cost on this task.
@@ -14,8 +14,8 @@ import json
 import click
 
 from ..errors import DataError, UsageError
-from .keys import trusted_keys
 from .cmd_train import D as TRAIN_DEFAULTS
+from .keys import trusted_keys
 
 
 def _pick_adapter(engine, name: str | None) -> tuple[str | None, dict]:
@@ -73,9 +73,9 @@ def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | No
 @click.option("--json", "as_json", is_flag=True, help="Print both sets of figures as JSON.")
 def command(bundle, data, adapter, trusted_key, slice_column, n_generate, max_new_tokens, threads, as_json):
     """Score BUNDLE's adapter on --data with the device runtime, beside its training record's figures."""
+    from ..contracts.metrics import manifest_metrics
     from ..runtime.engine import Engine
     from ..runtime.evaluate import classifier_metrics, decoder_metrics
-    from ..spec.metrics import manifest_metrics
 
     engine = Engine(bundle, trusted_keys(trusted_key), threads=threads)
     name, facts = _pick_adapter(engine, adapter)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import click
 
+from ..contracts.methods import describe_size  # torch-free
 from ..errors import BundleError
-from ..spec.methods import describe_size  # torch-free
 
 
 def load(bundle: Path, trusted_keys: list[str]) -> tuple[dict, bool]:
     """The manifest dict of ``bundle`` (directory or .epb), and whether it was verified."""
-    from ..spec.archive import read_archive_manifest, verify_archive_files
-    from ..spec.manifest import MANIFEST_NAME, Manifest
-    from ..spec.verify import verify_bundle, verify_signature
+    from ..contracts.archive import read_archive_manifest, verify_archive_files
+    from ..contracts.manifest import MANIFEST_NAME, Manifest
+    from ..contracts.verify import verify_bundle, verify_signature
 
     if bundle.is_dir():
         if trusted_keys:
@@ -47,7 +47,7 @@ def load(bundle: Path, trusted_keys: list[str]) -> tuple[dict, bool]:
 
 def summary(bundle: Path, m: dict, verified: bool) -> dict:
     """What `inspect --json` prints: the manifest's facts without its file list, metric values only."""
-    from ..spec.metrics import manifest_metrics
+    from ..contracts.metrics import manifest_metrics
 
     sizes = {f["path"]: f["size"] for f in m["files"]}
     target = m["target"]

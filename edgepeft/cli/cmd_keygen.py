@@ -18,8 +18,8 @@ from ..errors import UsageError
 @click.option("--json", "as_json", is_flag=True, help="Print the paths and key id as JSON.")
 def command(out: str, force: bool, as_json: bool) -> None:
     """Create an Ed25519 key pair for signing bundles and updates."""
-    from ..bundle.signing import generate_keypair
-    from ..spec.verify import key_id, load_public_key
+    from ..contracts.signing import generate_keypair
+    from ..contracts.verify import key_id, load_public_key
 
     folder = Path(out).expanduser().parent
     if not folder.parent.is_dir():

@@ -14,7 +14,7 @@ COLUMNS = ("name", "device", "arch", "weights", "memory", "rank<=", "updates", "
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the list of profiles, or the profile NAME.")
 def command(name: str | None, as_json: bool) -> None:
     """List the device target profiles, or show NAME (a shipped name or a path to a .toml)."""
-    from ..spec.target import list_targets, load_target
+    from ..contracts.target import list_targets, load_target
 
     if name is None:
         profiles = [load_target(n) for n in list_targets()]

@@ -6,15 +6,19 @@ EdgePeftError propagates; the CLI group turns it into one line.
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
+import json
 
 import click
 
-from edgepeft.basemodel import BASE_HELP  # torch-free, like the options below
-from edgepeft.train.options import (DEFAULT_LR, METHODS, NON_LINEARITIES, PLACEMENTS,  # torch-free: keeps --help
-                                    TrainOptions)  # instant
+from edgepeft.models.base import BASE_HELP  # torch-free, like the options below
+from edgepeft.train.options import (  # torch-free: keeps --help
+    DEFAULT_LR,
+    METHODS,
+    NON_LINEARITIES,
+    PLACEMENTS,
+    TrainOptions,  # instant
+)
 
 # Defaults live in TrainOptions only; the options below read them from there.
 D = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
@@ -31,7 +35,7 @@ bottleneck (small layers after the attention and/or MLP blocks; decoders and cla
 Every family is built, signed, shipped and hot-swapped on devices like LoRA.
 \b
 Output: OUT/ holds the adapter (PEFT's format; bottleneck: edgepeft's, documented in
-edgepeft/train/bottleneck.py), edgepeft_training.json (options, data hash,
+edgepeft/models/bottleneck.py), edgepeft_training.json (options, data hash,
 base fingerprint, metrics) and loss_curve.png. While training, checkpoints live
 in OUT.partial/; Ctrl-C saves one and --resume continues from it.
 Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...

@@ -82,9 +82,9 @@ def inspect(package, trusted_key, as_json):
     """Show what an update package carries; with --trusted-key, verify it as a device would."""
     from pathlib import Path
 
-    from ..spec.methods import describe_size
-    from ..spec.names import sha256_bytes
-    from ..spec.update import UpdateMeta, envelope_length, read_update, split_envelope
+    from ..contracts.methods import describe_size
+    from ..contracts.names import sha256_bytes
+    from ..contracts.update import UpdateMeta, envelope_length, read_update, split_envelope
 
     data = Path(package).read_bytes()
     n = envelope_length(data, package)

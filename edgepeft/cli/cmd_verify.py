@@ -36,14 +36,14 @@ def command(path: str, trusted_key: tuple[str, ...], as_json: bool) -> None:
 
 
 def _is_update(p: Path) -> bool:
-    from ..spec.update import MAGIC
+    from ..contracts.update import MAGIC
 
     with open(p, "rb") as fh:
         return fh.read(len(MAGIC)) == MAGIC
 
 
 def _bundle(p: Path, keys) -> dict:
-    from ..spec.verify import BundleFiles, verify_bundle
+    from ..contracts.verify import BundleFiles, verify_bundle
 
     m = verify_bundle(BundleFiles(p), keys)
     total = sum(f.size for f in m.files)
@@ -57,7 +57,7 @@ def _bundle(p: Path, keys) -> dict:
 
 
 def _update(p: Path, keys) -> dict:
-    from ..spec.update import read_update
+    from ..contracts.update import read_update
 
     envelope, payload = read_update(p.read_bytes(), keys, source=str(p))
     meta = envelope.meta

@@ -1,6 +1,6 @@
 """An adapter directory -> ONNX Runtime adapter file (``.onnx_adapter``) for a bundle's graph.
 
-Every family travels in this one container (:mod:`edgepeft.spec.methods`): LoRA and
+Every family travels in this one container (:mod:`edgepeft.contracts.methods`): LoRA and
 bottleneck adapters as slot tensors, prefix and prompt tuning as the per-layer
 key/value prefix (:mod:`.prefix`). LoRA:
 
@@ -12,7 +12,7 @@ zero-padded up to the bundle's slot rank; modules the adapter does not train
 stay zero. Groups with ``split_b`` (gate|up) get one B tensor per module.
 Payloads: fp32 (activates as is), fp16, int8 or int4 (smaller updates;
 the device expands them to the slots' dtypes once at install with
-:func:`edgepeft.spec.adapter_payload.expand_adapter`). Bundles whose LoRA B slots
+:func:`edgepeft.contracts.adapter_payload.expand_adapter`). Bundles whose LoRA B slots
 are int8 (:mod:`.slots`) get B as int8 with each row's scale folded into A
 (:func:`fold_b_int8`), whatever the payload: it is the slot's own form.
 """
@@ -59,7 +59,7 @@ class AdapterInfo:
 
 def arch_for(model_info: dict):
     """The architecture description (:mod:`.arch`) a bundle's graph was exported from."""
-    from .arch import DECODERS, ENCODERS
+    from ..models.arch import DECODERS, ENCODERS
 
     fam = model_info["architecture"]
     table = ENCODERS if model_info.get("task") == "classification" else DECODERS
@@ -315,13 +315,13 @@ def encode_payload(tensors: dict, dtype: str) -> dict:
 
 
 def _encode_int4(tensors: dict) -> dict:
-    """int4 payload: every matrix and prefix in 4-bit groups (:func:`edgepeft.spec.adapter_payload.int4_encode`;
+    """int4 payload: every matrix and prefix in 4-bit groups (:func:`edgepeft.contracts.adapter_payload.int4_encode`;
     lora_A grouped along its inputs, one rank column at a time); a classifier's head as int8, 1-D tensors
     (biases) as they are. int8 B slots are re-coded from their int8 form and come back as int8.
 
     Feeding A's rounding error into B by least squares (as GPTQ does between columns) was measured and
     left out: at rank 8 it cut the product's error from 13.1 % to 13.0 % (Frobenius, tiny llama)."""
-    from ..spec.adapter_payload import int4_encode
+    from ..contracts.adapter_payload import int4_encode
 
     out = {}
     for k, v in tensors.items():
@@ -341,7 +341,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     describes.
 
     ``dtype`` is the payload: "fp32" (activates directly), "fp16", "int8" or "int4"
-    (expand on the device with edgepeft.spec.adapter_payload). ``pad`` as in
+    (expand on the device with edgepeft.contracts.adapter_payload). ``pad`` as in
     :func:`build_slot_tensors`. ``graph_path`` is the bundle's model.onnx, which compiles a
     prompt-tuning soft prompt (:mod:`.prefix`). The write is atomic. Raises :class:`AdapterError`
     for adapters that do not fit.
@@ -349,7 +349,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     from .._extras import require
 
     require("onnxruntime", "safetensors", "torch", feature="writing adapter files")
-    from ..spec.adapter_payload import write_adapter_file
+    from ..contracts.adapter_payload import write_adapter_file
 
     if dtype not in PAYLOADS:
         raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
@@ -368,7 +368,7 @@ def family_tensors(peft_dir, model_info: dict, labels=None, *, pad: bool = True,
                    graph_path=None) -> tuple[dict, AdapterInfo]:
     """fp32 tensors of any family's adapter for the graph ``model_info`` describes, and what the
     manifest records about it (``bytes`` and ``dtype`` still unset). Raises :class:`AdapterError`."""
-    from ..spec.methods import BOTTLENECK, LORA, PREFIX_TUNING
+    from ..contracts.methods import BOTTLENECK, LORA, PREFIX_TUNING
     from .prefix import read_method
 
     method = read_method(peft_dir)

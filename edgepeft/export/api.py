@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def read_config(src):
     cannot read (an unknown model type included), naming what the exporter supports."""
     from transformers import AutoConfig
 
-    from .arch import supported
+    from ..models.arch import supported
 
     try:
         return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
@@ -77,8 +77,8 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     UsageError (bad options), AdapterError (merge adapter does not fit), BuildError (too big).
     """
     require("torch", "transformers", "onnx", "onnxruntime", feature="exporting a model")
-    from ..basemodel import BaseSource, load_model, resolve_base, weights_fingerprint
-    from .arch import describe
+    from ..models.arch import describe
+    from ..models.base import BaseSource, load_model, resolve_base, weights_fingerprint
     from .onnx_builder import save_model
 
     say = progress or (lambda msg: None)
@@ -179,7 +179,7 @@ def _gguf_blocks(src, config, sd: dict, wq: WeightQuant, task: str, say):
     nf4 takes only the embedding from them), or None."""
     if not (wq.bits or wq.kind == "nf4") or wq.gguf == "requantize" or task != "causal-lm":
         return None
-    from ..basemodel import gguf_origin
+    from ..models.base import gguf_origin
 
     path = gguf_origin(src)
     if path is None:
@@ -276,7 +276,7 @@ def _targets(info: dict) -> list:
 
 def check_bottleneck(bottleneck: dict | None) -> dict | None:
     """Validate the ``bottleneck`` option of :func:`export_model`; raises :class:`UsageError`."""
-    from ..spec.methods import ACTIVATIONS, BOTTLENECK_POINTS
+    from ..contracts.methods import ACTIVATIONS, BOTTLENECK_POINTS
 
     if not bottleneck:
         return None
@@ -306,8 +306,8 @@ def _concrete(shape: list, rank: int) -> list:
 
 
 def base_fingerprint(source=None, *, task: str = "causal-lm") -> str:
-    """The fingerprint of a base's weights (edgepeft.basemodel.weights_fingerprint), loading it once."""
-    from ..basemodel import BaseSource, load_model, resolve_base, weights_fingerprint
+    """The fingerprint of a base's weights (edgepeft.models.base.weights_fingerprint), loading it once."""
+    from ..models.base import BaseSource, load_model, resolve_base, weights_fingerprint
 
     src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
     return weights_fingerprint(load_model(src, task=task).state_dict())

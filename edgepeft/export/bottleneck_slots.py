@@ -1,4 +1,4 @@
-"""A saved bottleneck adapter (:mod:`edgepeft.train.bottleneck`'s format) -> tensors for a graph's slots.
+"""A saved bottleneck adapter (the format of :mod:`edgepeft.models.bottleneck`) -> tensors for a graph's slots.
 
 Per adapted module ``M`` the format holds ``M.bottleneck.down.weight`` [size, hidden]
 (torch's Linear layout) and friends; the graph's slots take the transposed weights
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.methods import bottleneck_names
 from ..errors import AdapterError
-from ..spec.methods import bottleneck_names
 
 _TAG = ".bottleneck."
 
@@ -24,14 +24,14 @@ class SavedBottleneck:
     """A read bottleneck adapter: its config, adapter tensors, and whole modules saved beside (a head)."""
 
     path: Path
-    config: object  # edgepeft.train.bottleneck.BottleneckConfig
+    config: object  # edgepeft.models.bottleneck.BottleneckConfig
     tensors: dict = field(default_factory=dict)  # module path -> {part: array}
     saved: dict = field(default_factory=dict)  # e.g. "classifier.weight" -> array
 
 
 def read_bottleneck(adapter_dir) -> SavedBottleneck:
     """Parse and check a bottleneck adapter directory; raises :class:`AdapterError`."""
-    from ..train.bottleneck import WEIGHTS_NAME, read_config
+    from ..models.bottleneck import WEIGHTS_NAME, read_config
     from .peft_reader import _load_tensors
 
     adir = Path(adapter_dir)

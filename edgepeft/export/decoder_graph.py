@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ModelError
-from .arch import DecoderArch, decoder_act
+from ..models.arch import DecoderArch, decoder_act
 from .quantize import LinearEmitter, WeightQuant
 from .rope import RopeTable, rope_subgraph
 from .slots import Group, Module, emit_bottleneck, emit_lora, emit_lora_split, groups_info, resolve_targets

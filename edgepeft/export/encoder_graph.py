@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelError
-from .arch import EncoderArch
+from ..models.arch import EncoderArch
 from .quantize import LinearEmitter, WeightQuant
 from .slots import Group, Module, emit_bottleneck, emit_lora, groups_info, resolve_targets
 

@@ -94,10 +94,10 @@ class BlockWeight:
         return w.reshape(self.rows, self.cols)
 
     @classmethod
-    def concat(cls, parts: list["BlockWeight"]):
+    def concat(cls, parts: list[BlockWeight]):
         return concat_rows(parts)
 
-    def take_rows(self, order: np.ndarray) -> "BlockWeight":
+    def take_rows(self, order: np.ndarray) -> BlockWeight:
         return BlockWeight(self.qtype, self.codes[order], self.scales[order],
                            None if self.mins is None else self.mins[order])
 

@@ -51,7 +51,7 @@ class NF4Weight:
         return vals.reshape(self.rows, self.cols)
 
     @classmethod
-    def concat(cls, parts: list["NF4Weight"]):
+    def concat(cls, parts: list[NF4Weight]):
         """Weights stacked along rows (packed q|k|v): the same flat layout when no block crosses a row;
         None otherwise (the emitter then runs one op per part)."""
         if len({(p.cols, p.block_size) for p in parts}) != 1 or parts[0].cols % parts[0].block_size:
@@ -65,8 +65,8 @@ def quantize_nf4(weight: np.ndarray, block_size: int = BLOCK, double_quant: bool
 
     Raises :class:`ModelError` when a weight has an odd element count (bitsandbytes packs pairs).
     """
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
     if w.numel() % 2:

@@ -3,7 +3,7 @@
 Both families leave a decoder's weights alone and put something *before* the
 request's tokens; on the device both become the same thing, a per-layer prefix
 ``prefix.{i}.key`` / ``prefix.{i}.value`` [kv_heads, virtual_tokens, head_dim]
-(:mod:`edgepeft.spec.methods`) that the decode loop places in the key/value cache
+(:mod:`edgepeft.contracts.methods`) that the decode loop places in the key/value cache
 ahead of the prompt. So one base graph serves both, with no new input.
 
 - Prefix tuning: PEFT saves ``prompt_embeddings`` [virtual_tokens, layers * 2 *
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.methods import PREFIX_TUNING, PROMPT_TUNING, prefix_names
 from ..errors import AdapterError
-from ..spec.methods import PREFIX_TUNING, PROMPT_TUNING, prefix_names
 
 PEFT_TYPES = {"PREFIX_TUNING": PREFIX_TUNING, "PROMPT_TUNING": PROMPT_TUNING}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.methods import prefix_names
 from ..errors import AdapterError
-from ..spec.methods import prefix_names
 from .decoder_graph import EMBEDS
 
 

@@ -69,8 +69,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..contracts.target import GGUF_MODES, ZERO_POINTS  # GGUF blocks, zero points, LoRA B
+from ..contracts.target import LORA_B_TYPES as LORA_B
 from ..errors import UsageError
-from ..spec.target import GGUF_MODES, ZERO_POINTS, LORA_B_TYPES as LORA_B  # GGUF blocks, zero points, LoRA B
 
 KINDS = ("fp32", "fp16", "int8", "int4", "nf4")
 _ASYM_AUTO = ("embed", "lm_head", ".qkv", ".down")  # names (endings) with zero points under "auto"
@@ -154,7 +155,7 @@ class WeightQuant:
         return d
 
     @classmethod
-    def coerce(cls, quant) -> "WeightQuant":
+    def coerce(cls, quant) -> WeightQuant:
         """Accept a WeightQuant, a kind string, or a spec QuantSpec-like object (``.weights``, ``.block_size``)."""
         if isinstance(quant, cls):
             return quant

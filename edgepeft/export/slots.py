@@ -61,7 +61,7 @@ class Group:
         prefix = self.key if layer is None else f"layers.{layer}.{self.key}"
         return f"{prefix}.lora_A", f"{prefix}.lora_B"
 
-    def b_slot_name(self, layer: int | None, module: "Module") -> str:
+    def b_slot_name(self, layer: int | None, module: Module) -> str:
         """The B slot of one module in a ``split_b`` group, e.g. ``layers.3.gate_up.lora_B.up_proj``."""
         return f"{self.slot_names(layer)[1]}.{module.peft_name}"
 
@@ -163,12 +163,12 @@ def check_rank(slot_rank) -> int:
 def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: str) -> str:
     """A bottleneck adapter slot on ``h`` (a block's output [.., dim]): ``h + act(h @ D + d) @ U + u``.
 
-    Slots (:func:`edgepeft.spec.methods.bottleneck_names`): ``down.weight`` [dim, size],
+    Slots (:func:`edgepeft.contracts.methods.bottleneck_names`): ``down.weight`` [dim, size],
     ``down.bias`` [size], ``up.weight`` [size, dim], ``up.bias`` [dim]. The defaults (size 0,
     ``up.bias`` zeros) make the point the identity; ``size`` is symbolic, so each adapter keeps
     its own width. Returns the adapted output.
     """
-    from ..spec.methods import bottleneck_names
+    from ..contracts.methods import bottleneck_names
 
     names = bottleneck_names(point, layer)
     sym = f"{point}_bottleneck"  # one symbol per point: ORT plans buffers as if equal symbols were equal sizes

@@ -30,8 +30,20 @@ from pathlib import Path
 
 from ..errors import EdgePeftError, RolloutError, TransportError
 from .plan import Inventory, RolloutPlan
-from .state import (CANCELED, EXECUTED, FAILED, IN_PROGRESS, QUEUED, REJECTED, ROLLED_BACK, SUCCEEDED, TERMINAL,
-                    TIMED_OUT, Execution, RolloutDB)
+from .state import (
+    CANCELED,
+    EXECUTED,
+    FAILED,
+    IN_PROGRESS,
+    QUEUED,
+    REJECTED,
+    ROLLED_BACK,
+    SUCCEEDED,
+    TERMINAL,
+    TIMED_OUT,
+    Execution,
+    RolloutDB,
+)
 
 DEVICE_STATUS = {"healthy": SUCCEEDED, "rolled-back": FAILED, "rejected": REJECTED}
 
@@ -53,9 +65,9 @@ class PackageInfo:
                 else f"edgepeft/bundles/v{self.version}.epu")
 
     @classmethod
-    def read(cls, path: Path) -> "PackageInfo":
-        from ..spec.names import sha256_bytes
-        from ..spec.update import UpdateMeta, envelope_length, split_envelope
+    def read(cls, path: Path) -> PackageInfo:
+        from ..contracts.names import sha256_bytes
+        from ..contracts.update import UpdateMeta, envelope_length, split_envelope
 
         data = Path(path).read_bytes()
         try:
@@ -67,7 +79,7 @@ class PackageInfo:
         return cls(Path(path), sha256_bytes(data[:n]), meta.type, meta.name, meta.version, meta.base_fingerprint)
 
 
-def start_rollout(plan: RolloutPlan | str | os.PathLike, db: str | os.PathLike, *, log=None) -> "Rollout":
+def start_rollout(plan: RolloutPlan | str | os.PathLike, db: str | os.PathLike, *, log=None) -> Rollout:
     """Check the plan (eval gate, devices, packages) and record a new rollout; raises :class:`RolloutError`."""
     from .gate import check_gate
 
@@ -153,14 +165,14 @@ class Rollout:
 
     def _key(self):
         if self._private_key is None:
-            from ..bundle.signing import load_private_key
+            from ..contracts.signing import load_private_key
 
             self._private_key = load_private_key(self.plan.key)
         return self._private_key
 
     def _mqtt(self):
         if self._plane is None:
-            from .mqtt_plane import ControlPlane
+            from ..transport.mqtt_plane import ControlPlane
 
             self._plane = ControlPlane(self.inventory.mqtt_url, self.id, **self.inventory.mqtt_tls)
         return self._plane
@@ -172,7 +184,7 @@ class Rollout:
             self._set(e, REJECTED, "the device is no longer in the inventory")
             return
         if dev.link == "mqtt":
-            from ..spec.job import new_job, sign_job
+            from ..contracts.job import new_job, sign_job
 
             pkg = self._packages_for(e.device_id)[-1]
             job = new_job(job_id=self.id, device_id=dev.id, operation="install", repository=self.inventory.repository_url,
@@ -188,7 +200,7 @@ class Rollout:
         if dev is None:
             return
         if dev.link == "mqtt":
-            from ..spec.job import new_job, sign_job
+            from ..contracts.job import new_job, sign_job
 
             for pkg in self._packages_for(dev.id):
                 job = new_job(job_id=f"{self.id}-rollback", device_id=dev.id, operation="rollback", name=pkg.name,

@@ -16,7 +16,7 @@ from ..errors import RolloutError
 
 
 def _package_metrics(packages) -> list[tuple[str, dict]]:
-    from ..spec.update import UpdateMeta, envelope_length, split_envelope
+    from ..contracts.update import UpdateMeta, envelope_length, split_envelope
 
     out = []
     for p in packages:

@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..contracts.fields import Fields
+from ..contracts.names import check_name
+from ..contracts.tomlfile import TOMLDecodeError, loads
 from ..errors import SpecError
-from ..spec._fields import Fields
-from ..spec._toml import TOMLDecodeError, loads
-from ..spec.names import check_name
 
 FAILURE_TYPES = ("FAILED", "REJECTED", "TIMED_OUT", "ALL")
 
@@ -62,13 +62,13 @@ class Inventory:
     mqtt_tls: dict = field(default_factory=dict)  # ca, cert, key for mqtts:// (the controller's own credentials)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Inventory":
+    def load(cls, path: str | os.PathLike) -> Inventory:
         """Read an inventory TOML; raises :class:`SpecError` naming the file and field."""
         path = Path(path)
         return cls.from_dict(_read_toml(path), str(path), base=path.parent)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "inventory", base: Path | None = None) -> "Inventory":
+    def from_dict(cls, data: dict, source: str = "inventory", base: Path | None = None) -> Inventory:
         f = Fields(data, source)
         mqtt = f.table("mqtt", {})
         mqtt_url = mqtt.str("url", None)
@@ -167,13 +167,13 @@ class RolloutPlan:
     source: str = "plan"
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RolloutPlan":
+    def load(cls, path: str | os.PathLike) -> RolloutPlan:
         """Read a plan TOML; relative paths are relative to the plan file. Raises :class:`SpecError`."""
         path = Path(path)
         return cls.from_dict(_read_toml(path), str(path), base=path.parent)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "plan", base: Path | None = None) -> "RolloutPlan":
+    def from_dict(cls, data: dict, source: str = "plan", base: Path | None = None) -> RolloutPlan:
         base = base or Path(".")
 
         def rel(p):

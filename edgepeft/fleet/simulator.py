@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", default=None, help="a trusted public key: verify job signatures")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from ..spec.job import job_topic, job_update_topic
-    from ..update.agent_mqtt import mqtt_client
+    from ..contracts.job import job_topic, job_update_topic
+    from ..transport.mqtt import mqtt_client
 
     k, n = (int(x) for x in args.shard.split("/"))
     width = len(str(max(args.count - 1, 1)))
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed + k)
     keys = None
     if args.verify:
-        from ..spec.verify import load_public_key
+        from ..contracts.verify import load_public_key
 
         keys = [load_public_key(args.verify)]
     client = mqtt_client(args.broker, f"edgepeft-sim-{k}-of-{n}")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             if device not in mine:
                 continue
             if keys is not None:
-                from ..spec.job import verify_job
+                from ..contracts.job import verify_job
 
                 try:
                     verify_job(payload, keys, device_id=device)

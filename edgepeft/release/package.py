@@ -1,6 +1,6 @@
 """``edgepeft update create``: one signed update package (.epu) for devices that run a bundle.
 
-Two kinds, one format (:mod:`edgepeft.spec.update`):
+Two kinds, one format (:mod:`edgepeft.contracts.update`):
 
 - an adapter update: a new version of one adapter for the base a bundle carries.
   The adapter file comes from the same exporter as ``edgepeft build``'s, and is
@@ -23,11 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..contracts.manifest import MANIFEST_NAME, Manifest, read_manifest_dict
+from ..contracts.names import check_name, sha256_file
+from ..contracts.update import (
+    KIND,
+    SUFFIX,
+    UPDATE_SCHEMA_VERSION,
+    UpdateMeta,
+    encode_envelope,
+    format_time,
+    metadata_bytes,
+    utc_now,
+)
 from ..errors import AdapterError, BuildError, UsageError
-from ..spec.manifest import MANIFEST_NAME, Manifest, read_manifest_dict
-from ..spec.names import check_name, sha256_file
-from ..spec.update import (KIND, SUFFIX, UPDATE_SCHEMA_VERSION, UpdateMeta, encode_envelope, format_time,
-                           metadata_bytes, utc_now)
 from .files import write_atomic
 
 # The first edgepeft whose devices read update packages; a package never asks for less.
@@ -66,7 +74,7 @@ def parse_expiry(text: str | None, now: _dt.datetime | None = None) -> str | Non
             raise UsageError(f"--expires {text!r} is not in the future", hint="e.g. --expires 30d")
         return format_time(now + _dt.timedelta(seconds=seconds))
     try:
-        when = _dt.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+        when = _dt.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.UTC)
     except ValueError as exc:
         raise UsageError(f"--expires {text!r} is neither a duration nor a UTC time",
                          hint="e.g. --expires 30d, --expires 12h, or --expires 2026-12-31T00:00:00Z") from exc
@@ -85,7 +93,7 @@ def read_bundle_manifest(bundle_dir: Path) -> Manifest:
 
 
 def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
-    from ..bundle.signing import load_private_key, sign_bytes
+    from ..contracts.signing import load_private_key, sign_bytes
 
     private_key = key if not isinstance(key, (str, os.PathLike)) else load_private_key(key)
     UpdateMeta.from_dict(meta, str(out))  # what we sign must parse on a device
@@ -93,7 +101,7 @@ def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
     envelope = encode_envelope(body, [sign_bytes(body, private_key)])
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, envelope, payload)
-    from ..spec.names import sha256_bytes
+    from ..contracts.names import sha256_bytes
 
     return UpdateResult(path=out, id=sha256_bytes(envelope), meta=meta, bytes=out.stat().st_size)
 
@@ -127,8 +135,8 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
     """
     from ..bundle.adapters_in import read_adapter
     from ..bundle.entries import adapter_entry
-    from ..spec.checks import read_health_checks
-    from ..bundle.signing import load_private_key
+    from ..contracts.checks import read_health_checks
+    from ..contracts.signing import load_private_key
 
     out = _check_out(out)
     check_name(name, "--adapter", "NAME")
@@ -204,8 +212,8 @@ def _check_lora_fits(a, manifest: Manifest, bundle, slot_rank: int) -> None:
 def _bundle_graph(bundle: Path, manifest: Manifest, work: Path) -> Path:
     """The bundle's model.onnx, copied into ``work`` from bytes checked against the manifest's SHA-256: a
     prompt-tuning soft prompt is compiled by exactly the graph the devices run. Raises :class:`BuildError`."""
+    from ..contracts.verify import read_verified
     from ..errors import IntegrityError
-    from ..spec.verify import read_verified
 
     entry = manifest.file(manifest.model.get("graph", "model.onnx"))
     try:
@@ -225,8 +233,8 @@ def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: s
     ``bundle`` is a bundle directory (packed here) or its ``.epb``. The bundle keeps its own
     signed manifest; the device verifies both. Raises :class:`UsageError` or :class:`BuildError`.
     """
-    from ..spec.checks import read_health_checks
-    from ..bundle.signing import load_private_key
+    from ..contracts.checks import read_health_checks
+    from ..contracts.signing import load_private_key
 
     out = _check_out(out)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -243,7 +251,7 @@ def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: s
             progress(f"packing {src}")
             archive = pack_bundle(src, work / "bundle.epb")
         elif src.is_file():
-            from ..spec.archive import unpack_bundle
+            from ..contracts.archive import unpack_bundle
 
             manifest = read_bundle_manifest(unpack_bundle(src, work / "unpacked"))
             archive = src

@@ -51,7 +51,7 @@ def _sslib_key(public_key):
 
 
 def _expires(days: float) -> _dt.datetime:
-    return (_dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(days=days)).replace(microsecond=0)
+    return (_dt.datetime.now(_dt.UTC) + _dt.timedelta(days=days)).replace(microsecond=0)
 
 
 def target_path(meta) -> str:
@@ -130,7 +130,7 @@ class TufRepository:
         """
         from tuf.api.metadata import Metadata, TargetFile, Targets
 
-        from ..spec.update import read_update
+        from ..contracts.update import read_update
 
         verify_with = list(trusted_keys) or [self.keys["targets"].public_key()]
         self._root()
@@ -203,7 +203,7 @@ def publish(packages, *, repo, key, role_keys: dict | None = None, expiry_days: 
     """Publish ``packages`` into the repository folder ``repo``, signed with ``key`` (every role) or
     ``role_keys`` ({"timestamp": path, ...} overrides). Raises UsageError, SignatureError, BuildError."""
     from .._extras import require
-    from ..bundle.signing import load_private_key
+    from ..contracts.signing import load_private_key
 
     require("tuf", feature="publishing a TUF repository")
     keys = {role: load_private_key(key) for role in ROLES}

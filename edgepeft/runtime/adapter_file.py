@@ -90,7 +90,7 @@ class _Table:
     def bytes_span(self, i: int) -> tuple[int, int]:
         return self._vector(i)
 
-    def tables(self, i: int) -> list["_Table"]:
+    def tables(self, i: int) -> list[_Table]:
         start, n = self._vector(i)
         out = []
         for k in range(n):
@@ -147,10 +147,10 @@ def _parse_header(buf, source: str) -> AdapterHeader:
 
 
 def logical_header(header: AdapterHeader, arrays: dict, source: str = "adapter") -> AdapterHeader:
-    """``header`` with each int4-packed tensor (:mod:`edgepeft.spec.adapter_payload`) seen as the tensor it
+    """``header`` with each int4-packed tensor (:mod:`edgepeft.contracts.adapter_payload`) seen as the tensor it
     expands to: its logical name, shape and dtype, so the slot checks run before anything is expanded.
     ``arrays`` are :func:`map_arrays`'s views. Raises :class:`AdapterError` for malformed int4 parts."""
-    from ..spec.adapter_payload import INT4_META, int4_layout, int4_names, is_int4_part
+    from ..contracts.adapter_payload import INT4_META, int4_layout, int4_names, is_int4_part
 
     packed = int4_names(header.params)
     if not packed:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class _Context:
 
     MAX_BINDINGS = 32
 
-    def __init__(self, runner: "DecoderRunner"):
+    def __init__(self, runner: DecoderRunner):
         r = runner
         shape = (1, r.kv_heads, r.max_len, r.head_dim)
         self.kv = [np.empty(shape, r.kv_dtype) for _ in r.kv_pairs]
@@ -62,7 +62,7 @@ class _Context:
         self.binding = self._new_binding(r, ())
         self.bindings: OrderedDict[tuple, object] = OrderedDict({(): self.binding})
 
-    def _new_binding(self, r: "DecoderRunner", values: Iterable[tuple[str, object]]):
+    def _new_binding(self, r: DecoderRunner, values: Iterable[tuple[str, object]]):
         """A binding of this context's KV buffers plus ``values`` (slot name, OrtValue); unbound
         slots use their (empty) defaults."""
         b = r.session.io_binding()
@@ -73,7 +73,7 @@ class _Context:
             b.bind_ortvalue_input(name, ov)
         return b
 
-    def bind_adapters(self, r: "DecoderRunner", key: tuple, values: Iterable[tuple[str, object]]) -> None:
+    def bind_adapters(self, r: DecoderRunner, key: tuple, values: Iterable[tuple[str, object]]) -> None:
         """Make ``values`` the adapter inputs: O(1) when this context has bound ``key`` before
         (``values`` is then not even read, so callers may pass a generator)."""
         if key == self.adapter_key:

@@ -11,7 +11,7 @@ shows text that the final answer cuts off.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 _REPLACEMENT = "\ufffd"
 _MAX_HELD_TOKENS = 6  # a UTF-8 character has at most 4 bytes; allow for merges

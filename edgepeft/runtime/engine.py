@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError
 from .audit import AuditLog
@@ -61,7 +61,7 @@ class Engine:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..spec.verify import BundleFiles, load_public_key, verify_bundle
+        from ..contracts.verify import BundleFiles, load_public_key, verify_bundle
 
         t0 = time.perf_counter()
         if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
@@ -116,7 +116,7 @@ class Engine:
                                    "turned off (--skip-health-checks) to investigate")
 
     # -- lifecycle ------------------------------------------------------------------------
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -258,7 +258,7 @@ class Engine:
         keys and serve it until the engine closes (nothing is stored: :mod:`edgepeft.update` installs
         durably). ``name`` serves it under another name. Raises :class:`SignatureError`,
         :class:`IntegrityError` or :class:`AdapterError` (another base, slots or rank; name taken)."""
-        from ..spec.update import read_update
+        from ..contracts.update import read_update
 
         data = package if isinstance(package, (bytes, bytearray, memoryview)) else Path(package).read_bytes()
         envelope, payload = read_update(data, self.trusted_keys, source=str(package)[:200]
@@ -277,7 +277,7 @@ class Engine:
     def prepare_adapter(self, envelope, payload, *, name: str | None = None) -> LoadedAdapter:
         """Check a verified update's adapter against this graph and make it ready, without serving it.
 
-        ``envelope`` is a verified :class:`~edgepeft.spec.update.Envelope` of type "adapter" and
+        ``envelope`` is a verified :class:`~edgepeft.contracts.update.Envelope` of type "adapter" and
         ``payload`` its verified bytes; the tensors are views over those bytes. Raises
         :class:`AdapterError` (another base, task, slots or rank) or :class:`BundleError`.
         """

@@ -3,7 +3,7 @@
 ``edgepeft eval`` runs labelled data through :class:`~edgepeft.runtime.Engine`
 (the quantized graph, the adapter file as shipped) and reports the figures
 training reported on PyTorch, with the same definitions
-(:mod:`edgepeft.spec.metrics`), so the two sit side by side:
+(:mod:`edgepeft.contracts.metrics`), so the two sit side by side:
 
 - classifiers: loss (mean cross-entropy of the true label), accuracy, macro F1,
   per-label scores, confusion, per-slice figures, and the share flagged for review;
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 
+from ..contracts.metrics import answer_scores, answer_summary, label_scores, r6, slice_scores
 from ..errors import EngineError
-from ..spec.metrics import answer_scores, answer_summary, label_scores, r6, slice_scores
 
 
 def classifier_metrics(engine, rows: list[dict], *, adapter: str | None, labels: list[str],
@@ -39,7 +39,7 @@ def classifier_metrics(engine, rows: list[dict], *, adapter: str | None, labels:
     preds, nll, flagged = [], 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        for r, t, res in zip(chunk, truth[start:], engine.classify([x["text"] for x in chunk], adapter=adapter)):
+        for _row, t, res in zip(chunk, truth[start:], engine.classify([x["text"] for x in chunk], adapter=adapter)):
             preds.append(index[res.label])
             nll -= math.log(max(res.probabilities[labels[t]], 1e-12))
             flagged += res.needs_review

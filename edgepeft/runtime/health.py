@@ -7,7 +7,7 @@ reports each failure with what was expected and what came back.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import AdapterError, EngineError
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-
-import numpy as np
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
+from ..contracts.adapter_payload import SCALE_SUFFIX
+from ..contracts.methods import BOTTLENECK, BOTTLENECK_TAG, LORA, METHODS, PREFIX_METHODS, prefix_names
 from ..errors import AdapterError
-from ..spec.adapter_payload import SCALE_SUFFIX
-from ..spec.methods import BOTTLENECK, BOTTLENECK_TAG, LORA, METHODS, PREFIX_METHODS, prefix_names
 from .adapter_file import AdapterHeader, logical_header, map_arrays, read_header
 
 _SERIAL = itertools.count(1)  # identifies each loaded adapter object for the decode contexts' bindings
@@ -169,7 +169,7 @@ class GraphFacts:
     max_context: int = 0
 
     @classmethod
-    def from_model(cls, model: dict, max_context: int | None = None) -> "GraphFacts":
+    def from_model(cls, model: dict, max_context: int | None = None) -> GraphFacts:
         kv = None
         if model.get("task", "causal-lm") == "causal-lm" and model.get("num_layers"):
             kv = (int(model["num_layers"]), int(model.get("num_kv_heads") or model.get("num_heads") or 0),
@@ -352,7 +352,7 @@ class AdapterRegistry:
         """
         import onnxruntime as ort
 
-        from ..spec.adapter_payload import expand_arrays
+        from ..contracts.adapter_payload import expand_arrays
 
         name = name or meta.get("name")
         if not name:

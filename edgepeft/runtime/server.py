@@ -107,7 +107,7 @@ class _DeadlineReader(io.RawIOBase):
     """The socket's read side, bounded by the handler's deadline for the whole request: a client
     that trickles bytes (slowloris) runs out of time however often it sends one."""
 
-    def __init__(self, sock: socket.socket, handler: "ApiHandler"):
+    def __init__(self, sock: socket.socket, handler: ApiHandler):
         self._sock, self._handler = sock, handler
         self.received = 0
 

@@ -7,8 +7,8 @@ CPU provider is always the last fallback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import BundleError, EngineError
 

@@ -13,7 +13,7 @@ Without jinja2 a plain ``role: content`` layout is used.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import BundleError, EngineError
 

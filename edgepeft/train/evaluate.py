@@ -16,7 +16,7 @@ Held-out dict, decoder (``task == "causal-lm"``)::
 ``overlap`` is the word-level F1 of each greedy answer with its reference: it
 rises when the adapter answers in the data's words and style, where
 ``contains`` (the whole reference inside the answer) stays near 0 for any
-answer longer than a sentence. Definitions: :mod:`edgepeft.spec.metrics`.
+answer longer than a sentence. Definitions: :mod:`edgepeft.contracts.metrics`.
 ``samples`` stay in the training record on the server; bundles carry values only.
 
 Held-out dict, classifier (``task == "classification"``)::
@@ -34,7 +34,8 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-from ..spec.metrics import answer_scores, answer_summary, label_scores, normalize, r6 as _r, slice_scores
+from ..contracts.metrics import answer_scores, answer_summary, label_scores, normalize, slice_scores
+from ..contracts.metrics import r6 as _r
 from .encode import collate, prompt_text
 
 __all__ = ["causal_metrics", "classification_metrics", "generate", "label_scores", "mean_loss", "normalize"]

@@ -3,7 +3,7 @@
 
 Target modules are checked on a weightless ("meta") copy of the model first, so
 a typo fails in a second instead of after loading gigabytes. The fingerprint
-(:func:`edgepeft.basemodel.weights_fingerprint`) is taken on the fp32 task model
+(:func:`edgepeft.models.base.weights_fingerprint`) is taken on the fp32 task model
 before LoRA is attached; for QLoRA that means one fp32 load before the 4-bit
 one, so the adapter is bound to the same fingerprint the exporter computes.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._extras import require
-from ..basemodel import BaseSource, load_model, weights_fingerprint
 from ..errors import MissingExtraError, ModelError, TrainError
+from ..models.base import BaseSource, load_model, weights_fingerprint
 from .options import TrainOptions, default_targets
 
 HEAD_NAMES = ("classifier", "score")

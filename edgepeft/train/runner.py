@@ -85,7 +85,7 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
 
     if opts.method == "qlora":
         modelprep.check_qlora_available()
-    from ..basemodel import load_tokenizer, resolve_base
+    from ..models.base import load_tokenizer, resolve_base
     from .data import load_dataset
     from .encode import encode_causal, encode_classification
 
@@ -183,7 +183,7 @@ _SHAPES = {"messages": "messages (chat turns; loss on the assistant's answers)",
 
 def plan_lines(opts: TrainOptions, task: str, source, ds) -> list[str]:
     """What this run will do and why, in a few lines, before anything heavy loads."""
-    from ..basemodel import embedded_key
+    from ..models.base import embedded_key
 
     why = "--task" if opts.task else ("the data has a label column" if task == "classification"
                                       else "the data has no label column")

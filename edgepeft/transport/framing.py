@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 MAX_FRAME = 16 << 10  # a decoded frame larger than this is noise
 _CRC = struct.Struct(">I")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from ..errors import TransportError, UsageError
@@ -69,8 +69,8 @@ class HttpLink:
 
     def send(self, id: str, data: bytes, offset: int, progress: Callable[[int], None]) -> dict:
         """PUT the package from ``offset`` in chunks (the first ends at the envelope, so a refusal comes early)."""
+        from ..contracts.update import envelope_length
         from ..errors import BundleError
-        from ..spec.update import envelope_length
 
         try:
             env = envelope_length(data) or 0

@@ -43,12 +43,12 @@ class NullModem:
         self._threads = [threading.Thread(target=self._relay, args=(i,), daemon=True, name=f"linesim-{i}")
                          for i in (0, 1)]
 
-    def start(self) -> "NullModem":
+    def start(self) -> NullModem:
         for t in self._threads:
             t.start()
         return self
 
-    def __enter__(self) -> "NullModem":
+    def __enter__(self) -> NullModem:
         return self.start()
 
     def __exit__(self, *exc) -> None:

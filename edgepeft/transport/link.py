@@ -11,13 +11,14 @@ bytes arrived until the device says so.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
+from ..contracts.names import sha256_bytes
+from ..contracts.update import envelope_length
 from ..errors import TransportError
-from ..spec.names import sha256_bytes
-from ..spec.update import envelope_length
 
 TERMINAL = ("healthy", "rejected", "rolled-back")
 
@@ -30,8 +31,16 @@ class Conflict(TransportError):
     """The device holds a different offset than the one sent at; go on from ``offset``."""
 
     def __init__(self, offset: int, message: str = ""):
-        super().__init__(message or f"the device holds {offset} bytes", hint=f"resume from {offset}")
+        super().__init__(message or f"the device holds {offset} bytes of this update", hint=f"resume from offset {offset}")
         self.offset = offset
+
+
+class Busy(TransportError):
+    """The device has too many uploads at once, or not enough storage; try again later."""
+
+
+# The largest chunk a device accepts in one request (both ends of every link).
+MAX_CHUNK = 4 << 20
 
 
 class Link(Protocol):
@@ -54,7 +63,7 @@ class Package:
     envelope_bytes: int
 
     @classmethod
-    def read(cls, path) -> "Package":
+    def read(cls, path) -> Package:
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -79,7 +88,7 @@ def _check_local_copy(path, data: bytes, n: int) -> None:
     """
     import json
 
-    from ..spec.update import split_envelope
+    from ..contracts.update import split_envelope
 
     try:
         payload = json.loads(split_envelope(data[:n], str(path))[0]).get("payload") or {}

@@ -34,7 +34,7 @@ def open_link(to: str, token: str | None, token_file: str | None):
     from urllib.parse import parse_qs, urlsplit
 
     if to.startswith("serial:"):
-        from ..transport.serial_link import SerialLink
+        from .serial_link import SerialLink
 
         u = urlsplit(to)
         q = parse_qs(u.query)
@@ -49,6 +49,6 @@ def open_link(to: str, token: str | None, token_file: str | None):
         token = read_token_file(token_file)
     if not token:
         raise UsageError("the device's update API needs its token", hint="pass --token T or --token-file FILE")
-    from ..transport.http import HttpLink
+    from .http import HttpLink
 
     return HttpLink(to, token)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import TransportError
 from . import serial_proto as sp

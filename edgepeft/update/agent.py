@@ -89,8 +89,8 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
-    def start(self) -> "Agent":
-        from .agent_http import AgentServer
+    def start(self) -> Agent:
+        from ..transport.http_agent import AgentServer
 
         host, port = self.listen
         self.http = AgentServer(self.device, self.token, host, port, **self.http_options)
@@ -101,17 +101,17 @@ class Agent:
         t.start()
         self._threads.append(t)
         if self.serial_options:
-            from .agent_serial import SerialAgent
+            from ..transport.serial_agent import SerialAgent
 
             self.serial = SerialAgent(self.device, **self.serial_options)
             self._threads.append(self.serial.start())
         if self.pull_options:
-            from .pull import Puller
+            from ..transport.tuf_pull import Puller
 
             self.puller = Puller(self.device, **self.pull_options, log=self.log)
             self._threads.append(self.puller.start())
         if self.mqtt_options:
-            from .agent_mqtt import MqttAgent
+            from ..transport.mqtt_agent import MqttAgent
 
             self.mqtt = MqttAgent(self.device, **self.mqtt_options, log=self.log)
             self._threads.append(self.mqtt.start())

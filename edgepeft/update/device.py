@@ -33,9 +33,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..contracts.update import Envelope, read_update
 from ..errors import EdgePeftError, IntegrityError, StoreError, UsageError
-from ..spec.update import Envelope, read_update
-from .fsio import FileIO, write_atomic
+from ..fsio import FileIO, write_atomic
 from .installer import InstallResult, Rejected, Updater
 from .receiver import Receiver
 from .store import AdapterState
@@ -56,7 +56,7 @@ class Device:
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
                  engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30,
                  local_checks=()):
-        from ..spec.verify import load_public_key
+        from ..contracts.verify import load_public_key
 
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ class Device:
         import shutil
         import tempfile
 
-        from ..spec.archive import unpack_bundle
+        from ..contracts.archive import unpack_bundle
 
         meta = envelope.meta
         result.name, result.version, result.id = "bundle", meta.version, envelope.id

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
+from ..contracts.update import Envelope, read_update
 from ..errors import AdapterError, EdgePeftError, IntegrityError, StoreError
-from ..spec.update import Envelope, read_update
-from .fsio import FileIO
+from ..fsio import FileIO
 from .store import AdapterState, AdapterStore
 
 # the statuses a device reports for one update, in order; or one of the two endings

@@ -26,24 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..contracts.update import Envelope, envelope_length, verify_envelope
 from ..errors import EdgePeftError, TransportError
-from ..spec.update import Envelope, envelope_length, verify_envelope
+from ..transport.link import MAX_CHUNK, Busy, Conflict
 from .installer import TERMINAL, InstallResult
 
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_CHUNK = 4 << 20
-
-
-class Conflict(TransportError):
-    """A write at an offset the device does not hold; ``offset`` says where to go on."""
-
-    def __init__(self, offset: int):
-        super().__init__(f"the device holds {offset} bytes of this update", hint=f"send from offset {offset}")
-        self.offset = offset
-
-
-class Busy(TransportError):
-    """Too many uploads at once, or not enough storage."""
 
 
 @dataclass

@@ -30,10 +30,10 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..contracts.names import is_name
+from ..contracts.update import SUFFIX, Envelope, read_update
 from ..errors import EdgePeftError, StoreError
-from ..spec.names import is_name
-from ..spec.update import SUFFIX, Envelope, read_update
-from .fsio import FileIO, write_atomic
+from ..fsio import FileIO, write_atomic
 
 # versions whose failure is remembered; older ones are below the floor anyway
 MAX_FAILED = 64
@@ -50,7 +50,7 @@ class AdapterState:
     failed: dict = field(default_factory=dict)  # version (int) -> reason
 
     @classmethod
-    def from_dict(cls, data) -> "AdapterState":
+    def from_dict(cls, data) -> AdapterState:
         """Parse a state file; anything malformed raises ValueError."""
         if not isinstance(data, dict):
             raise ValueError("not an object")
@@ -76,7 +76,7 @@ class AdapterState:
         return {"current": self.current, "previous": self.previous, "floor": self.floor, "trial": self.trial,
                 "failed": {str(k): v for k, v in sorted(self.failed.items())}}
 
-    def with_failed(self, version: int, reason: str) -> "AdapterState":
+    def with_failed(self, version: int, reason: str) -> AdapterState:
         failed = dict(self.failed)
         failed[int(version)] = reason[:500]
         for k in sorted(failed)[:-MAX_FAILED]:

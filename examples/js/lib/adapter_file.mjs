@@ -117,7 +117,7 @@ function broadcastIndex(dims, sdims, source, name) {
   };
 }
 
-/** Compact payloads -> {slot name: {dims, type, data}}, as edgepeft.spec.adapter_payload does. */
+/** Compact payloads -> {slot name: {dims, type, data}}, as edgepeft.contracts.adapter_payload does. */
 export function expandToSlots(params, source) {
   const out = {};
   for (const [name, p] of Object.entries(params)) {

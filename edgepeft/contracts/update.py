@@ -26,11 +26,11 @@ import datetime as _dt
 import json
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 from ..errors import BundleError, IntegrityError, SignatureError, SpecError
-from ._fields import Fields
+from .fields import Fields
 from .manifest import AdapterEntry, HealthCheck
 from .names import sha256_bytes
 
@@ -47,16 +47,16 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def format_time(t: _dt.datetime) -> str:
-    return t.astimezone(_dt.timezone.utc).strftime(TIME_FORMAT)
+    return t.astimezone(_dt.UTC).strftime(TIME_FORMAT)
 
 
 def parse_time(value: str, source: str, field_name: str) -> _dt.datetime:
     try:
-        return _dt.datetime.strptime(value, TIME_FORMAT).replace(tzinfo=_dt.timezone.utc)
+        return _dt.datetime.strptime(value, TIME_FORMAT).replace(tzinfo=_dt.UTC)
     except (TypeError, ValueError) as exc:
         raise SpecError(source, field_name, f"{value!r} is not a UTC time like 2026-12-31T23:59:59Z") from exc
 
@@ -114,7 +114,7 @@ class UpdateMeta:
         return None if self.expires is None else parse_time(self.expires, "update", "expires")
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "update") -> "UpdateMeta":
+    def from_dict(cls, data: dict, source: str = "update") -> UpdateMeta:
         """Validate metadata; raises :class:`SpecError` naming the field."""
         f = Fields(data, source)
         version = f.int("schema_version", min=1)

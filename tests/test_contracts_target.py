@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
+from edgepeft.contracts.target import TargetProfile, list_targets, load_target, targets_dir
 from edgepeft.errors import SpecError
-from edgepeft.spec.target import TargetProfile, list_targets, load_target, targets_dir
 
 REQUIRED_CLASSES = {"raspberry-pi-5": "sbc", "jetson-orin-nano": "jetson", "android-arm64": "phone",
                     "x86-64-gateway": "gateway", "serial-gateway": "serial-gateway"}
@@ -46,7 +46,7 @@ def _profile(**changes) -> str:
             table.pop(key)
         else:
             table[key] = value
-    from edgepeft.spec import _toml
+    from edgepeft.contracts import tomlfile as _toml
 
     return _toml.dumps(data)
 

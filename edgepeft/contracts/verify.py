@@ -12,12 +12,13 @@ import base64
 import binascii
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Union
 
 from ..errors import IntegrityError, SignatureError
-from .names import sha256_file  # noqa: F401 (re-exported by edgepeft.spec)
 from .manifest import MANIFEST_NAME, Manifest, canonical_bytes, read_manifest_dict
+from .names import sha256_file  # noqa: F401 (re-exported by edgepeft.spec)
 
 KeyLike = Union[str, os.PathLike, bytes, "Ed25519PublicKey"]  # noqa: F821
 

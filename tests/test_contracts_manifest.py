@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from edgepeft.bundle.signing import generate_keypair, load_private_key, sign_manifest
+from edgepeft.contracts import Manifest, sha256_file, verify_bundle
+from edgepeft.contracts.signing import generate_keypair, load_private_key, sign_manifest
 from edgepeft.errors import IntegrityError, SignatureError, SpecError
-from edgepeft.spec import Manifest, sha256_file, verify_bundle
 
 
 def _write_bundle(root, private_key_path):
@@ -145,7 +145,7 @@ def test_verified_files_are_sealed_copies_of_what_was_hashed(bundle, keypair):
     the bundle afterwards changes nothing, and nobody (this process included) can write to the copy."""
     import os
 
-    from edgepeft.spec.verify import BundleFiles
+    from edgepeft.contracts.verify import BundleFiles
 
     files = BundleFiles(bundle)
     m = verify_bundle(files, [keypair[1]])
@@ -178,7 +178,7 @@ def test_sealing_waits_out_busy_pages_and_fails_clearly_when_they_stay_busy():
     import os
     import threading
 
-    from edgepeft.spec.verify import _seal
+    from edgepeft.contracts.verify import _seal
 
     if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
         pytest.skip("memfds are Linux-only")

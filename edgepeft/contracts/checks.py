@@ -33,9 +33,9 @@ def read_health_checks(path) -> list[dict]:
 
 
 def load_health_checks(path) -> list:
-    """The checks in ``path`` validated as :class:`~edgepeft.spec.manifest.HealthCheck` objects (a device's
+    """The checks in ``path`` validated as :class:`~edgepeft.contracts.manifest.HealthCheck` objects (a device's
     own checks); raises :class:`UsageError` or :class:`~edgepeft.errors.SpecError` naming the line."""
-    from ._fields import Fields
+    from .fields import Fields
     from .manifest import HealthCheck
 
     return [HealthCheck.from_fields(Fields(c, str(path), f"line {i + 1}"))

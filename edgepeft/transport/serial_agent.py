@@ -12,8 +12,8 @@ import threading
 import time
 
 from ..errors import EdgePeftError, TransportError
-from ..transport import serial_proto as sp
-from ..transport.framing import FrameDecoder, encode_frame
+from . import serial_proto as sp
+from .framing import FrameDecoder, encode_frame
 
 NAK_INTERVAL = 0.5  # seconds before the same gap is reported again
 
@@ -116,7 +116,7 @@ class SerialAgent:
             return [encode_frame(sp.NAK, sp.ack(id8, 0, "receiving"))]
         chunk = body[sp.DATA_HEAD.size:]
         if offset == s["expected"]:
-            from .receiver import Busy, Conflict
+            from .link import Busy, Conflict
 
             try:
                 st = self.device.receiver.write(s["id"], offset, chunk, s["total"])

@@ -1,6 +1,6 @@
 """The controller's side of the MQTT control plane (paho-mqtt): signed jobs out, execution updates in.
 
-Topics (:mod:`edgepeft.spec.job`) follow AWS IoT Jobs: a job document per device
+Topics (:mod:`edgepeft.contracts.job`) follow AWS IoT Jobs: a job document per device
 (retained, so a device that connects later still finds it), execution updates
 from the device (retained, so a controller that restarts reads each device's
 last word), device state and connection (Last Will ``offline``). Packages
@@ -14,8 +14,8 @@ import queue
 import threading
 import time
 
+from ..contracts.job import connection_topic, job_topic, job_update_topic, state_topic
 from ..errors import RolloutError
-from ..spec.job import connection_topic, job_topic, job_update_topic, state_topic
 
 
 class ControlPlane:
@@ -23,7 +23,7 @@ class ControlPlane:
 
     def __init__(self, url: str, rollout_id: str, *, ca: str | None = None, cert: str | None = None,
                  key: str | None = None, client_id: str | None = None, timeout: float = 20.0):
-        from ..update.agent_mqtt import mqtt_client
+        from .mqtt import mqtt_client
 
         self.rid = rollout_id
         self.client = mqtt_client(url, client_id or f"edgepeft-controller-{rollout_id}"[:64], ca=ca, cert=cert,

@@ -32,8 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._extras import require
-from .errors import ModelError
+from .._extras import require
+from ..errors import ModelError
 
 DEFAULT_DECODER = "embedded:smollm2-135m-instruct"
 DEFAULT_ENCODER = "embedded:all-minilm-l6-v2"

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from ..errors import SignatureError, UsageError
-from ..spec.manifest import canonical_bytes
-from ..spec.verify import key_id
+from .manifest import canonical_bytes
+from .verify import key_id
 
 
 def generate_keypair(stem: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:

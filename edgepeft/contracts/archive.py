@@ -12,7 +12,7 @@ and the member.
 - :func:`unpack_bundle` extracts into a temporary sibling (files created exclusively, never
   through a link) and renames it into place, so a failed unpack leaves nothing behind.
 
-Verification of the signature is the caller's step (:func:`edgepeft.spec.verify.verify_bundle`).
+Verification of the signature is the caller's step (:func:`edgepeft.contracts.verify.verify_bundle`).
 """
 
 from __future__ import annotations

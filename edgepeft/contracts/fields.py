@@ -95,7 +95,7 @@ class Fields:
             raise self.error(key, f"expected a list, got {type(value).__name__}")
         return value
 
-    def table(self, key: str, default: Any = _MISSING) -> "Fields":
+    def table(self, key: str, default: Any = _MISSING) -> Fields:
         value = self._get(key, default)
         if value is None:
             value = {}

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 
 from ..errors import BundleError, SpecError
-from ._fields import Fields
+from .fields import Fields
 from .names import check_name
 from .update import format_time, parse_time, utc_now
 
@@ -60,7 +60,7 @@ class Job:
     from_version: int | None = None
 
     @classmethod
-    def from_dict(cls, data, source: str = "job") -> "Job":
+    def from_dict(cls, data, source: str = "job") -> Job:
         f = Fields(data, source)
         op = f.str("operation", choices=OPERATIONS)
         job = cls(job_id=check_name(f.str("job_id"), source, "job_id"),
@@ -85,7 +85,7 @@ class Job:
 
 def sign_job(job: Job, private_key) -> bytes:
     """The message a controller publishes (server side)."""
-    from ..bundle.signing import sign_bytes
+    from .signing import sign_bytes
 
     doc = json.dumps(job.to_dict(), sort_keys=True, separators=(",", ":"))
     return json.dumps({"document": doc, "signatures": [sign_bytes(doc.encode("utf-8"), private_key)]}).encode("utf-8")

@@ -11,43 +11,23 @@ versions) is retained on ``.../state``; ``.../connection`` says ``online``, and
 the broker publishes the Last Will ``offline`` when it vanishes.
 
 A job this device already finished is answered from its ledger
-(``STATE/jobs.json``), never run twice. Topics: :mod:`edgepeft.spec.job`.
+(``STATE/jobs.json``), never run twice. Topics: :mod:`edgepeft.contracts.job`.
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import ssl
 import threading
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
-from ..errors import EdgePeftError, UsageError
-from ..spec.job import connection_topic, job_topic, job_update_topic, state_topic, verify_job
-from .fsio import FileIO, write_atomic
+from ..contracts.job import connection_topic, job_topic, job_update_topic, state_topic, verify_job
+from ..errors import EdgePeftError
+from ..fsio import FileIO, write_atomic
+from .mqtt import mqtt_client
 
 STATUS = {"healthy": "SUCCEEDED", "rolled-back": "FAILED", "rejected": "REJECTED"}
-
-
-def mqtt_client(url: str, client_id: str, *, ca: str | None = None, cert: str | None = None,
-                key: str | None = None):
-    """A paho client for ``mqtt://[user:pass@]host:port`` or ``mqtts://...`` (TLS; ``ca`` and, for
-    per-device certificates, ``cert``/``key``). Raises :class:`UsageError` for a bad URL."""
-    import paho.mqtt.client as mqtt
-
-    u = urlsplit(url)
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise UsageError(f"{url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT",
-                         hint="e.g. --mqtt mqtt://127.0.0.1:1883")
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    if u.username:
-        client.username_pw_set(unquote(u.username), unquote(u.password or ""))
-    if u.scheme == "mqtts":
-        client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED)
-    client.user_data_set({"host": u.hostname, "port": u.port or (8883 if u.scheme == "mqtts" else 1883)})
-    return client
 
 
 class MqttAgent:
@@ -162,7 +142,7 @@ class MqttAgent:
 
     def _install(self, job) -> dict:
         from ..errors import TransportError
-        from .pull import Puller
+        from .tuf_pull import Puller
 
         try:
             data = Puller(self.device, job.repository).fetch(job.package["path"])

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SpecError
-from . import _toml
-from ._fields import Fields
+from . import tomlfile
+from .fields import Fields
 
 TARGET_SCHEMA_VERSION = 1
 DEVICE_CLASSES = ("phone", "jetson", "sbc", "gateway", "serial-gateway")
@@ -83,7 +83,7 @@ class TargetProfile:
     schema_version: int = TARGET_SCHEMA_VERSION
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<target>") -> "TargetProfile":
+    def from_dict(cls, data: dict, source: str = "<target>") -> TargetProfile:
         """Validate ``data`` (a parsed TOML/JSON profile); raises :class:`SpecError`."""
         f = Fields(data, source)
         version = f.int("schema_version", TARGET_SCHEMA_VERSION, min=1)
@@ -159,7 +159,7 @@ class TargetProfile:
         }
 
     def to_toml(self) -> str:
-        return _toml.dumps(self.to_dict())
+        return tomlfile.dumps(self.to_dict())
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in self.to_dict().items() if v is not None}, indent=2)
@@ -192,7 +192,7 @@ def load_target(name_or_path: str | os.PathLike) -> TargetProfile:
     except OSError as exc:
         raise SpecError(str(p), "", f"cannot be read: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(text) if p.suffix == ".json" else _toml.loads(text)
-    except (ValueError, _toml.TOMLDecodeError) as exc:
+        data = json.loads(text) if p.suffix == ".json" else tomlfile.loads(text)
+    except (ValueError, tomlfile.TOMLDecodeError) as exc:
         raise SpecError(str(p), "", f"is not valid {p.suffix[1:].upper()}: {exc}") from exc
     return TargetProfile.from_dict(data, source=str(p))

@@ -13,7 +13,7 @@ Update routes (all need ``Authorization: Bearer <device token>``):
 - ``POST /v1/adapters/<name>/unload`` and ``.../load``: stop serving an adapter (remembered
   across restarts) and serve it again.
 
-The id is the SHA-256 of the package's envelope (see :mod:`edgepeft.spec.update`). The guards
+The id is the SHA-256 of the package's envelope (see :mod:`edgepeft.contracts.update`). The guards
 are the inference API's (:mod:`edgepeft.runtime.server`): the same token, a ``Host`` header that
 names another host is refused (DNS rebinding), and browser requests are refused unless their
 origin was allowed. An upload chunk may take ``request_timeout`` plus one second per
@@ -26,7 +26,7 @@ import re
 
 from ..errors import AdapterError, EdgePeftError, StoreError, TransportError
 from ..runtime.server import ApiError, ApiHandler, EngineServer
-from .receiver import MAX_CHUNK, Busy, Conflict
+from .link import MAX_CHUNK, Busy, Conflict
 
 _UPDATE = re.compile(r"^/v1/updates/([0-9a-f]{64})$")
 _ROLLBACK = re.compile(r"^/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/rollback$")

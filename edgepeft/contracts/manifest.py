@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SpecError
-from ._fields import Fields
+from .fields import Fields
 from .methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, LORA, METHODS, PREFIX_METHODS
 from .names import check_name
 
@@ -69,7 +69,7 @@ class AdapterEntry:
     metrics: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "AdapterEntry":
+    def from_fields(cls, f: Fields) -> AdapterEntry:
         method = f.str("method", choices=METHODS)
         lora, prefix, bottleneck = method == LORA, method in PREFIX_METHODS, method == BOTTLENECK
         entry = cls(
@@ -122,7 +122,7 @@ class HealthCheck:
     max_new_tokens: int = 32
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "HealthCheck":
+    def from_fields(cls, f: Fields) -> HealthCheck:
         expect = f.table("expect")
         kinds = [k for k in ("contains", "equals", "label") if k in expect.data]
         if len(kinds) != 1:
@@ -163,7 +163,7 @@ class Manifest:
     kind: str = "bundle"
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = MANIFEST_NAME) -> "Manifest":
+    def from_dict(cls, data: dict, source: str = MANIFEST_NAME) -> Manifest:
         """Validate a manifest dict; raises :class:`SpecError` naming the field."""
         f = Fields(data, source)
         version = f.int("schema_version", min=1)

@@ -8,9 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgepeft.contracts.adapter_payload import (
+    INT4_CODES,
+    INT4_MASK,
+    INT4_META,
+    INT4_SCALE,
+    expand_arrays,
+    int4_decode,
+    int4_encode,
+    write_adapter_file,
+)
 from edgepeft.errors import AdapterError
-from edgepeft.spec.adapter_payload import (INT4_CODES, INT4_MASK, INT4_META, INT4_SCALE, expand_arrays, int4_decode,
-                                           int4_encode, write_adapter_file)
 
 
 def _groups(x, group, transposed):

@@ -1,0 +1,1 @@
+"""Server side: fleet inventories, rollout plans and the controller that carries them out (SQLite state)."""

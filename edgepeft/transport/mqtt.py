@@ -1,0 +1,27 @@
+"""An MQTT client (paho-mqtt 2.x) for both ends of the control plane: the device agent and the controller."""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import unquote, urlsplit
+
+from ..errors import UsageError
+
+
+def mqtt_client(url: str, client_id: str, *, ca: str | None = None, cert: str | None = None,
+                key: str | None = None):
+    """A paho client for ``mqtt://[user:pass@]host:port`` or ``mqtts://...`` (TLS; ``ca`` and, for
+    per-device certificates, ``cert``/``key``). Raises :class:`UsageError` for a bad URL."""
+    import paho.mqtt.client as mqtt
+
+    u = urlsplit(url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise UsageError(f"{url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT",
+                         hint="e.g. --mqtt mqtt://127.0.0.1:1883")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    if u.username:
+        client.username_pw_set(unquote(u.username), unquote(u.password or ""))
+    if u.scheme == "mqtts":
+        client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED)
+    client.user_data_set({"host": u.hostname, "port": u.port or (8883 if u.scheme == "mqtts" else 1883)})
+    return client
