@@ -1,8 +1,9 @@
-"""Turn a results dict into the JSON file, PNG plots, a markdown table and the README block.
+"""Turn a results dict into the JSON file, PNG plots, a markdown table and the results block.
 
-The README block is everything between ``<!-- bench:start -->`` and
-``<!-- bench:end -->``; :func:`replace_readme_block` swaps it atomically and
-leaves the rest of the README untouched.
+The results block (in ``benchmarks/README.md``; ``run.py`` picks the page) is
+everything between ``<!-- bench:start -->`` and ``<!-- bench:end -->``;
+:func:`replace_readme_block` swaps it atomically and leaves the rest of the page
+untouched.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ def fmt_value(x: float, unit: str) -> str:
     return f"{fmt(x)} {unit}".strip()
 
 
-# Groups left out of the README's compact table (they stay in table.md and the JSON).
+# Groups left out of the compact results block (they stay in table.md and the JSON).
 DETAIL_GROUPS = {"memory.anon_bytes", "memory.peak_rss_bytes", "sizes.bundle_one_adapter_bytes"}
 
 
 def render_markdown(results: dict, *, compact: bool = False) -> str:
     """The benchmark section as markdown: goals, then one table per section.
 
-    ``compact`` (for the README) drops the detail groups and the notes and points to the full table.
+    ``compact`` (for benchmarks/README.md) drops the detail groups and the notes and points to the full table.
     """
     m = results["machine"]
     lines = [f"Measured {results['created']} on {m['cpu']} ({m['logical_cpus']} logical CPUs, "

@@ -3,11 +3,11 @@
 Sets up what it needs (genai models, edgepeft bundles, LoRA adapters; cached in
 ``benchmarks/work/``), measures every section with interleaved repetitions,
 writes ``benchmarks/results/bench.json``, ``table.md`` and PNG plots, and
-refreshes the README block between ``<!-- bench:start -->`` and
-``<!-- bench:end -->``.
+refreshes the results block of ``benchmarks/README.md`` between
+``<!-- bench:start -->`` and ``<!-- bench:end -->``.
 
 ``--smoke`` runs the same harness on tiny random models in seconds (used by
-``tests/test_bench_smoke.py``); it never touches the README or the committed
+``tests/test_bench_smoke.py``); it never touches benchmarks/README.md or the committed
 results unless ``--out``/``--readme`` point there.
 """
 
@@ -86,12 +86,12 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                  description="Measure edgepeft against its peers in one run; write JSON, PNG plots, "
-                                             "table.md and the README block.")
+                                             "table.md and the results block of benchmarks/README.md.")
     ap.add_argument("--smoke", action="store_true", help="tiny random models, seconds (harness check)")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     ap.add_argument("--work", type=Path, help="work folder for built artifacts (default benchmarks/work)")
-    ap.add_argument("--readme", type=Path, help="README to refresh (default: the repo's, full runs only)")
-    ap.add_argument("--no-readme", action="store_true", help="do not touch any README")
+    ap.add_argument("--readme", type=Path, help="page whose results block to refresh (default: benchmarks/README.md, full runs only)")
+    ap.add_argument("--no-readme", action="store_true", help="do not refresh any results block")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--reps", type=int, help="repetitions per figure (default 7; smoke 3)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = table.with_name(f".{table.name}.tmp")
     tmp.write_text(md, encoding="utf-8")
     tmp.replace(table)
-    readme = a.readme or (None if a.smoke else Path(__file__).resolve().parent.parent / "README.md")
+    readme = a.readme or (None if a.smoke else Path(__file__).resolve().parent / "README.md")
     if readme and not a.no_readme:
         if report.replace_readme_block(readme, report.render_markdown(results, compact=True)):
-            ctx.log(f"README block refreshed in {readme}")
+            ctx.log(f"results block refreshed in {readme}")
         else:
             ctx.log(f"{readme} has no {report.START} ... {report.END} block; table left in {table}")
     ctx.log(f"wrote {out / name} and {table} in {results['duration_s']} s")

@@ -45,13 +45,10 @@ def _stamp(base: str | None, adapters: list[tuple[str, Path]], quant: str, merge
     """
     h = hashlib.sha256(json.dumps([base, [n for n, _ in adapters], quant, merge, dtype, *options]).encode())
     pkg = Path(edgepeft_root())
-    for sub in ("export", "bundle", "spec"):
+    for sub in ("export", "bundle", "contracts", "models"):  # models/: base loading and the architecture table
         for f in sorted((pkg / sub).rglob("*.py")):
             h.update(f.name.encode() + f.read_bytes())
     h.update(Path(TARGET).read_bytes())
-    for f in ("basemodel.py",):
-        if (pkg / f).is_file():
-            h.update((pkg / f).read_bytes())
     for _, d in adapters:
         for f in sorted(Path(d).glob("adapter_*")) + sorted(Path(d).glob("edgepeft_*.json")):
             st = f.stat()

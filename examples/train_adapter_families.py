@@ -11,9 +11,9 @@ answers, word overlap (F1) with them, and how many numbers the adapter trains.
     python examples/train_adapter_families.py --only prompt-tuning
     python examples/train_adapter_families.py --from prompt-tuning=adapters/northwind-prompt
 
-:data:`SETTINGS` ``["prompt-tuning"]`` is exactly the README quickstart's ``edgepeft train
---method prompt-tuning`` command (a test checks it), so ``--from`` reports on the adapter
-``make demo`` trained. The bare base is measured once (the first run's ``--eval-before``)
+:data:`SETTINGS` ``["prompt-tuning"]`` is exactly the ``edgepeft train --method
+prompt-tuning`` command of the README's quickstart and docs/walkthrough.md (a test checks it), so ``--from``
+reports on the adapter ``make demo`` trained. The bare base is measured once (the first run's ``--eval-before``)
 and is the "before" of every family: same base, same questions, same greedy settings.
 
 Writes each adapter to ``--out/<method>`` and the figures to ``--results`` (JSON).

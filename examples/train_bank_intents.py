@@ -9,7 +9,7 @@ users: a bias that a single accuracy number would hide.
 
     python examples/train_bank_intents.py        # about 1 minute on 2 CPU cores
 
-:data:`SETTINGS` are exactly the README's ``edgepeft train`` command for the
+:data:`SETTINGS` are exactly docs/walkthrough.md's ``edgepeft train`` command for the
 classifier (a test checks that they agree), so ``--from DIR`` can report on an
 adapter that command trained (``make demo`` does that) instead of training again.
 
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--results", default=str(HERE / "out" / "bank-intents.json"))
     ap.add_argument("--steps", type=int, default=SETTINGS["max_steps"])
     ap.add_argument("--from", dest="trained", metavar="DIR",
-                    help="report on an adapter the README's command already trained (copied to --out) instead of training")
+                    help="report on an adapter the walkthrough's command already trained (copied to --out) instead of training")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 

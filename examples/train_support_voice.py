@@ -13,7 +13,7 @@ answers with the references.
     python examples/train_support_voice.py            # ~8.5 CPU-minutes: 4-5 min on 2 idle cores
     python examples/train_support_voice.py --steps 40 --out /tmp/northwind
 
-:data:`SETTINGS` are exactly the README's quickstart ``edgepeft train`` command
+:data:`SETTINGS` are exactly the quickstart's ``edgepeft train`` command (README.md)
 (a test checks that they agree), so ``--from DIR`` can report on an adapter that
 command trained (``make demo`` does that) instead of training again.
 

@@ -1,8 +1,9 @@
-"""The README's quickstart and classifier commands are what `make demo` runs, and they parse.
+"""The walkthrough's commands are what `make demo` runs, they parse, and the README's quickstart is a part of them.
 
-`tools/demo.sh` runs the README's commands verbatim; this test keeps the two from drifting apart in either
-direction, checks every option the README shows exists, and that the README's `edgepeft train` commands are
-the settings the example scripts train with (so `examples/train_*.py --from` reports on the same run).
+`tools/demo.sh` runs the commands of `docs/walkthrough.md` verbatim; this test keeps the two from drifting apart
+in either direction, checks that the README's short quickstart shows some of those same commands in the same
+order (and nothing else), that every option shown exists, and that the walkthrough's `edgepeft train` commands
+are the settings the example scripts train with (so `examples/train_*.py --from` reports on the same run).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from edgepeft.cli.main import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
 DEMO = ROOT / "tools" / "demo.sh"
 PROGRAMS = ("edgepeft ", "curl ")
 
@@ -39,23 +41,39 @@ def commands(text: str) -> list[str]:
     return out
 
 
-def readme_paths() -> str:
-    """The bash blocks of the README's Quickstart section (which holds the classifier path too)."""
+def bash_blocks(text: str) -> str:
+    return "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))
+
+
+def readme_quickstart() -> list[str]:
+    """The commands of the bash blocks in the README's Quickstart section."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Quickstart"):text.index("\n## ", text.index("## Quickstart") + 1)]
-    return "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    start = text.index("## Quickstart")
+    return commands(bash_blocks(text[start:text.index("\n## ", start + 1)]))
 
 
-def test_the_demo_runs_every_readme_command_verbatim_and_nothing_else():
-    readme, demo = commands(readme_paths()), commands(DEMO.read_text(encoding="utf-8"))
-    assert len(readme) >= 12, readme
-    assert [c for c in readme if c not in demo] == [], "README commands the demo does not run"
-    assert [c for c in demo if c not in readme] == [], "demo commands the README does not show"
-    assert readme == demo, "same commands, same order"
+def walkthrough() -> list[str]:
+    """The commands of every bash block in docs/walkthrough.md (the quickstart, the classifier, updates, fleet)."""
+    return commands(bash_blocks(WALKTHROUGH.read_text(encoding="utf-8")))
+
+
+def test_the_demo_runs_every_walkthrough_command_verbatim_and_nothing_else():
+    page, demo = walkthrough(), commands(DEMO.read_text(encoding="utf-8"))
+    assert len(page) >= 12, page
+    assert [c for c in page if c not in demo] == [], "walkthrough commands the demo does not run"
+    assert [c for c in demo if c not in page] == [], "demo commands the walkthrough does not show"
+    assert page == demo, "same commands, same order"
+
+
+def test_the_readme_quickstart_is_a_part_of_the_walkthrough_in_its_order():
+    quick, rest = readme_quickstart(), iter(walkthrough())
+    assert len(quick) >= 8, quick
+    assert [c for c in quick if c not in walkthrough()] == [], "README commands the demo does not run"
+    assert all(c in rest for c in quick), "README commands out of the demo's order"
 
 
 def test_the_classifier_path_has_eval_data_a_build_and_a_run():
-    cls = [c for c in commands(readme_paths()) if "bank_intents" in c or "bundles/gateway" in c]
+    cls = [c for c in walkthrough() if "bank_intents" in c or "bundles/gateway" in c]
     train = next(c for c in cls if c.startswith("edgepeft train"))
     assert "--eval-data examples/bank_intents/eval.jsonl" in train
     assert any(c.startswith("edgepeft build --adapter intents=adapters/intents") for c in cls)
@@ -63,7 +81,7 @@ def test_the_classifier_path_has_eval_data_a_build_and_a_run():
 
 
 def _edgepeft_commands():
-    return [shlex.split(c.rstrip(" &")) for c in commands(readme_paths()) if c.startswith("edgepeft ")]
+    return [shlex.split(c.rstrip(" &")) for c in walkthrough() if c.startswith("edgepeft ")]
 
 
 @pytest.mark.parametrize("argv", _edgepeft_commands(), ids=lambda a: " ".join(a[:3]))
@@ -118,7 +136,7 @@ def test_readme_prompt_tuning_command_is_the_families_example_setting():
 
 
 def test_the_demo_serves_a_new_family_beside_lora_from_one_bundle():
-    cmds = commands(readme_paths())
+    cmds = walkthrough()
     build = next(c for c in cmds if c.startswith("edgepeft build") and "bundles/pi5" in c)
     assert "northwind=adapters/northwind" in build and "northwind-prompt=adapters/northwind-prompt" in build
     assert any("--adapter northwind-prompt" in c and c.startswith("edgepeft run") for c in cmds)
@@ -127,7 +145,7 @@ def test_the_demo_serves_a_new_family_beside_lora_from_one_bundle():
 
 @pytest.mark.slow
 def test_the_readme_classifier_path_classifies_its_own_example_on_the_real_model(tmp_path):
-    """The README's classifier commands, run as written (about 3 minutes on 2 cores): its example text is a
+    """The walkthrough's classifier commands, run as written (about 3 minutes on 2 cores): its example text is a
     suspicious charge, and the device's held-out accuracy equals training's."""
     import json
     import os

@@ -3,7 +3,7 @@
     python tools/bundle_accuracy_level.py SRC_BUNDLE DST_BUNDLE SIGNING_KEY LEVEL
 
 accuracy_level 4 (what the exporter writes) lets ONNX Runtime quantize activations to int8 inside
-int4/int8 MatMulNBits; 1 keeps them float. The README's aarch64 section compares the two for
+int4/int8 MatMulNBits; 1 keeps them float. docs/aarch64.md compares the two for
 cross-architecture reproducibility: run tools/device_probe.py --bundle on the copy natively and in the
 emulated device. Server side (needs onnx); the signing key must be one the device trusts.
 """

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The README's quickstart and classifier paths, command for command, on the embedded SmolLM2-135M-Instruct and
-# all-MiniLM-L6-v2, offline. tests/test_readme_demo.py checks that every `edgepeft` and `curl` command in those
-# README sections runs here verbatim, and that every one run here is in the README.
+# docs/walkthrough.md, command for command, on the embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline.
+# tests/test_readme_demo.py checks that every `edgepeft` and `curl` command on that page runs here verbatim, in
+# its order, that every one run here is on the page, and that the README's quickstart is a part of them.
 # Run it through `make demo`, which creates the environment first. About 17 CPU-minutes: 9-10 minutes on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${OUT:-out/demo}
 rm -rf "$WORK"; mkdir -p "$WORK"
-# The README's paths are relative to a checkout: examples/ is read from here, keys/, adapters/ and bundles/
+# The walkthrough's paths are relative to a checkout: examples/ is read from here, keys/, adapters/ and bundles/
 # are written in $WORK (never into the checkout, where a user's own keys/ may live).
 ln -s "$ROOT/examples" "$WORK/examples"
 cd "$WORK"

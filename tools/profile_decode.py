@@ -4,7 +4,7 @@
 
 Opens each bundle's model.onnx in a profiling ONNX Runtime session (2 threads, the device's session options),
 runs a 16-token prompt and 40 single-token decode steps with empty adapter slots, and prints the time per
-token and the kernel time per op type. The README's quantization section quotes it for the graph that carries
+token and the kernel time per op type. docs/quantization.md quotes it for the graph that carries
 a GGUF's blocks against the re-quantized one (e.g. the benchmark's benchmarks/work/bundles/dec-int4-r8-all and
 dec-int4-r8-requantize). Profiling adds its own overhead: compare graphs within one run.
 """

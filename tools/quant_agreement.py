@@ -4,8 +4,8 @@
 
 Scores the benchmark's held-out text (the first 3072 tokens of CPython's LICENSE, windows of 256, as
 `make bench` section 4 does for perplexity) with every graph and prints, per graph, the mean KL(fp32 ||
-graph) of the next-token distributions and how often both pick the same top token. The README's
-quantization table quotes it for the benchmark's bundles (benchmarks/work/bundles/dec-fp32-r8/model.onnx
+graph) of the next-token distributions and how often both pick the same top token. The
+quantization table in docs/quantization.md quotes it for the benchmark's bundles (benchmarks/work/bundles/dec-fp32-r8/model.onnx
 against dec-int4-r8, -layers, -requantize, -requantize-zpauto, after `make bench` built them).
 """
 
