@@ -222,9 +222,9 @@ def test_the_documented_acl_keeps_each_device_on_its_own_topics(built, tmp_path)
     (conf / "acl").write_text(acl)
     for p in conf.iterdir():
         p.chmod(0o644)
-    broker = Mosquitto(tmp_path / "broker", extra=f"password_file {conf}/passwd\nacl_file {conf}/acl\n")
-    broker.proc  # noqa: B018
-    # the test's own listener: anonymous is allowed by the fixture's listener, so use the controller's account
+    # root drops to user mosquitto unless told otherwise, and then cannot read pytest's private folders
+    user = "user root\n" if os.geteuid() == 0 else ""
+    broker = Mosquitto(tmp_path / "broker", extra=f"{user}password_file {conf}/passwd\nacl_file {conf}/acl\n")
     port = broker.port
     url = {u: f"mqtt://{u}:{p}@127.0.0.1:{port}" for u, p in users.items()}
     agent = AgentProcess(built["bundle"], built["public_key"], tmp_path / "dev1", "--mqtt", url["dev1"],
