@@ -34,8 +34,8 @@ class ReportGate:
         """The verified report in ``msg``, or None (refused: counted and logged). Never raises."""
         try:
             return self._check(msg)
-        except Exception as exc:  # noqa: BLE001 - a peer's bytes must never stop a rollout
-            return self._refuse("malformed", msg, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a peer's bytes must never stop a rollout (a bug if seen)
+            return self._refuse("error", msg, f"{type(exc).__name__}: {exc}")
 
     def _check(self, msg) -> Report | None:
         from ..contracts.verify import verify_detached
