@@ -238,7 +238,14 @@ def test_the_documented_acl_keeps_each_device_on_its_own_topics(built, tmp_path)
     rogue.connect(ud["host"], ud["port"])
     rogue.loop_start()
     try:
-        dev1_key = load_public_key_text((tmp_path / "dev1" / "identity.pub").read_text())
+        # the agent made its identity on first start: private key 0600, the public one printed and shown
+        text = (tmp_path / "dev1" / "identity.pub").read_text().strip()
+        dev1_key = load_public_key_text(text)
+        assert (tmp_path / "dev1" / "identity.key").stat().st_mode & 0o777 == 0o600
+        assert f"identity {text}" in agent.logtext()
+        assert agent.device()["identity"]["public_key"] == text
+        r = run_cli("identity", "--state", tmp_path / "dev1")
+        assert r.returncode == 0 and r.stdout.strip() == text, r.stderr
         assert ctl.wait(lambda t, p: t == "edgepeft/things/dev1/state") is not None  # the agent may publish
         time.sleep(0.5)
         rogue.publish("edgepeft/things/dev1/jobs/fake/update", b'{"status": "SUCCEEDED"}', qos=1).wait_for_publish(10)
