@@ -113,6 +113,9 @@ def test_the_gate_takes_a_genuine_update_once(keys):
     msg = Incoming("update", "dev", RID, sign_report(dict(REPORT), keys["device"]))
     assert gate.check(msg).status == "SUCCEEDED"
     assert gate.check(msg) is None and gate.refused == {"replayed": 1}
+    junk = {k: v for k, v in REPORT.items() if k != "rollout"} | {"status": "REJECTED", "seq": 9}
+    assert gate.check(Incoming("update", "dev", RID, sign_report(junk, keys["device"]))) is None
+    assert gate.refused["unverified job"] == 1  # the device's answer to junk does not count
 
 
 @pytest.mark.slow

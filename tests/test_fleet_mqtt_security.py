@@ -257,7 +257,7 @@ def test_the_documented_acl_keeps_each_device_on_its_own_topics(built, tmp_path)
         hit = ctl.wait(lambda t, p: t.endswith("/rb1/update") and p and _fields(p)["status"] == "REJECTED")
         assert hit is not None, agent.logtext()[-2000:]
         rep = parse_report(hit[1], dev1_key, device_id="dev1", source="rb1")
-        assert rep.job_id == "rb1" and "nothing to roll back" in rep.reason
+        assert rep.job_id == "rb1" and rep.rollout == "rb1" and "nothing to roll back" in rep.reason
         assert not any("fake" in t for t, _ in ctl.seen), ctl.seen
         assert all(_fields(p).get("adapters") != {} for t, p in ctl.seen if t.endswith("/state")), ctl.seen
         assert not any("rogue-job" in t for t, _ in ctl.seen + [(t, b"") for t in rogue_seen])
@@ -305,6 +305,7 @@ def test_oversized_messages_do_not_grow_the_agent_and_a_genuine_job_follows(buil
         assert after - before < 96 * 1024, (before, after)  # 256 MiB were sent; before the fix it kept >130 MiB
         refused = [_fields(p) for t, p in ctl.seen if "/big" in t and p]
         assert refused and all(r["status"] == "REJECTED" and "64 KiB" in r["reason"] for r in refused), refused[:2]
+        assert not any("rollout" in r for r in refused)  # an answer to junk counts for no rollout
         assert agent.proc.poll() is None
     finally:
         ctl.close()

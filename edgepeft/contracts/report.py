@@ -13,7 +13,8 @@ Message (JSON, at most :data:`MAX_MESSAGE` bytes, refused before parsing above t
 
 Report fields: ``type`` ("execution-update" | "state"), ``device_id``, ``seq`` (an integer that grows
 with every report the device signs, restarts included), ``at`` (UNIX time, information only); an
-execution update adds ``job_id``, ``rollout``, ``status`` (IN_PROGRESS | SUCCEEDED | FAILED |
+execution update adds ``job_id``, ``rollout`` (only once the device verified the job: a refusal of
+something unsigned carries none, and no controller counts it), ``status`` (IN_PROGRESS | SUCCEEDED | FAILED |
 REJECTED), ``reason`` (text or null), ``transient`` (bool) and optionally ``step`` (text) and
 ``result`` (object); a state report adds ``base`` (object), ``bundle`` (integer) and ``adapters``
 (name -> version). Canonical JSON: keys sorted, no spaces, ASCII only (``json.dumps(...,
@@ -69,7 +70,9 @@ class Report:
             f.reject_unknown()
             return cls(kind, device, seq, at, state=state)
         job = check_name(f.str("job_id"), source, "job_id")
-        rollout = check_name(f.str("rollout"), source, "rollout")
+        rollout = f.str("rollout", None)
+        if rollout is not None:
+            check_name(rollout, source, "rollout")
         status = f.str("status", choices=STATUSES)
         reason = f.raw("reason", None)
         if reason is not None and not isinstance(reason, str):

@@ -65,6 +65,9 @@ class ReportGate:
         want = "state" if msg.kind == "state" else "execution-update"
         if rep.type != want:
             return self._refuse("malformed", msg, f"a {rep.type} report where a {want} belongs")
+        if msg.kind == "update" and rep.rollout is None:
+            return self._refuse("unverified job", msg, f"the device answered {rep.status} to a message it could not "
+                                                      f"verify as a job: {rep.reason or ''}")
         if msg.kind == "update" and (rep.job_id != msg.job_id or rep.rollout != self.rid
                                      or rep.job_id not in (self.rid, f"{self.rid}-rollback")):
             return self._refuse("another job", msg, f"signed for job {rep.job_id} of rollout {rep.rollout}")

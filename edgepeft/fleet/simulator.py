@@ -53,10 +53,11 @@ def main(argv=None) -> int:
     seq = dict.fromkeys(mine, int(time.time() * 1000))
     rng = random.Random(args.seed + k)
 
-    def report(device: str, job_id: str, status: str, reason: str | None = None) -> bytes:
-        seq[device] += 1
-        return sign_report({"device_id": device, "job_id": job_id, "rollout": job_id.removesuffix("-rollback"),
-                            "status": status, "reason": reason, "seq": seq[device]}, mine[device])
+    def report(device: str, job_id: str, status: str, reason: str | None = None, verified: bool = True) -> bytes:
+        seq[device] += 1  # like an agent: a refusal of an unverified job names no rollout
+        return sign_report({"device_id": device, "job_id": job_id, "status": status, "reason": reason,
+                            "rollout": job_id.removesuffix("-rollback") if verified else None, "seq": seq[device]},
+                           mine[device])
     keys = None
     if args.verify:
         from ..contracts.verify import load_public_key
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
                 try:
                     verify_job(payload, keys, device_id=device)
                 except Exception as exc:  # noqa: BLE001 - report any refusal as the device would
-                    client.publish(job_update_topic(device, job_id), report(device, job_id, "REJECTED", str(exc)[:500]),
+                    client.publish(job_update_topic(device, job_id), report(device, job_id, "REJECTED", str(exc)[:500],
+                                                                               verified=False),
                                    qos=1, retain=True)
                     continue
             client.publish(job_update_topic(device, job_id), report(device, job_id, "IN_PROGRESS"), qos=1,

@@ -127,8 +127,9 @@ class MqttAgent:
             self.log(f"mqtt: state not published: {exc}")
 
     def _report(self, job_id: str, status: str, *, rollout: str | None = None, **extra) -> dict:
-        """Sign and publish an execution update for ``job_id`` of ``rollout`` (default: the job id)."""
-        body = {"device_id": self.id, "job_id": job_id, "rollout": rollout or job_id, "status": status,
+        """Sign and publish an execution update for ``job_id``; ``rollout`` only for a job whose signed
+        document this device verified (an answer to anything else must not count for a rollout)."""
+        body = {"device_id": self.id, "job_id": job_id, "rollout": rollout, "status": status,
                 "seq": self.identity.next_seq(), "reason": extra.pop("reason", None), **extra}
         if isinstance(body["reason"], str):
             body["reason"] = body["reason"][:2000]
