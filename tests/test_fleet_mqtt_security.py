@@ -152,7 +152,8 @@ def test_a_captured_genuine_update_cannot_be_replayed_onto_another_rollout(built
     broker = Mosquitto(tmp_path / "broker")
     enroll_file = tmp_path / "enroll.toml"
     sim = subprocess.Popen([sys.executable, "-m", "edgepeft.fleet.simulator", "--broker", broker.url, "--prefix",
-                            "sim-", "--count", "2", "--enroll", str(enroll_file)], stdout=subprocess.PIPE, cwd=ROOT,
+                            "sim-", "--count", "2", "--enroll", str(enroll_file), "--verify",
+                            str(built["public_key"])], stdout=subprocess.PIPE, cwd=ROOT,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     spy = Listener(broker.url, ["edgepeft/things/+/jobs/+/update"], "spy")
     try:

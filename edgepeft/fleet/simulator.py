@@ -53,11 +53,10 @@ def main(argv=None) -> int:
     seq = dict.fromkeys(mine, int(time.time() * 1000))
     rng = random.Random(args.seed + k)
 
-    def report(device: str, job_id: str, status: str, reason: str | None = None, verified: bool = True) -> bytes:
+    def report(device: str, job_id: str, status: str, reason: str | None = None, *, rollout: str | None) -> bytes:
         seq[device] += 1  # like an agent: a refusal of an unverified job names no rollout
         return sign_report({"device_id": device, "job_id": job_id, "status": status, "reason": reason,
-                            "rollout": job_id.removesuffix("-rollback") if verified else None, "seq": seq[device]},
-                           mine[device])
+                            "rollout": rollout, "seq": seq[device]}, mine[device])
     keys = None
     if args.verify:
         from ..contracts.verify import load_public_key
@@ -96,21 +95,22 @@ def main(argv=None) -> int:
             device, job_id = parts[2], parts[4]
             if device not in mine or not is_name(job_id):
                 continue
+            rollout = job_id.removesuffix("-rollback")
             if keys is not None:
                 from ..contracts.job import verify_job
 
                 try:
-                    verify_job(payload, keys, device_id=device)
+                    job = verify_job(payload, keys, device_id=device)
+                    rollout = job.rollout or job.job_id
                 except Exception as exc:  # noqa: BLE001 - report any refusal as the device would
-                    client.publish(job_update_topic(device, job_id), report(device, job_id, "REJECTED", str(exc)[:500],
-                                                                               verified=False),
-                                   qos=1, retain=True)
+                    message = report(device, job_id, "REJECTED", str(exc)[:500], rollout=None)
+                    client.publish(job_update_topic(device, job_id), message, qos=1, retain=True)
                     continue
-            client.publish(job_update_topic(device, job_id), report(device, job_id, "IN_PROGRESS"), qos=1,
-                           retain=True)
+            topic = job_update_topic(device, job_id)
+            client.publish(topic, report(device, job_id, "IN_PROGRESS", rollout=rollout), qos=1, retain=True)
             final = "FAILED" if rng.random() < args.fail_rate else "SUCCEEDED"
-            client.publish(job_update_topic(device, job_id), report(
-                device, job_id, final, "simulated failure" if final == "FAILED" else None), qos=1, retain=True)
+            reason = "simulated failure" if final == "FAILED" else None
+            client.publish(topic, report(device, job_id, final, reason, rollout=rollout), qos=1, retain=True)
             answered[0] += 1
     except KeyboardInterrupt:
         pass
