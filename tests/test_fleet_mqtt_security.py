@@ -197,6 +197,24 @@ def test_an_mqtt_device_without_an_enrolled_key_refuses_the_plan(built, tmp_path
     assert "truck-7" in r.stderr and "public_key" in r.stderr and "edgepeft identity" in r.stderr, r.stderr
 
 
+def test_a_bad_enrolled_key_is_refused_naming_the_device_and_field(tmp_path):
+    from edgepeft.errors import SpecError
+    from edgepeft.fleet.plan import Inventory
+
+    base = {"mqtt": {"url": "mqtt://127.0.0.1:1"}, "repository": {"url": "http://127.0.0.1:9/"}}
+    for bad, why in (("ed25519:abc", "base64"), ("ed25519:" + "A" * 40, "bytes"), ("keys/nope.pub", "cannot be read"),
+                     ("-----BEGIN PUBLIC KEY-----\nxx\n-----END PUBLIC KEY-----", "PEM")):
+        with pytest.raises(SpecError) as err:
+            Inventory.from_dict(base | {"device": [{"id": "t1", "address": "mqtt", "public_key": bad}]}, "fleet.toml",
+                                base=tmp_path)
+        assert "device[0].public_key" in err.value.message and why in err.value.message, err.value.message
+    _, text = _keypair()
+    (tmp_path / "t1.pub").write_text(text + "\n")
+    inv = Inventory.from_dict(base | {"device": [{"id": "t1", "address": "mqtt", "public_key": "t1.pub"}]},
+                              "fleet.toml", base=tmp_path)
+    assert inv.devices[0].public_key == text
+
+
 def _passwords(path: Path, users: dict) -> None:
     path.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
     subprocess.run(["mosquitto_passwd", "-U", str(path)], check=True, capture_output=True)

@@ -112,7 +112,10 @@ class DeviceIdentity:
         except (OSError, UnicodeDecodeError):
             current = None
         if current != ident.text:
-            write_atomic(ident._io, pub, (ident.text + "\n").encode("ascii"))
+            try:
+                write_atomic(ident._io, pub, (ident.text + "\n").encode("ascii"))
+            except OSError as exc:  # a convenience copy: the key itself is in place
+                ident.notes.append(f"{pub} not written: {exc}")
         return ident
 
     def sign(self, message: bytes) -> dict:
