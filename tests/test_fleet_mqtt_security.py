@@ -102,8 +102,8 @@ def _keypair():
 
 def test_a_forged_or_foreign_update_never_counts_a_device(built, tmp_path):
     """No agent runs for `ghost`: a bare SUCCEEDED, one signed by an attacker's key, one signed by another
-    enrolled device (`other`) claiming to be ghost, and garbage all reach the controller; ghost ends
-    TIMED_OUT, and each forgery is counted as refused."""
+    enrolled device (`other`) claiming to be ghost, garbage, 1 MiB, and a stranger's state all reach the
+    controller; ghost ends TIMED_OUT, and each is counted as refused (the issue's forgery made it SUCCEEDED)."""
     from edgepeft.contracts.report import sign_report
     from edgepeft.fleet.controller import start_rollout
 
@@ -126,6 +126,8 @@ def test_a_forged_or_foreign_update_never_counts_a_device(built, tmp_path):
                         sign_report(doc | {"seq": 10}, attacker_key), sign_report(doc | {"seq": 11}, other_key),
                         b'{"report": "{}", "signatures": []}', b"\xff" * 100, b"[1, 2]"):
             spy.publish(topic, payload)
+        spy.publish(topic, b"{" + b" " * (1 << 20) + b"}")  # 1 MiB: dropped unread
+        spy.publish("edgepeft/things/stranger/state", b"{}")  # not a device of this rollout: not even kept
 
     t = threading.Thread(target=attack, daemon=True)
     t.start()
@@ -141,7 +143,8 @@ def test_a_forged_or_foreign_update_never_counts_a_device(built, tmp_path):
     assert rep["status"] == "COMPLETED"
     refused = rep["refused"]
     assert sum(refused.values()) >= 7, refused
-    assert refused.get("unsigned", 0) >= 2 and refused.get("bad signature", 0) >= 2, refused
+    assert refused.get("unsigned", 0) >= 3 and refused.get("bad signature", 0) >= 2, refused
+    assert refused.get("oversized") == 1 and refused.get("not in this rollout") == 1, refused
 
 
 def test_a_captured_genuine_update_cannot_be_replayed_onto_another_rollout(built, tmp_path):
