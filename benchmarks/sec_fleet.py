@@ -2,8 +2,9 @@
 moves 10,000 simulated devices through a canary and waves over a real mosquitto broker on 127.0.0.1.
 
 The simulated devices (``edgepeft.fleet.simulator``, two processes, 5,000 devices each) answer on the same
-topics as agents (IN_PROGRESS, then SUCCEEDED) without installing anything, so this measures the controller
-and the broker, not devices. Devices/s, broker messages/s ($SYS counters), the controller's peak memory,
+topics as agents (IN_PROGRESS, then SUCCEEDED, signed with each device's own key, enrolled in the inventory)
+without installing anything, so this measures the controller (verifying every report) and the broker, not
+devices. Devices/s, broker messages/s ($SYS counters), the controller's peak memory,
 and progress over time (plot) come from one run; AWS IoT Jobs caps a rollout at 1,000 devices per minute.
 """
 
@@ -86,15 +87,16 @@ def _measure(ctx: Context, sec: Section, n: int) -> None:
     try:
         for k in range(SHARDS):
             p = subprocess.Popen([sys.executable, "-m", "edgepeft.fleet.simulator", "--broker", broker.url, "--count",
-                                  str(n), "--shard", f"{k}/{SHARDS}"], stdout=subprocess.PIPE, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                  str(n), "--shard", f"{k}/{SHARDS}", "--enroll", str(work / f"enroll-{k}.toml")],
+                                 stdout=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             sims.append(p)
         for p in sims:
             if p.stdout.readline().strip() != b"ready":
                 raise Skip("a device simulator did not start")
-        width = len(str(n - 1))
         inv = [f'[mqtt]\nurl = "{broker.url}"\n[repository]\nurl = "http://127.0.0.1:9/"\n']
-        inv += [f'[[device]]\nid = "sim-{i:0{width}d}"\naddress = "mqtt"\n' for i in range(n)]
+        # each simulated device's own public key, enrolled as a real device's would be; in id order
+        inv += sorted(e.strip() + "\n" for k in range(SHARDS)
+                      for e in (work / f"enroll-{k}.toml").read_text().split("\n\n") if e.strip())
         (work / "fleet.toml").write_text("\n".join(inv))
         (work / "plan.toml").write_text(f'''name = "bench"
 inventory = "fleet.toml"

@@ -96,6 +96,34 @@ def write_atomic(io: FileIO, path: Path, data: bytes) -> None:
     io.fsync_dir(path.parent)
 
 
+def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; return whether this call created it.
+
+    Why: a secret (a token, a private key) must never be seen half-written, nor replaced by a second
+    process starting at the same time. It is written whole beside its place (mode ``mode`` from the
+    start), fsynced, then hard-linked into place, which fails if another process won. Raises OSError.
+    """
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        FileIO().fsync_dir(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class PowerCut(Exception):
     """Raised by :class:`FaultyIO` at the chosen operation; never raised in production."""
 

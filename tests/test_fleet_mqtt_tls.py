@@ -92,8 +92,9 @@ def test_mqtt_over_tls_with_a_certificate_and_topics_per_device(built, tmp_path)
                           key=str(pki / "controller.key"))
         got = threading.Event()
 
-        def on_message(c, u, msg):
-            seen.append((msg.topic, json.loads(msg.payload) if msg.payload else None))
+        def on_message(c, u, msg):  # the device's signed reports, read as their fields
+            body = json.loads(msg.payload) if msg.payload else None
+            seen.append((msg.topic, json.loads(body["report"]) if body and "report" in body else body))
             got.set()
         ctl.on_message = on_message
         ctl.on_connect = lambda c, *a: c.subscribe(job_update_topic("+", "+"), qos=1)

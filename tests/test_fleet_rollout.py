@@ -97,7 +97,8 @@ def fleet(tmp_path_factory):
         a = agents[dev_id]
         address = {"http": a.url, "mqtt": "mqtt", "serial": f"serial://{lines.get(dev_id, lines['s-slow']).a}?baud=57600"}
         inv.append(f'[[device]]\nid = "{dev_id}"\naddress = "{address[link]}"\ngroup = "{group}"\n'
-                   + (f'token_file = "{a.state}/token"\n' if link == "http" else ""))
+                   + (f'token_file = "{a.state}/token"\n' if link == "http" else "")
+                   + (f'public_key = "{a.state}/identity.pub"\n' if link == "mqtt" else ""))  # its own key
     inv.append(f'[[device]]\nid = "e0"\naddress = "http://127.0.0.1:{free_port()}"\ngroup = "e"\n'
                f'token_file = "{root}/no-token"\n')
     (root / "no-token").write_text("nothing-listens-here-token\n")

@@ -136,6 +136,7 @@ edgepeft update create --bundle bundles/pi5 --adapter northwind=adapters/northwi
 edgepeft publish updates/northwind-v3.epu --repo repo --key keys/fleet.key
 
 step "15. the inventory, the plan, the rollout (canary, waves, abort threshold), each device's outcome"
+wait_for 60 test -s devices/d/identity.pub   # device D's own key, created on its first start: enrolled below
 cat > fleet.toml <<END
 [mqtt]
 url = "mqtt://127.0.0.1:18830"
@@ -155,6 +156,7 @@ token_file = "devices/c/token"
 [[device]]
 id = "d"
 address = "mqtt"
+public_key = "devices/d/identity.pub"
 [[device]]
 id = "e"
 address = "http://127.0.0.1:8735"

@@ -66,6 +66,11 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     keys = trusted_keys(trusted_key)
     Path(state).mkdir(parents=True, exist_ok=True)
     token, token_path = load_token(Path(state), token_file)  # first, so a client can read it while we load
+    from ..contracts.identity import DeviceIdentity
+
+    identity = DeviceIdentity.load_or_create(state)  # signs what this device reports (MQTT)
+    for note in identity.notes:
+        click.echo(f"warning: {note}", err=True)
     checks = []
     if local_checks:
         from ..contracts.checks import load_health_checks
@@ -74,8 +79,8 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     device = Device(bundle, keys, state, engine_options=opts, local_checks=checks)
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
-    mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key} \
-        if mqtt_url else None
+    mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key,
+            "identity": identity} if mqtt_url else None
     agent = Agent(device, token=token, listen=(host, port), serial=serial, pull=pull, mqtt=mqtt, http=http).start()
     for note in device.status()["notes"]:
         click.echo(f"warning: {note}", err=True)
@@ -83,6 +88,8 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
         ([f"pull {pull_url}"] if pull else []) + ([f"mqtt {mqtt_url} as {device_id}"] if mqtt else [])
     click.echo(f"agent ready: {', '.join(links)}; base {device.engine.manifest.base.get('name')}; "
                f"token in {token_path}", err=True)
+    click.echo(f"identity {identity.text} (key id {identity.key_id}; enroll it as this device's public_key in the "
+               "fleet inventory)", err=True)
     click.echo(f"listening {agent.url}", err=False)
 
     def stop(signum, frame):

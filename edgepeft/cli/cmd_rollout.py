@@ -23,6 +23,9 @@ def _print_report(rep: dict, as_json: bool) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(rep["counts"].items()))
     click.echo(f"rollout {rep['id']}: {rep['status']}" + (f" ({rep['reason']})" if rep.get("reason") else ""))
     click.echo(f"devices: {counts}; {rep['waves']} wave(s), last rate {rep['rate_per_minute']:.0f}/min")
+    if rep.get("refused"):
+        click.echo("ignored MQTT messages: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["refused"].items()))
+                   + " (only reports signed by a device's enrolled key count)")
     rows = [("device", "link", "group", "status", "tries", "wave", "reason")]
     for d in rep["devices"]:
         rows.append((d["device"], d["link"], d.get("group") or "-", d["status"], str(d["attempts"]),

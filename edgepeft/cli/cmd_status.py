@@ -29,6 +29,9 @@ def command(to, token, token_file, as_json):
     click.echo(f"base     {base.get('name')} ({base.get('fingerprint', '')[:16]}...), {st.get('task')}, "
                f"edgepeft {st.get('edgepeft_version')}")
     click.echo(f"bundle   {'v' + str(b.get('version')) if b.get('version') else 'as shipped'}")
+    ident = st.get("identity") or {}
+    if ident.get("public_key"):
+        click.echo(f"identity {ident['public_key']} (key id {ident.get('key_id')})")
     for a in st.get("adapters", []):
         click.echo(f"adapter  {a['name']:<20} v{a.get('version')}  ({a.get('source')}; floor {a.get('floor')}"
                    + (f"; failed {', '.join('v' + k for k in a['failed'])}" if a.get("failed") else "") + ")")

@@ -37,6 +37,7 @@ VERBS = {
     "agent": "Run the device agent: inference plus signed updates over HTTP, serial or TUF pull.",
     "push": "Send a signed update to a device over HTTP or a serial line and wait for its health check.",
     "status": "Show what a device runs and what happened to its last updates.",
+    "identity": "Print this device's public key (created on first use) to enroll in the fleet inventory.",
     "adapters": "List, install, roll back, unload or load adapters on a device (state folder or running agent).",
     "publish": "Publish signed update packages into a TUF repository for devices to pull.",
     "rollout": "Move a fleet to an update in waves, with abort thresholds and rollback.",

@@ -9,7 +9,8 @@ rollback job replayed later does nothing.
 
 Message (JSON): ``{"document": "<UTF-8 JSON, signed as is>", "signatures": [{"algorithm": "ed25519",
 "key_id", "value"}]}``. Document fields: ``job_id``, ``device_id``, ``operation`` ("install" |
-"rollback"), ``issued`` and ``expires`` (UTC), and for install ``package`` {path, id, name,
+"rollback"), ``issued`` and ``expires`` (UTC), optionally ``rollout`` (the device binds its signed
+reports to it, :mod:`.report`), and for install ``package`` {path, id, name,
 version, type} and ``repository`` (URL); for rollback ``name`` and ``from_version``.
 """
 
@@ -58,6 +59,7 @@ class Job:
     repository: str | None = None
     name: str | None = None
     from_version: int | None = None
+    rollout: str | None = None  # the rollout this job belongs to; its reports are bound to it
 
     @classmethod
     def from_dict(cls, data, source: str = "job") -> Job:
@@ -66,6 +68,9 @@ class Job:
         job = cls(job_id=check_name(f.str("job_id"), source, "job_id"),
                   device_id=check_name(f.str("device_id"), source, "device_id"), operation=op,
                   issued=f.str("issued"), expires=f.str("expires"))
+        rollout = f.str("rollout", None)
+        if rollout is not None:
+            job = cls(**{**job.__dict__, "rollout": check_name(rollout, source, "rollout")})
         parse_time(job.issued, source, "issued")
         parse_time(job.expires, source, "expires")
         if op == "install":
@@ -93,20 +98,27 @@ def sign_job(job: Job, private_key) -> bytes:
 
 def verify_job(message: bytes, trusted_keys, *, device_id: str, source: str = "job") -> Job:
     """A device's check of a job message: signature over the document as sent, schema, addressee,
-    expiry. Raises :class:`SignatureError`, :class:`SpecError` or :class:`BundleError`."""
+    expiry. A message over :data:`~.report.MAX_MESSAGE` is refused unread. Raises :class:`SignatureError`,
+    :class:`SpecError` or :class:`BundleError`."""
+    from .report import MAX_MESSAGE
     from .verify import verify_detached
 
+    if not isinstance(message, (bytes, bytearray)):
+        raise SpecError(source, "", "is not bytes")
+    if len(message) > MAX_MESSAGE:
+        raise SpecError(source, "", f"is {len(message)} bytes, over the {MAX_MESSAGE // 1024} KiB limit",
+                        hint="a job document is small: this one is not from a controller")
     try:
         outer = json.loads(message)
         doc, sigs = outer["document"], outer["signatures"]
         if not isinstance(doc, str) or not isinstance(sigs, list):
             raise TypeError("document must be a string and signatures a list")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SpecError(source, "", f"is not a job message: {exc}") from exc
-    verify_detached(doc.encode("utf-8"), sigs, trusted_keys, source)
+    verify_detached(doc.encode("utf-8", "surrogatepass"), sigs, trusted_keys, source)
     try:
         data = json.loads(doc)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SpecError(source, "document", f"is not JSON: {exc}") from exc
     job = Job.from_dict(data, source)
     if job.device_id != device_id:

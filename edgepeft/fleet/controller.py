@@ -11,7 +11,8 @@ One loop, ticking every few tens of milliseconds:
    than ``max_concurrency`` in progress;
 5. write every change to SQLite, *then* act (push or publish).
 
-A device counts as SUCCEEDED only once its agent reports the post-install health check passed. Resuming after
+A device counts as SUCCEEDED only once its agent reports the post-install health check passed; over MQTT,
+only a report signed by the device's enrolled key, for this rollout, counts (:mod:`.reports`). Resuming after
 the controller was killed: IN_PROGRESS HTTP devices are asked for the package's status first (a device
 answers a package it has finished from its history, so nothing installs twice); MQTT devices' retained
 execution updates arrive again on subscribe.
@@ -95,6 +96,13 @@ def start_rollout(plan: RolloutPlan | str | os.PathLike, db: str | os.PathLike, 
     if any(d.link == "mqtt" for d in devices) and plan.key is None:
         raise RolloutError(f"plan {plan.name} reaches MQTT devices but names no key to sign their jobs",
                            hint='add key = "keys/fleet.key" to the plan')
+    unenrolled = [d.id for d in devices if d.link == "mqtt" and d.public_key is None]
+    if unenrolled:
+        few = ", ".join(unenrolled[:5]) + (f" and {len(unenrolled) - 5} more" if len(unenrolled) > 5 else "")
+        raise RolloutError(f"plan {plan.name}: MQTT device(s) {few} have no enrolled key in {plan.inventory}, so "
+                           "nothing they report could be trusted",
+                           hint='run `edgepeft identity --state STATE` on each device and add its output as '
+                                'public_key = "ed25519:..." to its [[device]] (docs/fleet.md)')
     for p in plan.packages:
         PackageInfo.read(p)
     store = RolloutDB(db)
@@ -129,6 +137,8 @@ class Rollout:
                                         thread_name_prefix="edgepeft-rollout")
         self._futures: dict[str, Future] = {}
         self._plane = None
+        self._dropped: dict = {}  # messages the plane dropped unread, by reason
+        self._reports = None  # the check of MQTT reports (fleet/reports.py), with the plane
         self._changed: dict[str, Execution] = {}
         self._events: list[tuple[str, str, str]] = []
         self._actions: list = []
@@ -174,7 +184,9 @@ class Rollout:
         if self._plane is None:
             from ..transport.mqtt_plane import ControlPlane
 
-            self._plane = ControlPlane(self.inventory.mqtt_url, self.id, **self.inventory.mqtt_tls)
+            self._reports = self._reports or _report_gate(self)
+            self._plane = ControlPlane(self.inventory.mqtt_url, self.id, **self.inventory.mqtt_tls,
+                                       devices=list(self.ex))
         return self._plane
 
     def _notify(self, e: Execution) -> None:
@@ -187,7 +199,8 @@ class Rollout:
             from ..contracts.job import new_job, sign_job
 
             pkg = self._packages_for(e.device_id)[-1]
-            job = new_job(job_id=self.id, device_id=dev.id, operation="install", repository=self.inventory.repository_url,
+            job = new_job(job_id=self.id, rollout=self.id, device_id=dev.id, operation="install",
+                          repository=self.inventory.repository_url,
                           package={"path": pkg.target_path, "id": pkg.id, "name": pkg.name, "version": pkg.version,
                                    "type": pkg.type})
             self._mqtt().send_job(dev.id, sign_job(job, self._key()))
@@ -203,8 +216,8 @@ class Rollout:
             from ..contracts.job import new_job, sign_job
 
             for pkg in self._packages_for(dev.id):
-                job = new_job(job_id=f"{self.id}-rollback", device_id=dev.id, operation="rollback", name=pkg.name,
-                              from_version=pkg.version)
+                job = new_job(job_id=f"{self.id}-rollback", rollout=self.id, device_id=dev.id, operation="rollback",
+                              name=pkg.name, from_version=pkg.version)
                 self._mqtt().client.publish(f"edgepeft/things/{dev.id}/jobs/{self.id}-rollback",
                                             sign_job(job, self._key()), qos=1, retain=True)
         else:
@@ -366,21 +379,23 @@ class Rollout:
             else:
                 self._finish(e, FAILED, st.get("reason"), transient=True)
         if self._plane is not None:
-            for dev_id, up in self._plane.drain():
-                e = self.ex.get(dev_id)
+            for msg in self._plane.drain():
+                up = self._reports.check(msg)
+                if up is None or up.type != "execution-update":
+                    continue  # refused (counted in the report), or a device's state
+                e = self.ex.get(msg.device_id)
                 if e is None:
                     continue
-                status = up.get("status")
-                if str(up.get("job_id", "")).endswith("-rollback"):
-                    if status in (SUCCEEDED, REJECTED, FAILED) and e.status == SUCCEEDED:
-                        self._set(e, ROLLED_BACK if status == SUCCEEDED else e.status, up.get("reason"))
+                if up.job_id.endswith("-rollback"):
+                    if up.status in (SUCCEEDED, REJECTED, FAILED) and e.status == SUCCEEDED:
+                        self._set(e, ROLLED_BACK if up.status == SUCCEEDED else e.status, up.reason)
                     continue
                 if e.status != IN_PROGRESS:
                     continue
-                if status in (SUCCEEDED, FAILED, REJECTED):
-                    self._finish(e, status, up.get("reason"), transient=bool(up.get("transient")),
-                                 detail={"steps": (up.get("result") or {}).get("steps")})
-                    self._plane.clear_job(dev_id)
+                if up.status in (SUCCEEDED, FAILED, REJECTED):
+                    self._finish(e, up.status, up.reason, transient=up.transient,
+                                 detail={"steps": (up.result or {}).get("steps")})
+                    self._plane.clear_job(msg.device_id)
 
     def _check_abort(self) -> None:
         if self.status != "IN_PROGRESS":
@@ -416,6 +431,7 @@ class Rollout:
                 for e in self.ex.values():
                     if e.link == "mqtt":
                         self._plane.clear_job(e.device_id)
+            self._dropped = dict(self._plane.dropped)
             self._plane.close()
             self._plane = None
 
@@ -428,8 +444,20 @@ class Rollout:
         for dev_id, e in sorted(self.ex.items()):
             d = self.devices.get(dev_id)
             devices.append(e.to_dict() | {"group": d.group if d else None})
+        refused = dict(self._reports.refused) if self._reports is not None else {}
         return {"id": self.id, "name": self.plan.name, "status": self.status, "reason": self.reason,
-                "counts": self.counts(), "rate_per_minute": self.rate, "waves": self.wave, "devices": devices}
+                "counts": self.counts(), "rate_per_minute": self.rate, "waves": self.wave, "devices": devices,
+                "refused": refused | self._dropped}
+
+
+def _report_gate(rollout: Rollout):
+    """The check of MQTT reports for ``rollout``: each device's enrolled key (see :mod:`.reports`)."""
+    from ..contracts.identity import load_public_key_text
+    from .reports import ReportGate
+
+    keys = {d.id: load_public_key_text(d.public_key) for d in rollout.devices.values()
+            if d.public_key and d.id in rollout.ex}
+    return ReportGate(rollout.id, keys, log=rollout.log)
 
 
 def _push_all(dev, packages: list[PackageInfo], deadline: float) -> tuple[str, dict]:

@@ -43,12 +43,38 @@ class Device:
     group: str | None = None
     tags: tuple[str, ...] = ()
     token_file: str | None = None
+    public_key: str | None = None  # "ed25519:<base64>": the device's own key, which signs what it reports
 
     @property
     def link(self) -> str:
         if self.address == "mqtt":
             return "mqtt"
         return "serial" if self.address.startswith("serial:") else "http"
+
+
+def _enrolled_key(d: Fields, base: Path | None) -> str | None:
+    """A device's ``public_key``: ``ed25519:<base64>`` (what `edgepeft identity` prints), a PEM public key,
+    or the path of a file holding either (relative to the inventory). Raises :class:`SpecError`."""
+    from ..contracts.identity import load_public_key_text, public_key_text
+    from ..errors import SignatureError
+
+    value = d.str("public_key", None)
+    if value is None:
+        return None
+    text = value
+    if not value.startswith(("ed25519:", "-----BEGIN")):
+        path = Path(value) if base is None or os.path.isabs(value) else base / value
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise d.error("public_key", f"{path} cannot be read: {exc}",
+                          hint='give the key itself: public_key = "ed25519:..." (edgepeft identity prints it)') \
+                from exc
+    try:
+        return public_key_text(load_public_key_text(text, d.path("public_key")))
+    except SignatureError as exc:
+        raise d.error("public_key", exc.message, hint="`edgepeft identity --state STATE` on the device prints it") \
+            from exc
 
 
 @dataclass(frozen=True)
@@ -98,7 +124,8 @@ class Inventory:
             if token_file and base is not None and not os.path.isabs(token_file):
                 token_file = str(base / token_file)
             dev = Device(id=dev_id, address=address, target=d.str("target", None), group=d.str("group", None),
-                         tags=tuple(d.str_list("tags", [])), token_file=token_file)
+                         tags=tuple(d.str_list("tags", [])), token_file=token_file,
+                         public_key=_enrolled_key(d, base))
             d.reject_unknown()
             if dev.link == "mqtt" and not (mqtt_url and repo_url):
                 raise d.error("address", "an mqtt device needs [mqtt] url and [repository] url in the inventory",

@@ -5,18 +5,22 @@ answers every job for devices ``sim-00000``... (those of its shard) the way an a
 topics: IN_PROGRESS, then SUCCEEDED (or FAILED for ``--fail-rate`` of them), retained, QoS 1. It does not
 install anything: it measures the controller and the broker, not devices. ``--verify KEY.pub`` makes it
 check each job's signature as a device would (costs CPU in the simulator, not in the controller).
-Prints ``ready`` once subscribed, then runs until SIGTERM or Ctrl-C, and prints ``answered N``.
+
+Each simulated device has its own Ed25519 key pair, made at start and kept in memory, and signs its
+execution updates as an agent does (:mod:`edgepeft.contracts.report`); ``--enroll FILE`` writes the
+inventory's ``[[device]]`` entries of this shard with their ``public_key``, for the controller to enroll.
+Prints ``ready`` once subscribed (and enrolled), then runs until SIGTERM or Ctrl-C, and prints ``answered N``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -28,14 +32,31 @@ def main(argv=None) -> int:
     ap.add_argument("--fail-rate", type=float, default=0.0)
     ap.add_argument("--verify", default=None, help="a trusted public key: verify job signatures")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--enroll", default=None, help="write this shard's [[device]] entries with public keys here")
     args = ap.parse_args(argv)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ..contracts.identity import public_key_text
     from ..contracts.job import job_topic, job_update_topic
+    from ..contracts.names import is_name
+    from ..contracts.report import sign_report
+    from ..fsio import FileIO, write_atomic
     from ..transport.mqtt import mqtt_client
 
     k, n = (int(x) for x in args.shard.split("/"))
     width = len(str(max(args.count - 1, 1)))
-    mine = {f"{args.prefix}{i:0{width}d}" for i in range(args.count) if i % n == k}
+    mine = {f"{args.prefix}{i:0{width}d}": Ed25519PrivateKey.generate() for i in range(args.count) if i % n == k}
+    if args.enroll:
+        write_atomic(FileIO(), Path(args.enroll), "".join(
+            f'[[device]]\nid = "{d}"\naddress = "mqtt"\npublic_key = "{public_key_text(key.public_key())}"\n\n'
+            for d, key in mine.items()).encode("ascii"))
+    seq = dict.fromkeys(mine, int(time.time() * 1000))
     rng = random.Random(args.seed + k)
+
+    def report(device: str, job_id: str, status: str, reason: str | None = None, *, rollout: str | None) -> bytes:
+        seq[device] += 1  # like an agent: a refusal of an unverified job names no rollout
+        return sign_report({"device_id": device, "job_id": job_id, "status": status, "reason": reason,
+                            "rollout": rollout, "seq": seq[device]}, mine[device])
     keys = None
     if args.verify:
         from ..contracts.verify import load_public_key
@@ -72,23 +93,24 @@ def main(argv=None) -> int:
                 continue
             parts = topic.split("/")
             device, job_id = parts[2], parts[4]
-            if device not in mine:
+            if device not in mine or not is_name(job_id):
                 continue
+            rollout = job_id.removesuffix("-rollback")
             if keys is not None:
                 from ..contracts.job import verify_job
 
                 try:
-                    verify_job(payload, keys, device_id=device)
+                    job = verify_job(payload, keys, device_id=device)
+                    rollout = job.rollout or job.job_id
                 except Exception as exc:  # noqa: BLE001 - report any refusal as the device would
-                    client.publish(job_update_topic(device, job_id), json.dumps(
-                        {"job_id": job_id, "status": "REJECTED", "reason": str(exc)}).encode(), qos=1, retain=True)
+                    message = report(device, job_id, "REJECTED", str(exc)[:500], rollout=None)
+                    client.publish(job_update_topic(device, job_id), message, qos=1, retain=True)
                     continue
-            client.publish(job_update_topic(device, job_id), json.dumps(
-                {"job_id": job_id, "status": "IN_PROGRESS", "at": time.time()}).encode(), qos=1, retain=True)
+            topic = job_update_topic(device, job_id)
+            client.publish(topic, report(device, job_id, "IN_PROGRESS", rollout=rollout), qos=1, retain=True)
             final = "FAILED" if rng.random() < args.fail_rate else "SUCCEEDED"
-            client.publish(job_update_topic(device, job_id), json.dumps(
-                {"job_id": job_id, "status": final, "at": time.time(),
-                 "reason": "simulated failure" if final == "FAILED" else None}).encode(), qos=1, retain=True)
+            reason = "simulated failure" if final == "FAILED" else None
+            client.publish(topic, report(device, job_id, final, reason, rollout=rollout), qos=1, retain=True)
             answered[0] += 1
     except KeyboardInterrupt:
         pass

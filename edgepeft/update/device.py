@@ -33,6 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..contracts.identity import read_identity
 from ..contracts.update import Envelope, read_update
 from ..errors import EdgePeftError, IntegrityError, StoreError, UsageError
 from ..fsio import FileIO, write_atomic
@@ -344,6 +345,7 @@ class Device:
                                "failed": {str(k): v for k, v in bstate.failed.items()}},
                     "adapters": self.updater.installed(), "unloaded": self._unloaded(),
                     "uploads": self.receiver.active(), "recent": self._history()[-10:],
+                    "identity": read_identity(self.state_dir),
                     "notes": _unique(self.notes + self.updater.notes + eng.warnings)}
 
     def unload(self, name: str) -> dict:
