@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 
 from ..errors import BuildError, UsageError
-from .files import write_atomic
+from ..fsio import write_atomic
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 1}  # days
@@ -99,7 +99,7 @@ class TufRepository:
 
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         data = md.to_bytes(JSONSerializer(compact=False))
-        write_atomic(self.meta_dir / filename, data)
+        write_atomic(self.meta_dir / filename, data, mode=0o644)
 
     # -- writing -------------------------------------------------------------------------------
     def _root(self):
@@ -172,7 +172,7 @@ class TufRepository:
     def _store_target(self, path: str, tf, data: bytes) -> None:
         dest = self.targets_dir / Path(path).parent / f"{tf.hashes['sha256']}.{Path(path).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dest, data)
+        write_atomic(dest, data, mode=0o644)
 
     def _bump(self, md, role: str) -> None:
         md.signed.version += 1 if self._load(role) is not None else 0
