@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from ..errors import UsageError
+from ..fsio import write_atomic
 
 TOKEN_FILE = "token"
 
@@ -30,21 +31,7 @@ def load_token(state_dir: Path, token_file: str | os.PathLike | None = None, *, 
     path = Path(token_file) if token_file else Path(state_dir) / name
     if token_file is None and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        # written whole beside it, then linked into place: a reader never sees a half-written token,
-        # and of two processes starting at once, one token wins and both read it
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600, keep_existing=True)  # of two starts, one token wins
     try:
         token = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
