@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..contracts.checks import read_health_checks
+from ..contracts.fields import check_choice
 from ..contracts.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
 from ..contracts.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from ..contracts.names import sha256_file
@@ -125,18 +126,14 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     profile = target if isinstance(target, TargetProfile) else load_target(target)
     explicit_quant, quant_note = quant is not None, ""
     quant = quant or profile.quant.weights
-    if quant not in QUANTS:
-        raise UsageError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    check_choice(quant, QUANTS, "quantization", hint_flag="--quant")
     adapter_dtype = adapter_dtype or profile.quant.adapter_dtype
     gguf = gguf or profile.quant.gguf
-    if gguf not in GGUF_MODES:
-        raise UsageError(f"--gguf {gguf!r} is not one of {', '.join(GGUF_MODES)}")
+    check_choice(gguf, GGUF_MODES, "GGUF mode", hint_flag="--gguf")
     lora_b = lora_b or profile.quant.lora_b
     zero_points = zero_points or profile.quant.zero_points
-    if zero_points not in ZERO_POINTS:
-        raise UsageError(f"--zero-points {zero_points!r} is not one of {', '.join(ZERO_POINTS)}")
-    if lora_b not in LORA_B_TYPES:
-        raise UsageError(f"LoRA B slot type {lora_b!r} is not one of {', '.join(LORA_B_TYPES)}")
+    check_choice(zero_points, ZERO_POINTS, "zero_points policy", hint_flag="--zero-points")
+    check_choice(lora_b, LORA_B_TYPES, "LoRA B slot type")
     private_key = load_private_key(key)
     out = Path(out)
     if out.exists() and not force:
@@ -276,11 +273,11 @@ def bottleneck_plan(inputs: list[AdapterInput], slots: str | None, activation: s
     """The graph's bottleneck slots: the points the bottleneck adapters use plus ``slots``'s placement,
     with one activation. Raises :class:`UsageError` for an unknown placement or activation, and
     :class:`AdapterError` when adapters disagree on their activation (one graph applies one)."""
-    if slots not in (None, "none") and slots not in PLACEMENTS:
-        raise UsageError(f"--bottleneck-slots {slots!r} is not one of {', '.join(PLACEMENTS)}, none",
-                         hint="houlsby: after the attention and the MLP blocks; pfeiffer: after the MLP")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise UsageError(f"--bottleneck-activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if slots is not None:
+        check_choice(slots, (*PLACEMENTS, "none"), "bottleneck slot placement",
+                     hint="--bottleneck-slots houlsby: after the attention and the MLP blocks; pfeiffer: after the MLP")
+    if activation is not None:
+        check_choice(activation, ACTIVATIONS, "bottleneck activation", hint_flag="--bottleneck-activation")
     ours = [a for a in inputs if a.method == "bottleneck"]
     acts = {a.activation for a in ours} | ({activation} if activation else set())
     if len(acts) > 1:

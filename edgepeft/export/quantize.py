@@ -69,6 +69,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..contracts.fields import check_choice
 from ..contracts.target import GGUF_MODES, ZERO_POINTS  # GGUF blocks, zero points, LoRA B
 from ..contracts.target import LORA_B_TYPES as LORA_B
 from ..errors import UsageError
@@ -102,15 +103,10 @@ class WeightQuant:
     lora_b: str = "auto"
 
     def __post_init__(self):
-        if self.lora_b not in LORA_B:
-            raise UsageError(f"unknown LoRA B slot type {self.lora_b!r}", hint=f"use one of {', '.join(LORA_B)}")
-        if self.gguf not in GGUF_MODES:
-            raise UsageError(f"unknown GGUF mode {self.gguf!r}", hint=f"use one of {', '.join(GGUF_MODES)}")
-        if self.kind not in KINDS:
-            raise UsageError(f"unknown weight quantization {self.kind!r}", hint=f"use one of {', '.join(KINDS)}")
-        if self.zero_points not in ZERO_POINTS:
-            raise UsageError(f"unknown zero_points policy {self.zero_points!r}",
-                             hint=f"use one of {', '.join(ZERO_POINTS)}")
+        check_choice(self.lora_b, LORA_B, "LoRA B slot type")
+        check_choice(self.gguf, GGUF_MODES, "GGUF mode")
+        check_choice(self.kind, KINDS, "weight quantization")
+        check_choice(self.zero_points, ZERO_POINTS, "zero_points policy")
         for bs in (self.block_size, self.embed_block_size):
             if bs is not None and (bs < 16 or bs & (bs - 1)):
                 raise UsageError(f"quantization block size {bs} is not a power of two >= 16",

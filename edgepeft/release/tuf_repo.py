@@ -203,13 +203,13 @@ def publish(packages, *, repo, key, role_keys: dict | None = None, expiry_days: 
     """Publish ``packages`` into the repository folder ``repo``, signed with ``key`` (every role) or
     ``role_keys`` ({"timestamp": path, ...} overrides). Raises UsageError, SignatureError, BuildError."""
     from .._extras import require
+    from ..contracts.fields import check_choice
     from ..contracts.signing import load_private_key
 
     require("tuf", feature="publishing a TUF repository")
     keys = {role: load_private_key(key) for role in ROLES}
     for role, path in (role_keys or {}).items():
-        if role not in ROLES:
-            raise UsageError(f"unknown TUF role {role!r}", hint=f"roles: {', '.join(ROLES)}")
+        check_choice(role, ROLES, "TUF role")
         keys[role] = load_private_key(path)
     repo_obj = TufRepository(repo, keys, expiry_days=expiry_days)
     if refresh_only:
