@@ -91,6 +91,18 @@ def test_inspect_refuses_a_tampered_archive_when_asked_to_verify(trained, tmp_pa
     assert "has no manifest.json" in capsys.readouterr().err
 
 
+def test_inspect_refuses_a_manifest_with_a_duplicate_key_as_a_device_would(trained, tmp_path, capsys):
+    """Parsers disagree on which of two equal keys wins; inspect must not show what a device refuses."""
+    copy = shutil.copytree(trained["bundle"], tmp_path / "dup")
+    manifest = copy / "manifest.json"
+    text = manifest.read_text(encoding="utf-8")
+    assert text.startswith("{") and '"schema_version"' in text
+    manifest.write_text('{"schema_version": 999,' + text[1:], encoding="utf-8")
+    assert main(["inspect", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "'schema_version' appears twice" in err, err
+
+
 # --- eval -------------------------------------------------------------------------------------
 
 def test_eval_classifier_matches_pytorch_peft_on_an_fp32_bundle(encoder):
