@@ -12,14 +12,8 @@ import threading
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-pytest.importorskip("paho.mqtt")
-
-from agent_support import AgentProcess  # noqa: E402
-from fleet_support import Mosquitto, find_mosquitto  # noqa: E402
-from test_runtime_support import cached_bundle  # noqa: E402
+from agent_support import AgentProcess
+from fleet_support import Mosquitto, find_mosquitto
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="MOSQUITTO IS NOT INSTALLED: `make test` installs it (apt-get install mosquitto)")
@@ -59,11 +53,6 @@ def _pki(d):
     issue("server", server=True)
     for name in ("controller", "dev1", "dev2"):
         issue(name)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def test_mqtt_over_tls_with_a_certificate_and_topics_per_device(built, tmp_path):
