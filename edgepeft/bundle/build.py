@@ -83,7 +83,7 @@ def _tokenizer_files(tokenizer, dest: Path) -> dict:
     if not (tmp / "tokenizer.json").is_file():
         raise BuildError("the base tokenizer has no fast (tokenizer.json) form, which devices need",
                          hint="use a base whose tokenizer has a tokenizer.json")
-    # Compact JSON: the same tokenizer in less than half the bytes (3.4 -> 1.3 MiB for SmolLM2).
+    # Compact JSON: the same tokenizer in less than half the bytes.
     spec = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
     _compact_merges(spec)
     (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
@@ -159,12 +159,10 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     bottleneck = bottleneck_plan(inputs, bottleneck_slots, bottleneck_activation)
     check_prefix_room(inputs, profile.budgets.max_context, f"target {profile.name}")
     if task == "classification" and not explicit_quant and quant in ("int4", "int8", "nf4"):
-        # The target's quantized default is for decoders. Measured on MiniLM (CPU time, one thread): int4
-        # runs at 0.83x the fp32 graph; int8 (per-channel DynamicQuantizeMatMul) at 1.7-1.9x, but its
-        # per-tensor activation rounding moves the README example's top label and the eval accuracy
-        # (0.708 -> 0.75); fp16 storage computes in fp32 (same speed, training's answers) at half the size.
+        # The target's quantized default is for decoders: on an encoder int4 is slower than fp32 and int8's
+        # activation rounding moves labels; fp16 storage computes in fp32 (docs/measured-defaults.md).
         quant_note = (f"; a classifier: fp16 weights computed in fp32 instead of the target's {quant} "
-                      "(--quant int8: 1.8x the speed, probabilities a few hundredths off)")
+                      "(--quant int8: faster, probabilities a few hundredths off)")
         quant = "fp16"
     max_rank = max([a.rank for a in loras], default=0)
     rank = slot_rank or max(max_rank, 1)
@@ -205,7 +203,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         for a in slot_adapters:
             rel = f"adapters/{a.name}-{a.version}.onnx_adapter"
             # Slots have a symbolic rank dim, so each adapter keeps its own rank (<= the slot rank):
-            # padding a rank-8 adapter to 16 measured 8 % slower decode and doubles the file.
+            # padding it to the slot rank would slow decoding and grow the file.
             size = f"rank {a.rank} (slots take up to {rank})" if a.method == "lora" else \
                 f"{a.method}, {describe_size(a.method, vars(a))}"
             progress(f"adapter {a.name} v{a.version}: {size}, {adapter_dtype}")

@@ -100,7 +100,7 @@ class TrainOptions:
     bottleneck_size: int | None = None  # bottleneck: width of the down-projection (None: hidden // 16)
     placement: str = "houlsby"  # bottleneck: houlsby (after attention and MLP) or pfeiffer (after the MLP)
     non_linearity: str = "relu"  # bottleneck: relu, silu or gelu
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
