@@ -351,7 +351,7 @@ class LinearEmitter:
         return self._block_linear_on(wname, scales, offset, blk.rows, blk.cols, blk.bits, name.replace(".", "_"),
                                      bias=bname)
 
-    def again(self, x: str, name: str) -> str:
+    def emit_on(self, x: str, name: str) -> str:
         """The layer emitted as ``name`` applied to another input, reading the same stored weights."""
         return self._emit[name](x)
 
