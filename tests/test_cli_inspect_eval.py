@@ -158,3 +158,21 @@ def test_eval_refuses_labels_the_adapter_does_not_know_and_unnamed_adapters(enco
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: record 1 has label 'ecstatic', which adapter 'sentiment' does not know",
                    "hint: its labels are: negative, positive"]
+
+
+def test_eval_on_a_device_never_loads_the_training_package(trained, tmp_path):
+    """`edgepeft eval` is a device verb: reading and scoring its data must not import edgepeft.train (nor models)."""
+    import subprocess
+    import sys
+
+    data = jsonl(tmp_path / "e.jsonl", SENTIMENT)
+    script = ("import json, sys\n"
+              "from edgepeft.cli.main import main\n"
+              f"rc = main(['eval', {str(trained['bundle'])!r}, '--data', {data!r}, '--trusted-key', "
+              f"{str(trained['public_key'])!r}, '--json'])\n"
+              "server = sorted(m for m in sys.modules if m.split('.')[:2] in (['edgepeft', 'train'], "
+              "['edgepeft', 'models']))\n"
+              "print(json.dumps({'rc': rc, 'server': server}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 0, "server": []}, proc.stderr[-2000:]

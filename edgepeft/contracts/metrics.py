@@ -15,6 +15,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+# Decoder answer match, the same for training's held-out figures and `edgepeft eval` on a device:
+ANSWER_PROMPTS = 32  # at most this many held-out prompts are answered greedily
+ANSWER_MAX_NEW_TOKENS = 64  # tokens per generated answer
+
 
 def normalize(text: str) -> str:
     """Lowercase, punctuation to spaces, whitespace collapsed: for forgiving answer matching."""

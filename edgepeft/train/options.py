@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..contracts.fields import check_choice
 from ..contracts.manifest import TASKS
+from ..contracts.metrics import ANSWER_MAX_NEW_TOKENS, ANSWER_PROMPTS
 from ..errors import TrainError, UsageError
 
 METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning", "bottleneck")
@@ -86,8 +87,8 @@ class TrainOptions:
     eval_split: float = 0.1
     eval_data: str | None = None
     eval_before: bool = False  # also evaluate the bare base, as "baseline"
-    eval_generate: int = 32  # decoder answer match: at most this many held-out prompts
-    max_new_tokens: int = 64
+    eval_generate: int = ANSWER_PROMPTS  # decoder answer match: at most this many held-out prompts
+    max_new_tokens: int = ANSWER_MAX_NEW_TOKENS
     labels: list[str] | None = None  # classification: label names in id order
     slice_column: str | None = None  # None: "slice" when the data has it
     seed: int = 42
