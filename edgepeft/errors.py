@@ -28,12 +28,6 @@ class UsageError(EdgePeftError):
     exit_code = 2
 
 
-class NotAvailableError(EdgePeftError):
-    """A command or feature that this version does not provide yet."""
-
-    exit_code = 3
-
-
 class MissingExtraError(EdgePeftError):
     """An optional dependency group (``edgepeft[train]`` ...) is not installed."""
 

@@ -12,6 +12,9 @@ state for every N.
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,9 +34,11 @@ class FileIO:
     def checkpoint(self, what: str) -> None:
         """Mark a step that is not a write (e.g. a health check) where a test may cut the power."""
 
-    def write_file(self, path: Path, data: bytes) -> None:
-        """Create/overwrite ``path`` with ``data`` (not yet durable: call :meth:`fsync_file`)."""
-        with open(path, "wb") as fh:
+    def write_file(self, path: Path, data: bytes, mode: int | None = None) -> None:
+        """Create/overwrite ``path`` with ``data`` (not yet durable: call :meth:`fsync_file`).
+        A new file gets ``mode`` from its creation on (the umask's default when None)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
 
     def copy_file(self, src: Path, dst: Path, chunk: int = 1 << 20) -> None:
@@ -84,44 +89,53 @@ class FileIO:
             fh.write(line)
 
 
-def write_atomic(io: FileIO, path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one.
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int | None = None,
+                 io: FileIO | None = None, keep_existing: bool = False) -> None:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` so a crash leaves the old file or the whole new one.
 
-    Order: write a temporary sibling, fsync it, rename it over ``path``, fsync the directory.
+    The one atomic write of edgepeft (see :func:`atomic_path` for the steps). ``mode`` (e.g. 0o600 for
+    keys) holds from the temporary file's creation on; ``io`` lets a test cut the power
+    (:class:`FaultyIO`). Raises OSError when the folder cannot be written.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    io.write_file(tmp, data)
-    io.fsync_file(tmp)
-    io.replace(tmp, path)
-    io.fsync_dir(path.parent)
+    io = io or FileIO()
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with atomic_path(path, mode=mode, io=io, keep_existing=keep_existing) as tmp:
+        io.write_file(tmp, raw, mode=mode)
 
 
-def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create ``path`` holding ``data`` unless it exists; return whether this call created it.
-
-    Why: a secret (a token, a private key) must never be seen half-written, nor replaced by a second
-    process starting at the same time. It is written whole beside its place (mode ``mode`` from the
-    start), fsynced, then hard-linked into place, which fails if another process won. Raises OSError.
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, mode: int | None = None, io: FileIO | None = None,
+                keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary name in ``path``'s folder for the caller to fill (for writers that want a
+    file name: tarfile, torch.save, ONNX Runtime's adapter export); on a clean exit the file is given
+    ``mode``, fsynced, renamed over ``path`` and the folder fsynced, so readers and a power cut see the
+    old file or the whole new one. With ``keep_existing`` an existing ``path`` wins and the new file is
+    dropped (of two processes creating a key at once, both end up using one). On an error the temporary
+    file is removed and the error raised. Secrets: use :func:`write_atomic`, which creates the file with
+    ``mode`` instead of setting it at the end.
     """
-    import secrets
-
+    io = io or FileIO()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        FileIO().fsync_dir(path.parent)
-        return True
-    finally:
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)  # exactly ``mode``, past the umask
+        io.fsync_file(tmp)
+        if keep_existing:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            io.unlink(tmp)
+        else:
+            io.replace(tmp, path)
+    except PowerCut:
+        raise  # a simulated power cut leaves what a real one would
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    io.fsync_dir(path.parent)
 
 
 class PowerCut(Exception):
@@ -175,11 +189,11 @@ class FaultyIO(FileIO):
     def checkpoint(self, what):
         self._op(f"checkpoint {what}")
 
-    def write_file(self, path, data):
+    def write_file(self, path, data, mode=None):
         self._op(f"write {Path(path).name}")
         if not Path(path).exists():
             self._log(path, lambda p=Path(path): p.unlink(missing_ok=True))
-        super().write_file(path, data)
+        super().write_file(path, data, mode)
         self._dirty.add(Path(path))
 
     def copy_file(self, src, dst, chunk=1 << 20):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,36 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICE_TESTS = ("test_contracts_*.py", "test_runtime_*.py", "test_device_*.py",
                 "test_update*.py", "test_transport*.py", "test_agent*.py")
 DEVICE_RUN = os.environ.get("EDGEPEFT_DEVICE_RUN") == "1"  # set by tools/aarch64.sh on the device
+
+
+# Hard dependencies: a test run fails, never skips, when one is missing. The device run needs the base
+# install (and the test tools); the host run the server side too. Only truly optional things (real model
+# wheels, llama.cpp, node, mosquitto) may skip a test, with the reason.
+DEVICE_DEPENDENCIES = ("onnxruntime", "numpy", "tokenizers", "click", "serial", "cryptography", "jinja2", "tuf",
+                       "paho.mqtt", "hypothesis")
+HOST_DEPENDENCIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "gguf",
+                     "matplotlib", "onnx")
+
+
+def missing_dependencies(device_run: bool = DEVICE_RUN) -> list[str]:
+    """The hard dependencies this run lacks (looked up, not imported: torch stays out of a quick run)."""
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # its parent package is missing
+            return True
+
+    wanted = DEVICE_DEPENDENCIES + (() if device_run else HOST_DEPENDENCIES)
+    return [name for name in wanted if absent(name)]
+
+
+def pytest_sessionstart(session):
+    """A missing hard dependency fails the run before any test: a skip would pass it silently."""
+    missing = missing_dependencies()
+    if missing:
+        raise pytest.UsageError(f"missing hard test dependencies: {', '.join(missing)} "
+                                f"({'device' if DEVICE_RUN else 'host'} run); install them (`make env`, or "
+                                "pip install -e '.[dev]'); tests skip only for optional things")
 
 
 def _is_device_module(path: Path) -> bool:
@@ -72,3 +103,37 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 120):
 
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+# The tiny signed fixture bundles (test_runtime_support.cached_bundle: built once per session here,
+# copied from $EDGEPEFT_PREBUILT_FIXTURES on the device run, where a test without them is skipped, and
+# the device run counts that skip as a failure).
+def _fixture_bundle(kind: str, tmp_path_factory) -> dict:
+    from test_runtime_support import cached_bundle, require_fixtures
+
+    require_fixtures()
+    return cached_bundle(kind, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def decoder_bundle(tmp_path_factory):
+    """A tiny decoder base with LoRA adapters, as a signed bundle (see test_runtime_support)."""
+    return _fixture_bundle("decoder", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def encoder_bundle(tmp_path_factory):
+    """A tiny encoder classifier with adapters, as a signed bundle."""
+    return _fixture_bundle("encoder", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def families_bundle(tmp_path_factory):
+    """A tiny decoder with one adapter of each family (LoRA, prefix, prompt, bottleneck), as a signed bundle."""
+    return _fixture_bundle("families", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def built(decoder_bundle):
+    """The bundle most device-side tests run on (the decoder); a module that wants another kind overrides it."""
+    return decoder_bundle

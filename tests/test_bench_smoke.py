@@ -70,8 +70,6 @@ def test_readme_block_replaced_in_place(tmp_path):
 
 
 def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     from benchmarks.run import main
 
     out, work = tmp_path / "results", tmp_path / "work"
@@ -239,7 +237,6 @@ def test_memory_probe_that_fails_is_reported_with_how_it_ended():
 
 
 def test_smoke_run_skips_a_crashing_and_a_hanging_peer_and_goes_on(tmp_path, monkeypatch):
-    pytest.importorskip("torch")
     from benchmarks.run import main
 
     fakes = {"fake segv on open": _segv_on_open, "fake hang on open": _hang_on_open,

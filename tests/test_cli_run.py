@@ -15,24 +15,9 @@ import urllib.request
 import click
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_runtime_support import cached_bundle  # noqa: E402
-
-from edgepeft.cli.main import main  # noqa: E402
+from edgepeft.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    return cached_bundle("encoder", tmp_path_factory)
 
 
 def run(built, *args):
@@ -51,35 +36,35 @@ def test_help_documents_every_option_with_its_default():
     assert any(o.name == "system" for o in command.params) and any(o.name == "review_threshold" for o in command.params)
 
 
-def test_prompt_as_json_says_when_the_token_limit_cut_the_answer(decoder, capsys):
-    assert run(decoder, "--prompt", "the tin", "--max-new-tokens", "3", "--json") == 0
+def test_prompt_as_json_says_when_the_token_limit_cut_the_answer(decoder_bundle, capsys):
+    assert run(decoder_bundle, "--prompt", "the tin", "--max-new-tokens", "3", "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["completion_tokens"] == 3 and out["finish_reason"] == "length" and out["truncated"] is True
     assert out["request_id"] and isinstance(out["text"], str)
 
 
-def test_a_cut_answer_gets_a_visible_notice(decoder, capsys):
-    assert run(decoder, "--prompt", "the tin", "--max-new-tokens", "2") == 0
+def test_a_cut_answer_gets_a_visible_notice(decoder_bundle, capsys):
+    assert run(decoder_bundle, "--prompt", "the tin", "--max-new-tokens", "2") == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == "[answer cut at the limit of 2 new tokens; pass --max-new-tokens 4 for more]"
-    assert run(decoder, "--prompt", "the tin", "--max-new-tokens", "2", "--no-stream") == 0
+    assert run(decoder_bundle, "--prompt", "the tin", "--max-new-tokens", "2", "--no-stream") == 0
     assert "answer cut" in capsys.readouterr().err
 
 
-def test_system_message_goes_through_the_chat_template(decoder, capsys):
-    assert run(decoder, "--prompt", "hi", "--max-new-tokens", "1", "--json") == 0
+def test_system_message_goes_through_the_chat_template(decoder_bundle, capsys):
+    assert run(decoder_bundle, "--prompt", "hi", "--max-new-tokens", "1", "--json") == 0
     bare = json.loads(capsys.readouterr().out)["prompt_tokens"]
-    assert run(decoder, "--prompt", "hi", "--system", "be brief", "--max-new-tokens", "1", "--json") == 0
+    assert run(decoder_bundle, "--prompt", "hi", "--system", "be brief", "--max-new-tokens", "1", "--json") == 0
     with_system = json.loads(capsys.readouterr().out)["prompt_tokens"]
     # <|im_start|>system\nbe brief<|im_end|>\n adds the role line, the text and two specials
     assert with_system > bare + 4
-    assert run(decoder, "--prompt", "hi", "--system", "x", "--raw") == 2
+    assert run(decoder_bundle, "--prompt", "hi", "--system", "x", "--raw") == 2
     assert "--system needs the chat template" in capsys.readouterr().err
 
 
-def test_classify_prints_clean_columns_and_honours_review_threshold(encoder, capsys):
+def test_classify_prints_clean_columns_and_honours_review_threshold(encoder_bundle, capsys):
     texts = ["the product was very good", "awful service"]
-    assert run(encoder, "--adapter", "topic", "--classify", texts[0], "--classify", texts[1]) == 0
+    assert run(encoder_bundle, "--adapter", "topic", "--classify", texts[0], "--classify", texts[1]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["label", "probability", "review", "text"]
     for line, text in zip(lines[1:], texts):
@@ -87,44 +72,44 @@ def test_classify_prints_clean_columns_and_honours_review_threshold(encoder, cap
         assert label in ("billing", "shipping", "other") and 0 < float(prob) <= 1 and review in ("yes", "no")
         assert rest == text
     for threshold, flag in (("0", "no"), ("1", "yes")):
-        assert run(encoder, "--adapter", "topic", "--review-threshold", threshold, "--classify", texts[0]) == 0
+        assert run(encoder_bundle, "--adapter", "topic", "--review-threshold", threshold, "--classify", texts[0]) == 0
         assert capsys.readouterr().out.splitlines()[1].split()[2] == flag
-    assert run(encoder, "--adapter", "sentiment", "--classify", texts[0], "--json") == 0
+    assert run(encoder_bundle, "--adapter", "sentiment", "--classify", texts[0], "--json") == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["text"] == texts[0] and set(row["probabilities"]) == {"negative", "positive"}
     assert row["threshold"] == 0.9 and row["needs_review"] == (row["score"] < 0.9)
 
 
-def test_a_prompt_sent_to_a_classifier_gets_a_cli_hint_not_a_python_method(encoder, decoder, capsys):
-    assert run(encoder, "--prompt", "hello") == 2
+def test_a_prompt_sent_to_a_classifier_gets_a_cli_hint_not_a_python_method(encoder_bundle, decoder_bundle, capsys):
+    assert run(encoder_bundle, "--prompt", "hello") == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: this bundle is a classifier; it cannot answer a prompt",
                    "hint: pass --classify TEXT (repeatable) instead of --prompt"]
-    assert run(decoder, "--classify", "hello") == 2
+    assert run(decoder_bundle, "--classify", "hello") == 2
     assert "()" not in capsys.readouterr().err
     from edgepeft.errors import EngineError
     from edgepeft.runtime import Engine
 
     with pytest.raises(EngineError) as info:
-        Engine(encoder["bundle"], [encoder["public_key"]]).generate("hello")
+        Engine(encoder_bundle["bundle"], [encoder_bundle["public_key"]]).generate("hello")
     assert "()" not in info.value.hint and "/v1/classify" in info.value.hint
 
 
-def test_a_port_in_use_is_one_line_with_a_hint(decoder, capsys):
+def test_a_port_in_use_is_one_line_with_a_hint(decoder_bundle, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        assert run(decoder, "--serve", "--port", str(port)) == 1
+        assert run(decoder_bundle, "--serve", "--port", str(port)) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert err[1].startswith("hint: another program uses that port: pass --port N") and len(err) == 2
 
 
-def test_serve_json_prints_the_url_once_listening(decoder):
+def test_serve_json_prints_the_url_once_listening(decoder_bundle):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "run", str(decoder["bundle"]), "--trusted-key",
-                             str(decoder["public_key"]), "--serve", "--port", "0", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "run", str(decoder_bundle["bundle"]), "--trusted-key",
+                             str(decoder_bundle["public_key"]), "--serve", "--port", "0", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         info = json.loads(proc.stdout.readline())
@@ -146,15 +131,15 @@ def test_serve_json_prints_the_url_once_listening(decoder):
         proc.stderr.close()
 
 
-def test_serve_token_file_is_created_private_and_reused(decoder, tmp_path):
+def test_serve_token_file_is_created_private_and_reused(decoder_bundle, tmp_path):
     import stat
 
     env = {**os.environ, "PYTHONPATH": ROOT}
     token_file = tmp_path / "app" / "api.token"
     tokens = []
     for _ in range(2):  # the second start reads the token the first one created
-        proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "run", str(decoder["bundle"]), "--trusted-key",
-                                 str(decoder["public_key"]), "--serve", "--port", "0", "--json", "--token-file",
+        proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "run", str(decoder_bundle["bundle"]), "--trusted-key",
+                                 str(decoder_bundle["public_key"]), "--serve", "--port", "0", "--json", "--token-file",
                                  str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
             info = json.loads(proc.stdout.readline())

@@ -176,7 +176,6 @@ def test_sealing_waits_out_busy_pages_and_fails_clearly_when_they_stay_busy():
     import fcntl
     import mmap
     import os
-    import threading
 
     from edgepeft.contracts.verify import _seal
 
@@ -189,8 +188,14 @@ def test_sealing_waits_out_busy_pages_and_fails_clearly_when_they_stay_busy():
         with pytest.raises(IntegrityError, match="cannot be sealed") as ei:
             _seal(fd, "model.onnx", tries=2)
         assert ei.value.hint
-        threading.Timer(0.02, busy.close).start()  # the mapping goes while the seal is being retried
-        _seal(fd, "model.onnx")
+        waits = []
+
+        def mapping_goes(seconds):  # the mapping goes while the seal waits to try again
+            waits.append(seconds)
+            busy.close()
+
+        _seal(fd, "model.onnx", wait=mapping_goes)
+        assert len(waits) == 1  # refused once (busy), then sealed
         assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
         with pytest.raises(PermissionError):
             os.write(fd, b"x")

@@ -94,3 +94,15 @@ def test_json_profile(tmp_path):
     path = tmp_path / "pi.json"
     path.write_text(load_target("raspberry-pi-5").to_json())
     assert load_target(path).name == "raspberry-pi-5"
+
+
+def test_one_choice_check_names_the_value_the_choices_and_the_option():
+    from edgepeft.contracts.fields import check_choice
+    from edgepeft.errors import TrainError, UsageError
+
+    assert check_choice("b", ("a", "b"), "mode") == "b"
+    with pytest.raises(UsageError) as info:
+        check_choice("c", ("a", "b"), "mode", hint_flag="--mode")
+    assert info.value.message == "unknown mode 'c': not one of a, b" and "--mode" in info.value.hint
+    with pytest.raises(TrainError):
+        check_choice(3, (1, 2), "size", error=TrainError)

@@ -6,13 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from test_export_support import decoder_feeds, make_peft_adapter, run_options, session, tiny_llama_dir
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_export_support import decoder_feeds, make_peft_adapter, run_options, session, tiny_llama_dir  # noqa: E402
-
-from edgepeft.errors import AdapterError  # noqa: E402
+from edgepeft.errors import AdapterError
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("transformers")
-
-from edgepeft.errors import AdapterError, ModelError  # noqa: E402
-from edgepeft.models.arch import DECODERS, ENCODERS, describe, supported  # noqa: E402
+from edgepeft.errors import AdapterError, ModelError
+from edgepeft.models.arch import DECODERS, ENCODERS, describe, supported
 
 
 def _config(name, **kw):

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_export_support import ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter, tiny_decoder_dir, tiny_encoder_dir
+from test_runtime_support import VOCAB, byte_level_tokenizer, wordpiece_tokenizer
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_export_support import ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter, tiny_decoder_dir, tiny_encoder_dir  # noqa: E402
-from test_runtime_support import VOCAB, byte_level_tokenizer, wordpiece_tokenizer  # noqa: E402
-
-from edgepeft.runtime import Engine  # noqa: E402
+from edgepeft.runtime import Engine
 
 NEAR_TIE = 1e-4
 TARGETS = {"gemma2": ("q_proj", "v_proj", "down_proj"), "phi3": ("qkv_proj", "gate_up_proj")}

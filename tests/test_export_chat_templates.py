@@ -13,8 +13,6 @@ import datetime
 
 import pytest
 
-pytest.importorskip("transformers")
-
 GEMMA_STYLE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
     "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_export_support import make_peft_adapter, run_options, session, tiny_bert_dir  # noqa: E402
+from test_export_support import make_peft_adapter, run_options, session, tiny_bert_dir
 
 TOL = 1e-4
 

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_export_support import (  # noqa: E402
+from test_export_support import (
     DECODER_FAMILIES,
     ENCODER_FAMILIES,
     ENCODER_TARGETS,

@@ -14,13 +14,10 @@ llama.cpp's converter writes them (q/k rows permuted for its rotary layout):
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-gguf = pytest.importorskip("gguf")
-
-from test_export_support import decoder_feeds, session, tiny_gguf, tiny_llama_dir  # noqa: E402
+from test_export_support import decoder_feeds, session, tiny_gguf, tiny_llama_dir
 
 EXACT_TOL = 2e-5      # relative to max |logit|: float rounding of the same weights
 INT8_ACT_TOL = 0.03   # accuracy_level 4: int8 activations (as every int4/int8 export)

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_export_support import decoder_feeds, make_peft_adapter, session, tiny_llama_dir  # noqa: E402
+from test_export_support import decoder_feeds, make_peft_adapter, session, tiny_llama_dir
 
 FP32_TOL = 1e-4   # of max |logit|
 INT8_TOL = 0.08   # of the adapter's effect on the logits

@@ -12,13 +12,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
-
-from test_export_support import decoder_feeds, make_peft_adapter, session, tiny_llama_dir  # noqa: E402
+from test_export_support import decoder_feeds, make_peft_adapter, session, tiny_llama_dir
 
 QLORA_TOL = 0.02  # of max |logit|; the int8 embedding / lm_head
 TARGETS = ("q_proj", "v_proj", "down_proj")

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-
-from test_export_support import decoder_feeds, greedy_check, make_peft_adapter, run_options, session, tiny_llama_dir  # noqa: E402
+from test_export_support import decoder_feeds, greedy_check, make_peft_adapter, run_options, session, tiny_llama_dir
 
 # Two bounds per kind, on a tiny random llama with a LoRA adapter active:
 # - IMPL: vs torch running the SAME dequantized weights (what the graph must compute; the rest is

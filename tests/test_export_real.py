@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
 
 from test_export_support import decoder_feeds, make_peft_adapter, run_options, session  # noqa: E402
 

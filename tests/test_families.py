@@ -13,11 +13,8 @@ import json
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-from test_export_support import (  # noqa: E402
+import torch
+from test_export_support import (
     DECODER_FAMILIES,
     load_family_model,
     make_bottleneck_adapter,
@@ -29,7 +26,7 @@ from test_export_support import (  # noqa: E402
     tiny_llama_dir,
 )
 
-from edgepeft.errors import AdapterError, TrainError, UsageError  # noqa: E402
+from edgepeft.errors import AdapterError, TrainError, UsageError
 
 ATOL = 1e-4
 IDS = np.array([[5, 9, 17, 33, 4, 8, 100]])

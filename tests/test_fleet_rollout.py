@@ -18,15 +18,10 @@ import threading
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-pytest.importorskip("paho.mqtt")
-
-from agent_support import ROOT, AgentProcess, run_cli  # noqa: E402
-from fleet_support import Mosquitto, find_mosquitto, free_port  # noqa: E402
-from test_runtime_support import build_decoder_bundle, cached_bundle  # noqa: E402
-from update_support import forge  # noqa: E402
+from agent_support import ROOT, AgentProcess, run_cli
+from fleet_support import Mosquitto, find_mosquitto, free_port
+from test_runtime_support import build_decoder_bundle, cached_bundle
+from update_support import forge
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="MOSQUITTO IS NOT INSTALLED: `make test` installs it (apt-get install mosquitto); "

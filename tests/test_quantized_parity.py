@@ -27,8 +27,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("peft")
 pytestmark = pytest.mark.host_only  # needs PyTorch and PEFT for the reference
 
 TOL = 0.15

@@ -7,21 +7,13 @@ import json
 
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
 # builds a second base during the test: server side, so not among the device-side modules
+from test_runtime_support import build_decoder_bundle
 
-from test_runtime_support import build_decoder_bundle, cached_bundle  # noqa: E402
-
-from edgepeft.release.package import create_bundle_update  # noqa: E402
-from edgepeft.update.device import Device  # noqa: E402
+from edgepeft.release.package import create_bundle_update
+from edgepeft.update.device import Device
 
 Q = "héllo ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

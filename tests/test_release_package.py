@@ -6,20 +6,11 @@ import json
 import shutil
 
 import pytest
+from agent_support import run_cli
+from update_support import unpack_package
 
-pytest.importorskip("peft")
-
-from agent_support import run_cli  # noqa: E402
-from test_runtime_support import cached_bundle  # noqa: E402
-from update_support import unpack_package  # noqa: E402
-
-from edgepeft.errors import AdapterError, UsageError  # noqa: E402
-from edgepeft.release.package import create_adapter_update, parse_expiry  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
+from edgepeft.errors import AdapterError, UsageError
+from edgepeft.release.package import create_adapter_update, parse_expiry
 
 
 def test_the_package_carries_what_a_device_needs_and_verifies(built, tmp_path):

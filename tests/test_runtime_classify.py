@@ -9,9 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import cached_bundle, require_fixtures
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 

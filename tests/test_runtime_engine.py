@@ -8,10 +8,8 @@ import shutil
 import threading
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-from test_runtime_support import cached_bundle, reference_greedy, require_fixtures  # noqa: E402
-from update_support import forge  # noqa: E402
+from test_runtime_support import reference_greedy, require_fixtures
+from update_support import forge
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -19,11 +17,6 @@ from edgepeft.errors import AdapterError, BundleError, EngineError, IntegrityErr
 from edgepeft.runtime import Engine  # noqa: E402
 
 PROMPT = "the tin ünï ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import threading
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-from test_runtime_support import FAMILY_ADAPTERS, FAMILY_PROMPT, FAMILY_STEPS, cached_bundle, require_fixtures  # noqa: E402
-from update_support import forge  # noqa: E402
+from test_runtime_support import FAMILY_ADAPTERS, FAMILY_PROMPT, FAMILY_STEPS, cached_bundle, require_fixtures
+from update_support import forge
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 

@@ -17,9 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -30,11 +28,6 @@ from edgepeft.runtime.server import EngineServer, Limits  # noqa: E402
 MSGS = [{"role": "user", "content": "héllo ☃"}]
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ import platform
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-from test_runtime_support import PREBUILT_ENV, cached_bundle, reference_greedy, require_fixtures  # noqa: E402
+from test_runtime_support import PREBUILT_ENV, cached_bundle, reference_greedy, require_fixtures
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 

@@ -57,7 +57,8 @@ def test_stop_matcher_holds_back_only_possible_stops():
 
 
 def test_adapter_header_matches_onnxruntime_and_maps_without_copy(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     from edgepeft.runtime.adapter_file import map_arrays, read_header
 
     arrays = {"layers.0.qkv.lora_A": np.arange(24, dtype=np.float32).reshape(4, 6),

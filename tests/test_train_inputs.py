@@ -23,7 +23,6 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    pytest.importorskip("torch")
     from edgepeft.train.tiny import tiny_llama
 
     return str(tiny_llama(tmp_path_factory.mktemp("llama") / "m"))
@@ -51,7 +50,7 @@ def test_formats_jsonl_csv_and_saved_dataset_agree(tmp_path):
     b = load_dataset(str(tmp_path / "d.csv"), task=None, eval_data=None, eval_split=0.2, seed=1)
     assert a.shape == b.shape == "classification" and a.sha256 == b.sha256 and a.labels == ["fraud", "legit"]
     assert len(a.eval) == 2 and {r["label"] for r in a.eval} == {0, 1}  # stratified
-    datasets = pytest.importorskip("datasets")
+    import datasets
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8]),
                                "test": datasets.Dataset.from_list(rows[8:])})
     dd.save_to_disk(str(tmp_path / "saved"))
@@ -237,7 +236,6 @@ def test_cli_output_has_no_load_report_or_library_warnings(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("torch")
     from edgepeft.train.tiny import tiny_bert
 
     bert = tiny_bert(tmp_path / "bert")
@@ -253,7 +251,6 @@ def test_cli_output_has_no_load_report_or_library_warnings(tmp_path):
 # --- data order across processes (the accelerate launch path) --------------------------------
 
 def test_epoch_groups_shard_disjoint_and_deterministic():
-    pytest.importorskip("torch")
     from edgepeft.train.loop import epoch_groups, plan
 
     n, bs, ga, world = 23, 3, 2, 2

@@ -12,14 +12,12 @@ import random
 import signal
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-from edgepeft.errors import TrainError  # noqa: E402
-from edgepeft.models.base import BaseSource, load_model, weights_fingerprint  # noqa: E402
-from edgepeft.train import TrainingInterrupted, train  # noqa: E402
-from edgepeft.train.tiny import tiny_bert, tiny_llama  # noqa: E402
+from edgepeft.errors import TrainError
+from edgepeft.models.base import BaseSource, load_model, weights_fingerprint
+from edgepeft.train import TrainingInterrupted, train
+from edgepeft.train.tiny import tiny_bert, tiny_llama
 
 ANSWER = "please restart the device and try again. cheers"
 
@@ -121,7 +119,6 @@ def test_classifier_lora_labels_slices_and_reload(bases, classifier_data, tmp_pa
 
 
 def test_qlora_runs_on_cpu(bases, decoder_data, tmp_path):
-    pytest.importorskip("bitsandbytes")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -9,12 +9,9 @@ import shutil
 import urllib.error
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
-from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
-from update_support import version_of  # noqa: E402
+from agent_support import AgentProcess, run_cli
+from test_runtime_support import require_fixtures
+from update_support import version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -23,11 +20,6 @@ from edgepeft.runtime import Engine  # noqa: E402
 from edgepeft.update.device import Device  # noqa: E402
 
 Q = "héllo ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def _json(r):

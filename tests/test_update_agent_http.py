@@ -10,12 +10,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
-from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
-from update_support import forge, unpack_package, version_of  # noqa: E402
+from agent_support import AgentProcess, run_cli
+from test_runtime_support import require_fixtures
+from update_support import forge, unpack_package, version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -23,11 +20,6 @@ from edgepeft.transport.http import HttpLink  # noqa: E402
 from edgepeft.transport.link import Package, push  # noqa: E402
 
 Q = "héllo ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

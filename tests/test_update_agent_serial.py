@@ -7,14 +7,9 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("serial")
-
-from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
-from update_support import forge, version_of  # noqa: E402
+from agent_support import AgentProcess, run_cli
+from test_runtime_support import require_fixtures
+from update_support import forge, version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -22,11 +17,6 @@ from edgepeft.transport.framing import FrameDecoder, cobs_decode, cobs_encode, e
 from edgepeft.transport.linesim import NullModem  # noqa: E402
 
 Q = "héllo ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def test_frames_survive_noise_and_resynchronize():

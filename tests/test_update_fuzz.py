@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from edgepeft.contracts.update import HEADER, MAGIC, encode_envelope, metadata_bytes, verify_envelope  # noqa: E402
-from edgepeft.errors import EdgePeftError  # noqa: E402
-from edgepeft.transport.framing import FrameDecoder, cobs_decode, cobs_encode, encode_frame  # noqa: E402
+from edgepeft.contracts.update import HEADER, MAGIC, encode_envelope, metadata_bytes, verify_envelope
+from edgepeft.errors import EdgePeftError
+from edgepeft.transport.framing import FrameDecoder, cobs_decode, cobs_encode, encode_frame
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TRIED: dict[str, int] = {}

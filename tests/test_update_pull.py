@@ -11,13 +11,9 @@ import sys
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tuf")
-
-from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
-from update_support import version_of  # noqa: E402
+from agent_support import AgentProcess, run_cli
+from test_runtime_support import require_fixtures
+from update_support import version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -26,11 +22,6 @@ from edgepeft.transport.tuf_pull import Puller  # noqa: E402
 from edgepeft.update.device import Device  # noqa: E402
 
 Q = "héllo ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 class StaticServer:

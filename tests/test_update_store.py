@@ -8,11 +8,8 @@ import json
 import shutil
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
-from update_support import forge, unpack_package  # noqa: E402
+from test_runtime_support import require_fixtures
+from update_support import forge, unpack_package
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -21,11 +18,6 @@ from edgepeft.runtime import Engine  # noqa: E402
 from edgepeft.update.installer import Updater  # noqa: E402
 
 PROMPT = "the tin ünï ☃"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 from pathlib import Path
+
+from ..fsio import atomic_path
 
 
 def pack_bundle(bundle_dir: str | os.PathLike, archive: str | os.PathLike) -> Path:
@@ -22,22 +23,14 @@ def pack_bundle(bundle_dir: str | os.PathLike, archive: str | os.PathLike) -> Pa
     root, archive = Path(bundle_dir), Path(archive)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name != "manifest.json")
-    fd, tmp = tempfile.mkstemp(prefix=".epb-", dir=archive.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for p in files:
-                info = tar.gettarinfo(str(p), arcname=p.relative_to(root).as_posix())
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mtime = 0
-                info.mode = 0o644
-                with open(p, "rb") as src:
-                    tar.addfile(info, src)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the archive is meant to be shipped
-        os.replace(tmp, archive)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # readable 0644: the archive is meant to be shipped
+    with atomic_path(archive, mode=0o644) as tmp, tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for p in files:
+            info = tar.gettarinfo(str(p), arcname=p.relative_to(root).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            info.mode = 0o644
+            with open(p, "rb") as src:
+                tar.addfile(info, src)
     return archive

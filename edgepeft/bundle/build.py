@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..contracts.checks import read_health_checks
+from ..contracts.fields import check_choice
 from ..contracts.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifest
 from ..contracts.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from ..contracts.names import sha256_file
@@ -82,7 +83,7 @@ def _tokenizer_files(tokenizer, dest: Path) -> dict:
     if not (tmp / "tokenizer.json").is_file():
         raise BuildError("the base tokenizer has no fast (tokenizer.json) form, which devices need",
                          hint="use a base whose tokenizer has a tokenizer.json")
-    # Compact JSON: the same tokenizer in less than half the bytes (3.4 -> 1.3 MiB for SmolLM2).
+    # Compact JSON: the same tokenizer in less than half the bytes.
     spec = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
     _compact_merges(spec)
     (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
@@ -125,18 +126,14 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     profile = target if isinstance(target, TargetProfile) else load_target(target)
     explicit_quant, quant_note = quant is not None, ""
     quant = quant or profile.quant.weights
-    if quant not in QUANTS:
-        raise UsageError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    check_choice(quant, QUANTS, "quantization", hint_flag="--quant")
     adapter_dtype = adapter_dtype or profile.quant.adapter_dtype
     gguf = gguf or profile.quant.gguf
-    if gguf not in GGUF_MODES:
-        raise UsageError(f"--gguf {gguf!r} is not one of {', '.join(GGUF_MODES)}")
+    check_choice(gguf, GGUF_MODES, "GGUF mode", hint_flag="--gguf")
     lora_b = lora_b or profile.quant.lora_b
     zero_points = zero_points or profile.quant.zero_points
-    if zero_points not in ZERO_POINTS:
-        raise UsageError(f"--zero-points {zero_points!r} is not one of {', '.join(ZERO_POINTS)}")
-    if lora_b not in LORA_B_TYPES:
-        raise UsageError(f"LoRA B slot type {lora_b!r} is not one of {', '.join(LORA_B_TYPES)}")
+    check_choice(zero_points, ZERO_POINTS, "zero_points policy", hint_flag="--zero-points")
+    check_choice(lora_b, LORA_B_TYPES, "LoRA B slot type")
     private_key = load_private_key(key)
     out = Path(out)
     if out.exists() and not force:
@@ -162,12 +159,10 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     bottleneck = bottleneck_plan(inputs, bottleneck_slots, bottleneck_activation)
     check_prefix_room(inputs, profile.budgets.max_context, f"target {profile.name}")
     if task == "classification" and not explicit_quant and quant in ("int4", "int8", "nf4"):
-        # The target's quantized default is for decoders. Measured on MiniLM (CPU time, one thread): int4
-        # runs at 0.83x the fp32 graph; int8 (per-channel DynamicQuantizeMatMul) at 1.7-1.9x, but its
-        # per-tensor activation rounding moves the README example's top label and the eval accuracy
-        # (0.708 -> 0.75); fp16 storage computes in fp32 (same speed, training's answers) at half the size.
+        # The target's quantized default is for decoders: on an encoder int4 is slower than fp32 and int8's
+        # activation rounding moves labels; fp16 storage computes in fp32 (docs/measured-defaults.md).
         quant_note = (f"; a classifier: fp16 weights computed in fp32 instead of the target's {quant} "
-                      "(--quant int8: 1.8x the speed, probabilities a few hundredths off)")
+                      "(--quant int8: faster, probabilities a few hundredths off)")
         quant = "fp16"
     max_rank = max([a.rank for a in loras], default=0)
     rank = slot_rank or max(max_rank, 1)
@@ -208,7 +203,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         for a in slot_adapters:
             rel = f"adapters/{a.name}-{a.version}.onnx_adapter"
             # Slots have a symbolic rank dim, so each adapter keeps its own rank (<= the slot rank):
-            # padding a rank-8 adapter to 16 measured 8 % slower decode and doubles the file.
+            # padding it to the slot rank would slow decoding and grow the file.
             size = f"rank {a.rank} (slots take up to {rank})" if a.method == "lora" else \
                 f"{a.method}, {describe_size(a.method, vars(a))}"
             progress(f"adapter {a.name} v{a.version}: {size}, {adapter_dtype}")
@@ -276,11 +271,11 @@ def bottleneck_plan(inputs: list[AdapterInput], slots: str | None, activation: s
     """The graph's bottleneck slots: the points the bottleneck adapters use plus ``slots``'s placement,
     with one activation. Raises :class:`UsageError` for an unknown placement or activation, and
     :class:`AdapterError` when adapters disagree on their activation (one graph applies one)."""
-    if slots not in (None, "none") and slots not in PLACEMENTS:
-        raise UsageError(f"--bottleneck-slots {slots!r} is not one of {', '.join(PLACEMENTS)}, none",
-                         hint="houlsby: after the attention and the MLP blocks; pfeiffer: after the MLP")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise UsageError(f"--bottleneck-activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if slots is not None:
+        check_choice(slots, (*PLACEMENTS, "none"), "bottleneck slot placement",
+                     hint="--bottleneck-slots houlsby: after the attention and the MLP blocks; pfeiffer: after the MLP")
+    if activation is not None:
+        check_choice(activation, ACTIVATIONS, "bottleneck activation", hint_flag="--bottleneck-activation")
     ours = [a for a in inputs if a.method == "bottleneck"]
     acts = {a.activation for a in ours} | ({activation} if activation else set())
     if len(acts) > 1:

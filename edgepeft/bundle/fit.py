@@ -5,18 +5,18 @@ user can see where the number comes from:
 
 - the graph as ONNX Runtime holds it: **measured** at build time by opening the built graph in
   a session (:func:`.session_memory.measure_session`): ONNX Runtime keeps the stored initializers *and* what it
-  derives from them (pre-packed int4/int8 weights, fp32 copies of fp16 constants), measured at
-  1.6-2.8x the file (SmolLM2: int4 re-quantized 155 MiB for a 77 MiB graph, int4 with the GGUF's
-  blocks 240 for 92, fp32 837 for 513). Where the session cannot be opened on the build host,
-  twice the file stands in, and the report says so;
+  derives from them (pre-packed int4/int8 weights, fp32 copies of fp16 constants), well above
+  the file's size. Where the session cannot be opened on the build host, twice the file stands
+  in, and the report says so;
 - one key/value cache at the target's context length per request decoding at once (the
   target's ``max_concurrent``, 4 unless it says otherwise, which is also the engine's default
   on that target: each concurrent request owns one);
 - every adapter as the engine holds it: fp32 payloads as they are, fp16 payloads expanded
   to fp32 (2x their file), int8 payloads expanded to fp32 (4x);
 - a fixed allowance for Python, numpy, ONNX Runtime's library, the tokenizer and the engine:
-  112 MiB, from 102-105 MiB measured beside SmolLM2's sessions after the first tokens on
-  x86-64 (the benchmark's memory section prints this estimate beside the measured resident memory).
+  112 MiB (the benchmark's memory section prints this estimate beside the measured resident memory).
+
+The measurements behind these constants are in docs/measured-defaults.md.
 
 The peak while the engine opens is the measured peak of opening the session (the engine hands
 ONNX Runtime its verified bytes as a sealed file, as the measurement does) plus adapters and the
@@ -33,11 +33,10 @@ from ..errors import TargetFitError
 from .session_memory import SessionMemory
 
 MIB = 1 << 20
-RUNTIME_OVERHEAD_MIB = 112  # Python, numpy, onnxruntime, tokenizers, engine: 102-105 MiB measured (SmolLM2, x86-64)
-# bytes held per payload byte once loaded (as fp32; int4 also expands the all-zero groups it leaves out:
-# measured 4.4x with int8 B slots, 7.9x with fp32 ones, for SmolLM2's rank-8 all-linear adapter)
+RUNTIME_OVERHEAD_MIB = 112  # Python, numpy, onnxruntime, tokenizers, engine (docs/measured-defaults.md)
+# bytes held per payload byte once loaded (as fp32; int4 also expands the all-zero groups it leaves out)
 EXPANSION = {"fp32": 1, "fp16": 2, "int8": 4, "int4": 8}
-UNMEASURED_FACTOR = 2  # session bytes per graph byte where unmeasured (measured 1.6-2.8, 2.0 for int4)
+UNMEASURED_FACTOR = 2  # session bytes per graph byte where unmeasured (docs/measured-defaults.md)
 DEFAULT_CONCURRENCY = 4  # a target's budgets.max_concurrent when it names none
 
 

@@ -1,7 +1,7 @@
 """What ONNX Runtime holds for a graph once it is open: measured, for the fit check (:mod:`.fit`).
 
 ONNX Runtime keeps a graph's stored initializers and what it derives from them (pre-packed int4/int8
-weights, fp32 copies of fp16 constants), 1.6-2.8x the file; the file size is no estimate of that.
+weights, fp32 copies of fp16 constants), well above the file's size; the file size is no estimate of that.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def measure_session(graph_path, threads: int = 1, timeout: float = 300.0) -> Ses
     where this cannot be measured (no /proc, the graph does not open here, the process fails).
 
     A fresh process, because in the building process freed memory is reused and the figure comes out
-    low (measured 90 MiB in-process against 155 MiB for SmolLM2's re-quantized int4 graph).
+    low (docs/measured-defaults.md).
     """
     import json
     import subprocess

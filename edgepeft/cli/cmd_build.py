@@ -23,7 +23,7 @@ from ..models.base import BASE_HELP  # torch-free
                    "trained on, quantized by bitsandbytes (MatMulBnb4; exact but slow on CPUs).")
 @click.option("--zero-points", type=click.Choice(["all", "auto", "none"]), default=None,
               help="int4 weights quantized from floats: zero points on every block (default), or 'auto' "
-                   "(a smaller mix: SmolLM2 79 instead of 84 MiB, perplexity 23.4 instead of 20.6) [default: the target's].")
+                   "(a smaller mix at a higher perplexity: docs/measured-defaults.md) [default: the target's].")
 @click.option("--gguf", type=click.Choice(["keep", "layers", "requantize"]), default=None,
               help="A GGUF base's quantized blocks in an int4/int8 bundle: keep them all as they are (the weights "
                    "adapters were trained on; GGUF-sized), keep the layers' and re-quantize the embedding to int4 "

@@ -13,8 +13,8 @@ import json
 
 import click
 
+from ..contracts.metrics import ANSWER_MAX_NEW_TOKENS, ANSWER_PROMPTS
 from ..errors import DataError, UsageError
-from .cmd_train import D as TRAIN_DEFAULTS
 from .keys import trusted_keys
 
 
@@ -39,10 +39,21 @@ def _pick_adapter(engine, name: str | None) -> tuple[str | None, dict]:
     return name, {"name": name, "version": entry.version, "labels": list(entry.labels or []), "metrics": entry.metrics}
 
 
-def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | None) -> tuple[list[dict], str | None]:
-    from ..train.data import check_rows, detect_shape, read_records
+def _saved_dataset(path):
+    """A saved datasets directory: read by the server's reader, which needs ``datasets`` (edgepeft[train]);
+    checked first, so a device (which has neither) never loads the training package."""
+    from .._extras import require
 
-    rows, split = read_records(path)
+    require("datasets", feature="reading a saved datasets directory")
+    from ..train.data import read_saved_dataset
+
+    return read_saved_dataset(path)
+
+
+def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | None) -> tuple[list[dict], str | None]:
+    from ..contracts.records import check_rows, detect_shape, read_records
+
+    rows, split = read_records(path, read_directory=_saved_dataset)
     rows = rows + (split or [])
     shape = detect_shape(rows, task, path, slice_column)
     if slice_column and not any(slice_column in r for r in rows):
@@ -65,9 +76,9 @@ def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | No
 @click.option("--trusted-key", "trusted_key", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (.pub) the device trusts; repeatable. [default: $EDGEPEFT_TRUSTED_KEYS]")
 @click.option("--slice-column", default=None, help="Column for per-slice figures. [default: 'slice' if present]")
-@click.option("--generate", "n_generate", type=click.IntRange(0, 100000), default=TRAIN_DEFAULTS["eval_generate"],
+@click.option("--generate", "n_generate", type=click.IntRange(0, 100000), default=ANSWER_PROMPTS,
               show_default=True, help="Decoders: prompts to answer greedily for answer match (as training's --eval-generate).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 100000), default=TRAIN_DEFAULTS["max_new_tokens"],
+@click.option("--max-new-tokens", type=click.IntRange(1, 100000), default=ANSWER_MAX_NEW_TOKENS,
               show_default=True, help="Decoders: tokens per generated answer.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads. [default: the bundle target's]")
 @click.option("--json", "as_json", is_flag=True, help="Print both sets of figures as JSON.")

@@ -19,9 +19,10 @@ from ..errors import BundleError
 
 
 def load(bundle: Path, trusted_keys: list[str]) -> tuple[dict, bool]:
-    """The manifest dict of ``bundle`` (directory or .epb), and whether it was verified."""
+    """The manifest dict of ``bundle`` (directory or .epb), and whether it was verified. Parsed as a
+    device parses it (a duplicate key or NaN is refused): raises :class:`SpecError` or :class:`BundleError`."""
     from ..contracts.archive import read_archive_manifest, verify_archive_files
-    from ..contracts.manifest import MANIFEST_NAME, Manifest
+    from ..contracts.manifest import MANIFEST_NAME, Manifest, parse_manifest, read_manifest_dict
     from ..contracts.verify import verify_bundle, verify_signature
 
     if bundle.is_dir():
@@ -30,13 +31,10 @@ def load(bundle: Path, trusted_keys: list[str]) -> tuple[dict, bool]:
         path = bundle / MANIFEST_NAME
         if not path.is_file():
             raise BundleError(f"{bundle} has no {MANIFEST_NAME}", hint="pass a bundle directory or .epb from `edgepeft build`")
-        raw, source = path.read_bytes(), str(path)
+        data, source = read_manifest_dict(path), str(path)
     else:
-        raw, source = read_archive_manifest(bundle), f"{bundle}:{MANIFEST_NAME}"
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise BundleError(f"{source} is not JSON: {exc}", hint="the bundle is damaged; build or copy it again") from exc
+        source = f"{bundle}:{MANIFEST_NAME}"
+        data = parse_manifest(read_archive_manifest(bundle), source)  # the device's strict parser
     if trusted_keys:
         verify_signature(data, trusted_keys, source)
     manifest = Manifest.from_dict(data, source)  # validated either way, so what is shown is well-formed

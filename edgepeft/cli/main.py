@@ -3,7 +3,8 @@
 ``edgepeft --help`` must answer instantly on a device, so this module imports
 click and nothing heavy; each verb lives in ``edgepeft.cli.cmd_<verb>`` and
 exposes a click command named ``command``. Library errors
-(:class:`~edgepeft.errors.EdgePeftError`) and click's option errors alike become
+(:class:`~edgepeft.errors.EdgePeftError`), click's option errors and the operating
+system's (an ``OSError``: the path, the reason, a hint; exit code 1) alike become
 one ``error:`` line, an optional ``hint:`` line and the error's exit code, never
 a traceback (set ``EDGEPEFT_DEBUG=1`` to see one). When ``--json`` is on the
 command line, the error is one JSON object on stdout instead:
@@ -12,8 +13,8 @@ command line, the error is one JSON object on stdout instead:
 
 from __future__ import annotations
 
+import errno
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import EdgePeftError, NotAvailableError
+from ..errors import EdgePeftError
 
 # verb -> one-line help; the module is edgepeft.cli.cmd_<verb>.
 VERBS = {
@@ -44,24 +45,7 @@ VERBS = {
 }
 
 
-def _not_available(verb: str) -> click.Command:
-    @click.command(verb, help=f"{VERBS[verb]} [not available yet]",
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                     "help_option_names": []})
-    @click.pass_context
-    def placeholder(ctx):
-        raise NotAvailableError(f"`edgepeft {verb}` is not available yet in edgepeft {__version__}",
-                                hint="see README.md for the commands this version provides")
-
-    return placeholder
-
-
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
-
-
-def available(verb: str) -> bool:
-    """Whether ``verb`` has its module in this install (checked without importing it)."""
-    return importlib.util.find_spec(f"edgepeft.cli.cmd_{verb}") is not None
 
 
 class LazyGroup(click.Group):
@@ -73,19 +57,12 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in VERBS:
             return None
-        module = f"edgepeft.cli.cmd_{name}"
-        try:
-            return importlib.import_module(module).command
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                return _not_available(name)
-            raise
+        return importlib.import_module(f"edgepeft.cli.cmd_{name}").command
 
     def format_commands(self, ctx, formatter):
-        # Help text comes from VERBS so `--help` imports no verb module (find_spec only looks for the file).
-        rows = [(name, VERBS[name] if available(name) else f"[not available yet] {VERBS[name]}") for name in VERBS]
+        # Help text comes from VERBS so `--help` imports no verb module.
         with formatter.section("Commands"):
-            formatter.write_dl(rows)
+            formatter.write_dl(list(VERBS.items()))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,6 +84,32 @@ def _print_error(kind: str, message: str, hint: str | None, code: int, as_json: 
     if hint:
         click.echo(f"hint: {hint}", err=True)
     return code
+
+
+# What to do about the operating system's most common refusals; anything else: check the path.
+_OS_HINTS = {
+    errno.ENOENT: "check that the path and its folder exist",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EACCES: "check the permissions, or choose a path you can write",
+    errno.EPERM: "check the permissions, or choose a path you can write",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.ENOSPC: "the disk is full: free space or choose another place",
+    errno.EEXIST: "remove it or choose another path",
+    errno.EISDIR: "name a file, not a folder",
+}
+
+
+def os_error(exc: OSError) -> tuple[str, str]:
+    """An ``OSError`` as one line (the path, the reason) and a hint."""
+    reason = exc.strerror or str(exc)
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    message = f"{' -> '.join(paths)}: {reason[:1].lower() + reason[1:]}" if paths else reason
+    return message, _OS_HINTS.get(exc.errno, "check the path and try again")
+
+
+def debug() -> bool:
+    """Whether ``EDGEPEFT_DEBUG`` asks for tracebacks (1, true or yes; 0, false, no or empty do not)."""
+    return os.environ.get("EDGEPEFT_DEBUG", "").strip().lower() in ("1", "true", "yes")
 
 
 def click_error(exc: click.ClickException) -> tuple[str, str | None]:
@@ -134,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="edgepeft", standalone_mode=False)
     except EdgePeftError as exc:
-        if os.environ.get("EDGEPEFT_DEBUG"):
+        if debug():
             raise
         return report(exc, as_json)
+    except OSError as exc:
+        if debug():
+            raise
+        message, hint = os_error(exc)
+        return _print_error(type(exc).__name__, message, hint, 1, as_json)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except _NO_ARGS_IS_HELP as exc:
@@ -150,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 130
     return 0
-
 
 
 def entry() -> None:

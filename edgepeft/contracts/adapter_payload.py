@@ -23,8 +23,7 @@ Device-safe: numpy and onnxruntime only, imported inside the functions.
 
 from __future__ import annotations
 
-import os
-import tempfile
+from ..fsio import atomic_path
 
 SCALE_SUFFIX = ".scale"
 INT4_CODES, INT4_SCALE, INT4_MASK, INT4_META = ".q4", ".q4scale", ".q4mask", ".q4meta"
@@ -225,14 +224,5 @@ def write_adapter_file(path, arrays: dict, *, adapter_version: int = 1, model_ve
     fmt.set_adapter_version(int(adapter_version))
     fmt.set_model_version(int(model_version))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".onnx_adapter", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        fmt.export_adapter(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        fmt.export_adapter(str(tmp))

@@ -7,11 +7,25 @@ without reading code.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import SpecError
+from ..errors import SpecError, UsageError
 
 _MISSING = object()
+
+
+def check_choice(value: Any, choices: Iterable, what: str, *, hint_flag: str | None = None,
+                 error: Callable[..., Exception] = UsageError, hint: str | None = None) -> Any:
+    """``value`` when it is one of ``choices``; else raise ``error`` (a typed error class, or a callable taking
+    ``(message, hint=...)``) saying "unknown <what> <value>: not one of <choices>". The hint is ``hint``,
+    or names ``hint_flag``, the option to pass one of them to. Every "unknown X" check goes through here."""
+    choices = tuple(choices)
+    if value in choices:
+        return value
+    listed = ", ".join(str(c) for c in choices)
+    hint = hint or (f"pass one of them to {hint_flag}" if hint_flag else "check the spelling")
+    raise error(f"unknown {what} {value!r}: not one of {listed}", hint=hint)
 
 
 class Fields:
@@ -44,8 +58,8 @@ class Fields:
             return None
         if not isinstance(value, str) or not value:
             raise self.error(key, f"expected a non-empty string, got {value!r}")
-        if choices and value not in choices:
-            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        if choices:
+            check_choice(value, choices, key, error=lambda message, hint: self.error(key, message, hint))
         return value
 
     def int(self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None) -> Any:

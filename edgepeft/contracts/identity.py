@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import SignatureError
-from ..fsio import FileIO, create_once, write_atomic
+from ..fsio import FileIO, write_atomic
 
 IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"
@@ -101,8 +101,9 @@ class DeviceIdentity:
                              "enroll its public key again (edgepeft identity)")
         if not path.exists():
             fresh = Ed25519PrivateKey.generate()
-            create_once(path, fresh.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, fresh.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()), mode=0o600, keep_existing=True)
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)  # whoever created it won
         ident = cls(key, state)
         ident.notes = notes
@@ -113,7 +114,7 @@ class DeviceIdentity:
             current = None
         if current != ident.text:
             try:
-                write_atomic(ident._io, pub, (ident.text + "\n").encode("ascii"))
+                write_atomic(pub, (ident.text + "\n").encode("ascii"), io=ident._io)
             except OSError as exc:  # a convenience copy: the key itself is in place
                 ident.notes.append(f"{pub} not written: {exc}")
         return ident
@@ -132,7 +133,7 @@ class DeviceIdentity:
             if n > self._reserved:
                 self._reserved = n + SEQ_BLOCK - 1
                 try:
-                    write_atomic(self._io, self._seq_path, str(self._reserved).encode("ascii"))
+                    write_atomic(self._seq_path, str(self._reserved).encode("ascii"), io=self._io)
                 except OSError:
                     pass  # the clock still moves the next start past these numbers
             return n

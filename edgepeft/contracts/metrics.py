@@ -15,6 +15,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+# Decoder answer match, the same for training's held-out figures and `edgepeft eval` on a device:
+ANSWER_PROMPTS = 32  # at most this many held-out prompts are answered greedily
+ANSWER_MAX_NEW_TOKENS = 64  # tokens per generated answer
+
 
 def normalize(text: str) -> str:
     """Lowercase, punctuation to spaces, whitespace collapsed: for forgiving answer matching."""
@@ -45,9 +49,9 @@ def answer_summary(scores: list[dict]) -> dict | None:
     if not scores:
         return None
     n = len(scores)
-    return {"generated": n, "exact": r6(sum(s["exact"] for s in scores) / n),
-            "contains": r6(sum(s["contains"] for s in scores) / n),
-            "overlap": r6(sum(s["overlap"] for s in scores) / n)}
+    return {"generated": n, "exact": round_figure(sum(s["exact"] for s in scores) / n),
+            "contains": round_figure(sum(s["contains"] for s in scores) / n),
+            "overlap": round_figure(sum(s["overlap"] for s in scores) / n)}
 
 
 def label_scores(truth: list[int], preds: list[int], labels: list[str]) -> dict:
@@ -64,12 +68,12 @@ def label_scores(truth: list[int], preds: list[int], labels: list[str]) -> dict:
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per[name] = {"precision": r6(prec), "recall": r6(rec), "f1": r6(f1), "support": tp + fn}
+        per[name] = {"precision": round_figure(prec), "recall": round_figure(rec), "f1": round_figure(f1), "support": tp + fn}
         if tp + fp + fn:
             f1s.append(f1)
     n = len(truth)
-    return {"accuracy": r6(sum(t == p for t, p in zip(truth, preds)) / n) if n else None,
-            "macro_f1": r6(sum(f1s) / len(f1s)) if f1s else None,
+    return {"accuracy": round_figure(sum(t == p for t, p in zip(truth, preds)) / n) if n else None,
+            "macro_f1": round_figure(sum(f1s) / len(f1s)) if f1s else None,
             "per_label": per, "confusion": confusion}
 
 
@@ -86,7 +90,7 @@ def slice_scores(slices: list[str], truth: list[int], preds: list[int], labels: 
     return out
 
 
-def r6(x):
+def round_figure(x):
     """Every figure is rounded to 6 places (None stays None)."""
     return None if x is None else round(float(x), 6)
 

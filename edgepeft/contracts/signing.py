@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import SignatureError, UsageError
+from ..fsio import write_atomic
 from .manifest import canonical_bytes
 from .verify import key_id
 
@@ -32,10 +33,8 @@ def generate_keypair(stem: str | os.PathLike, *, force: bool = False) -> tuple[P
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(priv)
-    pub_path.write_bytes(pub)
+    write_atomic(priv_path, priv, mode=0o600)
+    write_atomic(pub_path, pub, mode=0o644)
     return priv_path, pub_path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import SpecError
 from . import tomlfile
-from .fields import Fields
+from .fields import Fields, check_choice
 
 TARGET_SCHEMA_VERSION = 1
 DEVICE_CLASSES = ("phone", "jetson", "sbc", "gateway", "serial-gateway")
@@ -96,9 +96,8 @@ class TargetProfile:
         arch = f.str("arch", choices=ARCHES)
         providers = tuple(f.str_list("providers", nonempty=True))
         for i, p in enumerate(providers):
-            if p not in KNOWN_PROVIDERS:
-                raise f.error(f"providers[{i}]", f"unknown ONNX Runtime execution provider {p!r}",
-                              hint=f"use one of {', '.join(KNOWN_PROVIDERS)}")
+            check_choice(p, KNOWN_PROVIDERS, "ONNX Runtime execution provider",
+                         error=lambda message, hint, i=i: f.error(f"providers[{i}]", message, hint))
         if providers[-1] != "CPUExecutionProvider":
             raise f.error("providers", "must end with CPUExecutionProvider, the fallback every device has")
         threads = f.int("threads", min=1, max=64)
@@ -131,9 +130,9 @@ class TargetProfile:
         baud = u.int("baud", None, min=300)
         if link == "serial" and baud is None:
             raise u.error("baud", "is required when link = \"serial\"", hint="e.g. baud = 115200")
-        if link == "serial" and baud not in STANDARD_BAUDS:
-            raise u.error("baud", f"{baud} is not a standard UART rate",
-                          hint=f"use one of {', '.join(map(str, STANDARD_BAUDS))}")
+        if link == "serial":
+            check_choice(baud, STANDARD_BAUDS, "standard UART rate",
+                         error=lambda message, hint: u.error("baud", message, hint))
         if link == "network" and baud is not None:
             raise u.error("baud", "only applies to link = \"serial\"")
         update = UpdateLink(link=link, baud=baud, max_chunk_bytes=u.int("max_chunk_bytes", 65536, min=64))

@@ -1,6 +1,6 @@
 """The update package: one file, a signed envelope followed by its payload.
 
-Layout (all integers big-endian; see docs/update-format.md)::
+Layout (all integers big-endian; see docs/updates.md)::
 
     offset 0   8 bytes   magic b"EPUPDATE"
     offset 8   u32       format version (1)

@@ -213,8 +213,8 @@ class VerifiedFile:
     in-memory file (Linux ``memfd``: nothing can write to it once sealed, and it is gone when
     closed), else the verified bytes. ``source`` is what to hand the loader; :meth:`close` frees it.
 
-    Loading from a path lets onnxruntime keep one copy of the graph instead of two (measured for
-    SmolLM2-135M int4: 78 MiB less resident memory than loading from a bytes object)."""
+    Loading from a path lets onnxruntime keep one copy of the graph instead of two (less resident
+    memory than loading from a bytes object: docs/measured-defaults.md)."""
 
     def __init__(self, fd: int | None = None, data: bytes | None = None, size: int = 0):
         self._fd, self._data, self.size = fd, data, size
@@ -270,15 +270,17 @@ def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
         raise
 
 
-def _seal(fd: int, label: str, tries: int = 6) -> None:
+def _seal(fd: int, label: str, tries: int = 6, wait=None) -> None:
     """Forbid every further change to the memfd. The kernel refuses the write seal (EBUSY) while
     something else still holds a reference to one of its pages (seen here with the kernel's page
-    access monitor, kdamond, running); such references are short-lived, so it tries again.
-    Raises :class:`IntegrityError` when the seal never takes."""
+    access monitor, kdamond, running); such references are short-lived, so it tries again after
+    ``wait(seconds)`` (``time.sleep``; a test passes its own). Raises :class:`IntegrityError` when the
+    seal never takes."""
     import errno
     import fcntl
     import time
 
+    wait = wait or time.sleep
     for attempt in range(tries):
         try:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -291,7 +293,7 @@ def _seal(fd: int, label: str, tries: int = 6) -> None:
                 raise IntegrityError(f"the verified in-memory copy of {label} cannot be sealed against changes "
                                      "(the kernel says its pages are busy)",
                                      hint="open the bundle again; if it persists, report the kernel version") from exc
-            time.sleep(0.005 * 2 ** attempt)
+            wait(0.005 * 2 ** attempt)
 
 
 class BundleFiles:

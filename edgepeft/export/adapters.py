@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdapterError, UsageError
+from ..contracts.fields import check_choice
+from ..errors import AdapterError
 from .peft_reader import read_peft_lora
 
 PAYLOADS = ("fp32", "fp16", "int8", "int4")
@@ -351,9 +352,7 @@ def write_adapter(peft_dir, model_info: dict, out_path, dtype: str = "fp32", *, 
     require("onnxruntime", "safetensors", "torch", feature="writing adapter files")
     from ..contracts.adapter_payload import write_adapter_file
 
-    if dtype not in PAYLOADS:
-        raise UsageError(f"adapter payload dtype {dtype!r} is not one of {', '.join(PAYLOADS)}",
-                         hint="use fp32 (default), fp16, int8 or int4")
+    check_choice(dtype, PAYLOADS, "adapter payload dtype", hint="fp32 is the default")
     tensors, info = family_tensors(peft_dir, model_info, labels, pad=pad, graph_path=graph_path)
     stored = encode_payload(fold_b_int8(tensors, model_info), dtype)
     out_path = Path(out_path)

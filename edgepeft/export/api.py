@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from .._extras import require
+from ..contracts.fields import check_choice
+from ..contracts.manifest import TASKS
 from ..errors import ModelError, UsageError
 from .quantize import WeightQuant
 from .slots import check_rank
 
-TASKS = ("causal-lm", "classification")
 MODEL_FILE = "model.onnx"
 
 
@@ -82,8 +83,7 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     from .onnx_builder import save_model
 
     say = progress or (lambda msg: None)
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}")
+    check_choice(task, TASKS, "task")
     wq = WeightQuant.coerce(quant)
     slot_rank = check_rank(slot_rank)
     bottleneck = check_bottleneck(bottleneck)
@@ -286,9 +286,7 @@ def check_bottleneck(bottleneck: dict | None) -> dict | None:
     if odd or not points:
         raise UsageError(f"bottleneck points {sorted(bottleneck.get('points') or [])} are not among "
                          f"{', '.join(BOTTLENECK_POINTS)}", hint="use attn_out and/or mlp_out (houlsby: both)")
-    if act not in ACTIVATIONS:
-        raise UsageError(f"bottleneck activation {act!r} is not one of {', '.join(ACTIVATIONS)}",
-                         hint="use the --non-linearity the adapters were trained with")
+    check_choice(act, ACTIVATIONS, "bottleneck activation", hint="use the --non-linearity the adapters were trained with")
     return {"points": points, "activation": act}
 
 

@@ -195,7 +195,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
 
         def proj(inp, key, role_list, name, again=False):
             if again:  # the same stored weights on another input (DeBERTa's relative table)
-                return emit_lora(gb, inp, lin.again(inp, f"l{i}.{name}"), groups[key], i)
+                return emit_lora(gb, inp, lin.emit_on(inp, f"l{i}.{name}"), groups[key], i)
             mods = [roles[r] for r in role_list if r in roles]
             wt = np.concatenate([w(p + m + ".weight") for m in mods], 0)
             bs = [opt(p + m + ".bias") for m in mods]

@@ -13,10 +13,8 @@ along K), so the device graph can compute with the very same numbers:
   per block, is added as ``blocksum(x) @ (m + 8d)^T``, a small fp32 matmul (one value per
   32 weights). ``MatMulNBits`` also takes a *float* zero point ``-m / d`` that computes the
   same, but ONNX Runtime 1.32's CPU kernel has no packed path for it: it dequantizes the
-  whole weight on every call (measured 41-60x the uint8 zero point's time on one SmolLM2
-  layer, 64-73x on its lm_head: ``benchmarks`` section "kernels"), so the correction matmul
-  it is (1.26-1.5x the uint8 kernel's time in that section on a loaded machine; a whole
-  decode step's CPU time stays within 0-3 % of the re-quantized graph's, one thread).
+  whole weight on every call (``benchmarks`` section "kernels"; docs/measured-defaults.md),
+  so the correction matmul it is.
 
 Scales and minimums stay the GGUF's fp16 values in the file (the bundle keeps GGUF's
 5 bits per Q4_1 weight); ``Cast`` nodes that ONNX Runtime folds at load hand the kernels fp32.

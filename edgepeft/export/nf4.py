@@ -8,9 +8,9 @@ element in the high nibble) and the fp32 block scales go in as they are, so the 
 bitsandbytes itself (``quantize_4bit``, the function transformers calls when it loads a base in 4-bit),
 and the double-quantized scales are dequantized the way bitsandbytes does before every matmul.
 
-The price, measured on SmolLM2's shapes (``benchmarks``): ONNX Runtime 1.32's ``MatMulBnb4`` CPU kernel
-dequantizes the whole weight on every call (about 20x ``MatMulNBits`` per matmul at one token), so an
-NF4 bundle is for train-serve consistency checks and GPU targets, not for fast CPU decoding.
+The price (``benchmarks``; docs/measured-defaults.md): ONNX Runtime 1.32's ``MatMulBnb4`` CPU kernel
+dequantizes the whole weight on every call, so an NF4 bundle is for train-serve consistency checks and
+GPU targets, not for fast CPU decoding.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ full control over fused contrib ops, quantized weights and adapter slots.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..fsio import write_atomic
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17  # LayerNormalization needs 17; ORT 1.20+ runs it everywhere.
@@ -130,7 +130,7 @@ class GraphBuilder:
 
 
 def save_model(model, path: str | Path) -> int:
-    """Serialize ``model`` into ``path`` atomically (tmp file + os.replace); returns its size.
+    """Serialize ``model`` into ``path`` atomically (:func:`edgepeft.fsio.write_atomic`); returns its size.
 
     Models stay under protobuf's 2 GiB limit for the bases edgepeft targets;
     larger ones raise :class:`edgepeft.errors.BuildError`.
@@ -143,15 +143,5 @@ def save_model(model, path: str | Path) -> int:
     if nbytes >= 2**31 - 1:
         raise BuildError(f"the exported graph is {nbytes / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit",
                          hint="use int4 or int8 quantization, or a smaller base model")
-    fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, model.SerializeToString())
     return path.stat().st_size

@@ -4,12 +4,9 @@ Only base weights pass through here; adapter slots never do, so adapters stay
 swappable and exact.
 
 - A GGUF base (the embedded SmolLM2 is one) in an int4/int8 export keeps its own
-  Q4_0/Q4_1/Q8_0 blocks (``gguf="keep"``, :mod:`.gguf_blocks`): SmolLM2's perplexity on
-  the benchmark's 3072 held-out tokens is 16.64 against 16.57 for fp32 (+0.4 %), where
-  the re-quantization below gives 23.38 (+41 %); 92.3 MiB instead of 77.8.
-  ``gguf="layers"`` keeps the layers' blocks and re-quantizes only the Q8_0
-  embedding / lm_head to int4: 79.1 MiB, 19.26 (+16 %). ``gguf="requantize"`` is
-  the scheme this docstring describes next.
+  Q4_0/Q4_1/Q8_0 blocks (``gguf="keep"``, :mod:`.gguf_blocks`): far closer to fp32 than
+  re-quantizing them. ``gguf="layers"`` keeps the layers' blocks and re-quantizes only the
+  Q8_0 embedding / lm_head to int4. ``gguf="requantize"`` is the scheme described next.
 - ``nf4``: the QLoRA base, quantized by bitsandbytes and run by ``MatMulBnb4`` (:mod:`.nf4`).
 
 - ``int4``: ``MatMulNBits`` (bits=4), block-wise along K. Default ``zero_points="all"``: every
@@ -21,45 +18,18 @@ swappable and exact.
   take the min/max range (including 0), round the zero point, then rescale so the
   block's larger-magnitude extreme lands exactly on code 0 or 15. Exact extremes
   matter more than mean error here: SmolLM2's layers are Q4_1 (blocks of 32) in
-  disguise, and every MSE scale search tried (grid 0.8-1.15 x absmax, |w|- or
-  w^2-weighted, least-squares refits) *raised* perplexity although it lowered
-  weight error (layers-only, 1024 tokens: absmax 18.1, MSE 20.6). Measured with
-  ORT on SmolLM2-135M-Instruct (ppl: benchmark's 1024 LICENSE tokens / 3072 tokens
-  of LICENSE + pydoc prose; KL to fp32 per token on the 3072; fp32 15.39 / 16.57):
-
-  ==========================================  ========  =====  =====  =====
-  variant                                     MiB       ppl1k  ppl3k  KL
-  ==========================================  ========  =====  =====  =====
-  ``"none"``: all symmetric, embed 64 (old)   78.73     20.48  24.57  0.700
-  ``"auto"`` (above)                          77.83     21.42  23.38  0.613
-  qkv+o zero points, embed asym 64            79.37     20.11  23.72  0.612
-  embed asym 64, o symmetric 64               78.37     20.97  23.78  0.638
-  ``"all"``: zero points everywhere (32/64)   80.56     20.04  22.22  0.584
-  ==========================================  ========  =====  =====  =====
-
-  The embedding / lm_head's block turned out to matter most (2026-11-26, model.onnx MiB and
-  ppl3k; onnxruntime-genai's int4 of the same weights, symmetric blocks of 32 everywhere: 21.68
-  in an 84.2 MiB folder): ``"none"`` with embedding blocks of 32: 80.4 / 21.77; ``"auto"`` with
-  32: 79.7 / 22.07; ``"all"`` with 32 (the default since): 82.4 / 20.56, a bundle of genai's
-  size with lower perplexity; ``"all"`` with 16: 86.2 / 20.00. ``gguf="layers"`` with the
-  default embedding: 80.9 / 18.18 (19.26 under ``"auto"``).
-
-  Under the earlier 80 MiB bound (model + 1.5 MiB tokenizer + manifest), model.onnx
-  <= ~78.4 MiB: "old" and "all" did not fit. Zero points cost 1/64
-  byte per weight at block 32; a down projection at block 64 with zero points
-  saves 1.4 MiB over block 32 symmetric and pays for the rest. "auto" wins on
-  the larger text and on KL (-12 %); the 1024-token figure alone moves the other
-  way (+0.9). Those tokens are the first 4 of the 12 windows, so on the other 8
-  "auto" gains even more: the choice rests on the larger sample. Symmetric
-  block 64 everywhere was clearly worse (blocks straddle two Q4_1 blocks).
+  disguise, and every MSE scale search tried raised perplexity although it lowered
+  weight error.
 - ``int8``: ``MatMulNBits`` (bits=8), same layout, ``scale = w[argmax|w|] / -128``.
-  Block-wise is finer than per-channel, so it never damages outlier channels
-  (SmolLM2: block 32 -> 145 MiB, KL 0.007, top-1 97%; block 128 -> 136 MiB, KL 0.013).
+  Block-wise is finer than per-channel, so it never damages outlier channels.
   accuracy_level 4 runs int4 and int8 on MLAS's int8-activation kernels.
 - ``fp16``: weights stored fp16 with a ``Cast`` to fp32 that ONNX Runtime folds
   at load: half the file, fp32 compute on every CPU.
 - tied embeddings: int4/int8 use ``GatherBlockQuantized`` on the *same* packed
   bytes and scales as the lm_head ``MatMulNBits`` (one copy on disk).
+
+The measurements behind these defaults (perplexity, KL and size of each variant) are in
+docs/measured-defaults.md; the benchmark (benchmarks/README.md) refreshes them.
 """
 
 from __future__ import annotations
@@ -69,6 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..contracts.fields import check_choice
 from ..contracts.target import GGUF_MODES, ZERO_POINTS  # GGUF blocks, zero points, LoRA B
 from ..contracts.target import LORA_B_TYPES as LORA_B
 from ..errors import UsageError
@@ -89,7 +60,7 @@ class WeightQuant:
     (the measured best from float weights at onnxruntime-genai's size, module
     docstring); ``"auto"`` gives only the embedding / lm_head (blocks of 64) and the
     qkv projection zero points, and the MLP down projection asymmetric blocks of
-    ``2 * block_size`` (the smaller form: SmolLM2 under 80 MiB); ``"none"`` is plain
+    ``2 * block_size`` (the smaller form); ``"none"`` is plain
     symmetric.
     """
 
@@ -102,15 +73,10 @@ class WeightQuant:
     lora_b: str = "auto"
 
     def __post_init__(self):
-        if self.lora_b not in LORA_B:
-            raise UsageError(f"unknown LoRA B slot type {self.lora_b!r}", hint=f"use one of {', '.join(LORA_B)}")
-        if self.gguf not in GGUF_MODES:
-            raise UsageError(f"unknown GGUF mode {self.gguf!r}", hint=f"use one of {', '.join(GGUF_MODES)}")
-        if self.kind not in KINDS:
-            raise UsageError(f"unknown weight quantization {self.kind!r}", hint=f"use one of {', '.join(KINDS)}")
-        if self.zero_points not in ZERO_POINTS:
-            raise UsageError(f"unknown zero_points policy {self.zero_points!r}",
-                             hint=f"use one of {', '.join(ZERO_POINTS)}")
+        check_choice(self.lora_b, LORA_B, "LoRA B slot type")
+        check_choice(self.gguf, GGUF_MODES, "GGUF mode")
+        check_choice(self.kind, KINDS, "weight quantization")
+        check_choice(self.zero_points, ZERO_POINTS, "zero_points policy")
         for bs in (self.block_size, self.embed_block_size):
             if bs is not None and (bs < 16 or bs & (bs - 1)):
                 raise UsageError(f"quantization block size {bs} is not a power of two >= 16",
@@ -131,7 +97,7 @@ class WeightQuant:
     @property
     def embed_block(self) -> int:
         """Tied embedding / lm_head block: ``block_size`` unless set, 64 under ``zero_points="auto"`` (the
-        smaller form: keeps SmolLM2's int4 bundle under 80 MiB)."""
+        smaller form)."""
         if self.embed_block_size:
             return self.embed_block_size
         return max(self.block_size, 64) if self.kind == "int4" and self.zero_points == "auto" else self.block_size
@@ -261,18 +227,15 @@ class LinearEmitter:
     ``blocks`` (a :class:`.gguf_blocks.GGUFBlocks`) holds the base's GGUF block weights by
     HF name: an int4/int8 export with ``gguf="keep"`` stores those as they are for every
     weight whose ``source`` names they cover (see :mod:`.gguf_blocks`); ``gguf="layers"`` keeps
-    the tied embedding / lm_head out of it (re-quantized to the int4 scheme: 14 MiB smaller for
-    SmolLM2, whose table is Q8_0).
+    the tied embedding / lm_head out of it (re-quantized to the int4 scheme, smaller where the table is
+    Q8_0; docs/measured-defaults.md).
     """
 
     def __init__(self, gb, quant: WeightQuant, blocks=None, per_channel_int8: bool = False):
         self.gb, self.q = gb, quant
         self.blocks = blocks  # HF name -> a GGUF BlockWeight or an NF4Weight (anything with .get)
-        # int8 layers as DynamicQuantizeMatMul (one scale per output channel, activations quantized per
-        # tensor): encoders run batches of many rows, where its VNNI GEMM did 1.7-1.9x fp32 on MiniLM and
-        # MatMulNBits int8 0.87x (CPU time, one thread), at the price of probabilities moved by a few
-        # hundredths (so classifiers default to fp16, edgepeft.bundle.build); decoders keep MatMulNBits'
-        # per-block activations
+        # int8 layers as DynamicQuantizeMatMul (per-channel scales, activations per tensor): faster for an
+        # encoder's batches of rows than MatMulNBits (docs/measured-defaults.md); decoders keep MatMulNBits
         self.per_channel_int8 = per_channel_int8
         self.dequantized: dict[str, np.ndarray] = {}  # name -> effective weight, for tests/metrics
         self.carried: list[str] = []  # HF names of the weights whose GGUF blocks were carried as they are
@@ -365,8 +328,8 @@ class LinearEmitter:
     def _block_sum(self, x: str, k: int) -> str:
         """``x`` summed over each block of 32 along its last axis: [..., K] -> [..., K/32].
 
-        Reshape + ReduceSum measured 9 % over the bare kernel on SmolLM2's layer, a MatMul
-        with a 0/1 block matrix 26 % (one thread, ``benchmarks.sec_kernels``)."""
+        Reshape + ReduceSum: cheaper than a MatMul with a 0/1 block matrix (``benchmarks.sec_kernels``;
+        docs/measured-defaults.md)."""
         from .gguf_blocks import BLOCK
 
         gb = self.gb
@@ -388,7 +351,7 @@ class LinearEmitter:
         return self._block_linear_on(wname, scales, offset, blk.rows, blk.cols, blk.bits, name.replace(".", "_"),
                                      bias=bname)
 
-    def again(self, x: str, name: str) -> str:
+    def emit_on(self, x: str, name: str) -> str:
         """The layer emitted as ``name`` applied to another input, reading the same stored weights."""
         return self._emit[name](x)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contracts.fields import check_choice
 from ..errors import UsageError
 
 
@@ -168,7 +169,7 @@ def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: st
     ``up.bias`` zeros) make the point the identity; ``size`` is symbolic, so each adapter keeps
     its own width. Returns the adapted output.
     """
-    from ..contracts.methods import bottleneck_names
+    from ..contracts.methods import ACTIVATIONS, bottleneck_names
 
     names = bottleneck_names(point, layer)
     sym = f"{point}_bottleneck"  # one symbol per point: ORT plans buffers as if equal symbols were equal sizes
@@ -176,16 +177,15 @@ def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: st
     gb.slot(names["down.bias"], np.zeros((0,), np.float32), [sym], ["bottleneck"])
     gb.slot(names["up.weight"], np.zeros((0, dim), np.float32), [sym, dim], ["bottleneck", dim])
     gb.slot(names["up.bias"], np.zeros((dim,), np.float32), [dim], [dim])
+    check_choice(activation, ACTIVATIONS, "bottleneck activation",
+                 hint="train the adapter with --non-linearity relu, silu or gelu")
     tag = f"l{layer}_{point}_bneck"
     z = gb.op("Add", [gb.op("MatMul", [h, names["down.weight"]], hint=tag), names["down.bias"]], hint=tag)
     if activation == "relu":
         a = gb.op("Relu", [z], hint=tag)
     elif activation == "silu":
         a = gb.op("Mul", [z, gb.op("Sigmoid", [z], hint=tag)], hint=tag)
-    elif activation == "gelu":
+    else:  # gelu
         a = gb.ms("Gelu", [z], hint=tag)
-    else:
-        raise UsageError(f"bottleneck activation {activation!r} is not one of relu, silu, gelu",
-                         hint="train the adapter with --non-linearity relu, silu or gelu")
     up = gb.op("Add", [gb.op("MatMul", [a, names["up.weight"]], hint=tag), names["up.bias"]], hint=tag)
     return gb.op("Add", [h, up], hint=tag)

@@ -125,7 +125,7 @@ class Rollout:
         self.inventory = Inventory.load(self.plan.inventory)
         self.devices = {d.id: d for d in self.inventory.devices}
         self.packages = [PackageInfo.read(p) for p in self.plan.packages]
-        self.ex: dict[str, Execution] = db.executions(rid)
+        self.executions: dict[str, Execution] = db.executions(rid)
         self.tick = tick
         self.status = row["status"]
         self.rate, self.wave = float(row["rate"] or self.plan.base_rate_per_minute), int(row["wave"] or 0)
@@ -165,7 +165,7 @@ class Rollout:
 
     def counts(self) -> dict:
         out: dict[str, int] = {}
-        for e in self.ex.values():
+        for e in self.executions.values():
             out[e.status] = out.get(e.status, 0) + 1
         return out
 
@@ -186,7 +186,7 @@ class Rollout:
 
             self._reports = self._reports or _report_gate(self)
             self._plane = ControlPlane(self.inventory.mqtt_url, self.id, **self.inventory.mqtt_tls,
-                                       devices=list(self.ex))
+                                       devices=list(self.executions))
         return self._plane
 
     def _notify(self, e: Execution) -> None:
@@ -246,7 +246,7 @@ class Rollout:
     def _resume(self) -> None:
         """Pick up executions left IN_PROGRESS by a previous controller (nothing is sent twice blind)."""
         now = time.time()
-        resumed = [e for e in self.ex.values() if e.status == IN_PROGRESS]
+        resumed = [e for e in self.executions.values() if e.status == IN_PROGRESS]
         for e in resumed:
             e.started = now  # the clock restarts: the device may have finished while nobody listened
             self._changed[e.device_id] = e
@@ -256,20 +256,20 @@ class Rollout:
                 self._mqtt()  # retained execution updates arrive on subscribe
             else:
                 self._notify(e)  # a push asks the device for the package's status first
-        if any(d.link == "mqtt" for d in self.devices.values() if d.id in self.ex):
+        if any(d.link == "mqtt" for d in self.devices.values() if d.id in self.executions):
             self._mqtt()
 
     def _done(self) -> bool:
-        if any(e.status in (QUEUED, IN_PROGRESS) for e in self.ex.values()):
+        if any(e.status in (QUEUED, IN_PROGRESS) for e in self.executions.values()):
             return False
         if self._futures:
             return False
         limit = self.plan.in_progress_timeout_minutes * 60
         if any(e.status == SUCCEEDED and time.time() - (e.detail or {}).get("rollback_sent", 0) < limit
-               for e in self.ex.values() if (e.detail or {}).get("rollback_sent")):
+               for e in self.executions.values() if (e.detail or {}).get("rollback_sent")):
             return False  # rollbacks sent over MQTT: wait for their answers (up to the timeout)
         if self.status in ("IN_PROGRESS",):
-            self.status = "SUCCEEDED" if all(e.status == SUCCEEDED for e in self.ex.values()) else "COMPLETED"
+            self.status = "SUCCEEDED" if all(e.status == SUCCEEDED for e in self.executions.values()) else "COMPLETED"
         elif self.status == "ABORTING":
             self.status = "ABORTED"
         self._flush()
@@ -281,7 +281,7 @@ class Rollout:
         if row["status"] == "ABORT_REQUESTED" and self.status not in ("ABORTING", "ABORTED"):
             self._abort(row["reason"] or "aborted by request", rollback=bool(row["rollback"]))
         self._collect()
-        for e in self.ex.values():
+        for e in self.executions.values():
             if e.status == IN_PROGRESS and e.started and now - e.started > self.plan.in_progress_timeout_minutes * 60:
                 if e.device_id in self._futures:
                     continue  # the push itself stops at the deadline and reports
@@ -290,27 +290,27 @@ class Rollout:
         if self.status == "IN_PROGRESS":
             self._schedule(now)
         elif self.status == "ABORTING":
-            for e in self.ex.values():
+            for e in self.executions.values():
                 if e.status == QUEUED:
                     self._set(e, CANCELED, f"rollout aborted: {self.reason}")
                 if self.rollback and e.status == SUCCEEDED and not (e.detail or {}).get("rollback_sent"):
                     e.detail = (e.detail or {}) | {"rollback_sent": time.time()}
                     self._changed[e.device_id] = e
                     self._actions.append(("rollback", e))
-        self.timeline.append((now, sum(1 for e in self.ex.values() if e.status != QUEUED),
-                              sum(1 for e in self.ex.values() if e.status in TERMINAL)))
+        self.timeline.append((now, sum(1 for e in self.executions.values() if e.status != QUEUED),
+                              sum(1 for e in self.executions.values() if e.status in TERMINAL)))
         actions, self._actions = self._actions, []
         self._flush()  # the state is written before anything is sent
         for kind, e in actions:
             (self._notify if kind == "notify" else self._rollback_device)(e)
 
     def _schedule(self, now: float) -> None:
-        queued = [e for e in self.ex.values() if e.status == QUEUED]
+        queued = [e for e in self.executions.values() if e.status == QUEUED]
         if not queued:
             return
-        busy = sum(1 for e in self.ex.values() if e.status == IN_PROGRESS)
+        busy = sum(1 for e in self.executions.values() if e.status == IN_PROGRESS)
         room = self.plan.max_concurrency - busy
-        canary = [e for e in self.ex.values() if e.wave == 0]
+        canary = [e for e in self.executions.values() if e.wave == 0]
         if self.wave == 0 and self.plan.canary > 0:
             want = self.plan.canary - len(canary)
             if want > 0:
@@ -361,7 +361,7 @@ class Rollout:
             if not fut.done():
                 continue
             del self._futures[dev_id]
-            e = self.ex[dev_id]
+            e = self.executions[dev_id]
             try:
                 kind, st = fut.result()
             except Exception as exc:  # a bug in a link must not stop the rollout
@@ -383,7 +383,7 @@ class Rollout:
                 up = self._reports.check(msg)
                 if up is None or up.type != "execution-update":
                     continue  # refused (counted in the report), or a device's state
-                e = self.ex.get(msg.device_id)
+                e = self.executions.get(msg.device_id)
                 if e is None:
                     continue
                 if up.job_id.endswith("-rollback"):
@@ -400,14 +400,14 @@ class Rollout:
     def _check_abort(self) -> None:
         if self.status != "IN_PROGRESS":
             return
-        canary = [e for e in self.ex.values() if e.wave == 0 and e.status in TERMINAL]
+        canary = [e for e in self.executions.values() if e.wave == 0 and e.status in TERMINAL]
         bad = [e for e in canary if e.status != SUCCEEDED]
         if bad:
             e = bad[0]
             self._abort(f"canary device {e.device_id} ended {e.status}: {e.reason or ''}".strip(),
                         rollback=self.plan.rollback_on_abort)
             return
-        executed = [e for e in self.ex.values() if e.status in EXECUTED]
+        executed = [e for e in self.executions.values() if e.status in EXECUTED]
         for c in self.plan.abort:
             if len(executed) < c.min_number_of_executed_things:
                 continue
@@ -428,7 +428,7 @@ class Rollout:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._plane is not None:
             if self.status in ("SUCCEEDED", "COMPLETED", "ABORTED"):
-                for e in self.ex.values():
+                for e in self.executions.values():
                     if e.link == "mqtt":
                         self._plane.clear_job(e.device_id)
             self._dropped = dict(self._plane.dropped)
@@ -441,7 +441,7 @@ class Rollout:
     # -- reporting -----------------------------------------------------------------------------
     def report(self) -> dict:
         devices = []
-        for dev_id, e in sorted(self.ex.items()):
+        for dev_id, e in sorted(self.executions.items()):
             d = self.devices.get(dev_id)
             devices.append(e.to_dict() | {"group": d.group if d else None})
         refused = dict(self._reports.refused) if self._reports is not None else {}
@@ -456,7 +456,7 @@ def _report_gate(rollout: Rollout):
     from .reports import ReportGate
 
     keys = {d.id: load_public_key_text(d.public_key) for d in rollout.devices.values()
-            if d.public_key and d.id in rollout.ex}
+            if d.public_key and d.id in rollout.executions}
     return ReportGate(rollout.id, keys, log=rollout.log)
 
 

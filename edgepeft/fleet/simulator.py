@@ -40,14 +40,14 @@ def main(argv=None) -> int:
     from ..contracts.job import job_topic, job_update_topic
     from ..contracts.names import is_name
     from ..contracts.report import sign_report
-    from ..fsio import FileIO, write_atomic
+    from ..fsio import write_atomic
     from ..transport.mqtt import mqtt_client
 
     k, n = (int(x) for x in args.shard.split("/"))
     width = len(str(max(args.count - 1, 1)))
     mine = {f"{args.prefix}{i:0{width}d}": Ed25519PrivateKey.generate() for i in range(args.count) if i % n == k}
     if args.enroll:
-        write_atomic(FileIO(), Path(args.enroll), "".join(
+        write_atomic(Path(args.enroll), "".join(
             f'[[device]]\nid = "{d}"\naddress = "mqtt"\npublic_key = "{public_key_text(key.public_key())}"\n\n'
             for d, key in mine.items()).encode("ascii"))
     seq = dict.fromkeys(mine, int(time.time() * 1000))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..contracts.fields import check_choice
+from ..contracts.manifest import TASKS
 from ..errors import ModelError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,6 +249,7 @@ def describe(config, task: str) -> DecoderArch | EncoderArch:
     whose head is for another task, or an unknown ``model_type`` is refused with
     the supported families and the nearest workaround.
     """
+    check_choice(task, TASKS, "task", error=ModelError, hint_flag="--task")
     mtype = str(getattr(config, "model_type", "") or "unknown")
     archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
     if task == "causal-lm":
@@ -271,8 +274,6 @@ def describe(config, task: str) -> DecoderArch | EncoderArch:
             raise ModelError(f"{mtype} is a decoder: edgepeft exports sequence classifiers from encoders only",
                              hint=f"use an encoder ({', '.join(sorted(ENCODERS))}), or train a causal-LM adapter "
                                   "that answers with the label")
-    else:
-        raise ModelError(f"unknown task {task!r}", hint="use causal-lm or classification")
     fams = supported()[task]
     hint = _WORKAROUNDS.get(mtype, _GENERIC_WORKAROUND)
     raise ModelError(f"architecture {mtype!r} is not supported for {task} (supported: {', '.join(fams)})",

@@ -36,6 +36,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..contracts.fields import check_choice
 from ..contracts.methods import ACTIVATIONS, PLACEMENTS
 from ..errors import AdapterError, TrainError
 
@@ -66,12 +67,8 @@ class BottleneckConfig:
     edgepeft_version: str | None = None
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise TrainError(f"unknown bottleneck placement {self.placement!r}",
-                             hint=f"use one of: {', '.join(PLACEMENTS)}")
-        if self.non_linearity not in ACTIVATIONS:
-            raise TrainError(f"unknown bottleneck non-linearity {self.non_linearity!r}",
-                             hint=f"use one of: {', '.join(ACTIVATIONS)}")
+        check_choice(self.placement, PLACEMENTS, "bottleneck placement", error=TrainError)
+        check_choice(self.non_linearity, ACTIVATIONS, "bottleneck non-linearity", error=TrainError)
         if not self.points:
             self.points = list(PLACEMENTS[self.placement])
         if not isinstance(self.bottleneck_size, int) or not 1 <= self.bottleneck_size <= self.hidden_size:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..contracts.update import (
     utc_now,
 )
 from ..errors import AdapterError, BuildError, UsageError
-from .files import write_atomic
+from ..fsio import atomic_path
 
 # The first edgepeft whose devices read update packages; a package never asks for less.
 MIN_RUNTIME = "0.2.0"
@@ -100,7 +101,9 @@ def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
     body = metadata_bytes(meta)
     envelope = encode_envelope(body, [sign_bytes(body, private_key)])
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, envelope, payload)
+    with atomic_path(out, mode=0o644) as tmp, open(tmp, "wb") as fh, open(payload, "rb") as src:
+        fh.write(envelope)  # readable 0644: a release file is meant to be served
+        shutil.copyfileobj(src, fh, 1 << 20)
     from ..contracts.names import sha256_bytes
 
     return UpdateResult(path=out, id=sha256_bytes(envelope), meta=meta, bytes=out.stat().st_size)

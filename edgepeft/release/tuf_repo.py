@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 
 from ..errors import BuildError, UsageError
-from .files import write_atomic
+from ..fsio import write_atomic
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 1}  # days
@@ -99,7 +99,7 @@ class TufRepository:
 
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         data = md.to_bytes(JSONSerializer(compact=False))
-        write_atomic(self.meta_dir / filename, data)
+        write_atomic(self.meta_dir / filename, data, mode=0o644)
 
     # -- writing -------------------------------------------------------------------------------
     def _root(self):
@@ -172,7 +172,7 @@ class TufRepository:
     def _store_target(self, path: str, tf, data: bytes) -> None:
         dest = self.targets_dir / Path(path).parent / f"{tf.hashes['sha256']}.{Path(path).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dest, data)
+        write_atomic(dest, data, mode=0o644)
 
     def _bump(self, md, role: str) -> None:
         md.signed.version += 1 if self._load(role) is not None else 0
@@ -203,13 +203,13 @@ def publish(packages, *, repo, key, role_keys: dict | None = None, expiry_days: 
     """Publish ``packages`` into the repository folder ``repo``, signed with ``key`` (every role) or
     ``role_keys`` ({"timestamp": path, ...} overrides). Raises UsageError, SignatureError, BuildError."""
     from .._extras import require
+    from ..contracts.fields import check_choice
     from ..contracts.signing import load_private_key
 
     require("tuf", feature="publishing a TUF repository")
     keys = {role: load_private_key(key) for role in ROLES}
     for role, path in (role_keys or {}).items():
-        if role not in ROLES:
-            raise UsageError(f"unknown TUF role {role!r}", hint=f"roles: {', '.join(ROLES)}")
+        check_choice(role, ROLES, "TUF role")
         keys[role] = load_private_key(path)
     repo_obj = TufRepository(repo, keys, expiry_days=expiry_days)
     if refresh_only:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import EngineError
+from ..fsio import write_atomic
 
 KEY_BYTES = 32
 
@@ -38,19 +39,7 @@ def load_key(path: Path) -> bytes:
     Raises :class:`EngineError` for an unreadable or malformed key file."""
     path = Path(path)
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(KEY_BYTES) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)  # of two processes starting at once, one key wins and both use it
-            except FileExistsError:
-                pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, secrets.token_hex(KEY_BYTES) + "\n", mode=0o600, keep_existing=True)  # of two starts, one key wins
     try:
         key = bytes.fromhex(path.read_text(encoding="ascii").strip())
     except (OSError, ValueError) as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from ..contracts.metrics import answer_scores, answer_summary, label_scores, r6, slice_scores
+from ..contracts.metrics import answer_scores, answer_summary, label_scores, round_figure, slice_scores
 from ..errors import EngineError
 
 
@@ -44,11 +44,11 @@ def classifier_metrics(engine, rows: list[dict], *, adapter: str | None, labels:
             nll -= math.log(max(res.probabilities[labels[t]], 1e-12))
             flagged += res.needs_review
     n = len(rows)
-    out = {"task": "classification", "examples": n, "loss": r6(nll / n) if n else None}
+    out = {"task": "classification", "examples": n, "loss": round_figure(nll / n) if n else None}
     out.update(label_scores(truth, preds, labels))
     out["slices"] = slice_scores([str(r.get(slice_column, "")) for r in rows], truth, preds, labels) \
         if slice_column else None
-    out["needs_review"] = r6(flagged / n) if n else None
+    out["needs_review"] = round_figure(flagged / n) if n else None
     return out
 
 
@@ -102,8 +102,8 @@ def decoder_metrics(engine, rows: list[dict], *, adapter: str | None, generate: 
                 total -= lp
                 count += 1
     loss = total / count if count else None
-    out = {"task": "causal-lm", "examples": len(rows), "loss": r6(loss),
-           "perplexity": r6(math.exp(min(loss, 50.0))) if loss is not None else None, "answer_match": None,
+    out = {"task": "causal-lm", "examples": len(rows), "loss": round_figure(loss),
+           "perplexity": round_figure(math.exp(min(loss, 50.0))) if loss is not None else None, "answer_match": None,
            "samples": []}
     scores = []
     for row in [r for r in rows if _messages(r) is not None][:generate]:
@@ -114,6 +114,6 @@ def decoder_metrics(engine, rows: list[dict], *, adapter: str | None, generate: 
         sc = answer_scores(answer, msgs[-1]["content"])
         scores.append(sc)
         out["samples"].append({"prompt": msgs[-2]["content"], "reference": msgs[-1]["content"], "prediction": answer,
-                               "exact": sc["exact"], "contains": sc["contains"], "overlap": r6(sc["overlap"])})
+                               "exact": sc["exact"], "contains": sc["contains"], "overlap": round_figure(sc["overlap"])})
     out["answer_match"] = answer_summary(scores)
     return out

@@ -34,8 +34,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-from ..contracts.metrics import answer_scores, answer_summary, label_scores, normalize, slice_scores
-from ..contracts.metrics import r6 as _r
+from ..contracts.metrics import answer_scores, answer_summary, label_scores, normalize, round_figure, slice_scores
 from .encode import collate, prompt_text
 
 __all__ = ["causal_metrics", "classification_metrics", "generate", "label_scores", "mean_loss", "normalize"]
@@ -80,8 +79,8 @@ def causal_metrics(model, tok, rows: list[dict], items: list[dict], *, batch_siz
                    generate_limit: int, max_new_tokens: int) -> dict:
     """Loss, perplexity and greedy answer match on held-out decoder records."""
     loss = mean_loss(model, items, tok.pad_token_id, batch_size, device)
-    result = {"task": "causal-lm", "examples": len(items), "loss": _r(loss),
-              "perplexity": _r(math.exp(min(loss, 50.0))) if loss is not None else None,
+    result = {"task": "causal-lm", "examples": len(items), "loss": round_figure(loss),
+              "perplexity": round_figure(math.exp(min(loss, 50.0))) if loss is not None else None,
               "answer_match": None, "samples": []}
     pairs = [p for p in (prompt_text(tok, r) for r in rows[:generate_limit]) if p is not None]
     if not pairs:
@@ -93,7 +92,7 @@ def causal_metrics(model, tok, rows: list[dict], items: list[dict], *, batch_siz
         scores.append(sc)
         if len(result["samples"]) < SAMPLES_KEPT:
             result["samples"].append({"prompt": prompt, "reference": ref, "prediction": pred,
-                                      "exact": sc["exact"], "contains": sc["contains"], "overlap": _r(sc["overlap"])})
+                                      "exact": sc["exact"], "contains": sc["contains"], "overlap": round_figure(sc["overlap"])})
     result["answer_match"] = answer_summary(scores)
     return result
 
@@ -135,7 +134,7 @@ def classification_metrics(model, rows: list[dict], items: list[dict], labels: l
     loss = mean_loss(model, items, pad_id, batch_size, device)
     preds = predict_labels(model, items, pad_id, batch_size, device) if items else []
     truth = [it["labels"] for it in items]
-    result = {"task": "classification", "examples": len(items), "loss": _r(loss)}
+    result = {"task": "classification", "examples": len(items), "loss": round_figure(loss)}
     result.update(label_scores(truth, preds, labels))
     result["slices"] = None
     if slice_column:

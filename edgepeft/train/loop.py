@@ -18,7 +18,6 @@ aborts at once.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TrainError
+from ..fsio import atomic_path
 from .encode import collate
 
 CHECKPOINT = "checkpoint.pt"
@@ -125,9 +125,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: LoopState, m
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = path / (CHECKPOINT + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path / CHECKPOINT)
+    with atomic_path(path / CHECKPOINT) as tmp:
+        torch.save(blob, tmp)
 
 
 def read_checkpoint(path: Path) -> dict:

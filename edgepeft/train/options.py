@@ -12,6 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..contracts.fields import check_choice
+from ..contracts.manifest import TASKS
+from ..contracts.metrics import ANSWER_MAX_NEW_TOKENS, ANSWER_PROMPTS
 from ..errors import TrainError, UsageError
 
 METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning", "bottleneck")
@@ -21,7 +24,6 @@ PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")  # PEFT prompt learning: dec
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "bottleneck": 1e-3}
 PLACEMENTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = ("relu", "silu", "gelu")
-TASKS = ("causal-lm", "classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # LoRA targets per architecture (config.model_type). Attention and MLP
@@ -85,8 +87,8 @@ class TrainOptions:
     eval_split: float = 0.1
     eval_data: str | None = None
     eval_before: bool = False  # also evaluate the bare base, as "baseline"
-    eval_generate: int = 32  # decoder answer match: at most this many held-out prompts
-    max_new_tokens: int = 64
+    eval_generate: int = ANSWER_PROMPTS  # decoder answer match: at most this many held-out prompts
+    max_new_tokens: int = ANSWER_MAX_NEW_TOKENS
     labels: list[str] | None = None  # classification: label names in id order
     slice_column: str | None = None  # None: "slice" when the data has it
     seed: int = 42
@@ -99,7 +101,7 @@ class TrainOptions:
     bottleneck_size: int | None = None  # bottleneck: width of the down-projection (None: hidden // 16)
     placement: str = "houlsby"  # bottleneck: houlsby (after attention and MLP) or pfeiffer (after the MLP)
     non_linearity: str = "relu"  # bottleneck: relu, silu or gelu
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -110,15 +112,11 @@ class TrainOptions:
             raise UsageError("no training data given", hint="pass --data FILE (JSON Lines, CSV or a datasets directory)")
         if not self.out:
             raise UsageError("no output directory given", hint="pass --out DIR for the adapter")
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}", hint=f"use one of: {', '.join(METHODS)}")
-        if self.task is not None and self.task not in TASKS:
-            raise UsageError(f"unknown task {self.task!r}", hint=f"use one of: {', '.join(TASKS)}")
-        if self.placement not in PLACEMENTS:
-            raise UsageError(f"unknown placement {self.placement!r}", hint=f"use one of: {', '.join(PLACEMENTS)}")
-        if self.non_linearity not in NON_LINEARITIES:
-            raise UsageError(f"unknown non-linearity {self.non_linearity!r}",
-                             hint=f"use one of: {', '.join(NON_LINEARITIES)}")
+        check_choice(self.method, METHODS, "method", hint_flag="--method")
+        if self.task is not None:
+            check_choice(self.task, TASKS, "task", hint_flag="--task")
+        check_choice(self.placement, PLACEMENTS, "placement", hint_flag="--placement")
+        check_choice(self.non_linearity, NON_LINEARITIES, "non-linearity", hint_flag="--non-linearity")
         if self.method == "prefix-tuning" and self.gradient_checkpointing:
             raise TrainError("prefix tuning cannot use gradient checkpointing: PEFT puts the prefix in the "
                              "key/value cache, which a checkpointed layer would extend again when it recomputes",
@@ -127,8 +125,7 @@ class TrainOptions:
         _positive_int("virtual_tokens", self.virtual_tokens, "use --virtual-tokens such as 10 or 20")
         if self.bottleneck_size is not None:
             _positive_int("bottleneck_size", self.bottleneck_size, "use --bottleneck-size such as 32 or 64")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+        check_choice(self.precision, PRECISIONS, "precision", hint_flag="--precision")
         _positive_int("rank", self.rank, "a LoRA rank is a positive integer such as 8 or 16")
         _positive_int("batch_size", self.batch_size, "use --batch-size 1 or more")
         _positive_int("grad_accum", self.grad_accum, "use --grad-accum 1 or more")

@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ..fsio import atomic_path, write_atomic
+
 RECORD = "edgepeft_training.json"
 LABELS = "edgepeft_labels.json"
 PLOT = "loss_curve.png"
@@ -28,9 +30,7 @@ RECORD_SCHEMA = 1
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
 def labels_file(labels: list[str]) -> dict:
@@ -64,10 +64,9 @@ def plot_losses(path: Path, losses: list, eval_points: list, title: str) -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def build_record(*, opts, task: str, base, prepared, dataset, state, metrics: dict, wall_seconds: float,

@@ -34,7 +34,7 @@ from ..contracts.job import connection_topic, job_topic, job_update_topic, state
 from ..contracts.names import is_name
 from ..contracts.report import MAX_MESSAGE, sign_report
 from ..errors import EdgePeftError
-from ..fsio import FileIO, write_atomic
+from ..fsio import write_atomic
 from .mqtt import mqtt_client
 
 STATUS = {"healthy": "SUCCEEDED", "rolled-back": "FAILED", "rejected": "REJECTED"}
@@ -154,7 +154,7 @@ class MqttAgent:
         ledger[job_id] = final
         for old in list(ledger)[:-500]:
             del ledger[old]
-        write_atomic(FileIO(), self._ledger_path, json.dumps(ledger).encode("utf-8"))
+        write_atomic(self._ledger_path, json.dumps(ledger).encode("utf-8"))
 
     def _work(self) -> None:
         while not self._stop.is_set():

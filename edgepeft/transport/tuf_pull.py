@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import EdgePeftError, TransportError
+from ..fsio import write_atomic
 
 INDEX = "edgepeft/index.json"
 
@@ -74,7 +75,7 @@ class Puller:
             return anchor.read_bytes()
         data = Path(self._root_file).read_bytes() if self._root_file else \
             _anchor_from_repo(self.url, self.device.trusted_keys)
-        anchor.write_bytes(data)
+        write_atomic(anchor, data)
         return data
 
     def _updater(self):

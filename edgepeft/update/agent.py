@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from ..errors import UsageError
-from ..fsio import create_once
+from ..fsio import write_atomic
 
 TOKEN_FILE = "token"
 
@@ -30,8 +30,8 @@ def load_token(state_dir: Path, token_file: str | os.PathLike | None = None, *, 
     folder as ``name`` (mode 0600). Raises :class:`UsageError` for an unreadable or too short token."""
     path = Path(token_file) if token_file else Path(state_dir) / name
     if token_file is None and not path.exists():
-        # of two processes starting at once, one token wins and both read it
-        create_once(path, (secrets.token_urlsafe(32) + "\n").encode("ascii"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600, keep_existing=True)  # of two starts, one token wins
     try:
         token = path.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -74,8 +74,8 @@ class Device:
         try:
             self.factory = self._factory_dir(Path(bundle))
             if shipped_bundle(self.state_dir) != str(Path(bundle).resolve()):
-                write_atomic(self.io, self.state_dir / "device.json",
-                             json.dumps({"bundle": str(Path(bundle).resolve())}).encode("utf-8"))
+                write_atomic(self.state_dir / "device.json",
+                             json.dumps({"bundle": str(Path(bundle).resolve())}).encode("utf-8"), io=self.io)
             self.engine, self.bundle_dir = self._open_current()
             self.updater = self._new_updater(self.engine)
             self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
@@ -107,7 +107,7 @@ class Device:
         return None if version is None else self._bundles / f"v{int(version)}"
 
     def _write_bundle_state(self, state: AdapterState) -> None:
-        write_atomic(self.io, self.state_dir / "bundle.json", json.dumps(state.to_dict(), sort_keys=True).encode())
+        write_atomic(self.state_dir / "bundle.json", json.dumps(state.to_dict(), sort_keys=True).encode(), io=self.io)
 
     def _open_engine(self, bundle_dir: Path, *, checks: bool = True):
         """An engine on ``bundle_dir``; the bundle's own health checks run the first time this device
@@ -130,7 +130,7 @@ class Device:
 
     def _mark_checked(self, sig: str) -> None:
         items = [x for x in self._checked() if x != sig][-19:] + [sig]
-        write_atomic(self.io, self.state_dir / "checked.json", json.dumps(items).encode("utf-8"))
+        write_atomic(self.state_dir / "checked.json", json.dumps(items).encode("utf-8"), io=self.io)
 
     def _new_updater(self, engine) -> Updater:
         """The updater for ``engine``: serves the store's versions, then takes unloaded adapters out."""
@@ -148,7 +148,7 @@ class Device:
             return []
 
     def _set_unloaded(self, names) -> None:
-        write_atomic(self.io, self.state_dir / "unloaded.json", json.dumps(sorted(set(names))).encode("utf-8"))
+        write_atomic(self.state_dir / "unloaded.json", json.dumps(sorted(set(names))).encode("utf-8"), io=self.io)
 
     def _open_current(self):
         """The committed bundle if it verifies, else the previous one, else the shipped one."""
@@ -225,7 +225,7 @@ class Device:
         with self._hist_lock:
             items = self._history()
             items.append(result.to_dict() | {"finished": round(time.time(), 3)})
-            write_atomic(FileIO(), self.state_dir / "history.json",
+            write_atomic(self.state_dir / "history.json",
                          json.dumps(items[-HISTORY:], sort_keys=True).encode("utf-8"))
 
     def _history(self) -> list[dict]:

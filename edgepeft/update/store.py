@@ -163,7 +163,7 @@ class AdapterStore:
         with self._lock:
             d = self._dir(name)
             self.io.mkdir(d)
-            write_atomic(self.io, d / "state.json", json.dumps(state.to_dict(), sort_keys=True).encode("utf-8"))
+            write_atomic(d / "state.json", json.dumps(state.to_dict(), sort_keys=True).encode("utf-8"), io=self.io)
 
     def stage(self, name: str, version: int, data: bytes) -> Path:
         """Write a verified package beside the current version (temp file, fsync, rename, fsync dir).
@@ -172,7 +172,7 @@ class AdapterStore:
             d = self._dir(name)
             self.io.mkdir(d)
             final = self.path(name, version)
-            write_atomic(self.io, final, data)
+            write_atomic(final, data, io=self.io)
             return final
 
     def prune(self, name: str, keep: set) -> None:
