@@ -25,7 +25,7 @@ require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.errors import UsageError  # noqa: E402
 from edgepeft.runtime import Engine, start_server  # noqa: E402
-from edgepeft.runtime.server import EngineServer, Limits  # noqa: E402
+from edgepeft.runtime.http import EngineServer, Limits  # noqa: E402
 
 MSGS = [{"role": "user", "content": "héllo ☃"}]
 TOKEN = "test-token-0123456789abcdef"

@@ -29,6 +29,10 @@ def _texts(texts) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise EngineError(f"text {i} is empty", hint="send non-empty strings")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: the tokenizer would fail with a TypeError
+            raise EngineError(f"text {i} holds a lone UTF-16 surrogate", hint="send text that is valid UTF-8") from None
     return list(texts)
 
 

@@ -21,14 +21,15 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError
+from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError, UnknownAdapterError
 from .audit import AuditLog
 from .decoder import check_room
 from .detok import IncrementalDetokenizer, StopMatcher
-from .registry import AdapterRegistry, DeferredAdapter, GraphFacts, LoadedAdapter, parse_slots
+from .registry import AdapterRegistry, DeferredAdapter, LoadedAdapter
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import check_runtime, open_session, return_freed_heap
+from .slots import GraphFacts, parse_slots
 
 
 class Engine:
@@ -239,12 +240,12 @@ class Engine:
 
     def bundled_adapter(self, name: str) -> LoadedAdapter:
         """The version of ``name`` this bundle carries, read and hashed again from the bundle and
-        prepared (not served). Raises :class:`AdapterError` if the bundle carries no such adapter,
+        prepared (not served). Raises :class:`UnknownAdapterError` if the bundle carries no such adapter,
         :class:`IntegrityError` if its file no longer matches the manifest."""
         try:
             entry = self.manifest.adapter(name)
         except SpecError as exc:
-            raise AdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
+            raise UnknownAdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
         f = self.manifest.file(entry.file)
         verified = self._files.open_verified(f)
         try:
@@ -268,7 +269,8 @@ class Engine:
         return loaded.describe()
 
     def unload_adapter(self, name: str) -> None:
-        """Take ``name`` out of service; raises :class:`AdapterError` while a request uses it."""
+        """Take ``name`` out of service; raises :class:`UnknownAdapterError`, or :class:`AdapterInUseError`
+        while a request uses it."""
         gone = self.registry.unload(name)
         if self.runner is not None:
             self.runner.drop_adapter(gone.key)
@@ -333,6 +335,12 @@ class Engine:
             if not prompt.strip():
                 raise EngineError("the prompt is empty", hint="send some text")
             text = prompt
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: the tokenizer would fail with a TypeError
+                raise EngineError(f"the prompt holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x})",
+                                  hint="send text that is valid UTF-8") from None
         # as training encodes (edgepeft.train.encode): a raw prompt gets the tokenizer's own specials (Gemma's
         # and Llama's BOS), a rendered chat already holds what its template put there
         ids = self.codec.encode(text, add_special_tokens=messages is None)
