@@ -337,6 +337,78 @@ def test_an_allowed_origin_gets_cors_and_no_token_is_loopback_only(engine):
         generated.server_close()
 
 
+def test_adapter_error_statuses_come_from_their_types_not_their_wording(built, engine):
+    """404 for an unknown adapter, 409 for one in use, 400 for any other adapter error: chosen by the
+    error's type, so rewording a message (or a message that happens to say "in use") changes nothing."""
+    from edgepeft.errors import AdapterError, AdapterInUseError, UnknownAdapterError
+
+    srv, thread = _serve(engine)
+    try:
+        url = srv.url + "/v1/adapters/{}/unload"
+        status, _, body = _post(url.format("nope"), {})
+        assert status == 404 and json.loads(body)["error"]["hint"].startswith("loaded adapters")
+        stream = engine.generate("the tin", adapter="beta", max_new_tokens=50, stream=True)
+        try:
+            next(stream)  # beta is in use by a running request
+            status, _, body = _post(url.format("beta"), {})
+            assert status == 409 and "retry" in json.loads(body)["error"]["hint"]
+        finally:
+            stream.close()
+    finally:
+        _stop(srv, thread)
+
+    reworded = {"a": UnknownAdapterError("who is that?"), "b": AdapterInUseError("busy, try later"),
+                "c": AdapterError("adapter 'c' is in use and unknown, no doubt")}
+
+    class Reworded(EngineServer):
+        def adapter_action(self, name, action):
+            raise reworded[name]
+
+    srv = Reworded(engine, "127.0.0.1", 0, token=TOKEN)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        got = {n: _post(srv.url + f"/v1/adapters/{n}/unload", {})[0] for n in reworded}
+        assert got == {"a": 404, "b": 409, "c": 400}
+        status, _, body = _post(srv.url + "/v1/chat/completions", {"model": "nope", "messages": MSGS})
+        assert status == 404 and json.loads(body)["error"]["type"] == "adapter_error"
+    finally:
+        _stop(srv, thread)
+
+
+def test_added_routes_run_behind_the_same_guards(engine):
+    """The public route hook (what the device agent's update API uses): a Route's handler gets a
+    Request (headers, json(), read(), send()) and the path's groups, after the host, origin and token checks."""
+    from edgepeft.runtime.http import Route
+
+    seen = []
+
+    def echo(req, name):
+        data = req.json()
+        seen.append((req.method, req.path, name, req.headers.get("X-Note")))
+        req.send(201, {"name": name, "got": data})
+
+    def peek(req):
+        req.send(200, {"open": True})
+
+    srv, thread = _serve(engine, routes=[Route("POST", r"/v1/echo/([a-z]+)", echo),
+                                         Route("GET", "/v1/peek", peek, token=False)])
+    try:
+        status, _, body = _post(srv.url + "/v1/echo/abc", {"x": [1, "☃"]}, headers={"X-Note": "n"})
+        assert status == 201 and json.loads(body) == {"name": "abc", "got": {"x": [1, "☃"]}}
+        assert seen == [("POST", "/v1/echo/abc", "abc", "n")]
+        assert _post(srv.url + "/v1/echo/abc", {}, headers={"Authorization": ""})[0] == 401
+        assert _post(srv.url + "/v1/echo/abc", {}, headers={"Host": "evil.example"})[0] == 403
+        assert _post(srv.url + "/v1/echo/ABC", {})[0] == 404  # the pattern must match the whole path
+        assert _post(srv.url + "/v1/echo/abc", None, raw=b'{"x": "\\ud800"}')[0] == 400
+        assert _get(srv.url + "/v1/peek", {"Authorization": ""})[0] == 200
+        assert len(seen) == 1 and _chat_ok(srv)[0] == 200  # the inference routes are still there
+    finally:
+        _stop(srv, thread)
+    with pytest.raises(UsageError, match="not a regular expression"):
+        Route("GET", "/v1/(", peek)
+
+
 def test_oversized_truncated_and_chunked_bodies(engine):
     srv, thread = _serve(engine, limits=Limits(max_body_bytes=4096, request_timeout=2.0))
     try:

@@ -391,15 +391,13 @@ class Engine:
         chosen = [n if isinstance(n, LoadedAdapter) else self.registry.get(n) for n in names]  # unknown names fail
         prefix = max((a.prefix_len for a in chosen), default=0)  # here, before anything runs; so does a prompt
         check_room(len(ids), prefix, self.max_context)  # with no room after an adapter's prefix
-        out = Stream(iter(()), request_id=uuid.uuid4().hex[:12])
         sampler = Sampler(params, ids)
-        out._token_text = self._token_text if logprobs is not None else None
-        out._sampler = sampler
-        pieces = self._pieces(ids, names, n_new, sampler, stops, out, self.digest(str(prompt or messages)))
-        out._pieces = pieces
+        out = Stream(request_id=uuid.uuid4().hex[:12], sampler=sampler,
+                     token_text=self._token_text if logprobs is not None else None)
+        out.attach(self._pieces(ids, names, n_new, sampler, stops, out, self.digest(str(prompt or messages))))
         if stream:
             return out
-        for _ in pieces:
+        for _ in out:
             pass
         return out.result
 
@@ -451,7 +449,7 @@ class Engine:
                     adapter_version=_versions(chosen), request_id=request_id,
                     seconds=time.perf_counter() - t0, first_token_seconds=first,
                     logprobs=out.logprobs_of(gen_ids) if sampler.params.logprobs is not None else None)
-                self._audit("generate", out.result.request_id, chosen, status, digest,
+                self.audit_request("generate", out.result.request_id, chosen, status, digest,
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
                             finish_reason=out.result.finish_reason, ms=round(out.result.seconds * 1000, 2))
 
@@ -511,7 +509,10 @@ class Engine:
         """The audit log's keyed digest of request text (None without an audit log)."""
         return self.audit.digest(text) if self.audit is not None else None
 
-    def _audit(self, kind: str, request_id: str, chosen, status: str, digest: str, **extra) -> None:
+    def audit_request(self, kind: str, request_id: str, chosen, status: str, digest: str | None, **extra) -> None:
+        """Record one request in the audit log (nothing without one): ``kind`` ("generate", "classify",
+        "embed"), the adapters ``chosen`` with their versions and hashes, ``status`` and the input's
+        ``digest`` (:meth:`digest`). Raises :class:`EngineError` when the log cannot be written."""
         if self.audit is None:
             return
         self.audit.record(request_id=request_id, kind=kind, status=status, base=self.manifest.base.get("name"),
