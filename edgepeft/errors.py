@@ -66,6 +66,14 @@ class AdapterError(EdgePeftError):
     """An adapter that does not fit the base, the bundle or the request."""
 
 
+class UnknownAdapterError(AdapterError):
+    """A name that no served adapter has (an HTTP API answers 404)."""
+
+
+class AdapterInUseError(AdapterError):
+    """An adapter that running requests still use, so it cannot be taken out of service now (409)."""
+
+
 class TargetFitError(BuildError):
     """The bundle does not fit its target's budgets."""
 

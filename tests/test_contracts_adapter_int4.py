@@ -110,7 +110,8 @@ def test_fuzzed_parts_only_raise_value_error(meta, mask, scales, codes):
 
 
 def _registry():
-    from edgepeft.runtime.registry import AdapterRegistry, SlotSpec
+    from edgepeft.runtime.registry import AdapterRegistry
+    from edgepeft.runtime.slots import SlotSpec
 
     slots = {"layers.0.o.lora_A": SlotSpec("layers.0.o.lora_A", (64, "rank"), "tensor(float)"),
              "layers.0.o.lora_B": SlotSpec("layers.0.o.lora_B", ("rank", 64), "tensor(int8)")}

@@ -51,7 +51,8 @@ def _export(setup, lora_b, name):
 
 def _prepared(res, adapter_file, meta_extra=None):
     """The tensors the device serves for ``adapter_file`` (AdapterRegistry.prepare on its bytes)."""
-    from edgepeft.runtime.registry import AdapterRegistry, parse_slots
+    from edgepeft.runtime.registry import AdapterRegistry
+    from edgepeft.runtime.slots import parse_slots
 
     sess = session(res.model_path)
     graph_inputs = {i.name: (i.shape, i.type) for i in sess.get_overridable_initializers()}

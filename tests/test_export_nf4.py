@@ -67,7 +67,8 @@ def test_nf4_bundle_answers_as_the_qlora_training_forward(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from edgepeft.export import WeightQuant, export_model, write_adapter
-    from edgepeft.runtime.registry import AdapterRegistry, parse_slots
+    from edgepeft.runtime.registry import AdapterRegistry
+    from edgepeft.runtime.slots import parse_slots
 
     base = tiny_llama_dir(tmp_path / "base", hidden_size=64, intermediate_size=128)
     make_peft_adapter(base, tmp_path / "peft", r=4, alpha=8, targets=TARGETS)

@@ -23,7 +23,7 @@ require_fixtures()  # built here (server side) or prebuilt for a device run
 
 from edgepeft.errors import UsageError  # noqa: E402
 from edgepeft.runtime import Engine, start_server  # noqa: E402
-from edgepeft.runtime.server import EngineServer, Limits  # noqa: E402
+from edgepeft.runtime.http import EngineServer, Limits  # noqa: E402
 
 MSGS = [{"role": "user", "content": "héllo ☃"}]
 TOKEN = "test-token-0123456789abcdef"
@@ -223,27 +223,28 @@ def test_chat_completion_streams_server_sent_events(server, engine):
 
 
 def test_errors_are_json_with_the_right_status_and_the_server_keeps_serving(server, engine):
+    # (payload, status, what the message names, what the hint says to do): every refusal says what to do
     cases = [
-        ({"model": "nope", "messages": MSGS}, 404, "unknown adapter"),
-        ({"messages": [{"role": "user", "content": ""}]}, 400, "empty"),
-        ({"messages": "hi"}, 400, "must be a list"),
-        ({"messages": MSGS, "temperature": -3}, 400, "temperature"),
-        ({"messages": [{"role": "user", "content": "x" * 400}]}, 400, "longer than the context"),
-        ({"messages": MSGS, "max_tokens": 1e400}, 400, "max_new_tokens"),
-        ({"messages": MSGS, "max_tokens": "12"}, 400, "max_new_tokens"),
-        ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
-        ({"messages": MSGS, "stop": ["x" * 300]}, 400, "at most 4 stop strings"),
-        ({"messages": MSGS, "n": 50}, 400, "'n'"),
-        ({"messages": MSGS, "top_logprobs": 3, "logprobs": 3}, 400, "logprobs"),
-        ({"messages": MSGS, "model": ["alpha"]}, 400, "'model' must be a string"),
-        ({"messages": MSGS, "seed": -1}, 400, "seed"),
-        ({"messages": MSGS, "stream": "yes"}, 400, "'stream'"),
+        ({"model": "nope", "messages": MSGS}, 404, "unknown adapter", "loaded adapters: alpha, beta"),
+        ({"messages": [{"role": "user", "content": ""}]}, 400, "empty", "send at least one message"),
+        ({"messages": "hi"}, 400, "must be a list", '"role": "user"'),
+        ({"messages": MSGS, "temperature": -3}, 400, "temperature", "0 for greedy"),
+        ({"messages": [{"role": "user", "content": "x" * 400}]}, 400, "longer than the context", "shorten it"),
+        ({"messages": MSGS, "max_tokens": 1e400}, 400, "max_new_tokens", "1 or more"),
+        ({"messages": MSGS, "max_tokens": "12"}, 400, "max_new_tokens", "1 or more"),
+        ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings", "fewer"),
+        ({"messages": MSGS, "stop": ["x" * 300]}, 400, "at most 4 stop strings", "fewer"),
+        ({"messages": MSGS, "n": 50}, 400, "'n'", "ask for"),
+        ({"messages": MSGS, "top_logprobs": 3, "logprobs": 3}, 400, "logprobs", "true"),
+        ({"messages": MSGS, "model": ["alpha"]}, 400, "'model' must be a string", "/v1/models"),
+        ({"messages": MSGS, "seed": -1}, 400, "seed", "whole number >= 0"),
+        ({"messages": MSGS, "stream": "yes"}, 400, "'stream'", "true"),
     ]
-    for payload, code, match in cases:
+    for payload, code, match, hint in cases:
         status, ctype, body = _post(server.url + "/v1/chat/completions", payload)
         err = json.loads(body)["error"]
-        assert status == code and ctype == "application/json" and match in err["message"], (payload, err)
-        assert err["hint"] or code == 400
+        assert status == code and err["code"] == code and ctype == "application/json", (payload, status, err)
+        assert match in err["message"] and err["hint"] and hint in err["hint"], (payload, err)
     raw_cases = [
         (b"{not json", 400, "not valid UTF-8 JSON"),
         (b"[1, 2]", 400, "must be a JSON object"),
@@ -329,6 +330,78 @@ def test_an_allowed_origin_gets_cors_and_no_token_is_loopback_only(engine):
         generated.server_close()
 
 
+def test_adapter_error_statuses_come_from_their_types_not_their_wording(built, engine):
+    """404 for an unknown adapter, 409 for one in use, 400 for any other adapter error: chosen by the
+    error's type, so rewording a message (or a message that happens to say "in use") changes nothing."""
+    from edgepeft.errors import AdapterError, AdapterInUseError, UnknownAdapterError
+
+    srv, thread = _serve(engine)
+    try:
+        url = srv.url + "/v1/adapters/{}/unload"
+        status, _, body = _post(url.format("nope"), {})
+        assert status == 404 and json.loads(body)["error"]["hint"].startswith("loaded adapters")
+        stream = engine.generate("the tin", adapter="beta", max_new_tokens=50, stream=True)
+        try:
+            next(stream)  # beta is in use by a running request
+            status, _, body = _post(url.format("beta"), {})
+            assert status == 409 and "retry" in json.loads(body)["error"]["hint"]
+        finally:
+            stream.close()
+    finally:
+        _stop(srv, thread)
+
+    reworded = {"a": UnknownAdapterError("who is that?"), "b": AdapterInUseError("busy, try later"),
+                "c": AdapterError("adapter 'c' is in use and unknown, no doubt")}
+
+    class Reworded(EngineServer):
+        def adapter_action(self, name, action):
+            raise reworded[name]
+
+    srv = Reworded(engine, "127.0.0.1", 0, token=TOKEN)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        got = {n: _post(srv.url + f"/v1/adapters/{n}/unload", {})[0] for n in reworded}
+        assert got == {"a": 404, "b": 409, "c": 400}
+        status, _, body = _post(srv.url + "/v1/chat/completions", {"model": "nope", "messages": MSGS})
+        assert status == 404 and json.loads(body)["error"]["type"] == "adapter_error"
+    finally:
+        _stop(srv, thread)
+
+
+def test_added_routes_run_behind_the_same_guards(engine):
+    """The public route hook (what the device agent's update API uses): a Route's handler gets a
+    Request (headers, json(), read(), send()) and the path's groups, after the host, origin and token checks."""
+    from edgepeft.runtime.http import Route
+
+    seen = []
+
+    def echo(req, name):
+        data = req.json()
+        seen.append((req.method, req.path, name, req.headers.get("X-Note")))
+        req.send(201, {"name": name, "got": data})
+
+    def peek(req):
+        req.send(200, {"open": True})
+
+    srv, thread = _serve(engine, routes=[Route("POST", r"/v1/echo/([a-z]+)", echo),
+                                         Route("GET", "/v1/peek", peek, token=False)])
+    try:
+        status, _, body = _post(srv.url + "/v1/echo/abc", {"x": [1, "☃"]}, headers={"X-Note": "n"})
+        assert status == 201 and json.loads(body) == {"name": "abc", "got": {"x": [1, "☃"]}}
+        assert seen == [("POST", "/v1/echo/abc", "abc", "n")]
+        assert _post(srv.url + "/v1/echo/abc", {}, headers={"Authorization": ""})[0] == 401
+        assert _post(srv.url + "/v1/echo/abc", {}, headers={"Host": "evil.example"})[0] == 403
+        assert _post(srv.url + "/v1/echo/ABC", {})[0] == 404  # the pattern must match the whole path
+        assert _post(srv.url + "/v1/echo/abc", None, raw=b'{"x": "\\ud800"}')[0] == 400
+        assert _get(srv.url + "/v1/peek", {"Authorization": ""})[0] == 200
+        assert len(seen) == 1 and _chat_ok(srv)[0] == 200  # the inference routes are still there
+    finally:
+        _stop(srv, thread)
+    with pytest.raises(UsageError, match="not a regular expression"):
+        Route("GET", "/v1/(", peek)
+
+
 def test_oversized_truncated_and_chunked_bodies(engine):
     srv, thread = _serve(engine, limits=Limits(max_body_bytes=4096, request_timeout=2.0))
     try:
@@ -360,6 +433,59 @@ def test_oversized_truncated_and_chunked_bodies(engine):
     finally:
         _stop(srv, thread)
     assert _idle(engine)["running"] == 0
+
+
+def test_a_lone_surrogate_in_a_message_is_400_not_500(server):
+    """Issue 23 item 15: JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can
+    take; it is refused as bad input, and the server keeps serving."""
+    for route, raw in [("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+                       ("/v1/completions", b'{"prompt": ["fine", "\\udfff x"], "max_tokens": 2}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                b'"stop": ["\\ud800"]}')]:
+        status, ctype, body = _post(server.url + route, None, raw=raw)
+        err = json.loads(body)["error"]
+        assert status == 400 and ctype == "application/json", (route, status, err)
+        assert "surrogate" in err["message"] and "UTF-8" in err["hint"], err
+    assert _chat_ok(server)[0] == 200
+
+
+def _half_sent(address, n: int) -> list:
+    """``n`` connections that send a request line and one header, then nothing: no token, never finished."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(address, timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        socks.append(s)
+    return socks
+
+
+def _answer(s) -> bytes:
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    return out
+
+
+def test_half_sent_requests_without_a_token_do_not_take_authenticated_clients_capacity(engine):
+    """Issue 23 item 14: twice as many half-sent, unauthenticated requests as the server has connection
+    slots; a client with the token is still answered (before: 429 for as long as the sockets lived), and
+    every half-sent connection is answered and closed (408 at the header deadline, or 429 when newer
+    unauthenticated connections push it out), not held."""
+    srv, thread = _serve(engine)  # the default limits
+    socks = _half_sent(srv.server_address[:2], 2 * srv.limits.max_connections)
+    try:
+        assert _chat_ok(srv)[0] == 200  # measured during the attack: a real request is answered
+        assert _get(srv.url + "/v1/models")[0] == 200
+        answers = [_answer(s) for s in socks]
+        assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 429")) for a in answers), {a[:12] for a in answers}
+        assert any(a.startswith(b"HTTP/1.1 408") for a in answers)  # the last ones wait out the header deadline
+    finally:
+        for s in socks:
+            s.close()
+        _stop(srv, thread)
 
 
 def test_slowloris_gets_408_and_others_keep_being_served(engine):

@@ -205,7 +205,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import edgepeft.runtime as rt
-mods = [i.name for i in pkgutil.iter_modules(rt.__path__, "edgepeft.runtime.")]
+mods = [i.name for i in pkgutil.walk_packages(rt.__path__, "edgepeft.runtime.")]
 for m in mods + ["edgepeft.cli.cmd_run"]:
     importlib.import_module(m)
 for name in rt.__all__:
@@ -216,4 +216,5 @@ print(json.dumps({"mods": mods, "leaked": sorted(m for m in sys.modules if m.spl
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["leaked"] == []
-    assert {"edgepeft.runtime.engine", "edgepeft.runtime.decoder", "edgepeft.runtime.server"} <= set(out["mods"])
+    assert {"edgepeft.runtime.engine", "edgepeft.runtime.decoder", "edgepeft.runtime.http.server",
+            "edgepeft.runtime.http.guards", "edgepeft.runtime.http.openai", "edgepeft.runtime.slots"} <= set(out["mods"])

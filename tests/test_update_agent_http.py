@@ -176,6 +176,26 @@ def test_token_host_and_origin_are_checked(agent, built):
     assert r.returncode != 0 and "is damaged" in r.stderr
 
 
+def test_half_sent_requests_without_a_token_do_not_starve_the_agent(agent):
+    """Issue 23 item 14 through a real agent: 32 half-sent requests without a token (twice its connection
+    slots) held open while the token holder asks for status and a completion; both are answered."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(agent.url)
+    socks = []
+    try:
+        for _ in range(32):
+            s = socket.create_connection((u.hostname, u.port), timeout=30)
+            s.sendall(b"PUT /v1/updates/" + b"0" * 64 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            socks.append(s)
+        assert agent.device()["adapters"]  # before: 429 Too Many Requests
+        assert agent.chat("alpha", Q)["choices"][0]["message"]["content"] is not None
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_a_dropped_connection_and_an_agent_restart_resume_from_the_device_offset(built, tmp_path):
     state = tmp_path / "state"
     agent = AgentProcess(built["bundle"], built["public_key"], state)

@@ -175,7 +175,7 @@ def _api_token(token_file: str | None, no_token: bool) -> tuple[str | None, str]
 
 
 def _serve(engine, host: str, port: int, as_json: bool, token: tuple, options: dict) -> None:
-    from ..runtime.server import EngineServer, _is_loopback
+    from ..runtime.http import EngineServer, is_loopback
 
     value, source = token
     try:
@@ -184,7 +184,7 @@ def _serve(engine, host: str, port: int, as_json: bool, token: tuple, options: d
         raise EngineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint=_bind_hint(exc, host)) from exc
     adapters = [a["name"] for a in engine.adapters()]
     shown = server.token if value is None else None  # a new token is shown once; a file's stays in its file
-    if not _is_loopback(host):
+    if not is_loopback(host):
         click.echo(exposed_warning(host), err=True)
     if value == "":
         click.echo("warning: no API token: any program on this device may call it", err=True)

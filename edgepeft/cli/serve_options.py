@@ -53,9 +53,9 @@ def http_options(f):
 
 def server_kwargs(host: str, allow_origin, allow_host, expose, max_connections, io_timeout) -> dict:
     """EngineServer options from the CLI's; refuses a non-loopback address without --expose."""
-    from ..runtime.server import Limits, _is_loopback
+    from ..runtime.http import Limits, is_loopback
 
-    if not _is_loopback(host) and not expose:
+    if not is_loopback(host) and not expose:
         raise UsageError(f"{host} is reachable from other machines",
                          hint="pass --expose as well (with a firewall), or listen on 127.0.0.1")
     limits = Limits(max_connections=max_connections, request_timeout=io_timeout, write_timeout=io_timeout)

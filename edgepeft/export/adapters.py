@@ -181,7 +181,7 @@ def _saved_head(adapter, model_info: dict, tensors: dict, labels, hint: str):
     """A classifier's head from ``adapter.saved`` into ``tensors``; returns its labels (None for a decoder).
     Raises :class:`AdapterError` when the adapter saves any other whole module."""
     if model_info.get("task") == "classification":
-        labels = _labels(adapter.path, _head_tensors(adapter, model_info, tensors), labels)
+        labels = label_names(adapter.path, _head_tensors(adapter, model_info, tensors), labels)
         allowed = {f"{h['module']}.{p}" for h in head_stages(model_info) for p in ("weight", "bias")}
     else:
         labels, allowed = None, set()
@@ -224,7 +224,7 @@ def _head_tensors(lora, model_info: dict, tensors: dict) -> int:
     return n
 
 
-def _labels(adir: Path, n: int, labels) -> list:
+def label_names(adir: Path, n: int, labels) -> list:
     """Labels from the argument, labels.json, or config.json's id2label; else LABEL_i."""
     if labels is None:
         for fname in ("labels.json", "config.json"):

@@ -147,10 +147,10 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
             "io": {"inputs": [i.name for i in graph.graph.input if i.name in _ENCODER_INPUTS], "outputs": ["logits"]},
         }
         if lora is not None:
-            from .adapters import _labels
+            from .adapters import label_names
 
             final = arch.head[-1].module + ".weight"
-            model_info["labels"] = _labels(lora.path, int(sd[final].shape[0]), None)
+            model_info["labels"] = label_names(lora.path, int(sd[final].shape[0]), None)
     merged = merge_adapter is not None
     model_info.update({
         "dims": dims,

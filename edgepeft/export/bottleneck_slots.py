@@ -32,14 +32,14 @@ class SavedBottleneck:
 def read_bottleneck(adapter_dir) -> SavedBottleneck:
     """Parse and check a bottleneck adapter directory; raises :class:`AdapterError`."""
     from ..models.bottleneck import WEIGHTS_NAME, read_config
-    from .peft_reader import _load_tensors
+    from .peft_reader import load_adapter_tensors
 
     adir = Path(adapter_dir)
     cfg = read_config(adir)
     if not (adir / WEIGHTS_NAME).is_file():
         raise AdapterError(f"{adir.name} has no {WEIGHTS_NAME}", hint="the adapter directory is incomplete")
     out = SavedBottleneck(adir, cfg)
-    for key, arr in _load_tensors(adir).items():
+    for key, arr in load_adapter_tensors(adir).items():
         if _TAG in key:
             module, part = key.split(_TAG, 1)
             out.tensors.setdefault(module, {})[part] = arr

@@ -216,7 +216,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     inside = arch.embed_scale == "sqrt_hidden"  # Gemma scales inside its embedding module, Granite after it
     if plan.embed_scale != 1.0 and inside:
         emb = gb.op("Mul", [emb, gb.const(np.array(plan.embed_scale, np.float32))], hint="embed_scale")
-    gb.nodes.append(gb._helper.make_node("Identity", [emb], [EMBEDS], name="inputs_embeds_point"))
+    gb.alias(emb, EMBEDS, "inputs_embeds_point")
     emb = EMBEDS
     if plan.embed_scale != 1.0 and not inside:
         emb = gb.op("Mul", [emb, gb.const(np.array(plan.embed_scale, np.float32))], hint="embed_scale")
@@ -336,7 +336,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     if plan.final_softcap:
         cap = gb.const(np.array(plan.final_softcap, np.float32))
         logits = gb.op("Mul", [gb.op("Tanh", [gb.op("Div", [logits, cap])]), cap], hint="final_softcap")
-    gb.nodes.append(gb._helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+    gb.alias(logits, "logits", "logits_out")
     gb.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", dims["vocab"]])
     # Graph outputs must be listed after all present.* in a stable order: logits first like genai.
     gb.outputs.insert(0, gb.outputs.pop())

@@ -245,7 +245,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     pooled = mean if pooling == "mean" else gb.op("Gather", [x, gb.const(np.array(0, np.int64))], axis=1, hint="cls")
     # a sentence embedding (what /v1/embeddings returns): the mean of the last hidden states over the
     # text's tokens, sentence-transformers' default pooling, whatever pooling the classification head uses
-    gb.nodes.append(gb._helper.make_node("Identity", [mean], ["embeddings"], name="embeddings_out"))
+    gb.alias(mean, "embeddings", "embeddings_out")
     gb.output("embeddings", TensorProto.FLOAT, ["batch_size", hid])
     head_info, n_labels, width = [], None, hid
     default_in = hid  # the width the previous stage's default produces (1 after an empty intermediate default)
@@ -286,7 +286,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             pooled = _act(gb, pooled, act)
         if stage.norm:
             pooled = ln(pooled, stage.norm, "head_ln", prefix="")
-    gb.nodes.append(gb._helper.make_node("Identity", [pooled], ["logits"], name="logits_out"))
+    gb.alias(pooled, "logits", "logits_out")
     gb.output("logits", TensorProto.FLOAT, ["batch_size", n_labels])
     info = {"dims": dims, "groups": groups_info(list(groups.values())), "slots": dict(gb.slots), "head": head_info,
             "bottleneck": {"points": [p for p in ("attn_out", "mlp_out") if p in points],

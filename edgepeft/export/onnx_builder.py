@@ -111,6 +111,12 @@ class GraphBuilder:
                                                  domain=domain or None, **attrs))
         return names[0] if single else names
 
+    def alias(self, source: str, name: str, node_name: str) -> str:
+        """An Identity node giving tensor ``source`` the fixed name ``name`` (graph outputs, and points
+        that later code finds by name); its node is called ``node_name``. Returns ``name``."""
+        self.nodes.append(self._helper.make_node("Identity", [source], [name], name=node_name))
+        return name
+
     def ms(self, op_type: str, inputs: list, **kw):
         """A com.microsoft contrib op."""
         return self.op(op_type, inputs, domain=MS_DOMAIN, **kw)

@@ -42,7 +42,8 @@ class PeftLora:
         return self.config.get("lora_alpha")
 
 
-def _load_json(path: Path) -> dict:
+def load_adapter_json(path: Path) -> dict:
+    """A PEFT adapter's JSON file as an object. Raises :class:`AdapterError` (missing, unreadable, not an object)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -55,7 +56,8 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def _load_tensors(adir: Path) -> dict:
+def load_adapter_tensors(adir: Path) -> dict:
+    """A PEFT adapter folder's tensors as float32 numpy arrays. Raises :class:`AdapterError`."""
     st = adir / "adapter_model.safetensors"
     if st.is_file():
         from safetensors import SafetensorError, safe_open
@@ -93,7 +95,7 @@ def read_peft_lora(peft_dir) -> PeftLora:
     adir = Path(peft_dir)
     if not adir.is_dir():
         raise AdapterError(f"adapter directory {adir} does not exist", hint="check the adapter path")
-    cfg = _load_json(adir / "adapter_config.json")
+    cfg = load_adapter_json(adir / "adapter_config.json")
     ptype = str(cfg.get("peft_type", "")).upper()
     if ptype != "LORA":
         raise AdapterError(f"{adir.name}: PEFT method {ptype or 'unknown'} cannot be exported as adapter slots",
@@ -111,7 +113,7 @@ def read_peft_lora(peft_dir) -> PeftLora:
         if bad:
             raise AdapterError(f"{adir.name}: {why}, which adapter slots cannot carry",
                                hint="train a plain LoRA adapter (edgepeft train does), or use merge mode")
-    tensors = _load_tensors(adir)
+    tensors = load_adapter_tensors(adir)
     out = PeftLora(path=adir, config=cfg, method="rslora" if cfg.get("use_rslora") else "lora")
     pairs: dict[str, dict] = {}
     for key, arr in tensors.items():

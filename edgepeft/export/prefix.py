@@ -58,10 +58,10 @@ class PeftPrompt:
 
 def read_peft_prompt(peft_dir) -> PeftPrompt:
     """Parse and check a PEFT prefix- or prompt-tuning directory; raises :class:`AdapterError`."""
-    from .peft_reader import _load_json, _load_tensors
+    from .peft_reader import load_adapter_json, load_adapter_tensors
 
     adir = Path(peft_dir)
-    cfg = _load_json(adir / "adapter_config.json")
+    cfg = load_adapter_json(adir / "adapter_config.json")
     ptype = str(cfg.get("peft_type", "")).upper()
     method = PEFT_TYPES.get(ptype)
     if method is None:
@@ -76,7 +76,7 @@ def read_peft_prompt(peft_dir) -> PeftPrompt:
         raise AdapterError(f"{adir.name}: {method} for an encoder-decoder model cannot be exported",
                            hint="edgepeft exports decoder-only bases")
     n = int(cfg.get("num_virtual_tokens") or 0)
-    tensors = _load_tensors(adir)
+    tensors = load_adapter_tensors(adir)
     emb = tensors.get("prompt_embeddings")
     if emb is None or emb.ndim != 2 or n < 1 or emb.shape[0] != n:
         shape = None if emb is None else list(emb.shape)

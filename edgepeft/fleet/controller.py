@@ -2,14 +2,10 @@
 
 One loop, ticking every few tens of milliseconds:
 
-1. read what came back: HTTP/serial pushes finished in worker threads, MQTT execution updates;
-2. time out executions IN_PROGRESS past ``in_progress_timeout_minutes`` (TIMED_OUT), requeue what the
-   retry criteria allow;
-3. check the canary (every canary device must succeed) and the abort criteria;
-4. notify the next devices: the canary first, then waves at ``base_rate_per_minute`` growing by
-   ``increment_factor`` each time ``rate_increase_criteria`` is met, up to ``maximum_per_minute``, never more
-   than ``max_concurrency`` in progress;
-5. write every change to SQLite, *then* act (push or publish).
+1. read what came back into the policy: HTTP/serial pushes finished in worker threads, MQTT execution updates;
+2. let the policy (:mod:`edgepeft.fleet.policy`: waves, rate, concurrency, timeouts, retries, canary and
+   abort criteria, all without a link or a clock of its own) decide whom to start or roll back;
+3. write every change to SQLite, *then* act (push or publish).
 
 A device counts as SUCCEEDED only once its agent reports the post-install health check passed; over MQTT,
 only a report signed by the device's enrolled key, for this rollout, counts (:mod:`.reports`). Resuming after
@@ -31,9 +27,8 @@ from pathlib import Path
 
 from ..errors import EdgePeftError, RolloutError, TransportError
 from .plan import Inventory, RolloutPlan
+from .policy import NOTIFY, RolloutPolicy
 from .state import (
-    CANCELED,
-    EXECUTED,
     FAILED,
     IN_PROGRESS,
     QUEUED,
@@ -113,7 +108,11 @@ def start_rollout(plan: RolloutPlan | str | os.PathLike, db: str | os.PathLike, 
 
 
 class Rollout:
-    """A rollout recorded in ``db``; :meth:`run` drives it to its end (or resumes it)."""
+    """A rollout recorded in ``db``; :meth:`run` drives it to its end (or resumes it).
+
+    The decisions are :class:`~edgepeft.fleet.policy.RolloutPolicy`'s (``self.policy``); this class
+    reads what the links report into it, writes its changes to SQLite, then acts on the links.
+    """
 
     def __init__(self, db: RolloutDB, rid: str, *, log=None, tick: float = 0.05, http_workers: int = 16):
         self.db, self.id = db, rid
@@ -125,49 +124,53 @@ class Rollout:
         self.inventory = Inventory.load(self.plan.inventory)
         self.devices = {d.id: d for d in self.inventory.devices}
         self.packages = [PackageInfo.read(p) for p in self.plan.packages]
-        self.executions: dict[str, Execution] = db.executions(rid)
+        self.policy = RolloutPolicy(self.plan, db.executions(rid), now=time.time(), status=row["status"],
+                                    reason=row["reason"], rate=row["rate"], wave=int(row["wave"] or 0),
+                                    counter=int(row["rate_counter"] or 0), rollback=bool(row["rollback"]),
+                                    package=",".join(p.id[:16] for p in self.packages), log=self.log)
         self.tick = tick
-        self.status = row["status"]
-        self.rate, self.wave = float(row["rate"] or self.plan.base_rate_per_minute), int(row["wave"] or 0)
-        self.counter = int(row["rate_counter"] or 0)  # notified (or succeeded) toward the next rate increase
-        self.rollback = bool(row["rollback"]) or self.plan.rollback_on_abort
-        self.reason = row["reason"]
-        self.rate_start, self.sent_in_rate = time.time(), 0
         self._pool = ThreadPoolExecutor(max(1, min(http_workers, self.plan.max_concurrency)),
                                         thread_name_prefix="edgepeft-rollout")
         self._futures: dict[str, Future] = {}
         self._plane = None
         self._dropped: dict = {}  # messages the plane dropped unread, by reason
         self._reports = None  # the check of MQTT reports (fleet/reports.py), with the plane
-        self._changed: dict[str, Execution] = {}
-        self._events: list[tuple[str, str, str]] = []
-        self._actions: list = []
         self._private_key = None
         self.timeline: list[tuple[float, int, int]] = []  # (t, notified, terminal) for the progress plot
         self._stop = threading.Event()
 
-    # -- bookkeeping ---------------------------------------------------------------------------
-    def _set(self, e: Execution, status: str, reason: str | None = None, **fields) -> None:
-        e.status, e.updated = status, time.time()
-        if reason is not None or status in TERMINAL:
-            e.reason = reason
-        for k, v in fields.items():
-            setattr(e, k, v)
-        self._changed[e.device_id] = e
-        self._events.append((e.device_id, status, reason or ""))
+    # what the policy decides, readable as before
+    @property
+    def executions(self) -> dict[str, Execution]:
+        return self.policy.executions
 
-    def _flush(self) -> None:
-        """Persist every change of this tick (before any action is taken)."""
-        self.db.save(self.id, list(self._changed.values()), self._events)
-        self.db.set_rollout(self.id, status=self.status, reason=self.reason, rate=self.rate, wave=self.wave,
-                            rate_counter=self.counter, rollback=int(self.rollback), controller_pid=os.getpid())
-        self._changed, self._events = {}, []
+    @property
+    def status(self) -> str:
+        return self.policy.status
+
+    @property
+    def reason(self) -> str | None:
+        return self.policy.reason
+
+    @property
+    def rate(self) -> float:
+        return self.policy.rate
+
+    @property
+    def wave(self) -> int:
+        return self.policy.wave
 
     def counts(self) -> dict:
-        out: dict[str, int] = {}
-        for e in self.executions.values():
-            out[e.status] = out.get(e.status, 0) + 1
-        return out
+        return self.policy.counts()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Persist every change of this tick (before any action is taken)."""
+        p = self.policy
+        changed, events = p.take_changes()
+        self.db.save(self.id, changed, events)
+        self.db.set_rollout(self.id, status=p.status, reason=p.reason, rate=p.rate, wave=p.wave,
+                            rate_counter=p.counter, rollback=int(p.rollback), controller_pid=os.getpid())
 
     # -- links ---------------------------------------------------------------------------------
     def _packages_for(self, device_id: str) -> list[PackageInfo]:
@@ -193,7 +196,7 @@ class Rollout:
         """The action for one execution marked IN_PROGRESS (runs after the state was written)."""
         dev = self.devices.get(e.device_id)
         if dev is None:
-            self._set(e, REJECTED, "the device is no longer in the inventory")
+            self.policy.set(e, REJECTED, "the device is no longer in the inventory", now=time.time())
             return
         if dev.link == "mqtt":
             from ..contracts.job import new_job, sign_job
@@ -205,7 +208,7 @@ class Rollout:
                                    "type": pkg.type})
             self._mqtt().send_job(dev.id, sign_job(job, self._key()))
         else:
-            deadline = (e.started or time.time()) + self.plan.in_progress_timeout_minutes * 60
+            deadline = (e.started or time.time()) + self.policy.timeout
             self._futures[dev.id] = self._pool.submit(_push_all, dev, self._packages_for(dev.id), deadline)
 
     def _rollback_device(self, e: Execution) -> None:
@@ -218,8 +221,7 @@ class Rollout:
             for pkg in self._packages_for(dev.id):
                 job = new_job(job_id=f"{self.id}-rollback", rollout=self.id, device_id=dev.id, operation="rollback",
                               name=pkg.name, from_version=pkg.version)
-                self._mqtt().client.publish(f"edgepeft/things/{dev.id}/jobs/{self.id}-rollback",
-                                            sign_job(job, self._key()), qos=1, retain=True)
+                self._mqtt().send_job(dev.id, sign_job(job, self._key()), job_id=f"{self.id}-rollback")
         else:
             self._futures[dev.id] = self._pool.submit(_rollback_all, dev, self._packages_for(dev.id))
 
@@ -245,11 +247,7 @@ class Rollout:
 
     def _resume(self) -> None:
         """Pick up executions left IN_PROGRESS by a previous controller (nothing is sent twice blind)."""
-        now = time.time()
-        resumed = [e for e in self.executions.values() if e.status == IN_PROGRESS]
-        for e in resumed:
-            e.started = now  # the clock restarts: the device may have finished while nobody listened
-            self._changed[e.device_id] = e
+        resumed = self.policy.resume(time.time())
         self._flush()
         for e in resumed:
             if self.devices.get(e.device_id) and self.devices[e.device_id].link == "mqtt":
@@ -260,18 +258,8 @@ class Rollout:
             self._mqtt()
 
     def _done(self) -> bool:
-        if any(e.status in (QUEUED, IN_PROGRESS) for e in self.executions.values()):
+        if not self.policy.done(time.time(), links_busy=bool(self._futures)):
             return False
-        if self._futures:
-            return False
-        limit = self.plan.in_progress_timeout_minutes * 60
-        if any(e.status == SUCCEEDED and time.time() - (e.detail or {}).get("rollback_sent", 0) < limit
-               for e in self.executions.values() if (e.detail or {}).get("rollback_sent")):
-            return False  # rollbacks sent over MQTT: wait for their answers (up to the timeout)
-        if self.status in ("IN_PROGRESS",):
-            self.status = "SUCCEEDED" if all(e.status == SUCCEEDED for e in self.executions.values()) else "COMPLETED"
-        elif self.status == "ABORTING":
-            self.status = "ABORTED"
         self._flush()
         return True
 
@@ -279,84 +267,18 @@ class Rollout:
         now = time.time()
         row = self.db.rollout(self.id)
         if row["status"] == "ABORT_REQUESTED" and self.status not in ("ABORTING", "ABORTED"):
-            self._abort(row["reason"] or "aborted by request", rollback=bool(row["rollback"]))
-        self._collect()
-        for e in self.executions.values():
-            if e.status == IN_PROGRESS and e.started and now - e.started > self.plan.in_progress_timeout_minutes * 60:
-                if e.device_id in self._futures:
-                    continue  # the push itself stops at the deadline and reports
-                self._finish(e, TIMED_OUT, "the device did not report a result in time")
-        self._check_abort()
-        if self.status == "IN_PROGRESS":
-            self._schedule(now)
-        elif self.status == "ABORTING":
-            for e in self.executions.values():
-                if e.status == QUEUED:
-                    self._set(e, CANCELED, f"rollout aborted: {self.reason}")
-                if self.rollback and e.status == SUCCEEDED and not (e.detail or {}).get("rollback_sent"):
-                    e.detail = (e.detail or {}) | {"rollback_sent": time.time()}
-                    self._changed[e.device_id] = e
-                    self._actions.append(("rollback", e))
+            self.policy.abort(row["reason"] or "aborted by request", rollback=bool(row["rollback"]))
+        self._collect(now)
+        actions = self.policy.step(now, in_flight=self._futures)
         self.timeline.append((now, sum(1 for e in self.executions.values() if e.status != QUEUED),
                               sum(1 for e in self.executions.values() if e.status in TERMINAL)))
-        actions, self._actions = self._actions, []
         self._flush()  # the state is written before anything is sent
         for kind, e in actions:
-            (self._notify if kind == "notify" else self._rollback_device)(e)
+            (self._notify if kind == NOTIFY else self._rollback_device)(e)
 
-    def _schedule(self, now: float) -> None:
-        queued = [e for e in self.executions.values() if e.status == QUEUED]
-        if not queued:
-            return
-        busy = sum(1 for e in self.executions.values() if e.status == IN_PROGRESS)
-        room = self.plan.max_concurrency - busy
-        canary = [e for e in self.executions.values() if e.wave == 0]
-        if self.wave == 0 and self.plan.canary > 0:
-            want = self.plan.canary - len(canary)
-            if want > 0:
-                for e in queued[:min(want, room)]:
-                    self._start(e, 0)
-                return
-            if any(e.status not in TERMINAL for e in canary):
-                return  # wait for the canary
-            self.wave, self.rate_start, self.sent_in_rate, self.counter = 1, now, 0, 0
-            self.log(f"canary succeeded ({len(canary)} device(s)): wave 1 at {self.rate:.0f} devices/min")
-        elif self.wave == 0:
-            self.wave, self.rate_start, self.sent_in_rate = 1, now, 0
-        allowed = int(min(self.rate, self.plan.maximum_per_minute) * (now - self.rate_start) / 60) + 1 - self.sent_in_rate
-        for e in queued[:max(0, min(allowed, room))]:
-            self._start(e, self.wave)
-            self.sent_in_rate += 1
-            if self.plan.number_of_notified_things:
-                self.counter += 1
-        self._grow(now)
-
-    def _grow(self, now: float) -> None:
-        goal = self.plan.number_of_notified_things or self.plan.number_of_succeeded_things
-        if goal and self.counter >= goal and self.rate < self.plan.maximum_per_minute:
-            self.rate = min(self.rate * self.plan.increment_factor, self.plan.maximum_per_minute)
-            self.wave += 1
-            self.counter, self.rate_start, self.sent_in_rate = 0, now, 0
-            self.log(f"wave {self.wave}: {self.rate:.0f} devices/min")
-
-    def _start(self, e: Execution, wave: int) -> None:
-        self._set(e, IN_PROGRESS, None, attempts=e.attempts + 1, wave=wave if e.wave is None else e.wave,
-                  started=time.time(), package=",".join(p.id[:16] for p in self._packages_for(e.device_id)))
-        self._actions.append(("notify", e))
-
-    def _finish(self, e: Execution, status: str, reason: str | None, transient: bool = False,
-                detail: dict | None = None) -> None:
-        kind = TIMED_OUT if status == TIMED_OUT else FAILED
-        allowed = self.plan.retries.get(kind, self.plan.retries.get("ALL", 0))
-        if (status == TIMED_OUT or (status == FAILED and transient)) and e.attempts <= allowed \
-                and self.status == "IN_PROGRESS":
-            self._set(e, QUEUED, f"retrying after: {reason}", detail=detail)
-            return
-        self._set(e, status, reason, detail=detail)
-        if status == SUCCEEDED and self.plan.number_of_succeeded_things:
-            self.counter += 1
-
-    def _collect(self) -> None:
+    def _collect(self, now: float) -> None:
+        """Read what the links reported into the policy: finished pushes and MQTT execution updates."""
+        p = self.policy
         for dev_id, fut in list(self._futures.items()):
             if not fut.done():
                 continue
@@ -367,17 +289,17 @@ class Rollout:
             except Exception as exc:  # a bug in a link must not stop the rollout
                 kind, st = "error", {"reason": f"{type(exc).__name__}: {exc}"}
             if kind == "rollback":
-                self._set(e, ROLLED_BACK if st.get("ok") else e.status, st.get("reason"))
+                p.set(e, ROLLED_BACK if st.get("ok") else e.status, st.get("reason"), now=now)
                 continue
             if e.status != IN_PROGRESS:
                 continue
             if kind == "final":
-                self._finish(e, DEVICE_STATUS.get(st.get("status"), FAILED), st.get("reason"),
-                             transient=bool(st.get("retryable")), detail={"steps": st.get("steps")})
+                p.finish(e, DEVICE_STATUS.get(st.get("status"), FAILED), st.get("reason"), now=now,
+                         transient=bool(st.get("retryable")), detail={"steps": st.get("steps")})
             elif kind == "timeout":
-                self._finish(e, TIMED_OUT, st.get("reason"))
+                p.finish(e, TIMED_OUT, st.get("reason"), now=now)
             else:
-                self._finish(e, FAILED, st.get("reason"), transient=True)
+                p.finish(e, FAILED, st.get("reason"), now=now, transient=True)
         if self._plane is not None:
             for msg in self._plane.drain():
                 up = self._reports.check(msg)
@@ -388,41 +310,14 @@ class Rollout:
                     continue
                 if up.job_id.endswith("-rollback"):
                     if up.status in (SUCCEEDED, REJECTED, FAILED) and e.status == SUCCEEDED:
-                        self._set(e, ROLLED_BACK if up.status == SUCCEEDED else e.status, up.reason)
+                        p.set(e, ROLLED_BACK if up.status == SUCCEEDED else e.status, up.reason, now=now)
                     continue
                 if e.status != IN_PROGRESS:
                     continue
                 if up.status in (SUCCEEDED, FAILED, REJECTED):
-                    self._finish(e, up.status, up.reason, transient=up.transient,
-                                 detail={"steps": (up.result or {}).get("steps")})
+                    p.finish(e, up.status, up.reason, now=now, transient=up.transient,
+                             detail={"steps": (up.result or {}).get("steps")})
                     self._plane.clear_job(msg.device_id)
-
-    def _check_abort(self) -> None:
-        if self.status != "IN_PROGRESS":
-            return
-        canary = [e for e in self.executions.values() if e.wave == 0 and e.status in TERMINAL]
-        bad = [e for e in canary if e.status != SUCCEEDED]
-        if bad:
-            e = bad[0]
-            self._abort(f"canary device {e.device_id} ended {e.status}: {e.reason or ''}".strip(),
-                        rollback=self.plan.rollback_on_abort)
-            return
-        executed = [e for e in self.executions.values() if e.status in EXECUTED]
-        for c in self.plan.abort:
-            if len(executed) < c.min_number_of_executed_things:
-                continue
-            kinds = (FAILED, REJECTED, TIMED_OUT) if c.failure_type == "ALL" else (c.failure_type,)
-            failed = sum(1 for e in executed if e.status in kinds)
-            pct = 100.0 * failed / len(executed)
-            if pct >= c.threshold_percentage:
-                self._abort(f"{failed} of {len(executed)} executed devices ended {c.failure_type} ({pct:.0f} % >= "
-                            f"{c.threshold_percentage:g} %)", rollback=self.plan.rollback_on_abort)
-                return
-
-    def _abort(self, reason: str, rollback: bool) -> None:
-        self.status, self.reason = "ABORTING", reason
-        self.rollback = self.rollback or rollback
-        self.log(f"abort: {reason}" + (" (rolling back devices already updated)" if self.rollback else ""))
 
     def _close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -173,7 +173,7 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
     checks = read_health_checks(health_checks)
     from .. import export as export_api
     from ..runtime.adapter_file import read_logical_header
-    from ..runtime.registry import GraphFacts, check_entry, parse_slots
+    from ..runtime.slots import GraphFacts, check_entry, parse_slots
 
     work = Path(tempfile.mkdtemp(prefix=".update-", dir=out.parent if out.parent.exists() else None))
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 _EXPORTS = {
     "Engine": "engine", "AuditLog": "audit",
     "GenerationResult": "results", "Classification": "results", "Stream": "results",
-    "EngineServer": "server", "start_server": "server", "IncrementalDetokenizer": "detok",
+    "EngineServer": "http", "start_server": "http", "IncrementalDetokenizer": "detok",
     "SamplingParams": "sampling",
 }
 

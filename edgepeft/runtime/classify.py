@@ -29,6 +29,10 @@ def _texts(texts) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise EngineError(f"text {i} is empty", hint="send non-empty strings")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: the tokenizer would fail with a TypeError
+            raise EngineError(f"text {i} holds a lone UTF-16 surrogate", hint="send text that is valid UTF-8") from None
     return list(texts)
 
 
@@ -88,7 +92,7 @@ def classify_batch(engine, texts, adapter: str | None, review_threshold: float |
             status = "ok"
             return out
     finally:
-        engine._audit("classify", request_id, chosen, status, engine.digest("\x1e".join(texts)), texts=len(texts),
+        engine.audit_request("classify", request_id, chosen, status, engine.digest("\x1e".join(texts)), texts=len(texts),
                       ms=round((time.perf_counter() - t0) * 1000, 2),
                       needs_review=[r.needs_review for r in out] if status == "ok" else None)
 
@@ -113,5 +117,5 @@ def embed_batch(engine, texts, adapter: str | None, normalize: bool = True) -> E
             return Embeddings(vectors=vectors, tokens=int(feeds["attention_mask"].sum()), adapter=a.name if a else None,
                               adapter_version=a.version if a else None, request_id=request_id)
     finally:
-        engine._audit("embed", request_id, chosen, status, engine.digest("\x1e".join(texts)), texts=len(texts),
+        engine.audit_request("embed", request_id, chosen, status, engine.digest("\x1e".join(texts)), texts=len(texts),
                       ms=round((time.perf_counter() - t0) * 1000, 2))

@@ -21,14 +21,15 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError
+from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError, UnknownAdapterError
 from .audit import AuditLog
 from .decoder import check_room
 from .detok import IncrementalDetokenizer, StopMatcher
-from .registry import AdapterRegistry, DeferredAdapter, GraphFacts, LoadedAdapter, parse_slots
+from .registry import AdapterRegistry, DeferredAdapter, LoadedAdapter
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
 from .session import check_runtime, open_session, return_freed_heap
+from .slots import GraphFacts, parse_slots
 
 
 class Engine:
@@ -239,12 +240,12 @@ class Engine:
 
     def bundled_adapter(self, name: str) -> LoadedAdapter:
         """The version of ``name`` this bundle carries, read and hashed again from the bundle and
-        prepared (not served). Raises :class:`AdapterError` if the bundle carries no such adapter,
+        prepared (not served). Raises :class:`UnknownAdapterError` if the bundle carries no such adapter,
         :class:`IntegrityError` if its file no longer matches the manifest."""
         try:
             entry = self.manifest.adapter(name)
         except SpecError as exc:
-            raise AdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
+            raise UnknownAdapterError(f"this bundle carries no adapter {name!r}", hint=exc.hint) from exc
         f = self.manifest.file(entry.file)
         verified = self._files.open_verified(f)
         try:
@@ -268,7 +269,8 @@ class Engine:
         return loaded.describe()
 
     def unload_adapter(self, name: str) -> None:
-        """Take ``name`` out of service; raises :class:`AdapterError` while a request uses it."""
+        """Take ``name`` out of service; raises :class:`UnknownAdapterError`, or :class:`AdapterInUseError`
+        while a request uses it."""
         gone = self.registry.unload(name)
         if self.runner is not None:
             self.runner.drop_adapter(gone.key)
@@ -333,6 +335,12 @@ class Engine:
             if not prompt.strip():
                 raise EngineError("the prompt is empty", hint="send some text")
             text = prompt
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: the tokenizer would fail with a TypeError
+                raise EngineError(f"the prompt holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x})",
+                                  hint="send text that is valid UTF-8") from None
         # as training encodes (edgepeft.train.encode): a raw prompt gets the tokenizer's own specials (Gemma's
         # and Llama's BOS), a rendered chat already holds what its template put there
         ids = self.codec.encode(text, add_special_tokens=messages is None)
@@ -383,15 +391,13 @@ class Engine:
         chosen = [n if isinstance(n, LoadedAdapter) else self.registry.get(n) for n in names]  # unknown names fail
         prefix = max((a.prefix_len for a in chosen), default=0)  # here, before anything runs; so does a prompt
         check_room(len(ids), prefix, self.max_context)  # with no room after an adapter's prefix
-        out = Stream(iter(()), request_id=uuid.uuid4().hex[:12])
         sampler = Sampler(params, ids)
-        out._token_text = self._token_text if logprobs is not None else None
-        out._sampler = sampler
-        pieces = self._pieces(ids, names, n_new, sampler, stops, out, self.digest(str(prompt or messages)))
-        out._pieces = pieces
+        out = Stream(request_id=uuid.uuid4().hex[:12], sampler=sampler,
+                     token_text=self._token_text if logprobs is not None else None)
+        out.attach(self._pieces(ids, names, n_new, sampler, stops, out, self.digest(str(prompt or messages))))
         if stream:
             return out
-        for _ in pieces:
+        for _ in out:
             pass
         return out.result
 
@@ -443,7 +449,7 @@ class Engine:
                     adapter_version=_versions(chosen), request_id=request_id,
                     seconds=time.perf_counter() - t0, first_token_seconds=first,
                     logprobs=out.logprobs_of(gen_ids) if sampler.params.logprobs is not None else None)
-                self._audit("generate", out.result.request_id, chosen, status, digest,
+                self.audit_request("generate", out.result.request_id, chosen, status, digest,
                             prompt_tokens=len(ids), completion_tokens=len(gen_ids),
                             finish_reason=out.result.finish_reason, ms=round(out.result.seconds * 1000, 2))
 
@@ -503,7 +509,10 @@ class Engine:
         """The audit log's keyed digest of request text (None without an audit log)."""
         return self.audit.digest(text) if self.audit is not None else None
 
-    def _audit(self, kind: str, request_id: str, chosen, status: str, digest: str, **extra) -> None:
+    def audit_request(self, kind: str, request_id: str, chosen, status: str, digest: str | None, **extra) -> None:
+        """Record one request in the audit log (nothing without one): ``kind`` ("generate", "classify",
+        "embed"), the adapters ``chosen`` with their versions and hashes, ``status`` and the input's
+        ``digest`` (:meth:`digest`). Raises :class:`EngineError` when the log cannot be written."""
         if self.audit is None:
             return
         self.audit.record(request_id=request_id, kind=kind, status=status, base=self.manifest.base.get("name"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -64,22 +64,28 @@ class Embeddings:
         return self.vectors.tolist()
 
 
-@dataclass
 class Stream:
     """Iterate to receive text pieces as tokens arrive; ``result`` is set once the stream ends.
 
     Closing the stream early (``close()``, or leaving a ``for`` loop and dropping it) stops
     generation and frees the request's adapter. ``request_id`` is known before the first
     piece (streamed chunks carry it) and is the result's and the audit log's id.
+
+    ``pieces``: the text pieces (or given later with :meth:`attach`, when what makes them records
+    its result on this stream); ``sampler``: the request's sampler, whose ``records`` hold the
+    log-probabilities; ``token_text``: a token id's text, for those records.
     """
 
-    _pieces: Iterator[str]
-    result: GenerationResult | None = None
-    _on_close: Callable[[], None] | None = field(default=None, repr=False)
-    request_id: str = ""
-    _sampler: object = field(default=None, repr=False)
-    _token_text: Callable[[int], str] | None = field(default=None, repr=False)
-    _given: int = field(default=0, repr=False)
+    def __init__(self, pieces: Iterator[str] | None = None, *, request_id: str = "", sampler: object = None,
+                 token_text: Callable[[int], str] | None = None):
+        self.result: GenerationResult | None = None
+        self.request_id = request_id
+        self._pieces: Iterator[str] = iter(()) if pieces is None else pieces
+        self._sampler, self._token_text, self._given = sampler, token_text, 0
+
+    def attach(self, pieces: Iterator[str]) -> None:
+        """Give the stream its pieces (once, before the first is read)."""
+        self._pieces = pieces
 
     def __iter__(self):
         return self

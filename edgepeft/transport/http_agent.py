@@ -14,7 +14,7 @@ Update routes (all need ``Authorization: Bearer <device token>``):
   across restarts) and serve it again.
 
 The id is the SHA-256 of the package's envelope (see :mod:`edgepeft.contracts.update`). The guards
-are the inference API's (:mod:`edgepeft.runtime.server`): the same token, a ``Host`` header that
+are the inference API's (:mod:`edgepeft.runtime.http`): the same token, a ``Host`` header that
 names another host is refused (DNS rebinding), and browser requests are refused unless their
 origin was allowed. An upload chunk may take ``request_timeout`` plus one second per
 ``min_body_rate`` bytes to arrive.
@@ -22,86 +22,26 @@ origin was allowed. An upload chunk may take ``request_timeout`` plus one second
 
 from __future__ import annotations
 
-import re
-
-from ..errors import AdapterError, EdgePeftError, StoreError, TransportError
-from ..runtime.server import ApiError, ApiHandler, EngineServer
+from ..errors import AdapterError, EdgePeftError, StoreError, TransportError, UnknownAdapterError
+from ..runtime.http import ApiError, EngineServer, Request, Route
 from .link import MAX_CHUNK, Busy, Conflict
 
-_UPDATE = re.compile(r"^/v1/updates/([0-9a-f]{64})$")
-_ROLLBACK = re.compile(r"^/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/rollback$")
-
-
-class AgentHandler(ApiHandler):
-    """The inference routes plus the update API, behind the same guards."""
-
-    def do_GET(self):
-        m = _UPDATE.match(self.path)
-        if self.path == "/v1/device":
-            return self._dispatch(lambda: self._send(200, self.server.device.status()))
-        if m is not None:
-            return self._dispatch(self._update_status, m.group(1))
-        return super().do_GET()
-
-    def do_PUT(self):
-        m = _UPDATE.match(self.path)
-        if m is None:
-            return super().do_PUT()
-        return self._dispatch(self._put, m.group(1))
-
-    def do_POST(self):
-        m = _ROLLBACK.match(self.path)
-        if m is None:
-            return super().do_POST()
-        return self._dispatch(self._rollback, m.group(1))
-
-    # -- routes --------------------------------------------------------------------------------
-    def _update_status(self, id: str):
-        st = self.server.device.receiver.status(id)
-        if st is None:
-            raise ApiError(404, "this device has no update with that id", "not_found", "send it from offset 0")
-        self._send(200, st)
-
-    def _put(self, id: str):
-        try:
-            offset = int(self.headers.get("Upload-Offset", ""))
-            total = self.headers.get("Upload-Length")
-            total = int(total) if total is not None else None
-        except ValueError:
-            raise ApiError(400, "Upload-Offset and Upload-Length must be whole numbers") from None
-        if offset < 0:
-            raise ApiError(400, f"Upload-Offset {offset} is negative")
-        data = self._read(MAX_CHUNK)
-        try:
-            st = self.server.device.receiver.write(id, offset, data, total)
-        except Conflict as exc:
-            return self._send(409, {"error": {"message": exc.message, "type": "conflict", "hint": exc.hint,
-                                              "code": 409}, "offset": exc.offset})
-        except Busy as exc:
-            raise ApiError(503, exc.message, "busy", exc.hint) from exc
-        except TransportError as exc:
-            raise ApiError(400, exc.message, "invalid_request_error", exc.hint) from exc
-        self._send(422 if st.get("status") == "rejected" else 200, st)
-
-    def _rollback(self, name: str):
-        if self._unread:
-            self._read(self.server.limits.max_body_bytes)  # any body is ignored
-        try:
-            self._send(200, self.server.device.rollback(name, "requested over the agent API"))
-        except StoreError as exc:
-            raise ApiError(409, exc.message, "conflict", exc.hint) from exc
-        except EdgePeftError as exc:
-            raise ApiError(400, exc.message, type(exc).__name__, exc.hint) from exc
+_UPDATE = r"/v1/updates/([0-9a-f]{64})"
+_ROLLBACK = r"/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/rollback"
 
 
 class AgentServer(EngineServer):
-    """The agent's HTTP server: inference on the device's current engine, plus the update API.
-    ``options`` are :class:`~edgepeft.runtime.server.EngineServer`'s (limits, origins, expose)."""
+    """The agent's HTTP server: inference on the device's current engine, plus the update API (added
+    as routes, behind the same guards). ``options`` are :class:`~edgepeft.runtime.http.EngineServer`'s
+    (limits, origins, expose)."""
 
     def __init__(self, device, token: str, host: str = "127.0.0.1", port: int = 0, **options):
         self.device = device
         options.setdefault("token_source", str(device.state_dir / "token"))
-        super().__init__(device.engine, host, port, handler=AgentHandler, token=token, **options)
+        routes = [Route("GET", "/v1/device", lambda req: req.send(200, self.device.status())),
+                  Route("GET", _UPDATE, self._update_status), Route("PUT", _UPDATE, self._put),
+                  Route("POST", _ROLLBACK, self._rollback)]
+        super().__init__(device.engine, host, port, token=token, routes=routes, **options)
 
     def get_engine(self):
         return self.device.engine
@@ -110,5 +50,44 @@ class AgentServer(EngineServer):
         """Unload or load again through the device, which remembers it across restarts."""
         try:
             return self.device.unload(name) if action == "unload" else self.device.load(name)
+        except StoreError as exc:  # no version of it at all on this device: an unknown adapter (404)
+            unknown = isinstance(exc.__cause__, UnknownAdapterError)
+            raise (UnknownAdapterError if unknown else AdapterError)(exc.message, hint=exc.hint) from exc
+
+    # -- routes --------------------------------------------------------------------------------
+    def _update_status(self, req: Request, id: str):
+        st = self.device.receiver.status(id)
+        if st is None:
+            raise ApiError(404, "this device has no update with that id", "not_found", "send it from offset 0")
+        req.send(200, st)
+
+    def _put(self, req: Request, id: str):
+        try:
+            offset = int(req.headers.get("Upload-Offset", ""))
+            total = req.headers.get("Upload-Length")
+            total = int(total) if total is not None else None
+        except ValueError:
+            raise ApiError(400, "Upload-Offset and Upload-Length must be whole numbers") from None
+        if offset < 0:
+            raise ApiError(400, f"Upload-Offset {offset} is negative")
+        data = req.read(MAX_CHUNK)
+        try:
+            st = self.device.receiver.write(id, offset, data, total)
+        except Conflict as exc:
+            return req.send(409, {"error": {"message": exc.message, "type": "conflict", "hint": exc.hint,
+                                            "code": 409}, "offset": exc.offset})
+        except Busy as exc:
+            raise ApiError(503, exc.message, "busy", exc.hint) from exc
+        except TransportError as exc:
+            raise ApiError(400, exc.message, "invalid_request_error", exc.hint) from exc
+        req.send(422 if st.get("status") == "rejected" else 200, st)
+
+    def _rollback(self, req: Request, name: str):
+        if req.unread:
+            req.read(self.limits.max_body_bytes)  # any body is ignored
+        try:
+            req.send(200, self.device.rollback(name, "requested over the agent API"))
         except StoreError as exc:
-            raise AdapterError(exc.message, hint=exc.hint) from exc
+            raise ApiError(409, exc.message, "conflict", exc.hint) from exc
+        except EdgePeftError as exc:
+            raise ApiError(400, exc.message, type(exc).__name__, exc.hint) from exc

@@ -108,9 +108,10 @@ class ControlPlane:
                 self._pending_bytes -= len(old.payload)
                 self.dropped["queue full"] += 1
 
-    def send_job(self, device_id: str, message: bytes) -> None:
+    def send_job(self, device_id: str, message: bytes, job_id: str | None = None) -> None:
+        """Publish a signed job for ``device_id`` (retained) under ``job_id`` (default: the rollout's id)."""
         self.messages_out += 1
-        self.client.publish(job_topic(device_id, self.rid), message, qos=1, retain=True)
+        self.client.publish(job_topic(device_id, job_id or self.rid), message, qos=1, retain=True)
 
     def clear_job(self, device_id: str) -> None:
         """Remove the retained job (the rollout is over for this device)."""

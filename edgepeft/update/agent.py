@@ -11,7 +11,6 @@ update came.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..fsio import write_atomic
+from ..runtime.http.guards import is_loopback
 
 TOKEN_FILE = "token"
 
@@ -51,20 +51,13 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 class Agent:
     """The agent's links around one :class:`Device`. ``start()`` returns once all are listening."""
 
     def __init__(self, device, *, token: str, listen: tuple[str, int] = ("127.0.0.1", 0), serial: dict | None = None,
                  pull: dict | None = None, mqtt: dict | None = None, http: dict | None = None,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)):
-        """``http``: options of the HTTP API (:class:`~edgepeft.runtime.server.EngineServer`'s
+        """``http``: options of the HTTP API (:class:`~edgepeft.runtime.http.EngineServer`'s
         ``limits``, ``allowed_origins``, ``allowed_hosts``, ``expose``)."""
         self.device, self.token, self.listen, self.log = device, token, listen, log
         self.http_options = dict(http or {})
