@@ -655,13 +655,15 @@ def _rollback_ts(lab):
     lab.repo_obj().refresh()
     mark = len(lab.mirror.hits)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and lab.mirror.polls_since(mark) < 2:  # the device saw the newer one
+    while time.monotonic() < deadline and lab.mirror.polls_since(mark) < 3:  # a whole poll saw the newer one
         time.sleep(0.05)
+    lab.newest_timestamp = _meta(lab, "timestamp.json").read_bytes()
     _older_timestamp(lab)
 
 
 _pull("rollback-timestamp", "mirror", "an older timestamp after the device saw a newer one (rollback attack)",
-      _rollback_ts, r"BadVersionNumber|version|ExpiredMetadata", restore=False)
+      _rollback_ts, r"BadVersionNumber|version|ExpiredMetadata", restore=False,
+      release=lambda lab: _meta(lab, "timestamp.json").write_bytes(lab.newest_timestamp))
 _pull("freeze-expired-timestamp", "repo-key", "a timestamp that expired (indefinite freeze)",
       lambda lab: lab.repo_obj(expiry_days={"timestamp": -1}).refresh(), r"Expired")
 _pull("freeze-expired-snapshot", "repo-key", "a snapshot that expired",
