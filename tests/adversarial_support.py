@@ -437,9 +437,9 @@ class Lab:
             shutil.rmtree(saved, ignore_errors=True)
             shutil.copytree(self.repo, saved)
         log0 = len(agent.logtext())
-        mark = len(self.mirror.hits)
         try:
             mutate()
+            mark = len(self.mirror.hits)  # polls that begin once the mutation is in place
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and self.mirror.polls_since(mark) < polls + 1:
                 time.sleep(0.05)
