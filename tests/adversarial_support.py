@@ -591,7 +591,9 @@ class Lab:
                 s = json.loads(p.read_text())
                 pointers[str(p.relative_to(agent.state))] = (s.get("current"), s.get("previous"), s.get("floor"))
         return {"adapters": adapters, "bundle": (dev["bundle"]["version"], dev["bundle"]["floor"]),
-                "files": files, "pointers": pointers, "uploads": len(dev.get("uploads") or [])}
+                "files": files, "pointers": pointers,
+                # partial uploads held (one whose install just finished may still be listed for a moment)
+                "uploads": sum(1 for u in dev.get("uploads") or [] if u.get("status") == "receiving")}
 
     def run(self, row: Row) -> None:
         agent = self.agent_for(row.transport)

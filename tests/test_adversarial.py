@@ -964,6 +964,43 @@ row("mqtt-oversized-messages", "mqtt", "broker", "six 24 MiB job messages", _mqt
     xfail=item(11, MQTT))
 
 
+def _forged_execution(lab):
+    """A rollout to a device whose agent is not running; the attacker answers its job with SUCCEEDED."""
+    from edgepeft.contracts.job import job_update_topic
+    from edgepeft.fleet.controller import start_rollout
+
+    d = lab.root / f"rollout-{time.monotonic_ns()}"
+    d.mkdir()
+    (d / "fleet.toml").write_text(f'[mqtt]\nurl = "{lab.broker.url}"\n\n[repository]\nurl = "{lab.mirror.url}"\n\n'
+                                  '[[device]]\nid = "ghost"\naddress = "mqtt"\ngroup = "g"\n')
+    (d / "plan.toml").write_text(f'name = "forged"\ninventory = "fleet.toml"\npackages = ["{lab.built["package"]}"]\n'
+                                 f'key = "{lab.key}"\n[select]\ngroups = ["g"]\n'
+                                 '[timeouts]\nin_progress_timeout_minutes = 0.1\n')
+    c = lab.mqtt()
+    forged = []
+
+    def answer(cl, ud, msg):
+        job = msg.topic.rsplit("/", 1)[-1]
+        if msg.payload and not msg.topic.endswith("/update") and job not in forged:
+            forged.append(job)
+            cl.publish(job_update_topic("ghost", job), json.dumps({"job_id": job, "status": "SUCCEEDED"}).encode(),
+                       qos=1, retain=True)
+    c.message_callback_add("edgepeft/things/ghost/jobs/+", answer)
+    c.subscribe("edgepeft/things/ghost/jobs/+", qos=1)
+    try:
+        rep = start_rollout(d / "plan.toml", d / "rollouts.sqlite", log=lambda m: None).run(timeout=90)
+    finally:
+        c.message_callback_remove("edgepeft/things/ghost/jobs/+")
+        c.unsubscribe("edgepeft/things/ghost/jobs/+")
+    got = {x["device"]: x["status"] for x in rep["devices"]}
+    return Outcome(got.get("ghost") != "SUCCEEDED" and bool(forged), got.get("ghost", "?"),
+                   f"forged {len(forged)} execution update(s); the rollout counted ghost as {got.get('ghost')}")
+
+
+row("mqtt-forged-execution-update", "mqtt", "broker", "SUCCEEDED published for a device whose agent is not running",
+    _forged_execution, r"counted ghost as (TIMED_OUT|FAILED|REJECTED)", xfail=item(10, MQTT))
+
+
 # =============================================================================================
 # 8. a local user who can write the state folder (holds no key)
 # =============================================================================================
