@@ -546,6 +546,8 @@ class Lab:
         while time.monotonic() < deadline:
             for raw in self._updates.get(up, []):
                 msg = json.loads(raw)
+                if isinstance(msg, dict) and "report" in msg:  # a signed report: its fields are inside
+                    msg = json.loads(msg["report"])
                 if msg.get("status") not in ("IN_PROGRESS", "QUEUED"):
                     st = msg["status"]
                     return Outcome(st in ("REJECTED", "FAILED"), st, f"{st}: {msg.get('reason')}")

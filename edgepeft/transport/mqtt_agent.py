@@ -35,7 +35,7 @@ from ..contracts.names import is_name
 from ..contracts.report import MAX_MESSAGE, sign_report
 from ..errors import EdgePeftError
 from ..fsio import write_atomic
-from .mqtt import mqtt_client
+from .mqtt import connect_async, mqtt_client
 
 STATUS = {"healthy": "SUCCEEDED", "rolled-back": "FAILED", "rejected": "REJECTED"}
 MAX_PENDING = 32  # messages waiting for the worker; each at most MAX_MESSAGE bytes
@@ -51,7 +51,8 @@ class MqttAgent:
         self.device, self.id, self.log = device, device_id, log
         self.identity = identity or DeviceIdentity.load_or_create(device.state_dir)
         self.dropped = 0
-        self.client = mqtt_client(url, f"edgepeft-{device_id}", ca=ca, cert=cert, key=key)
+        self.client = mqtt_client(url, f"edgepeft-{device_id}", ca=ca, cert=cert, key=key,
+                                  max_packet=MAX_MESSAGE + 4096)  # the broker drops larger ones unsent
         self.client.will_set(connection_topic(device_id), b"offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -61,8 +62,7 @@ class MqttAgent:
 
     # -- connection ----------------------------------------------------------------------------
     def start(self) -> threading.Thread:
-        ud = self.client.user_data_get()
-        self.client.connect_async(ud["host"], ud["port"], keepalive=30)
+        connect_async(self.client)
         self.client.loop_start()
         t = threading.Thread(target=self._work, name="edgepeft-agent-mqtt", daemon=True)
         t.start()
