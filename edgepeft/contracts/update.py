@@ -238,6 +238,9 @@ def split_envelope(raw: bytes, source: str = "update") -> tuple[bytes, list]:
     meta_bytes, sig_bytes = raw[HEADER.size:HEADER.size + m], raw[HEADER.size + m:n]
     try:
         block = json.loads(sig_bytes.decode("utf-8"))
+    except RecursionError:  # a peer's nesting must not become a crash (an endpoint's thread, an HTTP 500)
+        raise SignatureError(f"{source}: the signature block nests too deeply to be one",
+                             hint="recreate the update") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise SignatureError(f"{source}: the signature block is not JSON", hint="recreate the update") from exc
     sigs = block.get("signatures") if isinstance(block, dict) else None
@@ -265,6 +268,8 @@ def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update
     key = verify_detached(meta_bytes, sigs, trusted_keys, source)
     try:
         data = json.loads(meta_bytes.decode("utf-8"))
+    except RecursionError:
+        raise SpecError(source, "", "metadata nests too deeply to be update metadata") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise SpecError(source, "", f"metadata is not JSON: {exc}") from exc
     meta = UpdateMeta.from_dict(data, source)
