@@ -47,7 +47,7 @@ class DecoderArch:
     """
 
     family: str
-    names: str                       # README: the bases this row stands for
+    names: str                       # docs/architectures.md: the bases this row stands for
     qkv: tuple = ("q_proj", "k_proj", "v_proj")
     gate_up: tuple = ("gate_proj", "up_proj")
     norms: str = "pre"
@@ -235,7 +235,7 @@ _GENERIC_WORKAROUND = ("fine-tune a supported base of similar size, or merge the
 
 
 def supported() -> dict[str, list[str]]:
-    """Supported families per task, for messages and the README."""
+    """Supported families per task, for messages and docs/architectures.md."""
     return {"causal-lm": sorted(DECODERS), "classification": sorted(ENCODERS)}
 
 

@@ -1,9 +1,10 @@
 """The device agent: one process that serves inference and takes updates over every configured link.
 
 ``Agent(device, ...)`` starts the HTTP API (inference + updates, see
-:mod:`.agent_http`), and, when configured, a serial listener
-(:mod:`.agent_serial`), a pull loop on a TUF repository (:mod:`.pull`) and
-an MQTT job client for devices behind NAT (:mod:`.agent_mqtt`).
+:mod:`edgepeft.transport.http_agent`), and, when configured, a serial listener
+(:mod:`edgepeft.transport.serial_agent`), a pull loop on a TUF repository
+(:mod:`edgepeft.transport.tuf_pull`) and an MQTT job client for devices behind NAT
+(:mod:`edgepeft.transport.mqtt_agent`).
 All links hand packages to the same :class:`~edgepeft.update.device.Device`,
 so the same checks and the same install transaction apply whichever way an
 update came.

@@ -177,7 +177,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             method = getattr(self, "do_" + self.command, None)
             if method is None:
                 return self._error(405, f"method {self.command} is not supported on {self.path}",
-                                   hint="see the API routes in the README")
+                                   hint="see the API routes in docs/http-api.md")
             method()
             self.wfile.flush()
         except Evicted:
@@ -378,7 +378,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             self._dispatch(self._no_route)
 
     def _no_route(self):
-        raise ApiError(404, f"no route {self.command} {self.path}", "not_found", "see the API routes in the README")
+        raise ApiError(404, f"no route {self.command} {self.path}", "not_found", "see the API routes in docs/http-api.md")
 
     def _models(self):
         now = int(time.time())
