@@ -155,7 +155,7 @@ def test_js_canonical_bytes_equal_python_canonical_bytes(node_modules):
     texts = [json.dumps(d, ensure_ascii=bool(i % 2)) for i, d in enumerate(docs)]  # both spellings of strings
     script = ("import { canonicalBytes, parseManifestJson } from './lib/canonical_json.mjs';"
               "let s = ''; process.stdin.on('data', (c) => s += c).on('end', () => {"
-              "const out = JSON.parse(s).map((t) => canonicalBytes(parseManifestJson(t)).toString('base64'));"
+              "const out = JSON.parse(s).map((t) => Buffer.from(canonicalBytes(parseManifestJson(t))).toString('base64'));"
               "process.stdout.write(JSON.stringify(out)); });")
     got = json.loads(_node(["--input-type=module", "-e", script], stdin=json.dumps(texts)).stdout)
     for text, b64 in zip(texts, got):
