@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote
 
 from ..errors import RolloutError
 from ..runtime.server import ApiError, ApiHandler, EngineServer
+from ..update.agent import is_loopback
 from .state import EXECUTED, SUCCEEDED
 
 STATIC = {"index.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
@@ -119,7 +120,7 @@ class DashboardHandler(ApiHandler):
         m = _ROLLOUT.match(path)
         if m is not None:
             return self._dispatch(self._rollout, unquote(m.group(1)))
-        return self._dispatch(self._no_route)
+        return self._dispatch(self._no_route, token=False)  # a 404 tells nothing (favicon.ico)
 
     def do_POST(self):
         return self._dispatch(self._read_only)
@@ -180,6 +181,11 @@ class DashboardServer(EngineServer):
         open_readonly(db).close()  # refuse a wrong --db at start, not on the first page load
         self.db_path = Path(db).resolve()
         super().__init__(None, host, port, handler=DashboardHandler, **options)
+        # the page's own origin: browsers send Origin with module scripts and CORS-mode fetches
+        bound, port = self.server_address[:2]
+        names = {bound, "localhost", "127.0.0.1"} if is_loopback(bound) else {bound}
+        self.allowed_origins = self.allowed_origins | {f"http://[{n}]:{port}" if ":" in n else f"http://{n}:{port}"
+                                                        for n in names}
 
     @property
     def url(self) -> str:

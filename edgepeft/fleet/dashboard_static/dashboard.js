@@ -107,6 +107,7 @@ function drawChart(lines, total) {
     if (pts.length) {
       let d = `M ${x(0)} ${y(0)}`;
       for (const [s, n] of pts) d += ` H ${x(s)} V ${y(n)}`;
+      d += ` H ${x(xmax)}`;  // flat to the end: nothing more happened
       chart.append(svg("path", { d, fill: "none", stroke: COLORS[name] || "#333", "stroke-width": 2, "data-line": name }));
     }
     const item = el("span");
