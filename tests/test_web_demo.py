@@ -10,13 +10,13 @@ onnxruntime-web, @huggingface/tokenizers and @huggingface/jinja the page imports
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 from browser_support import ROOT, browser_page, require_browser, screenshot, wait_until
+from js_support import npm_ci
 
 CHROMIUM = require_browser()
 NPM = shutil.which("npm")
@@ -29,21 +29,12 @@ from test_runtime_support import cached_bundle, require_fixtures, resign_bundle 
 require_fixtures()
 from edgepeft.runtime import Engine  # noqa: E402
 
-JS = ROOT / "examples" / "js"
-
 
 @pytest.fixture(scope="module")
 def node_modules():
-    """`npm ci` into examples/js/node_modules when the installed tree is not the lockfile's."""
-    lock, installed = JS / "package-lock.json", JS / "node_modules" / ".package-lock.json"
-    want = json.loads(lock.read_text())["packages"]
-    have = json.loads(installed.read_text())["packages"] if installed.is_file() else None
-    if have is None or {k: v.get("version") for k, v in have.items()} != \
-            {k: v.get("version") for k, v in want.items() if k}:
-        proc = subprocess.run([NPM, "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"})
-        assert proc.returncode == 0, f"npm ci failed in {JS}:\n{proc.stdout}\n{proc.stderr}"
-    assert (JS / "node_modules" / "onnxruntime-web" / "dist" / "ort-wasm-simd-threaded.wasm").is_file()
+    modules = npm_ci(NPM)
+    assert (modules / "onnxruntime-web" / "dist" / "ort-wasm-simd-threaded.wasm").is_file()
+    return modules
 
 
 def fp32_compute_copy(built: dict, out) -> dict:
@@ -141,7 +132,7 @@ def test_the_page_answers_as_the_python_engine_and_swaps_adapters_without_reload
         # one model session served every adapter: switching never reloaded the model
         assert page.evaluate("window.firstSession === window.edgepeftDemo.runner.session")
         _ask(page, adapter="alpha", text="hello how can i help", chat=True, tokens=24)
-        screenshot(page, tmp_path / "out" / "web-demo.png", "web-demo.png")
+        screenshot(page, tmp_path / "out" / "web-demo.png")
 
 
 @pytest.mark.parametrize("bundle, key, adapter, reason", [
@@ -162,3 +153,32 @@ def test_the_page_refuses_with_the_reason(site, tmp_path, bundle, key, adapter, 
         assert page.inner_text("#output") == ""
         if bundle == "/flipped/":
             screenshot(page, tmp_path / "out" / "web-demo-refused.png")
+
+
+@pytest.mark.slow
+def test_the_page_runs_the_real_smollm2_int4_bundle_as_the_engine_does(node_modules, tmp_path):
+    """The Raspberry Pi 5 bundle of the demo (SmolLM2-135M-Instruct, int4 at edgepeft's accuracy_level 4) in the
+    page: its real tokenizer and chat template through the browser entry, and the Python engine's 40 tokens."""
+    from edgepeft.bundle.build import build_bundle
+    from edgepeft.contracts.signing import generate_keypair
+
+    site = tmp_path / "site"
+    priv, pub = generate_keypair(site / "keys" / "fleet")
+    res = build_bundle(base=None, adapters=[], target="raspberry-pi-5", key=priv, out=site / "bundles" / "pi5",
+                       quant="int4")
+    (site / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
+    chat = "My Wi-Fi keeps dropping every evening. What should I do?"
+    want = Engine(res.bundle_dir, [pub]).generate(messages=[{"role": "user", "content": chat}], max_new_tokens=40)
+    web = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
+                            str(site)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        port = web.stdout.readline().decode().split(" port ")[1].split()[0]
+        with browser_page(CHROMIUM) as page:
+            assert _open(page, {"url": f"http://127.0.0.1:{port}"}, "/bundles/pi5/", "/keys/fleet.pub") == "ready"
+            got = _ask(page, adapter=None, text=chat, chat=True, tokens=40)
+            assert got["token_ids"] == want.token_ids and got["text"] == want.text
+            screenshot(page, tmp_path / "out" / "web-demo-smollm2.png", "web-demo.png")
+    finally:
+        web.terminate()
+        web.wait(10)
+        web.stdout.close()
