@@ -61,6 +61,7 @@ test-aarch64: $(STAMP)
 demo: $(STAMP) system-deps
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
 	$(BIN)/python -m pytest -q -m slow
+	@cat "$${OUT:-out/demo}/web-urls.txt" 2>/dev/null || true
 
 # llama.cpp (llama-cpp-python) is an optional peer that compiles from source (6-40 min on 2 cores);
 # LLAMA_CPP=0 skips it and the benchmark notes its absence. It is built portably (issue 17): GGML_NATIVE=OFF
