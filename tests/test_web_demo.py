@@ -149,6 +149,7 @@ def test_the_page_refuses_with_the_reason(site, tmp_path, bundle, key, adapter, 
             page.click("#generate")
             state = wait_until(page, "document.body.dataset.state === 'refused' && 'refused'", 60)
         assert state == "refused"
+        assert page.is_visible("#ask-form") == bool(adapter)  # a refused bundle cannot be asked anything
         assert page.is_visible("#refusal") and reason in page.inner_text("#refusal-reason")
         assert page.inner_text("#output") == ""
         if bundle == "/flipped/":

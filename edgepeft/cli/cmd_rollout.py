@@ -159,7 +159,7 @@ def serve(db, listen, token_file, expose):
         server = DashboardServer(path, host, port, token=token, token_source=source, expose=expose)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
-    click.echo(f"dashboard of {server.db_path}: {server.url}", err=False)
+    click.echo(f"dashboard of {server.db_path}: {server.url}")
     click.echo("read-only; Ctrl-C stops it", err=True)
     try:
         server.serve_forever()
