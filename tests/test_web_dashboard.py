@@ -3,14 +3,15 @@ a controller process drives simulated devices through a real mosquitto broker wh
 the same SQLite database read-only. The page must show the running rollout's devices, then end with the
 statuses the controller reports; the data routes need the token and nothing can be written.
 
-Two of the devices answer only after the page has shown the rollout running (their simulator starts
-then), so "running" is seen for certain, without a timed assertion.
+Two of the devices answer only after the page has shown the rollout running (their simulator is stopped
+with SIGSTOP until then), so "running" is seen for certain, without a timed assertion.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -31,18 +32,27 @@ if find_mosquitto() is None:
                 allow_module_level=True)
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+SIM_ENROLLS = "--enroll" in subprocess.run([sys.executable, "-m", "edgepeft.fleet.simulator", "--help"], cwd=ROOT,
+                                           env=ENV, capture_output=True, text=True, timeout=60).stdout
 
 
-def _simulator(broker, prefix, count, fail_rate):
+def _simulator(broker, prefix, count, fail_rate, enroll):
+    """A simulator process for `count` devices, and their inventory entries (with each device's own public key
+    where the simulator enrolls its devices: their reports are signed and the controller checks them)."""
+    extra = ["--enroll", str(enroll)] if SIM_ENROLLS else []
     p = subprocess.Popen([sys.executable, "-m", "edgepeft.fleet.simulator", "--broker", broker.url, "--prefix", prefix,
-                          "--count", str(count), "--fail-rate", str(fail_rate)], stdout=subprocess.PIPE, cwd=ROOT, env=ENV)
+                          "--count", str(count), "--fail-rate", str(fail_rate), *extra], stdout=subprocess.PIPE,
+                         cwd=ROOT, env=ENV)
     assert p.stdout.readline().strip() == b"ready"
-    return p
+    if SIM_ENROLLS:
+        return p, enroll.read_text()
+    return p, "".join(f'[[device]]\nid = "{prefix}{i}"\naddress = "mqtt"\n\n' for i in range(count))
 
 
 def _stop(proc):
     if proc.poll() is None:
         proc.terminate()
+        proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM once it runs again
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -66,10 +76,12 @@ def test_the_dashboard_follows_a_real_rollout_in_chromium(tmp_path, tmp_path_fac
     broker = Mosquitto(tmp_path / "broker")
     procs = []
     try:
-        procs.append(_simulator(broker, "ok-", 6, 0.0))
-        inv = [f'[mqtt]\nurl = "{broker.url}"\n[repository]\nurl = "http://127.0.0.1:9/"\n']
-        inv += [f'[[device]]\nid = "{d}"\naddress = "mqtt"\n' for d in [f"ok-{i}" for i in range(6)] + ["late-0", "late-1"]]
-        (tmp_path / "fleet.toml").write_text("\n".join(inv))
+        ok, ok_devices = _simulator(broker, "ok-", 6, 0.0, tmp_path / "enroll-ok.toml")
+        late, late_devices = _simulator(broker, "late-", 2, 1.0, tmp_path / "enroll-late.toml")
+        procs += [ok, late]
+        late.send_signal(signal.SIGSTOP)  # it answers nothing until the page has shown the rollout running
+        inv = f'[mqtt]\nurl = "{broker.url}"\n[repository]\nurl = "http://127.0.0.1:9/"\n\n' + ok_devices + late_devices
+        (tmp_path / "fleet.toml").write_text(inv)
         (tmp_path / "plan.toml").write_text(f'''name = "web"
 inventory = "fleet.toml"
 packages = ["{built['package']}"]
@@ -124,7 +136,7 @@ in_progress_timeout_minutes = 5
             assert page.locator("#detail-status").inner_text() == "IN_PROGRESS"
             assert "#token" not in page.url  # the token left the address bar
             screenshot(page, tmp_path / "out" / "dashboard-running.png")
-            procs.append(_simulator(broker, "late-", 2, 1.0))  # now they answer: FAILED, "simulated failure"
+            late.send_signal(signal.SIGCONT)  # now they answer: FAILED, "simulated failure"
             wait_until(page, "document.body.dataset.running === 'false'", 120)
             assert controller.wait(120) == 6  # not every device succeeded
             wait_until(page, "document.querySelector('#detail-status').innerText === 'COMPLETED'")
