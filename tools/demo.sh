@@ -190,3 +190,14 @@ edgepeft rollout status --db rollouts.sqlite
 
 step "done: keys, adapters, bundles and updates are in $WORK, before/after figures in examples/out"
 ls -la bundles updates
+
+step "16. the web: the Pi bundle in a browser page, and the dashboard of this rollout (start them, then open the URLs)"
+python -c 'import secrets; print(secrets.token_urlsafe(32))' > dashboard.token
+{
+  printf 'demo page (onnxruntime-web in the browser; needs `npm ci` in examples/js once):\n'
+  printf '  %s\n' "(cd $ROOT/examples/js && npm ci) && python -m http.server 8000 --bind 127.0.0.1 --directory $PWD"
+  printf '  open http://127.0.0.1:8000/examples/web/?bundle=/bundles/pi5/&key=/keys/fleet.pub\n'
+  printf 'rollout dashboard (read-only):\n'
+  printf '  %s\n' "cd $PWD && edgepeft rollout serve --db rollouts.sqlite --listen 127.0.0.1:8790 --token-file dashboard.token"
+  printf '  open http://127.0.0.1:8790/#token=%s\n' "$(cat dashboard.token)"
+} | tee web-urls.txt   # make demo prints it again at its very end

@@ -137,3 +137,36 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@command.command("serve")
+@click.option("--db", default=None, help=DB_HELP)
+@click.option("--listen", default="127.0.0.1:8790", show_default=True, help="HOST:PORT of the page (loopback by default).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the page's bearer token from FILE [default: a fresh random token, printed in the URL].")
+@click.option("--expose", is_flag=True, help="Allow a non-loopback --listen address (put a firewall in front).")
+def serve(db, listen, token_file, expose):
+    """A read-only web page over the rollout database: rollouts, each device's status, attempts and reason,
+    and progress over time, refreshing while a rollout runs. Opens the database read-only; the data needs
+    the token (the printed URL carries it in its #fragment, which browsers never send)."""
+    from ..fleet.dashboard import DashboardServer
+    from ..update.agent import load_token, parse_listen
+
+    path = db or os.environ.get("EDGEPEFT_ROLLOUT_DB") or "edgepeft-rollouts.sqlite"
+    host, port = parse_listen(listen)
+    token, source = (None, "the URL printed at start")
+    if token_file:
+        token, where = load_token(os.path.dirname(token_file) or ".", token_file)
+        source = str(where)
+    try:
+        server = DashboardServer(path, host, port, token=token, token_source=source, expose=expose)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    click.echo(f"dashboard of {server.db_path}: {server.url}")
+    click.echo("read-only; Ctrl-C stops it", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

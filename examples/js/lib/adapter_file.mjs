@@ -9,9 +9,7 @@
 // form (LoRA B in int4/int8 bundles, its scales folded into lora_A) and stays int8. The result is
 // tensors named after slots, each {dims, type: "float32" | "int8", data}.
 
-import os from "node:os";
-
-import { BundleError } from "./bundle.mjs";
+import { BundleError } from "./errors.mjs";
 
 const FLOAT = 1, INT8 = 3, FLOAT16 = 10;
 const ITEMSIZE = { [FLOAT]: 4, [INT8]: 1, [FLOAT16]: 2 };
@@ -61,7 +59,7 @@ class Table {
 
 /** {name: {dims, type, data}} of every parameter (data copied into an aligned typed array). */
 export function readAdapter(buffer, source) {
-  if (os.endianness() !== "LE") throw new BundleError("this reader assumes a little-endian machine");
+  if (new Uint8Array(Uint16Array.of(1).buffer)[0] !== 1) throw new BundleError("this reader assumes a little-endian machine");
   const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
   const out = {};
   try {

@@ -171,5 +171,5 @@ function serialize(node) {
 export function canonicalBytes(tree) {
   if (!(tree instanceof Map)) throw new ManifestSyntaxError("the manifest is not a JSON object");
   const body = new Map([...tree].filter(([k]) => k !== "signature"));
-  return Buffer.from(serialize(body), "utf8");
+  return new TextEncoder().encode(serialize(body));  // a Uint8Array: Node and browsers alike
 }

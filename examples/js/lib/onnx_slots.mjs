@@ -10,7 +10,7 @@
 // values = 1, indices = 2, dims = 3) and keeps its value as the default feed. Everything else in
 // the file is copied byte for byte.
 
-import { BundleError } from "./bundle.mjs";
+import { BundleError } from "./errors.mjs";
 
 function readVarint(buf, pos) {
   let value = 0, scale = 1, b;

@@ -7,7 +7,7 @@
 import { Template } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { BundleError } from "./bundle.mjs";
+import { BundleError } from "./errors.mjs";
 
 export class TextCodec {
   constructor(tokenizerBytes, info) {
