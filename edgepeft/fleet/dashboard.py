@@ -7,7 +7,7 @@ table: the same data as the benchmark's rollout plot). The page polls while a ro
 Why it is safe to leave running beside a controller: the database is opened read-only for each request
 (``file:...?mode=ro``), so the dashboard can never change a rollout; the data routes sit behind the device
 API's guards (bearer token, ``Host`` check against DNS rebinding, foreign ``Origin`` refused), reused
-from :mod:`edgepeft.runtime.server`, and it binds loopback unless told otherwise. The page itself (static
+from :mod:`edgepeft.runtime.http`, and it binds loopback unless told otherwise. The page itself (static
 files, no data) loads without the token; it reads the token from the URL's ``#token=`` fragment (never
 sent to a server) and sends it as ``Authorization: Bearer``. Everything it renders is set as text.
 
@@ -24,8 +24,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from ..errors import RolloutError
-from ..runtime.server import ApiError, ApiHandler, EngineServer
-from ..update.agent import is_loopback
+from ..runtime.http import ApiError, ApiHandler, EngineServer, is_loopback
 from .state import EXECUTED, SUCCEEDED
 
 STATIC = {"index.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
@@ -110,13 +109,13 @@ class DashboardHandler(ApiHandler):
     def do_GET(self):
         path = self.path.split("?", 1)[0]
         if path == "/health":
-            return self._dispatch(lambda: self._send(200, {"status": "ok"}), token=False)
+            return self._dispatch(lambda: self.send_json(200, {"status": "ok"}), token=False)
         if path in ("/", "/index.html"):
             return self._dispatch(self._static, "index.html", token=False)
         if path.startswith("/static/"):
             return self._dispatch(self._static, path[len("/static/"):], token=False)
         if path == "/api/rollouts":
-            return self._dispatch(lambda: self._send(200, {"rollouts": self._query(list_rollouts)}))
+            return self._dispatch(lambda: self.send_json(200, {"rollouts": self._query(list_rollouts)}))
         m = _ROLLOUT.match(path)
         if m is not None:
             return self._dispatch(self._rollout, unquote(m.group(1)))
@@ -151,7 +150,7 @@ class DashboardHandler(ApiHandler):
         detail = self._query(rollout_detail, rid)
         if detail is None:
             raise ApiError(404, f"no rollout {rid!r} in this database", "not_found", "list them at /api/rollouts")
-        self._send(200, detail)
+        self.send_json(200, detail)
 
     def _static(self, name: str):
         ctype = STATIC.get(name)
@@ -164,7 +163,7 @@ class DashboardHandler(ApiHandler):
                      ("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
                      ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY")):
             self.send_header(k, v)
-        if self._unread:
+        if self.unread:
             self.close_connection = True
             self.send_header("Connection", "close")
         self.end_headers()
@@ -173,7 +172,7 @@ class DashboardHandler(ApiHandler):
 
 class DashboardServer(EngineServer):
     """The dashboard's HTTP server over ``db`` (read-only). ``token``, ``token_source``, ``expose`` and
-    ``limits`` are :class:`~edgepeft.runtime.server.EngineServer`'s (None: a fresh random token).
+    ``limits`` are :class:`~edgepeft.runtime.http.EngineServer`'s (None: a fresh random token).
     Raises :class:`RolloutError` for a missing or foreign database, ``UsageError`` for a refused
     address or token, ``OSError`` when the address cannot be bound."""
 
