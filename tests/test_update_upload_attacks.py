@@ -145,7 +145,7 @@ def test_a_signed_size_beyond_the_device_limit_is_refused_before_a_byte(agent, b
     id = hashlib.sha256(data[:n]).hexdigest()
     code, st = _put(agent, id, data[:n + 100], 0)
     assert code == 422 and st["status"] == "rejected", (code, st)
-    assert "at most" in st["reason"] and str(100 << 30) in st["reason"], st
+    assert "signed size" in st["reason"] and "at most" in st["reason"], st
     assert not (agent.state / "incoming" / f"{id}.part").exists()
     assert _serving(agent) == before
 
@@ -234,12 +234,13 @@ def test_serial_garbage_and_a_huge_total_neither_poison_nor_delete(built, tmp_pa
         dec = FrameDecoder()
 
         def ask(kind, body, want):
-            port.write(encode_frame(kind, body))
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                for k, b in dec.feed(port.read(4096)):
-                    if k == want:
-                        return b
+            for _ in range(10):  # sent again each second: the agent may still be opening its port
+                port.write(encode_frame(kind, body))
+                deadline = time.monotonic() + 1
+                while time.monotonic() < deadline:
+                    for k, b in dec.feed(port.read(4096)):
+                        if k == want:
+                            return b
             raise AssertionError("no answer on the serial line")
         try:
             pkg = Package.read(version_of(built, tmp_path / "alpha-2.epu", 2))
@@ -253,8 +254,7 @@ def test_serial_garbage_and_a_huge_total_neither_poison_nor_delete(built, tmp_pa
             ask(sp.QUERY, sp.query(pkg.id, 2 ** 64 - 1), sp.REPLY)
             ask(sp.QUERY, sp.query(pkg.id, 2 ** 63), sp.REPLY)
             port.write(encode_frame(sp.DATA, sp.data(raw[:8], pkg.envelope_bytes, b"zz")))
-            time.sleep(0)  # the frame is answered or ignored; the status below is what counts
-            ask(sp.INFO, b"", sp.REPLY)  # the device has handled the frames before this one
+            ask(sp.INFO, b"", sp.REPLY)  # frames are handled in order: the DATA frame was handled
             part = agent.state / "incoming" / f"{pkg.id}.part"
             assert part.stat().st_size == pkg.envelope_bytes
             now = _status(agent, pkg.id)

@@ -77,7 +77,8 @@ class Device:
                              json.dumps({"bundle": str(Path(bundle).resolve())}).encode("utf-8"))
             self.engine, self.bundle_dir = self._open_current()
             self.updater = self._new_updater(self.engine)
-            self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
+            self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes, io=self.io)
+            self.notes += self.receiver.notes
         except BaseException:
             self._owner.close()
             raise
@@ -235,7 +236,9 @@ class Device:
             return []
 
     def lookup(self, id: str) -> dict | None:
-        return next((h for h in reversed(self._history()) if h.get("id") == id), None)
+        """The newest result recorded under ``id`` whose envelope verified and hashes to ``id``: only such
+        a result may answer for that id (garbage sent under a genuine id proves nothing about it)."""
+        return next((h for h in reversed(self._history()) if h.get("id") == id and h.get("verified") is True), None)
 
     # -- bundle updates ------------------------------------------------------------------------
     def _install_bundle(self, data: bytes, envelope: Envelope, result: InstallResult) -> InstallResult:
@@ -246,6 +249,7 @@ class Device:
 
         meta = envelope.meta
         result.name, result.version, result.id = "bundle", meta.version, envelope.id
+        result.verified = True
 
         def step(status, reason=None):
             result.status, result.reason = status, reason

@@ -55,10 +55,11 @@ class InstallResult:
     steps: list = field(default_factory=list)  # [(status, unix time)]
     seconds: float = 0.0
     retryable: bool = False  # refused for damage in transit (size, hash): the same package may be sent again
+    verified: bool = False  # the envelope verified and hashes to ``id``: only then is the result kept under that id
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "type": self.type,
-                "status": self.status, "reason": self.reason, "retryable": self.retryable,
+                "status": self.status, "reason": self.reason, "retryable": self.retryable, "verified": self.verified,
                 "seconds": round(self.seconds, 3),
                 "steps": [{"status": s, "at": round(t, 3)} for s, t in self.steps]}
 
@@ -198,6 +199,7 @@ class Updater:
         try:
             envelope, payload = read_update(data, self.engine.trusted_keys, source=f"update {res.id[:12] or ''}".strip())
             res.name, res.version, res.id = envelope.meta.name, envelope.meta.version, envelope.id
+            res.verified = True
             if self._already_serving(envelope):  # delivered twice (pulled, then pushed): nothing to do
                 step("verified")
                 step("healthy", _ALREADY.format(v=envelope.meta.version, name=envelope.meta.name))
