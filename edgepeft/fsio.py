@@ -258,3 +258,17 @@ def io_from_env() -> FileIO:
     ``$EDGEPEFT_TEST_CRASH_AT`` names a step (the agent says so loudly at start)."""
     point = os.environ.get(CRASH_ENV, "").strip()
     return CrashIO(point) if point else FileIO()
+
+
+def quarantine(io: FileIO, path: Path) -> Path:
+    """Move an unreadable or tampered state file aside (never deleted: it is evidence) and return
+    where it went: ``<name>.bad-<UTC time>`` beside it."""
+    import time
+
+    dst = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while dst.exists():
+        dst, n = dst.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{n}"), n + 1
+    io.replace(path, dst)
+    io.fsync_dir(path.parent)
+    return dst

@@ -78,7 +78,7 @@ class Updater:
     """
 
     def __init__(self, engine, state_dir: str | Path, *, io: FileIO | None = None, read_only: bool = False,
-                 local_checks: Sequence = ()):
+                 local_checks: Sequence = (), seal=None):
         """``local_checks``: this device's own health checks (site acceptance tests), run after the package's
         signed ones on every install; they can only make an install stricter, never skip a signed check."""
         self.engine = engine
@@ -86,7 +86,8 @@ class Updater:
         self.state_dir = Path(state_dir)
         self.io = io or FileIO()
         self.store = AdapterStore(self.state_dir / "adapters", engine.trusted_keys,
-                                  base_fingerprint=engine.base_fingerprint, io=self.io)
+                                  base_fingerprint=engine.base_fingerprint, io=self.io, seal=seal,
+                                  writable=not read_only)
         self._lock = threading.RLock()
         self.read_only = read_only
         self.notes: list[str] = []
@@ -94,6 +95,7 @@ class Updater:
             if not read_only:
                 self.notes += self.store.recover(name)
             self._serve_committed(name)
+        self.notes += self.store.notes
         for note in self.notes:
             engine.add_warning(note)
 
