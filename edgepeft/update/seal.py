@@ -68,6 +68,7 @@ class Seal:
         mac = data.get("mac")
         if mac is None and self.adopt:
             return body
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(path, body)):
+        want = self._mac(path, body).encode("ascii")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode("utf-8", "replace"), want):
             raise ValueError("its seal does not match (edited without the device key, or copied from elsewhere)")
         return body
