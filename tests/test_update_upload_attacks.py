@@ -189,6 +189,9 @@ def test_complete_parts_left_by_crashes_are_installed_on_restart(built, tmp_path
         assert part.stat().st_size == pkgs[0].size
         for pkg in pkgs[1:]:
             (state / "incoming" / f"{pkg.id}.part").write_bytes(pkg.data)
+        # a folder and a link named like parts (an app that could write there): never read, never fatal
+        (state / "incoming" / f"{'d' * 64}.part").mkdir()
+        (state / "incoming" / f"{'e' * 64}.part").symlink_to(pkgs[0].path)
         agent.kill()
         agent = AgentProcess(built["bundle"], built["public_key"], state)
         for pkg in pkgs:
@@ -196,7 +199,7 @@ def test_complete_parts_left_by_crashes_are_installed_on_restart(built, tmp_path
             assert st["status"] in ("healthy", "rejected"), st
         assert _serving(agent) == (5, 5)
         assert agent.chat("alpha", Q)["adapter_version"] == 5
-        assert not list((state / "incoming").glob("*.part"))
+        assert [p.name[:4] for p in (state / "incoming").glob("*.part")] == ["dddd"] and pkgs[0].path.exists()
         assert _push(agent, pkgs[-1])["status"] == "healthy"  # answered from the verified history
         new = Package.read(version_of(built, tmp_path / "alpha-6.epu", 6))
         st = _push(agent, new)

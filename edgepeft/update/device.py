@@ -55,8 +55,9 @@ class Device:
     ``bundle`` is the bundle the device was shipped (a directory, or its ``.epb`` read in place), used
     until a bundle update replaces it. ``engine_options`` go to every
     :class:`~edgepeft.runtime.Engine` it opens (threads, providers, audit ...).
-    Raises :class:`BundleError` when no bundle verifies, :class:`StoreError` for an unreadable
-    state or one another process (a running agent) holds.
+    Raises :class:`BundleError` when no bundle verifies (not even the shipped one), :class:`StoreError`
+    for a state folder another process (a running agent) holds. An unreadable or tampered state file
+    is not an error: it is quarantined and reported in :meth:`status` ("notes").
     """
 
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,

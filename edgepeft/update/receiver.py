@@ -125,7 +125,10 @@ class Receiver:
             except OSError:
                 continue
             if not _ID_RE.fullmatch(id) or not stat.S_ISREG(st.st_mode) or now - st.st_mtime > EXPIRE:
-                self.io.unlink(p)
+                try:
+                    self.io.unlink(p)
+                except OSError:  # a folder planted here: left alone, never read
+                    self.notes.append(f"{p} is not an upload part and cannot be removed; ignored")
                 continue
             up = Upload(id, p, offset=st.st_size, updated=st.st_mtime)
             self._uploads[id] = up
