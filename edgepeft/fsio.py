@@ -238,3 +238,79 @@ class FaultyIO(FileIO):
     def mkdir(self, path):
         self._op(f"mkdir {Path(path).name}")
         super().mkdir(path)
+
+
+CRASH_ENV = "EDGEPEFT_TEST_CRASH_AT"
+
+
+class CrashIO(FileIO):
+    """Test only: real operations, but the process kills itself (SIGKILL, as a crash or an OOM kill
+    would) at one named step, so a test can prove what a restart finds at each step of an install.
+
+    ``point`` is ``[after:]TEXT[#N]``: the N-th operation (default 1) whose description contains TEXT
+    (a checkpoint name such as ``received`` or ``health check``, or an operation such as
+    ``-> state.json`` (a rename onto state.json)); with ``after:`` the operation happens first. Chosen only through
+    ``$EDGEPEFT_TEST_CRASH_AT`` (see :func:`io_from_env`); nothing else creates one.
+    """
+
+    def __init__(self, point: str):
+        self.after = point.startswith("after:")
+        text = point[len("after:"):] if self.after else point
+        text, _, n = text.partition("#")
+        self.text, self.n, self.seen = text, int(n) if n.isdigit() else 1, 0
+
+    def _at(self, what: str, op, *args):
+        hit = self.text in what and (self.seen + 1 == self.n)
+        if self.text in what:
+            self.seen += 1
+        if hit and not self.after:
+            self._die()
+        out = op(*args)
+        if hit:
+            self._die()
+        return out
+
+    @staticmethod
+    def _die() -> None:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def checkpoint(self, what):
+        self._at(f"checkpoint {what}", lambda: None)
+
+    def write_file(self, path, data, mode=None):
+        self._at(f"write {Path(path).name}", super().write_file, path, data, mode)
+
+    def fsync_file(self, path):
+        self._at(f"fsync {Path(path).name}", super().fsync_file, path)
+
+    def fsync_dir(self, path):
+        self._at(f"fsync-dir {Path(path).name}", super().fsync_dir, path)
+
+    def replace(self, src, dst):
+        self._at(f"rename {Path(src).name} -> {Path(dst).name}", super().replace, src, dst)
+
+    def unlink(self, path):
+        self._at(f"unlink {Path(path).name}", super().unlink, path)
+
+
+def io_from_env() -> FileIO:
+    """The device's file layer: :class:`FileIO`, or a :class:`CrashIO` when the test-only variable
+    ``$EDGEPEFT_TEST_CRASH_AT`` names a step (the agent says so loudly at start)."""
+    point = os.environ.get(CRASH_ENV, "").strip()
+    return CrashIO(point) if point else FileIO()
+
+
+def quarantine(io: FileIO, path: Path) -> Path:
+    """Move an unreadable or tampered state file aside (never deleted: it is evidence) and return
+    where it went: ``<name>.bad-<UTC time>`` beside it."""
+    import time
+
+    dst = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while dst.exists():
+        dst, n = dst.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{n}"), n + 1
+    io.replace(path, dst)
+    io.fsync_dir(path.parent)
+    return dst

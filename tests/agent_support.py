@@ -52,7 +52,8 @@ class AgentProcess:
             return json.load(r)
 
     def logtext(self) -> str:
-        self.log.flush()
+        if not self.log.closed:  # kill() closes it; the file still holds what the agent said
+            self.log.flush()
         return (self.state.parent / f"{self.state.name}.agent.log").read_text(errors="replace")
 
     def chat(self, adapter: str, text: str, max_tokens: int = 8) -> dict:

@@ -76,7 +76,12 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
         from ..contracts.checks import load_health_checks
 
         checks = load_health_checks(local_checks)
-    device = Device(bundle, keys, state, engine_options=opts, local_checks=checks)
+    from ..fsio import CRASH_ENV, io_from_env
+
+    io = io_from_env()
+    if type(io).__name__ != "FileIO":
+        click.echo(f"WARNING: ${CRASH_ENV} is set: this agent kills itself at a chosen step (tests only)", err=True)
+    device = Device(bundle, keys, state, engine_options=opts, local_checks=checks, io=io)
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
     mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key,

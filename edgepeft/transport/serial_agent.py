@@ -99,9 +99,10 @@ class SerialAgent:
         raw_id, total = sp.QUERY_BODY.unpack(body)
         id = raw_id.hex()
         try:
+            self.device.receiver.check_total(id, total or None)  # a size no upload may take: the session stays
             st = self.device.receiver.status(id)
         except TransportError as exc:
-            st = {"error": {"message": exc.message}}
+            return encode_frame(sp.REPLY, sp.reply(sp.QUERY, {"error": {"message": exc.message, "hint": exc.hint}}))
         offset = int((st or {}).get("offset") or 0) if (st or {}).get("status", "receiving") == "receiving" else 0
         self._sessions[raw_id[:8]] = {"id": id, "total": total or None, "expected": offset, "nak_at": 0.0,
                                       "state": (st or {}).get("status") or "receiving"}

@@ -86,6 +86,11 @@ class SerialLink:
     def send(self, id: str, data: bytes, offset: int, progress: Callable[[int], None]) -> dict:
         total = len(data)
         st = self._ask(sp.QUERY, sp.query(id, total))
+        if isinstance(st.get("error"), dict):
+            raise TransportError(f"the device refused the upload: {st['error'].get('message')}",
+                                 hint=st["error"].get("hint"))
+        if st.get("status") == "rejected" and st.get("retryable"):
+            st = {"status": None, "offset": 0}  # refused for damage, or garbage sent under this id: send it whole
         held = int(st.get("offset") or 0) if st.get("status") in (None, "receiving") else total
         if st.get("status") not in (None, "receiving"):
             return st

@@ -16,6 +16,11 @@ State folder (private to the device user)::
     STATE/checked.json          bundles whose own health checks passed on this device (run on first open)
     STATE/.lock                 held by the one process that owns the state (the agent)
     STATE/device.json           {"bundle": the path of the bundle the device was shipped}
+    STATE/device.key            the secret that seals bundle.json and every state.json (see :mod:`.seal`)
+
+A state file that cannot be read or fails its seal never stops the device: it is moved
+aside as ``<name>.bad-<time>`` and reported in :meth:`Device.status` ("notes"); the
+device serves what still verifies (the shipped bundle at worst).
 
 A bundle update (a new base) is installed beside the running one: unpacked,
 opened and verified by a second engine, health-checked with the new bundle's
@@ -36,9 +41,10 @@ from pathlib import Path
 from ..contracts.identity import read_identity
 from ..contracts.update import Envelope, read_update
 from ..errors import EdgePeftError, IntegrityError, StoreError, UsageError
-from ..fsio import FileIO, write_atomic
+from ..fsio import FileIO, quarantine, write_atomic
 from .installer import InstallResult, Rejected, Updater
 from .receiver import Receiver
+from .seal import Seal
 from .store import AdapterState
 
 HISTORY = 100
@@ -50,8 +56,9 @@ class Device:
     ``bundle`` is the bundle the device was shipped (a directory, or its ``.epb`` read in place), used
     until a bundle update replaces it. ``engine_options`` go to every
     :class:`~edgepeft.runtime.Engine` it opens (threads, providers, audit ...).
-    Raises :class:`BundleError` when no bundle verifies, :class:`StoreError` for an unreadable
-    state or one another process (a running agent) holds.
+    Raises :class:`BundleError` when no bundle verifies (not even the shipped one), :class:`StoreError`
+    for a state folder another process (a running agent) holds. An unreadable or tampered state file
+    is not an error: it is quarantined and reported in :meth:`status` ("notes").
     """
 
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
@@ -72,13 +79,16 @@ class Device:
         self._hist_lock = threading.Lock()
         self._owner = _lock_state(self.state_dir)
         try:
+            self.seal = Seal(self.state_dir)
+            self._check_history()
             self.factory = self._factory_dir(Path(bundle))
             if shipped_bundle(self.state_dir) != str(Path(bundle).resolve()):
                 write_atomic(self.state_dir / "device.json",
                              json.dumps({"bundle": str(Path(bundle).resolve())}).encode("utf-8"), io=self.io)
             self.engine, self.bundle_dir = self._open_current()
             self.updater = self._new_updater(self.engine)
-            self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes)
+            self.receiver = Receiver(self.state_dir / "incoming", self, max_bytes=max_update_bytes, io=self.io)
+            self.notes += self.receiver.notes
         except BaseException:
             self._owner.close()
             raise
@@ -95,19 +105,58 @@ class Device:
         raise UsageError(f"bundle {bundle} does not exist", hint="pass the bundle directory or its .epb archive")
 
     def _bundle_state(self) -> AdapterState:
+        """``bundle.json``; one that is unreadable or fails its seal is quarantined and replaced by a
+        state that serves the shipped bundle, its floor the highest installed bundle that verifies."""
         p = self.state_dir / "bundle.json"
+        with self._lock:
+            try:
+                return AdapterState.from_dict(self.seal.open(p, json.loads(self.io.read_file(p).decode("utf-8"))))
+            except FileNotFoundError:
+                return AdapterState()
+            except (OSError, ValueError, RecursionError) as exc:
+                moved = quarantine(self.io, p)
+                floor = max((v for v in self._slot_versions() if self._slot_verifies(v)), default=0)
+                state = AdapterState(floor=floor)
+                self._write_bundle_state(state)
+                self.notes.append(f"bundle.json was unreadable or tampered ({str(exc)[:120]}); moved to {moved.name}; "
+                                  f"the shipped bundle serves, bundle floor v{floor}")
+                return state
+
+    def _slot_versions(self) -> list[int]:
+        if not self._bundles.is_dir():
+            return []
+        return sorted(int(d.name[1:]) for d in self._bundles.iterdir() if d.name[:1] == "v" and d.name[1:].isdigit())
+
+    def _slot_verifies(self, version: int) -> bool:
+        from ..contracts.verify import verify_bundle
+
         try:
-            return AdapterState.from_dict(json.loads(p.read_text(encoding="utf-8")))
+            verify_bundle(self._slot(version), self.trusted_keys, check_files=False)
+            return True
+        except EdgePeftError:
+            return False
+
+    def _check_history(self) -> None:
+        """An unreadable history is moved aside and reported (results are kept for status queries only)."""
+        p = self.state_dir / "history.json"
+        try:
+            data = json.loads(self.io.read_file(p).decode("utf-8"))
+            if isinstance(data, list):
+                return
+            why = "not a list"
         except FileNotFoundError:
-            return AdapterState()
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{p} is unreadable: {exc}", hint=f"remove {p}: the shipped bundle will serve") from exc
+            return
+        except (OSError, ValueError, RecursionError) as exc:
+            why = str(exc)[:120]
+        moved = quarantine(self.io, p)
+        self.notes.append(f"history.json was unreadable ({why}); moved to {moved.name}")
 
     def _slot(self, version: int | None) -> Path | None:
         return None if version is None else self._bundles / f"v{int(version)}"
 
     def _write_bundle_state(self, state: AdapterState) -> None:
-        write_atomic(self.state_dir / "bundle.json", json.dumps(state.to_dict(), sort_keys=True).encode(), io=self.io)
+        p = self.state_dir / "bundle.json"
+        write_atomic(p, json.dumps(self.seal.seal(p, state.to_dict()), sort_keys=True).encode(), io=self.io)
 
     def _open_engine(self, bundle_dir: Path, *, checks: bool = True):
         """An engine on ``bundle_dir``; the bundle's own health checks run the first time this device
@@ -134,7 +183,7 @@ class Device:
 
     def _new_updater(self, engine) -> Updater:
         """The updater for ``engine``: serves the store's versions, then takes unloaded adapters out."""
-        updater = Updater(engine, self.state_dir, io=self.io, local_checks=self.local_checks)
+        updater = Updater(engine, self.state_dir, io=self.io, local_checks=self.local_checks, seal=self.seal)
         for name in self._unloaded():
             if engine.registry.peek(name) is not None:
                 engine.unload_adapter(name)
@@ -232,11 +281,13 @@ class Device:
         try:
             data = json.loads((self.state_dir / "history.json").read_text(encoding="utf-8"))
             return [h for h in data if isinstance(h, dict)] if isinstance(data, list) else []
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return []
 
     def lookup(self, id: str) -> dict | None:
-        return next((h for h in reversed(self._history()) if h.get("id") == id), None)
+        """The newest result recorded under ``id`` whose envelope verified and hashes to ``id``: only such
+        a result may answer for that id (garbage sent under a genuine id proves nothing about it)."""
+        return next((h for h in reversed(self._history()) if h.get("id") == id and h.get("verified") is True), None)
 
     # -- bundle updates ------------------------------------------------------------------------
     def _install_bundle(self, data: bytes, envelope: Envelope, result: InstallResult) -> InstallResult:
@@ -247,6 +298,7 @@ class Device:
 
         meta = envelope.meta
         result.name, result.version, result.id = "bundle", meta.version, envelope.id
+        result.verified = True
 
         def step(status, reason=None):
             result.status, result.reason = status, reason
@@ -346,7 +398,7 @@ class Device:
                     "adapters": self.updater.installed(), "unloaded": self._unloaded(),
                     "uploads": self.receiver.active(), "recent": self._history()[-10:],
                     "identity": read_identity(self.state_dir),
-                    "notes": _unique(self.notes + self.updater.notes + eng.warnings)}
+                    "notes": _unique(self.notes + self.updater.notes + self.updater.store.notes + eng.warnings)}
 
     def unload(self, name: str) -> dict:
         """Stop serving adapter ``name`` and remember it across restarts (installing or rolling back

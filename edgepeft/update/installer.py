@@ -55,10 +55,11 @@ class InstallResult:
     steps: list = field(default_factory=list)  # [(status, unix time)]
     seconds: float = 0.0
     retryable: bool = False  # refused for damage in transit (size, hash): the same package may be sent again
+    verified: bool = False  # the envelope verified and hashes to ``id``: only then is the result kept under that id
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "type": self.type,
-                "status": self.status, "reason": self.reason, "retryable": self.retryable,
+                "status": self.status, "reason": self.reason, "retryable": self.retryable, "verified": self.verified,
                 "seconds": round(self.seconds, 3),
                 "steps": [{"status": s, "at": round(t, 3)} for s, t in self.steps]}
 
@@ -77,7 +78,7 @@ class Updater:
     """
 
     def __init__(self, engine, state_dir: str | Path, *, io: FileIO | None = None, read_only: bool = False,
-                 local_checks: Sequence = ()):
+                 local_checks: Sequence = (), seal=None):
         """``local_checks``: this device's own health checks (site acceptance tests), run after the package's
         signed ones on every install; they can only make an install stricter, never skip a signed check."""
         self.engine = engine
@@ -85,7 +86,8 @@ class Updater:
         self.state_dir = Path(state_dir)
         self.io = io or FileIO()
         self.store = AdapterStore(self.state_dir / "adapters", engine.trusted_keys,
-                                  base_fingerprint=engine.base_fingerprint, io=self.io)
+                                  base_fingerprint=engine.base_fingerprint, io=self.io, seal=seal,
+                                  writable=not read_only)
         self._lock = threading.RLock()
         self.read_only = read_only
         self.notes: list[str] = []
@@ -93,6 +95,7 @@ class Updater:
             if not read_only:
                 self.notes += self.store.recover(name)
             self._serve_committed(name)
+        self.notes += self.store.notes
         for note in self.notes:
             engine.add_warning(note)
 
@@ -198,6 +201,7 @@ class Updater:
         try:
             envelope, payload = read_update(data, self.engine.trusted_keys, source=f"update {res.id[:12] or ''}".strip())
             res.name, res.version, res.id = envelope.meta.name, envelope.meta.version, envelope.id
+            res.verified = True
             if self._already_serving(envelope):  # delivered twice (pulled, then pushed): nothing to do
                 step("verified")
                 step("healthy", _ALREADY.format(v=envelope.meta.version, name=envelope.meta.name))

@@ -21,6 +21,12 @@ the trial is treated as failed and the previous version stays current.
 
 Every write goes through ``io`` (:mod:`.fsio`), so a test can cut the power at
 each one.
+
+With a :class:`~.seal.Seal`, each state file carries an HMAC under the device's own
+key. A state file that cannot be read, does not parse, or fails its seal is never
+fatal: it is moved aside (``state.json.bad-<time>``, kept as evidence), reported in
+:attr:`AdapterStore.notes`, and replaced by a state that serves the bundle's version
+with the floor at the highest version whose package in the folder still verifies.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 from ..contracts.names import is_name
 from ..contracts.update import SUFFIX, Envelope, read_update
 from ..errors import EdgePeftError, StoreError
-from ..fsio import FileIO, write_atomic
+from ..fsio import FileIO, quarantine, write_atomic
 
 # versions whose failure is remembered; older ones are below the floor anyway
 MAX_FAILED = 64
@@ -92,8 +98,11 @@ class AdapterStore:
     :class:`StoreError` for unreadable state and for files that fail verification.
     """
 
-    def __init__(self, root: str | Path, trusted_keys, *, base_fingerprint: str, io: FileIO | None = None):
+    def __init__(self, root: str | Path, trusted_keys, *, base_fingerprint: str, io: FileIO | None = None,
+                 seal=None, writable: bool = True):
         self.root = Path(root)
+        self.seal, self.writable = seal, writable
+        self.notes: list[str] = []  # state files quarantined, for the device's status
         self.trusted_keys = list(trusted_keys)
         self.base_fingerprint = base_fingerprint
         self.io = io or FileIO()
@@ -119,14 +128,41 @@ class AdapterStore:
             return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.is_symlink() and is_name(d.name))
 
     def state(self, name: str) -> AdapterState:
+        """The pointer file of ``name``; one that is unreadable or fails its seal is quarantined and
+        replaced (see the module's docstring). Read-only, it raises :class:`StoreError` instead."""
         p = self._dir(name) / "state.json"
-        try:
-            return AdapterState.from_dict(json.loads(p.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            return AdapterState()
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"adapter store state for {name!r} is unreadable: {exc}",
-                             hint=f"remove {p} to reset this adapter (the bundle's version serves), then reinstall") from exc
+        with self._lock:
+            try:
+                raw = json.loads(self.io.read_file(p).decode("utf-8"))
+                if self.seal is not None:
+                    raw = self.seal.open(p, raw)
+                return AdapterState.from_dict(raw)
+            except FileNotFoundError:
+                return AdapterState()
+            except (OSError, ValueError, RecursionError) as exc:
+                if not self.writable:
+                    raise StoreError(f"adapter store state for {name!r} is unreadable: {exc}",
+                                     hint="start the agent: it quarantines the file and reports it") from exc
+                return self._quarantine(name, p, exc)
+
+    def _quarantine(self, name: str, p: Path, exc: Exception) -> AdapterState:
+        moved = quarantine(self.io, p)
+        floor = 0
+        d = self._dir(name)
+        for f in sorted(d.glob(f"v-*{SUFFIX}")):
+            v = f.name[2:-len(SUFFIX)]
+            if v.isdigit() and int(v) > floor:
+                try:
+                    self.read(name, int(v))
+                    floor = int(v)
+                except StoreError:
+                    continue
+        state = AdapterState(floor=floor)
+        self.write_state(name, state)
+        self.notes.append(f"{name}: state file {p.name} was unreadable or tampered ({str(exc)[:120]}); moved to "
+                          f"{moved.name}; the bundle's version serves, floor v{floor} (highest stored package "
+                          "that verifies)")
+        return state
 
     def read(self, name: str, version: int) -> tuple[Envelope, memoryview]:
         """Read one stored version and verify it as if it had just arrived: signature, payload hash,
@@ -163,7 +199,10 @@ class AdapterStore:
         with self._lock:
             d = self._dir(name)
             self.io.mkdir(d)
-            write_atomic(d / "state.json", json.dumps(state.to_dict(), sort_keys=True).encode("utf-8"), io=self.io)
+            body = state.to_dict()
+            if self.seal is not None:
+                body = self.seal.seal(d / "state.json", body)
+            write_atomic(d / "state.json", json.dumps(body, sort_keys=True).encode("utf-8"), io=self.io)
 
     def stage(self, name: str, version: int, data: bytes) -> Path:
         """Write a verified package beside the current version (temp file, fsync, rename, fsync dir).
@@ -176,14 +215,14 @@ class AdapterStore:
             return final
 
     def prune(self, name: str, keep: set) -> None:
-        """Remove versions not in ``keep`` and any leftover temporaries."""
+        """Remove versions not in ``keep`` and any leftover temporaries (quarantined state files stay)."""
         with self._lock:
             d = self._dir(name)
             if not d.is_dir():
                 return
             keep_files = {f"v-{int(v)}{SUFFIX}" for v in keep if v is not None} | {"state.json"}
             for p in sorted(d.iterdir()):
-                if p.name not in keep_files:
+                if p.name not in keep_files and ".bad-" not in p.name:  # quarantined files are evidence
                     self.io.unlink(p)
 
     def recover(self, name: str) -> list[str]:
