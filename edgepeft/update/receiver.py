@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import shutil
 import threading
 import time
@@ -26,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..contracts.names import is_id
 from ..contracts.update import Envelope, envelope_length, verify_envelope
 from ..errors import EdgePeftError, TransportError
 from ..transport.link import MAX_CHUNK, Busy, Conflict
 from .installer import TERMINAL, InstallResult
-
-_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -84,7 +82,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         for p in sorted(self.dir.glob("*.part")):  # partial uploads survive a restart
-            if _ID_RE.match(p.stem) and time.time() - p.stat().st_mtime < self.stale:
+            if is_id(p.stem) and time.time() - p.stat().st_mtime < self.stale:
                 self._uploads[p.stem] = Upload(p.stem, p, offset=p.stat().st_size)
             else:
                 p.unlink(missing_ok=True)
@@ -109,7 +107,7 @@ class Receiver:
     # -- writes --------------------------------------------------------------------------------
     @staticmethod
     def _check_id(id: str) -> None:
-        if not isinstance(id, str) or not _ID_RE.match(id):
+        if not is_id(id):
             raise TransportError(f"update id {str(id)[:80]!r} is not 64 lowercase hex digits",
                                  hint="the id is the SHA-256 of the package's envelope")
 
