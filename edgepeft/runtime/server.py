@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import AdapterError, EdgePeftError, UsageError
 
-_UNLOAD = re.compile(r"/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/(unload|load)")
+_UNLOAD = re.compile(r"^/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/(unload|load)$")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -378,7 +378,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions,
                   "/v1/classify": self._classify, "/v1/embeddings": self._embeddings}
-        m = _UNLOAD.fullmatch(self.path)
+        m = _UNLOAD.match(self.path)
         if m is not None:
             return self._dispatch(self._unload, m.group(1), m.group(2))
         return self._dispatch(routes.get(self.path, self._no_route))

@@ -28,15 +28,15 @@ from ..errors import AdapterError, EdgePeftError, StoreError, TransportError
 from ..runtime.server import ApiError, ApiHandler, EngineServer
 from .link import MAX_CHUNK, Busy, Conflict
 
-_UPDATE = re.compile(r"/v1/updates/([0-9a-f]{64})")
-_ROLLBACK = re.compile(r"/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/rollback")
+_UPDATE = re.compile(r"^/v1/updates/([0-9a-f]{64})$")
+_ROLLBACK = re.compile(r"^/v1/adapters/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/rollback$")
 
 
 class AgentHandler(ApiHandler):
     """The inference routes plus the update API, behind the same guards."""
 
     def do_GET(self):
-        m = _UPDATE.fullmatch(self.path)
+        m = _UPDATE.match(self.path)
         if self.path == "/v1/device":
             return self._dispatch(lambda: self._send(200, self.server.device.status()))
         if m is not None:
@@ -44,13 +44,13 @@ class AgentHandler(ApiHandler):
         return super().do_GET()
 
     def do_PUT(self):
-        m = _UPDATE.fullmatch(self.path)
+        m = _UPDATE.match(self.path)
         if m is None:
             return super().do_PUT()
         return self._dispatch(self._put, m.group(1))
 
     def do_POST(self):
-        m = _ROLLBACK.fullmatch(self.path)
+        m = _ROLLBACK.match(self.path)
         if m is None:
             return super().do_POST()
         return self._dispatch(self._rollback, m.group(1))
