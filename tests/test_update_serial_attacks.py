@@ -10,14 +10,10 @@ import random
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("serial")
-
-from agent_support import AgentProcess, run_cli  # noqa: E402
-from attack_support import SerialClient, store_snapshot, wait_for  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
-from update_support import forge, version_of  # noqa: E402
+from agent_support import AgentProcess, run_cli
+from attack_support import SerialClient, store_snapshot, wait_for
+from test_runtime_support import cached_bundle, require_fixtures
+from update_support import forge, version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 

@@ -95,13 +95,13 @@ class SerialAgent:
                 continue
             out = []
             for kind, body in dec.feed(chunk):
-                out += self._handle(kind, body)
+                out += self.handle(kind, body)
             self.errors = dec.dropped
             if out:
                 ser.write(b"".join(out))
 
     # -- messages ------------------------------------------------------------------------------
-    def _handle(self, kind: int, body: bytes) -> list[bytes]:
+    def handle(self, kind: int, body: bytes) -> list[bytes]:
         """The answer frames to one message. Never raises: a malformed message is ignored like
         noise, and a failure inside the device is counted and logged."""
         try:
