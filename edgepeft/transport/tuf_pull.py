@@ -301,8 +301,8 @@ class Puller:
         digest = tinfo.hashes.get("sha256")
         if not is_id(digest) or any(r.get("sha256") == digest for r in refused["entries"]):
             return None
-        limit = getattr(getattr(self.device, "receiver", None), "max_bytes", None)
-        if limit is not None and tinfo.length > limit:
+        limit = self.device.receiver.max_bytes
+        if tinfo.length > limit:
             self._refuse(refused, digest, e, f"{tinfo.length} bytes is more than this device takes ({limit})")
             return None
         try:
