@@ -161,8 +161,10 @@ def test_a_malformed_index_does_not_stop_the_poller(built, served, tmp_path):
             assert _serving(agent) == 1
             pull = agent.device()["links"]["pull"]
             assert pull.get("error") or pull.get("skipped"), pull
-        sign_targets(repo, built["private_key"], {INDEX: json.dumps(good).encode()})
-        assert wait_for(lambda: _serving(agent) == 2, timeout=60), agent.logtext()[-2000:]
+        # publishing again repairs the index (rebuilt from the signed targets): the device installs what it lists
+        _publish(repo, built["private_key"], version_of(built, tmp_path / "alpha-3.epu", 3))
+        assert {e["version"] for e in index_of(repo)["packages"]} == {2, 3}
+        assert wait_for(lambda: _serving(agent) == 3, timeout=60), agent.logtext()[-2000:]
     finally:
         agent.stop()
 
