@@ -44,6 +44,9 @@ TERMINAL = ("healthy", "rejected", "rolled-back")
 # ---------------------------------------------------------------------------------------------
 # rows
 # ---------------------------------------------------------------------------------------------
+SHIPPED_VERSION = 1  # alpha's version inside the shipped bundle
+
+
 @dataclass
 class Outcome:
     """What the attacker saw: ``refused`` (the device said no, or ignored it), a status, and the reason text
@@ -78,6 +81,10 @@ class Row:
     xfail: str | None = None  # "issue 23 item N: fixed on branch X" or "new: ..."
     cleanup: Callable | None = None
     probe_after: bool = False  # the attack stops the agent itself: the probe runs on the restarted one
+    # the attacker's own unverified parts may stay (they give their slot to the next upload and expire)
+    leaves_attacker_parts: bool = False
+    # a quarantined state file: the device falls back to the shipped bundle's version (floor kept), by design
+    falls_back_to_shipped: bool = False
 
 
 def refused(outcome: Outcome, expect) -> bool:
@@ -597,6 +604,16 @@ class Lab:
                 # partial uploads held (one whose install just finished may still be listed for a moment)
                 "uploads": sum(1 for u in dev.get("uploads") or [] if u.get("status") == "receiving")}
 
+    def _check_fallback(self, row: Row, before: dict, after: dict) -> None:
+        """After a quarantined state file: alpha serves the shipped version with its floor kept, the bad file
+        is kept aside as evidence, and nothing else changed. The package the bad file pointed to is no longer
+        referenced and is pruned (its version stays refused by the floor; a newer one restores service)."""
+        served, floor, _ = after["adapters"]["alpha"]
+        assert served == SHIPPED_VERSION and floor >= before["adapters"]["alpha"][1], f"{row.id}: {after}"
+        kept = {f: h for f, h in after["files"].items() if ".bad-" not in f}
+        assert set(kept) <= set(before["files"]) and after["bundle"] == before["bundle"], f"{row.id}: {after}"
+        assert any(".bad-" in f for f in after["files"]), f"{row.id}: the bad state file was not kept aside"
+
     def run(self, row: Row) -> None:
         agent = self.agent_for(row.transport)
         before = self.snapshot(agent)
@@ -622,10 +639,19 @@ class Lab:
                 answered = probe.wait_answer()
                 probe.stop()
             assert answered, f"{row.id}: no other client was answered during the attack: {probe.errors[-3:]}"
-            assert all(v == before["adapters"]["alpha"][0] for _, _, v in probe.answers), \
+            served = {before["adapters"]["alpha"][0]} | ({SHIPPED_VERSION} if row.falls_back_to_shipped else set())
+            assert all(v in served for _, _, v in probe.answers), \
                 f"{row.id}: served versions during the attack {[v for *_, v in probe.answers]}"
             assert refused(out, row.expect), f"{row.id}: not refused as expected ({row.expect!r}): {out}"
             after = self.snapshot(agent)
+            if row.leaves_attacker_parts:
+                after["uploads"] = before["uploads"]
+                self.dirty.add("main")
+            if row.falls_back_to_shipped:
+                self.dirty.add("main")  # later rows start again from the verified v2
+                self._check_fallback(row, before, after)
+                ok = True
+                return
             if row.transport == "serial" and after["uploads"] > before["uploads"]:
                 # DATA frames still in flight when a package is refused at install can open a new partial
                 # upload of the same id (a retryable refusal): not a loss, but restart before the next row

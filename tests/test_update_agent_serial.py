@@ -31,7 +31,7 @@ def test_frames_survive_noise_and_resynchronize():
     stream = bytearray(b"\x13\x37garbage\x00")
     for i, f in enumerate(frames):
         if i % 7 == 3:
-            f = f[:len(f) // 2]  # a half frame: it runs into the next frame, both fail their CRC
+            f = f[:len(f) // 2]  # a half frame: dropped; the next frame's leading delimiter saves that one
         if i % 11 == 5:
             f = bytes([f[0] ^ 0x20]) + f[1:]  # a flipped bit
         stream += f
@@ -39,10 +39,10 @@ def test_frames_survive_noise_and_resynchronize():
     got = []
     for i in range(0, len(stream), 13):  # arrives in odd-sized pieces
         got += list(dec.feed(bytes(stream[i:i + 13])))
-    lost = {i for i in range(40) if i % 7 == 3 or i % 7 == 4 or i % 11 == 5}
+    lost = {i for i in range(40) if i % 7 == 3 or i % 11 == 5}
     good = [i for i in range(40) if i not in lost]
     assert [(k, b) for k, b in got] == [(ord("D"), bytes([i]) * (i * 37 % 900)) for i in good]
-    assert dec.dropped >= 10  # the garbage, each half frame with its neighbour, each flipped frame
+    assert dec.dropped >= 8  # the garbage, each half frame, each flipped frame
 
 
 def _agent(built, tmp_path, line, baud):

@@ -131,7 +131,7 @@ def test_device_serial_handler_ignores_malformed_messages(tmp_path_factory, body
             return {"name": name}
 
     agent = SerialAgent(FakeDevice(), "/dev/null")
-    out = agent._handle(kind, body)
+    out = agent.handle(kind, body)
     assert isinstance(out, list)
 
 

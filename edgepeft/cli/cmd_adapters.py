@@ -1,8 +1,9 @@
 """``edgepeft adapters list|install|rollback|unload|load``: manage a device's adapters without Python.
 
-Against a running agent (``--device http://HOST:PORT`` with its token; ``list`` and ``install``
-also over ``serial:///dev/ttyX``), or against a device's state folder while no agent runs
-(``--state DIR``; the bundle it was shipped is remembered there by the agent, or given with
+Against a running agent (``--device http://HOST:PORT`` with its token; ``list``, ``install``
+and ``rollback`` also over ``serial:///dev/ttyX``, rollback with the token), or against a
+device's state folder while no agent runs (``--state DIR``; the bundle it was shipped is
+remembered there by the agent, or given with
 ``--bundle``). Both go through the same :class:`~edgepeft.update.device.Device` rules: signed
 packages only, versions only go up, a health check before anything serves.
 """
@@ -19,9 +20,10 @@ from ..errors import UsageError
 def _target(f):
     for opt in reversed([
         click.option("--device", "to", default=None,
-                     help="A running agent: http://HOST:PORT (or serial:///dev/ttyUSB0?baud=115200 for list/install)."),
+                     help="A running agent: http://HOST:PORT (or serial:///dev/ttyUSB0?baud=115200 for "
+                          "list/install/rollback)."),
         click.option("--token", default=None, envvar="EDGEPEFT_DEVICE_TOKEN",
-                     help="The agent's token (HTTP). [default: $EDGEPEFT_DEVICE_TOKEN]"),
+                     help="The agent's token (HTTP; serial rollback). [default: $EDGEPEFT_DEVICE_TOKEN]"),
         click.option("--token-file", type=click.Path(dir_okay=False), default=None,
                      help="Read the agent's token from a file (its STATE/token)."),
         click.option("--state", type=click.Path(file_okay=False), default=None,
@@ -143,7 +145,8 @@ def _result(st: dict, as_json: bool) -> None:
 def _action(action: str, name: str, to, token, token_file, state, bundle, trusted_key, as_json) -> None:
     t = _Target(to, token, token_file, state, bundle, trusted_key)
     try:
-        t.http_only(action)
+        if action != "rollback":  # rollback also goes over serial (with the token)
+            t.http_only(action)
         if t.device is not None:
             out = {"rollback": t.device.rollback, "unload": t.device.unload, "load": t.device.load}[action](name)
         else:

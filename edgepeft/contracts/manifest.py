@@ -16,13 +16,12 @@ from pathlib import Path
 from ..errors import SpecError
 from .fields import Fields
 from .methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, LORA, METHODS, PREFIX_METHODS
-from .names import check_name
+from .names import check_name, is_id
 
 MANIFEST_SCHEMA_VERSION = 1
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: a size beyond any device
 MANIFEST_NAME = "manifest.json"
 TASKS = ("causal-lm", "classification")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _safe_relpath(value: str, source: str, field_name: str) -> str:
@@ -179,7 +178,7 @@ class Manifest:
             ff = Fields(item, source, f"files[{i}]")
             entry = FileEntry(_safe_relpath(ff.str("path"), source, ff.path("path")),
                               ff.int("size", min=0, max=MAX_FILE_BYTES), ff.str("sha256"))
-            if not _SHA_RE.match(entry.sha256):
+            if not is_id(entry.sha256):
                 raise ff.error("sha256", "must be 64 lowercase hex digits")
             if entry.path in seen or entry.path == MANIFEST_NAME:
                 raise ff.error("path", f"{entry.path!r} is listed twice or names the manifest itself")

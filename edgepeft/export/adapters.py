@@ -32,7 +32,7 @@ from .peft_reader import read_peft_lora
 
 PAYLOADS = ("fp32", "fp16", "int8", "int4")
 HEAD_WEIGHT, HEAD_BIAS = "head.classifier.weight", "head.classifier.bias"
-_DECODER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+_DECODER_MODULE = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
 
 
 @dataclass
@@ -86,15 +86,15 @@ def _matcher(model_info: dict):
     arch = arch_for(model_info)
     if model_info.get("task") != "classification":
         def match(module):
-            m = _DECODER_MODULE.match(module)
+            m = _DECODER_MODULE.fullmatch(module)
             return (int(m[1]), m[2]) if m else None
         return match
     prefix = re.escape(arch.prefix)
-    layer = re.compile(rf"^(?:{prefix})?" + re.escape(arch.layer).replace(re.escape("{i}"), r"(\d+)") + r"(.+)$")
+    layer = re.compile(rf"(?:{prefix})?" + re.escape(arch.layer).replace(re.escape("{i}"), r"(\d+)") + r"(.+)")
     base_heads = {s.module for s in arch.head if s.source == "base"}
 
     def match(module):
-        m = layer.match(module)
+        m = layer.fullmatch(module)
         if m:
             return int(m[1]), m[2]
         bare = module[len(arch.prefix):] if module.startswith(arch.prefix) else module

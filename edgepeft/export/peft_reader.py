@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import AdapterError
 
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 
 
 @dataclass
@@ -118,7 +118,7 @@ def read_peft_lora(peft_dir) -> PeftLora:
     pairs: dict[str, dict] = {}
     for key, arr in tensors.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        m = _LORA_KEY.match(name)
+        m = _LORA_KEY.fullmatch(name)
         if m:
             pairs.setdefault(m["module"], {})[m["ab"]] = arr
         elif "lora_embedding" in name or "lora_magnitude" in name:

@@ -41,7 +41,7 @@ from ..fsio import atomic_path
 
 # The first edgepeft whose devices read update packages; a package never asks for less.
 MIN_RUNTIME = "0.2.0"
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"\s*(\d+)\s*([smhdw])\s*")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -68,7 +68,7 @@ def parse_expiry(text: str | None, now: _dt.datetime | None = None) -> str | Non
     if text is None or str(text).lower() == "never":
         return None
     now = now or utc_now()
-    m = _DURATION.match(str(text))
+    m = _DURATION.fullmatch(str(text))
     if m:
         seconds = int(m.group(1)) * _UNITS[m.group(2)]
         if seconds <= 0:

@@ -162,12 +162,24 @@ class TufRepository:
         return added
 
     def _index(self) -> list[dict]:
+        """The published index's entries; an index that is unreadable or of the wrong shape is rebuilt
+        from the signed targets' own ``custom.edgepeft`` fields, so publishing again repairs it."""
         md = self._load("targets")
-        if md is None or INDEX not in md.signed.targets:
+        if md is None:
             return []
-        tf = md.signed.targets[INDEX]
-        p = self.targets_dir / Path(INDEX).parent / f"{tf.hashes['sha256']}.{Path(INDEX).name}"
-        return json.loads(p.read_text(encoding="utf-8"))["packages"]
+        targets = md.signed.targets
+        if INDEX in targets:
+            tf = targets[INDEX]
+            p = self.targets_dir / Path(INDEX).parent / f"{tf.hashes['sha256']}.{Path(INDEX).name}"
+            try:
+                packages = json.loads(p.read_text(encoding="utf-8")).get("packages")
+                if isinstance(packages, list) and all(isinstance(e, dict) and isinstance(e.get("path"), str)
+                                                      for e in packages):
+                    return packages
+            except (OSError, ValueError, AttributeError, RecursionError):
+                pass
+        return [{"path": path, "expires": None, **custom} for path, tf in targets.items() if path != INDEX
+                and isinstance(custom := tf.unrecognized_fields.get("custom", {}).get("edgepeft"), dict)]
 
     def _store_target(self, path: str, tf, data: bytes) -> None:
         dest = self.targets_dir / Path(path).parent / f"{tf.hashes['sha256']}.{Path(path).name}"

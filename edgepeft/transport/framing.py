@@ -1,10 +1,14 @@
 """Frames on a byte stream (a serial line): COBS with a zero delimiter, a type byte, and a CRC-32.
 
-On the wire: ``COBS(type | body | crc32(type | body)) 0x00``. COBS removes every
-zero byte from the frame, so a zero always ends a frame and a receiver that
-starts mid-frame, or sees noise, re-synchronizes at the next zero. A frame
-whose CRC fails is dropped (the protocol above retransmits). Overhead: 1 type
-byte, 4 CRC bytes, at most 1 COBS byte per 254, and the delimiter.
+On the wire: ``0x00 COBS(type | body | crc32(type | body)) 0x00``. COBS removes
+every zero byte from the frame, so a zero always ends a frame. Every frame also
+starts with a zero: whatever came before it on the line (noise, a half frame, a
+long run without any zero) is closed off by that zero, so a receiver decodes the
+next valid frame whatever preceded it (without it, the first frame after noise
+was glued to the noise's last bytes and lost). Empty frames (two zeros in a row)
+are skipped. A frame whose CRC fails is dropped (the protocol above
+retransmits). Overhead: 1 type byte, 4 CRC bytes, at most 1 COBS byte per 254,
+and the two delimiters.
 
 Hand-written because it is twenty lines: the ``cobs`` package on PyPI is a C
 extension without wheels for every device.
@@ -57,16 +61,18 @@ def cobs_decode(data: bytes) -> bytes:
 
 
 def encode_frame(kind: int, body: bytes = b"") -> bytes:
-    """One frame on the wire, delimiter included."""
+    """One frame on the wire, both delimiters included (the leading one resynchronizes the receiver)."""
     raw = bytes([kind]) + body
-    return cobs_encode(raw + _CRC.pack(zlib.crc32(raw))) + b"\x00"
+    return b"\x00" + cobs_encode(raw + _CRC.pack(zlib.crc32(raw))) + b"\x00"
 
 
 class FrameDecoder:
     """Feed it bytes as they arrive; iterate complete, CRC-checked frames as ``(type, body)``.
 
     Garbage, half-frames and corrupted frames are counted in ``dropped`` and skipped; the
-    decoder never raises on input.
+    decoder never raises on input, and its memory stays below ``2 * max_frame`` bytes whatever
+    arrives. After a run without any zero longer than that, it skips to the next zero, which
+    (every frame starting with one) is the start of the next frame.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME):

@@ -30,7 +30,8 @@ def read_token_file(path: str, wait: float = 60.0) -> str:
 
 
 def open_link(to: str, token: str | None, token_file: str | None):
-    """An HTTP or serial link from ``--to`` (http://HOST:PORT or serial:///dev/ttyX?baud=N)."""
+    """An HTTP or serial link from ``--to`` (http://HOST:PORT or serial:///dev/ttyX?baud=N). HTTP needs the
+    token; serial takes it when given (for rollback). Raises :class:`UsageError`, :class:`TransportError`."""
     from urllib.parse import parse_qs, urlsplit
 
     if to.startswith("serial:"):
@@ -44,7 +45,8 @@ def open_link(to: str, token: str | None, token_file: str | None):
             raise UsageError(f"--to {to!r}: baud must be a number", hint="e.g. serial:///dev/ttyUSB0?baud=115200") from exc
         if not u.path:
             raise UsageError(f"--to {to!r} names no serial port", hint="e.g. serial:///dev/ttyUSB0?baud=115200")
-        return SerialLink(u.path, baud)
+        # pushes need no token (packages are signed); a rollback proves it without sending it
+        return SerialLink(u.path, baud, token=read_token_file(token_file) if token_file else token or None)
     if token_file:
         token = read_token_file(token_file)
     if not token:

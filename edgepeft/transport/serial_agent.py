@@ -3,31 +3,52 @@
 Protocol: :mod:`edgepeft.transport.serial_proto`. The port is reopened when it
 goes away (a USB-serial adapter unplugged), and partial packages stay with the
 receiver, so a sender that comes back resumes from the device's offset.
+
+Anyone on the line is a stranger: the state kept per sender is bounded (the
+last ``MAX_SESSIONS`` upload sessions, the last ``MAX_NONCES`` challenges), a
+ROLLBACK needs the device token (see :mod:`.serial_proto`), and no input, nor
+any error of the device behind it, stops the listener.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import struct
+import sys
 import threading
 import time
+from collections import OrderedDict
 
 from ..errors import EdgePeftError, TransportError
 from . import serial_proto as sp
 from .framing import FrameDecoder, encode_frame
 
 NAK_INTERVAL = 0.5  # seconds before the same gap is reported again
+MAX_SESSIONS = 8  # upload sessions kept (least recently used go first; a sender that lost its own asks again)
 
 
 class SerialAgent:
     """Serve one serial port for ``device`` until :meth:`stop`."""
 
-    def __init__(self, device, port: str, baud: int = 115200, *, open_port=None):
+    def __init__(self, device, port: str, baud: int = 115200, *, token: str | None = None, open_port=None,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        """``token``: the device token a ROLLBACK must prove (None: no rollback over this line)."""
         self.device, self.port, self.baud = device, port, int(baud)
+        self.token, self.log = token, log
         self._open_port = open_port or self._pyserial
         self._stop = threading.Event()
-        self._sessions: dict[bytes, dict] = {}
+        self._sessions: OrderedDict[bytes, dict] = OrderedDict()
+        self._nonces: OrderedDict[bytes, dict] = OrderedDict()
         self.errors = 0  # frames dropped for bad CRC or framing (noise on the line)
+        self.failures = 0  # messages whose handling failed inside the device (logged, never fatal)
+        self.last_problem = None
         self._ser = None
+
+    def describe(self) -> dict:
+        """This link's own state, for the device's status (INFO, GET /v1/device)."""
+        return {"port": self.port, "sessions": len(self._sessions), "max_sessions": MAX_SESSIONS,
+                "dropped_frames": self.errors, "failures": self.failures, "problem": self.last_problem}
 
     def _pyserial(self):
         import serial
@@ -53,6 +74,9 @@ class SerialAgent:
                 self._serve(self._ser)
             except (OSError, ValueError) as exc:
                 self._wait(0.5, f"{self.port} went away: {exc}")
+            except Exception as exc:  # a bug must not end the listener: report it and serve on
+                self.log(f"serial {self.port}: {type(exc).__name__}: {exc}")
+                self._wait(0.5, f"{self.port}: {type(exc).__name__}: {exc}")
             finally:
                 try:
                     self._ser.close()
@@ -71,13 +95,15 @@ class SerialAgent:
                 continue
             out = []
             for kind, body in dec.feed(chunk):
-                out += self._handle(kind, body)
+                out += self.handle(kind, body)
             self.errors = dec.dropped
             if out:
                 ser.write(b"".join(out))
 
     # -- messages ------------------------------------------------------------------------------
-    def _handle(self, kind: int, body: bytes) -> list[bytes]:
+    def handle(self, kind: int, body: bytes) -> list[bytes]:
+        """The answer frames to one message. Never raises: a malformed message is ignored like
+        noise, and a failure inside the device is counted and logged."""
         try:
             if kind == sp.DATA:
                 return self._data(body)
@@ -85,15 +111,49 @@ class SerialAgent:
                 return [self._query(body)]
             if kind == sp.INFO:
                 return [encode_frame(sp.REPLY, sp.reply(sp.INFO, self.device.status()))]
+            if kind == sp.CHALLENGE:
+                return [encode_frame(sp.REPLY, sp.reply(sp.CHALLENGE, self._challenge()))]
             if kind == sp.ROLLBACK:
-                try:
-                    answer = self.device.rollback(body.decode("utf-8"), "requested over the serial link")
-                except EdgePeftError as exc:
-                    answer = {"error": {"message": exc.message, "hint": exc.hint}}
-                return [encode_frame(sp.REPLY, sp.reply(sp.ROLLBACK, answer))]
+                return [encode_frame(sp.REPLY, sp.reply(sp.ROLLBACK, self._rollback(body)))]
         except (ValueError, UnicodeDecodeError, struct.error):
             pass  # a well-framed but malformed message: ignore it like noise
+        except Exception as exc:  # the device failed on it: the line stays up
+            self.failures += 1
+            self.log(f"serial {self.port}: message {kind:#04x} failed: {type(exc).__name__}: {exc}")
         return []
+
+    def _challenge(self) -> dict:
+        nonce = secrets.token_bytes(sp.NONCE_BYTES)
+        self._nonces[nonce] = {"at": time.monotonic(), "body": None, "answer": None}
+        while len(self._nonces) > sp.MAX_NONCES:
+            self._nonces.popitem(last=False)
+        return {"nonce": nonce.hex(), "seconds": sp.NONCE_SECONDS}
+
+    def _rollback(self, body: bytes) -> dict:
+        """Roll back only for a sender that proves the device token over a fresh nonce."""
+        hint = "`edgepeft adapters rollback NAME --device serial://PORT --token-file FILE` (the device's token)"
+        if self.token is None:
+            return _refusal("rollback is not available over this serial line (the agent has no token)", hint)
+        try:
+            nonce, mac, raw = sp.parse_rollback(body)
+        except ValueError:
+            return _refusal("a rollback over the serial link needs the device token (a MAC over a challenge)", hint)
+        entry = self._nonces.get(nonce)
+        if entry is None or time.monotonic() - entry["at"] > sp.NONCE_SECONDS:
+            self._nonces.pop(nonce, None)
+            return _refusal("the rollback's challenge is unknown, used or expired", "ask for a new challenge")
+        if entry["answer"] is not None:  # the same request again (its answer was lost): answer it again
+            return entry["answer"] if hmac.compare_digest(entry["body"], body) else \
+                _refusal("the rollback's challenge is unknown, used or expired", "ask for a new challenge")
+        if not hmac.compare_digest(mac, sp.rollback_mac(self.token, nonce, raw)):
+            del self._nonces[nonce]
+            return _refusal("the rollback request is not signed with this device's token", hint)
+        try:
+            answer = self.device.rollback(raw.decode("utf-8"), "requested over the serial link")
+        except EdgePeftError as exc:
+            answer = {"error": {"message": exc.message, "hint": exc.hint}}
+        entry["body"], entry["answer"] = body, answer
+        return answer
 
     def _query(self, body: bytes) -> bytes:
         raw_id, total = sp.QUERY_BODY.unpack(body)
@@ -104,8 +164,11 @@ class SerialAgent:
         except TransportError as exc:
             return encode_frame(sp.REPLY, sp.reply(sp.QUERY, {"error": {"message": exc.message, "hint": exc.hint}}))
         offset = int((st or {}).get("offset") or 0) if (st or {}).get("status", "receiving") == "receiving" else 0
+        self._sessions.pop(raw_id[:8], None)
         self._sessions[raw_id[:8]] = {"id": id, "total": total or None, "expected": offset, "nak_at": 0.0,
                                       "state": (st or {}).get("status") or "receiving"}
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
         return encode_frame(sp.REPLY, sp.reply(sp.QUERY, st or {"id": id, "status": None, "offset": 0}))
 
     def _data(self, body: bytes) -> list[bytes]:
@@ -113,8 +176,9 @@ class SerialAgent:
             return []
         id8, offset = sp.DATA_HEAD.unpack_from(body)
         s = self._sessions.get(id8)
-        if s is None:  # no QUERY yet (the device restarted): make the sender ask
+        if s is None:  # no QUERY yet, or forgotten (the device restarted, or many senders): make the sender ask
             return [encode_frame(sp.NAK, sp.ack(id8, 0, "receiving"))]
+        self._sessions.move_to_end(id8)
         chunk = body[sp.DATA_HEAD.size:]
         if offset == s["expected"]:
             from .link import Busy, Conflict
@@ -136,3 +200,7 @@ class SerialAgent:
                 return [encode_frame(sp.NAK, sp.ack(id8, s["expected"], "receiving"))]
             return []
         return [encode_frame(sp.ACK, sp.ack(id8, s["expected"], s["state"]))]  # a duplicate
+
+
+def _refusal(message: str, hint: str) -> dict:
+    return {"error": {"message": message, "hint": hint}}

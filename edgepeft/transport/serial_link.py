@@ -2,7 +2,9 @@
 
 Protocol and flow: :mod:`.serial_proto`. ``SerialLink(port, baud)`` implements the
 link interface of :mod:`.link`, so ``edgepeft push --to serial:///dev/ttyUSB0?baud=115200``
-resumes, waits and reports exactly like an HTTP push.
+resumes, waits and reports exactly like an HTTP push. Pushing needs no credential
+(the device verifies every package's signature); a rollback needs the device token
+(``token``), proven over a fresh challenge without sending it (see :mod:`.serial_proto`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import time
 from collections.abc import Callable
 
-from ..errors import TransportError
+from ..errors import TransportError, UsageError
 from . import serial_proto as sp
 from .framing import FrameDecoder, encode_frame
 from .link import Conflict, LinkDown
@@ -23,9 +25,9 @@ class SerialLink:
     stops answering (the push resumes), :class:`TransportError` when the port cannot be opened."""
 
     def __init__(self, port: str, baud: int = 115200, *, frame: int = 1024, window: int = 16 << 10,
-                 reply_timeout: float = 2.0, serial_factory=None):
+                 reply_timeout: float = 2.0, serial_factory=None, token: str | None = None):
         self.port, self.baud, self.frame, self.window = port, int(baud), int(frame), int(window)
-        self.reply_timeout = reply_timeout
+        self.reply_timeout, self.token = reply_timeout, token
         try:
             if serial_factory is not None:
                 self.ser = serial_factory()
@@ -139,10 +141,29 @@ class SerialLink:
         return self._ask(sp.INFO, b"")
 
     def rollback(self, name: str) -> dict:
-        answer = self._ask(sp.ROLLBACK, name.encode("utf-8"))
+        """Roll adapter ``name`` back, proving the device token over a fresh challenge.
+        Raises :class:`UsageError` without a token, :class:`TransportError` when the device refuses."""
+        if not self.token:
+            raise UsageError("a rollback over a serial line needs the device's token",
+                             hint="pass --token-file FILE (the device's STATE/token) or --token T")
+        challenge = self._ask(sp.CHALLENGE, b"")
+        try:
+            nonce = bytes.fromhex(str(challenge.get("nonce")))
+        except ValueError:
+            nonce = b""
+        if len(nonce) != sp.NONCE_BYTES:
+            raise TransportError(f"the device on {self.port} did not give a usable challenge",
+                                 hint="upgrade edgepeft on the device: its serial rollback predates challenges")
+        answer = self._ask(sp.ROLLBACK, sp.rollback_request(nonce, name, self.token))
         if isinstance(answer.get("error"), dict):
             raise TransportError(answer["error"].get("message", "rollback refused"), hint=answer["error"].get("hint"))
         return answer
+
+    def adapter_action(self, name: str, action: str) -> dict:
+        """What `edgepeft adapters` asks a link for; over serial only ``rollback``."""
+        if action != "rollback":
+            raise UsageError(f"{action} is not available over a serial line", hint="use --device http://HOST:PORT")
+        return self.rollback(name)
 
     def close(self) -> None:
         try:

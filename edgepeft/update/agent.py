@@ -84,12 +84,14 @@ class Agent:
         if self.serial_options:
             from ..transport.serial_agent import SerialAgent
 
-            self.serial = SerialAgent(self.device, **self.serial_options)
+            self.serial = SerialAgent(self.device, **self.serial_options, token=self.token, log=self.log)
+            self.device.links["serial"] = self.serial.describe
             self._threads.append(self.serial.start())
         if self.pull_options:
             from ..transport.tuf_pull import Puller
 
             self.puller = Puller(self.device, **self.pull_options, log=self.log)
+            self.device.links["pull"] = self.puller.describe
             self._threads.append(self.puller.start())
         if self.mqtt_options:
             from ..transport.mqtt_agent import MqttAgent

@@ -75,6 +75,7 @@ class Device:
         self._check_bundles = bool(self.engine_options.pop("health_checks", True))
         self.local_checks = list(local_checks)  # this device's own checks, on top of every signed set
         self.notes: list[str] = []
+        self.links: dict = {}  # link name -> a callable giving that link's own state (serial sessions, last pull)
         self._lock = threading.RLock()
         self._hist_lock = threading.Lock()
         self._owner = _lock_state(self.state_dir)
@@ -398,6 +399,7 @@ class Device:
                     "adapters": self.updater.installed(), "unloaded": self._unloaded(),
                     "uploads": self.receiver.active(), "recent": self._history()[-10:],
                     "identity": read_identity(self.state_dir),
+                    "links": {name: describe() for name, describe in self.links.items()},
                     "notes": _unique(self.notes + self.updater.notes + self.updater.store.notes + eng.warnings)}
 
     def unload(self, name: str) -> dict:

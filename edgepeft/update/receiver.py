@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import shutil
 import stat
 import threading
@@ -37,13 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..contracts.names import is_id
 from ..contracts.update import Envelope, envelope_length, verify_envelope
 from ..errors import EdgePeftError, TransportError
 from ..fsio import FileIO
 from ..transport.link import MAX_CHUNK, Busy, Conflict
 from .installer import TERMINAL, InstallResult
-
-_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 # a part without a verified envelope may be evicted for a new upload at once, and expires after this
 UNVERIFIED_IDLE = 60.0
@@ -124,7 +122,7 @@ class Receiver:
                 st = p.lstat()
             except OSError:
                 continue
-            if not _ID_RE.fullmatch(id) or not stat.S_ISREG(st.st_mode) or now - st.st_mtime > EXPIRE:
+            if not is_id(id) or not stat.S_ISREG(st.st_mode) or now - st.st_mtime > EXPIRE:
                 try:
                     self.io.unlink(p)
                 except OSError:  # a folder planted here: left alone, never read
@@ -177,7 +175,7 @@ class Receiver:
     # -- writes --------------------------------------------------------------------------------
     @staticmethod
     def _check_id(id: str) -> None:
-        if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+        if not is_id(id):
             raise TransportError(f"update id {str(id)[:80]!r} is not 64 lowercase hex digits",
                                  hint="the id is the SHA-256 of the package's envelope")
 
