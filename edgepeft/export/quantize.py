@@ -277,7 +277,7 @@ class LinearEmitter:
         self.dequantized: dict[str, np.ndarray] = {}  # name -> effective weight, for tests/metrics
         self.carried: list[str] = []  # HF names of the weights whose GGUF blocks were carried as they are
         self._emit: dict[str, object] = {}  # name -> emits the layer on another input, same stored weights
-        self._indicator: dict[int, str] = {}  # K -> the [0, 0, K/32, 32] shape of its block sums
+        self._indicator: dict[tuple, str] = {}  # (K, block) -> the [0, 0, K/block, block] shape of its block sums
 
     def _source_blocks(self, source, n: int):
         """The GGUF block weights for the HF weights ``source``, stacked along rows: one block weight,
@@ -350,43 +350,88 @@ class LinearEmitter:
         return emit(x)
 
     def _scales(self, blk, name: str) -> tuple[str, str | None]:
-        """fp32 scales and (Q4_1) the per-block correction ``m + 8 d`` [N, K/32], from the GGUF's fp16
-        values by nodes ONNX Runtime folds at load (the file keeps fp16, the kernels get fp32)."""
+        """fp32 scales and (affine formats) the per-block correction ``min + c * scale`` [N, blocks], from
+        the GGUF's fp16 values (times K-quants' integer sub-scales and sub-minimums) by nodes ONNX Runtime
+        folds at load: the file keeps the GGUF's numbers, the kernels get fp32."""
         from onnx import TensorProto
 
         gb = self.gb
-        scales = gb.op("Cast", [gb.const(blk.scales, f"{name}.scales_fp16")], to=TensorProto.FLOAT, hint="scales")
+        nb = blk.cols // blk.block
+
+        def per_block(fp16, sub, what):
+            v = gb.op("Cast", [gb.const(fp16, f"{name}.{what}_fp16")], to=TensorProto.FLOAT, hint=what)
+            if sub is None:
+                return v
+            per = sub.shape[1] // fp16.shape[1]
+            subf = gb.op("Cast", [gb.const(sub, f"{name}.sub_{what}")], to=TensorProto.FLOAT, hint=f"sub_{what}")
+            subf = gb.op("Reshape", [subf, gb.const(np.array([blk.rows, -1, per], np.int64))], hint=f"sub_{what}")
+            v = gb.op("Unsqueeze", [v, gb.const(np.array([-1], np.int64))], hint=what)
+            return gb.op("Reshape", [gb.op("Mul", [v, subf], hint=what), gb.const(np.array([blk.rows, nb], np.int64))],
+                         hint=what)
+
+        scales = per_block(blk.scales, blk.sub_scales, "scales")
         if blk.mins is None:
             return scales, None
-        mins = gb.op("Cast", [gb.const(blk.mins, f"{name}.mins_fp16")], to=TensorProto.FLOAT, hint="mins")
-        eight = gb.const(np.array(8.0, np.float32))
-        return scales, gb.op("Add", [mins, gb.op("Mul", [scales, eight], hint="zp_shift")], hint="block_offset")
+        mins = per_block(blk.mins, blk.sub_mins, "mins")
+        centre = gb.const(np.array(float(blk.centre), np.float32))
+        shift = gb.op("Mul", [scales, centre], hint="zp_shift")
+        if blk.sub_mins is not None:  # K-quants: w = s * q - dmin * m
+            return scales, gb.op("Sub", [shift, mins], hint="block_offset")
+        return scales, gb.op("Add", [mins, shift], hint="block_offset")
 
-    def _block_sum(self, x: str, k: int) -> str:
-        """``x`` summed over each block of 32 along its last axis: [..., K] -> [..., K/32].
-
-        Reshape + ReduceSum measured 9 % over the bare kernel on SmolLM2's layer, a MatMul
-        with a 0/1 block matrix 26 % (one thread, ``benchmarks.sec_kernels``)."""
-        from .gguf_blocks import BLOCK
+    def _codes(self, blk, name: str) -> str:
+        """The kernel's codes: stored as they are (4-bit codes, Q8_0), or for 5- and 6-bit codes their low
+        nibbles and high bits stored apart (the GGUF's size) and joined into 8-bit codes ``q + 128 - c`` by
+        nodes ONNX Runtime folds at load."""
+        from onnx import TensorProto
 
         gb = self.gb
-        if k not in self._indicator:
-            self._indicator[k] = gb.const(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"block_shape.k{k}")
-        blocks = gb.op("Reshape", [x, self._indicator[k]], hint="blocks")
+        packed = gb.const(blk.codes, f"{name}.qweight")
+        if blk.high is None:
+            return packed
+        u8 = lambda v: gb.const(np.array(v, np.uint8))  # noqa: E731
+        last = gb.const(np.array([-1], np.int64))
+        shape = gb.const(np.array([blk.rows, -1, blk.block], np.int64))
+        lo = gb.op("BitShift", [gb.op("BitShift", [packed, u8(4)], direction="LEFT", hint="nib"), u8(4)],
+                   direction="RIGHT", hint="nib_lo")
+        hi = gb.op("BitShift", [packed, u8(4)], direction="RIGHT", hint="nib_hi")
+        nib = gb.op("Concat", [gb.op("Unsqueeze", [lo, last]), gb.op("Unsqueeze", [hi, last])], axis=-1, hint="nib")
+        nib = gb.op("Reshape", [nib, shape], hint="nib")
+        hb = blk.code_bits - 4
+        per = 8 // hb
+        left = u8([8 - hb * (b + 1) for b in range(per)])  # bit field b to the top, then down to bit 0
+        high = gb.op("Unsqueeze", [gb.const(blk.high, f"{name}.qweight_high"), last], hint="high")
+        high = gb.op("BitShift", [gb.op("BitShift", [high, left], direction="LEFT", hint="high"), u8(8 - hb)],
+                     direction="RIGHT", hint="high")
+        high = gb.op("Reshape", [high, shape], hint="high")
+        i32 = lambda t: gb.op("Cast", [t], to=TensorProto.INT32, hint="codes_i32")  # noqa: E731
+        code = gb.op("Add", [i32(nib), gb.op("Mul", [i32(high), gb.const(np.array(16, np.int32))], hint="high")],
+                     hint="codes")
+        code = gb.op("Add", [code, gb.const(np.array(128 - blk.centre, np.int32))], hint="codes")
+        return gb.op("Cast", [code], to=TensorProto.UINT8, hint="codes")
+
+    def _block_sum(self, x: str, k: int, block: int) -> str:
+        """``x`` summed over each block along its last axis: [..., K] -> [..., K/block].
+
+        Reshape + ReduceSum is cheaper than a MatMul with a 0/1 block matrix (``benchmarks.sec_kernels``)."""
+        gb = self.gb
+        key = (k, block)
+        if key not in self._indicator:
+            self._indicator[key] = gb.const(np.array([0, 0, k // block, block], np.int64), f"block_shape.k{k}b{block}")
+        blocks = gb.op("Reshape", [x, self._indicator[key]], hint="blocks")
         return gb.op("ReduceSum", [blocks, gb.const(np.array([-1], np.int64))], keepdims=0, hint="block_sum")
 
     def _block_linear(self, blk, bias, name: str):
-        """A closure emitting ``MatMulNBits`` on GGUF blocks (plus Q4_1's block-offset matmul), or
-        ``MatMulBnb4`` on an NF4 weight."""
+        """A closure emitting ``MatMulNBits`` on GGUF blocks (plus the block-offset matmul of the affine
+        formats), or ``MatMulBnb4`` on an NF4 weight."""
         from .nf4 import NF4Weight
 
         if isinstance(blk, NF4Weight):
             return self._nf4_linear(blk, bias, name)
         scales, offset = self._scales(blk, name)
-        wname = self.gb.const(blk.codes, f"{name}.qweight")
+        wname = self._codes(blk, name)
         bname = None if bias is None else self.gb.const(np.asarray(bias, np.float32), f"{name}.bias")
-        return self._block_linear_on(wname, scales, offset, blk.rows, blk.cols, blk.bits, name.replace(".", "_"),
-                                     bias=bname)
+        return self._block_linear_on(wname, scales, offset, blk, name.replace(".", "_"), bias=bname)
 
     def again(self, x: str, name: str) -> str:
         """The layer emitted as ``name`` applied to another input, reading the same stored weights."""
@@ -443,22 +488,21 @@ class LinearEmitter:
 
     def _block_embedding(self, ids: str, blk, name: str):
         """Tied embedding and lm_head on one copy of GGUF blocks (``GatherBlockQuantized`` + ``MatMulNBits``)."""
-        from .gguf_blocks import BLOCK
-
         gb = self.gb
         vocab, hidden = blk.rows, blk.cols
         scales, offset = self._scales(blk, name)
-        wname = gb.const(blk.codes, f"{name}.qweight")
+        wname = self._codes(blk, name)
         flat = gb.op("Reshape", [wname, gb.const(np.array([vocab, -1], np.int64))], hint="embed_flat")
-        emb = gb.ms("GatherBlockQuantized", [flat, ids, scales], hint="embed", bits=blk.bits, block_size=BLOCK,
+        emb = gb.ms("GatherBlockQuantized", [flat, ids, scales], hint="embed", bits=blk.bits, block_size=blk.block,
                     gather_axis=0, quantize_axis=1)
-        if offset is not None:  # Q4_1: each row's blocks also get m + 8d
+        if offset is not None:  # affine formats: each row's blocks also get min + c * scale
             rows = gb.op("Unsqueeze", [gb.op("Gather", [offset, ids], hint="embed_offset"),
                                        gb.const(np.array([-1], np.int64))], hint="embed_offset")
-            blocks = gb.op("Reshape", [emb, gb.const(np.array([0, 0, hidden // BLOCK, BLOCK], np.int64))])
+            shape = np.array([0, 0, hidden // blk.block, blk.block], np.int64)
+            blocks = gb.op("Reshape", [emb, gb.const(shape)])
             emb = gb.op("Reshape", [gb.op("Add", [blocks, rows]), gb.const(np.array([0, 0, hidden], np.int64))],
                         hint="embed")
-        head = self._block_linear_on(wname, scales, offset, vocab, hidden, blk.bits, "lm_head")
+        head = self._block_linear_on(wname, scales, offset, blk, "lm_head")
         return emb, head
 
     def _nf4_linear(self, w, bias, name: str):
@@ -473,19 +517,19 @@ class LinearEmitter:
             return y if bname is None else gb.op("Add", [y, bname])
         return emit
 
-    def _block_linear_on(self, wname, scales, offset, n, k, bits, hint, bias=None):
-        """``MatMulNBits`` over stored codes and scales, plus ``blocksum(x) @ offset^T`` for Q4_1."""
-        from .gguf_blocks import BLOCK
-
+    def _block_linear_on(self, wname, scales, offset, blk, hint, bias=None):
+        """``MatMulNBits`` over stored codes and scales, plus ``blocksum(x) @ offset^T`` for the affine formats."""
         gb, q = self.gb, self.q
+        n, k, bits, block = blk.rows, blk.cols, blk.bits, blk.block
         offset_t = None if offset is None else gb.op("Transpose", [offset], perm=[1, 0], hint="block_offset_t")
         ins = [wname, scales] + ([] if bias is None else ["", "", bias])
 
         def emit(inp):
-            y = gb.ms("MatMulNBits", [inp, *ins], hint=hint, K=k, N=n, bits=bits, block_size=BLOCK,
+            y = gb.ms("MatMulNBits", [inp, *ins], hint=hint, K=k, N=n, bits=bits, block_size=block,
                       accuracy_level=q.accuracy_level)
             if offset_t is None:
                 return y
-            return gb.op("Add", [y, gb.op("MatMul", [self._block_sum(inp, k), offset_t], hint="block_offset_mm")],
+            return gb.op("Add", [y, gb.op("MatMul", [self._block_sum(inp, k, block), offset_t],
+                                          hint="block_offset_mm")],
                          hint="block_offset_add")
         return emit
