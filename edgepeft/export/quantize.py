@@ -175,18 +175,35 @@ class Blocks(NamedTuple):
     packed: np.ndarray        # uint8 [N, k_blocks, block_size*bits/8], 4-bit values low nibble first
     scales: np.ndarray        # float32 [N, k_blocks]
     zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks/2)], packed uint4 (None: symmetric)
-    deq: np.ndarray           # float32 [N, K], the weight the graph effectively uses
+    deq: np.ndarray | None    # float32 [N, K], the weight the graph effectively uses (None when not asked for)
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Blocks:
+_CHUNK = 1 << 22  # weights quantized at a time: the temporaries of a 1B model's embedding stay small
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
+                       dequantized: bool = True) -> Blocks:
     """Quantize ``w`` [N, K] along K in blocks (K zero-padded to a multiple of ``block_size``).
 
     Symmetric: ``scale = w[argmax|w|] / -2**(bits-1)`` and values stored with the
     ops' default zero point ``2**(bits-1)``. Asymmetric (4 bits only): codes
     0..15 with a uint4 zero point per block, the block's larger-magnitude extreme
-    exact (see the module docstring).
+    exact (see the module docstring). Rows go through in chunks (the same result,
+    bounded temporaries); ``dequantized=False`` leaves ``deq`` None (the exporter
+    does not need it, and for an embedding it is as large as the fp32 table).
     """
     w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    step = max(1, _CHUNK // max(k, 1))
+    if n > step:
+        parts = [quantize_blockwise(w[i:i + step], bits, block_size, symmetric, dequantized)
+                 for i in range(0, n, step)]
+        cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
+        return Blocks(*(cat([p[j] for p in parts]) for j in range(4)))
+    return _quantize_rows(w, bits, block_size, symmetric, dequantized)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool, dequantized: bool) -> Blocks:
     n, k = w.shape
     nb = -(-k // block_size)
     pad = nb * block_size - k
@@ -219,8 +236,8 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: boo
         zp = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
     if bits == 4:
         qu = (qu[..., 0::2] | (qu[..., 1::2] << 4)).astype(np.uint8)
-    deq = deq.reshape(n, nb * block_size)[:, :k]
-    return Blocks(qu, scales[..., 0].astype(np.float32), zp, deq.astype(np.float32))
+    deq = deq.reshape(n, nb * block_size)[:, :k].astype(np.float32) if dequantized else None
+    return Blocks(qu, scales[..., 0].astype(np.float32), zp, deq)
 
 
 def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -325,7 +342,7 @@ class LinearEmitter:
                              hint=name.replace(".", "_"))
         elif q.bits:
             bs = _fit_block(k, q.block_for(name))
-            blk = quantize_blockwise(weight, q.bits, bs, symmetric=not q.asymmetric(name))
+            blk = quantize_blockwise(weight, q.bits, bs, symmetric=not q.asymmetric(name), dequantized=False)
             ins = [gb.const(blk.packed, f"{name}.qweight"), gb.const(blk.scales, f"{name}.scales")]
             if blk.zero_points is not None:
                 ins.append(gb.const(blk.zero_points, f"{name}.zero_points"))
@@ -457,7 +474,7 @@ class LinearEmitter:
             if hidden % bs:
                 raise UsageError(f"hidden size {hidden} has no quantization block size >= 16 dividing it",
                                  hint="export with fp16 or fp32 weights")
-            blk = quantize_blockwise(embed, q.bits, bs, symmetric=not q.asymmetric("embed"))
+            blk = quantize_blockwise(embed, q.bits, bs, symmetric=not q.asymmetric("embed"), dequantized=False)
             wname = gb.const(blk.packed, f"{name}.qweight")
             qins = [gb.const(blk.scales, f"{name}.scales")]
             if blk.zero_points is not None:  # [vocab, ceil(blocks/2)] packed: both ops read this layout
