@@ -133,32 +133,48 @@ def n_params(path) -> int:
 
 _MEASURE = """
 import resource, subprocess, sys, time
+import psutil
 t = time.time()
-rc = subprocess.run(sys.argv[1:]).returncode
-print("SCALE", rc, time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+p = subprocess.Popen(sys.argv[1:])
+me, main, kids = psutil.Process(p.pid), 0, 0
+while p.poll() is None:
+    try:
+        main = max(main, me.memory_info().rss)
+        for c in me.children(recursive=True):
+            kids = max(kids, c.memory_info().rss)
+    except psutil.Error:
+        pass
+    time.sleep(0.05)
+print("SCALE", p.returncode, time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, main, kids)
 """
 
 
 def measure_build(model_dir, out_dir, key, *, target: str = "raspberry-pi-5", quant: str = "int4",
                   extra: tuple = (), src=None) -> dict:
-    """Run ``edgepeft build`` in a child of a fresh parent; wall seconds and peak RSS (MiB) of the build.
-    ``src``: the edgepeft checkout to run (default: this one), e.g. an older commit for a before/after."""
-    cmd = [sys.executable, "-m", "edgepeft", "build", "--base", str(model_dir), "--target", target,
-           "--quant", quant, "--key", str(key), "--out", str(out_dir), "--force", *extra]
-    env = dict(os.environ, PYTHONPATH=str(src or Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
+    """Run ``edgepeft build`` in a child of a fresh parent: wall seconds; peak RSS (MiB) of the build, the
+    largest of its processes (``ru_maxrss``); and, polled every 50 ms, of the build process itself and
+    of its children (the fit check's session measurement). ``src``: the edgepeft checkout to run
+    (default: this one), e.g. an older commit for a before/after."""
+    src = Path(src or Path(__file__).resolve().parents[1]).resolve()
+    cmd = [sys.executable, "-m", "edgepeft", "build", "--base", str(Path(model_dir).resolve()), "--target", target,
+           "--quant", quant, "--key", str(Path(key).resolve()), "--out", str(Path(out_dir).resolve()), "--force",
+           *extra]
+    env = dict(os.environ, PYTHONPATH=str(src))
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=src)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCALE ")]
     if not line:
         raise RuntimeError(f"the build's measurement failed: {proc.stderr[-2000:]}")
-    _, rc, wall, rss_kib = line[-1].split()
+    _, rc, wall, rss_kib, main, kids = line[-1].split()
     return {"rc": int(rc), "wall_s": round(float(wall), 1), "peak_rss_mib": round(int(rss_kib) / 1024, 1),
+            "build_process_mib": round(int(main) / 2**20, 1), "fit_check_mib": round(int(kids) / 2**20, 1),
             "stdout": proc.stdout[-3000:], "stderr": proc.stderr[-3000:]}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    ap.add_argument("--work", default=os.environ.get("EDGEPEFT_BENCH_WORK", "benchmarks/work") + "/scale")
+    ap.add_argument("--work", default=str(Path(os.environ.get("EDGEPEFT_BENCH_WORK")
+                                               or Path(__file__).resolve().parent / "work") / "scale"))
     ap.add_argument("--target", default="raspberry-pi-5")
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--keep", action="store_true", help="keep the bundle")
@@ -179,6 +195,7 @@ def main(argv=None) -> int:
     bundle = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     row = {"shape": args.shape, "src": args.src or "this checkout", "params": n_params(model), "quant": args.quant, "target": args.target,
            "rc": res["rc"], "wall_s": res["wall_s"], "peak_rss_mib": res["peak_rss_mib"],
+           "build_process_mib": res["build_process_mib"], "fit_check_mib": res["fit_check_mib"],
            "bundle_mib": round(bundle / 2**20, 1)}
     print(json.dumps(row))
     if res["rc"]:

@@ -180,12 +180,17 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     say("writing model.onnx")
     path = out_dir / MODEL_FILE
     spool = out_dir / f".{MODEL_FILE}.spool"
+    (out_dir / f"{MODEL_FILE}.data").unlink(missing_ok=True)  # an earlier export's, here: not this graph's
     try:
         size = save_model(graph, path, spool=spool if spool.is_file() else None)
     finally:
         spool.unlink(missing_ok=True)
     model_info["model_bytes"] = size
-    return ExportResult(out_dir=out_dir, files={MODEL_FILE: path}, model_info=model_info, fingerprint=fingerprint)
+    files = {MODEL_FILE: path}
+    data = out_dir / f"{MODEL_FILE}.data"
+    if data.is_file():  # over 2 GiB: ONNX external data beside the graph
+        files[data.name] = data
+    return ExportResult(out_dir=out_dir, files=files, model_info=model_info, fingerprint=fingerprint)
 
 
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -177,8 +177,9 @@ def save_model(model, path: str | Path, spool: str | Path | None = None) -> int:
     streamed in one at a time: the graph without them is written first, then each tensor as
     another occurrence of ModelProto's ``graph`` field, which protobuf parsers merge (repeated
     ``initializer`` entries concatenate). The file is an ordinary single-file model, written
-    without holding all weights in memory. Models stay under protobuf's 2 GiB limit;
-    larger ones raise :class:`edgepeft.errors.BuildError`.
+    without holding all weights in memory. A model over protobuf's 2 GiB limit is written with
+    ONNX external data instead (``path`` + ``path.data``, the spool renamed) when it has a spool;
+    without one it raises :class:`edgepeft.errors.BuildError`.
     """
     from onnx import GraphProto, TensorProto
 
@@ -194,9 +195,10 @@ def save_model(model, path: str | Path, spool: str | Path | None = None) -> int:
         graph.initializer.extend(inline)
     ext_bytes = sum(int(_ext(t)["length"]) + len(t.name) + 64 for t in external)
     nbytes = model.ByteSize() + ext_bytes
+    if nbytes >= _MAX_PROTO and external:  # over protobuf's limit: the spool becomes model.onnx's data file
+        graph.initializer.extend(external)
+        return _save_external(model, path, Path(spool))
     if nbytes >= _MAX_PROTO:
-        if external:
-            graph.initializer.extend(external)
         raise BuildError(f"the exported graph is {nbytes / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit",
                          hint="use int4 or int8 quantization, or a smaller base model")
     fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=path.parent)
@@ -225,6 +227,33 @@ def save_model(model, path: str | Path, spool: str | Path | None = None) -> int:
         if external:
             graph.initializer.extend(external)
     return path.stat().st_size
+
+
+def _save_external(model, path: Path, spool: Path) -> int:
+    """``model`` as ``path`` plus ``path.data`` (ONNX external data: the spool file renamed); returns both
+    files' size together."""
+    from onnx import TensorProto
+
+    data = path.with_name(path.name + ".data")
+    for t in model.graph.initializer:  # (the graph holds copies of ``external``'s entries)
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data.name
+    os.replace(spool, data)
+    fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path.stat().st_size + data.stat().st_size
 
 
 _GRAPH_TAG = bytes([(7 << 3) | 2])  # ModelProto field 7 (graph), length-delimited

@@ -192,7 +192,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: boo
     bounded temporaries); ``dequantized=False`` leaves ``deq`` None (the exporter
     does not need it, and for an embedding it is as large as the fp32 table).
     """
-    w = np.asarray(w, dtype=np.float32)
+    w = w if hasattr(w, "row_chunks") else np.asarray(w, dtype=np.float32)  # lazy rows: sliced below
     n, k = w.shape
     step = max(1, _CHUNK // max(k, 1))
     if n > step:
@@ -200,7 +200,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: boo
                  for i in range(0, n, step)]
         cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
         return Blocks(*(cat([p[j] for p in parts]) for j in range(4)))
-    return _quantize_rows(w, bits, block_size, symmetric, dequantized)
+    return _quantize_rows(np.asarray(w, dtype=np.float32), bits, block_size, symmetric, dequantized)
 
 
 def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool, dequantized: bool) -> Blocks:
@@ -312,8 +312,9 @@ class LinearEmitter:
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, source=None) -> str:
         """Emit the layer ``name`` on ``x``; ``source``: the HF weight names stacked into ``weight``."""
         gb, q = self.gb, self.q
-        weight = np.asarray(weight, dtype=np.float32)
         n, k = weight.shape
+        if not (hasattr(weight, "row_chunks") and q.bits and not self.per_channel_int8):
+            weight = np.asarray(weight, dtype=np.float32)  # (a lazily read one stays lazy for blockwise quantizing)
         blk = self._source_blocks(source, n) if name != "lm_head" or q.gguf == "keep" else None
         if blk is not None:
             self.carried += list(source)
@@ -461,7 +462,6 @@ class LinearEmitter:
         Returns ``(embeddings_name, lm_head(x) -> logits_name)``.
         """
         gb, q = self.gb, self.q
-        embed = np.asarray(embed, dtype=np.float32)
         vocab, hidden = embed.shape
         blk = self._source_blocks([source] if source else None, vocab) if q.gguf == "keep" else None
         if blk is not None and not isinstance(blk, list) and not hasattr(blk, "absmax"):
@@ -488,6 +488,7 @@ class LinearEmitter:
                              block_size=bs, accuracy_level=q.accuracy_level)
             return emb, lm_head
 
+        embed = np.asarray(embed, dtype=np.float32)
         if q.kind == "fp16":
             table = gb.op("Cast", [gb.const(embed.astype(np.float16), f"{name}.weight")], to=1, hint="cast")
         else:

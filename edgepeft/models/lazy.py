@@ -6,7 +6,8 @@ used to copy them all into numpy): about 7.4 bytes of memory per parameter, so a
 spools the result to disk.
 
 :class:`LazyWeights` is a read-only mapping from Hugging Face weight names to float32 numpy
-arrays, the same values ``load_model(...).state_dict()`` gives (bf16/fp16 widen exactly).
+arrays (or, for the largest, :class:`LazyRows` that widen a chunk of rows at a time), the same values
+``load_model(...).state_dict()`` gives (bf16/fp16 widen exactly).
 """
 
 from __future__ import annotations
@@ -20,6 +21,37 @@ import numpy as np
 from ..errors import ModelError
 
 _INDEX = "model.safetensors.index.json"
+_LARGE = 1 << 24  # elements: a weight this large comes as :class:`LazyRows` (fp32 a chunk of rows at a time)
+
+
+class LazyRows:
+    """A large 2-D weight kept in its stored dtype (bf16: half of fp32), widened to float32 a chunk of
+    rows at a time: ``rows[a:b]`` is a float32 array, ``np.asarray(rows)`` the whole weight.
+
+    Why: a 128k-token embedding is 1-2 GiB in fp32; quantizing it, or hashing it, needs it only a few
+    thousand rows at a time.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, tensor):
+        self._t = tensor
+        self.shape = tuple(int(d) for d in tensor.shape)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("LazyRows takes a slice of rows")
+        return self._t[rows].float().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._t.float().numpy()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def row_chunks(self, rows: int = 8192):
+        """float32 arrays of up to ``rows`` rows each, in order."""
+        for i in range(0, self.shape[0], rows):
+            yield self[i:i + rows]
 
 
 class LazyWeights(Mapping):
@@ -47,6 +79,8 @@ class LazyWeights(Mapping):
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError
             raise ModelError(f"cannot read weight {real} from {path.name}: {exc}",
                              hint="check the model directory's safetensors files") from exc
+        if t.is_floating_point() and t.dim() == 2 and t.numel() >= _LARGE:
+            return LazyRows(t)
         out = t.float().numpy() if t.is_floating_point() else t.numpy()
         del t
         return out
@@ -85,4 +119,4 @@ def lazy_weights(path, config) -> LazyWeights | None:
     return LazyWeights(files, {"lm_head.weight": "model.embed_tokens.weight"} if tied else None)
 
 
-__all__ = ["LazyWeights", "lazy_weights"]
+__all__ = ["LazyRows", "LazyWeights", "lazy_weights"]
