@@ -6,7 +6,7 @@ converted once) standing in for Llama 3's. The build runs in a child process und
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is the build's own peak (the largest of its processes: the
 exporter, or the fit check's session in its own process).
 
-    python -m benchmarks.scale --shape 1b [--work DIR] [--keep] [--target raspberry-pi-5]
+    python -m benchmarks.scale --shape 1b [--work DIR] [--keep] [--target NAME_OR_TOML] [--src CHECKOUT]
 
 Prints one JSON line: shape, parameters, wall seconds, peak RSS (MiB), bundle size. Off by default in
 ``make bench`` (minutes and gigabytes); docs/scale.md has the measured figures.
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--work", default=str(Path(os.environ.get("EDGEPEFT_BENCH_WORK")
                                                or Path(__file__).resolve().parent / "work") / "scale"))
-    ap.add_argument("--target", default="raspberry-pi-5")
+    ap.add_argument("--target", default=None, help="default: raspberry-pi-5 for 1b, scale-target.toml (16 GiB) above")
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--keep", action="store_true", help="keep the bundle")
     ap.add_argument("--src", default=None, help="an edgepeft checkout to build with (default: this one)")
@@ -191,9 +191,11 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "edgepeft", "keygen", "--out", str(work / "key")], check=True,
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     out = work / f"bundle-{args.shape}"
+    args.target = args.target or ("raspberry-pi-5" if args.shape == "1b" else str(Path(__file__).parent / "scale-target.toml"))
     res = measure_build(model, out, key, target=args.target, quant=args.quant, src=args.src)
     bundle = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
-    row = {"shape": args.shape, "src": args.src or "this checkout", "params": n_params(model), "quant": args.quant, "target": args.target,
+    row = {"shape": args.shape, "src": args.src or "this checkout", "params": n_params(model), "quant": args.quant,
+           "target": Path(args.target).stem,
            "rc": res["rc"], "wall_s": res["wall_s"], "peak_rss_mib": res["peak_rss_mib"],
            "build_process_mib": res["build_process_mib"], "fit_check_mib": res["fit_check_mib"],
            "bundle_mib": round(bundle / 2**20, 1)}
