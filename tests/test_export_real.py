@@ -275,13 +275,13 @@ def test_gemma3_270m_int4_carries_its_k_quants(tmp_path):
     weight re-quantized, and a graph no larger than the GGUF (247.2 vs 253.1 MB)."""
     from transformers import AutoTokenizer
 
-    from edgepeft.export import export_model
+    from edgepeft.export import WeightQuant, export_model
 
     path = gemma3_270m_gguf()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ids = _heldout_ids(tok, 1024)
     ppl = {}
-    for name, quant in (("fp32", "fp32"), ("int4", "int4")):
+    for name, quant in (("fp32", "fp32"), ("int4", "int4"), ("requantize", WeightQuant("int4", gguf="requantize"))):
         res = export_model(str(path), tmp_path / name, quant=quant, slot_rank=8)
         ppl[name] = _perplexity(session(res.model_path), res.model_info, ids)
         if name == "int4":
@@ -291,6 +291,7 @@ def test_gemma3_270m_int4_carries_its_k_quants(tmp_path):
         shutil_rm(tmp_path / name)
     print(f"Gemma 3 270M Q4_K_M perplexity: {ppl}")
     assert ppl["int4"] <= 1.01 * ppl["fp32"], ppl
+    assert ppl["requantize"] > 1.1 * ppl["fp32"], ppl  # what carrying the blocks saves
 
 
 def shutil_rm(path):

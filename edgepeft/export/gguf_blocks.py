@@ -1,10 +1,13 @@
 """A GGUF file's quantized blocks, carried into ``MatMulNBits`` as they are (no dequantize-requantize trip).
 
+Carried exactly: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K (what Q4_K_M and
+Q5_K_M files are made of).
+
 Why: a base that arrives as a GGUF (the embedded SmolLM2 is a Q4_1 GGUF) *is* its
 quantized blocks; the fp32 weights transformers gives us are their dequantization,
 and that is what every adapter was trained against. Re-quantizing those to another
 4-bit grid loses quality twice (SmolLM2: perplexity 16.6 -> 23.4). The block formats
-of GGUF's legacy quants map exactly onto ONNX Runtime's ``MatMulNBits`` (block 32
+of GGUF's quants map exactly onto ONNX Runtime's ``MatMulNBits`` (block 32, or 16
 along K), so the device graph can compute with the very same numbers:
 
 - ``Q4_0``: ``w = d * (q - 8)``: ``MatMulNBits`` bits 4, scale ``d``, its default zero point 8.
@@ -18,8 +21,20 @@ along K), so the device graph can compute with the very same numbers:
   it is (1.26-1.5x the uint8 kernel's time in that section on a loaded machine; a whole
   decode step's CPU time stays within 0-3 % of the re-quantized graph's, one thread).
 
-Scales and minimums stay the GGUF's fp16 values in the file (the bundle keeps GGUF's
-5 bits per Q4_1 weight); ``Cast`` nodes that ONNX Runtime folds at load hand the kernels fp32.
+- ``Q5_0`` / ``Q5_1``: as Q4_0 / Q4_1 with 5-bit codes: 8-bit ``MatMulNBits``, codes ``q + 112``
+  (its default zero point 128 gives ``d * (q - 16)``); Q5_1's rest, ``m + 16 d``, by the block sums.
+- ``Q4_K`` / ``Q5_K`` (super-blocks of 256): eight 32-weight sub-blocks ``w = d*sc * q - dmin*m``
+  with 6-bit integers ``sc`` and ``m``: the Q4_1 / Q5_1 form with scale ``d*sc`` and minimum
+  ``-dmin*m`` (both exact in fp32), so bits 4 / 8 and the same block-sum correction.
+- ``Q6_K``: sixteen 16-weight sub-blocks ``w = d*sc * (q - 32)`` (``sc`` int8): 8-bit
+  ``MatMulNBits`` with block size 16, codes ``q + 96``; no correction.
+
+Scales and minimums stay the GGUF's fp16 values (and K-quants' integer sub-scales) in the file;
+``Cast``/``Mul`` nodes that ONNX Runtime folds at load hand the kernels fp32. 5- and 6-bit codes
+are stored as GGUF stores them, 4 low bits and 1-2 high bits apart, and joined into the 8-bit
+kernel's codes by ``BitShift``/``Add`` nodes folded at load too: the file keeps the GGUF's size,
+the session holds a byte per weight. Other GGUF types (Q2_K, Q3_K, the IQ and TQ types, and
+float tensors) are re-quantized to the export's scheme, the reason recorded per weight.
 
 Which GGUF tensor is which weight comes from gguf-py's own name table; llama.cpp
 permutes the q/k rows of llama-family models for its rotary layout, and the row order
