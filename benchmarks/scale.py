@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--work", default=str(Path(os.environ.get("EDGEPEFT_BENCH_WORK")
                                                or Path(__file__).resolve().parent / "work") / "scale"))
-    ap.add_argument("--target", default=None, help="default: raspberry-pi-5 for 1b, scale-target.toml (16 GiB) above")
+    ap.add_argument("--target", default=None, help="default: raspberry-pi-5 for 1b, scale-target.toml (32 GiB) above")
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--keep", action="store_true", help="keep the bundle")
     ap.add_argument("--src", default=None, help="an edgepeft checkout to build with (default: this one)")
