@@ -70,7 +70,7 @@ def write_random_llama(path, shape: str = "1b", seed: int = 0, **over) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = {**COMMON, **SHAPES[shape], **over}
-    LlamaConfig(**cfg, torch_dtype="bfloat16").save_pretrained(path)
+    LlamaConfig(**cfg, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(path)
     gen = torch.Generator().manual_seed(seed)
     shards, cur, size = [], {}, 0
     for name, shp in shapes_of(cfg):
