@@ -229,3 +229,22 @@ def test_bpe_merges_are_written_compact_and_read_back_the_same(tmp_path):
     spaced = {"model": {"type": "BPE", "merges": [["a b", "c"], ["d", "e"]]}}
     _compact_merges(spaced)
     assert spaced["model"]["merges"] == [["a b", "c"], ["d", "e"]]
+
+
+def test_a_graph_over_2gib_ships_its_data_file_and_runs_from_the_folder(tiny, tmp_path, keypair, monkeypatch):
+    """An 8B int4 graph is over protobuf's 2 GiB: its weights go to model.onnx.data (lowered limit here),
+    signed with the rest; the engine answers as from the single-file bundle, and refuses the archive."""
+    import edgepeft.export.onnx_builder as ob
+    from edgepeft.errors import BundleError
+    from edgepeft.runtime import Engine
+
+    one = _build(tiny, tmp_path / "one", keypair, quant="int4")
+    monkeypatch.setattr(ob, "_MAX_PROTO", 1 << 16)
+    ext = _build(tiny, tmp_path / "ext", keypair, quant="int4")
+    m = verify_bundle(ext.bundle_dir, [keypair[1]])
+    assert {"model.onnx", "model.onnx.data"} <= {f.path for f in m.files}
+    want = Engine(one.bundle_dir, [keypair[1]]).generate("hello", adapter="support", max_new_tokens=5, temperature=0)
+    got = Engine(ext.bundle_dir, [keypair[1]]).generate("hello", adapter="support", max_new_tokens=5, temperature=0)
+    assert got.token_ids == want.token_ids
+    with pytest.raises(BundleError, match="model.onnx.data"):
+        Engine(ext.archive, [keypair[1]])

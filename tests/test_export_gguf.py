@@ -1,8 +1,12 @@
-"""GGUF import: a GGUF's Q4_0 / Q4_1 / Q8_0 blocks reach MatMulNBits as they are.
+"""GGUF import: a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and Q4_K / Q5_K / Q6_K blocks reach MatMulNBits
+as they are.
 
 Exactness is checked against the weights the blocks dequantize to (gguf-py's own
 formulas) on tiny GGUF files written here with the ``gguf`` package the way
-llama.cpp's converter writes them (q/k rows permuted for its rotary layout):
+llama.cpp's converter writes them (q/k rows permuted for its rotary layout). gguf-py
+quantizes the legacy types; it cannot quantize to K-quants, so their blocks are built by
+hand from the documented layout (``random_k_blocks``: random codes and sub-scales, small
+fp16 super-scales) and gguf-py's dequantization is the reference:
 - the parsed blocks dequantize bit for bit as gguf-py does;
 - with ``accuracy_level=0`` (fp32 activations) the graph carrying the blocks gives the
   logits of the fp32 graph of the same (dequantized) model to float rounding
@@ -17,38 +21,54 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from test_export_support import decoder_feeds, session, tiny_gguf, tiny_llama_dir
+from test_export_support import decoder_feeds, random_k_blocks, session, tiny_gguf, tiny_llama_dir
 
 EXACT_TOL = 2e-5      # relative to max |logit|: float rounding of the same weights
 INT8_ACT_TOL = 0.03   # accuracy_level 4: int8 activations (as every int4/int8 export)
 MIXED = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_0", "attn_output": "Q4_0",
          "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q8_0"}
+# Q4_K_M's mix (Q4_K layers, Q6_K down / v), with Q5_K and the 5-bit legacy types in the other roles
+K_MIX = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q5_0",
+         "ffn_gate": "Q4_K", "ffn_up": "Q5_1", "ffn_down": "Q6_K"}
+LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+K_TYPES = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def _raw(qtype, w):
+    """GGUF bytes for ``w``'s shape: gguf-py's quantization of ``w`` (legacy types) or hand-built K blocks."""
+    if qtype in K_TYPES:
+        return random_k_blocks(qtype, *w.shape)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf")
     hf = tiny_llama_dir(d / "hf", hidden_size=64, intermediate_size=128)
-    return {"mixed": tiny_gguf(hf, d / "mixed.gguf", MIXED),
+    hk = tiny_llama_dir(d / "hfk", hidden_size=256, intermediate_size=512, head_dim=64)
+    return {"mixed": tiny_gguf(hf, d / "mixed.gguf", MIXED), "kmix": tiny_gguf(hk, d / "kmix.gguf", K_MIX),
             "q4_0": tiny_gguf(hf, d / "q4_0.gguf", {k: "Q4_0" for k in MIXED}),
             "q4_1": tiny_gguf(hf, d / "q4_1.gguf", {k: "Q4_1" for k in MIXED})}
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", LEGACY + K_TYPES)
 def test_blocks_dequantize_as_gguf_py_does(qtype):
     from edgepeft.export.gguf_blocks import from_gguf_rows
 
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((24, 96)) * rng.uniform(0.01, 2, (24, 1))).astype(np.float32)
+    cols = 512 if qtype in K_TYPES else 96
+    w = (rng.standard_normal((24, cols)) * rng.uniform(0.01, 2, (24, 1))).astype(np.float32)
     w[3, :32] = 0.0  # an all-zero block (scale 0)
-    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
-    blk = from_gguf_rows(qtype, raw, 96)
+    raw = _raw(qtype, w)
+    blk = from_gguf_rows(qtype, raw, cols)
     ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
     np.testing.assert_array_equal(blk.dequantize(), ref)
-    assert blk.nbytes == raw.nbytes  # the graph stores exactly the GGUF's bytes
+    # the graph stores the GGUF's bytes; Q4_K / Q5_K's 6-bit sub-scales and minimums take a byte each
+    assert blk.nbytes == raw.nbytes + (4 * raw.size // (144 if qtype == "Q4_K" else 176) if qtype in ("Q4_K", "Q5_K")
+                                       else 0)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", LEGACY + K_TYPES)
 def test_one_linear_computes_the_dequantized_weight(qtype):
     """LinearEmitter on blocks alone, fp32 activations: y = x @ dequantized.T to float rounding."""
     import onnxruntime as ort
@@ -59,11 +79,12 @@ def test_one_linear_computes_the_dequantized_weight(qtype):
     from edgepeft.export.quantize import LinearEmitter, WeightQuant
 
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((48, 128)).astype(np.float32) + rng.uniform(-1, 1, (48, 1)).astype(np.float32)
-    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
-    blk = from_gguf_rows(qtype, raw, 128)
+    k = 512 if qtype in K_TYPES else 128
+    w = rng.standard_normal((48, k)).astype(np.float32) + rng.uniform(-1, 1, (48, 1)).astype(np.float32)
+    raw = _raw(qtype, w)
+    blk = from_gguf_rows(qtype, raw, k)
     gb = GraphBuilder("one")
-    x = gb.input("x", TensorProto.FLOAT, [1, "s", 128])
+    x = gb.input("x", TensorProto.FLOAT, [1, "s", k])
     lin = LinearEmitter(gb, WeightQuant("int4", accuracy_level=0), GGUFBlocks("t.gguf", {"w": blk}))
     y = lin.linear(x, blk.dequantize(), None, "l0.o", source=["w"])
     gb.nodes.append(gb._helper.make_node("Identity", [y], ["y"]))
@@ -72,7 +93,7 @@ def test_one_linear_computes_the_dequantized_weight(qtype):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(gb.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
-    xs = rng.standard_normal((1, 5, 128)).astype(np.float32)
+    xs = rng.standard_normal((1, 5, k)).astype(np.float32)
     got = sess.run(["y"], {"x": xs})[0]
     ref = xs @ blk.dequantize().T
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -82,7 +103,7 @@ def _logits(path, info, prompt):
     return session(path).run(["logits"], decoder_feeds(info, prompt))[0]
 
 
-@pytest.mark.parametrize("kind", ["mixed", "q4_0", "q4_1"])
+@pytest.mark.parametrize("kind", ["mixed", "q4_0", "q4_1", "kmix"])
 def test_gguf_base_graph_equals_its_dequantized_weights(tiny_files, tmp_path, kind):
     from edgepeft.export import WeightQuant, export_model
 
@@ -92,6 +113,14 @@ def test_gguf_base_graph_equals_its_dequantized_weights(tiny_files, tmp_path, ki
     facts = keep.model_info["quant"]
     assert facts["gguf"] == "keep" and "requantized" not in facts["gguf_blocks"]
     assert sum(facts["gguf_blocks"]["carried"].values()) == 2 * 7 + 1  # every layer weight and the embedding
+    if kind == "kmix":
+        assert facts["gguf_blocks"]["carried"] == {"Q4_K": 4, "Q5_0": 2, "Q5_1": 2, "Q5_K": 2, "Q6_K": 5}
+        # the 5- and 6-bit codes are stored packed: the weights take the GGUF's bytes (plus a byte per 6-bit
+        # sub-scale of Q4_K / Q5_K); the graph's nodes weigh more than that at this size
+        import onnx
+
+        stored = sum(len(t.raw_data) for t in onnx.load(str(keep.model_path)).graph.initializer)
+        assert stored <= 1.01 * tiny_files[kind].stat().st_size
     prompt = np.array([[3, 17, 42, 5, 99, 200, 7]])
     want = _logits(ref.model_path, ref.model_info, prompt)
     got = _logits(keep.model_path, keep.model_info, prompt)

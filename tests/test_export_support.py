@@ -375,11 +375,30 @@ def llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def random_k_blocks(qtype, rows, cols, seed=0):
+    """Valid GGUF blocks of a K-quant (Q4_K, Q5_K, Q6_K) built by hand from the documented layout, as uint8
+    [rows, row bytes]: gguf-py can dequantize K-quants but not quantize to them. Codes, 6-bit sub-scales
+    and sub-minimums are random bytes (every bit pattern is valid); the fp16 super-block scales are set to
+    small positive values."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    per = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]  # bytes per super-block of 256
+    raw = rng.integers(0, 256, (rows, cols // 256, per), dtype=np.uint8)
+    d = lambda: rng.uniform(0.002, 0.02, (rows, cols // 256, 1)).astype(np.float16).view(np.uint8)  # noqa: E731
+    if qtype == "Q6_K":  # ql, qh, 16 int8 scales, then d
+        raw[..., per - 2:] = d()
+    else:  # d, dmin, 12 bytes of 6-bit scales and minimums, (qh,) qs
+        raw[..., 0:2], raw[..., 2:4] = d(), d()
+    return raw.reshape(rows, -1)
+
+
 def tiny_gguf(hf_dir, path, types):
     """Write the tiny llama at ``hf_dir`` as a GGUF file the way llama.cpp's converter does.
 
     ``types`` maps a GGUF tensor role ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output",
-    "ffn_gate", "ffn_up", "ffn_down") to "Q4_0", "Q4_1", "Q8_0" or "F32"; norms stay F32.
+    "ffn_gate", "ffn_up", "ffn_down") to a GGUF type ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0" quantized
+    with gguf-py, "Q4_K", "Q5_K", "Q6_K" as :func:`random_k_blocks`) or "F32"; norms stay F32.
     q/k rows are permuted as llama.cpp does. Returns the path.
     """
     import gguf
@@ -414,6 +433,10 @@ def tiny_gguf(hf_dir, path, types):
         qtype = types.get(role, "F32") if arr.ndim == 2 else "F32"
         if qtype == "F32":
             w.add_tensor(f"{stem}.weight", arr)
+        elif qtype.endswith("_K"):  # the weight becomes the blocks' dequantization (random, of its shape)
+            seed = sum(map(ord, stem))
+            w.add_tensor(f"{stem}.weight", random_k_blocks(qtype, *arr.shape, seed=seed),
+                         raw_dtype=gguf.GGMLQuantizationType[qtype])
         else:
             qt = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(f"{stem}.weight", gguf.quants.quantize(arr, qt), raw_dtype=qt)

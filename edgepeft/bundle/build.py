@@ -35,8 +35,8 @@ from ..errors import AdapterError, BuildError, UsageError
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
 from .entries import adapter_entry
-from .fit import check_fit
-from .session_memory import measure_session
+from .fit import UNMEASURED_FACTOR, check_fit
+from .session_memory import MEASURE_MAX_BYTES, measure_session
 
 QUANTS = ("int4", "int8", "nf4", "fp16", "fp32")
 
@@ -224,11 +224,16 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
         weight_bytes = sum(f["size"] for f in files if f["path"] in exported.files)
         sizes = {f["path"]: f["size"] for f in files}
-        progress("measuring the graph's session memory")
+        if weight_bytes <= MEASURE_MAX_BYTES:
+            progress("measuring the graph's session memory")
+            session = measure_session(exported.model_path, threads=profile.threads)
+        else:  # opening it would take as much memory again as the build, and minutes: estimated, and said so
+            progress(f"the graph is {weight_bytes / 2**20:.0f} MiB: its session memory is estimated "
+                     f"({UNMEASURED_FACTOR}x the file), not measured (graphs up to {MEASURE_MAX_BYTES >> 20} MiB are)")
+            session = None
         fit = check_fit(profile, bundle_bytes=sum(sizes.values()), weight_bytes=weight_bytes,
                         adapters=[(sizes[e["file"]], e.get("dtype", "fp32")) for e in adapter_entries],
-                        model_info=exported.model_info, max_rank=max_rank,
-                        session=measure_session(exported.model_path, threads=profile.threads))
+                        model_info=exported.model_info, max_rank=max_rank, session=session)
         check_prefix_room(slot_adapters, fit.context, f"this bundle for {profile.name}")
         data = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,

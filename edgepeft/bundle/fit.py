@@ -6,8 +6,9 @@ user can see where the number comes from:
 - the graph as ONNX Runtime holds it: **measured** at build time by opening the built graph in
   a session (:func:`.session_memory.measure_session`): ONNX Runtime keeps the stored initializers *and* what it
   derives from them (pre-packed int4/int8 weights, fp32 copies of fp16 constants), well above
-  the file's size. Where the session cannot be opened on the build host, twice the file stands
-  in, and the report says so;
+  the file's size. Where the session cannot be opened on the build host, or the graph is over
+  :data:`.session_memory.MEASURE_MAX_BYTES` (opening a 3B-8B graph would take more memory than the
+  streamed build), twice the file stands in, and the report says so;
 - one key/value cache at the target's context length per request decoding at once (the
   target's ``max_concurrent``, 4 unless it says otherwise, which is also the engine's default
   on that target: each concurrent request owns one);

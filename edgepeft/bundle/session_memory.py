@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Larger graphs are not opened to measure (a 1B-parameter int4 graph is smaller): opening one would take
+# more memory than the streamed build itself, so their session is estimated from the file (.fit says so)
+MEASURE_MAX_BYTES = 1 << 30
+
 
 @dataclass(frozen=True)
 class SessionMemory:

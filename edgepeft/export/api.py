@@ -88,14 +88,22 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
     slot_rank = check_rank(slot_rank)
     bottleneck = check_bottleneck(bottleneck)
     src = source if isinstance(source, BaseSource) else resolve_base(None if source is None else str(source), task=task)
-    arch = describe(read_config(src), task)
-    say(f"loading {src.name} ({arch.family})")
-    model, loading = load_model(src, task=task, quiet=True, loading_info=True)
-    config = model.config
+    config = read_config(src)
     arch = describe(config, task)
-    fingerprint = weights_fingerprint(model.state_dict())
-    sd = _state_dict_numpy(model)
-    missing = _missing_modules(arch, loading)
+    lazy = _streamable(src, config, task, wq, merge_adapter)
+    if lazy is not None:  # one weight in memory at a time (:mod:`..models.lazy`)
+        say(f"streaming the weights of {src.name} ({arch.family})")
+        model, sd, expected = lazy
+        fingerprint = weights_fingerprint(sd)
+        missing = _missing_modules(arch, {"missing_keys": sorted(expected - set(sd))})
+    else:
+        say(f"loading {src.name} ({arch.family})")
+        model, loading = load_model(src, task=task, quiet=True, loading_info=True)
+        config = model.config
+        arch = describe(config, task)
+        fingerprint = weights_fingerprint(model.state_dict())
+        sd = _state_dict_numpy(model)
+        missing = _missing_modules(arch, loading)
     lora = None
     if merge_adapter is not None:
         from .merge import merge_into
@@ -118,8 +126,13 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         plan = plan_decoder(arch, config)
         ctx = int(max_context or min(config.max_position_embeddings, 4096))
         plan.rope = rope_tables(model, plan.rope_keys, ctx)
-        graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
-                                    slots=merge_adapter is None, bottleneck=bottleneck, blocks=blocks)
+        spool = out_dir / f".{MODEL_FILE}.spool"
+        try:
+            graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
+                                        slots=merge_adapter is None, bottleneck=bottleneck, blocks=blocks, spool=spool)
+        except BaseException:
+            spool.unlink(missing_ok=True)
+            raise
         dims = info["dims"]
         model_info = {
             "architecture": arch.family, "task": task, "model_type": config.model_type,
@@ -166,12 +179,49 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         model_info["bottleneck"] = info["bottleneck"]
     say("writing model.onnx")
     path = out_dir / MODEL_FILE
-    size = save_model(graph, path)
+    spool = out_dir / f".{MODEL_FILE}.spool"
+    (out_dir / f"{MODEL_FILE}.data").unlink(missing_ok=True)  # an earlier export's, here: not this graph's
+    try:
+        size = save_model(graph, path, spool=spool if spool.is_file() else None)
+    finally:
+        spool.unlink(missing_ok=True)
     model_info["model_bytes"] = size
-    return ExportResult(out_dir=out_dir, files={MODEL_FILE: path}, model_info=model_info, fingerprint=fingerprint)
+    files = {MODEL_FILE: path}
+    data = out_dir / f"{MODEL_FILE}.data"
+    if data.is_file():  # over 2 GiB: ONNX external data beside the graph
+        files[data.name] = data
+    return ExportResult(out_dir=out_dir, files=files, model_info=model_info, fingerprint=fingerprint)
 
 
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _streamable(src, config, task: str, wq: WeightQuant, merge_adapter):
+    """``(rope source, lazy weights, the weight names the model has)`` when the export can stream the base's safetensors one weight at a
+    time, else None (the model is loaded as before): a decoder without a merged adapter, an nf4 base
+    (bitsandbytes quantizes a loaded model) or a GGUF to match against."""
+    if task != "causal-lm" or merge_adapter is not None or wq.kind == "nf4" or src.is_hub or src.gguf_file:
+        return None
+    from ..models.base import gguf_origin
+    from ..models.lazy import lazy_weights
+
+    if (wq.bits or wq.kind == "nf4") and wq.gguf != "requantize" and gguf_origin(src) is not None:
+        return None
+    sd = lazy_weights(src.path, config)
+    if sd is None or "model.embed_tokens.weight" not in sd:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .rope import rope_source
+
+    try:
+        with torch.device("meta"):  # the model's structure without weights: its rotary module, its weight names
+            meta = AutoModelForCausalLM.from_config(config)
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        return None
+    rope = rope_source(meta)
+    return None if rope is None else (rope, sd, set(meta.state_dict()))
 
 
 def _gguf_blocks(src, config, sd: dict, wq: WeightQuant, task: str, say):

@@ -158,13 +158,14 @@ def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Grou
 
 
 def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_modules, max_context: int,
-                  slots: bool = True, bottleneck: dict | None = None, blocks=None):
+                  slots: bool = True, bottleneck: dict | None = None, blocks=None, spool=None):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
     ``slots=False`` builds a graph without LoRA inputs (merge mode). ``bottleneck``
     (``{"points": ["attn_out", "mlp_out"], "activation": "relu"}``) adds bottleneck slots at
     those points. ``blocks``: quantized source weights by HF name to carry as they are (a GGUF's
-    blocks, :mod:`.gguf_blocks`; NF4, :mod:`.nf4`). Returns ``(ModelProto, info)`` where info holds
+    blocks, :mod:`.gguf_blocks`; NF4, :mod:`.nf4`). ``spool``: a file the large initializers are written
+    to as they are made (:class:`.onnx_builder.GraphBuilder`). Returns ``(ModelProto, info)`` where info holds
     the dims, slots, group layout and carried weights.
     Raises :class:`ModelError` when a weight the description names is missing.
     """
@@ -175,7 +176,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     arch, dims = plan.arch, plan.dims
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
     g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch)
-    gb = GraphBuilder("edgepeft_decoder")
+    gb = GraphBuilder("edgepeft_decoder", spool=spool)
     lin = LinearEmitter(gb, quant, blocks)
     b_int8 = quant.lora_b_int8  # LoRA B slots stored int8 (see .slots)
     heads, kvh, hd, nl = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["layers"]

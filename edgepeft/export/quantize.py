@@ -4,7 +4,7 @@ Only base weights pass through here; adapter slots never do, so adapters stay
 swappable and exact.
 
 - A GGUF base (the embedded SmolLM2 is one) in an int4/int8 export keeps its own
-  Q4_0/Q4_1/Q8_0 blocks (``gguf="keep"``, :mod:`.gguf_blocks`): far closer to fp32 than
+  Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K/Q5_K/Q6_K blocks (``gguf="keep"``, :mod:`.gguf_blocks`): far closer to fp32 than
   re-quantizing them. ``gguf="layers"`` keeps the layers' blocks and re-quantizes only the
   Q8_0 embedding / lm_head to int4. ``gguf="requantize"`` is the scheme described next.
 - ``nf4``: the QLoRA base, quantized by bitsandbytes and run by ``MatMulBnb4`` (:mod:`.nf4`).
@@ -141,18 +141,35 @@ class Blocks(NamedTuple):
     packed: np.ndarray        # uint8 [N, k_blocks, block_size*bits/8], 4-bit values low nibble first
     scales: np.ndarray        # float32 [N, k_blocks]
     zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks/2)], packed uint4 (None: symmetric)
-    deq: np.ndarray           # float32 [N, K], the weight the graph effectively uses
+    deq: np.ndarray | None    # float32 [N, K], the weight the graph effectively uses (None when not asked for)
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Blocks:
+_CHUNK = 1 << 22  # weights quantized at a time: the temporaries of a 1B model's embedding stay small
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
+                       dequantized: bool = True) -> Blocks:
     """Quantize ``w`` [N, K] along K in blocks (K zero-padded to a multiple of ``block_size``).
 
     Symmetric: ``scale = w[argmax|w|] / -2**(bits-1)`` and values stored with the
     ops' default zero point ``2**(bits-1)``. Asymmetric (4 bits only): codes
     0..15 with a uint4 zero point per block, the block's larger-magnitude extreme
-    exact (see the module docstring).
+    exact (see the module docstring). Rows go through in chunks (the same result,
+    bounded temporaries); ``dequantized=False`` leaves ``deq`` None (the exporter
+    does not need it, and for an embedding it is as large as the fp32 table).
     """
-    w = np.asarray(w, dtype=np.float32)
+    w = w if hasattr(w, "row_chunks") else np.asarray(w, dtype=np.float32)  # lazy rows: sliced below
+    n, k = w.shape
+    step = max(1, _CHUNK // max(k, 1))
+    if n > step:
+        parts = [quantize_blockwise(w[i:i + step], bits, block_size, symmetric, dequantized)
+                 for i in range(0, n, step)]
+        cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
+        return Blocks(*(cat([p[j] for p in parts]) for j in range(4)))
+    return _quantize_rows(np.asarray(w, dtype=np.float32), bits, block_size, symmetric, dequantized)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool, dequantized: bool) -> Blocks:
     n, k = w.shape
     nb = -(-k // block_size)
     pad = nb * block_size - k
@@ -185,8 +202,8 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: boo
         zp = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
     if bits == 4:
         qu = (qu[..., 0::2] | (qu[..., 1::2] << 4)).astype(np.uint8)
-    deq = deq.reshape(n, nb * block_size)[:, :k]
-    return Blocks(qu, scales[..., 0].astype(np.float32), zp, deq.astype(np.float32))
+    deq = deq.reshape(n, nb * block_size)[:, :k].astype(np.float32) if dequantized else None
+    return Blocks(qu, scales[..., 0].astype(np.float32), zp, deq)
 
 
 def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +257,7 @@ class LinearEmitter:
         self.dequantized: dict[str, np.ndarray] = {}  # name -> effective weight, for tests/metrics
         self.carried: list[str] = []  # HF names of the weights whose GGUF blocks were carried as they are
         self._emit: dict[str, object] = {}  # name -> emits the layer on another input, same stored weights
-        self._indicator: dict[int, str] = {}  # K -> the [0, 0, K/32, 32] shape of its block sums
+        self._indicator: dict[tuple, str] = {}  # (K, block) -> the [0, 0, K/block, block] shape of its block sums
 
     def _source_blocks(self, source, n: int):
         """The GGUF block weights for the HF weights ``source``, stacked along rows: one block weight,
@@ -258,8 +275,9 @@ class LinearEmitter:
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, source=None) -> str:
         """Emit the layer ``name`` on ``x``; ``source``: the HF weight names stacked into ``weight``."""
         gb, q = self.gb, self.q
-        weight = np.asarray(weight, dtype=np.float32)
         n, k = weight.shape
+        if not (hasattr(weight, "row_chunks") and q.bits and not self.per_channel_int8):
+            weight = np.asarray(weight, dtype=np.float32)  # (a lazily read one stays lazy for blockwise quantizing)
         blk = self._source_blocks(source, n) if name != "lm_head" or q.gguf == "keep" else None
         if blk is not None:
             self.carried += list(source)
@@ -288,7 +306,7 @@ class LinearEmitter:
                              hint=name.replace(".", "_"))
         elif q.bits:
             bs = _fit_block(k, q.block_for(name))
-            blk = quantize_blockwise(weight, q.bits, bs, symmetric=not q.asymmetric(name))
+            blk = quantize_blockwise(weight, q.bits, bs, symmetric=not q.asymmetric(name), dequantized=False)
             ins = [gb.const(blk.packed, f"{name}.qweight"), gb.const(blk.scales, f"{name}.scales")]
             if blk.zero_points is not None:
                 ins.append(gb.const(blk.zero_points, f"{name}.zero_points"))
@@ -313,43 +331,88 @@ class LinearEmitter:
         return emit(x)
 
     def _scales(self, blk, name: str) -> tuple[str, str | None]:
-        """fp32 scales and (Q4_1) the per-block correction ``m + 8 d`` [N, K/32], from the GGUF's fp16
-        values by nodes ONNX Runtime folds at load (the file keeps fp16, the kernels get fp32)."""
+        """fp32 scales and (affine formats) the per-block correction ``min + c * scale`` [N, blocks], from
+        the GGUF's fp16 values (times K-quants' integer sub-scales and sub-minimums) by nodes ONNX Runtime
+        folds at load: the file keeps the GGUF's numbers, the kernels get fp32."""
         from onnx import TensorProto
 
         gb = self.gb
-        scales = gb.op("Cast", [gb.const(blk.scales, f"{name}.scales_fp16")], to=TensorProto.FLOAT, hint="scales")
+        nb = blk.cols // blk.block
+
+        def per_block(fp16, sub, what):
+            v = gb.op("Cast", [gb.const(fp16, f"{name}.{what}_fp16")], to=TensorProto.FLOAT, hint=what)
+            if sub is None:
+                return v
+            per = sub.shape[1] // fp16.shape[1]
+            subf = gb.op("Cast", [gb.const(sub, f"{name}.sub_{what}")], to=TensorProto.FLOAT, hint=f"sub_{what}")
+            subf = gb.op("Reshape", [subf, gb.const(np.array([blk.rows, -1, per], np.int64))], hint=f"sub_{what}")
+            v = gb.op("Unsqueeze", [v, gb.const(np.array([-1], np.int64))], hint=what)
+            return gb.op("Reshape", [gb.op("Mul", [v, subf], hint=what), gb.const(np.array([blk.rows, nb], np.int64))],
+                         hint=what)
+
+        scales = per_block(blk.scales, blk.sub_scales, "scales")
         if blk.mins is None:
             return scales, None
-        mins = gb.op("Cast", [gb.const(blk.mins, f"{name}.mins_fp16")], to=TensorProto.FLOAT, hint="mins")
-        eight = gb.const(np.array(8.0, np.float32))
-        return scales, gb.op("Add", [mins, gb.op("Mul", [scales, eight], hint="zp_shift")], hint="block_offset")
+        mins = per_block(blk.mins, blk.sub_mins, "mins")
+        centre = gb.const(np.array(float(blk.centre), np.float32))
+        shift = gb.op("Mul", [scales, centre], hint="zp_shift")
+        if blk.sub_mins is not None:  # K-quants: w = s * q - dmin * m
+            return scales, gb.op("Sub", [shift, mins], hint="block_offset")
+        return scales, gb.op("Add", [mins, shift], hint="block_offset")
 
-    def _block_sum(self, x: str, k: int) -> str:
-        """``x`` summed over each block of 32 along its last axis: [..., K] -> [..., K/32].
-
-        Reshape + ReduceSum: cheaper than a MatMul with a 0/1 block matrix (``benchmarks.sec_kernels``;
-        docs/measured-defaults.md)."""
-        from .gguf_blocks import BLOCK
+    def _codes(self, blk, name: str) -> str:
+        """The kernel's codes: stored as they are (4-bit codes, Q8_0), or for 5- and 6-bit codes their low
+        nibbles and high bits stored apart (the GGUF's size) and joined into 8-bit codes ``q + 128 - c`` by
+        nodes ONNX Runtime folds at load."""
+        from onnx import TensorProto
 
         gb = self.gb
-        if k not in self._indicator:
-            self._indicator[k] = gb.const(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"block_shape.k{k}")
-        blocks = gb.op("Reshape", [x, self._indicator[k]], hint="blocks")
+        packed = gb.const(blk.codes, f"{name}.qweight")
+        if blk.high is None:
+            return packed
+        u8 = lambda v: gb.const(np.array(v, np.uint8))  # noqa: E731
+        last = gb.const(np.array([-1], np.int64))
+        shape = gb.const(np.array([blk.rows, -1, blk.block], np.int64))
+        lo = gb.op("BitShift", [gb.op("BitShift", [packed, u8(4)], direction="LEFT", hint="nib"), u8(4)],
+                   direction="RIGHT", hint="nib_lo")
+        hi = gb.op("BitShift", [packed, u8(4)], direction="RIGHT", hint="nib_hi")
+        nib = gb.op("Concat", [gb.op("Unsqueeze", [lo, last]), gb.op("Unsqueeze", [hi, last])], axis=-1, hint="nib")
+        nib = gb.op("Reshape", [nib, shape], hint="nib")
+        hb = blk.code_bits - 4
+        per = 8 // hb
+        left = u8([8 - hb * (b + 1) for b in range(per)])  # bit field b to the top, then down to bit 0
+        high = gb.op("Unsqueeze", [gb.const(blk.high, f"{name}.qweight_high"), last], hint="high")
+        high = gb.op("BitShift", [gb.op("BitShift", [high, left], direction="LEFT", hint="high"), u8(8 - hb)],
+                     direction="RIGHT", hint="high")
+        high = gb.op("Reshape", [high, shape], hint="high")
+        i32 = lambda t: gb.op("Cast", [t], to=TensorProto.INT32, hint="codes_i32")  # noqa: E731
+        code = gb.op("Add", [i32(nib), gb.op("Mul", [i32(high), gb.const(np.array(16, np.int32))], hint="high")],
+                     hint="codes")
+        code = gb.op("Add", [code, gb.const(np.array(128 - blk.centre, np.int32))], hint="codes")
+        return gb.op("Cast", [code], to=TensorProto.UINT8, hint="codes")
+
+    def _block_sum(self, x: str, k: int, block: int) -> str:
+        """``x`` summed over each block along its last axis: [..., K] -> [..., K/block].
+
+        Reshape + ReduceSum is cheaper than a MatMul with a 0/1 block matrix (``benchmarks.sec_kernels``)."""
+        gb = self.gb
+        key = (k, block)
+        if key not in self._indicator:
+            self._indicator[key] = gb.const(np.array([0, 0, k // block, block], np.int64), f"block_shape.k{k}b{block}")
+        blocks = gb.op("Reshape", [x, self._indicator[key]], hint="blocks")
         return gb.op("ReduceSum", [blocks, gb.const(np.array([-1], np.int64))], keepdims=0, hint="block_sum")
 
     def _block_linear(self, blk, bias, name: str):
-        """A closure emitting ``MatMulNBits`` on GGUF blocks (plus Q4_1's block-offset matmul), or
-        ``MatMulBnb4`` on an NF4 weight."""
+        """A closure emitting ``MatMulNBits`` on GGUF blocks (plus the block-offset matmul of the affine
+        formats), or ``MatMulBnb4`` on an NF4 weight."""
         from .nf4 import NF4Weight
 
         if isinstance(blk, NF4Weight):
             return self._nf4_linear(blk, bias, name)
         scales, offset = self._scales(blk, name)
-        wname = self.gb.const(blk.codes, f"{name}.qweight")
+        wname = self._codes(blk, name)
         bname = None if bias is None else self.gb.const(np.asarray(bias, np.float32), f"{name}.bias")
-        return self._block_linear_on(wname, scales, offset, blk.rows, blk.cols, blk.bits, name.replace(".", "_"),
-                                     bias=bname)
+        return self._block_linear_on(wname, scales, offset, blk, name.replace(".", "_"), bias=bname)
 
     def emit_on(self, x: str, name: str) -> str:
         """The layer emitted as ``name`` applied to another input, reading the same stored weights."""
@@ -362,7 +425,6 @@ class LinearEmitter:
         Returns ``(embeddings_name, lm_head(x) -> logits_name)``.
         """
         gb, q = self.gb, self.q
-        embed = np.asarray(embed, dtype=np.float32)
         vocab, hidden = embed.shape
         blk = self._source_blocks([source] if source else None, vocab) if q.gguf == "keep" else None
         if blk is not None and not isinstance(blk, list) and not hasattr(blk, "absmax"):
@@ -375,7 +437,7 @@ class LinearEmitter:
             if hidden % bs:
                 raise UsageError(f"hidden size {hidden} has no quantization block size >= 16 dividing it",
                                  hint="export with fp16 or fp32 weights")
-            blk = quantize_blockwise(embed, q.bits, bs, symmetric=not q.asymmetric("embed"))
+            blk = quantize_blockwise(embed, q.bits, bs, symmetric=not q.asymmetric("embed"), dequantized=False)
             wname = gb.const(blk.packed, f"{name}.qweight")
             qins = [gb.const(blk.scales, f"{name}.scales")]
             if blk.zero_points is not None:  # [vocab, ceil(blocks/2)] packed: both ops read this layout
@@ -389,6 +451,7 @@ class LinearEmitter:
                              block_size=bs, accuracy_level=q.accuracy_level)
             return emb, lm_head
 
+        embed = np.asarray(embed, dtype=np.float32)
         if q.kind == "fp16":
             table = gb.op("Cast", [gb.const(embed.astype(np.float16), f"{name}.weight")], to=1, hint="cast")
         else:
@@ -406,22 +469,21 @@ class LinearEmitter:
 
     def _block_embedding(self, ids: str, blk, name: str):
         """Tied embedding and lm_head on one copy of GGUF blocks (``GatherBlockQuantized`` + ``MatMulNBits``)."""
-        from .gguf_blocks import BLOCK
-
         gb = self.gb
         vocab, hidden = blk.rows, blk.cols
         scales, offset = self._scales(blk, name)
-        wname = gb.const(blk.codes, f"{name}.qweight")
+        wname = self._codes(blk, name)
         flat = gb.op("Reshape", [wname, gb.const(np.array([vocab, -1], np.int64))], hint="embed_flat")
-        emb = gb.ms("GatherBlockQuantized", [flat, ids, scales], hint="embed", bits=blk.bits, block_size=BLOCK,
+        emb = gb.ms("GatherBlockQuantized", [flat, ids, scales], hint="embed", bits=blk.bits, block_size=blk.block,
                     gather_axis=0, quantize_axis=1)
-        if offset is not None:  # Q4_1: each row's blocks also get m + 8d
+        if offset is not None:  # affine formats: each row's blocks also get min + c * scale
             rows = gb.op("Unsqueeze", [gb.op("Gather", [offset, ids], hint="embed_offset"),
                                        gb.const(np.array([-1], np.int64))], hint="embed_offset")
-            blocks = gb.op("Reshape", [emb, gb.const(np.array([0, 0, hidden // BLOCK, BLOCK], np.int64))])
+            shape = np.array([0, 0, hidden // blk.block, blk.block], np.int64)
+            blocks = gb.op("Reshape", [emb, gb.const(shape)])
             emb = gb.op("Reshape", [gb.op("Add", [blocks, rows]), gb.const(np.array([0, 0, hidden], np.int64))],
                         hint="embed")
-        head = self._block_linear_on(wname, scales, offset, vocab, hidden, blk.bits, "lm_head")
+        head = self._block_linear_on(wname, scales, offset, blk, "lm_head")
         return emb, head
 
     def _nf4_linear(self, w, bias, name: str):
@@ -436,19 +498,19 @@ class LinearEmitter:
             return y if bname is None else gb.op("Add", [y, bname])
         return emit
 
-    def _block_linear_on(self, wname, scales, offset, n, k, bits, hint, bias=None):
-        """``MatMulNBits`` over stored codes and scales, plus ``blocksum(x) @ offset^T`` for Q4_1."""
-        from .gguf_blocks import BLOCK
-
+    def _block_linear_on(self, wname, scales, offset, blk, hint, bias=None):
+        """``MatMulNBits`` over stored codes and scales, plus ``blocksum(x) @ offset^T`` for the affine formats."""
         gb, q = self.gb, self.q
+        n, k, bits, block = blk.rows, blk.cols, blk.bits, blk.block
         offset_t = None if offset is None else gb.op("Transpose", [offset], perm=[1, 0], hint="block_offset_t")
         ins = [wname, scales] + ([] if bias is None else ["", "", bias])
 
         def emit(inp):
-            y = gb.ms("MatMulNBits", [inp, *ins], hint=hint, K=k, N=n, bits=bits, block_size=BLOCK,
+            y = gb.ms("MatMulNBits", [inp, *ins], hint=hint, K=k, N=n, bits=bits, block_size=block,
                       accuracy_level=q.accuracy_level)
             if offset_t is None:
                 return y
-            return gb.op("Add", [y, gb.op("MatMul", [self._block_sum(inp, k), offset_t], hint="block_offset_mm")],
+            return gb.op("Add", [y, gb.op("MatMul", [self._block_sum(inp, k, block), offset_t],
+                                          hint="block_offset_mm")],
                          hint="block_offset_add")
         return emit

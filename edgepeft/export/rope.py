@@ -79,6 +79,22 @@ def rope_tables(model, keys: set[str], max_context: int) -> dict[str, RopeTable]
     return out
 
 
+def rope_source(meta):
+    """A stand-in for the model that :func:`rope_tables` reads: the model's own rotary module, built
+    alone on the CPU from the config of ``meta`` (the model instantiated on the meta device, no weights),
+    so a streamed export needs no loaded model. Returns None when the module cannot be built that way."""
+    from types import SimpleNamespace
+
+    try:
+        rot = getattr(getattr(meta, "model", None), "rotary_emb", None)
+        if rot is None:
+            return None
+        rot = type(rot)(config=meta.config)
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        return None
+    return SimpleNamespace(model=SimpleNamespace(rotary_emb=rot), config=meta.config)
+
+
 def rope_subgraph(gb, table: RopeTable, max_context: int, total_len: str | None = None):
     """cos/sin caches [max_context, rotary_dim/2] as constant subgraphs over ``inv_freq``.
 

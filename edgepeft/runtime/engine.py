@@ -186,8 +186,15 @@ class Engine:
         self.providers = list(providers or target.get("providers") or ["CPUExecutionProvider"])
         self.threads = int(threads or target.get("threads") or 1)
         check_runtime(m.quantization or {})
+        graph = m.model.get("graph", "model.onnx")
+        external = None
+        if any(f.path == graph + ".data" for f in m.files):  # a graph over 2 GiB keeps its weights beside it
+            if self._files.archive is not None:
+                raise BundleError(f"{graph} keeps its weights in {graph}.data, which runs from a bundle folder",
+                                  hint="unpack the .epb archive and open the folder")
+            external = self._files.path
         self.session = open_session(model, providers=self.providers, threads=self.threads,
-                                    spinning=spinning, name=m.model.get("graph", "model.onnx"))
+                                    spinning=spinning, name=graph, external_dir=external)
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
         slots = parse_slots(self.model_info, overridable)
         gen = dict(m.generation or {})
