@@ -201,12 +201,15 @@ def _check_lora_fits(a, manifest: Manifest, bundle, slot_rank: int) -> None:
     if a.rank > slot_rank or a.rank > limit:
         raise AdapterError(f"adapter {a.name!r} has rank {a.rank}; bundle {bundle} takes ranks up to "
                            f"{min(slot_rank, limit)}", hint="retrain with a smaller --rank, or rebuild the bundle")
+    from ..export.slots import missing_targets
+
     exported = set(manifest.model.get("target_modules") or [])
-    missing = sorted(set(a.target_modules) - exported) if exported else []
+    missing = missing_targets(a.target_modules, exported) if exported else []
     if missing:
         raise AdapterError(f"adapter {a.name!r} trains {', '.join(missing)}, which bundle {bundle} has no slots for "
                            f"(it has {', '.join(sorted(exported))})",
-                           hint="retrain on the bundle's modules, or rebuild the bundle with these modules")
+                           hint="rebuild the bundle with this adapter (edgepeft build --adapter), so its graph gets "
+                                "these slots, or retrain the adapter on the bundle's modules")
 
 
 def _bundle_graph(bundle: Path, manifest: Manifest, work: Path) -> Path:
