@@ -113,7 +113,7 @@ def abort(rollout_id, rollback, db):
 
     store = _db(db)
     row = store.rollout(rollout_id)
-    if row["status"] in ("SUCCEEDED", "COMPLETED", "ABORTED"):
+    if row["status"] in ("SUCCEEDED", "COMPLETED", "ABORTED", "FAILED"):
         click.echo(f"rollout {rollout_id} already ended: {row['status']}")
         if not rollback:
             return
@@ -122,7 +122,14 @@ def abort(rollout_id, rollback, db):
     if pid and _alive(pid) and pid != os.getpid():
         click.echo(f"abort requested; the controller (pid {pid}) carries it out")
         return
-    rep = Rollout(store, rollout_id).run()
+    from ..errors import EdgePeftError
+
+    try:
+        rep = Rollout(store, rollout_id).run()
+    except EdgePeftError:  # its plan can no longer be read: recorded as ABORTED with the reason
+        row = store.rollout(rollout_id)
+        click.echo(f"rollout {rollout_id}: {row['status']} ({row['reason']})")
+        return
     _print_report(rep, False)
 
 
