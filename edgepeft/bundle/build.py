@@ -120,7 +120,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     Raises :class:`UsageError` (bad options), :class:`AdapterError` (an adapter
     that cannot be used with this base or target), :class:`SignatureError` (key),
     :class:`~edgepeft.errors.SpecError` (target), :class:`TargetFitError`
-    (does not fit) or :class:`BuildError`.
+    (does not fit) or :class:`BuildError` (also when a health check fails on the built graph: the
+    bundle is not written).
     """
     profile = target if isinstance(target, TargetProfile) else load_target(target)
     explicit_quant, quant_note = quant is not None, ""
@@ -259,6 +260,12 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         signed = sign_manifest(data, private_key)
         Manifest.from_dict(signed, str(work / MANIFEST_NAME))  # the manifest we write must parse on a device
         (work / MANIFEST_NAME).write_text(json.dumps(signed, indent=2, ensure_ascii=False), encoding="utf-8")
+        if data["health_checks"]:
+            from .health import check_bundle
+
+            progress(f"running {len(data['health_checks'])} health check(s) on the built graph")
+            check_bundle(work, private_key.public_key(), data["health_checks"], what=f"bundle {out.name}",
+                         where=str(health_checks))
         progress("archive")
         archive = pack_bundle(work, out.parent / f".{out.name}.epb.tmp")
         if out.exists():

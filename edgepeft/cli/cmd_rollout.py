@@ -26,7 +26,7 @@ def _print_report(rep: dict, as_json: bool) -> None:
     rows = [("device", "link", "group", "status", "tries", "wave", "reason")]
     for d in rep["devices"]:
         rows.append((d["device"], d["link"], d.get("group") or "-", d["status"], str(d["attempts"]),
-                     "-" if d["wave"] is None else str(d["wave"]), (d.get("reason") or "")[:100]))
+                     "-" if d["wave"] is None else str(d["wave"]), _cut(d.get("reason") or "", 100)))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6])
@@ -131,6 +131,10 @@ def abort(rollout_id, rollback, db):
         click.echo(f"rollout {rollout_id}: {row['status']} ({row['reason']})")
         return
     _print_report(rep, False)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _alive(pid: int) -> bool:
