@@ -155,7 +155,19 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     tasks = {a.task for a in inputs} | ({task} if task else set())
     if len(tasks) > 1:
         raise AdapterError(f"adapters mix tasks {sorted(tasks)}", hint="build one bundle per task")
-    task = tasks.pop() if tasks else "causal-lm"
+    source = None
+    if tasks:
+        task = tasks.pop()
+    elif base is not None:  # no adapter and no --task: the checkpoint says (a fine-tuned classifier's own head)
+        from ..export.api import read_config
+        from ..models.arch import task_of
+        from ..models.base import resolve_base
+
+        source = resolve_base(base)
+        task = task_of(read_config(source))
+        progress(f"task {task} (from {source.name}'s config)")
+    else:
+        task = "causal-lm"
     loras = [a for a in inputs if a.method == "lora"]
     if merge is not None and next(a for a in inputs if a.name == merge).method != "lora":
         raise UsageError(f"--merge {merge!r} is a {next(a for a in inputs if a.name == merge).method} adapter; only "
@@ -183,7 +195,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     from .. import export as export_api
     from ..models.base import resolve_base
 
-    source = resolve_base(base, task=task)
+    source = source or resolve_base(base, task=task)
     for a in inputs:
         check_trained_base(a, source.name, None if source.is_hub or source.gguf_file else source.path)
     out.parent.mkdir(parents=True, exist_ok=True)
