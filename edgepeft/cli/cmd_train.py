@@ -11,6 +11,7 @@ import json
 
 import click
 
+from edgepeft.cli.columns import column_options, pop_columns
 from edgepeft.models.base import BASE_HELP  # torch-free, like the options below
 from edgepeft.train.options import (  # torch-free: keeps --help
     DEFAULT_LR,
@@ -29,6 +30,8 @@ Data shapes (JSON Lines, CSV, or a datasets directory):
   pairs       {"prompt": "...", "completion": "..."}      (optional "system")
   plain text  {"text": "..."}
   classifier  {"text": "...", "label": "fraud"}           (optional "slice")
+Other column names: --prompt-column question --completion-column answer, or
+--columns text=body,label=category (the same options for `edgepeft eval`).
 \b
 Methods: lora, qlora (4-bit NF4 base), prompt-tuning and prefix-tuning (PEFT; decoders),
 bottleneck (small layers after the attention and/or MLP blocks; decoders and classifiers).
@@ -91,6 +94,7 @@ Several GPUs: accelerate launch --num_processes 4 "$(which edgepeft)" train ...
 @click.option("--max-new-tokens", type=int, default=D["max_new_tokens"], show_default=True, help="Decoders: tokens per generated answer.")
 @click.option("--labels", default=None, help="Classification: comma-separated label names in id order.")
 @click.option("--slice-column", default=None, help="Column for per-slice metrics [default: 'slice' if present].")
+@column_options
 @click.option("--seed", type=int, default=D["seed"], show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D["precision"], show_default=True,
               help="auto: bf16 autocast on a GPU that has it, fp32 otherwise.")
@@ -109,6 +113,7 @@ def command(as_json: bool, **kwargs) -> None:
     def plan(lines: list[str]) -> None:  # which task, base and columns were chosen, before the weights load
         click.echo("\n".join(lines), err=True)
 
+    kwargs["columns"] = pop_columns(kwargs)
     result = train(TrainOptions(**kwargs), on_plan=plan)
     metrics = result.metrics
     if as_json:

@@ -36,6 +36,60 @@ _RENAMES = {
 }
 
 
+COLUMN_ROLES = ("prompt", "completion", "text", "label", "messages", "system")
+
+
+def parse_columns(text) -> dict[str, str]:
+    """``"prompt=question,completion=answer"`` (or a dict) -> ``{role: column}``; raises :class:`DataError`
+    for an unknown role or a malformed entry."""
+    if not text:
+        return {}
+    pairs = text.items() if isinstance(text, dict) else \
+        [p.partition("=")[::2] for p in str(text).split(",") if p.strip()]
+    out = {}
+    for role, col in pairs:
+        role, col = str(role).strip(), str(col).strip()
+        if role not in COLUMN_ROLES or not col:
+            raise DataError(f"column mapping {role}={col!r} is not ROLE=COLUMN with ROLE one of "
+                            f"{', '.join(COLUMN_ROLES)}",
+                            hint="e.g. columns prompt=question,completion=answer or text=body,label=category")
+        out[role] = col
+    return out
+
+
+def map_columns(rows: list[dict], columns: dict[str, str], source: str, task: str | None) -> tuple[list[dict], dict]:
+    """Rename the columns ``columns`` names (``{role: column}``) to the roles edgepeft reads. With the task
+    given and no mapping for a missing ``label``/``text``/``prompt``/``completion``, a single column of a
+    usual name for it (category, question, answer...) is taken. Returns the rows and the mapping used;
+    raises :class:`DataError` naming the columns the data has."""
+    if not rows:
+        return rows, {}
+    have = list(rows[0])
+    used = dict(columns)
+    for role, col in used.items():
+        if col not in have:
+            raise DataError(f"{source} has no column {col!r} (mapped to {role}); its columns are "
+                            f"{', '.join(map(str, have))}", hint=f"map {role} to one of those columns")
+    if task is not None:
+        roles = ("text", "label") if task == "classification" else ("prompt", "completion")
+        for role in roles:
+            if role in used or role in have:
+                continue
+            named = [c for c in have if _RENAMES.get(str(c).lower()) == role and c not in used.values()]
+            if len(named) == 1:
+                used[role] = named[0]
+    used = {r: c for r, c in used.items() if r != c}
+    if not used:
+        return rows, {}
+    out = []
+    for row in rows:
+        row = dict(row)
+        values = {role: row.pop(col, None) for role, col in used.items()}
+        row.update(values)
+        out.append(row)
+    return out, used
+
+
 @dataclass
 class Dataset:
     """Checked records of one shape, split into train and eval."""
@@ -47,11 +101,12 @@ class Dataset:
     sha256: str
     labels: list[str] | None = None  # classification: names in id order
     slice_column: str | None = None
+    columns: dict | None = None  # role -> the data's column, where they differ
 
     def summary(self) -> dict:
         return {"source": self.source, "sha256": self.sha256, "shape": self.shape,
                 "train_examples": len(self.train), "eval_examples": len(self.eval),
-                "labels": self.labels, "slice_column": self.slice_column}
+                "labels": self.labels, "slice_column": self.slice_column, "columns": self.columns or None}
 
 
 def read_records(path: str) -> tuple[list[dict], list[dict] | None]:
@@ -164,9 +219,12 @@ def label_like_column(rows: list[dict], candidates: set) -> str | None:
 
 
 def _missing(cols: set, wanted: list[str], source: str, task: str, alt: str = "") -> None:
-    renames = [f"{c} -> {_RENAMES[c]}" for c in sorted(cols) if c in _RENAMES]
-    hint = f"rename columns: {', '.join(renames)}" if renames else \
-        f"{task} data needs the column(s) {' + '.join(wanted)} {alt}".strip()
+    found = [c for c in sorted(cols) if c in _RENAMES]
+    renames = [f"{c} -> {_RENAMES[c]}" for c in found]
+    mapping = ",".join(f"{_RENAMES[c]}={c}" for c in found) or ",".join(f"{w}=YOUR_COLUMN" for w in wanted)
+    hint = (f"rename columns: {', '.join(renames)}; " if renames else
+            f"{task} data needs the column(s) {' + '.join(wanted)} {alt}; ".replace("  ", " ")) + \
+        f"or map them: --columns {mapping} (columns= in Python)"
     raise DataError(f"{source}: expected column(s) {' + '.join(wanted)} {alt} for {task}, found {sorted(cols) or 'none'}"
                     .replace("  ", " "), hint=hint)
 
@@ -278,13 +336,18 @@ def split_rows(rows: list[dict], fraction: float, seed: int, key: str | None) ->
 
 
 def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_split: float, seed: int,
-                 labels: list[str] | None = None, slice_column: str | None = None) -> Dataset:
-    """Read ``data`` (and ``eval_data``), check every record, resolve labels and split.
+                 labels: list[str] | None = None, slice_column: str | None = None,
+                 columns: dict | None = None) -> Dataset:
+    """Read ``data`` (and ``eval_data``), map its columns (:func:`map_columns`), check every record,
+    resolve labels and split.
 
     Raises :class:`DataError` for a missing file, an unknown format, an empty
     dataset, missing or misnamed columns, bad records, or labels outside ``labels``.
     """
     rows, ready_eval = read_records(data)
+    rows, used = map_columns(rows, parse_columns(columns), data, task)
+    if ready_eval:
+        ready_eval, _ = map_columns(ready_eval, used, data + " (eval split)", None)
     shape = detect_shape(rows, task, data, slice_column)
     if task == "causal-lm" and shape == "classification":
         raise DataError(f"{data} looks like classification data (text + label) but the task is causal-lm",
@@ -298,6 +361,7 @@ def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_spl
         ev_rows, _ = read_records(eval_data)
         if not ev_rows:
             raise DataError(f"{eval_data} holds no records", hint="add evaluation examples or drop --eval-data")
+        ev_rows, _ = map_columns(ev_rows, used, eval_data, None)
         ev_shape = detect_shape(ev_rows, "classification" if shape == "classification" else task, eval_data,
                                 slice_column)
         if ev_shape != shape:
@@ -314,4 +378,4 @@ def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_spl
         train, held = rows, ready_eval
     else:
         train, held = split_rows(rows, eval_split, seed, "label" if shape == "classification" else None)
-    return Dataset(shape, train, held, data, sha, names, col)
+    return Dataset(shape, train, held, data, sha, names, col, used)

@@ -89,6 +89,7 @@ class TrainOptions:
     max_new_tokens: int = 64
     labels: list[str] | None = None  # classification: label names in id order
     slice_column: str | None = None  # None: "slice" when the data has it
+    columns: dict | None = None  # role (prompt, completion, text, label, messages, system) -> the data's column
     seed: int = 42
     precision: str = "auto"
     save_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
@@ -174,6 +175,10 @@ class TrainOptions:
                                  hint="pass --labels neg,pos (names in id order)")
             if self.task is None:
                 self.task = "classification"
+        if self.columns:
+            from .data import parse_columns
+
+            self.columns = parse_columns(self.columns)
         self.data = str(self.data)
         self.out = str(self.out)
 

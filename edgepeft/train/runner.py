@@ -90,7 +90,7 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     from .encode import encode_causal, encode_classification
 
     ds = load_dataset(opts.data, task=opts.task, eval_data=opts.eval_data, eval_split=opts.eval_split,
-                      seed=opts.seed, labels=opts.labels, slice_column=opts.slice_column)
+                      seed=opts.seed, labels=opts.labels, slice_column=opts.slice_column, columns=opts.columns)
     task = "classification" if ds.shape == "classification" else "causal-lm"
     if task == "classification" and opts.method in PROMPT_METHODS:
         raise TrainError(f"{opts.method} is exported for decoders only: a classifier's graph has no key/value "
@@ -200,6 +200,8 @@ def plan_lines(opts: TrainOptions, task: str, source, ds) -> list[str]:
             cols += f"; per-slice figures by {ds.slice_column!r}"
     else:
         cols = _SHAPES[ds.shape]
+    if ds.columns:
+        cols += "; from the data's " + ", ".join(f"{c!r} as {r}" for r, c in ds.columns.items())
     held = f"from {opts.eval_data}" if opts.eval_data else \
         (f"{opts.eval_split:.0%} held out of the training data" if ds.eval else "no evaluation")
     return [f"edgepeft train: {task} ({why}) on {source.name} ({origin}), {method_summary(opts)}",
