@@ -25,7 +25,7 @@ from ..errors import EdgePeftError, NotAvailableError
 
 # verb -> one-line help; the module is edgepeft.cli.cmd_<verb>.
 VERBS = {
-    "train": "Fine-tune a LoRA or QLoRA adapter on your data (server).",
+    "train": "Fine-tune an adapter on your data: LoRA, QLoRA, prompt or prefix tuning, bottleneck (server).",
     "build": "Export, quantize and sign a device bundle for a target (server).",
     "keygen": "Create an Ed25519 key pair for signing bundles and updates.",
     "targets": "List or show the device target profiles.",
@@ -126,6 +126,11 @@ def click_error(exc: click.ClickException) -> tuple[str, str | None]:
     return message, hint
 
 
+def debug() -> bool:
+    """Whether ``EDGEPEFT_DEBUG`` asks for tracebacks: set, and not 0, false, no or off."""
+    return os.environ.get("EDGEPEFT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and, from the console script, exits with) the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="edgepeft", standalone_mode=False)
     except EdgePeftError as exc:
-        if os.environ.get("EDGEPEFT_DEBUG"):
+        if debug():
             raise
         return report(exc, as_json)
     except click.exceptions.Exit as exc:

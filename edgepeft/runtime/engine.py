@@ -111,9 +111,10 @@ class Engine:
         if failures:
             self.close()
             raise BundleError(f"the bundle's own health checks fail on this device: {'; '.join(failures)}",
-                              hint="this device computes other answers than the build machine (another "
-                                   "onnxruntime or CPU?); rebuild for this target, or open it with the checks "
-                                   "turned off (--skip-health-checks) to investigate")
+                              hint="the build machine ran these checks and they passed, so this device computes "
+                                   "other answers (another onnxruntime or CPU?); rebuild for this target, or open it "
+                                   "with the checks turned off to investigate (--skip-health-checks on the command "
+                                   "line, Engine(..., health_checks=False) in Python)")
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> Engine:
