@@ -21,9 +21,9 @@ from ..transport.open import open_link
 @click.option("--json", "as_json", is_flag=True, help="Print the device's final status as JSON.")
 def command(package, to, token, token_file, timeout, no_wait, as_json):
     """Send PACKAGE (.epu) to a device; resume after drops; exit 0 only when the device reports healthy."""
-    from ..transport.link import Package, push
-
     import time
+
+    from ..transport.link import Package, push
 
     pkg = Package.read(package)
     started = time.time()
