@@ -504,7 +504,11 @@ class Engine:
         """The audit log's keyed digest of request text (None without an audit log)."""
         return self.audit.digest(text) if self.audit is not None else None
 
+    on_request = None  # called (kind, status, chosen adapters, extra) after each request: the agent's event log
+
     def _audit(self, kind: str, request_id: str, chosen, status: str, digest: str, **extra) -> None:
+        if self.on_request is not None:
+            self.on_request(kind, status, chosen, extra)
         if self.audit is None:
             return
         self.audit.record(request_id=request_id, kind=kind, status=status, base=self.manifest.base.get("name"),
