@@ -6,8 +6,10 @@ OpenAI-style routes, so existing client libraries work against the device:
   plus the engine's ``warnings``;
 - ``POST /v1/chat/completions``: ``{"model", "messages", "max_tokens", "temperature", "top_p",
   "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "seed", "n",
-  "logprobs", "top_logprobs", "stream"}``; with ``"stream": true`` the answer comes as
-  server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``);
+  "logprobs", "top_logprobs", "stream", "stream_options"}``; with ``"stream": true`` the answer comes as
+  server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``; ``"stream_options":
+  {"include_usage": true}`` adds a last chunk with no choices and the usage); ``tools`` and a
+  ``response_format`` other than text are refused (400), not ignored;
 - ``POST /v1/completions``: the same with a raw ``"prompt"`` (a string or a list of them;
   ``"logprobs": N`` gives N alternatives per token);
 - ``POST /v1/classify``: ``{"model", "input": [texts]}`` -> labels, probabilities, ``needs_review``;
@@ -450,6 +452,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         stream = data.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false")
+        usage = _unsupported_and_usage(data, stream)
         kw = {"adapter": adapter, "max_new_tokens": data.get("max_tokens", data.get("max_completion_tokens")),
               "stop": stops or None, "logprobs": top}
         for key in ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
@@ -462,7 +465,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         engine = self.engine  # one engine for the whole request (the agent may swap in a new bundle)
         with self.server.decode_slot():
             if stream:
-                return self._stream(engine, jobs, kw, chat, meta, top)
+                return self._stream(engine, jobs, kw, chat, meta, top, usage)
             results = [engine.generate(**p, **(kw | ({"seed": seed} if seed is not None else {})))
                        for _, p, seed in jobs]
         choices = [self._choice(i, r, chat, top) for (i, _, _), r in zip(jobs, results)]
@@ -517,7 +520,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                     "finish_reason": result.finish_reason}
         return {"index": index, "text": result.text, "logprobs": lp, "finish_reason": result.finish_reason}
 
-    def _stream(self, engine, jobs, kw, chat: bool, meta: dict, top) -> None:
+    def _stream(self, engine, jobs, kw, chat: bool, meta: dict, top, usage: bool = False) -> None:
         """Server-sent events. The first piece of the first choice is computed before the status
         line, so a request the engine refuses still gets its proper HTTP error."""
         streams = []
@@ -539,9 +542,12 @@ class ApiHandler(BaseHTTPRequestHandler):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{first.request_id}"
         obj = f"{meta['object']}.chunk" if chat else meta["object"]
 
-        def event(index, delta=None, finish=None, logprobs=None, error=None):
+        def event(index, delta=None, finish=None, logprobs=None, error=None, counts=None):
             if error is not None:
                 payload = {"error": error}
+            elif counts is not None:  # stream_options.include_usage: a last chunk with no choices
+                payload = {"id": rid, "object": obj, "created": meta["created"], "model": meta["model"],
+                           "choices": [], "usage": counts}
             else:
                 choice = ({"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
                           if chat else {"index": index, "text": delta or "", "logprobs": logprobs,
@@ -577,6 +583,11 @@ class ApiHandler(BaseHTTPRequestHandler):
                     recs = s.new_logprobs()
                     lp = (self._lp_chat(recs) if chat else self._lp_text(recs, offset)) if recs else None
                 event(index, {} if chat else "", finish=s.result.finish_reason, logprobs=lp)
+            if usage:
+                once = {id(p): s for s, (_, p, _) in reversed(list(zip(streams, jobs)))}  # n choices, one prompt
+                prompt = sum(s.result.prompt_tokens for s in once.values())
+                done = sum(s.result.completion_tokens for s in streams)
+                event(0, counts={"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (TimeoutError, ConnectionError, OSError):
@@ -637,6 +648,27 @@ class ApiHandler(BaseHTTPRequestHandler):
                          "adapter_version": emb.adapter_version,
                          "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
                          "usage": {"prompt_tokens": emb.tokens, "total_tokens": emb.tokens}})
+
+
+def _unsupported_and_usage(data: dict, stream: bool) -> bool:
+    """Refuse (400) what this server would otherwise ignore: tools and function calling, and a
+    ``response_format`` other than text; returns whether a stream should end with a usage chunk."""
+    for key in ("tools", "tool_choice", "functions", "function_call"):
+        if data.get(key) not in (None, [], "none"):
+            raise ApiError(400, f"'{key}' is not supported: this server does not call tools",
+                           hint="leave it out, and describe the answer you want in the messages")
+    fmt = data.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported: answers are not "
+                       "constrained to JSON", hint="leave it out, ask for JSON in the messages and parse the answer")
+    opts = data.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}")
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed with \"stream\": true")
+    return bool(opts.get("include_usage"))
 
 
 def _chain(head, rest):
