@@ -173,6 +173,9 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     if accelerator.is_main_process:
         notes = {"warnings": barely_moved(metrics, opts), "previous": previous_version(opts.init_adapter)}
         result = _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok, notes)
+        if on_plan is None and opts.progress:  # the CLI prints them itself, at the end of its summary
+            for note in notes["warnings"]:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     return result or TrainResult(opts.out_path, {"metrics": metrics}, accelerator.unwrap_model(model))
 
