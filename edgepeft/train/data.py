@@ -196,8 +196,9 @@ def detect_shape(rows: list[dict], task: str | None, source: str, slice_column: 
         if suspect:
             raise DataError(f"{source}: columns text + {suspect} look like a classifier's data, but there is no "
                             f"'label' column, so this would train a language model on the text alone",
-                            hint=f"rename columns: {suspect} -> label (a classifier), or pass --task causal-lm "
-                                 "(a language model on the text)")
+                            hint=f"for a classifier: --task classification, or --label-column {suspect} (or rename "
+                                 f"columns: {suspect} -> label); for a language model on the text: --task causal-lm "
+                                 "(in Python: task=, columns={'label': ...})")
         return "text"
     _missing(cols, ["messages"], source, "causal-lm", alt="or prompt + completion, or text")
     raise AssertionError("unreachable")  # _missing always raises
