@@ -102,13 +102,19 @@ def test_unknown_model_type_in_config_is_a_clear_error(tmp_path):
     assert len(str(ei.value)) < 600  # not transformers' list of every known model type
 
 
-def test_build_of_an_encoder_base_without_task_says_to_pass_it(tmp_path, keypair):
+def test_build_of_an_encoder_base_as_a_decoder_says_to_pass_the_task(tmp_path, keypair):
+    """Without --task the checkpoint's config decides (an encoder is a classifier: issue 26); asked for
+    causal-lm, an encoder is refused with the option to pass."""
     from edgepeft.bundle.build import build_bundle
+    from edgepeft.export.api import read_config
+    from edgepeft.models.arch import task_of
+    from edgepeft.models.base import resolve_base
 
     base = _config_dir(tmp_path / "base", "RobertaConfig")
+    assert task_of(read_config(resolve_base(str(base)))) == "classification"
     with pytest.raises(ModelError, match="encoder") as ei:
         build_bundle(base=str(base), adapters=[], target="raspberry-pi-5", key=keypair[0], out=tmp_path / "b",
-                     quant="fp32")
+                     quant="fp32", task="causal-lm")
     assert "--task classification" in ei.value.hint
     assert not (tmp_path / "b").exists()
 

@@ -321,7 +321,7 @@ def make_prompt_adapter(base_dir, out_dir, *, kind="prefix-tuning", tokens=5, se
 
 
 def make_bottleneck_adapter(base_dir, out_dir, *, task="causal-lm", size=8, placement="houlsby",
-                            non_linearity="relu", seed=3, num_labels=3, scale=0.3):
+                            non_linearity="relu", seed=3, num_labels=3, scale=0.3, heads=("classifier",)):
     """An edgepeft bottleneck adapter (random NONZERO up-projections) saved in its format; classifiers
     also get a random head. Returns the wrapped model (PyTorch reference)."""
     import torch
@@ -336,7 +336,7 @@ def make_bottleneck_adapter(base_dir, out_dir, *, task="causal-lm", size=8, plac
     else:
         base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
                                                                   dtype=torch.float32)
-        heads = ["classifier"]
+        heads = list(heads)
     cfg = bottleneck.config_for(base, size=size, non_linearity=non_linearity, placement=placement, task=task,
                                 heads=heads, base_name=str(base_dir))
     model = bottleneck.wrap(base, cfg)

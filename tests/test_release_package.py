@@ -14,8 +14,14 @@ from edgepeft.release.package import create_adapter_update, parse_expiry
 
 
 def test_the_package_carries_what_a_device_needs_and_verifies(built, tmp_path):
+    from edgepeft.runtime import Engine
+
+    with Engine(built["bundle"], [built["public_key"]]) as eng:  # a check v3 passes: v2's weights, v2's answer
+        eng.load_adapter(built["package"], name="probe")
+        said = eng.generate(messages=[{"role": "user", "content": "hi"}], adapter="probe", max_new_tokens=8,
+                            temperature=0.0).text
     checks = tmp_path / "checks.jsonl"
-    checks.write_text(json.dumps({"input": "hi", "expect": {"contains": "x"}}) + "\n")
+    checks.write_text(json.dumps({"input": "hi", "expect": {"equals": said}, "max_new_tokens": 8}) + "\n")
     r = run_cli("update", "create", "--bundle", built["bundle"], "--adapter", f"alpha={built['root'] / 'peft-gamma'}",
                 "--version", "3", "--key", built["private_key"], "--expires", "12h", "--health-check", checks,
                 "--adapter-dtype", "fp16", "--out", tmp_path / "a.epu", "--json")

@@ -121,7 +121,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     Raises :class:`UsageError` (bad options), :class:`AdapterError` (an adapter
     that cannot be used with this base or target), :class:`SignatureError` (key),
     :class:`~edgepeft.errors.SpecError` (target), :class:`TargetFitError`
-    (does not fit) or :class:`BuildError`.
+    (does not fit) or :class:`BuildError` (also when a health check fails on the built graph: the
+    bundle is not written).
     """
     profile = target if isinstance(target, TargetProfile) else load_target(target)
     explicit_quant, quant_note = quant is not None, ""
@@ -151,7 +152,19 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     tasks = {a.task for a in inputs} | ({task} if task else set())
     if len(tasks) > 1:
         raise AdapterError(f"adapters mix tasks {sorted(tasks)}", hint="build one bundle per task")
-    task = tasks.pop() if tasks else "causal-lm"
+    source = None
+    if tasks:
+        task = tasks.pop()
+    elif base is not None:  # no adapter and no --task: the checkpoint says (a fine-tuned classifier's own head)
+        from ..export.api import read_config
+        from ..models.arch import task_of
+        from ..models.base import resolve_base
+
+        source = resolve_base(base)
+        task = task_of(read_config(source))
+        progress(f"task {task} (from {source.name}'s config)")
+    else:
+        task = "causal-lm"
     loras = [a for a in inputs if a.method == "lora"]
     if merge is not None and next(a for a in inputs if a.name == merge).method != "lora":
         raise UsageError(f"--merge {merge!r} is a {next(a for a in inputs if a.name == merge).method} adapter; only "
@@ -177,7 +190,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
     from .. import export as export_api
     from ..models.base import resolve_base
 
-    source = resolve_base(base, task=task)
+    source = source or resolve_base(base, task=task)
     for a in inputs:
         check_trained_base(a, source.name, None if source.is_hub or source.gguf_file else source.path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +272,12 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         signed = sign_manifest(data, private_key)
         Manifest.from_dict(signed, str(work / MANIFEST_NAME))  # the manifest we write must parse on a device
         (work / MANIFEST_NAME).write_text(json.dumps(signed, indent=2, ensure_ascii=False), encoding="utf-8")
+        if data["health_checks"]:
+            from .health import check_bundle
+
+            progress(f"running {len(data['health_checks'])} health check(s) on the built graph")
+            check_bundle(work, private_key.public_key(), data["health_checks"], what=f"bundle {out.name}",
+                         where=str(health_checks))
         progress("archive")
         archive = pack_bundle(work, out.parent / f".{out.name}.epb.tmp")
         if out.exists():

@@ -41,9 +41,12 @@ from .serve_options import engine_kwargs, engine_options, http_options, server_k
 @engine_options
 @http_options
 @click.option("--audit", type=click.Path(dir_okay=False), default=None, help="Audit log file (JSON lines).")
+@click.option("--log-json", is_flag=True,
+              help="Log each install, rejection, rollback and request on stderr as one JSON object per line "
+                   "(for journald and log shippers) instead of text.")
 def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, mqtt_url,
             device_id, mqtt_ca, mqtt_cert, mqtt_key, local_checks, threads, max_concurrent, no_spinning,
-            skip_health_checks, allow_origin, allow_host, expose, max_connections, io_timeout, audit):
+            skip_health_checks, allow_origin, allow_host, expose, max_connections, io_timeout, audit, log_json):
     """Run the device agent on BUNDLE (a directory or the .epb the device was shipped): serve inference and
     install signed updates that arrive over HTTP, a serial line or a TUF pull repository."""
     from pathlib import Path
@@ -81,7 +84,10 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     io = io_from_env()
     if type(io).__name__ != "FileIO":
         click.echo(f"WARNING: ${CRASH_ENV} is set: this agent kills itself at a chosen step (tests only)", err=True)
-    device = Device(bundle, keys, state, engine_options=opts, local_checks=checks, io=io)
+    from ..update.events import EventLog
+
+    device = Device(bundle, keys, state, engine_options=opts, local_checks=checks, io=io,
+                    events=EventLog(json_lines=log_json))
     serial = {"port": serial_port, "baud": baud} if serial_port else None
     pull = {"url": pull_url, "interval": interval, "root": tuf_root} if pull_url else None
     mqtt = {"url": mqtt_url, "device_id": device_id, "ca": mqtt_ca, "cert": mqtt_cert, "key": mqtt_key,

@@ -15,6 +15,7 @@ import click
 
 from ..contracts.metrics import ANSWER_MAX_NEW_TOKENS, ANSWER_PROMPTS
 from ..errors import DataError, UsageError
+from .columns import column_options, pop_columns
 from .keys import trusted_keys
 
 
@@ -50,11 +51,12 @@ def _saved_dataset(path):
     return read_saved_dataset(path)
 
 
-def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | None) -> tuple[list[dict], str | None]:
-    from ..contracts.records import check_rows, detect_shape, read_records
+def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | None,
+          columns: dict | None = None) -> tuple[list[dict], str | None]:
+    from ..contracts.records import check_rows, detect_shape, map_columns, read_records
 
     rows, split = read_records(path, read_directory=_saved_dataset)
-    rows = rows + (split or [])
+    rows, _ = map_columns(rows + (split or []), columns or {}, path, task)
     shape = detect_shape(rows, task, path, slice_column)
     if slice_column and not any(slice_column in r for r in rows):
         raise DataError(f"slice column {slice_column!r} is not in {path}", hint="name an existing column, or drop --slice-column")
@@ -81,8 +83,10 @@ def _rows(path: str, task: str, labels: list[str] | None, slice_column: str | No
 @click.option("--max-new-tokens", type=click.IntRange(1, 100000), default=ANSWER_MAX_NEW_TOKENS,
               show_default=True, help="Decoders: tokens per generated answer.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads. [default: the bundle target's]")
+@column_options
 @click.option("--json", "as_json", is_flag=True, help="Print both sets of figures as JSON.")
-def command(bundle, data, adapter, trusted_key, slice_column, n_generate, max_new_tokens, threads, as_json):
+def command(bundle, data, adapter, trusted_key, slice_column, n_generate, max_new_tokens, threads, as_json,
+            **column_kw):
     """Score BUNDLE's adapter on --data with the device runtime, beside its training record's figures."""
     from ..contracts.metrics import manifest_metrics
     from ..runtime.engine import Engine
@@ -90,7 +94,7 @@ def command(bundle, data, adapter, trusted_key, slice_column, n_generate, max_ne
 
     engine = Engine(bundle, trusted_keys(trusted_key), threads=threads)
     name, facts = _pick_adapter(engine, adapter)
-    rows, col = _rows(data, engine.task, facts.get("labels"), slice_column)
+    rows, col = _rows(data, engine.task, facts.get("labels"), slice_column, pop_columns(column_kw))
     if engine.task == "classification":
         if not facts.get("labels"):
             raise UsageError("the bare base has no classification head", hint="pass --adapter NAME")

@@ -21,9 +21,12 @@ from ..transport.open import open_link
 @click.option("--json", "as_json", is_flag=True, help="Print the device's final status as JSON.")
 def command(package, to, token, token_file, timeout, no_wait, as_json):
     """Send PACKAGE (.epu) to a device; resume after drops; exit 0 only when the device reports healthy."""
+    import time
+
     from ..transport.link import Package, push
 
     pkg = Package.read(package)
+    started = time.time()
     link = open_link(to, token, token_file)
     bar = None
     if not as_json and sys.stderr.isatty():
@@ -50,10 +53,18 @@ def command(package, to, token, token_file, timeout, no_wait, as_json):
     else:
         name, version = st.get("name", "?"), st.get("version")
         what = f"{name} v{version}" if version is not None else f"update {pkg.id[:12]}"  # refused before it was read
-        line = f"{what}: {st.get('status')}"
-        if st.get("reason"):
-            line += f" ({st['reason']})"
-        steps = " -> ".join(s["status"] for s in st.get("steps", []))
-        click.echo(line + (f"  [{steps}]" if steps else ""))
+        finished = st.get("finished")
+        if isinstance(finished, (int, float)) and finished < started:  # the device's answer from its history
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(finished))
+            line = f"{what}: already installed, nothing sent (this package was {st.get('status')} on the device " \
+                f"at {when})" if st.get("status") == "healthy" else \
+                f"{what}: not sent again: this package was {st.get('status')} on the device at {when}"
+            click.echo(line + (f" ({st['reason']})" if st.get("reason") and st.get("status") != "healthy" else ""))
+        else:
+            line = f"{what}: {st.get('status')}"
+            if st.get("reason"):
+                line += f" ({st['reason']})"
+            steps = " -> ".join(s["status"] for s in st.get("steps", []))
+            click.echo(line + (f"  [{steps}]" if steps else ""))
     ok = st.get("status") == "healthy" or (no_wait and st.get("status") not in ("rejected", "rolled-back"))
     raise SystemExit(0 if ok else 5)

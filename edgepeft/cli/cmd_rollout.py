@@ -29,7 +29,7 @@ def _print_report(rep: dict, as_json: bool) -> None:
     rows = [("device", "link", "group", "status", "tries", "wave", "reason")]
     for d in rep["devices"]:
         rows.append((d["device"], d["link"], d.get("group") or "-", d["status"], str(d["attempts"]),
-                     "-" if d["wave"] is None else str(d["wave"]), (d.get("reason") or "")[:100]))
+                     "-" if d["wave"] is None else str(d["wave"]), _cut(d.get("reason") or "", 100)))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6])
@@ -116,7 +116,7 @@ def abort(rollout_id, rollback, db):
 
     store = _db(db)
     row = store.rollout(rollout_id)
-    if row["status"] in ("SUCCEEDED", "COMPLETED", "ABORTED"):
+    if row["status"] in ("SUCCEEDED", "COMPLETED", "ABORTED", "FAILED"):
         click.echo(f"rollout {rollout_id} already ended: {row['status']}")
         if not rollback:
             return
@@ -125,8 +125,19 @@ def abort(rollout_id, rollback, db):
     if pid and _alive(pid) and pid != os.getpid():
         click.echo(f"abort requested; the controller (pid {pid}) carries it out")
         return
-    rep = Rollout(store, rollout_id).run()
+    from ..errors import EdgePeftError
+
+    try:
+        rep = Rollout(store, rollout_id).run()
+    except EdgePeftError:  # its plan can no longer be read: recorded as ABORTED with the reason
+        row = store.rollout(rollout_id)
+        click.echo(f"rollout {rollout_id}: {row['status']} ({row['reason']})")
+        return
     _print_report(rep, False)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _alive(pid: int) -> bool:

@@ -36,7 +36,10 @@ def command(to, token, token_file, as_json):
         click.echo(f"adapter  {a['name']:<20} v{a.get('version')}  ({a.get('source')}; floor {a.get('floor')}"
                    + (f"; failed {', '.join('v' + k for k in a['failed'])}" if a.get("failed") else "") + ")")
     for r in st.get("recent", [])[-5:]:
-        click.echo(f"update   {r.get('name')} v{r.get('version')}: {r.get('status')}"
-                   + (f" ({r['reason'][:100]})" if r.get("reason") else ""))
+        what = f"{r.get('name')} v{r.get('version')}" if r.get("version") is not None else \
+            f"package {str(r.get('id') or '?')[:12]} (refused before its name was trusted)"
+        reason = str(r.get("reason") or "")
+        click.echo(f"update   {what}: {r.get('status')}"
+                   + (f" ({reason[:99] + '…' if len(reason) > 100 else reason})" if reason else ""))
     for n in st.get("notes", []):
         click.echo(f"note     {n}")

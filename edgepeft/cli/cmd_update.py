@@ -17,7 +17,8 @@ def command():
 
 @command.command("create")
 @click.option("--bundle", "bundle", type=click.Path(exists=True), default=None,
-              help="The bundle the devices run (its directory): the adapter is exported for its base and slots.")
+              help="The bundle the devices run (its directory or .epb): the adapter is exported for its base and "
+                   "slots, and the health checks run on it before anything is signed.")
 @click.option("--adapter", "adapter", metavar="NAME=DIR", default=None,
               help="The adapter update: its name on the device and the PEFT directory of the new version.")
 @click.option("--new-bundle", "new_bundle", type=click.Path(exists=True), default=None,
@@ -64,12 +65,16 @@ def create(bundle, adapter, new_bundle, version, key, expires, health_checks, ad
                                     expires=expires, health_checks=health_checks, adapter_dtype=adapter_dtype,
                                     min_runtime=min_runtime, progress=progress)
     s = res.summary()
+    for note in res.warnings:
+        click.echo(f"warning: {note}", err=True)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     click.echo(f"update  {s['update']}  ({s['bytes'] / 1024:.0f} KiB)")
+    checks = f"{s['health_checks']} health check(s)" if s["health_checks"] or s["type"] != "adapter" else \
+        "the bundle's own health checks"
     click.echo(f"        {s['type']} {s['name']} v{s['version']} for base {s['base_fingerprint'][:16]}..., "
-               f"expires {s['expires'] or 'never'}, {s['health_checks']} health check(s)")
+               f"expires {s['expires'] or 'never'}, {checks} run on install")
     click.echo(f"id      {s['id']}")
 
 
@@ -107,5 +112,8 @@ def inspect(package, trusted_key, as_json):
         a = meta.adapter
         where = f", modules {', '.join(a.target_modules)}" if a.method == "lora" else ""
         click.echo(f"adapter   {a.method} {describe_size(a.method, a.to_dict())}, {a.dtype}{where}")
-    click.echo(f"checks    {len(meta.health_checks)} health check(s)")
+    if meta.health_checks or meta.type != "adapter":
+        click.echo(f"checks    {len(meta.health_checks)} health check(s), run on install")
+    else:
+        click.echo(f"checks    none of its own: on install a device runs its bundle's health checks for {meta.name}")
     click.echo("signature " + (f"verified (key {verified})" if verified else "not checked (pass --trusted-key)"))

@@ -26,7 +26,7 @@ from ..errors import EdgePeftError
 
 # verb -> one-line help; the module is edgepeft.cli.cmd_<verb>.
 VERBS = {
-    "train": "Fine-tune a LoRA or QLoRA adapter on your data (server).",
+    "train": "Fine-tune an adapter on your data: LoRA, QLoRA, prompt or prefix tuning, bottleneck (server).",
     "build": "Export, quantize and sign a device bundle for a target (server).",
     "keygen": "Create an Ed25519 key pair for signing bundles and updates.",
     "targets": "List or show the device target profiles.",

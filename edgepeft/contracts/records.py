@@ -23,6 +23,8 @@ from ..errors import DataError
 
 SHAPES = ("messages", "prompt_completion", "text", "classification")
 ROLES = ("system", "user", "assistant")
+# what a column of the data may be mapped to (--columns ROLE=COL)
+COLUMN_ROLES = ("prompt", "completion", "text", "label", "messages", "system")
 # Column names people often use, and what we expect instead.
 _RENAMES = {
     "instruction": "prompt", "input": "prompt", "question": "prompt", "query": "prompt",
@@ -106,8 +108,9 @@ def detect_shape(rows: list[dict], task: str | None, source: str, slice_column: 
         if suspect:
             raise DataError(f"{source}: columns text + {suspect} look like a classifier's data, but there is no "
                             f"'label' column, so this would train a language model on the text alone",
-                            hint=f"rename columns: {suspect} -> label (a classifier), or pass --task causal-lm "
-                                 "(a language model on the text)")
+                            hint=f"for a classifier: --task classification, or --label-column {suspect} (or rename "
+                                 f"columns: {suspect} -> label); for a language model on the text: --task causal-lm "
+                                 "(in Python: task=, columns={'label': ...})")
         return "text"
     _missing(cols, ["messages"], source, "causal-lm", alt="or prompt + completion, or text")
     raise AssertionError("unreachable")  # _missing always raises
@@ -129,9 +132,12 @@ def label_like_column(rows: list[dict], candidates: set) -> str | None:
 
 
 def _missing(cols: set, wanted: list[str], source: str, task: str, alt: str = "") -> None:
-    renames = [f"{c} -> {_RENAMES[c]}" for c in sorted(cols) if c in _RENAMES]
-    hint = f"rename columns: {', '.join(renames)}" if renames else \
-        f"{task} data needs the column(s) {' + '.join(wanted)} {alt}".strip()
+    found = [c for c in sorted(cols) if c in _RENAMES]
+    renames = [f"{c} -> {_RENAMES[c]}" for c in found]
+    mapping = ",".join(f"{_RENAMES[c]}={c}" for c in found) or ",".join(f"{w}=YOUR_COLUMN" for w in wanted)
+    hint = (f"rename columns: {', '.join(renames)}; " if renames else
+            f"{task} data needs the column(s) {' + '.join(wanted)} {alt}; ".replace("  ", " ")) + \
+        f"or map them: --columns {mapping} (columns= in Python)"
     raise DataError(f"{source}: expected column(s) {' + '.join(wanted)} {alt} for {task}, found {sorted(cols) or 'none'}"
                     .replace("  ", " "), hint=hint)
 
@@ -177,3 +183,54 @@ def check_rows(rows: list[dict], shape: str, source: str, keep: str | None = Non
             clean[keep] = str(row[keep])
         out.append(clean)
     return out
+
+
+def parse_columns(text) -> dict[str, str]:
+    """``"prompt=question,completion=answer"`` (or a dict) -> ``{role: column}``; raises :class:`DataError`
+    for an unknown role or a malformed entry."""
+    if not text:
+        return {}
+    pairs = text.items() if isinstance(text, dict) else \
+        [p.partition("=")[::2] for p in str(text).split(",") if p.strip()]
+    out = {}
+    for role, col in pairs:
+        role, col = str(role).strip(), str(col).strip()
+        if role not in COLUMN_ROLES or not col:
+            raise DataError(f"column mapping {role}={col!r} is not ROLE=COLUMN with ROLE one of "
+                            f"{', '.join(COLUMN_ROLES)}",
+                            hint="e.g. columns prompt=question,completion=answer or text=body,label=category")
+        out[role] = col
+    return out
+
+
+def map_columns(rows: list[dict], columns: dict[str, str], source: str, task: str | None) -> tuple[list[dict], dict]:
+    """Rename the columns ``columns`` names (``{role: column}``) to the roles edgepeft reads. With the task
+    given and no mapping for a missing ``label``/``text``/``prompt``/``completion``, a single column of a
+    usual name for it (category, question, answer...) is taken. Returns the rows and the mapping used;
+    raises :class:`DataError` naming the columns the data has."""
+    if not rows:
+        return rows, {}
+    have = list(rows[0])
+    used = dict(columns)
+    for role, col in used.items():
+        if col not in have:
+            raise DataError(f"{source} has no column {col!r} (mapped to {role}); its columns are "
+                            f"{', '.join(map(str, have))}", hint=f"map {role} to one of those columns")
+    if task is not None:
+        roles = ("text", "label") if task == "classification" else ("prompt", "completion")
+        for role in roles:
+            if role in used or role in have:
+                continue
+            named = [c for c in have if _RENAMES.get(str(c).lower()) == role and c not in used.values()]
+            if len(named) == 1:
+                used[role] = named[0]
+    used = {r: c for r, c in used.items() if r != c}
+    if not used:
+        return rows, {}
+    out = []
+    for row in rows:
+        row = dict(row)
+        values = {role: row.pop(col, None) for role, col in used.items()}
+        row.update(values)
+        out.append(row)
+    return out, used

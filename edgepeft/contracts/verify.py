@@ -101,8 +101,9 @@ def verify_detached(message: bytes, signatures: list, trusted_keys: Iterable[Key
     if not seen:
         raise SignatureError(f"{source} is not signed with ed25519",
                              hint="sign it with a key from `edgepeft keygen`")
-    raise SignatureError(f"{source} was signed by key {', '.join(seen)}, which this device does not trust",
-                         hint=f"trusted key ids: {', '.join(by_id)}")
+    raise SignatureError(f"{source} was signed by key {', '.join(seen)}, which this device does not trust "
+                         f"(it trusts {', '.join(map(repr, by_id))})",
+                         hint="sign it with a key the device trusts, or provision this key on the device first")
 
 
 def verify_signature(data: dict, trusted_keys: Iterable[KeyLike], source: str = MANIFEST_NAME) -> str:

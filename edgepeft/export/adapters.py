@@ -181,7 +181,8 @@ def _saved_head(adapter, model_info: dict, tensors: dict, labels, hint: str):
     """A classifier's head from ``adapter.saved`` into ``tensors``; returns its labels (None for a decoder).
     Raises :class:`AdapterError` when the adapter saves any other whole module."""
     if model_info.get("task") == "classification":
-        labels = label_names(adapter.path, _head_tensors(adapter, model_info, tensors), labels)
+        labels = head_labels(adapter.path, _head_tensors(adapter, model_info, tensors), labels,
+                             fallback=model_info.get("base_labels"))
         allowed = {f"{h['module']}.{p}" for h in head_stages(model_info) for p in ("weight", "bias")}
     else:
         labels, allowed = None, set()
@@ -224,8 +225,20 @@ def _head_tensors(lora, model_info: dict, tensors: dict) -> int:
     return n
 
 
-def label_names(adir: Path, n: int, labels) -> list:
-    """Labels from the argument, labels.json, or config.json's id2label; else LABEL_i."""
+def config_labels(config) -> list[str] | None:
+    """The label names of a transformers config's ``id2label`` in id order; None when it has none or only
+    the generic ``LABEL_i`` names transformers fills in."""
+    id2label = getattr(config, "id2label", None) or {}
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def head_labels(adir: Path, n: int, labels, *, fallback: list | None = None) -> list:
+    """Labels from the argument, the adapter's labels.json or config.json id2label, then ``fallback`` (the
+    base's config.json id2label, when it names ``n``); else LABEL_i."""
     if labels is None:
         for fname in ("labels.json", "config.json"):
             p = adir / fname
@@ -242,6 +255,8 @@ def label_names(adir: Path, n: int, labels) -> list:
                     labels = data["labels"]
                 if labels:
                     break
+    if not labels and fallback and len(fallback) == n:
+        labels = fallback
     labels = list(labels) if labels else [f"LABEL_{i}" for i in range(n)]
     if len(labels) != n:
         raise AdapterError(f"{adir.name}: {len(labels)} labels for a head with {n} outputs",

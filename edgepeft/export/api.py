@@ -159,11 +159,16 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
             "hidden_size": dims["hidden"], "vocab_size": dims["vocab"], "max_context": ctx, "head": info["head"],
             "io": {"inputs": [i.name for i in graph.graph.input if i.name in _ENCODER_INPUTS], "outputs": ["logits"]},
         }
-        if lora is not None:
-            from .adapters import label_names
+        from .adapters import config_labels, head_labels
 
-            final = arch.head[-1].module + ".weight"
-            model_info["labels"] = label_names(lora.path, int(sd[final].shape[0]), None)
+        base_labels = config_labels(config)
+        if base_labels:  # names for a plain PEFT classifier that carries none (issue 26)
+            model_info["base_labels"] = base_labels
+        final = arch.head[-1].module + ".weight"
+        if lora is not None:
+            model_info["labels"] = head_labels(lora.path, int(sd[final].shape[0]), None, fallback=base_labels)
+        elif info["head"] and info["head"][-1]["default"]:  # a fine-tuned checkpoint: its own head serves
+            model_info["labels"] = head_labels(Path(src.path), int(sd[final].shape[0]), None, fallback=base_labels)
     merged = merge_adapter is not None
     model_info.update({
         "dims": dims,

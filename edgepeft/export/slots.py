@@ -71,6 +71,21 @@ def rank_expr(m: int) -> str:
     return "rank" if m == 1 else f"{m}*rank"
 
 
+def names_module(target: str, module: str, alias: str | None = None) -> bool:
+    """Whether a PEFT ``target_modules`` entry names ``module`` (a module path below the layer, e.g.
+    ``attention.self.key``): the path, its short alias, a dotted suffix (``key``), as PEFT matches, or one
+    layer's full path (``deberta.encoder.layer.0.attention.self.key``: what PEFT saves for "all-linear")."""
+    if target in (module, alias) or module.endswith("." + target):
+        return True
+    return target.endswith("." + module) and target[:-len(module) - 1].rpartition(".")[2].isdigit()
+
+
+def missing_targets(targets, modules) -> list[str]:
+    """The entries of ``targets`` that name none of ``modules`` (the slots a bundle has), by
+    :func:`names_module`: the one rule ``build`` and ``update create`` both use."""
+    return sorted(t for t in targets if not any(names_module(t, m) for m in modules))
+
+
 def resolve_targets(target_modules, known: dict[str, str]) -> list[str]:
     """Turn target_modules ("all-linear", a list of PEFT names or suffixes) into PEFT names.
 
@@ -83,7 +98,7 @@ def resolve_targets(target_modules, known: dict[str, str]) -> list[str]:
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     out = []
     for t in target_modules:
-        hits = [k for k, alias in known.items() if k == t or alias == t or k.endswith("." + t)]
+        hits = [k for k, alias in known.items() if names_module(t, k, alias)]
         if not hits:
             raise UsageError(f"target module {t!r} is not an adaptable projection of this model",
                              hint=f"choose from {', '.join(known)} or 'all-linear'")

@@ -107,6 +107,17 @@ def start_rollout(plan: RolloutPlan | str | os.PathLike, db: str | os.PathLike, 
     return Rollout(store, rid, log=say)
 
 
+def end_unstartable(db: RolloutDB, rid: str, row: dict, exc: EdgePeftError) -> None:
+    """A rollout whose plan, inventory or packages can no longer be read ends here, with the reason: FAILED,
+    or ABORTED when an abort was asked for (nothing can be sent, so nothing is left to stop)."""
+    if row["status"] in ("SUCCEEDED", "COMPLETED", "ABORTED", "FAILED"):
+        return
+    aborted = row["status"] in ("ABORT_REQUESTED", "ABORTING")
+    why = f"cannot start: {exc.message}"
+    db.set_rollout(rid, status="ABORTED" if aborted else "FAILED",
+                   reason=f"{row.get('reason') or 'aborted by request'}; {why}" if aborted else why)
+
+
 class Rollout:
     """A rollout recorded in ``db``; :meth:`run` drives it to its end (or resumes it).
 
@@ -119,11 +130,16 @@ class Rollout:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         row = db.rollout(rid)
         stored = row["plan"]
-        self.plan = RolloutPlan.from_dict({k: v for k, v in stored.items() if not k.startswith("_") and v is not None},
-                                          f"rollout {rid}", base=Path(stored.get("_base", ".")))
-        self.inventory = Inventory.load(self.plan.inventory)
+        try:
+            self.plan = RolloutPlan.from_dict({k: v for k, v in stored.items()
+                                               if not k.startswith("_") and v is not None},
+                                              f"rollout {rid}", base=Path(stored.get("_base", ".")))
+            self.inventory = Inventory.load(self.plan.inventory)
+            self.packages = [PackageInfo.read(p) for p in self.plan.packages]
+        except EdgePeftError as exc:
+            end_unstartable(db, rid, row, exc)
+            raise
         self.devices = {d.id: d for d in self.inventory.devices}
-        self.packages = [PackageInfo.read(p) for p in self.plan.packages]
         self.policy = RolloutPolicy(self.plan, db.executions(rid), now=time.time(), status=row["status"],
                                     reason=row["reason"], rate=row["rate"], wave=int(row["wave"] or 0),
                                     counter=int(row["rate_counter"] or 0), rollback=bool(row["rollback"]),

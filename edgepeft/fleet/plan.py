@@ -89,8 +89,9 @@ class Inventory:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Inventory:
-        """Read an inventory TOML; raises :class:`SpecError` naming the file and field."""
-        path = Path(path)
+        """Read an inventory TOML (relative paths in it are relative to it); raises :class:`SpecError`
+        naming the file and field."""
+        path = Path(os.path.abspath(path))
         return cls.from_dict(_read_toml(path), str(path), base=path.parent)
 
     @classmethod
@@ -203,8 +204,8 @@ class RolloutPlan:
     def from_dict(cls, data: dict, source: str = "plan", base: Path | None = None) -> RolloutPlan:
         base = base or Path(".")
 
-        def rel(p):
-            return None if p is None else (Path(p) if os.path.isabs(p) else base / p)
+        def rel(p):  # resolved once, against the file that names it: a stored plan keeps absolute paths
+            return None if p is None else Path(os.path.abspath(os.path.join(base, p)))
 
         f = Fields(data, source)
         name = check_name(f.str("name"), source, "name")

@@ -280,6 +280,15 @@ def describe(config, task: str) -> DecoderArch | EncoderArch:
                      hint=hint)
 
 
+def task_of(config) -> str:
+    """The task a checkpoint was made for, from its config: "classification" for a
+    ``*ForSequenceClassification`` checkpoint or an encoder family, else "causal-lm"."""
+    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classification"
+    return "classification" if str(getattr(config, "model_type", "")) in ENCODERS else "causal-lm"
+
+
 def _refuse(config, what: str, hint: str):
     raise ModelError(f"{config.model_type}: {what} is not supported by the exporter", hint=hint)
 
@@ -337,5 +346,5 @@ def _check_encoder(arch: EncoderArch, config) -> None:
         _refuse(config, f"classifier_pooling {config.classifier_pooling!r}", "use cls or mean pooling")
 
 
-__all__ = ["DecoderArch", "EncoderArch", "HeadStage", "DECODERS", "ENCODERS", "describe", "supported",
+__all__ = ["DecoderArch", "EncoderArch", "HeadStage", "DECODERS", "ENCODERS", "describe", "supported", "task_of",
            "supported_architectures", "decoder_act"]

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
@@ -53,6 +53,7 @@ class UpdateResult:
     id: str
     meta: dict
     bytes: int
+    warnings: list = field(default_factory=list)  # e.g. the bundle was signed by another key
 
     def summary(self) -> dict:
         m = self.meta
@@ -60,7 +61,8 @@ class UpdateResult:
                 "name": (m.get("adapter") or {}).get("name", "bundle"),
                 "version": (m.get("adapter") or m.get("bundle"))["version"],
                 "base_fingerprint": m["base_fingerprint"], "expires": m.get("expires"),
-                "payload_bytes": m["payload"]["size"], "health_checks": len(m.get("health_checks", []))}
+                "payload_bytes": m["payload"]["size"], "health_checks": len(m.get("health_checks", [])),
+                "warnings": list(self.warnings)}
 
 
 def parse_expiry(text: str | None, now: _dt.datetime | None = None) -> str | None:
@@ -93,13 +95,16 @@ def read_bundle_manifest(bundle_dir: Path) -> Manifest:
     return Manifest.from_dict(read_manifest_dict(path), str(path))
 
 
-def _sign_and_write(meta: dict, payload: Path, key, out: Path) -> UpdateResult:
+def _sign_and_write(meta: dict, payload: Path, key, out: Path, verify=None) -> UpdateResult:
+    """Sign ``meta``; ``verify(package bytes)`` may refuse it (raising) before anything is written."""
     from ..contracts.signing import load_private_key, sign_bytes
 
     private_key = key if not isinstance(key, (str, os.PathLike)) else load_private_key(key)
     UpdateMeta.from_dict(meta, str(out))  # what we sign must parse on a device
     body = metadata_bytes(meta)
     envelope = encode_envelope(body, [sign_bytes(body, private_key)])
+    if verify is not None:
+        verify(envelope + payload.read_bytes())
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, mode=0o644) as tmp, open(tmp, "wb") as fh, open(payload, "rb") as src:
         fh.write(envelope)  # readable 0644: a release file is meant to be served
@@ -131,11 +136,26 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
                           key, out: str | os.PathLike, expires: str | None = "30d", health_checks=None,
                           adapter_dtype: str | None = None, min_runtime: str | None = None,
                           progress=lambda msg: None) -> UpdateResult:
-    """Export ``adapter`` (a PEFT directory) for ``bundle``'s base and write a signed update package.
+    """Export ``adapter`` (a PEFT directory) for ``bundle``'s base (its directory or ``.epb``) and write a
+    signed update package, after running the health checks a device will run on it.
 
     Raises :class:`UsageError` (bad options), :class:`AdapterError` (the adapter does not fit the
-    bundle's base: another base, task, modules, a rank above the limit), :class:`SignatureError` (key).
+    bundle's base: another base, task, modules, a rank above the limit), :class:`SignatureError` (key),
+    :class:`BuildError` (a health check fails: nothing is written).
     """
+    if Path(bundle).is_file():  # the .epb archive every other command takes
+        import shutil
+
+        from ..contracts.archive import unpack_bundle
+
+        tmp = Path(tempfile.mkdtemp(prefix=".update-bundle-"))
+        try:
+            return create_adapter_update(bundle=unpack_bundle(Path(bundle), tmp / Path(bundle).stem), name=name,
+                                         adapter=adapter, version=version, key=key, out=out, expires=expires,
+                                         health_checks=health_checks, adapter_dtype=adapter_dtype,
+                                         min_runtime=min_runtime, progress=progress)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     from ..bundle.adapters_in import read_adapter
     from ..bundle.entries import adapter_entry
     from ..contracts.checks import read_health_checks
@@ -171,6 +191,7 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
                            f"{bundle} holds {context} tokens", hint="train it with far fewer --virtual-tokens")
     dtype = adapter_dtype or (manifest.quantization or {}).get("adapter_dtype", "fp32")
     checks = read_health_checks(health_checks)
+    notes = other_key(manifest, private_key, bundle)
     from .. import export as export_api
     from ..runtime.adapter_file import read_logical_header
     from ..runtime.slots import GraphFacts, check_entry, parse_slots
@@ -190,12 +211,43 @@ def create_adapter_update(*, bundle: str | os.PathLike, name: str, adapter: str 
                        fmt="onnx_adapter", expires=expires, health_checks=checks, min_runtime=min_runtime)
         meta["adapter"] = entry
         meta["slots"] = sorted(p for p in header.params if not p.endswith(".scale"))
+        from ..runtime.health import checks_for
+
+        # what a device runs on install: the package's checks, else the bundle's own for this adapter
+        run = checks or checks_for(manifest.health_checks, name)
+        where = str(health_checks) if checks else \
+            f"the bundle's checks for {name}, which a device runs when a package has none: pass --health-check " \
+            "with checks for this version"
+
+        def verify(data: bytes) -> None:
+            if run and not notes:  # a bundle signed by another key does not open with ours
+                from ..bundle.health import check_package
+
+                progress(f"running {len(run)} health check(s) on {name} v{version} in bundle {Path(bundle).name}")
+                check_package(Path(bundle), private_key.public_key(), data, name, run,
+                              what=f"update {name} v{version}", where=where)
         progress(f"signing {out.name}")
-        return _sign_and_write(meta, work / "payload.onnx_adapter", private_key, out)
+        result = _sign_and_write(meta, work / "payload.onnx_adapter", private_key, out, verify=verify)
+        result.warnings += notes
+        return result
     finally:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def other_key(manifest: Manifest, private_key, bundle) -> list[str]:
+    """A warning when ``bundle`` was signed by another key than the one signing the update: devices that
+    trust only the bundle's key will refuse the package."""
+    from ..contracts.verify import key_id
+
+    ours = key_id(private_key.public_key())
+    theirs = manifest.signature.key_id if manifest.signature else None
+    if theirs is None or theirs == ours:
+        return []
+    return [f"bundle {bundle} was signed by key {theirs}; this package is signed by key {ours}: devices that run "
+            f"the bundle trust {theirs} and will refuse it unless {ours} is also among their trusted keys "
+            "(sign with the bundle's key, or provision the new key first); its health checks were not run here"]
 
 
 def _check_lora_fits(a, manifest: Manifest, bundle, slot_rank: int) -> None:
@@ -204,12 +256,15 @@ def _check_lora_fits(a, manifest: Manifest, bundle, slot_rank: int) -> None:
     if a.rank > slot_rank or a.rank > limit:
         raise AdapterError(f"adapter {a.name!r} has rank {a.rank}; bundle {bundle} takes ranks up to "
                            f"{min(slot_rank, limit)}", hint="retrain with a smaller --rank, or rebuild the bundle")
+    from ..export.slots import missing_targets
+
     exported = set(manifest.model.get("target_modules") or [])
-    missing = sorted(set(a.target_modules) - exported) if exported else []
+    missing = missing_targets(a.target_modules, exported) if exported else []
     if missing:
         raise AdapterError(f"adapter {a.name!r} trains {', '.join(missing)}, which bundle {bundle} has no slots for "
                            f"(it has {', '.join(sorted(exported))})",
-                           hint="retrain on the bundle's modules, or rebuild the bundle with these modules")
+                           hint="rebuild the bundle with this adapter (edgepeft build --adapter), so its graph gets "
+                                "these slots, or retrain the adapter on the bundle's modules")
 
 
 def _bundle_graph(bundle: Path, manifest: Manifest, work: Path) -> Path:

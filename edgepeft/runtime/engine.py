@@ -112,9 +112,10 @@ class Engine:
         if failures:
             self.close()
             raise BundleError(f"the bundle's own health checks fail on this device: {'; '.join(failures)}",
-                              hint="this device computes other answers than the build machine (another "
-                                   "onnxruntime or CPU?); rebuild for this target, or open it with the checks "
-                                   "turned off (--skip-health-checks) to investigate")
+                              hint="the build machine ran these checks and they passed, so this device computes "
+                                   "other answers (another onnxruntime or CPU?); rebuild for this target, or open it "
+                                   "with the checks turned off to investigate (--skip-health-checks on the command "
+                                   "line, Engine(..., health_checks=False) in Python)")
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> Engine:
@@ -516,10 +517,15 @@ class Engine:
         """The audit log's keyed digest of request text (None without an audit log)."""
         return self.audit.digest(text) if self.audit is not None else None
 
+    on_request = None  # called (kind, status, chosen adapters, extra) after each request: the agent's event log
+
     def audit_request(self, kind: str, request_id: str, chosen, status: str, digest: str | None, **extra) -> None:
         """Record one request in the audit log (nothing without one): ``kind`` ("generate", "classify",
         "embed"), the adapters ``chosen`` with their versions and hashes, ``status`` and the input's
-        ``digest`` (:meth:`digest`). Raises :class:`EngineError` when the log cannot be written."""
+        ``digest`` (:meth:`digest`); tells :attr:`on_request` too. Raises :class:`EngineError` when the log
+        cannot be written."""
+        if self.on_request is not None:
+            self.on_request(kind, status, chosen, extra)
         if self.audit is None:
             return
         self.audit.record(request_id=request_id, kind=kind, status=status, base=self.manifest.base.get("name"),

@@ -12,6 +12,13 @@ from collections.abc import Sequence
 from ..errors import AdapterError, EngineError
 
 
+def shorten(text, limit: int) -> str:
+    """``repr`` of ``text`` cut to about ``limit`` characters, with an ellipsis where it was cut: a message
+    never passes a cut answer off as the whole one."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"
+
+
 def _field(check, name, default=None):
     return check.get(name, default) if isinstance(check, dict) else getattr(check, name, default)
 
@@ -43,7 +50,7 @@ def run_health_checks(engine, checks: Sequence, adapter) -> list[str]:
         except (EngineError, AdapterError) as exc:
             ok, got, want = False, f"error: {exc.message}", "an answer"
         if not ok:
-            failures.append(f"check #{i} ({str(text)[:40]!r}): expected {want}, got {str(got)[:80]!r}")
+            failures.append(f"check #{i} ({shorten(text, 40)}): expected {want}, got {shorten(got, 80)}")
     return failures
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contracts import records
-from ..contracts.records import check_rows, detect_shape
+from ..contracts.records import COLUMN_ROLES, check_rows, detect_shape, map_columns, parse_columns  # noqa: F401
 from ..errors import DataError
 
 
@@ -32,11 +32,12 @@ class Dataset:
     sha256: str
     labels: list[str] | None = None  # classification: names in id order
     slice_column: str | None = None
+    columns: dict | None = None  # role -> the data's column, where they differ
 
     def summary(self) -> dict:
         return {"source": self.source, "sha256": self.sha256, "shape": self.shape,
                 "train_examples": len(self.train), "eval_examples": len(self.eval),
-                "labels": self.labels, "slice_column": self.slice_column}
+                "labels": self.labels, "slice_column": self.slice_column, "columns": self.columns or None}
 
 
 def read_records(path: str) -> tuple[list[dict], list[dict] | None]:
@@ -128,13 +129,18 @@ def split_rows(rows: list[dict], fraction: float, seed: int, key: str | None) ->
 
 
 def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_split: float, seed: int,
-                 labels: list[str] | None = None, slice_column: str | None = None) -> Dataset:
-    """Read ``data`` (and ``eval_data``), check every record, resolve labels and split.
+                 labels: list[str] | None = None, slice_column: str | None = None,
+                 columns: dict | None = None) -> Dataset:
+    """Read ``data`` (and ``eval_data``), map its columns (:func:`map_columns`), check every record,
+    resolve labels and split.
 
     Raises :class:`DataError` for a missing file, an unknown format, an empty
     dataset, missing or misnamed columns, bad records, or labels outside ``labels``.
     """
     rows, ready_eval = read_records(data)
+    rows, used = map_columns(rows, parse_columns(columns), data, task)
+    if ready_eval:
+        ready_eval, _ = map_columns(ready_eval, used, data + " (eval split)", None)
     shape = detect_shape(rows, task, data, slice_column)
     if task == "causal-lm" and shape == "classification":
         raise DataError(f"{data} looks like classification data (text + label) but the task is causal-lm",
@@ -148,6 +154,7 @@ def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_spl
         ev_rows, _ = read_records(eval_data)
         if not ev_rows:
             raise DataError(f"{eval_data} holds no records", hint="add evaluation examples or drop --eval-data")
+        ev_rows, _ = map_columns(ev_rows, used, eval_data, None)
         ev_shape = detect_shape(ev_rows, "classification" if shape == "classification" else task, eval_data,
                                 slice_column)
         if ev_shape != shape:
@@ -164,4 +171,4 @@ def load_dataset(data: str, *, task: str | None, eval_data: str | None, eval_spl
         train, held = rows, ready_eval
     else:
         train, held = split_rows(rows, eval_split, seed, "label" if shape == "classification" else None)
-    return Dataset(shape, train, held, data, sha, names, col)
+    return Dataset(shape, train, held, data, sha, names, col, used)

@@ -139,4 +139,6 @@ def classification_metrics(model, rows: list[dict], items: list[dict], labels: l
     result["slices"] = None
     if slice_column:
         result["slices"] = slice_scores([str(row.get(slice_column, "")) for row in rows], truth, preds, labels)
+    result["samples"] = [{"text": row.get("text"), "reference": labels[t], "prediction": labels[p]}
+                         for row, t, p in list(zip(rows, truth, preds))[:SAMPLES_KEPT]]
     return result

@@ -68,11 +68,13 @@ def check_targets(config, task: str, targets: list[str] | None) -> tuple[list[st
         raise ModelError(f"model type {config.model_type!r} cannot be used for {task}: {exc}",
                          hint="pick a base made for this task (a decoder for chat data, an encoder for text + label)") from exc
     names = dict(skeleton.named_modules())
-    heads = [h for h in HEAD_NAMES if h in names] if task == "classification" else None
+    heads = _head_modules(config, names) if task == "classification" else None
     if task == "classification" and not heads:
         raise ModelError(f"cannot find the classification head of {config.model_type}",
                          hint="use a BERT-family or Llama-family base")
     chosen = targets if targets is not None else default_targets(config.model_type)
+    if chosen == "all-linear" and task == "classification":
+        chosen = _encoder_projections(config) or chosen
     if chosen == "all-linear":
         return chosen, heads
     adaptable = {n for n, m in names.items() if _is_adaptable(m)}
@@ -84,6 +86,25 @@ def check_targets(config, task: str, targets: list[str] | None) -> tuple[list[st
             raise TrainError(f"target module {t!r} cannot be adapted in {config.model_type}: {why}",
                              hint=f"choose from: {', '.join(leaves)}")
     return list(chosen), heads
+
+
+def _head_modules(config, names: dict) -> list[str]:
+    """The whole modules a classifier adapter must save: every head stage the exporter fills from the adapter
+    (DistilBERT's pre_classifier, DeBERTa-v3's pooler, not only ``classifier``), else the usual head names."""
+    from ..models.arch import ENCODERS
+
+    arch = ENCODERS.get(str(getattr(config, "model_type", "")))
+    stages = [s.module.split(".")[0] for s in arch.head if s.source == "adapter"] if arch else []
+    return [h for h in dict.fromkeys([*stages, *HEAD_NAMES]) if h in names]
+
+
+def _encoder_projections(config) -> list[str] | None:
+    """An encoder's per-layer projections from the exporter's table: "all-linear" without its head stages
+    (which the adapter saves whole), so every trained module has a slot."""
+    from ..models.arch import ENCODERS
+
+    arch = ENCODERS.get(str(getattr(config, "model_type", "")))
+    return [m for m, _ in arch.proj] if arch else None
 
 
 def _is_adaptable(module) -> bool:
@@ -118,7 +139,7 @@ def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str]
     elif opts.method == "prefix-tuning":
         _no_checkpointing(model)
     if lora_family:
-        adapted, info = _attach_lora(opts, model, config, task, targets)
+        adapted, info = _attach_lora(opts, model, config, task, targets, heads)
     elif opts.method == "bottleneck":
         adapted, info = _attach_bottleneck(opts, model, task, heads, source)
         targets = info["points"]
@@ -133,11 +154,12 @@ def prepare(opts: TrainOptions, source: BaseSource, task: str, labels: list[str]
                     {"method": opts.method} | info)
 
 
-def _attach_lora(opts, model, config, task, targets):
+def _attach_lora(opts, model, config, task, targets, heads=None):
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
-                      bias="none",  # SEQ_CLS makes peft save the head ("classifier"/"score") itself
+                      bias="none",  # SEQ_CLS makes peft save "classifier"/"score"; other head stages listed
+                      modules_to_save=[h for h in heads or [] if h not in HEAD_NAMES] or None,
                       task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM)
     try:
         peft_model = get_peft_model(model, lora)

@@ -22,6 +22,14 @@ PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")  # PEFT prompt learning: dec
 # Peak learning rate when --lr is not given: soft prompts and prefixes need much larger steps than LoRA
 # (PEFT's prompt-learning examples use 1e-2..3e-2); bottleneck adapters train from a zero up-projection.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "bottleneck": 1e-3}
+# Small data (the common case here: tens to hundreds of rows) moves only with larger LoRA steps and more passes.
+# Measured with tools/small_data_defaults.py on the examples' sizes (docs/training.md): 2e-4 for 4 steps left
+# the held-out loss where it was; these rates for >= 40 optimizer steps moved it.
+SMALL_DATA_ROWS = 1000  # fewer training rows than this get the small-data defaults below
+SMALL_DATA_LR = {("lora", "causal-lm"): 2e-3, ("qlora", "causal-lm"): 2e-3, ("lora", "classification"): 3e-3}
+MIN_STEPS = 40  # small data: enough passes for this many optimizer steps ...
+MAX_AUTO_EPOCHS = 10  # ... but no more passes than this
+SMALL_EVAL = 256  # held-out sets this small are also scored on the bare base (before -> after)
 PLACEMENTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = ("relu", "silu", "gelu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -76,7 +84,7 @@ class TrainOptions:
     alpha: float | None = None  # None: 2 * rank
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None: per-architecture default
-    epochs: float = 1.0
+    epochs: float | None = None  # None: 1 pass; small data: enough passes for MIN_STEPS steps (resolve_defaults)
     max_steps: int | None = None
     learning_rate: float | None = None  # None: DEFAULT_LR of the method
     batch_size: int = 8
@@ -86,11 +94,12 @@ class TrainOptions:
     weight_decay: float = 0.0
     eval_split: float = 0.1
     eval_data: str | None = None
-    eval_before: bool = False  # also evaluate the bare base, as "baseline"
+    eval_before: bool | None = None  # also evaluate the bare base, as "baseline" (None: when the held-out set is small)
     eval_generate: int = ANSWER_PROMPTS  # decoder answer match: at most this many held-out prompts
     max_new_tokens: int = ANSWER_MAX_NEW_TOKENS
     labels: list[str] | None = None  # classification: label names in id order
     slice_column: str | None = None  # None: "slice" when the data has it
+    columns: dict | None = None  # role (prompt, completion, text, label, messages, system) -> the data's column
     seed: int = 42
     precision: str = "auto"
     save_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
@@ -142,12 +151,11 @@ class TrainOptions:
             raise TrainError(f"dropout must be in [0, 1), got {self.dropout}", hint="use --dropout 0.05")
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps, "use --steps 1 or more, or leave it out to train by --epochs")
-        elif not (math.isfinite(self.epochs) and self.epochs > 0):
+        elif self.epochs is not None and not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs)
+                                              and self.epochs > 0):
             raise TrainError(f"epochs must be positive, got {self.epochs}", hint="use --epochs 1 or more, or --steps N")
-        if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LR[self.method]
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
-                and self.learning_rate > 0):
+        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float))
+                                                   and math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise TrainError(f"learning rate must be positive, got {self.learning_rate}", hint="use --lr 2e-4")
         if not (0.0 <= self.warmup < 1.0):
             raise TrainError(f"warmup must be a fraction in [0, 1), got {self.warmup}", hint="use --warmup 0.05")
@@ -171,8 +179,33 @@ class TrainOptions:
                                  hint="pass --labels neg,pos (names in id order)")
             if self.task is None:
                 self.task = "classification"
+        if self.columns:
+            from ..contracts.records import parse_columns
+
+            self.columns = parse_columns(self.columns)
         self.data = str(self.data)
         self.out = str(self.out)
+
+    def resolve_defaults(self, task: str, n_train: int, n_eval: int) -> list[str]:
+        """Fill the options left to the data (learning rate, passes, the before -> after evaluation) once its
+        size is known; returns a line saying what was chosen for small data, if anything was."""
+        small = n_train < SMALL_DATA_ROWS
+        chosen = []
+        if self.learning_rate is None:
+            self.learning_rate = SMALL_DATA_LR.get((self.method, task), DEFAULT_LR[self.method]) if small \
+                else DEFAULT_LR[self.method]
+            chosen.append(f"lr {self.learning_rate:g}")
+        if self.epochs is None:
+            per_epoch = max(1, math.ceil(n_train / (self.batch_size * self.grad_accum)))
+            self.epochs = float(min(MAX_AUTO_EPOCHS, max(1, math.ceil(MIN_STEPS / per_epoch)))) if small else 1.0
+            if self.max_steps is None:
+                chosen.append(f"{self.epochs:g} epoch(s)")
+        if self.eval_before is None:
+            self.eval_before = 0 < n_eval <= SMALL_EVAL
+        if not small or not chosen:
+            return []
+        return [f"  defaults for small data ({n_train} rows): {', '.join(chosen)} (set --lr / --epochs or "
+                "--steps to choose)"]
 
     @property
     def out_path(self) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._extras import quiet_optional_kernel_notice, require
-from ..errors import TrainError, UsageError
+from ..errors import EdgePeftError, TrainError, UsageError
 from .options import PROMPT_METHODS, TrainOptions
 
 
@@ -90,7 +90,7 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     from .encode import encode_causal, encode_classification
 
     ds = load_dataset(opts.data, task=opts.task, eval_data=opts.eval_data, eval_split=opts.eval_split,
-                      seed=opts.seed, labels=opts.labels, slice_column=opts.slice_column)
+                      seed=opts.seed, labels=opts.labels, slice_column=opts.slice_column, columns=opts.columns)
     task = "classification" if ds.shape == "classification" else "causal-lm"
     if task == "classification" and opts.method in PROMPT_METHODS:
         raise TrainError(f"{opts.method} is exported for decoders only: a classifier's graph has no key/value "
@@ -100,7 +100,7 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     if tok.pad_token_id is None:
         raise TrainError(f"the tokenizer of {source.name} has neither a pad nor an EOS token",
                          hint="use a base whose tokenizer defines one")
-    lines = plan_lines(opts, task, source, ds)
+    lines = plan_lines(opts, task, source, ds) + opts.resolve_defaults(task, len(ds.train), len(ds.eval))
     if on_plan is not None:
         on_plan(lines)
     elif opts.progress:
@@ -171,7 +171,11 @@ def _train(opts: TrainOptions, on_step, on_plan) -> TrainResult:
     }
     result = None
     if accelerator.is_main_process:
-        result = _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok)
+        notes = {"warnings": barely_moved(metrics, opts), "previous": previous_version(opts.init_adapter)}
+        result = _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok, notes)
+        if on_plan is None and opts.progress:  # the CLI prints them itself, at the end of its summary
+            for note in notes["warnings"]:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     return result or TrainResult(opts.out_path, {"metrics": metrics}, accelerator.unwrap_model(model))
 
@@ -200,9 +204,12 @@ def plan_lines(opts: TrainOptions, task: str, source, ds) -> list[str]:
             cols += f"; per-slice figures by {ds.slice_column!r}"
     else:
         cols = _SHAPES[ds.shape]
+    if ds.columns:
+        cols += "; from the data's " + ", ".join(f"{c!r} as {r}" for r, c in ds.columns.items())
     held = f"from {opts.eval_data}" if opts.eval_data else \
         (f"{opts.eval_split:.0%} held out of the training data" if ds.eval else "no evaluation")
-    return [f"edgepeft train: {task} ({why}) on {source.name} ({origin}), {method_summary(opts)}",
+    cont = f", continuing from {opts.init_adapter} (--init-adapter)" if opts.init_adapter else ""
+    return [f"edgepeft train: {task} ({why}) on {source.name} ({origin}), {method_summary(opts)}{cont}",
             f"  columns: {cols}",
             f"  examples: {len(ds.train)} train, {len(ds.eval)} eval ({held})"]
 
@@ -217,7 +224,35 @@ def method_summary(opts: TrainOptions) -> str:
     return f"{opts.method} r={opts.rank}"
 
 
-def _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok) -> TrainResult:
+MOVED = 0.02  # a held-out loss that fell by less than this fraction "barely moved"
+
+
+def barely_moved(metrics: dict, opts: TrainOptions) -> list[str]:
+    """A warning when the held-out loss fell by less than :data:`MOVED` of the bare base's: what to try."""
+    before, after = (metrics.get("baseline") or {}).get("loss"), (metrics.get("eval") or {}).get("loss")
+    if before is None or after is None or before <= 0 or (before - after) / before >= MOVED:
+        return []
+    passes = f"--steps {max(2 * metrics['train']['steps'], 40)}"
+    return [f"the held-out loss barely moved ({before:.4g} -> {after:.4g}, {metrics['train']['steps']} steps at lr "
+            f"{opts.learning_rate:g}): the adapter has learnt little. Try more passes ({passes}, or --epochs; "
+            f"max_steps= / epochs= in Python) or a larger learning rate (--lr {opts.learning_rate * 3:g}; "
+            "learning_rate= in Python), or more examples"]
+
+
+def previous_version(init_adapter: str | None) -> dict | None:
+    """The figures of the adapter a run continued from (``--init-adapter``), to show beside the new ones."""
+    if not init_adapter:
+        return None
+    from . import record
+
+    try:
+        rec = record.read_record(init_adapter)
+    except EdgePeftError:
+        return None
+    return {"path": str(init_adapter), "version": rec.get("version"), "eval": (rec.get("metrics") or {}).get("eval")}
+
+
+def _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator, tok, notes=None) -> TrainResult:
     from . import record
 
     partial = opts.partial_path
@@ -232,6 +267,7 @@ def _publish(opts, task, source, prepared, ds, state, metrics, wall, accelerator
     rec = record.build_record(opts=opts, task=task, base=source, prepared=prepared, dataset=ds, state=state,
                               metrics=metrics, wall_seconds=time.monotonic() - wall, accelerator=accelerator,
                               versions=_versions())
+    rec.update({k: v for k, v in (notes or {}).items() if v})
     points = [(0, (metrics["baseline"] or {}).get("loss")), (state.step, (metrics["eval"] or {}).get("loss"))]
     record.plot_losses(staged / record.PLOT, state.losses, points, f"{source.name} + {method_summary(opts)}")
     record.write_json(staged / record.RECORD, rec)

@@ -63,7 +63,7 @@ class Device:
 
     def __init__(self, bundle: str | os.PathLike, trusted_keys, state_dir: str | os.PathLike, *,
                  engine_options: dict | None = None, io: FileIO | None = None, max_update_bytes: int = 2 << 30,
-                 local_checks=()):
+                 local_checks=(), events=None):
         from ..contracts.verify import load_public_key
 
         self.state_dir = Path(state_dir)
@@ -74,6 +74,7 @@ class Device:
         self.engine_options = dict(engine_options or {})
         self._check_bundles = bool(self.engine_options.pop("health_checks", True))
         self.local_checks = list(local_checks)  # this device's own checks, on top of every signed set
+        self.events = events  # an edgepeft.update.events.EventLog: one line per install, rollback, request
         self.notes: list[str] = []
         self.links: dict = {}  # link name -> a callable giving that link's own state (serial sessions, last pull)
         self._lock = threading.RLock()
@@ -167,6 +168,7 @@ class Device:
         sig = _signature_of(bundle_dir)
         first = checks and self._check_bundles and sig is not None and sig not in self._checked()
         engine = Engine(bundle_dir, self.trusted_keys, **self.engine_options, health_checks=first)
+        engine.on_request = self.events.request if self.events is not None else None
         if first:
             self._mark_checked(sig)
         return engine
@@ -272,11 +274,19 @@ class Device:
 
     def record(self, result: InstallResult) -> None:
         """Append a finished result to the history (the newest one for an id answers status queries)."""
+        if self.events is not None:
+            self.events.installed(result)
         with self._hist_lock:
             items = self._history()
             items.append(result.to_dict() | {"finished": round(time.time(), 3)})
             write_atomic(self.state_dir / "history.json",
                          json.dumps(items[-HISTORY:], sort_keys=True).encode("utf-8"))
+
+    def refused(self, result: dict) -> None:
+        """A refusal kept out of the history (nothing about the package under its id was proven): the event
+        log still says it."""
+        if self.events is not None:
+            self.events.installed(result)
 
     def _history(self) -> list[dict]:
         try:
@@ -367,6 +377,12 @@ class Device:
     # -- operations ----------------------------------------------------------------------------
     def rollback(self, name: str, reason: str = "requested") -> dict:
         """Roll adapter ``name`` (or ``"bundle"``) back to its previous version. Raises :class:`StoreError`."""
+        out = self._rollback(name, reason)
+        if self.events is not None:
+            self.events.rolled_back(out, reason)
+        return out
+
+    def _rollback(self, name: str, reason: str) -> dict:
         with self._lock:
             if name != "bundle":
                 out = self.updater.rollback(name, reason)

@@ -85,6 +85,8 @@ class Installer(Protocol):
 
     def lookup(self, id: str) -> dict | None: ...  # a finished, verified result from the history
 
+    def refused(self, result: dict) -> None: ...  # a refusal kept out of the history: say it (the event log)
+
 
 class Receiver:
     """Takes package bytes from any link and hands complete packages to the device's installer.
@@ -351,6 +353,7 @@ class Receiver:
             self._notes.move_to_end(id)
             while len(self._notes) > MAX_NOTES:
                 self._notes.popitem(last=False)
+        self.device.refused(st)
         return st
 
     def _final(self, up: Upload, envelope: Envelope, reason: str, retryable: bool = False) -> dict:

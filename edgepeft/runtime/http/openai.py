@@ -73,6 +73,7 @@ class GenerationRequest:
     top: int | None
     stream: bool
     meta: dict
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
     @classmethod
     def parse(cls, data: dict, chat: bool, limits: Limits, base_id: str) -> GenerationRequest:
@@ -99,6 +100,7 @@ class GenerationRequest:
         stream = data.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false", hint="send \"stream\": true for server-sent events")
+        include_usage = unsupported_and_usage(data, stream)
         kw = {"adapter": adapter, "max_new_tokens": data.get("max_tokens", data.get("max_completion_tokens")),
               "stop": stops or None, "logprobs": top}
         for key in SAMPLING_KEYS:
@@ -107,7 +109,7 @@ class GenerationRequest:
                 for i, p in enumerate(prompts) for j in range(n)]
         meta = {"model": data.get("model") or base_id, "created": int(time.time()),
                 "object": "chat.completion" if chat else "text_completion"}
-        return cls(chat, n, jobs, kw, top, stream, meta)
+        return cls(chat, n, jobs, kw, top, stream, meta, include_usage)
 
     def engine_args(self, prompt: dict, seed: int | None) -> dict:
         """The keyword arguments of ``Engine.generate`` for one choice."""
@@ -161,6 +163,35 @@ def completion(req: GenerationRequest, results: list) -> dict:
     return {"id": req.id(results[0].request_id), **req.meta,
             "choices": [choice(i, r, req.chat, req.top) for (i, _, _), r in zip(req.jobs, results)],
             "adapter_version": results[0].adapter_version, "usage": usage(results, req.n)}
+
+
+def unsupported_and_usage(data: dict, stream: bool) -> bool:
+    """Refuse (400) what this server would otherwise ignore: tools and function calling, and a
+    ``response_format`` other than text; returns whether a stream should end with a usage chunk."""
+    for key in ("tools", "tool_choice", "functions", "function_call"):
+        if data.get(key) not in (None, [], "none"):
+            raise ApiError(400, f"'{key}' is not supported: this server does not call tools",
+                           hint="leave it out, and describe the answer you want in the messages")
+    fmt = data.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported: answers are not "
+                       "constrained to JSON", hint="leave it out, ask for JSON in the messages and parse the answer")
+    opts = data.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                       hint='send "stream_options": {"include_usage": true}, or leave it out')
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed with \"stream\": true", hint='add "stream": true')
+    return bool(opts.get("include_usage"))
+
+
+def usage_chunk(req: GenerationRequest, rid: str, results: list) -> dict:
+    """The last streamed chunk of ``stream_options.include_usage``: no choices, the usage."""
+    obj = f"{req.meta['object']}.chunk" if req.chat else req.meta["object"]
+    return {"id": rid, "object": obj, "created": req.meta["created"], "model": req.meta["model"], "choices": [],
+            "usage": usage(results, req.n)}
 
 
 def chunk(req: GenerationRequest, rid: str, index: int, delta=None, finish=None, logprobs=None) -> dict:

@@ -7,7 +7,9 @@ OpenAI-style routes, so existing client libraries work against the device:
 - ``POST /v1/chat/completions``: ``{"model", "messages", "max_tokens", "temperature", "top_p",
   "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "seed", "n",
   "logprobs", "top_logprobs", "stream"}``; with ``"stream": true`` the answer comes as
-  server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``);
+  server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``; ``"stream_options":
+  {"include_usage": true}`` adds a last chunk with no choices and the usage); ``tools`` and a
+  ``response_format`` other than text are refused (400), not ignored;
 - ``POST /v1/completions``: the same with a raw ``"prompt"`` (a string or a list of them;
   ``"logprobs": N`` gives N alternatives per token);
 - ``POST /v1/classify``: ``{"model", "input": [texts]}`` -> labels, probabilities, ``needs_review``;
@@ -471,6 +473,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                     recs = s.new_logprobs()
                     lp = openai.logprobs_block(recs, chat, offset) if recs else None
                 event(index, {} if chat else "", finish=s.result.finish_reason, logprobs=lp)
+            if req.include_usage:
+                payload = openai.usage_chunk(req, rid, [s.result for s in streams])
+                self.wfile.write(b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n")
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (TimeoutError, ConnectionError, OSError):
