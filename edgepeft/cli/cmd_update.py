@@ -82,6 +82,7 @@ def inspect(package, trusted_key, as_json):
     """Show what an update package carries; with --trusted-key, verify it as a device would."""
     from pathlib import Path
 
+    from ..contracts.jsontext import loads_untrusted
     from ..contracts.methods import describe_size
     from ..contracts.names import sha256_bytes
     from ..contracts.update import UpdateMeta, envelope_length, read_update, split_envelope
@@ -95,7 +96,12 @@ def inspect(package, trusted_key, as_json):
         envelope, _ = read_update(data, trusted_key, source=package)
         meta, verified = envelope.meta, envelope.key_id
     else:
-        meta = UpdateMeta.from_dict(json.loads(split_envelope(data[:n], package)[0]), package)
+        try:
+            fields = loads_untrusted(split_envelope(data[:n], package)[0])
+        except ValueError as exc:  # also too deep a nesting
+            raise UsageError(f"{package}: its metadata is not JSON ({exc})",
+                             hint="recreate it with `edgepeft update create`") from exc
+        meta = UpdateMeta.from_dict(fields, package)
     info = {"id": sha256_bytes(data[:n]), "bytes": len(data), "verified_by": verified} | meta.to_dict()
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))

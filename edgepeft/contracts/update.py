@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import BundleError, IntegrityError, SignatureError, SpecError
 from .fields import Fields
+from .jsontext import loads_untrusted
 from .manifest import AdapterEntry, HealthCheck
 from .names import sha256_bytes
 
@@ -237,12 +238,9 @@ def split_envelope(raw: bytes, source: str = "update") -> tuple[bytes, list]:
     m = HEADER.unpack_from(raw, 0)[2]
     meta_bytes, sig_bytes = raw[HEADER.size:HEADER.size + m], raw[HEADER.size + m:n]
     try:
-        block = json.loads(sig_bytes.decode("utf-8"))
-    except RecursionError:  # a peer's nesting must not become a crash (an endpoint's thread, an HTTP 500)
-        raise SignatureError(f"{source}: the signature block nests too deeply to be one",
-                             hint="recreate the update") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SignatureError(f"{source}: the signature block is not JSON", hint="recreate the update") from exc
+        block = loads_untrusted(sig_bytes.decode("utf-8"))
+    except ValueError as exc:  # also too deep a nesting: a peer's bytes must not become a crash
+        raise SignatureError(f"{source}: the signature block is not JSON ({exc})", hint="recreate the update") from exc
     sigs = block.get("signatures") if isinstance(block, dict) else None
     if not isinstance(sigs, list) or not sigs or not all(isinstance(s, dict) for s in sigs):
         raise SignatureError(f"{source} is unsigned", hint="sign it: `edgepeft update create --key KEY`")
@@ -267,10 +265,8 @@ def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update
     meta_bytes, sigs = split_envelope(raw, source)
     key = verify_detached(meta_bytes, sigs, trusted_keys, source)
     try:
-        data = json.loads(meta_bytes.decode("utf-8"))
-    except RecursionError:
-        raise SpecError(source, "", "metadata nests too deeply to be update metadata") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = loads_untrusted(meta_bytes.decode("utf-8"))
+    except ValueError as exc:  # also UnicodeDecodeError and too deep a nesting
         raise SpecError(source, "", f"metadata is not JSON: {exc}") from exc
     meta = UpdateMeta.from_dict(data, source)
     check_fresh(meta, source, now=now, runtime_version=runtime_version, check_expiry=check_expiry)

@@ -86,12 +86,11 @@ def _check_local_copy(path, data: bytes, n: int) -> None:
     Nothing here is trusted (the device verifies the signature and everything else); it only catches a
     file damaged on this machine before its bytes cross a slow link. Raises :class:`TransportError`.
     """
-    import json
-
+    from ..contracts.jsontext import loads_untrusted
     from ..contracts.update import split_envelope
 
     try:
-        payload = json.loads(split_envelope(data[:n], str(path))[0]).get("payload") or {}
+        payload = loads_untrusted(split_envelope(data[:n], str(path))[0]).get("payload") or {}
         size, digest = int(payload.get("size")), str(payload.get("sha256"))
     except (ValueError, TypeError, AttributeError):
         return  # unreadable metadata: let the device say what is wrong with it

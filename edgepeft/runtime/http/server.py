@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ...contracts.jsontext import loads_untrusted
 from ...errors import AdapterError, AdapterInUseError, EdgePeftError, UnknownAdapterError, UsageError
 from . import openai
 from .guards import (
@@ -311,11 +312,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                            "unsupported_media_type", "send Content-Type: application/json")
         raw = self.read_body(self.server.limits.max_body_bytes)
         try:
-            data = json.loads(raw.decode("utf-8") if raw else "{}")
-        except RecursionError:
-            raise ApiError(400, "the request body is nested too deeply") from None
-        except ValueError:
-            raise ApiError(400, "the request body is not valid UTF-8 JSON") from None
+            data = loads_untrusted(raw.decode("utf-8") if raw else "{}")
+        except ValueError as exc:  # also too deep a nesting
+            raise ApiError(400, f"the request body is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         check_json(data, self.server.limits.max_json_depth)
