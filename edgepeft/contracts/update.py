@@ -273,6 +273,15 @@ def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update
     return Envelope(raw=raw, meta=meta, key_id=key)
 
 
+def repository_path(package) -> str:
+    """Where a package lives in a TUF repository, from its ``type``, ``name`` and ``version`` (an
+    :class:`UpdateMeta`, or the controller's view of one): where ``edgepeft publish`` puts it and the path a
+    rollout's job names."""
+    if package.type == "adapter":
+        return f"edgepeft/adapters/{package.name}/v{package.version}.epu"
+    return f"edgepeft/bundles/v{package.version}.epu"
+
+
 def check_fresh(meta: UpdateMeta, source: str = "update", *, now: _dt.datetime | None = None,
                 runtime_version: str | None = None, check_expiry: bool = True) -> None:
     """Refuse an expired package, or one that needs a newer edgepeft than this device runs."""

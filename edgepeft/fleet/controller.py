@@ -57,8 +57,10 @@ class PackageInfo:
 
     @property
     def target_path(self) -> str:
-        return (f"edgepeft/adapters/{self.name}/v{self.version}.epu" if self.type == "adapter"
-                else f"edgepeft/bundles/v{self.version}.epu")
+        """The package's path in the TUF repository, as ``edgepeft publish`` puts it there."""
+        from ..contracts.update import repository_path
+
+        return repository_path(self)
 
     @classmethod
     def read(cls, path: Path) -> PackageInfo:
