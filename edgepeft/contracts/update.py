@@ -247,6 +247,23 @@ def split_envelope(raw: bytes, source: str = "update") -> tuple[bytes, list]:
     return meta_bytes, sigs
 
 
+def _parse_metadata(meta_bytes: bytes, source: str) -> UpdateMeta:
+    try:
+        data = loads_untrusted(meta_bytes.decode("utf-8"))
+    except ValueError as exc:  # also UnicodeDecodeError and too deep a nesting
+        raise SpecError(source, "", f"metadata is not JSON: {exc}") from exc
+    return UpdateMeta.from_dict(data, source)
+
+
+def read_metadata_unverified(raw: bytes, source: str = "update") -> UpdateMeta:
+    """The metadata of a package, NOT verified: for tools that describe or route a package (``update
+    inspect`` without a key, a rollout's plan and eval gate, the push's check of a local copy); a device
+    verifies with :func:`verify_envelope`. Raises :class:`BundleError` (framing), :class:`SignatureError`
+    (no signature block) or :class:`SpecError` (metadata)."""
+    meta_bytes, _ = split_envelope(raw, source)
+    return _parse_metadata(meta_bytes, source)
+
+
 def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update",
                     now: _dt.datetime | None = None, runtime_version: str | None = None,
                     check_expiry: bool = True) -> Envelope:
@@ -264,11 +281,7 @@ def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update
     raw = bytes(raw[:n])
     meta_bytes, sigs = split_envelope(raw, source)
     key = verify_detached(meta_bytes, sigs, trusted_keys, source)
-    try:
-        data = loads_untrusted(meta_bytes.decode("utf-8"))
-    except ValueError as exc:  # also UnicodeDecodeError and too deep a nesting
-        raise SpecError(source, "", f"metadata is not JSON: {exc}") from exc
-    meta = UpdateMeta.from_dict(data, source)
+    meta = _parse_metadata(meta_bytes, source)
     check_fresh(meta, source, now=now, runtime_version=runtime_version, check_expiry=check_expiry)
     return Envelope(raw=raw, meta=meta, key_id=key)
 
