@@ -1,4 +1,4 @@
-"""edgepeft itself: bundles built with ``edgepeft.bundle.build_bundle`` and run by ``Engine``.
+"""edgepeft itself: bundles built with ``edgepeft.bundle.build.build_bundle`` and run by ``Engine``.
 
 Bundles go to ``benchmarks/work/bundles/`` and are reused when present (delete
 the folder to rebuild). Everything is measured through the public API

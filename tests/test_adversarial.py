@@ -35,13 +35,7 @@ import shutil
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tuf")
-pytest.importorskip("serial")
-pytest.importorskip("paho.mqtt")
-
-from adversarial_support import (  # noqa: E402
+from adversarial_support import (
     Lab,
     Outcome,
     Row,
@@ -55,8 +49,8 @@ from adversarial_support import (  # noqa: E402
     rss_peak_kib,
     slow_socket,
 )
-from fleet_support import find_mosquitto  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from fleet_support import find_mosquitto
+from test_runtime_support import cached_bundle, require_fixtures
 
 require_fixtures()
 

@@ -20,14 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("peft")
-pytest.importorskip("paho.mqtt")
-
-from agent_support import ROOT, AgentProcess, run_cli  # noqa: E402
-from fleet_support import Mosquitto, find_mosquitto  # noqa: E402
-from test_runtime_support import cached_bundle  # noqa: E402
+from agent_support import ROOT, AgentProcess, run_cli
+from fleet_support import Mosquitto, find_mosquitto
+from test_runtime_support import cached_bundle
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="MOSQUITTO IS NOT INSTALLED: `make test` installs it (apt-get install mosquitto)")

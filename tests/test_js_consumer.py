@@ -168,3 +168,30 @@ def test_js_app_on_the_real_smollm2_int4_bundle(node_modules, tmp_path):
     got = _run_js({"bundle": res.bundle_dir, "public_key": pub}, chat=chat, tokens=40)
     assert got["token_ids"] == want.token_ids and got["text"] == want.text
     assert len(want.token_ids) >= 10  # a real answer, not an immediate end of turn
+
+
+def test_js_path_rule_is_the_manifests_and_file_urls_stay_in_the_bundle():
+    """bundle_core.mjs refuses the paths contracts/manifest.py refuses, and the browser entry's file URLs
+    cannot leave the bundle's folder: a URL reads "%2e%2e" as "..", so each part is encoded as a file name."""
+    from edgepeft.contracts.manifest import _safe_relpath  # the rule itself; no public name of its own
+    from edgepeft.errors import SpecError
+
+    paths = ["model.onnx", "adapters/a.onnx_adapter", "%2e%2e/%2e%2e/keys/fleet.key", "a?x", "a#b", "./x", "a/./b",
+             "a//b", "..", "a/../b", "a\u0001", "a\x7f", "/x", "a\\b", "", "x" * 1025, "x" * 1024]
+    script = ("import { safeRelPath, fileUrl } from './lib/bundle_core.mjs';"
+              "let s = ''; process.stdin.on('data', (c) => s += c).on('end', () => {"
+              "const base = 'http://127.0.0.1:8000/out/demo/bundles/pi5/';"
+              "process.stdout.write(JSON.stringify(JSON.parse(s).map((p) => {"
+              "  try { return [safeRelPath(p), fileUrl(base, p)]; } catch (e) { return [safeRelPath(p), null]; } }))); });")
+    got = json.loads(_node(["--input-type=module", "-e", script], stdin=json.dumps(paths)).stdout)
+    for p, (ok, url) in zip(paths, got):
+        try:
+            _safe_relpath(p, "m", "files")
+            python_ok = True
+        except SpecError:
+            python_ok = False
+        assert ok is python_ok, p
+        assert (url is not None) is ok, p
+        if url is not None:
+            assert url.startswith("http://127.0.0.1:8000/out/demo/bundles/pi5/"), url
+    assert dict(zip(paths, got))["%2e%2e/%2e%2e/keys/fleet.key"][1].endswith("/pi5/%252e%252e/%252e%252e/keys/fleet.key")

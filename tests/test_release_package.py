@@ -76,3 +76,16 @@ def test_expiry_forms():
     for bad in ("-1d", "tomorrow", "2001-01-01T00:00:00Z"):
         with pytest.raises(UsageError):
             parse_expiry(bad)
+
+
+def test_a_rollout_names_the_path_publish_gives_a_package(built, tmp_path):
+    """The controller's job and the TUF repository agree on where a package lives (one rule, in contracts)."""
+    from pathlib import Path
+
+    from edgepeft.fleet.controller import PackageInfo
+
+    r = run_cli("publish", built["package"], "--repo", tmp_path / "repo", "--key", built["private_key"], "--json")
+    assert r.returncode == 0, r.stderr
+    published = json.loads(r.stdout)["published"][0]["path"]
+    assert published == "edgepeft/adapters/alpha/v2.epu"
+    assert PackageInfo.read(Path(built["package"])).target_path == published

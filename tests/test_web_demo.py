@@ -156,6 +156,29 @@ def test_the_page_refuses_with_the_reason(site, tmp_path, bundle, key, adapter, 
             screenshot(page, tmp_path / "out" / "web-demo-refused.png")
 
 
+def test_the_page_may_load_its_own_files_only(site):
+    """The page's Content-Security-Policy: its import map is allowed by its hash (kept in step here), and a
+    fetch to another origin (a bundle or key some link points at) is refused by the browser."""
+    import base64
+    import hashlib
+    import re
+
+    html = (ROOT / "examples" / "web" / "index.html").read_text(encoding="utf-8")
+    imports = re.search(r'<script type="importmap">(.*?)</script>', html, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(imports.encode("utf-8")).digest()).decode("ascii")
+    assert f"'sha256-{digest}'" in html, "update the CSP's hash of the import map in examples/web/index.html"
+    with browser_page(CHROMIUM) as page:
+        assert _open(page, site) == "ready"  # the page works under its policy
+        violated = page.evaluate("""async () => {
+            let directive = null;
+            document.addEventListener("securitypolicyviolation", (e) => { directive = e.effectiveDirective; });
+            try { await fetch("http://localhost:9/key.pub"); } catch (err) { /* refused */ }
+            await new Promise((r) => setTimeout(r, 100));
+            return directive;
+        }""")
+        assert violated == "connect-src"
+
+
 @pytest.mark.slow
 def test_the_page_runs_the_real_smollm2_int4_bundle_as_the_engine_does(node_modules, tmp_path):
     """The Raspberry Pi 5 bundle of the demo (SmolLM2-135M-Instruct, int4 at edgepeft's accuracy_level 4) in the

@@ -192,10 +192,16 @@ step "done: keys, adapters, bundles and updates are in $WORK, before/after figur
 ls -la bundles updates
 
 step "16. the web: the Pi bundle in a browser page, and the dashboard of this rollout (start them, then open the URLs)"
-python -c 'import secrets; print(secrets.token_urlsafe(32))' > dashboard.token
+(umask 077 && python -c 'import secrets; print(secrets.token_urlsafe(32))' > dashboard.token)
+# The page's own folder holds the bundle, the public key and examples/, nothing else: this folder also holds the
+# fleet's private key, device tokens and this token, which a static server of it would hand to any local program.
+mkdir -p web/bundles web/keys
+ln -sfn "$PWD/bundles/pi5" web/bundles/pi5
+ln -sfn "$PWD/keys/fleet.pub" web/keys/fleet.pub
+ln -sfn "$ROOT/examples" web/examples
 {
   printf 'demo page (onnxruntime-web in the browser; needs `npm ci` in examples/js once):\n'
-  printf '  %s\n' "(cd $ROOT/examples/js && npm ci) && python -m http.server 8000 --bind 127.0.0.1 --directory $PWD"
+  printf '  %s\n' "(cd $ROOT/examples/js && npm ci) && python -m http.server 8000 --bind 127.0.0.1 --directory $PWD/web"
   printf '  open http://127.0.0.1:8000/examples/web/?bundle=/bundles/pi5/&key=/keys/fleet.pub\n'
   printf 'rollout dashboard (read-only):\n'
   printf '  %s\n' "cd $PWD && edgepeft rollout serve --db rollouts.sqlite --listen 127.0.0.1:8790 --token-file dashboard.token"

@@ -173,8 +173,13 @@ def serve(db, listen, token_file, expose):
         server = DashboardServer(path, host, port, token=token, token_source=source, expose=expose)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
-    click.echo(f"dashboard of {server.db_path}: {server.url}")
-    click.echo("read-only; Ctrl-C stops it", err=True)
+    if token_file:  # a file's token stays in its file (stdout may be a log), as `run --serve` does
+        click.echo(f"dashboard of {server.db_path}: {server.url.split('#')[0]}")
+        click.echo(f"read-only; open it with #token=<the token in {source}> after the address; Ctrl-C stops it",
+                   err=True)
+    else:
+        click.echo(f"dashboard of {server.db_path}: {server.url}")
+        click.echo("read-only; Ctrl-C stops it", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -89,7 +89,7 @@ def inspect(package, trusted_key, as_json):
 
     from ..contracts.methods import describe_size
     from ..contracts.names import sha256_bytes
-    from ..contracts.update import UpdateMeta, envelope_length, read_update, split_envelope
+    from ..contracts.update import envelope_length, read_metadata_unverified, read_update
 
     data = Path(package).read_bytes()
     n = envelope_length(data, package)
@@ -100,7 +100,7 @@ def inspect(package, trusted_key, as_json):
         envelope, _ = read_update(data, trusted_key, source=package)
         meta, verified = envelope.meta, envelope.key_id
     else:
-        meta = UpdateMeta.from_dict(json.loads(split_envelope(data[:n], package)[0]), package)
+        meta = read_metadata_unverified(data, package)
     info = {"id": sha256_bytes(data[:n]), "bytes": len(data), "verified_by": verified} | meta.to_dict()
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))

@@ -1,7 +1,10 @@
-"""Contracts shared by server and device: target profiles, the bundle manifest, verification.
+"""Contracts shared by server and device: what both sides read byte for byte, and the rules for trusting it.
 
-Plain data and stdlib (plus ``cryptography`` for Ed25519); never imports torch,
-transformers or peft, and nothing from edgepeft's server-side packages.
+Formats: the bundle manifest, target profiles, update envelopes, jobs, signed device reports, adapter
+payloads, health checks, labelled-data files. Trust: Ed25519 signing and verification, device identities,
+names, safe archives, JSON from a peer (:mod:`.jsontext`). Plain data and stdlib (plus ``cryptography``
+for Ed25519); never imports torch, transformers or peft, nor any other package of edgepeft (only the
+shared leaves ``errors`` and ``fsio``).
 """
 
 from .manifest import (

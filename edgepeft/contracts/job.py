@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import BundleError, SpecError
 from .fields import Fields
+from .jsontext import loads_untrusted
 from .names import check_name
 from .update import format_time, parse_time, utc_now
 
@@ -109,16 +110,16 @@ def verify_job(message: bytes, trusted_keys, *, device_id: str, source: str = "j
         raise SpecError(source, "", f"is {len(message)} bytes, over the {MAX_MESSAGE // 1024} KiB limit",
                         hint="a job document is small: this one is not from a controller")
     try:
-        outer = json.loads(message)
+        outer = loads_untrusted(message)
         doc, sigs = outer["document"], outer["signatures"]
         if not isinstance(doc, str) or not isinstance(sigs, list):
             raise TypeError("document must be a string and signatures a list")
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise SpecError(source, "", f"is not a job message: {exc}") from exc
     verify_detached(doc.encode("utf-8", "surrogatepass"), sigs, trusted_keys, source)
     try:
-        data = json.loads(doc)
-    except (ValueError, RecursionError) as exc:
+        data = loads_untrusted(doc)
+    except ValueError as exc:
         raise SpecError(source, "document", f"is not JSON: {exc}") from exc
     job = Job.from_dict(data, source)
     if job.device_id != device_id:

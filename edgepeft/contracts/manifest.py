@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import SpecError
 from .fields import Fields
+from .jsontext import loads_untrusted
 from .methods import ACTIVATIONS, BOTTLENECK, BOTTLENECK_POINTS, LORA, METHODS, PREFIX_METHODS
 from .names import check_name, is_id
 
@@ -280,11 +281,9 @@ def parse_manifest(raw: bytes, source: str) -> dict:
     form cannot hold them) are refused, as docs/bundle-format.md specifies.
     """
     try:
-        data = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                          parse_constant=_no_constant)
-    except RecursionError:
-        raise SpecError(source, "", "nests too deeply to be a manifest") from None
-    except ValueError as exc:  # also UnicodeDecodeError
+        data = loads_untrusted(bytes(raw).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                               parse_constant=_no_constant)
+    except ValueError as exc:  # also UnicodeDecodeError and too deep a nesting
         raise SpecError(source, "", f"is not readable JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise SpecError(source, "(top level)", f"expected a JSON object, got {type(data).__name__}")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..errors import SignatureError, SpecError
 from .fields import Fields
+from .jsontext import loads_untrusted
 from .names import check_name
 
 MAX_MESSAGE = 64 * 1024  # a job document or a report; a real one is a few hundred bytes
@@ -132,8 +133,8 @@ def open_report(message: bytes, source: str = "report") -> tuple[str, list]:
         raise SpecError(source, "", f"is {len(message)} bytes, over the {MAX_MESSAGE // 1024} KiB limit",
                         hint="a report is a few hundred bytes: this one is not from an agent")
     try:
-        outer = json.loads(bytes(message))
-    except (ValueError, RecursionError) as exc:
+        outer = loads_untrusted(bytes(message))
+    except ValueError as exc:
         raise SpecError(source, "", f"is not JSON: {exc}") from exc
     if not isinstance(outer, dict):
         raise SpecError(source, "", "is not a JSON object")
@@ -148,8 +149,8 @@ def open_report(message: bytes, source: str = "report") -> tuple[str, list]:
 def decode_report(text: str, source: str = "report") -> Report:
     """The fields of a report text (after its signature was checked). Raises :class:`SpecError`."""
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+        data = loads_untrusted(text)
+    except ValueError as exc:
         raise SpecError(source, "report", f"is not JSON: {exc}") from exc
     return Report.from_dict(data, source)
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import BundleError, IntegrityError, SignatureError, SpecError
 from .fields import Fields
+from .jsontext import loads_untrusted
 from .manifest import AdapterEntry, HealthCheck
 from .names import sha256_bytes
 
@@ -237,16 +238,30 @@ def split_envelope(raw: bytes, source: str = "update") -> tuple[bytes, list]:
     m = HEADER.unpack_from(raw, 0)[2]
     meta_bytes, sig_bytes = raw[HEADER.size:HEADER.size + m], raw[HEADER.size + m:n]
     try:
-        block = json.loads(sig_bytes.decode("utf-8"))
-    except RecursionError:  # a peer's nesting must not become a crash (an endpoint's thread, an HTTP 500)
-        raise SignatureError(f"{source}: the signature block nests too deeply to be one",
-                             hint="recreate the update") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SignatureError(f"{source}: the signature block is not JSON", hint="recreate the update") from exc
+        block = loads_untrusted(sig_bytes.decode("utf-8"))
+    except ValueError as exc:  # also too deep a nesting: a peer's bytes must not become a crash
+        raise SignatureError(f"{source}: the signature block is not JSON ({exc})", hint="recreate the update") from exc
     sigs = block.get("signatures") if isinstance(block, dict) else None
     if not isinstance(sigs, list) or not sigs or not all(isinstance(s, dict) for s in sigs):
         raise SignatureError(f"{source} is unsigned", hint="sign it: `edgepeft update create --key KEY`")
     return meta_bytes, sigs
+
+
+def _parse_metadata(meta_bytes: bytes, source: str) -> UpdateMeta:
+    try:
+        data = loads_untrusted(meta_bytes.decode("utf-8"))
+    except ValueError as exc:  # also UnicodeDecodeError and too deep a nesting
+        raise SpecError(source, "", f"metadata is not JSON: {exc}") from exc
+    return UpdateMeta.from_dict(data, source)
+
+
+def read_metadata_unverified(raw: bytes, source: str = "update") -> UpdateMeta:
+    """The metadata of a package, NOT verified: for tools that describe or route a package (``update
+    inspect`` without a key, a rollout's plan and eval gate, the push's check of a local copy); a device
+    verifies with :func:`verify_envelope`. Raises :class:`BundleError` (framing), :class:`SignatureError`
+    (no signature block) or :class:`SpecError` (metadata)."""
+    meta_bytes, _ = split_envelope(raw, source)
+    return _parse_metadata(meta_bytes, source)
 
 
 def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update",
@@ -266,15 +281,18 @@ def verify_envelope(raw: bytes, trusted_keys: Iterable, *, source: str = "update
     raw = bytes(raw[:n])
     meta_bytes, sigs = split_envelope(raw, source)
     key = verify_detached(meta_bytes, sigs, trusted_keys, source)
-    try:
-        data = json.loads(meta_bytes.decode("utf-8"))
-    except RecursionError:
-        raise SpecError(source, "", "metadata nests too deeply to be update metadata") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SpecError(source, "", f"metadata is not JSON: {exc}") from exc
-    meta = UpdateMeta.from_dict(data, source)
+    meta = _parse_metadata(meta_bytes, source)
     check_fresh(meta, source, now=now, runtime_version=runtime_version, check_expiry=check_expiry)
     return Envelope(raw=raw, meta=meta, key_id=key)
+
+
+def repository_path(package) -> str:
+    """Where a package lives in a TUF repository, from its ``type``, ``name`` and ``version`` (an
+    :class:`UpdateMeta`, or the controller's view of one): where ``edgepeft publish`` puts it and the path a
+    rollout's job names."""
+    if package.type == "adapter":
+        return f"edgepeft/adapters/{package.name}/v{package.version}.epu"
+    return f"edgepeft/bundles/v{package.version}.epu"
 
 
 def check_fresh(meta: UpdateMeta, source: str = "update", *, now: _dt.datetime | None = None,

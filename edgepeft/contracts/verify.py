@@ -18,7 +18,7 @@ from typing import Union
 
 from ..errors import IntegrityError, SignatureError
 from .manifest import MANIFEST_NAME, Manifest, canonical_bytes, read_manifest_dict
-from .names import sha256_file  # noqa: F401 (re-exported by edgepeft.spec)
+from .names import sha256_file  # noqa: F401 (re-exported by edgepeft.contracts)
 
 KeyLike = Union[str, os.PathLike, bytes, "Ed25519PublicKey"]  # noqa: F821
 

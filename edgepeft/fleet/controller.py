@@ -16,7 +16,6 @@ execution updates arrive again on subscribe.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -57,18 +56,20 @@ class PackageInfo:
 
     @property
     def target_path(self) -> str:
-        return (f"edgepeft/adapters/{self.name}/v{self.version}.epu" if self.type == "adapter"
-                else f"edgepeft/bundles/v{self.version}.epu")
+        """The package's path in the TUF repository, as ``edgepeft publish`` puts it there."""
+        from ..contracts.update import repository_path
+
+        return repository_path(self)
 
     @classmethod
     def read(cls, path: Path) -> PackageInfo:
         from ..contracts.names import sha256_bytes
-        from ..contracts.update import UpdateMeta, envelope_length, split_envelope
+        from ..contracts.update import envelope_length, read_metadata_unverified
 
         data = Path(path).read_bytes()
         try:
             n = envelope_length(data, str(path))
-            meta = UpdateMeta.from_dict(json.loads(split_envelope(data[:n], str(path))[0]), str(path))
+            meta = read_metadata_unverified(data, str(path))
         except (EdgePeftError, ValueError, TypeError) as exc:
             raise RolloutError(f"{path} is not a readable update package: {getattr(exc, 'message', exc)}",
                                hint="create it with `edgepeft update create`") from exc

@@ -109,20 +109,20 @@ class DashboardHandler(ApiHandler):
     def do_GET(self):
         path = self.path.split("?", 1)[0]
         if path == "/health":
-            return self._dispatch(lambda: self.send_json(200, {"status": "ok"}), token=False)
+            return self.dispatch(lambda: self.send_json(200, {"status": "ok"}), token=False)
         if path in ("/", "/index.html"):
-            return self._dispatch(self._static, "index.html", token=False)
+            return self.dispatch(self._static, "index.html", token=False)
         if path.startswith("/static/"):
-            return self._dispatch(self._static, path[len("/static/"):], token=False)
+            return self.dispatch(self._static, path[len("/static/"):], token=False)
         if path == "/api/rollouts":
-            return self._dispatch(lambda: self.send_json(200, {"rollouts": self._query(list_rollouts)}))
+            return self.dispatch(lambda: self.send_json(200, {"rollouts": self._query(list_rollouts)}))
         m = _ROLLOUT.match(path)
         if m is not None:
-            return self._dispatch(self._rollout, unquote(m.group(1)))
-        return self._dispatch(self._no_route, token=False)  # a 404 tells nothing (favicon.ico)
+            return self.dispatch(self._rollout, unquote(m.group(1)))
+        return self.dispatch(self._no_route, token=False)  # a 404 tells nothing (favicon.ico)
 
     def do_POST(self):
-        return self._dispatch(self._read_only)
+        return self.dispatch(self._read_only)
 
     do_PUT = do_DELETE = do_PATCH = do_POST
 
@@ -157,17 +157,8 @@ class DashboardHandler(ApiHandler):
         if ctype is None:
             raise ApiError(404, f"no file {name!r}", "not_found", "the page is at /")
         body = resources.files(__package__).joinpath("dashboard_static", name).read_bytes()
-        self._write_mode()
-        self.send_response(200)
-        for k, v in (("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
-                     ("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
-                     ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY")):
-            self.send_header(k, v)
-        if self.unread:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_body(200, body, ctype, {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                                          "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"})
 
 
 class DashboardServer(EngineServer):

@@ -16,13 +16,11 @@ from ..errors import RolloutError
 
 
 def _package_metrics(packages) -> list[tuple[str, dict]]:
-    from ..contracts.update import UpdateMeta, envelope_length, split_envelope
+    from ..contracts.update import read_metadata_unverified
 
     out = []
     for p in packages:
-        data = Path(p).read_bytes()[:1 << 21]
-        n = envelope_length(data, str(p))
-        meta = UpdateMeta.from_dict(json.loads(split_envelope(data[:n], str(p))[0]), str(p))
+        meta = read_metadata_unverified(Path(p).read_bytes()[:1 << 21], str(p))
         if meta.adapter is not None:
             out.append((f"{meta.name} v{meta.version}", (meta.adapter.metrics or {}).get("eval") or {}))
     return out

@@ -54,13 +54,6 @@ def _expires(days: float) -> _dt.datetime:
     return (_dt.datetime.now(_dt.UTC) + _dt.timedelta(days=days)).replace(microsecond=0)
 
 
-def target_path(meta) -> str:
-    """Where a package lives in the repository (its edgepeft type, name and version)."""
-    if meta.type == "adapter":
-        return f"edgepeft/adapters/{meta.name}/v{meta.version}.epu"
-    return f"edgepeft/bundles/v{meta.version}.epu"
-
-
 class TufRepository:
     """A TUF repository in a folder. ``publish`` adds packages; ``refresh`` re-signs snapshot and timestamp.
 
@@ -130,7 +123,7 @@ class TufRepository:
         """
         from tuf.api.metadata import Metadata, TargetFile, Targets
 
-        from ..contracts.update import read_update
+        from ..contracts.update import read_update, repository_path
 
         verify_with = list(trusted_keys) or [self.keys["targets"].public_key()]
         self._root()
@@ -141,7 +134,7 @@ class TufRepository:
             data = Path(p).read_bytes()
             envelope, _ = read_update(data, verify_with, source=str(p))
             meta = envelope.meta
-            path = target_path(meta)
+            path = repository_path(meta)
             tf = TargetFile.from_data(path, data, ["sha256"])
             tf.unrecognized_fields["custom"] = {"edgepeft": {"type": meta.type, "name": meta.name,
                                                              "version": meta.version, "id": envelope.id,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from ..contracts.jsontext import loads_untrusted
 from ..errors import TransportError, UsageError
 from .link import Conflict, LinkDown
 
@@ -49,8 +49,10 @@ class HttpLink:
                 if attempt == 2 or isinstance(exc, (ConnectionRefusedError, socket.timeout)):
                     raise LinkDown(f"{self.url}: {exc or type(exc).__name__}") from exc
         try:
-            payload = json.loads(data or b"{}")
-        except ValueError:
+            payload = loads_untrusted(data or b"{}")
+        except ValueError:  # also too deep a nesting: a device's answer must not crash a push or a rollout
+            payload = None
+        if not isinstance(payload, dict):
             payload = {"error": {"message": data[:200].decode("utf-8", "replace")}}
         return resp.status, payload
 

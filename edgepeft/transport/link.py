@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ..contracts.names import sha256_bytes
 from ..contracts.update import envelope_length
-from ..errors import TransportError
+from ..errors import EdgePeftError, TransportError
 
 TERMINAL = ("healthy", "rejected", "rolled-back")
 
@@ -86,15 +86,13 @@ def _check_local_copy(path, data: bytes, n: int) -> None:
     Nothing here is trusted (the device verifies the signature and everything else); it only catches a
     file damaged on this machine before its bytes cross a slow link. Raises :class:`TransportError`.
     """
-    import json
-
-    from ..contracts.update import split_envelope
+    from ..contracts.update import read_metadata_unverified
 
     try:
-        payload = json.loads(split_envelope(data[:n], str(path))[0]).get("payload") or {}
-        size, digest = int(payload.get("size")), str(payload.get("sha256"))
-    except (ValueError, TypeError, AttributeError):
+        meta = read_metadata_unverified(data[:n], str(path))
+    except EdgePeftError:
         return  # unreadable metadata: let the device say what is wrong with it
+    size, digest = meta.payload_size, meta.payload_sha256
     if len(data) - n != size or sha256_bytes(data[n:]) != digest:
         raise TransportError(f"{path} is damaged: its payload does not match the size and SHA-256 its metadata "
                              "announces", hint="copy the package again from where it was created")

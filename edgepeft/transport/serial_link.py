@@ -9,10 +9,10 @@ resumes, waits and reports exactly like an HTTP push. Pushing needs no credentia
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
+from ..contracts.jsontext import loads_untrusted
 from ..errors import TransportError, UsageError
 from . import serial_proto as sp
 from .framing import FrameDecoder, encode_frame
@@ -74,9 +74,11 @@ class SerialLink:
                 for k, b in self._frames(0.05):
                     if k == sp.REPLY and b and b[0] == kind:
                         try:
-                            return json.loads(b[1:].decode("utf-8"))
-                        except ValueError:
+                            answer = loads_untrusted(b[1:].decode("utf-8"))
+                        except ValueError:  # also too deep a nesting
                             continue
+                        if isinstance(answer, dict):
+                            return answer
         raise LinkDown(f"no answer from the device on {self.port}")
 
     def status(self, id: str) -> dict | None:

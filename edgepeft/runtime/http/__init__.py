@@ -3,7 +3,8 @@
 - :mod:`.guards`: limits, deadlines, request bodies, and who may call (token, ``Host``, ``Origin``);
 - :mod:`.openai`: OpenAI's request and response shapes (choices, log-probabilities, streamed chunks, usage);
 - :mod:`.server`: :class:`EngineServer`, its handler, and the public route hook (:class:`Route`,
-  :class:`Request`) that the device agent's update API uses.
+  :class:`Request`) that the device agent's update API uses; a handler subclass serving other paths (the
+  fleet dashboard's) runs them through ``ApiHandler.dispatch`` and answers with ``send_json``/``send_body``.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ...contracts.jsontext import loads_untrusted
 from ...errors import AdapterError, AdapterInUseError, EdgePeftError, UnknownAdapterError, UsageError
 from . import openai
 from .guards import (
@@ -219,10 +220,14 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         """Answer ``payload`` as JSON (closing the connection when a body was left unread)."""
+        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json", headers)
+
+    def send_body(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        """Answer ``body`` as ``content_type``, not cached, with ``headers`` (closing the connection when a
+        body was left unread). For subclasses that serve more than JSON (the fleet dashboard's page)."""
         self._write_mode()
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         for k, v in (headers or {}).items():
@@ -254,8 +259,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self.server.authenticate(self.connection)  # 429 when every token holder's slot is taken
                 self.authenticated = True
 
-    def _dispatch(self, route, *args, token: bool = True) -> None:
-        """Run ``route`` behind the guards; every failure becomes one JSON error (or, once an answer
+    def dispatch(self, route, *args, token: bool = True) -> None:
+        """Run ``route(*args)`` behind the guards (the token too, unless ``token`` is False): how a subclass
+        serves paths of its own; every failure becomes one JSON error (or, once an answer
         has started, a closed connection: never a second status line)."""
         try:
             try:
@@ -313,11 +319,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                            "unsupported_media_type", "send Content-Type: application/json")
         raw = self.read_body(self.server.limits.max_body_bytes)
         try:
-            data = json.loads(raw.decode("utf-8") if raw else "{}")
-        except RecursionError:
-            raise ApiError(400, "the request body is nested too deeply") from None
-        except ValueError:
-            raise ApiError(400, "the request body is not valid UTF-8 JSON") from None
+            data = loads_untrusted(raw.decode("utf-8") if raw else "{}")
+        except ValueError as exc:  # also too deep a nesting
+            raise ApiError(400, f"the request body is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         check_json(data, self.server.limits.max_json_depth)
@@ -333,7 +337,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         for r in self.server.routes:
             m = r.match(self.command, self.path)
             if m is not None:
-                self._dispatch(r.handler, Request(self), *m.groups(), token=r.token)
+                self.dispatch(r.handler, Request(self), *m.groups(), token=r.token)
                 return True
         return False
 
@@ -351,15 +355,15 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        self._dispatch(preflight, token=False)
+        self.dispatch(preflight, token=False)
 
     def do_GET(self):
         if self._route():
             return None
         if self.path == "/health":
-            return self._dispatch(lambda: self.send_json(200, {"status": "ok"}), token=False)
+            return self.dispatch(lambda: self.send_json(200, {"status": "ok"}), token=False)
         routes = {"/v1/models": self._models, "/v1/adapters": self._adapters}
-        return self._dispatch(routes.get(self.path, self._no_route))
+        return self.dispatch(routes.get(self.path, self._no_route))
 
     def do_POST(self):
         if self._route():
@@ -368,16 +372,16 @@ class ApiHandler(BaseHTTPRequestHandler):
                   "/v1/classify": self._classify, "/v1/embeddings": self._embeddings}
         m = _UNLOAD.fullmatch(self.path)
         if m is not None:
-            return self._dispatch(self._unload, m.group(1), m.group(2))
-        return self._dispatch(routes.get(self.path, self._no_route))
+            return self.dispatch(self._unload, m.group(1), m.group(2))
+        return self.dispatch(routes.get(self.path, self._no_route))
 
     def do_PUT(self):
         if not self._route():
-            self._dispatch(self._no_route)
+            self.dispatch(self._no_route)
 
     def do_DELETE(self):
         if not self._route():
-            self._dispatch(self._no_route)
+            self.dispatch(self._no_route)
 
     def _no_route(self):
         raise ApiError(404, f"no route {self.command} {self.path}", "not_found", "see the API routes in docs/http-api.md")

@@ -10,7 +10,8 @@
 import * as ort from "onnxruntime-web";
 
 import {
-  SCHEMA_VERSION, badSignature, bundleManifest, checkEntry, fileLookup, parseManifestBytes, signedParts, toHex,
+  SCHEMA_VERSION, badSignature, bundleManifest, checkEntry, fileLookup, fileUrl, parseManifestBytes, signedParts,
+  toHex,
 } from "./bundle_core.mjs";
 import { BundleError, UsageError } from "./errors.mjs";
 import { Runner } from "./runner.mjs";
@@ -71,7 +72,7 @@ export async function fetchBundle(baseUrl, trusted) {
   const manifest = bundleManifest(tree, manifestUrl);
   const verified = new Map();
   for (const entry of manifest.files || []) {
-    const data = await fetchBytes(new URL(entry.path, base).href);
+    const data = await fetchBytes(fileUrl(base, entry.path));
     checkEntry(entry, data, data && toHex(await subtle().digest("SHA-256", data)), base.href);
     verified.set(entry.path, data);
   }

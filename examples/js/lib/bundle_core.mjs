@@ -67,9 +67,20 @@ export function bundleManifest(tree, source) {
   return manifest;
 }
 
+// The manifest's path rule, as contracts/manifest.py writes it: relative, "/"-separated, no empty, "." or ".."
+// part, no backslash or control character, at most 1024 characters.
 export function safeRelPath(p) {
-  return typeof p === "string" && p.length > 0 && !p.startsWith("/") && !p.includes("\\")
-    && !p.split("/").includes("..");
+  return typeof p === "string" && p.length > 0 && p.length <= 1024 && !p.startsWith("/") && !p.includes("\\")
+    && !/[\x00-\x1f\x7f]/.test(p) && !p.split("/").some((part) => part === "" || part === "." || part === "..");
+}
+
+/** The URL of a listed file below the bundle's folder URL `base`: each part is a file name, percent-encoded,
+ * so "%2e%2e" (which URLs read as ".."), "?" and "#" cannot point the fetch outside the bundle. */
+export function fileUrl(base, rel) {
+  if (!safeRelPath(rel)) throw new BundleError(`manifest lists unsafe path ${JSON.stringify(rel)}`);
+  const url = new URL(rel.split("/").map(encodeURIComponent).join("/"), base);
+  if (!url.href.startsWith(new URL(base).href)) throw new BundleError(`manifest lists unsafe path ${JSON.stringify(rel)}`);
+  return url.href;
 }
 
 /** Size, then SHA-256 (lowercase hex) of one listed file; `data` is null when it is missing. */
