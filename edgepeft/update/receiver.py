@@ -312,6 +312,10 @@ class Receiver:
                 n = envelope_length(head, f"update {up.id[:12]}")
             except EdgePeftError as exc:
                 return self._note(up.id, exc.message)
+            if total is not None and total < (n if n is not None else 20):
+                # it can never complete: refused now instead of holding a slot and a file until it goes stale
+                return self._note(up.id, f"the sender announces {total} bytes, fewer than the package's envelope "
+                                         f"({n if n is not None else 'its 20-byte header'})")
             if n is None or up.offset < n:
                 return None
             fh.seek(0)
