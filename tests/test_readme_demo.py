@@ -97,6 +97,9 @@ def test_every_readme_option_exists(argv):
     assert [o for o in given if o not in known] == []
 
 
+from edgepeft.cli.columns import pop_columns  # noqa: E402
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -113,6 +116,7 @@ def test_readme_train_commands_are_the_examples_settings(example, data):
     argv = next(a for a in _edgepeft_commands() if a[1] == "train" and f"examples/{data}/" in a[3])
     params = command.make_context("train", argv[2:]).params
     params.pop("as_json")
+    params["columns"] = pop_columns(params)
     readme = asdict(TrainOptions(**params))
     settings = _load(example).SETTINGS
     want = asdict(TrainOptions(**(settings | {"out": readme["out"]})))
@@ -128,6 +132,7 @@ def test_readme_prompt_tuning_command_is_the_families_example_setting():
     argv = next(a for a in _edgepeft_commands() if a[1] == "train" and "prompt-tuning" in a)
     params = command.make_context("train", argv[2:]).params
     params.pop("as_json")
+    params["columns"] = pop_columns(params)
     readme = asdict(TrainOptions(**params))
     want = asdict(TrainOptions(**(_load("train_adapter_families").SETTINGS["prompt-tuning"] | {"out": readme["out"]})))
     for key in ("data", "eval_data"):
