@@ -564,9 +564,12 @@ def _query_total(lab):
     rid = os.urandom(32)
     frames = lab.serial_raw(_frames((sp.QUERY, sp.QUERY_BODY.pack(rid, 1 << 63)),
                                     (sp.DATA, sp.data(rid[:8], 0, b"EPUPDATE" + b"\0" * 12))), sp.ACK, 2.0)
+    replies = [json.loads(b[1:]) for k, b in frames if k == sp.REPLY and b[:1] == bytes([sp.QUERY])]
+    refused = any(isinstance(r, dict) and "error" in r for r in replies)
     states = [sp.ACK_BODY.unpack(b)[2] for k, b in frames if k in (sp.ACK, sp.NAK) and len(b) == sp.ACK_BODY.size]
-    return Outcome(sp.STATE["rejected"] in states, str(states), f"states {states}: "
-                   + ("rejected" if sp.STATE["rejected"] in states else "taken"))
+    taken = any(s not in (sp.STATE["receiving"], sp.STATE["rejected"]) for s in states)  # data never accepted
+    return Outcome(refused and not taken, str(states), f"query answered {replies[:1]}, data states {states}: "
+                   + ("rejected" if refused and not taken else "taken"))
 
 
 row("serial-total-2-63", "serial", "line", "a QUERY announcing 2^63 bytes, then data", _query_total, r"rejected")
@@ -575,7 +578,7 @@ row("serial-total-2-63", "serial", "line", "a QUERY announcing 2^63 bytes, then 
 def _serial_rollback(lab):
     sp = _sp()
     frames = lab.serial_raw(_frames((sp.ROLLBACK, b"alpha")), sp.REPLY, 3.0)
-    answer = next((json.loads(b[2:]) for k, b in frames if k == sp.REPLY and b[:1] == bytes([sp.ROLLBACK])), {})
+    answer = next((json.loads(b[1:]) for k, b in frames if k == sp.REPLY and b[:1] == bytes([sp.ROLLBACK])), {})
     return Outcome("error" in answer, "answer", json.dumps(answer)[:300])
 
 
@@ -597,8 +600,9 @@ def _query_flood(lab):
 
 
 row("serial-query-flood", "serial", "line", "20,000 QUERY frames with random ids (session state)", _query_flood,
-    r"grew", xfail="new: the agent writes each answer with a 10 s timeout and reads nothing meanwhile; a host that "
-                   "floods without reading (a pseudo-terminal pushes back) stalls the line for that long")
+    r"grew", xfail="new: the agent answers QUERY frames more slowly than the line delivers 5,000 at once; over a "
+                   "pseudo-terminal (which pushes back, where a UART would drop the excess) the flooding host's own "
+                   "write times out before the agent catches up, so the memory bound is not reached")
 
 
 # =============================================================================================

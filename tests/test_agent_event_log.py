@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from agent_support import AgentProcess, run_cli  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 from update_support import forge  # noqa: E402

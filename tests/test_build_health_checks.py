@@ -12,10 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
 from test_export_support import make_peft_adapter, tiny_llama_dir  # noqa: E402
 from test_runtime_support import VOCAB, byte_level_tokenizer  # noqa: E402
 

@@ -11,10 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-
+import torch
 from test_export_support import ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter, tiny_encoder_dir  # noqa: E402
 from test_runtime_support import wordpiece_tokenizer  # noqa: E402
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from test_export_support import decoder_feeds, session, tiny_llama_dir  # noqa: E402
 
 

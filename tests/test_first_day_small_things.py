@@ -11,9 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from agent_support import AgentProcess  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures, resign_bundle  # noqa: E402
 
@@ -66,8 +63,6 @@ def test_an_error_raised_in_python_phrases_its_hint_for_python(built, tmp_path):
 
 
 def test_a_continued_adapter_shows_the_previous_versions_figures(tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
     from edgepeft.train.tiny import tiny_llama
 
     base = tiny_llama(tmp_path / "llama")

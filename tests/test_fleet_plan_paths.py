@@ -11,9 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from agent_support import AgentProcess  # noqa: E402
 from fleet_support import free_port  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402

@@ -17,10 +17,6 @@ import shutil
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tuf")
-
 from adversarial_support import Mirror  # noqa: E402
 from agent_support import AgentProcess  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402

@@ -9,9 +9,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 
 require_fixtures()

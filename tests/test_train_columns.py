@@ -53,8 +53,6 @@ def test_columns_map_by_option_by_mapping_and_by_task(tmp_path):
 
 
 def test_train_and_eval_take_the_same_column_options(tmp_path, tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
     from test_runtime_support import cached_bundle
 
     from edgepeft.train.tiny import tiny_bert

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from agent_support import AgentProcess  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 from update_support import forge, version_of  # noqa: E402
@@ -163,7 +160,6 @@ SERIAL = [pytest.param(r, id=r[0], marks=() if r[0] == "after the last byte" els
 
 @pytest.mark.parametrize("row", SERIAL)
 def test_crash_at_each_install_step_over_serial(built, tmp_path, row):
-    pytest.importorskip("serial")
     from edgepeft.transport.linesim import NullModem
 
     baud = 1_000_000

@@ -12,10 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
 from test_export_support import (  # noqa: E402
     ENCODER_FAMILIES,
     ENCODER_TARGETS,

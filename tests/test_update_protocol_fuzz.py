@@ -15,10 +15,6 @@ import json
 import shutil
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("hypothesis")
-
 from agent_support import AgentProcess  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -9,9 +9,6 @@ import json
 import shutil
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from agent_support import AgentProcess  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 from update_support import version_of  # noqa: E402

@@ -11,9 +11,6 @@ import os
 import time
 
 import pytest
-
-pytest.importorskip("onnxruntime")
-
 from agent_support import AgentProcess  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 from update_support import forge, version_of  # noqa: E402
@@ -221,7 +218,7 @@ def _wait(agent, id: str, seconds: float = 60.0) -> dict:
 def test_serial_garbage_and_a_huge_total_neither_poison_nor_delete(built, tmp_path):
     """Items 6 and 7 over serial (no token): garbage DATA under a genuine id, and a QUERY announcing
     2^63 bytes for an upload in progress: refused, the upload kept, the genuine package installs."""
-    pytest.importorskip("serial")
+
     import serial
 
     from edgepeft.transport import serial_proto as sp

@@ -21,8 +21,6 @@ import pytest
 from browser_support import ROOT, browser_page, require_browser, screenshot, wait_until
 
 CHROMIUM = require_browser()
-pytest.importorskip("onnxruntime")
-pytest.importorskip("paho.mqtt")
 from fleet_support import Mosquitto, find_mosquitto  # noqa: E402
 from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
 

@@ -23,7 +23,6 @@ NPM = shutil.which("npm")
 if NPM is None:
     pytest.skip("npm is needed to install the page's pinned packages (apt-get install npm); "
                 "THE BROWSER RUNTIME IS NOT CHECKED IN THIS RUN", allow_module_level=True)
-pytest.importorskip("onnxruntime")
 from test_runtime_support import cached_bundle, require_fixtures, resign_bundle  # noqa: E402
 
 require_fixtures()

@@ -126,6 +126,9 @@ export function detachSlots(model, slotNames) {
   const defaults = {};
   const parts = [];
   let graphSeen = false;
+  // The graph may come in several ModelProto.graph fields (the exporter streams large initializers as
+  // further fragments); protobuf merges them, so slots and inputs are gathered across all of them.
+  const inputs = new Set();
   try {
     for (const f of fields(model)) {
       if (f.field !== 7 || !f.body) {
@@ -133,7 +136,7 @@ export function detachSlots(model, slotNames) {
         continue;
       }
       graphSeen = true;
-      const kept = [], inputs = new Set();
+      const kept = [];
       for (const g of fields(model, ...f.body)) {
         if (g.field === 5 && g.body) {
           const t = readTensor(model, g.body);
@@ -152,14 +155,14 @@ export function detachSlots(model, slotNames) {
         }
         kept.push(model.subarray(g.start, g.end));
       }
-      for (const name of wanted) {
-        if (!(name in defaults) || !inputs.has(name)) {
-          throw new BundleError(`the manifest names adapter slot ${name}, which model.onnx does not hold as an input with a default`,
-            "the bundle's model.onnx and manifest do not belong together; rebuild it");
-        }
-      }
       const length = kept.reduce((a, k) => a + k.length, 0);
       parts.push(writeVarint(7 * 8 + 2), writeVarint(length), ...kept);
+    }
+    for (const name of wanted) {
+      if (!(name in defaults) || !inputs.has(name)) {
+        throw new BundleError(`the manifest names adapter slot ${name}, which model.onnx does not hold as an input with a default`,
+          "the bundle's model.onnx and manifest do not belong together; rebuild it");
+      }
     }
   } catch (err) {
     if (err instanceof BundleError) throw err;
