@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from agent_support import AgentProcess, run_cli  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures  # noqa: E402
 from update_support import forge  # noqa: E402
 
 require_fixtures()
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def _log(agent) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from agent_support import AgentProcess  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures, resign_bundle  # noqa: E402
+from test_runtime_support import require_fixtures, resign_bundle  # noqa: E402
 
 require_fixtures()
 
@@ -23,10 +23,6 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgepeft", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env=os.environ | {"EDGEPEFT_DEBUG": ""} | (env or {}))
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def test_pushing_the_same_package_twice_says_already_installed(built, tmp_path):

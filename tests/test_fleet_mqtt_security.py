@@ -22,17 +22,12 @@ from pathlib import Path
 import pytest
 from agent_support import ROOT, AgentProcess, run_cli
 from fleet_support import Mosquitto, find_mosquitto
-from test_runtime_support import cached_bundle
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="MOSQUITTO IS NOT INSTALLED: `make test` installs it (apt-get install mosquitto)")
 
 ACL = ROOT / "examples" / "fleet" / "mosquitto.acl"
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 class Listener:

@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 from agent_support import AgentProcess  # noqa: E402
 from fleet_support import free_port  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures  # noqa: E402
 
 require_fixtures()
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def _layout(root: Path, package: Path, address: str, token_file: str | None = None) -> None:

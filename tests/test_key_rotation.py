@@ -16,20 +16,15 @@ import json
 import shutil
 import time
 
-import pytest
 from adversarial_support import Mirror  # noqa: E402
 from agent_support import AgentProcess  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures  # noqa: E402
 from update_support import unpack_package, version_of  # noqa: E402
 
 require_fixtures()
 
 Q = "hi"
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def _serving(agent) -> int:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from agent_support import AgentProcess  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures  # noqa: E402
 from update_support import forge, version_of  # noqa: E402
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -50,10 +50,6 @@ DEFAULT = {"after the envelope", "after the last byte", "stage: package in place
            "requested rollback: after the state rename"}
 FINAL = ("healthy", "rejected", "rolled-back")
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 def _failing(m):

@@ -13,7 +13,7 @@ import pytest
 from attack_support import store_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_runtime_support import cached_bundle, require_fixtures
+from test_runtime_support import require_fixtures
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
 
@@ -28,10 +28,6 @@ QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthC
 LONG = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 # -- frames ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from agent_support import AgentProcess  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures  # noqa: E402
 from update_support import forge, version_of  # noqa: E402
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -30,10 +30,6 @@ QUICK = settings(max_examples=60, deadline=None, suppress_health_check=list(Heal
 LONG = settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 TRIED: dict[str, int] = {}
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

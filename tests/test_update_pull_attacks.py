@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from agent_support import AgentProcess, run_cli
 from attack_support import LoggingStaticServer, index_of, sign_targets, store_snapshot, wait_for
-from test_runtime_support import cached_bundle, require_fixtures
+from test_runtime_support import require_fixtures
 from update_support import forge, version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -21,10 +21,6 @@ require_fixtures()  # built here (server side) or prebuilt for a device run
 Q = "héllo ☃"
 INDEX = "edgepeft/index.json"
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture()

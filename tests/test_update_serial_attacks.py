@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from agent_support import AgentProcess, run_cli
 from attack_support import SerialClient, store_snapshot, wait_for
-from test_runtime_support import cached_bundle, require_fixtures
+from test_runtime_support import require_fixtures
 from update_support import forge, version_of
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -24,10 +24,6 @@ from edgepeft.transport.linesim import NullModem  # noqa: E402
 Q = "héllo ☃"
 BAUD = 921600
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture()

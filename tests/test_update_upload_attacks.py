@@ -12,7 +12,7 @@ import time
 
 import pytest
 from agent_support import AgentProcess  # noqa: E402
-from test_runtime_support import cached_bundle, require_fixtures  # noqa: E402
+from test_runtime_support import require_fixtures  # noqa: E402
 from update_support import forge, version_of  # noqa: E402
 
 require_fixtures()  # built here (server side) or prebuilt for a device run
@@ -22,10 +22,6 @@ from edgepeft.transport.link import Package, push  # noqa: E402
 
 Q = "héllo ☃"
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return cached_bundle("decoder", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
