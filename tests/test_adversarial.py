@@ -1027,7 +1027,10 @@ row("mqtt-forged-execution-update", "mqtt", "broker", "SUCCEEDED published for a
 # =============================================================================================
 # 8. a local user who can write the state folder (holds no key)
 # =============================================================================================
-def _restart_with(edit):
+def _restart_with(edit, *, restore: bool = True):
+    """Stop the main agent, ``edit`` its state folder, start it again. ``restore``: put the edited files
+    back afterwards (atomically, as the agent may read them at any time); rows whose agent is restarted
+    from fresh afterwards leave them, so that the snapshot sees the agent's own answer to the edit."""
     def attack(lab):
         from agent_support import AgentProcess
 
@@ -1045,11 +1048,13 @@ def _restart_with(edit):
             lab.main = None
             return Outcome(False, "down", f"the agent did not come up: {str(exc)[-300:]}")
         finally:
-            for p, data in (saved or {}).items():
+            for p, data in (saved or {}).items() if restore else ():
                 if data is None:
                     p.unlink(missing_ok=True)
                 else:
-                    p.write_bytes(data)
+                    tmp = p.with_name(p.name + ".restore")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, p)
     return attack
 
 
@@ -1104,7 +1109,7 @@ for _id, _what, _edit, _fallback in (
         ("garbage-history", "garbage history.json", _corrupt("history.json", b"\x00\xff"), False),
         ("floor-rolled-back", "an older genuine package and state.json's floor lowered to it (no key needed)",
          _floor_down, True)):
-    row(f"state-{_id}", "state", "local-user", _what, _restart_with(_edit), r"serving v[12]" if _fallback else
+    row(f"state-{_id}", "state", "local-user", _what, _restart_with(_edit, restore=not _fallback), r"serving v[12]" if _fallback else
         r"serving v2", probe_after=True, falls_back_to_shipped=_fallback)
 
 
