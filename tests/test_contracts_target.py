@@ -106,3 +106,9 @@ def test_one_choice_check_names_the_value_the_choices_and_the_option():
     assert info.value.message == "unknown mode 'c': not one of a, b" and "--mode" in info.value.hint
     with pytest.raises(TrainError):
         check_choice(3, (1, 2), "size", error=TrainError)
+    # a peer's value: True is not the choice 1, and a long value is cut in the message
+    with pytest.raises(UsageError):
+        check_choice(True, (1, 2), "size")
+    with pytest.raises(UsageError) as info:
+        check_choice("x" * 10_000, ("a",), "mode")
+    assert len(info.value.message) < 150

@@ -114,6 +114,8 @@ def test_classify_and_embeddings_routes(engine):
         status, b64 = _call(srv, "/v1/embeddings", {"input": "great", "encoding_format": "base64"}, "t" * 32)
         vec = np.frombuffer(__import__("base64").b64decode(b64["data"][0]["embedding"]), "<f4")
         np.testing.assert_allclose(vec, engine.embed("great").vectors[0], atol=1e-7)
+        status, err = _call(srv, "/v1/embeddings", {"input": "great", "encoding_format": "f" * 5000}, "t" * 32)
+        assert status == 400 and "encoding_format" in err["error"]["message"] and len(err["error"]["message"]) < 200
         status, err = _call(srv, "/v1/embeddings", {"input": [""]}, "t" * 32)
         assert status == 400 and "empty" in err["error"]["message"]
         status, err = _call(srv, "/v1/classify", {"input": ["x"] * 65}, "t" * 32)
@@ -177,3 +179,4 @@ def test_cli_classify(built, engine):
     assert header.split() == ["label", "probability", "review", "text"]
     assert [ln.split()[0] for ln in lines] == [w.label for w in want]
     assert [ln.split()[2] == "yes" for ln in lines] == [w.needs_review for w in want]
+

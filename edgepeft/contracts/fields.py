@@ -19,13 +19,16 @@ def check_choice(value: Any, choices: Iterable, what: str, *, hint_flag: str | N
                  error: Callable[..., Exception] = UsageError, hint: str | None = None) -> Any:
     """``value`` when it is one of ``choices``; else raise ``error`` (a typed error class, or a callable taking
     ``(message, hint=...)``) saying "unknown <what> <value>: not one of <choices>". The hint is ``hint``,
-    or names ``hint_flag``, the option to pass one of them to. Every "unknown X" check goes through here."""
+    or names ``hint_flag``, the option to pass one of them to. Every "unknown X" check goes through here.
+    ``value`` may come from a peer: its shown form is cut to 80 characters."""
     choices = tuple(choices)
-    if value in choices:
+    if any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):  # True is not 1
         return value
     listed = ", ".join(str(c) for c in choices)
     hint = hint or (f"pass one of them to {hint_flag}" if hint_flag else "check the spelling")
-    raise error(f"unknown {what} {value!r}: not one of {listed}", hint=hint)
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise error(f"unknown {what} {shown}: not one of {listed}", hint=hint)
 
 
 class Fields:

@@ -39,6 +39,7 @@ the same guards (the device agent's update API is added this way); a handler get
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import itertools
 import json
@@ -54,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ...contracts.fields import check_choice
 from ...contracts.jsontext import loads_untrusted
 from ...errors import AdapterError, AdapterInUseError, EdgePeftError, UnknownAdapterError, UsageError
 from . import openai
@@ -509,9 +511,8 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _embeddings(self):
         data = self.read_json()
         texts, adapter = openai.texts_of(data, "input", self.server.limits), openai.model_of(data, self.server.base_id)
-        fmt = data.get("encoding_format", "float")
-        if fmt not in ("float", "base64"):
-            raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", hint="or leave it out (float)")
+        fmt = check_choice(data.get("encoding_format", "float"), ("float", "base64"), "encoding_format",
+                           error=functools.partial(ApiError, 400), hint="or leave it out (float)")
         with self.server.decode_slot():
             emb = self.engine.embed(texts, adapter=adapter)
         rows = [v.tolist() if fmt == "float" else base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
