@@ -50,8 +50,8 @@ def _req(server, method, path, token=TOKEN, headers=None):
 
 def test_the_data_routes_answer_with_the_token_and_refuse_without(served):
     server, rid = served
-    status, body, _ = _req(server, "GET", "/api/rollouts")
-    assert status == 200
+    status, body, r = _req(server, "GET", "/api/rollouts")
+    assert status == 200 and r.getheader("X-Content-Type-Options") == "nosniff"  # JSON is never sniffed as a page
     (item,) = json.loads(body)["rollouts"]
     assert item["id"] == rid and item["counts"] == {IN_PROGRESS: 1, FAILED: 1}
     status, body, _ = _req(server, "GET", f"/api/rollouts/{rid}")

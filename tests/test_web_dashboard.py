@@ -127,6 +127,10 @@ in_progress_timeout_minutes = 5
         assert err.value.code == 403
 
         with browser_page(CHROMIUM) as page:
+            page.goto(base + "#token=%E0%A4%A")  # a malformed escape: the page says what to open, no token kept
+            wait_until(page, "!document.querySelector('#error').hidden")
+            assert "no token" in page.locator("#error").inner_text() and "#token" not in page.url
+            page.goto("about:blank")  # (a fragment change alone does not load the page again)
             page.goto(url)
             # running: the late devices have no simulator yet, so the rollout cannot end
             wait_until(page, "document.body.dataset.running === 'true' && "

@@ -157,7 +157,7 @@ class DashboardHandler(ApiHandler):
         if ctype is None:
             raise ApiError(404, f"no file {name!r}", "not_found", "the page is at /")
         body = resources.files(__package__).joinpath("dashboard_static", name).read_bytes()
-        self.send_body(200, body, ctype, {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+        self.send_body(200, body, ctype, {"Content-Security-Policy": CSP,
                                           "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"})
 
 

@@ -10,7 +10,13 @@ const $ = (id) => document.getElementById(id);
 function takeToken() {
   const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
   if (m) {
-    sessionStorage.setItem("edgepeft-dashboard-token", decodeURIComponent(m[1]));
+    let value = "";
+    try {
+      value = decodeURIComponent(m[1]);
+    } catch (e) {  // a malformed %-escape: no token, and the page says what to open instead
+      value = "";
+    }
+    sessionStorage.setItem("edgepeft-dashboard-token", value);
     history.replaceState(null, "", location.pathname + location.search);  // the token leaves the address bar
   }
   return sessionStorage.getItem("edgepeft-dashboard-token") || "";

@@ -232,6 +232,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")  # a browser never guesses another type
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self._cors_headers()
