@@ -600,9 +600,7 @@ def _query_flood(lab):
 
 
 row("serial-query-flood", "serial", "line", "20,000 QUERY frames with random ids (session state)", _query_flood,
-    r"grew", xfail="new: the agent answers QUERY frames more slowly than the line delivers 5,000 at once; over a "
-                   "pseudo-terminal (which pushes back, where a UART would drop the excess) the flooding host's own "
-                   "write times out before the agent catches up, so the memory bound is not reached")
+    r"grew")
 
 
 # =============================================================================================

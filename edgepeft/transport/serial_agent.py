@@ -8,11 +8,17 @@ Anyone on the line is a stranger: the state kept per sender is bounded (the
 last ``MAX_SESSIONS`` upload sessions, the last ``MAX_NONCES`` challenges), a
 ROLLBACK needs the device token (see :mod:`.serial_proto`), and no input, nor
 any error of the device behind it, stops the listener.
+
+Reading never waits on writing: answers go through a bounded queue to a writer
+thread, so a host that floods the line without reading its answers (a pseudo-terminal
+or a USB CDC link pushes back where a UART drops bytes) cannot stall the reader; the
+answers that do not fit are dropped and counted (``unsent`` in the link's status).
 """
 
 from __future__ import annotations
 
 import hmac
+import queue
 import secrets
 import struct
 import sys
@@ -26,6 +32,7 @@ from .framing import FrameDecoder, encode_frame
 
 NAK_INTERVAL = 0.5  # seconds before the same gap is reported again
 MAX_SESSIONS = 8  # upload sessions kept (least recently used go first; a sender that lost its own asks again)
+MAX_PENDING = 64  # answer frames queued for a host that reads them slowly; more are dropped (it asks again)
 
 
 class SerialAgent:
@@ -42,13 +49,15 @@ class SerialAgent:
         self._nonces: OrderedDict[bytes, dict] = OrderedDict()
         self.errors = 0  # frames dropped for bad CRC or framing (noise on the line)
         self.failures = 0  # messages whose handling failed inside the device (logged, never fatal)
+        self.unsent = 0  # answer frames dropped: the host was not reading them
         self.last_problem = None
         self._ser = None
 
     def describe(self) -> dict:
         """This link's own state, for the device's status (INFO, GET /v1/device)."""
         return {"port": self.port, "sessions": len(self._sessions), "max_sessions": MAX_SESSIONS,
-                "dropped_frames": self.errors, "failures": self.failures, "problem": self.last_problem}
+                "dropped_frames": self.errors, "failures": self.failures, "unsent_answers": self.unsent,
+                "problem": self.last_problem}
 
     def _pyserial(self):
         import serial
@@ -89,16 +98,46 @@ class SerialAgent:
 
     def _serve(self, ser) -> None:
         dec = FrameDecoder()
-        while not self._stop.is_set():
-            chunk = ser.read(max(1, getattr(ser, "in_waiting", 0) or 1))
-            if not chunk:
+        answers: queue.Queue = queue.Queue(MAX_PENDING)
+        done = threading.Event()
+        writer = threading.Thread(target=self._write_answers, args=(ser, answers, done), daemon=True,
+                                  name=f"serial-writer {self.port}")
+        writer.start()
+        try:
+            while not self._stop.is_set() and writer.is_alive():
+                chunk = ser.read(max(1, getattr(ser, "in_waiting", 0) or 1))
+                if not chunk:
+                    continue
+                for kind, body in dec.feed(chunk):
+                    for frame in self.handle(kind, body):
+                        try:
+                            answers.put_nowait(frame)
+                        except queue.Full:
+                            self.unsent += 1
+                self.errors = dec.dropped
+            if not self._stop.is_set():
+                raise OSError(self.last_problem or "the serial writer stopped")
+        finally:
+            done.set()
+            writer.join(0.5)  # a write blocked on a host that does not read ends when the port closes
+
+    def _write_answers(self, ser, answers: queue.Queue, done: threading.Event) -> None:
+        """Write queued answer frames until ``done``. A write that times out (the host stopped reading)
+        drops that frame; any other error ends the writer, and with it this turn of :meth:`_serve`."""
+        import serial
+
+        while not done.is_set():
+            try:
+                frame = answers.get(timeout=0.1)
+            except queue.Empty:
                 continue
-            out = []
-            for kind, body in dec.feed(chunk):
-                out += self.handle(kind, body)
-            self.errors = dec.dropped
-            if out:
-                ser.write(b"".join(out))
+            try:
+                ser.write(frame)
+            except serial.SerialTimeoutException:
+                self.unsent += 1
+            except (OSError, ValueError) as exc:
+                self.last_problem = f"{self.port}: writing failed: {exc}"
+                return
 
     # -- messages ------------------------------------------------------------------------------
     def handle(self, kind: int, body: bytes) -> list[bytes]:
