@@ -6,7 +6,8 @@ Each measurement is a fresh process (warm page cache, cold process, 2 threads), 
 systems and repeated; medians are printed with the CPU and the 1-minute load average. For edgepeft it splits
 ``Engine(...)`` into hashing the graph into its verified in-memory copy, creating the ONNX Runtime session
 and the rest, then times the first streamed token, with resident memory (all, private, peak) after open and
-after the first token. A system may be given as ``CODE_DIR=BUNDLE_DIR``: that process imports edgepeft from
+after the first token. The process's CPU time for the open and for the first token is printed beside wall
+time: on shared cores it moves far less with other load. A system may be given as ``CODE_DIR=BUNDLE_DIR``: that process imports edgepeft from
 ``CODE_DIR`` (e.g. an exported copy of main), so old and new code run side by side in one run. genai runs
 ``og.Model`` then one token from the same prompt ids. The benchmark's own figures are ``make bench``'s memory
 section (benchmarks/sec_memory.py); this splits them.
