@@ -201,3 +201,25 @@ def test_sealing_waits_out_busy_pages_and_fails_clearly_when_they_stay_busy():
             os.write(fd, b"x")
     finally:
         os.close(fd)
+
+
+def test_public_keys_read_without_the_serialization_package_agree_with_cryptography(keypair, tmp_path):
+    """The Ed25519 PEM fast path (opening a bundle skips cryptography's PEM loader) reads the same key, and
+    any other PEM key still goes through cryptography and is refused with its reason."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgepeft.contracts.verify import key_id, load_public_key
+
+    pem = Path(keypair[1]).read_bytes()
+    mine, theirs = load_public_key(pem), serialization.load_pem_public_key(pem)
+    assert mine.public_bytes_raw() == theirs.public_bytes_raw() and key_id(mine) == key_id(theirs)
+    assert load_public_key(pem.replace(b"\n", b"\r\n")).public_bytes_raw() == theirs.public_bytes_raw()
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(SignatureError, match="not an Ed25519 key"):
+        load_public_key(ec_pem)
+    with pytest.raises(SignatureError, match="not a PEM public key"):
+        load_public_key(pem[:40] + b"!" + pem[41:])

@@ -28,7 +28,6 @@ def load_public_key(key: KeyLike):
 
     Raises :class:`SignatureError` if it is not an Ed25519 public key.
     """
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     if isinstance(key, Ed25519PublicKey):
@@ -42,8 +41,11 @@ def load_public_key(key: KeyLike):
             raise SignatureError(f"cannot read trusted key {source}: {exc.strerror or exc}",
                                  hint="pass the .pub file written by `edgepeft keygen`") from exc
     try:
-        if len(key) == 32:
-            return Ed25519PublicKey.from_public_bytes(key)
+        raw = key if len(key) == 32 else _ed25519_pem(key)
+        if raw is not None:
+            return Ed25519PublicKey.from_public_bytes(raw)
+        from cryptography.hazmat.primitives import serialization  # other PEM keys (and its error messages)
+
         loaded = serialization.load_pem_public_key(key)
     except ValueError as exc:
         raise SignatureError(f"{source} is not a PEM public key",
@@ -53,12 +55,28 @@ def load_public_key(key: KeyLike):
     return loaded
 
 
+_PEM_HEAD, _PEM_TAIL = b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----"
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")  # DER SubjectPublicKeyInfo prefix of an Ed25519 key
+
+
+def _ed25519_pem(data: bytes) -> bytes | None:
+    """The 32 key bytes of a PEM public key that is Ed25519 (what `edgepeft keygen` writes), else None.
+
+    Why: cryptography's PEM loader imports its whole serialization package (SSH formats included),
+    a measurable part of opening a bundle in a fresh process (``tools/profile_startup.py``)."""
+    text = bytes(data).strip()
+    if not (text.startswith(_PEM_HEAD) and text.endswith(_PEM_TAIL)):
+        return None
+    try:
+        der = base64.b64decode(b"".join(text[len(_PEM_HEAD):-len(_PEM_TAIL)].split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return der[len(_ED25519_SPKI):] if len(der) == len(_ED25519_SPKI) + 32 and der.startswith(_ED25519_SPKI) else None
+
+
 def key_id(public_key) -> str:
     """Short, stable identifier of a public key, recorded in signatures."""
-    from cryptography.hazmat.primitives import serialization
-
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
 
 
 def _trusted(trusted_keys: Iterable[KeyLike]) -> dict:
@@ -307,10 +325,13 @@ class BundleFiles:
 
     def __init__(self, path: str | os.PathLike):
         from ..errors import BundleError
-        from .archive import ArchiveFiles
 
         self.path = Path(path)
-        self.archive = ArchiveFiles(self.path) if self.path.is_file() else None
+        self.archive = None
+        if self.path.is_file():  # imported only here: a folder's open never loads the archive reader (tarfile)
+            from .archive import ArchiveFiles
+
+            self.archive = ArchiveFiles(self.path)
         if self.archive is None and self.path.exists() and not self.path.is_dir():
             raise BundleError(f"{self.path} is neither a bundle directory nor a .epb archive",
                               hint="pass the folder or the .epb written by `edgepeft build`")

@@ -96,7 +96,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, prompt_ids=()):
         self.params = params
-        self._rng = np.random.default_rng(params.seed)
+        self._rng = None  # made at the first random pick: greedy requests never import numpy.random
         self._seen: set[int] = set(int(i) for i in prompt_ids) if params.repetition_penalty != 1.0 else set()
         self._counts: dict[int, int] = {}
         self.records: list[tuple[int, float, list]] = []
@@ -128,6 +128,12 @@ class Sampler:
             z[idx] -= p.frequency_penalty * n + p.presence_penalty
         return z
 
+    def _choice(self, probs: np.ndarray) -> int:
+        """An index drawn with probabilities ``probs`` from this request's stream (seeded by ``params.seed``)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.params.seed)
+        return int(self._rng.choice(len(probs), p=probs))
+
     def _draw(self, logits: np.ndarray) -> int:
         p = self.params
         z = logits.astype(np.float64) / p.temperature
@@ -143,9 +149,9 @@ class Sampler:
             cum = np.cumsum(probs[order])
             keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
             sub = probs[keep] / probs[keep].sum()
-            pick = int(keep[self._rng.choice(len(keep), p=sub)])
+            pick = int(keep[self._choice(sub)])
         else:
-            pick = int(self._rng.choice(len(probs), p=probs))
+            pick = self._choice(probs)
         return int(cand[pick]) if cand is not None else pick
 
     def _record(self, logits: np.ndarray, tok: int) -> None:
