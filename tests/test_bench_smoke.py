@@ -78,7 +78,7 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     # genai and llama.cpp peers are left to the full run: building genai models takes ~20 s each
     rc = main(["--smoke", "--out", str(out), "--work", str(work), "--readme", str(readme), "--reps", "2",
                "--systems", "transformers,edgepeft",
-               "--sections", "decode,switch,sizes,quality,transport,classify,families"])
+               "--sections", "decode,switch,sizes,quality,transport,classify,families,concurrency"])
     assert rc == 0
     data = json.loads((out / "bench-smoke.json").read_text())
     assert data["schema"] == "edgepeft-bench/1" and data["mode"] == "smoke"
@@ -100,11 +100,19 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
         assert families[f"{method} int8"]["median"] < families[f"{method} fp32"]["median"], method
     assert {"edgepeft int4 (no bottleneck slots)", "+ prefix (20 tokens)", "+ bottleneck (houlsby, hidden/16)",
             "+ prompt (20 tokens, compiled cache)", "+ LoRA r8 (all linear)"} <= set(families), sorted(families)
+    conc = {g["id"]: {f["system"]: f for f in g["figures"]} for g in sections["concurrency"]["groups"]}
+    assert all(f["median"] > 0 for f in conc["concurrency.agg_tok_s"].values())
+    assert {"edgepeft serve, idle", "edgepeft serve, after 2 clients"} <= set(conc["concurrency.rss_bytes"])
+    assert [r[0] for r in sections["concurrency"]["tables"][0]["rows"]] == ["1", "2"]
+    goals = {g["name"]: g for g in data["goals"]}
+    assert goals["tiny smoke model: 4 clients on 4 adapters, aggregate tok/s vs 1 client"]["met"] is None  # no 4
     table = (out / "table-smoke.md").read_text()
     assert "Decode speed" in table and "Updates: serial line use" in table and "Adapter families" in table
+    assert "| clients | aggregate tok/s |" in table
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())
+    assert (out / "concurrency.clients.png").is_file()  # aggregate tok/s and p95 latency against clients
 
 
 # What every smoke run must measure for edgepeft; a skip of any of these (or any other skip but the example
@@ -118,6 +126,7 @@ EDGEPEFT_SYSTEMS = {
     "transport": {"edgepeft serial @ 115200", "edgepeft serial @ 921600", "edgepeft HTTP push",
                   "edgepeft install to healthy"},
     "classify": {"edgepeft fp32 + adapter", "edgepeft int8 + adapter"},
+    "concurrency": {"edgepeft serve, 1 client", "edgepeft serve, 2 clients"},
 }
 
 
