@@ -464,5 +464,68 @@ def _section_of(data: dict) -> Section:
 
 
 def bundle_1b(ctx: Context) -> tuple[Path, Path]:
-    """The 1B-class bundle (built once into benchmarks/work and reused); see the module docstring."""
-    raise Skip("the 1B-class row is not built yet")
+    """The 1B-class bundle: a random-weight Llama-3.2-1B-shaped model (benchmarks.scale's maker) with one
+    rank-16 LoRA adapter (all seven projections) per client but the first, int4, the benchmark's target;
+    written once into ``benchmarks/work/concurrency-1b`` and reused (the bundle while its stamp holds)."""
+    from .fixtures import LORA_TARGETS
+    from .scale import write_random_llama
+    from .sys_edgepeft import build
+    from .systems import pubkey
+
+    def make():
+        d = ctx.work / "concurrency-1b"
+        model = d / "llama-1b"
+        if not (model / "tokenizer.json").is_file():  # the maker writes the tokenizer last
+            ctx.log(f"  writing a random-weight Llama-3.2-1B-shaped model to {model} (once)")
+            t0 = time.perf_counter()
+            write_random_llama(model, "1b")
+            ctx.log(f"  wrote it in {time.perf_counter() - t0:.0f} s")
+        n = max(1, max(ctx.settings.concurrency_clients) - 1)
+        ads = lora_random(model, d / "adapters", n, rank=RANK_1B, targets=LORA_TARGETS, log=ctx.log)
+        return build(ctx.work, f"conc-1b-int4-r{RANK_1B}x{n}", base=str(model),
+                     adapters=[(f"a{i}", p) for i, p in enumerate(ads)], quant="int4", log=ctx.log)
+    return ctx.get("bundle concurrency 1B-class", make), pubkey(ctx)
+
+
+RANK_1B = 16
+
+
+def lora_random(model_dir: Path, out: Path, n: int, *, rank: int, targets: list[str],
+                log=lambda msg: None) -> list[Path]:
+    """``n`` PEFT LoRA adapters for ``model_dir`` with random weights (seeds 0..n-1), B scaled small as in
+    fixtures.lora_adapter. PEFT writes the first one's layout once from the model loaded in bf16; the others
+    are that layout with other random values, so a 1B model is loaded once, not n times."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    outs = [out / f"lora-r{rank}-s{s}" for s in range(n)]
+    if all((o / "adapter_model.safetensors").is_file() for o in outs):
+        return outs
+    layout = out / f"layout-r{rank}"
+    if not (layout / "adapter_model.safetensors").is_file():
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        log(f"  writing the layout of the rank-{rank} adapters (loads the model once)")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
+                         task_type="CAUSAL_LM")
+        tmp = layout.with_name(layout.name + ".tmp")
+        get_peft_model(model, cfg).save_pretrained(tmp)
+        del model
+        os.replace(tmp, layout)
+    shapes = {k: v.shape for k, v in load_file(str(layout / "adapter_model.safetensors")).items()}
+    for s, o in enumerate(outs):
+        if (o / "adapter_model.safetensors").is_file():
+            continue
+        gen = torch.Generator().manual_seed(s)
+        tensors = {}
+        for k, shp in shapes.items():
+            scale = 0.02 if "lora_B" in k else 1.0 / math.sqrt(shp[-1])
+            tensors[k] = (torch.randn(shp, generator=gen) * scale).contiguous()
+        tmp = o.with_name(o.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "adapter_config.json").write_bytes((layout / "adapter_config.json").read_bytes())
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        os.replace(tmp, o)
+    return outs
