@@ -259,7 +259,7 @@ def _measure(ctx: Context, sec: Section, tag: str, bundle_dir: Path, pub: Path, 
             anchor, anchor_note = _anchor(ctx, ids, max(clients), n_new)
             if anchor is not None:
                 systems |= {label(LLAMA_BATCH, n): (lambda n=n: anchor.call("run", ids, n, n_new)) for n in clients}
-        res = interleaved(systems, reps, warmup=s.warmup, log=ctx.log)
+        res = interleaved({k: _with_load(fn) for k, fn in systems.items()}, reps, warmup=s.warmup, log=ctx.log)
         after_all = server.rss()
     finally:
         server.stop()
@@ -285,6 +285,21 @@ def _measure(ctx: Context, sec: Section, tag: str, bundle_dir: Path, pub: Path, 
         f"are per request; resident memory is the server process's RSS (psutil).")
     if anchor_note:
         sec.notes.append(anchor_note)
+
+
+def _with_load(fn):
+    """``fn`` whose samples also carry the 1-minute load average when they ended: on a shared machine
+    every figure needs its load beside it."""
+    def sample() -> dict:
+        out = dict(fn())
+        out["load1"] = os.getloadavg()[0]
+        return out
+    return sample
+
+
+def _loads(vals: dict) -> str:
+    x = sorted(vals.get("load1") or [])
+    return f"{x[len(x) // 2]:.1f} ({x[0]:.1f}-{x[-1]:.1f})" if x else "n/a"
 
 
 def _prompt_ids(bundle_dir: Path) -> list[int]:
@@ -350,15 +365,17 @@ def _figures(sec: Section, tag: str, name: str, clients: list[int], rounds: Roun
         llama_med = None
         if llama_vals.get("agg_tok_s"):
             f = agg.add(label(LLAMA_BATCH, n), "tok/s", llama_vals["agg_tok_s"],
-                        note="decode steps alone: " + ", ".join(f"{x:.1f}" for x in llama_vals["decode_tok_s"]))
+                        note="decode steps alone: " + ", ".join(f"{x:.1f}" for x in llama_vals["decode_tok_s"]) +
+                             f" tok/s; 1-minute load average after its runs {_loads(llama_vals)}")
             llama_med = f.median
             plot_llama.append([n, f.median])
         if "agg_tok_s" not in vals or not ok:
-            table_rows.append([str(n), "not measured", "", "", "", "", err_text, "", ""])
+            table_rows.append([str(n), "not measured", "", "", "", "", err_text, "", "", _loads(vals)])
             continue
         tokens = [r["tokens"] for r in ok]
         f = agg.add(sysname, "tok/s", vals["agg_tok_s"],
-                    note=f"{len(recs)} requests ({len(ok)} ok; errors {err_text}); tokens per request "
+                    note=f"{len(recs)} requests ({len(ok)} ok; errors {err_text}); 1-minute load average after its "
+                         f"rounds {_loads(vals)}; tokens per request "
                          f"{min(tokens)}-{max(tokens)}; round wall {min(vals['wall_s']):.2f}-{max(vals['wall_s']):.2f} s")
         lats = [r["latency_s"] for r in ok]
         fl = lat.add(sysname, "s", lats)
@@ -375,12 +392,13 @@ def _figures(sec: Section, tag: str, name: str, clients: list[int], rounds: Roun
             str(n), f"{f.median:.1f}", f"{f.median / base_agg:.2f}×", f"{fl.median:.2f} s ({fl.median / base_p50:.2f}×)",
             f"{fp.median:.2f} s", f"{ft.median * 1e3:.0f} ms" if ft else "n/a", err_text,
             f"{rounds.rss[n] / 2**20:.0f} MiB" if n in rounds.rss else "",
-            f"{llama_med:.1f} ({f.median / llama_med:.2f}×)" if llama_med else "not measured"])
+            f"{llama_med:.1f} ({f.median / llama_med:.2f}×)" if llama_med else "not measured", _loads(vals)])
     rss.add(f"{EP}, after all rounds", "bytes", [after_all])
     sec.tables.append({"title": f"{name}: {what}",
                        "columns": ["clients", "aggregate tok/s", "vs 1 client", "p50 latency", "p95 latency",
                                    "p50 time to first token", "errors", "server RSS after N",
-                                   "llama.cpp N sequences tok/s (edgepeft ÷ it)"],
+                                   "llama.cpp N sequences tok/s (edgepeft ÷ it)",
+                                   "1-min load after its rounds: median (range)"],
                        "rows": table_rows, "idle_rss_bytes": idle})
     lines = {f"{EP} aggregate tok/s": plot_agg}
     if plot_llama:
