@@ -104,10 +104,14 @@ class Server:
         except OSError:
             return ""
 
-    def rss(self) -> int:
+    def rss(self) -> int | None:
+        """The server process's resident memory (None once it has exited)."""
         import psutil
 
-        return psutil.Process(self.proc.pid).memory_info().rss
+        try:
+            return psutil.Process(self.proc.pid).memory_info().rss
+        except psutil.Error:
+            return None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -273,12 +277,13 @@ def _measure(ctx: Context, sec: Section, tag: str, bundle_dir: Path, pub: Path, 
     recs = [r for n in clients for r in rounds.records.get(n, [])]
     prompt_tokens = sorted({r.get("prompt_tokens") for r in recs if r.get("prompt_tokens")})
     short = [r for r in recs if r["status"] == "ok" and r["tokens"] < n_new]
+    ids_note = f" (llama.cpp: {len(ids)} ids from the bundle's own codec)" if llama else ""
     sec.notes.append(
         f"{model_name}: {what}; {loads}; `edgepeft run --serve --threads 2 --max-concurrent {max_conc}` "
         f"(the target's default is 4: 8 clients must be able to decode at once to show what batching buys); "
         f"client 0 on the bare base, client k on {', '.join(rounds.models[1:]) or 'the base'}; streamed chat "
-        f"completions of max_tokens {n_new}, temperature 0, prompt {prompt_tokens or '?'} tokens "
-        f"(llama.cpp: {len(ids)} ids from the bundle's own codec); {reps} measured rounds per N after one "
+        f"completions of max_tokens {n_new}, temperature 0, prompt {prompt_tokens or '?'} tokens{ids_note}; "
+        f"{reps} measured rounds per N after one "
         f"warm-up round each; {len(short)} of {len(recs)} measured requests stopped before {n_new} tokens "
         f"(counted as they came). Aggregate tok/s = all tokens of a round / its wall time (first request "
         f"sent to last stream closed: prefill, HTTP and queueing included); latency and time to first token "
@@ -351,7 +356,8 @@ def _figures(sec: Section, tag: str, name: str, clients: list[int], rounds: Roun
                      refs=[one])
     rss = sec.group(f"{tag}rss_bytes", f"{name}: server resident memory after N clients (lower is better)", "lower",
                     refs=[f"{EP}, idle"])
-    rss.add(f"{EP}, idle", "bytes", [idle], note="after opening, before any request")
+    if idle is not None:
+        rss.add(f"{EP}, idle", "bytes", [idle], note="after opening, before any request")
     table_rows, plot_agg, plot_p95, plot_llama = [], [], [], []
     base_agg = base_p50 = None
     for n in clients:
@@ -382,7 +388,7 @@ def _figures(sec: Section, tag: str, name: str, clients: list[int], rounds: Roun
         fp = p95.add(sysname, "s", [_pct(lats, 0.95)], note=f"nearest rank of {len(lats)} requests")
         ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
         ft = ttft.add(sysname, "s", ttfts) if ttfts else None
-        if n in rounds.rss:
+        if rounds.rss.get(n) is not None:
             rss.add(f"{EP}, after {n} client{'' if n == 1 else 's'}", "bytes", [rounds.rss[n]])
         if base_agg is None:
             base_agg, base_p50 = f.median, fl.median
@@ -391,15 +397,16 @@ def _figures(sec: Section, tag: str, name: str, clients: list[int], rounds: Roun
         table_rows.append([
             str(n), f"{f.median:.1f}", f"{f.median / base_agg:.2f}×", f"{fl.median:.2f} s ({fl.median / base_p50:.2f}×)",
             f"{fp.median:.2f} s", f"{ft.median * 1e3:.0f} ms" if ft else "n/a", err_text,
-            f"{rounds.rss[n] / 2**20:.0f} MiB" if n in rounds.rss else "",
+            f"{rounds.rss[n] / 2**20:.0f} MiB" if rounds.rss.get(n) is not None else "",
             f"{llama_med:.1f} ({f.median / llama_med:.2f}×)" if llama_med else "not measured", _loads(vals)])
-    rss.add(f"{EP}, after all rounds", "bytes", [after_all])
+    if after_all is not None:
+        rss.add(f"{EP}, after all rounds", "bytes", [after_all])
     sec.tables.append({"title": f"{name}: {what}",
                        "columns": ["clients", "aggregate tok/s", "vs 1 client", "p50 latency", "p95 latency",
                                    "p50 time to first token", "errors", "server RSS after N",
                                    "llama.cpp N sequences tok/s (edgepeft ÷ it)",
                                    "1-min load after its rounds: median (range)"],
-                       "rows": table_rows, "idle_rss_bytes": idle})
+                       "rows": table_rows})
     lines = {f"{EP} aggregate tok/s": plot_agg}
     if plot_llama:
         lines[f"{LLAMA_BATCH} N sequences (no adapters)"] = plot_llama
