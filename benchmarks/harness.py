@@ -149,7 +149,7 @@ def versions() -> dict[str, str | None]:
     """Versions of every package a figure may depend on (None when not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in ("edgepeft", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "peft",
-                 "llama_cpp_python", "numpy", "tokenizers", "onnx", "psutil"):
+                 "llama_cpp_python", "numpy", "tokenizers", "onnx", "psutil", "openai"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
