@@ -273,3 +273,37 @@ def test_smoke_run_skips_a_crashing_and_a_hanging_peer_and_goes_on(tmp_path, mon
         assert f"- {name}: " in table
     assert "killed by SIGSEGV" in table and "no answer within 4 s" in table
     assert not multiprocessing.active_children()  # every worker was stopped
+
+
+def test_concurrency_goals_are_ratios_in_the_run_and_to_the_run_before():
+    from benchmarks.harness import Section
+    from benchmarks.sec_concurrency import EP, LLAMA_BATCH, goals_concurrency, label
+
+    def section(one: float, four: float, eight: float, rss4: float, llama4: float | None = None) -> Section:
+        sec = Section("concurrency", "t")
+        agg = sec.group("agg_tok_s", "agg", "higher")
+        for n, v in ((1, one), (4, four), (8, eight)):
+            agg.add(label(EP, n), "tok/s", [v, v])
+        if llama4:
+            agg.add(label(LLAMA_BATCH, 4), "tok/s", [llama4])
+        lat = sec.group("latency_s", "lat", "lower")
+        lat.add(label(EP, 1), "s", [1.0, 1.0])
+        lat.add(label(EP, 4), "s", [2.0, 2.2])  # p50 2.1x
+        sec.group("rss_bytes", "rss", "lower").add(f"{EP}, after 4 clients", "bytes", [rss4])
+        return sec
+
+    before = {"created": "then", "machine": {"loadavg_1_5_15": [1, 1, 1]},
+              "sections": [section(40.0, 50.0, 55.0, 400e6).to_json() | {"id": "concurrency"}]}
+    goals = {g["name"].split(": ", 1)[1].split(" (")[0]: g
+             for g in goals_concurrency(section(38.0, 80.0, 90.0, 390e6, llama4=70.0), before)}
+    assert goals["4 clients on 4 adapters, aggregate tok/s vs 1 client"]["met"] is True
+    assert abs(goals["4 clients on 4 adapters, aggregate tok/s vs 1 client"]["ratio"] - 80 / 38) < 1e-3
+    assert goals["4 clients, p50 latency vs 1 client"]["met"] is True  # 2.1x <= 2.2x
+    assert goals["8 clients, aggregate tok/s vs 1 client"]["met"] is False  # 2.37x < 2.5x
+    assert goals["4 clients, mixed adapters, vs llama.cpp 4 sequences without adapters"]["met"] is True
+    assert goals["1 client alone vs the run before the change"]["met"] is True  # 0.95x: within the allowance
+    assert goals["server RSS after 4 clients vs the run before the change"]["met"] is True
+    alone = {g["name"].split(": ", 1)[1]: g for g in goals_concurrency(section(38.0, 80.0, 90.0, 390e6))}
+    assert alone["1 client alone vs the run before the change"]["met"] is None
+    assert "no run before the change given" in alone["1 client alone vs the run before the change"]["measured"]
+    assert alone["4 clients, mixed adapters, vs llama.cpp 4 sequences without adapters (same run)"]["met"] is None
