@@ -35,11 +35,17 @@ class Settings:
     call_timeout_s: float = 900.0  # and answer every later call within this, or it counts as hung
     systems: list[str] | None = None  # restrict to these system names (None = all)
     examples_out: str | None = None  # where the trained example adapters are (default examples/out)
+    concurrency_clients: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    concurrency_new_tokens: int = 48
+    concurrency_max_concurrent: int = 8  # the server's --max-concurrent (at least the most clients)
+    concurrency_1b: bool = False  # also the 1B-class row (builds a 1B bundle once)
+    concurrency_before: str | None = None  # results JSON of a run before the change, for its two goals
 
     @classmethod
     def smoke(cls) -> Settings:
         return cls(reps=3, warmup=1, new_tokens=12, prompt_tokens=24, switch_reps=20, ppl_tokens=96,
-                   ppl_window=48, classify_batch=[1, 4], memory_reps=1)
+                   ppl_window=48, classify_batch=[1, 4], memory_reps=1, concurrency_clients=[1, 2],
+                   concurrency_new_tokens=12)
 
 
 class Context:

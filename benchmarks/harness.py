@@ -149,7 +149,7 @@ def versions() -> dict[str, str | None]:
     """Versions of every package a figure may depend on (None when not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in ("edgepeft", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "peft",
-                 "llama_cpp_python", "numpy", "tokenizers", "onnx", "psutil"):
+                 "llama_cpp_python", "numpy", "tokenizers", "onnx", "psutil", "openai"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -219,6 +219,7 @@ class Section:
         self.groups: list[Group] = []
         self.notes: list[str] = []
         self.series: list[dict] = []  # line plots over time: {"id", "title", "x", "y", "lines": {name: [[x, y]...]}}
+        self.tables: list[dict] = []  # summary tables: {"title", "columns": [str], "rows": [[str]]}
         self.status = "measured"
 
     def group(self, gid: str, title: str, better: str, refs: list[str] | None = None) -> Group:
@@ -231,4 +232,5 @@ class Section:
 
     def to_json(self) -> dict:
         return {"id": self.id, "title": self.title, "status": self.status, "notes": self.notes,
-                "groups": [g.to_json() for g in self.groups if g.figures], "series": self.series}
+                "groups": [g.to_json() for g in self.groups if g.figures], "series": self.series,
+                "tables": self.tables}

@@ -81,9 +81,12 @@ def render_markdown(results: dict, *, compact: bool = False) -> str:
         if sec.get("status") == "not built yet":
             lines += [f"_Not built yet._ {sec.get('note', '')}".rstrip(), ""]
             continue
+        for tab in sec.get("tables", []):
+            lines += [f"_{tab['title']}_", "", "| " + " | ".join(tab["columns"]) + " |",
+                      "|" + "---|" * len(tab["columns"]), *("| " + " | ".join(r) + " |" for r in tab["rows"]), ""]
         rows = []
         for grp in sec.get("groups", []):
-            if compact and grp["id"] in DETAIL_GROUPS:
+            if compact and (grp["id"] in DETAIL_GROUPS or sec.get("tables")):  # a summary table stands for them
                 continue
             refs = grp.get("refs", [])
             for f in grp["figures"]:
@@ -163,13 +166,24 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
             written.append(_save(plt, fig, out_dir, f"{grp['id'].replace('/', '_')}.png"))
         for ser in sec.get("series", []):
             fig, ax = plt.subplots(figsize=(7, 4))
+            handles = []
             for label, points in ser["lines"].items():
                 if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], label=label)
+                    handles += ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            right = ser.get("right")  # a second quantity on its own axis (dashed), e.g. latency beside tok/s
+            if right:
+                ax2 = ax.twinx()
+                for k, (label, points) in enumerate(right["lines"].items()):
+                    if points:
+                        handles += ax2.plot([p[0] for p in points], [p[1] for p in points], linestyle="--",
+                                            marker="s", color=f"C{len(ser['lines']) + k}", label=label)
+                ax2.set_ylabel(right["y"])
+                ax2.set_ylim(bottom=0)
+                ax.set_ylim(bottom=0)
             ax.set_xlabel(ser["x"])
             ax.set_ylabel(ser["y"])
             ax.set_title(ser["title"])
-            ax.legend()
+            ax.legend(handles=handles, fontsize=8)
             ax.grid(alpha=0.3)
             written.append(_save(plt, fig, out_dir, f"{sec['id']}.{ser['id']}.png"))
     return written

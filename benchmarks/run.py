@@ -27,7 +27,7 @@ from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
 SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify", "families",
-            "fleet"]
+            "fleet", "concurrency"]
 
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
@@ -35,6 +35,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
     from . import (
         sec_adapters,
         sec_classify,
+        sec_concurrency,
         sec_decode,
         sec_families,
         sec_fleet,
@@ -48,7 +49,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
     runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
                "memory": sec_memory.run, "classify": sec_classify.run, "families": sec_families.run,
-               "fleet": sec_fleet.run}
+               "fleet": sec_fleet.run, "concurrency": sec_concurrency.run}
     sections, goals = [], []
     for sid in SECTIONS:
         if sid not in only:
@@ -80,7 +81,25 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals.append(sec_transport.goal_serial(sec))
         elif sid == "fleet":
             goals.append(sec_fleet.goal_fleet(sec))
+        elif sid == "concurrency":
+            goals += concurrency_goals(sec, ctx)
     return sections, goals
+
+
+def concurrency_goals(sec: Section, ctx: Context) -> list[dict]:
+    """The concurrency goals of SmolLM2 (and of the 1B-class model when it ran), against the run before the
+    change when ``--concurrency-before`` names one."""
+    import json
+
+    from . import sec_concurrency
+
+    before = None
+    if ctx.settings.concurrency_before:
+        before = json.loads(Path(ctx.settings.concurrency_before).read_text(encoding="utf-8"))
+    goals = sec_concurrency.goals_concurrency(sec, before, name=sec_concurrency.short_name(ctx))
+    if sec.find("1b_agg_tok_s"):
+        goals += sec_concurrency.goals_concurrency(sec, before, tag="1b_", name=sec_concurrency.short_name(ctx, "1b_"))
+    return goals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds a peer's worker may take to open and produce its first tokens (default 300)")
     ap.add_argument("--call-timeout", type=float, metavar="S",
                     help="seconds a peer may take for any later call before it counts as hung (default 900)")
+    ap.add_argument("--concurrency-clients", metavar="N,N,...",
+                    help="clients at once in the concurrency section (default 1,2,4,8; smoke 1,2)")
+    ap.add_argument("--concurrency-1b", action="store_true",
+                    help="also the concurrency rows of a random-weight Llama-3.2-1B-shaped bundle (built once into "
+                         "benchmarks/work/concurrency-1b, a few minutes and ~3 GB; then minutes per run)")
+    ap.add_argument("--concurrency-before", type=Path, metavar="JSON",
+                    help="results JSON of a run before the change (e.g. today's server): the goals 'one client no "
+                         "slower' and 'RSS after 4 clients' compare with it")
     a = ap.parse_args(argv)
 
     settings = Settings.smoke() if a.smoke else Settings()
@@ -114,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         settings.open_timeout_s = a.open_timeout
     if a.call_timeout:
         settings.call_timeout_s = a.call_timeout
+    if a.concurrency_clients:
+        settings.concurrency_clients = sorted({int(x) for x in a.concurrency_clients.split(",") if x.strip()})
+    settings.concurrency_1b = a.concurrency_1b
+    if a.concurrency_before:
+        if not a.concurrency_before.is_file():
+            ap.error(f"--concurrency-before {a.concurrency_before}: no such file")
+        settings.concurrency_before = str(a.concurrency_before.resolve())
     work = a.work or (WORK / "smoke" if a.smoke else WORK)
     work.mkdir(parents=True, exist_ok=True)
     out = a.out or (work / "results" if a.smoke else RESULTS)

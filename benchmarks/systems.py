@@ -121,9 +121,12 @@ class _TextRunner:
 
 
 def open_peer(kind: str, **kwargs):
-    """Runs inside a worker process: open peer ``kind`` ("llama", "genai", "torch", "torch classifier")."""
+    """Runs inside a worker process: open peer ``kind`` ("llama", "llama batch", "genai", "torch",
+    "torch classifier")."""
     if kind == "llama":
         return _TextRunner(sys_llama.LlamaCppDecoder(**kwargs))
+    if kind == "llama batch":
+        return sys_llama.LlamaCppBatch(**kwargs)
     if kind == "genai":
         return _TextRunner(sys_genai.GenaiDecoder(**kwargs))
     if kind == "torch":

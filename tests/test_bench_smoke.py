@@ -78,7 +78,7 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     # genai and llama.cpp peers are left to the full run: building genai models takes ~20 s each
     rc = main(["--smoke", "--out", str(out), "--work", str(work), "--readme", str(readme), "--reps", "2",
                "--systems", "transformers,edgepeft",
-               "--sections", "decode,switch,sizes,quality,transport,classify,families"])
+               "--sections", "decode,switch,sizes,quality,transport,classify,families,concurrency"])
     assert rc == 0
     data = json.loads((out / "bench-smoke.json").read_text())
     assert data["schema"] == "edgepeft-bench/1" and data["mode"] == "smoke"
@@ -100,11 +100,19 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
         assert families[f"{method} int8"]["median"] < families[f"{method} fp32"]["median"], method
     assert {"edgepeft int4 (no bottleneck slots)", "+ prefix (20 tokens)", "+ bottleneck (houlsby, hidden/16)",
             "+ prompt (20 tokens, compiled cache)", "+ LoRA r8 (all linear)"} <= set(families), sorted(families)
+    conc = {g["id"]: {f["system"]: f for f in g["figures"]} for g in sections["concurrency"]["groups"]}
+    assert all(f["median"] > 0 for f in conc["concurrency.agg_tok_s"].values())
+    assert {"edgepeft serve, idle", "edgepeft serve, after 2 clients"} <= set(conc["concurrency.rss_bytes"])
+    assert [r[0] for r in sections["concurrency"]["tables"][0]["rows"]] == ["1", "2"]
+    goals = {g["name"]: g for g in data["goals"]}
+    assert goals["tiny smoke model: 4 clients on 4 adapters, aggregate tok/s vs 1 client"]["met"] is None  # no 4
     table = (out / "table-smoke.md").read_text()
     assert "Decode speed" in table and "Updates: serial line use" in table and "Adapter families" in table
+    assert "| clients | aggregate tok/s |" in table
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())
+    assert (out / "concurrency.clients.png").is_file()  # aggregate tok/s and p95 latency against clients
 
 
 # What every smoke run must measure for edgepeft; a skip of any of these (or any other skip but the example
@@ -118,6 +126,7 @@ EDGEPEFT_SYSTEMS = {
     "transport": {"edgepeft serial @ 115200", "edgepeft serial @ 921600", "edgepeft HTTP push",
                   "edgepeft install to healthy"},
     "classify": {"edgepeft fp32 + adapter", "edgepeft int8 + adapter"},
+    "concurrency": {"edgepeft serve, 1 client", "edgepeft serve, 2 clients"},
 }
 
 
@@ -264,3 +273,37 @@ def test_smoke_run_skips_a_crashing_and_a_hanging_peer_and_goes_on(tmp_path, mon
         assert f"- {name}: " in table
     assert "killed by SIGSEGV" in table and "no answer within 4 s" in table
     assert not multiprocessing.active_children()  # every worker was stopped
+
+
+def test_concurrency_goals_are_ratios_in_the_run_and_to_the_run_before():
+    from benchmarks.harness import Section
+    from benchmarks.sec_concurrency import EP, LLAMA_BATCH, goals_concurrency, label
+
+    def section(one: float, four: float, eight: float, rss4: float, llama4: float | None = None) -> Section:
+        sec = Section("concurrency", "t")
+        agg = sec.group("agg_tok_s", "agg", "higher")
+        for n, v in ((1, one), (4, four), (8, eight)):
+            agg.add(label(EP, n), "tok/s", [v, v])
+        if llama4:
+            agg.add(label(LLAMA_BATCH, 4), "tok/s", [llama4])
+        lat = sec.group("latency_s", "lat", "lower")
+        lat.add(label(EP, 1), "s", [1.0, 1.0])
+        lat.add(label(EP, 4), "s", [2.0, 2.2])  # p50 2.1x
+        sec.group("rss_bytes", "rss", "lower").add(f"{EP}, after 4 clients", "bytes", [rss4])
+        return sec
+
+    before = {"created": "then", "machine": {"loadavg_1_5_15": [1, 1, 1]},
+              "sections": [section(40.0, 50.0, 55.0, 400e6).to_json() | {"id": "concurrency"}]}
+    goals = {g["name"].split(": ", 1)[1].split(" (")[0]: g
+             for g in goals_concurrency(section(38.0, 80.0, 90.0, 390e6, llama4=70.0), before)}
+    assert goals["4 clients on 4 adapters, aggregate tok/s vs 1 client"]["met"] is True
+    assert abs(goals["4 clients on 4 adapters, aggregate tok/s vs 1 client"]["ratio"] - 80 / 38) < 1e-3
+    assert goals["4 clients, p50 latency vs 1 client"]["met"] is True  # 2.1x <= 2.2x
+    assert goals["8 clients, aggregate tok/s vs 1 client"]["met"] is False  # 2.37x < 2.5x
+    assert goals["4 clients, mixed adapters, vs llama.cpp 4 sequences without adapters"]["met"] is True
+    assert goals["1 client alone vs the run before the change"]["met"] is True  # 0.95x: within the allowance
+    assert goals["server RSS after 4 clients vs the run before the change"]["met"] is True
+    alone = {g["name"].split(": ", 1)[1]: g for g in goals_concurrency(section(38.0, 80.0, 90.0, 390e6))}
+    assert alone["1 client alone vs the run before the change"]["met"] is None
+    assert "no run before the change given" in alone["1 client alone vs the run before the change"]["measured"]
+    assert alone["4 clients, mixed adapters, vs llama.cpp 4 sequences without adapters (same run)"]["met"] is None
