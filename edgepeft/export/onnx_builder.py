@@ -107,22 +107,16 @@ class GraphBuilder:
         """An overridable initializer: a graph input backed by a default value.
 
         ``shape`` is the graph-level shape (symbolic dims allowed, so adapters of
-        the bundle's rank can replace an empty default); ``described`` is what
+        the bundle's rank can replace an empty default; None declares no shape, so a
+        tensor of any rank may be bound, see :mod:`.slots`); ``described`` is what
         goes into manifest["model"]["slots"]. The slot takes ``default``'s dtype when it
         is int8 (quantized LoRA B slots), float32 otherwise.
         """
-        if default.dtype == np.int8:
-            self.slot_dtypes[name] = "int8"
-        self.overridable(name, default, shape)
-        self.slots[name] = described
-        return name
-
-    def overridable(self, name: str, default: np.ndarray, shape: list) -> str:
-        """A graph input backed by ``default`` (int8 stays int8, anything else becomes float32), not an
-        adapter slot: :meth:`slot` records those; a row mask (:mod:`.slots`) is one of these alone."""
         from onnx import TensorProto, numpy_helper
 
         default = default if default.dtype == np.int8 else default.astype(np.float32)
+        if default.dtype == np.int8:
+            self.slot_dtypes[name] = "int8"
         elem = TensorProto.INT8 if default.dtype == np.int8 else TensorProto.FLOAT
         if default.size and not default.any():  # zeros of a shape: a sparse initializer with no values
             values = numpy_helper.from_array(np.zeros(0, default.dtype), name)
@@ -132,11 +126,8 @@ class GraphBuilder:
         else:
             self.const(default, name)
         self.inputs.append(self._helper.make_tensor_value_info(name, elem, shape))
+        self.slots[name] = described
         return name
-
-    def has(self, name: str) -> bool:
-        """Whether a tensor called ``name`` exists already (an initializer or a node's output)."""
-        return name in self._names
 
     def shared(self, name: str, array) -> str:
         """An initializer many nodes use, added once under ``name``."""

@@ -2,9 +2,10 @@
 
 Why: on a CPU a decode step is bound by reading the base weights; a step for four rows reads them
 once instead of four times, so requests that would each run alone share the cost. The graph makes a
-mixed batch possible (its row masks, :mod:`edgepeft.export.slots`): a step binds the batch's adapters
-side by side (a *bank*, built once per set of adapters) and a mask per group kind that keeps each
-row to its own adapters' columns.
+mixed batch possible: its adapter slots take one tensor per row (:mod:`edgepeft.export.slots`), so a
+step binds, per slot group that some row uses, a [rows, ...] tensor whose row i holds row i's adapter
+(zeros for a row without one; every adapter padded to the group's widest rank or size). No node is added
+for this: a request alone runs the graph exactly as before.
 
 How it runs:
 
@@ -15,166 +16,112 @@ How it runs:
 - A step runs rows [0, n) with one token each and an attention mask right-padded per row:
   ``GroupQueryAttention`` takes each row's length (``seqlens_k``) and writes each row's new key/value
   at that row's own position in the shared buffer.
+- The per-row adapter tensors persist between steps; when the rows change, only rows whose adapter
+  changed are rewritten (one adapter's tensors per joining request).
 - A request that ends, or whose consumer stops iterating (a closed stream, a client gone), leaves
   before the next step; the last row moves into its place so the batch stays contiguous.
 - With one request running, the step is the batch-1 decoder's run on that row's binding: the request's
-  own adapter tensors, the masks at their defaults, no bank.
+  own adapter tensors, views of the adapter file as before.
 - One scheduler thread runs prefills and steps; requests wait FIFO for a free row and join between
   steps, so none starves while others decode.
 
-A prefix adapter (prefix or prompt tuning) is its row's first cache positions, as in the batch-1
-decoder; bottleneck adapters enter the bank like LoRA (their up-bias through an always-on unit per
-adapter, see :meth:`_Bank._bottleneck`). A graph without row masks (bundles built before them) gets no
-batcher: its requests decode alone, as before.
+A prefix adapter (prefix or prompt tuning) is its row's first cache positions, as in the batch-1 decoder.
+int8 LoRA B slots (``DynamicQuantizeMatMul``) quantize a step's activations with one scale for all rows,
+so there a row's LoRA term moves slightly with its neighbours (within the int4 parity tolerance; fp32 B is
+exact). A graph whose slots are declared with shapes (bundles built before per-row slots) gets no batcher:
+its requests decode alone, one per run, as before.
 """
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contracts.methods import BOTTLENECK_TAG, bottleneck_names
 from ..errors import EngineError
 from .decoder import check_room
+from .registry import slot_group
 
-ROW_MASK_META = "edgepeft.row_masks"  # graph metadata written by edgepeft.export.slots.row_mask_layout
-UNIT = 64.0  # the always-on bottleneck unit's pre-activation: relu, silu and gelu all return it unchanged
+ROW_SLOTS_META = "edgepeft.row_slots"  # graph metadata written by edgepeft.export (its slots take per-row tensors)
 _END = object()
 _PREFILLED = object()
 
 
-def row_mask_layout(session) -> dict | None:
-    """The graph's row-mask layout (its ``edgepeft.row_masks`` metadata), or None for a graph without masks."""
-    raw = session.get_modelmeta().custom_metadata_map.get(ROW_MASK_META)
-    if not raw:
-        return None
-    try:
-        layout = json.loads(raw)
-    except ValueError as exc:
-        raise EngineError(f"the graph's {ROW_MASK_META} metadata is not JSON: {exc}",
-                          hint="rebuild the bundle with edgepeft build") from exc
-    return layout if isinstance(layout, dict) else None
+def takes_row_slots(session) -> bool:
+    """Whether the graph's adapter slots take one tensor per row (its ``edgepeft.row_slots`` metadata)."""
+    return session.get_modelmeta().custom_metadata_map.get(ROW_SLOTS_META) == "1"
 
 
-class _LoraKind:
-    """One group kind of the graph (``qkv``, ``gate_up`` ...): its mask, module order and per-layer slots."""
+class _Slot:
+    """How one adapter tensor sits in a per-row tensor: the manifest's dims (one may be symbolic, ``"3*rank"``,
+    ``"bottleneck"``: per module, ``m`` blocks of the adapter's width) padded to a common width W."""
 
-    def __init__(self, key: str, spec: dict, inputs: dict):
-        self.key, self.mask = key, spec["mask"]
-        self.modules, self.split = list(spec["modules"]), bool(spec["split_b"])
-        self.m = len(self.modules)
-        self.layers = []  # (A name, in_dim, [(B name, out_dim, dtype)] one per module when split, else one)
-        i = 0
-        while f"layers.{i}.{key}.lora_A" in inputs:
-            a = f"layers.{i}.{key}.lora_A"
-            bs = [f"layers.{i}.{key}.lora_B.{mod}" for mod in self.modules] if self.split \
-                else [f"layers.{i}.{key}.lora_B"]
-            if any(b not in inputs for b in bs):
-                raise EngineError(f"the graph has {a} without its B slots", hint="rebuild the bundle")
-            self.layers.append((a, int(inputs[a][0][0]), [(b, int(inputs[b][0][1]), inputs[b][1]) for b in bs]))
-            i += 1
+    def __init__(self, name: str, dims, dtype):
+        self.name, self.dtype = name, dtype
+        self.axis, self.m = None, 1
+        for i, d in enumerate(dims):
+            if isinstance(d, str):
+                self.axis = i
+                head = d.split("*")[0].strip()
+                self.m = int(head) if head.isdigit() else 1
+        self.dims = list(dims)
 
-    def names(self) -> set:
-        return {a for a, _, _ in self.layers} | {b for _, _, bs in self.layers for b, _, _ in bs}
+    def width(self, arr: np.ndarray) -> int:
+        """The adapter's rank (or bottleneck size) this tensor implies; 0 for a tensor without one."""
+        return 0 if self.axis is None else int(arr.shape[self.axis]) // self.m
 
+    def shape(self, w: int) -> tuple:
+        """One row's shape at width ``w``; a vector gets a leading 1 (it then adds to [batch, 1, x])."""
+        out = [self.m * w if i == self.axis else int(d) for i, d in enumerate(self.dims)]
+        return tuple([1] + out if len(out) == 1 else out)
 
-class _Bank:
-    """The slot tensors and mask layout for one set of adapters decoding together (see the module docstring).
-
-    LoRA, per group kind: A = the adapters' A side by side, module-major then adapter-major, each padded
-    to the set's largest rank R with zero columns (so the graph's per-module Split still cuts at module
-    borders); B = the matching rows (zero rows for padding). Columns of adapter k for module j:
-    ``[(j*K + k)*R, (j*K + k + 1)*R)``.
-    """
-
-    def __init__(self, batcher: Batcher, adapters: Sequence):
-        self.keys = tuple(a.key for a in adapters)
-        self.values: list = []  # (input name, OrtValue)
-        self.arrays: list = []  # keeps the bound arrays alive
-        self.columns: dict = {}  # mask name -> (width, {adapter key: [column slices]})
-        for kind in batcher.kinds:
-            self._lora(batcher, kind, [a for a in adapters if kind.names() & set(a.arrays)])
-        if batcher.bottleneck is not None:
-            self._bottleneck(batcher, [a for a in adapters if any(BOTTLENECK_TAG in n for n in a.arrays)])
-
-    def _bind(self, ort, name: str, arr: np.ndarray) -> None:
-        self.arrays.append(arr)
-        self.values.append((name, ort.OrtValue.ortvalue_from_numpy(arr)))
-
-    def _lora(self, b: Batcher, kind: _LoraKind, users: list) -> None:
-        if not users:
-            return  # the kind keeps its defaults: empty slots, mask 1.0
-        m, k_n = kind.m, len(users)
-        ranks = [a.arrays[n].shape[1] // m for a in users for n in a.arrays if n.endswith(f".{kind.key}.lora_A")]
-        r_max = max(ranks)
-        width = m * k_n * r_max
-        for a_name, in_dim, bs in kind.layers:
-            big_a = np.zeros((in_dim, width), np.float32)
-            big_bs = [np.zeros((width // (m if kind.split else 1), out), _DTYPES[dt]) for _, out, dt in bs]
-            for k, ad in enumerate(users):
-                a = ad.arrays.get(a_name)
-                if a is None:
-                    continue
-                r = a.shape[1] // m
-                for j in range(m):
-                    col = (j * k_n + k) * r_max
-                    big_a[:, col:col + r] = a[:, j * r:(j + 1) * r]
-                    if kind.split:
-                        big_bs[j][k * r_max:k * r_max + r] = ad.arrays[bs[j][0]]
-                    else:
-                        big_bs[0][col:col + r] = ad.arrays[bs[0][0]][j * r:(j + 1) * r]
-            self._bind(b.ort, a_name, big_a)
-            for (name, _, _), arr in zip(bs, big_bs):
-                self._bind(b.ort, name, arr)
-        self.columns[kind.mask] = (width, {ad.key: [slice((j * k_n + k) * r_max, (j * k_n + k + 1) * r_max)
-                                                    for j in range(m)] for k, ad in enumerate(users)})
-
-    def _bottleneck(self, b: Batcher, users: list) -> None:
-        """Bottleneck points: D, d and U side by side per adapter, plus one always-on unit per adapter
-        (a zero column of D, bias :data:`UNIT`, U's row = up-bias / UNIT) that adds the adapter's up-bias
-        only in its rows; the up-bias slot itself is bound to zeros."""
-        if not users:
+    def place(self, row: np.ndarray, arr: np.ndarray, w: int) -> None:
+        """Write ``arr`` into ``row`` (zeros), module block j at [j*w, j*w + r) of the symbolic axis."""
+        if self.axis is None:
+            row[...] = arr.reshape(row.shape)
             return
-        sizes = []
-        for ad in users:
-            down = next(v for n, v in ad.arrays.items() if n.endswith(BOTTLENECK_TAG + "down.weight"))
-            sizes.append(int(down.shape[1]))
-        offsets = np.cumsum([0] + [s + 1 for s in sizes])
-        width, dim = int(offsets[-1]), b.hidden
-        for names in b.bottleneck_points:
-            big_d, big_db = np.zeros((dim, width), np.float32), np.zeros((width,), np.float32)
-            big_u = np.zeros((width, dim), np.float32)
-            for k, ad in enumerate(users):
-                if names["down.weight"] not in ad.arrays:
-                    continue
-                o, s = int(offsets[k]), sizes[k]
-                big_d[:, o:o + s] = ad.arrays[names["down.weight"]]
-                big_db[o:o + s] = ad.arrays[names["down.bias"]]
-                big_u[o:o + s] = ad.arrays[names["up.weight"]]
-                big_db[o + s] = UNIT
-                big_u[o + s] = ad.arrays[names["up.bias"]] / np.float32(UNIT)
-            for part, arr in (("down.weight", big_d), ("down.bias", big_db), ("up.weight", big_u),
-                              ("up.bias", np.zeros((dim,), np.float32))):
-                self._bind(b.ort, names[part], arr)
-        self.columns[b.bottleneck] = (width, {ad.key: [slice(int(offsets[k]), int(offsets[k + 1]))]
-                                              for k, ad in enumerate(users)})
+        dst = row.reshape(self.shape(w)[-len(self.dims):])
+        r = self.width(arr)
+        for j in range(self.m):
+            into = [slice(None)] * len(self.dims)
+            into[self.axis] = slice(j * w, j * w + r)
+            take = [slice(None)] * len(self.dims)
+            take[self.axis] = slice(j * r, (j + 1) * r)
+            dst[tuple(into)] = arr[tuple(take)]
 
-    def masks(self, rows: Sequence[_Request]) -> list:
-        """(mask name, array [len(rows), 1, width]) with 1 in each row's adapters' columns."""
-        out = []
-        for name, (width, where) in self.columns.items():
-            mask = np.zeros((len(rows), 1, width), np.float32)
-            for i, req in enumerate(rows):
-                for key in req.keys:
-                    for cols in where.get(key, ()):
-                        mask[i, 0, cols] = 1.0
-            out.append((name, mask))
-        return out
+
+class _RowGroup:
+    """The per-row tensors of one slot group (a LoRA A with its B slots, a bottleneck point's four parts):
+    [rows, ...] each, row i holding the adapter of the request in row i (zeros for none), kept between steps
+    and rewritten only where a row's adapter changed."""
+
+    def __init__(self, slots: list[_Slot], rows: int):
+        self.slots, self.rows = slots, rows
+        self.w = -1
+        self.arrays: list[np.ndarray] = []
+        self.holds: list = [None] * rows  # the adapter key each row holds (None: zeros)
+
+    def fit(self, users: Sequence) -> None:
+        """Make rows [0, len(users)) hold ``users`` (an adapter or None per row), wider if one needs it."""
+        need = max((s.width(u.arrays[s.name]) for u in users if u is not None for s in self.slots), default=0)
+        if need > self.w:  # pages of np.zeros are touched only where rows are written
+            self.w = max(need, self.w)
+            self.arrays = [np.zeros((self.rows, *s.shape(self.w)), s.dtype) for s in self.slots]
+            self.holds = ["stale"] * self.rows
+        for i, u in enumerate(users):
+            key = None if u is None else u.key
+            if self.holds[i] == key:
+                continue
+            for s, arr in zip(self.slots, self.arrays):
+                arr[i] = 0
+                if u is not None:
+                    s.place(arr[i], u.arrays[s.name], self.w)
+            self.holds[i] = key
+
+    def forget(self, key_part) -> None:
+        self.holds = ["stale" if h == key_part else h for h in self.holds]
 
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
@@ -185,9 +132,8 @@ class _Request:
 
     def __init__(self, ids, pick, budget, stops, adapters, values, prefix, on_prefill):
         self.ids, self.pick, self.budget, self.stops = ids, pick, budget, stops
-        self.adapters = [a for a in adapters if not getattr(a, "prefix", ())]  # the bank's part of it
-        self.keys = tuple(a.key for a in self.adapters)
         self.key = tuple(a.key for a in adapters)
+        self.groups = {slot_group(n): a for a in adapters for n in a.arrays}  # slot group -> the adapter setting it
         self.values = tuple(values)
         self.prefix, self.on_prefill = prefix, on_prefill
         self.out: queue.SimpleQueue = queue.SimpleQueue()
@@ -205,52 +151,33 @@ class Batcher:
     adapters (no row masks, or slots the masks do not cover): such a graph's requests decode alone.
     """
 
-    BANKS = 2  # banks kept (by adapter set); a bank is a copy of its adapters' tensors
-
     @classmethod
     def for_graph(cls, runner, model_info: dict, rows: int) -> Batcher | None:
-        """A batcher for ``runner``'s graph, or None when the graph has no row masks for all its slots.
-        Raises :class:`EngineError` for unreadable row-mask metadata."""
-        layout = row_mask_layout(runner.session)
-        slots = set(model_info.get("slots") or {})
-        if layout is None:
-            return None if slots else cls(runner, {"lora": {}, "bottleneck": None}, model_info, rows)
-        return cls(runner, layout, model_info, rows) if cls._covers(runner, layout, slots, model_info) else None
+        """A batcher for ``runner``'s graph, or None when its slots do not take per-row tensors (a bundle built
+        before them: its requests decode alone)."""
+        slots = model_info.get("slots") or {}
+        if slots and not takes_row_slots(runner.session):
+            return None
+        return cls(runner, model_info, rows)
 
-    @staticmethod
-    def _covers(runner, layout: dict, slots: set, model_info: dict) -> bool:
-        inputs = {i.name for i in runner.session.get_overridable_initializers()}
-        masks = {spec["mask"] for spec in (layout.get("lora") or {}).values()}
-        if layout.get("bottleneck"):
-            masks.add(layout["bottleneck"])
-        if not masks <= inputs:
-            return False
-        covered = {n for n in slots if ".lora_" in n and n.split(".")[2] in (layout.get("lora") or {})}
-        if layout.get("bottleneck"):
-            covered |= {n for n in slots if BOTTLENECK_TAG in n}
-        return covered == slots
-
-    def __init__(self, runner, layout: dict, model_info: dict, rows: int):
+    def __init__(self, runner, model_info: dict, rows: int):
         self.runner, self.ort, self.session = runner, runner.ort, runner.session
         self.rows = int(rows)
-        inputs = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
-        self.kinds = [_LoraKind(k, spec, inputs) for k, spec in (layout.get("lora") or {}).items()]
-        self.bottleneck = layout.get("bottleneck")
-        self.hidden = int(model_info.get("hidden_size") or 0)
-        points = ((model_info.get("bottleneck") or {}).get("points") or []) if self.bottleneck else []
-        self.bottleneck_points = [bottleneck_names(p, i) for i in range(int(model_info.get("num_layers") or 0))
-                                  for p in points]
+        types = {i.name: i.type for i in self.session.get_overridable_initializers()}
+        by_group: dict[str, list] = {}
+        for name, dims in (model_info.get("slots") or {}).items():
+            by_group.setdefault(slot_group(name), []).append(_Slot(name, dims, _DTYPES.get(types.get(name), np.float32)))
+        self.groups = {g: _RowGroup(slots, self.rows) for g, slots in by_group.items()}
         r = runner
         shape = (self.rows, r.kv_heads, r.max_len, r.head_dim)
         self.kv = [np.empty(shape, r.kv_dtype) for _ in r.kv_pairs]  # pages are touched only where rows write
         self.ctx = [r.context([buf[i:i + 1] for buf in self.kv]) for i in range(self.rows)]
-        self.banks: OrderedDict[tuple, _Bank] = OrderedDict()
         self.active: list[_Request] = []
         self.waiting: list[_Request] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._batch = None  # (binding, ids array, logits array, rows it was made for, bank, masks)
+        self._batch = None  # (binding, ids array, logits array, the rows it was made for)
         self.steps = self.batched_steps = self.most_rows = 0
 
     # -- the request side ---------------------------------------------------------------------------
@@ -308,10 +235,11 @@ class Batcher:
                     self.waiting.remove(req)
 
     def drop_adapter(self, key_part) -> None:
-        """Forget the banks holding an adapter being unloaded or replaced (the runner forgets the rows' bindings)."""
+        """Forget which rows hold an adapter being unloaded or replaced (its key is never reused, so this only
+        keeps the bookkeeping short; the runner forgets the rows' bindings)."""
         with self._cond:
-            for k in [k for k in self.banks if key_part in k]:
-                del self.banks[k]
+            for g in self.groups.values():
+                g.forget(key_part)
 
     def close(self) -> None:
         """Stop the scheduler thread once the running requests are done (new ones are refused)."""
@@ -439,47 +367,28 @@ class Batcher:
         self.session.run_with_iobinding(b)
         return ctx.logits
 
-    def _bank(self, rows: Sequence[_Request]) -> _Bank:
-        """The bank for the adapters of ``rows`` (made once per set, the last :attr:`BANKS` kept)."""
-        adapters = {}
-        for req in rows:
-            for a in req.adapters:
-                adapters.setdefault(a.key, a)
-        key = tuple(sorted(adapters, key=repr))
-        with self._cond:
-            bank = self.banks.get(key)
-            if bank is not None:
-                self.banks.move_to_end(key)
-                return bank
-        bank = _Bank(self, [adapters[k] for k in key])
-        with self._cond:
-            self.banks[key] = bank
-            while len(self.banks) > self.BANKS:
-                self.banks.popitem(last=False)
-        return bank
-
     def _step_batch(self, rows: Sequence[_Request]) -> np.ndarray:
-        """One run over rows [0, n): a binding of the rows' cache slices, the bank and the masks (made again
-        when the rows change), the attention mask of each row's length."""
+        """One run over rows [0, n): the rows' cache slices, per-row adapter tensors for every slot group a row
+        uses (made again only when the rows change), and an attention mask of each row's length."""
         n = len(rows)
         if self._batch is None or self._batch[3] != [id(r) for r in rows]:
-            bank = self._bank(rows)
             b = self.session.io_binding()
             for (past, present), buf in zip(self.runner.kv_pairs, self.kv):
                 ov = self.ort.OrtValue.ortvalue_from_numpy(buf[:n])
                 b.bind_ortvalue_input(past, ov)
                 b.bind_ortvalue_output(present, ov)
-            keep = []
-            for name, arr in [*bank.masks(rows)]:
-                keep.append(arr)
-                b.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(arr))
-            for name, ov in bank.values:
-                b.bind_ortvalue_input(name, ov)
+            for g, group in self.groups.items():
+                users = [req.groups.get(g) for req in rows]
+                if not any(users):
+                    continue  # no row uses it: its defaults serve every row
+                group.fit(users)
+                for slot, arr in zip(group.slots, group.arrays):
+                    b.bind_ortvalue_input(slot.name, self.ort.OrtValue.ortvalue_from_numpy(arr[:n]))
             ids = np.zeros((n, 1), np.int64)
             logits = np.empty((n, 1, self.runner.vocab), np.float32)
             b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(ids))
             b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(logits))
-            self._batch = (b, ids, logits, [id(r) for r in rows], bank, keep)
+            self._batch = (b, ids, logits, [id(r) for r in rows])
         b, ids, logits = self._batch[:3]
         totals = np.array([r.total for r in rows], np.int64)
         ids[:, 0] = [r.tok for r in rows]
@@ -489,4 +398,4 @@ class Batcher:
         return logits
 
 
-__all__ = ["Batcher", "row_mask_layout"]
+__all__ = ["Batcher", "takes_row_slots"]
