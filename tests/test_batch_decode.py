@@ -255,3 +255,29 @@ def test_http_concurrent_requests_with_different_adapters_answer_as_sequential(f
         thread.join(5)
         batched.close()
         alone.close()
+
+
+def test_a_bundle_without_per_row_slots_decodes_one_request_per_run(tmp_path, keypair, monkeypatch):
+    """A graph built before per-row slots (its slots declared with shapes, no ``edgepeft.row_slots``) gets no
+    batcher: concurrent requests still answer as they do one at a time, each in its own run."""
+    import functools
+
+    from test_runtime_support import build_decoder_bundle
+
+    import edgepeft.export.decoder_graph as dg
+
+    monkeypatch.setattr(dg, "build_decoder", functools.partial(dg.build_decoder, row_slots=False))
+    built = build_decoder_bundle(tmp_path, keypair[0])
+    with Engine(built["bundle"], [keypair[1]], threads=2) as engine:
+        assert engine.runner.batcher is None and engine.info()["batching"] is False
+        assert "batch" not in engine.stats()
+        jobs = [("alpha", "the tin"), ("beta", "hello how can i help"), (None, "an")]
+        want = [engine.generate(p, adapter=a, max_new_tokens=10).token_ids for a, p in jobs]
+        got: dict = {}
+        threads = [threading.Thread(target=lambda i=i, a=a, p=p: got.__setitem__(
+            i, engine.generate(p, adapter=a, max_new_tokens=10).token_ids)) for i, (a, p) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [got[i] for i in range(len(jobs))] == want

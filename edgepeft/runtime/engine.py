@@ -154,9 +154,16 @@ class Engine:
         return self._closed
 
     def stats(self) -> dict:
-        """Requests running now and how many may decode at once (the rest wait)."""
+        """Requests running now and how many may decode at once (the rest wait); for a decoder that batches
+        (:mod:`.batching`) also ``batch``: rows decoding and waiting, steps run, steps with several rows and
+        the most rows one step had."""
+        runner = self.runner
+        batcher = runner.batcher if runner is not None else None
         with self._cond:
-            return {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
+            out = {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
+        if batcher is not None:
+            out["batch"] = batcher.stats()
+        return out
 
     def add_warning(self, message: str) -> None:
         """Record something users of this engine should see (e.g. an installed adapter that was not
@@ -549,6 +556,7 @@ class Engine:
                 "providers": self.session.get_providers() if self.session is not None else [],
                 "threads": self.threads, "max_context": self.max_context, "adapters": self.adapters(),
                 "max_concurrent": self.max_concurrent, "warnings": list(self.warnings),
+                "batching": self.runner is not None and self.runner.batcher is not None,
                 "open_seconds": round(self.open_seconds, 4)}
 
 
