@@ -50,10 +50,11 @@ def _engines(built, package=None, **kw):
     return batched, alone
 
 
-def _run(engine, names, ids, n_new, *, started=None, stop_after=None, wait=None):
+def _run(engine, names, ids, n_new, *, started=None, stop_after=None, wait=None, barrier=None):
     """Greedy tokens and every step's logits of one request through ``engine.runner`` (batched when it
-    has a batcher). ``wait``: an event to wait for before the request is made; ``started``: an event set
-    once it has 3 tokens; ``stop_after``: close the iterator after that many tokens (a client gone)."""
+    has a batcher). ``wait``: an event to wait for before the request is made; ``barrier``: wait there once it
+    is made (in line), so the requests start together; ``started``: an event set once it has 3 tokens;
+    ``stop_after``: close the iterator after that many tokens (a client gone)."""
     rows = []
 
     def pick(z):
@@ -68,6 +69,8 @@ def _run(engine, names, ids, n_new, *, started=None, stop_after=None, wait=None)
                                     adapter_key=tuple(a.key for a in chosen),
                                     adapter_values=[v for a in chosen for v in a.values],
                                     prefix=engine.registry.prefix_of(chosen), adapters=chosen)
+        if barrier is not None:
+            barrier.wait(60)
         for tok in it:
             toks.append(tok)
             if started is not None and len(toks) == 3:
@@ -84,13 +87,15 @@ def _mixed(batched, alone, cases, atol):
     ids = {k: batched.encode_prompt(c[1]) for k, c in cases.items()}
     assert len({len(v) for v in ids.values()}) > 2, "prompts of different lengths"
     started = threading.Event()
+    barrier = threading.Barrier(sum(1 for c in cases.values() if not c[3].get("late")))
     got, errors = {}, []
 
     def worker(key):
         names, _, n_new, opts = cases[key]
         try:
             got[key] = _run(batched, names, ids[key], n_new, started=started if opts.get("first") else None,
-                            stop_after=opts.get("stop_after"), wait=started if opts.get("late") else None)
+                            stop_after=opts.get("stop_after"), wait=started if opts.get("late") else None,
+                            barrier=None if opts.get("late") else barrier)
         except BaseException as exc:  # noqa: BLE001 (reported below)
             errors.append((key, exc))
 

@@ -20,10 +20,11 @@ How it runs:
   changed are rewritten (one adapter's tensors per joining request).
 - A request that ends, or whose consumer stops iterating (a closed stream, a client gone), leaves
   before the next step; the last row moves into its place so the batch stays contiguous.
-- With one request running, the step is the batch-1 decoder's run on that row's binding: the request's
-  own adapter tensors, views of the adapter file as before.
-- One scheduler thread runs prefills and steps; requests wait FIFO for a free row and join between
-  steps, so none starves while others decode.
+- With one request running, the step is the batch-1 decoder's run on that row's binding, in the
+  consumer's own thread: the request's own adapter tensors, views of the adapter file, as before.
+- No thread of its own: a consumer that wants its next token and has none runs a *round* (admit waiting
+  requests, FIFO, each prefilled; then one step for every row) unless another consumer is running one.
+  Requests wait FIFO for a free row and join between steps, so none starves while others decode.
 
 A prefix adapter (prefix or prompt tuning) is its row's first cache positions, as in the batch-1 decoder.
 int8 LoRA B slots (``DynamicQuantizeMatMul``) quantize a step's activations with one scale for all rows,
@@ -175,7 +176,7 @@ class Batcher:
         self.active: list[_Request] = []
         self.waiting: list[_Request] = []
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._in_round = False  # a consumer thread is running a round (admissions and one step)
         self._closed = False
         self._batch = None  # (binding, ids array, logits array, the rows it was made for)
         self.steps = self.batched_steps = self.most_rows = 0
@@ -187,8 +188,8 @@ class Batcher:
         """Yield generated token ids (a stop id ends the stream and is not yielded), as
         :meth:`.decoder.DecoderRunner.generate` does; ``adapters`` are the request's loaded adapters
         (their ``key``, ``arrays`` and, for a prefix adapter, ``prefix``). Closing the iterator takes the
-        request out of the batch before the next step. The request is queued by this call, so an iterator
-        that is never read nor closed still decodes (up to ``max_new_tokens``). Raises :class:`EngineError` when the prompt
+        request out of the batch before the next step. The request takes its place in line at this call; it
+        decodes while some consumer reads (its own, or another request's that runs the steps). Raises :class:`EngineError` when the prompt
         leaves no room in the context, or when the engine is closed.
         """
         n = len(prompt_ids)
@@ -202,11 +203,7 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise EngineError("this engine is closed", hint="open the bundle again")
-            self.waiting.append(req)  # queued now, in call order; the iterator only reads its tokens
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="edgepeft-batch", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+            self.waiting.append(req)  # queued now, in call order
         return self._consume(req)
 
     def stats(self) -> dict:
@@ -219,7 +216,11 @@ class Batcher:
     def _consume(self, req: _Request) -> Iterator[int]:
         try:
             while True:
-                item = req.out.get()
+                try:
+                    item = req.out.get_nowait()
+                except queue.Empty:
+                    self._drive(req)
+                    continue
                 if item is _END:
                     return
                 if item is _PREFILLED:
@@ -233,6 +234,8 @@ class Batcher:
                 req.cancelled = True
                 if req in self.waiting:
                     self.waiting.remove(req)
+                if not self._in_round and req in self.active:
+                    self._leave(req)  # no round runs (none can start while the lock is held)
 
     def drop_adapter(self, key_part) -> None:
         """Forget which rows hold an adapter being unloaded or replaced (its key is never reused, so this only
@@ -242,29 +245,39 @@ class Batcher:
                 g.forget(key_part)
 
     def close(self) -> None:
-        """Stop the scheduler thread once the running requests are done (new ones are refused)."""
+        """Refuse new requests (the engine closes once the running ones are done)."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
 
-    # -- the scheduler thread -----------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not self.waiting and not self.active:
+    # -- rounds: run by the consumers' own threads --------------------------------------------------
+    def _drive(self, req: _Request) -> None:
+        """Run a round (admissions, then one step for every row) in this consumer's thread, unless another
+        consumer runs one: then wait for it to end or for a token of ``req``. So one request alone decodes in
+        its own thread exactly as the batch-1 decoder does, and no thread runs when nobody reads."""
+        with self._cond:
+            if self._in_round:
+                while self._in_round and req.out.empty():
                     self._cond.wait()
-                if self._closed and not self.waiting and not self.active:
-                    self._thread = None
-                    return
-                for req in [r for r in self.active if r.cancelled]:
-                    self._leave(req)
-                joining = []
-                while self.waiting and len(self.active) + len(joining) < self.rows:
-                    joining.append(self.waiting.pop(0))
-            for req in joining:
-                self._prefill(req)
-            if self.active:
-                self._step()
+                return
+            self._in_round = True
+        try:
+            self._round()
+        finally:
+            with self._cond:
+                self._in_round = False
+                self._cond.notify_all()
+
+    def _round(self) -> None:
+        with self._cond:
+            for req in [r for r in self.active if r.cancelled]:
+                self._leave(req)
+            joining = []
+            while self.waiting and len(self.active) + len(joining) < self.rows:
+                joining.append(self.waiting.pop(0))
+        for req in joining:
+            self._prefill(req)
+        if self.active:
+            self._step()
 
     def _finish(self, req: _Request, item=_END) -> None:
         req.out.put(item)
