@@ -4,7 +4,8 @@ and each gets exactly what it gets alone.
 Alone means the batch-1 decoder of an engine opened with ``batching=False`` (the path every bundle had before).
 Tolerance: fp32 bundles, every step's logits within 1e-4 and greedy ids identical; the int4 bundle (int8 LoRA B,
 whose activations are quantized with one scale for the whole step, so a row's neighbours move it) within the
-int4 tolerance of tests/test_runtime_parity.py.
+int4 tolerance of tests/test_runtime_parity.py (this tiny model's tokens match; a real model's may part, see
+docs/http-api.md).
 """
 
 from __future__ import annotations
