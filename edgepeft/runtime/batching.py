@@ -264,6 +264,8 @@ class Batcher:
             self._round()
         finally:
             with self._cond:
+                for gone in [r for r in self.active if r.cancelled]:  # done now: no row waits for a next round
+                    self._leave(gone)
                 self._in_round = False
                 self._cond.notify_all()
 

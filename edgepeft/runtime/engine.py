@@ -41,7 +41,8 @@ class Engine:
     - ``providers`` / ``threads``: override the bundle target's provider order and thread count.
     - ``audit``: an :class:`AuditLog` (or a path) recording which adapter version answered.
     - ``max_concurrent``: requests decoding at once (each holds one key/value context of the
-      bundle's context length; more wait; default: the bundle target's ``max_concurrent``, else 4);
+      bundle's context length, a row of one batch where the graph batches; more wait; default: the bundle
+      target's ``max_concurrent``, else 4);
       ``spinning``: worker threads spin between kernels (faster decode, more power).
     - ``batching``: concurrent requests decode together, one run per step, whatever adapters they name
       (:mod:`.batching`), where the graph has row masks (bundles built before them decode one request
