@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import EngineError
-from .decoder import check_room
+from .decoder import check_room, kv_buffer
 from .registry import slot_group
 
 ROW_SLOTS_META = "edgepeft.row_slots"  # graph metadata written by edgepeft.export (its slots take per-row tensors)
@@ -171,7 +171,7 @@ class Batcher:
         self.groups = {g: _RowGroup(slots, self.rows) for g, slots in by_group.items()}
         r = runner
         shape = (self.rows, r.kv_heads, r.max_len, r.head_dim)
-        self.kv = [np.empty(shape, r.kv_dtype) for _ in r.kv_pairs]  # pages are touched only where rows write
+        self.kv = [kv_buffer(shape, r.kv_dtype) for _ in r.kv_pairs]  # resident only where rows write
         self.ctx = [r.context([buf[i:i + 1] for buf in self.kv]) for i in range(self.rows)]
         self.active: list[_Request] = []
         self.waiting: list[_Request] = []

@@ -53,7 +53,7 @@ class DecodeContext:
     def __init__(self, runner: DecoderRunner, kv: list | None = None):
         r = runner
         shape = (1, r.kv_heads, r.max_len, r.head_dim)
-        self.kv = kv if kv is not None else [np.empty(shape, r.kv_dtype) for _ in r.kv_pairs]
+        self.kv = kv if kv is not None else [kv_buffer(shape, r.kv_dtype) for _ in r.kv_pairs]
         self.kv_ov = [r.ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
         self.ids = np.zeros((1, 1), np.int64)
         self.ids_ov = r.ort.OrtValue.ortvalue_from_numpy(self.ids)
@@ -315,6 +315,23 @@ class DecoderRunner:
                 tok = pick(ctx.logits[0, 0])
         finally:
             self._release(ctx)
+
+
+def kv_buffer(shape: tuple, dtype) -> np.ndarray:
+    """A zero-filled key/value buffer whose memory becomes resident only where positions are written.
+
+    Why not ``np.empty``: numpy asks the kernel for transparent huge pages for arrays of 4 MiB or more, and a
+    cache buffer is written a position at a time in every head, so each first write would make a whole 2 MiB
+    page resident (a batch's buffers, [rows, ...], reach that size). An anonymous mapping advised against huge
+    pages keeps resident memory to what requests wrote.
+    """
+    import mmap
+
+    count = int(np.prod(shape))
+    region = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere the kernel has no such default to opt out of
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, dtype, count=count).reshape(shape)
 
 
 def check_room(prompt_tokens: int, prefix_tokens: int, max_len: int) -> None:
