@@ -211,7 +211,7 @@ class DecoderRunner:
             self._cond.notify()
 
     def drop_adapter(self, key_part) -> None:
-        """Forget every binding (and batch bank) of an adapter being unloaded or replaced (they hold its memory)."""
+        """Forget every binding of an adapter being unloaded or replaced (they hold its memory), and tell the batcher."""
         with self._cond:
             idle = {id(c) for c in self._free}
             for c in list(self._all):
