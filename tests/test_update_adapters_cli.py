@@ -157,7 +157,10 @@ def test_engine_close_and_context_manager(built):
         with pytest.raises(EngineError, match="still run"):
             eng.close(timeout=0.2)  # a running stream is not cut from under its reader
         stream.close()
-        assert eng.stats() == {"running": 0, "max_concurrent": 4, "closed": True}
+        stats = eng.stats()
+        assert {k: stats[k] for k in ("running", "max_concurrent", "closed")} == {"running": 0, "max_concurrent": 4,
+                                                                             "closed": True}
+        assert stats["batch"]["active"] == 0  # the stream's row is free
     assert eng.closed and eng.session is None and eng.adapters() == []
     with pytest.raises(EngineError, match="closed"):
         eng.generate(Q)

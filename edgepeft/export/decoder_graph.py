@@ -36,7 +36,16 @@ from ..errors import ModelError
 from ..models.arch import DecoderArch, decoder_act
 from .quantize import LinearEmitter, WeightQuant
 from .rope import RopeTable, rope_subgraph
-from .slots import Group, Module, emit_bottleneck, emit_lora, emit_lora_split, groups_info, resolve_targets
+from .slots import (
+    ROW_SLOTS_META,
+    Group,
+    Module,
+    emit_bottleneck,
+    emit_lora,
+    emit_lora_split,
+    groups_info,
+    resolve_targets,
+)
 
 EMBEDS = "inputs_embeds"  # the named tensor where token embeddings enter the layers (see the module docstring)
 
@@ -158,14 +167,17 @@ def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Grou
 
 
 def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_modules, max_context: int,
-                  slots: bool = True, bottleneck: dict | None = None, blocks=None, spool=None):
+                  slots: bool = True, bottleneck: dict | None = None, blocks=None, spool=None,
+                  row_slots: bool = True):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
     ``slots=False`` builds a graph without LoRA inputs (merge mode). ``bottleneck``
     (``{"points": ["attn_out", "mlp_out"], "activation": "relu"}``) adds bottleneck slots at
     those points. ``blocks``: quantized source weights by HF name to carry as they are (a GGUF's
     blocks, :mod:`.gguf_blocks`; NF4, :mod:`.nf4`). ``spool``: a file the large initializers are written
-    to as they are made (:class:`.onnx_builder.GraphBuilder`). Returns ``(ModelProto, info)`` where info holds
+    to as they are made (:class:`.onnx_builder.GraphBuilder`). ``row_slots``: slots that take one tensor per
+    row, so one run decodes rows with different adapters (:mod:`.slots`; False only to measure against).
+    Returns ``(ModelProto, info)`` where info holds
     the dims, slots, group layout and carried weights.
     Raises :class:`ModelError` when a weight the description names is missing.
     """
@@ -226,7 +238,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     def adapted(h, point, layer):
         if point not in points:
             return h
-        return emit_bottleneck(gb, h, point, layer, dims["hidden"], bottleneck["activation"])
+        return emit_bottleneck(gb, h, point, layer, dims["hidden"], bottleneck["activation"], row_slots)
 
     def rms(x, name, tag):
         return gb.op("SimplifiedLayerNormalization", [x, norm_w(name, tag)], axis=-1, epsilon=eps, stash_type=1,
@@ -262,7 +274,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         # -- q|k|v, q/k norms, attention
         names = [a + n for n in arch.qkv]
         qkv = emit_lora(gb, x, lin.linear(x, cat(names, ".weight"), cat(names, ".bias"), f"l{i}.qkv",
-                                          source=[n + ".weight" for n in names]), g_qkv, i, b_int8)
+                                          source=[n + ".weight" for n in names]), g_qkv, i, b_int8, row_slots)
         qkv_in = [qkv, "", ""]
         if arch.qk_norm:
             q, k, v = gb.op("Split", [qkv, gb.const(np.array([heads * hd, kvh * hd, kvh * hd], np.int64))],
@@ -279,7 +291,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
         attn, pk, pv = gb.ms("GroupQueryAttention", [*qkv_in, past[i][0], past[i][1], seqlens, total, cos, sin],
                              outputs=[None, f"present.{i}.key", f"present.{i}.value"], hint="gqa", **attrs)
         o = emit_lora(gb, attn, lin.linear(attn, w(a + "o_proj.weight"), sd.get(a + "o_proj.bias"), f"l{i}.o",
-                                           source=[a + "o_proj.weight"]), g_o, i, b_int8)
+                                           source=[a + "o_proj.weight"]), g_o, i, b_int8, row_slots)
         attn_out = scaled(adapted(o, "attn_out", i))
         # -- MLP input
         if arch.norms == "post":
@@ -297,10 +309,11 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
                         source=[n + ".weight" for n in names])
         if g_gu.split_b:
             gate, up = gb.op("Split", [gu], outputs=2, axis=-1, hint="gate_up_split")
-            parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i, b_int8)
+            parts = emit_lora_split(gb, x2, dict(zip(arch.gate_up, (gate, up))), g_gu, i, b_int8,
+                                    row_slots)
             gate, up = (parts[n] for n in arch.gate_up)
         else:
-            gate, up = gb.op("Split", [emit_lora(gb, x2, gu, g_gu, i, b_int8)], outputs=2, axis=-1,
+            gate, up = gb.op("Split", [emit_lora(gb, x2, gu, g_gu, i, b_int8, row_slots)], outputs=2, axis=-1,
                              hint="gate_up_split")
         if plan.act == "silu":
             act = gb.op("Mul", [gate, gb.op("Sigmoid", [gate])], hint="silu")
@@ -310,7 +323,7 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
             act = gb.ms("Gelu", [gate], hint="gelu")
         h = gb.op("Mul", [act, up], hint="glu")
         d = emit_lora(gb, h, lin.linear(h, w(m + "down_proj.weight"), sd.get(m + "down_proj.bias"), f"l{i}.down",
-                                        source=[m + "down_proj.weight"]), g_down, i, b_int8)
+                                        source=[m + "down_proj.weight"]), g_down, i, b_int8, row_slots)
         mlp_out = scaled(adapted(d, "mlp_out", i))
         if arch.norms == "post":
             mlp_out = rms(mlp_out, p + "post_feedforward_layernorm.weight", p + "ln3")
@@ -341,6 +354,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
     gb.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", dims["vocab"]])
     # Graph outputs must be listed after all present.* in a stable order: logits first like genai.
     gb.outputs.insert(0, gb.outputs.pop())
+    if row_slots and slots:
+        gb.metadata[ROW_SLOTS_META] = "1"
     info = {"dims": dims, "groups": groups_info([g_qkv, g_o, g_gu, g_down]), "slots": dict(gb.slots),
             "bottleneck": {"points": [p for p in ("attn_out", "mlp_out") if p in points],
                            "activation": bottleneck["activation"]} if points else None,

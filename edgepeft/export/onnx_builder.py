@@ -47,6 +47,7 @@ class GraphBuilder:
         self._count = 0
         self.slots: dict[str, list] = {}
         self.slot_dtypes: dict[str, str] = {}  # slots that are not float32: name -> numpy dtype name
+        self.metadata: dict[str, str] = {}  # the model's metadata_props (what the runtime reads of the graph)
 
     # -- naming -------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -106,7 +107,8 @@ class GraphBuilder:
         """An overridable initializer: a graph input backed by a default value.
 
         ``shape`` is the graph-level shape (symbolic dims allowed, so adapters of
-        the bundle's rank can replace an empty default); ``described`` is what
+        the bundle's rank can replace an empty default; None declares no shape, so a
+        tensor of any rank may be bound, see :mod:`.slots`); ``described`` is what
         goes into manifest["model"]["slots"]. The slot takes ``default``'s dtype when it
         is int8 (quantized LoRA B slots), float32 otherwise.
         """
@@ -170,6 +172,8 @@ class GraphBuilder:
             doc_string=doc,
         )
         model.ir_version = 10  # ORT >= 1.20 reads IR 10; initializers may be inputs (IR >= 4)
+        if self.metadata:
+            self._helper.set_model_props(model, self.metadata)
         return model
 
 

@@ -22,6 +22,13 @@ leaves its output unwritten for an empty input (whatever the arena held comes ou
 they hold one zero column (A) / row (B) per module, stored as sparse initializers with
 no values (a shape, no bytes; dense zeros would add 0.8 MB to SmolLM2's graph).
 
+Per-row slots (decoders; what lets one run serve rows with different adapters): the LoRA and
+bottleneck slots are declared without a shape, so besides an adapter's own tensors ([in, m*rank]
+...) a run may bind one tensor per row, stacked ([batch, in, m*rank], [batch, m*rank, out],
+[batch, 1, size] for a bias ...): the graph's MatMuls and Adds broadcast over the batch, so row b
+uses its own adapter (zeros for a row without one) and the graph needs no node more than before.
+The graph's metadata ``edgepeft.row_slots`` says so (:mod:`edgepeft.runtime.batching`).
+
 Slot names: ``layers.{i}.{group}.lora_A`` / ``.lora_B`` (``pooler.lora_A`` for the
 encoder's layer-less pooler); the encoder's head:
 ``head.classifier.weight`` [hidden, num_labels] and ``head.classifier.bias``.
@@ -107,40 +114,49 @@ def resolve_targets(target_modules, known: dict[str, str]) -> list[str]:
 
 
 B_SCALE = "lora.b_scale"  # the scalar 1.0 every int8 B slot's DynamicQuantizeMatMul takes
+ROW_SLOTS_META = "edgepeft.row_slots"  # graph metadata: its slots take per-row tensors (see the module docstring)
 
 
-def _a_slot(gb, group: Group, layer, b_int8: bool) -> str:
+def _shape(shape: list, row_slots: bool) -> list | None:
+    """A slot's declared shape: none with ``row_slots`` (per-row tensors of another rank may be bound)."""
+    return None if row_slots else shape
+
+
+def _a_slot(gb, group: Group, layer, b_int8: bool, row_slots: bool = False) -> str:
     """The group's A slot [in, m*rank]: empty by default, or one zero column per module with int8 B."""
     m = len(group.modules)
     a_name = group.slot_names(layer)[0]
-    gb.slot(a_name, np.zeros((group.in_dim, m if b_int8 else 0), np.float32), [group.in_dim, f"{group.key}_rank"],
-            [group.in_dim, rank_expr(m)])
+    gb.slot(a_name, np.zeros((group.in_dim, m if b_int8 else 0), np.float32),
+            _shape([group.in_dim, f"{group.key}_rank"], row_slots), [group.in_dim, rank_expr(m)])
     return a_name
 
 
-def _b_times(gb, t: str, b_name: str, rows: int, cols: int, sym: str, described: str, b_int8: bool, hint: str):
+def _b_times(gb, t: str, b_name: str, rows: int, cols: int, sym: str, described: str, b_int8: bool, hint: str,
+             row_slots: bool = False):
     """``t @ B`` for a B slot [rank rows, cols]: fp32 MatMul (empty default), or int8 B with
     DynamicQuantizeMatMul (``rows`` zero rows by default)."""
     if not b_int8:
-        gb.slot(b_name, np.zeros((0, cols), np.float32), [sym, cols], [described, cols])
+        gb.slot(b_name, np.zeros((0, cols), np.float32), _shape([sym, cols], row_slots), [described, cols])
         return gb.op("MatMul", [t, b_name], hint=hint)
-    gb.slot(b_name, np.zeros((rows, cols), np.int8), [sym, cols], [described, cols])
+    gb.slot(b_name, np.zeros((rows, cols), np.int8), _shape([sym, cols], row_slots), [described, cols])
     return gb.ms("DynamicQuantizeMatMul", [t, b_name, gb.shared(B_SCALE, np.array(1.0, np.float32))], hint=hint)
 
 
-def emit_lora(gb, x: str, y: str, group: Group, layer: int, b_int8: bool = False) -> str:
-    """Add the LoRA path of ``group`` to ``y`` (the base projection of ``x``); returns the sum."""
+def emit_lora(gb, x: str, y: str, group: Group, layer: int, b_int8: bool = False, row_slots: bool = False) -> str:
+    """Add the LoRA path of ``group`` to ``y`` (the base projection of ``x``); returns the sum.
+    ``row_slots``: declare the slots without a shape (see the module docstring)."""
     if not group.modules:
         return y
     m = len(group.modules)
-    a_name = _a_slot(gb, group, layer, b_int8)
+    a_name = _a_slot(gb, group, layer, b_int8, row_slots)
     t = gb.op("MatMul", [x, a_name], hint=f"l{layer}_{group.key}_loraA")
     d = _b_times(gb, t, group.slot_names(layer)[1], m, group.out_dim, f"{group.key}_rank", rank_expr(m), b_int8,
-                 f"l{layer}_{group.key}_loraB")
+                 f"l{layer}_{group.key}_loraB", row_slots)
     return gb.op("Add", [y, d], hint=f"l{layer}_{group.key}_lora")
 
 
-def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int, b_int8: bool = False) -> dict:
+def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int, b_int8: bool = False,
+                    row_slots: bool = False) -> dict:
     """LoRA for a ``split_b`` group whose base output is already split per projection.
 
     ``outs`` maps each projection's PEFT name to its base output; one packed
@@ -151,13 +167,13 @@ def emit_lora_split(gb, x: str, outs: dict, group: Group, layer: int, b_int8: bo
     if not group.modules:
         return outs
     m = len(group.modules)
-    a_name = _a_slot(gb, group, layer, b_int8)
+    a_name = _a_slot(gb, group, layer, b_int8, row_slots)
     t = gb.op("MatMul", [x, a_name], hint=f"l{layer}_{group.key}_loraA")
     parts = gb.op("Split", [t], outputs=m, axis=-1, hint="lora_split") if m > 1 else [t]
     out = dict(outs)
     for j, mod in enumerate(group.modules):
         d = _b_times(gb, parts[j], group.b_slot_name(layer, mod), 1, mod.out_size, f"{group.key}_rank_1", "rank",
-                     b_int8, f"l{layer}_{group.key}_loraB")
+                     b_int8, f"l{layer}_{group.key}_loraB", row_slots)
         out[mod.peft_name] = gb.op("Add", [out[mod.peft_name], d], hint=f"l{layer}_{group.key}_lora")
     return out
 
@@ -176,22 +192,23 @@ def check_rank(slot_rank) -> int:
     return slot_rank
 
 
-def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: str) -> str:
+def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: str, row_slots: bool = False) -> str:
     """A bottleneck adapter slot on ``h`` (a block's output [.., dim]): ``h + act(h @ D + d) @ U + u``.
 
     Slots (:func:`edgepeft.contracts.methods.bottleneck_names`): ``down.weight`` [dim, size],
     ``down.bias`` [size], ``up.weight`` [size, dim], ``up.bias`` [dim]. The defaults (size 0,
     ``up.bias`` zeros) make the point the identity; ``size`` is symbolic, so each adapter keeps
-    its own width. Returns the adapted output.
+    its own width. ``row_slots``: declare the slots without a shape (see the module docstring). Returns
+    the adapted output.
     """
     from ..contracts.methods import ACTIVATIONS, bottleneck_names
 
     names = bottleneck_names(point, layer)
     sym = f"{point}_bottleneck"  # one symbol per point: ORT plans buffers as if equal symbols were equal sizes
-    gb.slot(names["down.weight"], np.zeros((dim, 0), np.float32), [dim, sym], [dim, "bottleneck"])
-    gb.slot(names["down.bias"], np.zeros((0,), np.float32), [sym], ["bottleneck"])
-    gb.slot(names["up.weight"], np.zeros((0, dim), np.float32), [sym, dim], ["bottleneck", dim])
-    gb.slot(names["up.bias"], np.zeros((dim,), np.float32), [dim], [dim])
+    gb.slot(names["down.weight"], np.zeros((dim, 0), np.float32), _shape([dim, sym], row_slots), [dim, "bottleneck"])
+    gb.slot(names["down.bias"], np.zeros((0,), np.float32), _shape([sym], row_slots), ["bottleneck"])
+    gb.slot(names["up.weight"], np.zeros((0, dim), np.float32), _shape([sym, dim], row_slots), ["bottleneck", dim])
+    gb.slot(names["up.bias"], np.zeros((dim,), np.float32), _shape([dim], row_slots), [dim])
     check_choice(activation, ACTIVATIONS, "bottleneck activation",
                  hint="train the adapter with --non-linearity relu, silu or gelu")
     tag = f"l{layer}_{point}_bneck"

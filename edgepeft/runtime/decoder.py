@@ -37,9 +37,11 @@ from ..errors import EngineError
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class _Context:
+class DecodeContext:
     """The per-request state: one KV buffer set of ``max_len`` positions and, per adapter set, an
     IOBinding of those buffers plus that set's tensors (kept, so switching back binds nothing).
+    ``kv``: buffers to use instead of new ones ([1, kv_heads, max_len, head_dim] each, e.g. one row of
+    a batch's buffers, :mod:`.batching`); get one from :meth:`DecoderRunner.context`.
 
     The KV buffers are the memory; a binding is only ~300 references, so a context keeps up to
     ``MAX_BINDINGS`` of them (least recently used dropped first). ``bindings`` is changed only
@@ -48,10 +50,10 @@ class _Context:
 
     MAX_BINDINGS = 32
 
-    def __init__(self, runner: DecoderRunner):
+    def __init__(self, runner: DecoderRunner, kv: list | None = None):
         r = runner
         shape = (1, r.kv_heads, r.max_len, r.head_dim)
-        self.kv = [np.empty(shape, r.kv_dtype) for _ in r.kv_pairs]
+        self.kv = kv if kv is not None else [kv_buffer(shape, r.kv_dtype) for _ in r.kv_pairs]
         self.kv_ov = [r.ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
         self.ids = np.zeros((1, 1), np.int64)
         self.ids_ov = r.ort.OrtValue.ortvalue_from_numpy(self.ids)
@@ -63,12 +65,14 @@ class _Context:
         self.bindings: OrderedDict[tuple, object] = OrderedDict({(): self.binding})
 
     def _new_binding(self, r: DecoderRunner, values: Iterable[tuple[str, object]]):
-        """A binding of this context's KV buffers plus ``values`` (slot name, OrtValue); unbound
-        slots use their (empty) defaults."""
+        """A binding of this context's KV buffers plus ``values`` (slot name, OrtValue), ready for a decode
+        step (the one-token id and logits buffers); unbound slots use their (empty) defaults."""
         b = r.session.io_binding()
         for (past, present), ov in zip(r.kv_pairs, self.kv_ov):
             b.bind_ortvalue_input(past, ov)
             b.bind_ortvalue_output(present, ov)
+        b.bind_ortvalue_input("input_ids", self.ids_ov)
+        b.bind_ortvalue_output("logits", self.logits_ov)
         for name, ov in values:
             b.bind_ortvalue_input(name, ov)
         return b
@@ -151,15 +155,23 @@ class DecoderRunner:
         self.kv_dtype = _NP[kv_type]
         self.kv_heads, self.head_dim, self.vocab = num_kv_heads, head_dim, vocab_size
         self.max_len = int(max_context)
-        self._ones = np.ones((1, self.max_len), np.int64)
-        self._free: list[_Context] = []
+        self.ones = np.ones((1, self.max_len), np.int64)
+        self._free: list[DecodeContext] = []
         self._all: weakref.WeakSet = weakref.WeakSet()  # every live context (idle or running)
         self._busy = 0
         self.max_contexts, self.max_idle = max_contexts, max_idle_contexts
         self._cond = threading.Condition()
+        self.batcher = None  # a .batching.Batcher when the graph can decode rows with different adapters together
 
     # -- contexts -------------------------------------------------------------------------
-    def _acquire(self, key: tuple) -> _Context:
+    def context(self, kv: list) -> DecodeContext:
+        """A context over ``kv`` (see :class:`DecodeContext`) that :meth:`drop_adapter` also cleans."""
+        ctx = DecodeContext(self, kv)
+        with self._cond:
+            self._all.add(ctx)
+        return ctx
+
+    def _acquire(self, key: tuple) -> DecodeContext:
         """An idle context if there is one (preferably bound to ``key``, else one that has bound it
         before, else the most recently used: its binding for ``key`` is made once and kept); else a
         new context while fewer than ``max_contexts`` run; else wait."""
@@ -178,7 +190,7 @@ class DecoderRunner:
                     break
                 self._cond.wait()
         try:
-            ctx = _Context(self)
+            ctx = DecodeContext(self)
         except BaseException:
             with self._cond:
                 self._busy -= 1
@@ -188,7 +200,7 @@ class DecoderRunner:
             self._all.add(ctx)
         return ctx
 
-    def _release(self, ctx: _Context) -> None:
+    def _release(self, ctx: DecodeContext) -> None:
         with self._cond:
             self._busy -= 1
             if ctx.adapter_key not in ctx.bindings:  # its adapter was unloaded or replaced meanwhile
@@ -199,11 +211,13 @@ class DecoderRunner:
             self._cond.notify()
 
     def drop_adapter(self, key_part) -> None:
-        """Forget every binding of an adapter being unloaded or replaced (they hold its memory map)."""
+        """Forget every binding of an adapter being unloaded or replaced (they hold its memory), and tell the batcher."""
         with self._cond:
             idle = {id(c) for c in self._free}
             for c in list(self._all):
                 c.forget(key_part, idle=id(c) in idle)
+        if self.batcher is not None:
+            self.batcher.drop_adapter(key_part)
 
     # -- scoring --------------------------------------------------------------------------
     def prefill_logits(self, ids: Sequence[int], *, adapter_key: tuple = (),
@@ -229,7 +243,7 @@ class DecoderRunner:
             ctx.load_prefix(prefix)
             b = ctx.binding
             b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(np.asarray([ids], np.int64)))
-            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :p + n]))
+            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self.ones[:, :p + n]))
             full = np.empty((1, n, self.vocab), np.float32)
             b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(full))
             self.session.run_with_iobinding(b)
@@ -242,14 +256,27 @@ class DecoderRunner:
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], *, pick: Callable[[np.ndarray], int], max_new_tokens: int,
                  stop_ids: Sequence[int] = (), adapter_key: tuple = (),
-                 adapter_values: Iterable[tuple[str, object]] = (), on_prefill=None, prefix=None) -> Iterator[int]:
+                 adapter_values: Iterable[tuple[str, object]] = (), on_prefill=None, prefix=None,
+                 adapters: Sequence = ()) -> Iterator[int]:
         """Yield generated token ids (a stop id ends the stream and is not yielded).
 
         ``adapter_key`` identifies ``adapter_values`` (e.g. ``(("name", "version"),)``) so a
         context already bound to them is reused. ``prefix``: a loaded prefix adapter whose
-        key/values precede the prompt (see the module docstring). Raises :class:`EngineError`
-        when the prompt (after the prefix) leaves no room in the context.
+        key/values precede the prompt (see the module docstring). ``adapters``: the loaded adapters
+        behind them; with a :attr:`batcher` the request then decodes in the batch with other requests
+        (:mod:`.batching`), else alone. Raises :class:`EngineError` when the prompt (after the prefix)
+        leaves no room in the context.
         """
+        if self.batcher is not None and (adapters or not adapter_key):
+            return self.batcher.generate(prompt_ids, pick=pick, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                         adapters=adapters, adapter_values=adapter_values, prefix=prefix,
+                                         on_prefill=on_prefill)
+        return self._generate_alone(prompt_ids, pick, max_new_tokens, stop_ids, adapter_key, adapter_values,
+                                    on_prefill, prefix)
+
+    def _generate_alone(self, prompt_ids, pick, max_new_tokens, stop_ids, adapter_key, adapter_values, on_prefill,
+                        prefix) -> Iterator[int]:
+        """The batch-1 decode loop on a context of its own (see the module docstring)."""
         n = len(prompt_ids)
         p = prefix.prefix_len if prefix is not None else 0
         if n == 0:
@@ -264,7 +291,7 @@ class DecoderRunner:
             b = ctx.binding
             ids = np.asarray([prompt_ids], np.int64)
             b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(ids))
-            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :p + n]))
+            b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self.ones[:, :p + n]))
             full = np.empty((1, 1 if self.last_only else n, self.vocab), np.float32)
             b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(full))
             self.session.run_with_iobinding(b)
@@ -283,11 +310,28 @@ class DecoderRunner:
                     return
                 ctx.ids[0, 0] = tok
                 total += 1
-                b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self._ones[:, :total]))
+                b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(self.ones[:, :total]))
                 self.session.run_with_iobinding(b)
                 tok = pick(ctx.logits[0, 0])
         finally:
             self._release(ctx)
+
+
+def kv_buffer(shape: tuple, dtype) -> np.ndarray:
+    """A zero-filled key/value buffer whose memory becomes resident only where positions are written.
+
+    Why not ``np.empty``: numpy asks the kernel for transparent huge pages for arrays of 4 MiB or more, and a
+    cache buffer is written a position at a time in every head, so each first write would make a whole 2 MiB
+    page resident (a batch's buffers, [rows, ...], reach that size). An anonymous mapping advised against huge
+    pages keeps resident memory to what requests wrote.
+    """
+    import mmap
+
+    count = int(np.prod(shape))
+    region = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere the kernel has no such default to opt out of
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, dtype, count=count).reshape(shape)
 
 
 def check_room(prompt_tokens: int, prefix_tokens: int, max_len: int) -> None:

@@ -5,7 +5,8 @@ file's hash before anything is loaded, and opens one session with the target's
 providers and threads. The bundle's adapters serve from the start but are read
 when first used (hashed again then, and loaded from the very bytes hashed), so
 opening costs the same with 1 or 10 of them. Requests name their adapter;
-requests with different adapters run concurrently on the same session. A refused request (bad input, unknown
+requests with different adapters run concurrently on the same session, decoding together in one run
+per step where the graph allows it (:mod:`.batching`). A refused request (bad input, unknown
 adapter, ...) raises and leaves the engine as it was.
 
 Newer adapter versions arrive as signed update packages through
@@ -40,8 +41,12 @@ class Engine:
     - ``providers`` / ``threads``: override the bundle target's provider order and thread count.
     - ``audit``: an :class:`AuditLog` (or a path) recording which adapter version answered.
     - ``max_concurrent``: requests decoding at once (each holds one key/value context of the
-      bundle's context length; more wait; default: the bundle target's ``max_concurrent``, else 4);
+      bundle's context length, a row of one batch where the graph batches; more wait; default: the bundle
+      target's ``max_concurrent``, else 4);
       ``spinning``: worker threads spin between kernels (faster decode, more power).
+    - ``batching``: concurrent requests decode together, one run per step, whatever adapters they name
+      (:mod:`.batching`), where the graph has row masks (bundles built before them decode one request
+      per run); False decodes each request alone, as before.
     - ``health_checks``: run the bundle's own signed health checks before the engine is
       returned (a bundle that is broken on this device is refused here, not found by a user).
     - ``lazy_adapters``: the bundle's adapters are loaded by the first request that names them
@@ -58,7 +63,7 @@ class Engine:
                  threads: int | None = None, audit: AuditLog | str | Path | None = None,
                  review_threshold: float = 0.6,
                  max_concurrent: int | None = None, spinning: bool = True, health_checks: bool = True,
-                 lazy_adapters: bool = True):
+                 lazy_adapters: bool = True, batching: bool = True):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -93,7 +98,8 @@ class Engine:
             loaded_now = {graph, tok_name} | (set() if lazy_adapters else {a.file for a in m.adapters})
             rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in loaded_now])
             try:
-                self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent)
+                self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent,
+                           batching)
             finally:
                 model_file.close()
                 rest.result()
@@ -139,6 +145,8 @@ class Engine:
                 self._cond.wait(left)
         for name in self.registry.names():
             self.registry.unload(name)
+        if self.runner is not None and self.runner.batcher is not None:
+            self.runner.batcher.close()
         self.runner = None
         self.session = None
 
@@ -147,9 +155,16 @@ class Engine:
         return self._closed
 
     def stats(self) -> dict:
-        """Requests running now and how many may decode at once (the rest wait)."""
+        """Requests running now and how many may decode at once (the rest wait); for a decoder that batches
+        (:mod:`.batching`) also ``batch``: rows decoding and waiting, steps run, steps with several rows and
+        the most rows one step had."""
+        runner = self.runner
+        batcher = runner.batcher if runner is not None else None
         with self._cond:
-            return {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
+            out = {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
+        if batcher is not None:
+            out["batch"] = batcher.stats()
+        return out
 
     def add_warning(self, message: str) -> None:
         """Record something users of this engine should see (e.g. an installed adapter that was not
@@ -176,7 +191,7 @@ class Engine:
 
         return running()
 
-    def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent) -> None:
+    def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent, batching) -> None:
         self.model_info = dict(m.model)
         self.task = m.base.get("task", self.model_info.get("task", "causal-lm"))
         self.base_fingerprint = m.base["fingerprint"]
@@ -215,6 +230,9 @@ class Engine:
             self.runner = DecoderRunner(self.session, num_layers=mi["num_layers"], num_kv_heads=mi["num_kv_heads"],
                                         head_dim=mi["head_dim"], vocab_size=mi["vocab_size"],
                                         max_context=self.max_context, max_contexts=max_concurrent)
+            from .batching import Batcher
+
+            self.runner.batcher = Batcher.for_graph(self.runner, mi, max_concurrent) if batching else None
         self.warnings: list[str] = []
 
     def _codec(self, entry, info: dict):
@@ -424,7 +442,8 @@ class Engine:
             key = tuple(a.key for a in chosen)
             detok, stopper = IncrementalDetokenizer(self.codec.decode), StopMatcher(stops)
             inner = self.runner.generate(ids, pick=sampler, max_new_tokens=n_new, adapter_key=key,
-                                         adapter_values=values, prefix=self.registry.prefix_of(chosen))
+                                         adapter_values=values, prefix=self.registry.prefix_of(chosen),
+                                         adapters=chosen)
             try:
                 for tok in inner:
                     if tok in eos:
@@ -538,6 +557,7 @@ class Engine:
                 "providers": self.session.get_providers() if self.session is not None else [],
                 "threads": self.threads, "max_context": self.max_context, "adapters": self.adapters(),
                 "max_concurrent": self.max_concurrent, "warnings": list(self.warnings),
+                "batching": self.runner is not None and self.runner.batcher is not None,
                 "open_seconds": round(self.open_seconds, 4)}
 
 
