@@ -162,13 +162,13 @@ def test_fold_keeps_the_product_and_quantizes_each_b_row(setup):
 
 
 def test_an_update_package_for_an_int8_b_bundle_serves_like_the_bundled_adapter(tmp_path_factory):
-    """The decoder-int4 fixture (int8 B slots): its int8 and fp32 update packages install on the Engine
+    """The decoder-int4 fixture built with int8 B slots: its int8 and fp32 update packages install on the Engine
     and answer as the same adapter written straight from PEFT."""
     from test_runtime_support import cached_bundle, reference_greedy
 
     from edgepeft.runtime import Engine
 
-    b = cached_bundle("decoder-int4", tmp_path_factory)
+    b = cached_bundle("decoder-int4-b8", tmp_path_factory)
     assert set(b["model_info"]["slot_dtypes"].values()) == {"int8"}
     engine = Engine(b["bundle"], [b["public_key"]])
     engine.load_adapter(b["package"], name="alpha-fp32")
@@ -194,7 +194,7 @@ def test_an_int4_update_package_installs_and_serves(tmp_path_factory, tmp_path):
     from edgepeft.release.package import create_adapter_update
     from edgepeft.runtime import Engine
 
-    b = cached_bundle("decoder-int4", tmp_path_factory)
+    b = cached_bundle("decoder-int4-b8", tmp_path_factory)
     pkg = tmp_path / "alpha-9-int4.epu"
     create_adapter_update(bundle=b["bundle"], name="alpha", adapter=b["root"] / "peft-gamma", version=9,
                           key=b["private_key"], out=pkg, adapter_dtype="int4")

@@ -83,9 +83,9 @@ def test_quantized_with_adapter_within_tolerance(base, adapter, tmp_path, kind):
 def test_int4_graph_uses_fused_quantized_ops_and_one_embedding_copy(base, tmp_path):
     import onnx
 
-    from edgepeft.export import export_model
+    from edgepeft.export import WeightQuant, export_model
 
-    res = export_model(str(base), tmp_path, quant="int4", slot_rank=8)
+    res = export_model(str(base), tmp_path, quant=WeightQuant("int4", lora_b="int8"), slot_rank=8)
     g = onnx.load(res.model_path).graph
     ops = {n.op_type for n in g.node}
     assert {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops

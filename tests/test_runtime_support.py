@@ -284,6 +284,8 @@ def _build(kind: str, root: Path) -> dict:
         built = build_decoder_bundle(root, priv)
     elif kind == "decoder-int4":  # what a Raspberry Pi 5 gets: int4 weights, fp16 adapters
         built = build_decoder_bundle(root, priv, quant="int4", target="raspberry-pi-5")
+    elif kind == "decoder-int4-b8":  # the same with int8 LoRA B slots (`lora_b = "int8"`; host tests only)
+        built = build_decoder_bundle(root, priv, quant="int4", target="raspberry-pi-5", lora_b="int8")
     elif kind == "encoder":
         built = build_encoder_bundle(root, priv)
     elif kind == "families":

@@ -42,7 +42,7 @@ class QuantSpec:
     block_size: int = 32
     adapter_dtype: str = "fp32"
     gguf: str = "keep"  # a GGUF base's blocks in int4/int8: "keep", "layers" (embedding re-quantized), "requantize"
-    lora_b: str = "auto"  # decoder LoRA B slots: "int8" (auto with int4/int8 weights) or "fp32"
+    lora_b: str = "auto"  # decoder LoRA B slots: "fp32" (auto) or "int8" (smaller in memory; never batched)
     zero_points: str = "all"  # int4 re-quantized from float weights: "all", "auto" (smaller) or "none"
 
 

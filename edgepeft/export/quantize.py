@@ -104,8 +104,10 @@ class WeightQuant:
 
     @property
     def lora_b_int8(self) -> bool:
-        """Whether decoder LoRA B slots are int8 (``DynamicQuantizeMatMul``; scales folded into A)."""
-        return self.lora_b == "int8" or (self.lora_b == "auto" and self.kind in ("int4", "int8", "nf4"))
+        """Whether decoder LoRA B slots are int8 (``DynamicQuantizeMatMul``; scales folded into A). Only when
+        asked for: its activations share one scale per run, so rows batched together would change each
+        other's answers (docs/quantization.md), and at batch 1 it decodes no faster than fp32 B."""
+        return self.lora_b == "int8"
 
     @property
     def bits(self) -> int | None:
