@@ -27,7 +27,7 @@ from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
 SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify", "families",
-            "fleet"]
+            "fleet", "scale"]
 
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
@@ -41,6 +41,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
         sec_kernels,
         sec_memory,
         sec_quality,
+        sec_scale,
         sec_tasks,
         sec_transport,
     )
@@ -48,7 +49,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
     runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
                "memory": sec_memory.run, "classify": sec_classify.run, "families": sec_families.run,
-               "fleet": sec_fleet.run}
+               "fleet": sec_fleet.run, "scale": sec_scale.run}
     sections, goals = [], []
     for sid in SECTIONS:
         if sid not in only:
@@ -80,6 +81,8 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals.append(sec_transport.goal_serial(sec))
         elif sid == "fleet":
             goals.append(sec_fleet.goal_fleet(sec))
+        elif sid == "scale":
+            goals += sec_scale.goals_scale(sec, next((x for x in sections if x.id == "decode"), None))
     return sections, goals
 
 
