@@ -122,3 +122,18 @@ def test_a_graph_whose_external_weight_lies_outside_its_data_is_refused(bundles)
     short = memoryview(bytes(tensors[-1].offset + tensors[-1].length - 1))
     with pytest.raises(BundleError, match="outside"):
         initializers_from(tensors, short)
+
+
+def test_the_fit_estimate_counts_the_verified_copy_of_the_data_file(bundles):
+    """The engine keeps the verified copy of model.onnx.data for its session's life: the estimate adds it."""
+    import json
+
+    from edgepeft.bundle.fit import MIB, manifest_estimate
+
+    one, ext = bundles
+    m_one, m_ext = (json.loads((b.bundle_dir / "manifest.json").read_text()) for b in (one, ext))
+    size = {b: {f["path"]: f["size"] for f in m["files"]} for b, m in (("one", m_one), ("ext", m_ext))}
+    data = size["ext"]["model.onnx.data"]
+    graph_delta = size["ext"]["model.onnx"] + data - size["one"]["model.onnx"]  # the same weights, split in two
+    a, b = manifest_estimate(m_one, concurrency=1), manifest_estimate(m_ext, concurrency=1)
+    assert b.memory_mib - a.memory_mib == pytest.approx((data + 2 * graph_delta) / MIB, abs=1e-6)
