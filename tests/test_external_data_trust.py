@@ -92,6 +92,20 @@ def test_a_data_file_swapped_after_the_check_is_never_used(bundles, keypair, tmp
     assert got == want  # computed with the verified weights, not the zeros
 
 
+def test_a_data_file_changed_before_open_is_refused(bundles, keypair, tmp_path):
+    import shutil
+
+    from edgepeft.errors import IntegrityError
+
+    victim = tmp_path / "b"
+    shutil.copytree(bundles[1].bundle_dir, victim)
+    data = bytearray((victim / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 1
+    (victim / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.onnx.data"):
+        Engine(victim, [keypair[1]])
+
+
 def test_a_bundle_with_external_data_opens_from_its_archive(bundles, keypair):
     one, ext = bundles
     assert _tokens(ext.archive, keypair[1]) == _tokens(one.bundle_dir, keypair[1])
