@@ -27,7 +27,7 @@ from .systems import LLAMA
 
 SCHEMA = "edgepeft-bench/1"
 SECTIONS = ["kernels", "decode", "switch", "sizes", "quality", "transport", "memory", "classify", "families",
-            "fleet", "concurrency"]
+            "fleet", "concurrency", "scale"]
 
 
 def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dict]]:
@@ -42,6 +42,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
         sec_kernels,
         sec_memory,
         sec_quality,
+        sec_scale,
         sec_tasks,
         sec_transport,
     )
@@ -49,7 +50,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
     runners = {"kernels": sec_kernels.run, "decode": sec_decode.run, "switch": sec_adapters.run_switch, "sizes": sec_adapters.run_sizes,
                "quality": sec_quality.run, "transport": sec_transport.run,
                "memory": sec_memory.run, "classify": sec_classify.run, "families": sec_families.run,
-               "fleet": sec_fleet.run, "concurrency": sec_concurrency.run}
+               "fleet": sec_fleet.run, "concurrency": sec_concurrency.run, "scale": sec_scale.run}
     sections, goals = [], []
     for sid in SECTIONS:
         if sid not in only:
@@ -83,6 +84,8 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals.append(sec_fleet.goal_fleet(sec))
         elif sid == "concurrency":
             goals += concurrency_goals(sec, ctx)
+        elif sid == "scale":
+            goals += sec_scale.goals_scale(sec, next((x for x in sections if x.id == "decode"), None))
     return sections, goals
 
 

@@ -55,26 +55,36 @@ def shapes_of(cfg: dict) -> list[tuple[str, tuple]]:
                 (p + "mlp.down_proj.weight", (h, inter)),
                 (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
     out.append(("model.norm.weight", (h,)))
-    if not cfg["tie_word_embeddings"]:
+    if not cfg.get("tie_word_embeddings", False):
         out.append(("lm_head.weight", (cfg["vocab_size"], h)))
     return out
 
 
 def write_random_llama(path, shape: str = "1b", seed: int = 0, **over) -> Path:
     """A random-weight Llama of ``shape`` (a key of :data:`SHAPES`, fields overridable) saved as bf16 safetensors
-    shards of at most 2 GiB, written shard by shard (never more than one shard in memory)."""
+    shards of at most 2 GiB, written shard by shard (never more than one shard in memory).
+
+    The stand-in tokenizer (SmolLM2's) has fewer tokens than the shape's vocabulary: the embedding's (and an
+    untied head's) rows past it are zero, so greedy decoding picks tokens the tokenizer can print (a token
+    it cannot print yields no text, and a benchmark timing text pieces would miscount). The work per token
+    is the same: every row is still multiplied."""
     import torch
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer
     from transformers import LlamaConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = {**COMMON, **SHAPES[shape], **over}
     LlamaConfig(**cfg, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    _tokenizer(path)
+    printable = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
     gen = torch.Generator().manual_seed(seed)
     shards, cur, size = [], {}, 0
     for name, shp in shapes_of(cfg):
         t = torch.ones(shp) if len(shp) == 1 else torch.randn(shp, generator=gen) * 0.02
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t[printable:] = 0
         t = t.to(torch.bfloat16)
         if cur and size + t.numel() * 2 > SHARD_BYTES:
             shards.append(cur)
@@ -92,7 +102,6 @@ def write_random_llama(path, shape: str = "1b", seed: int = 0, **over) -> Path:
         tmp.rename(final)
         weight_map.update({k: final.name for k in _keys(final)})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    _tokenizer(path)
     return path
 
 
@@ -149,25 +158,63 @@ print("SCALE", p.returncode, time.time() - t, resource.getrusage(resource.RUSAGE
 """
 
 
-def measure_build(model_dir, out_dir, key, *, target: str = "raspberry-pi-5", quant: str = "int4",
-                  extra: tuple = (), src=None) -> dict:
-    """Run ``edgepeft build`` in a child of a fresh parent: wall seconds; peak RSS (MiB) of the build, the
-    largest of its processes (``ru_maxrss``); and, polled every 50 ms, of the build process itself and
-    of its children (the fit check's session measurement). ``src``: the edgepeft checkout to run
-    (default: this one), e.g. an older commit for a before/after."""
-    src = Path(src or Path(__file__).resolve().parents[1]).resolve()
-    cmd = [sys.executable, "-m", "edgepeft", "build", "--base", str(Path(model_dir).resolve()), "--target", target,
-           "--quant", quant, "--key", str(Path(key).resolve()), "--out", str(Path(out_dir).resolve()), "--force",
-           *extra]
-    env = dict(os.environ, PYTHONPATH=str(src))
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=src)
+def measured(cmd: list[str], *, env: dict | None = None, cwd=None) -> dict:
+    """Run ``cmd`` in a child of a fresh parent: exit status, wall seconds, peak RSS (MiB) of the largest of
+    its processes (``ru_maxrss``) and, polled every 50 ms, of ``cmd``'s own process and of its children.
+    Raises RuntimeError when the measuring parent itself fails."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCALE ")]
     if not line:
-        raise RuntimeError(f"the build's measurement failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"the measurement failed: {proc.stderr[-2000:]}")
     _, rc, wall, rss_kib, main, kids = line[-1].split()
     return {"rc": int(rc), "wall_s": round(float(wall), 1), "peak_rss_mib": round(int(rss_kib) / 1024, 1),
             "build_process_mib": round(int(main) / 2**20, 1), "fit_check_mib": round(int(kids) / 2**20, 1),
             "stdout": proc.stdout[-3000:], "stderr": proc.stderr[-3000:]}
+
+
+def measure_build(model_dir, out_dir, key, *, target: str = "raspberry-pi-5", quant: str = "int4",
+                  extra: tuple = (), src=None) -> dict:
+    """``edgepeft build`` under :func:`measured` (``fit_check_mib``: its children, the fit check's session
+    measurement). ``src``: the edgepeft checkout to run (default: this one), e.g. an older commit for a
+    before/after."""
+    src = Path(src or Path(__file__).resolve().parents[1]).resolve()
+    cmd = [sys.executable, "-m", "edgepeft", "build", "--base", str(Path(model_dir).resolve()), "--target", target,
+           "--quant", quant, "--key", str(Path(key).resolve()), "--out", str(Path(out_dir).resolve()), "--force",
+           *extra]
+    return measured(cmd, env=dict(os.environ, PYTHONPATH=str(src)), cwd=src)
+
+
+def write_random_lora(model_dir, out, *, rank: int = 16, alpha: int = 32, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter (rank ``rank``, all seven projections) for the Llama at ``model_dir``, written from
+    its config alone: random A, small random B, fp32 safetensors, as PEFT saves them. No model is loaded,
+    so a 1B base costs the adapter's few MB, not the 5 GB of an fp32 model."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    if (out / "adapter_config.json").is_file():
+        return out
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shp in shapes_of(cfg):
+        module = name.removesuffix(".weight")
+        if len(shp) == 2 and module.rsplit(".", 1)[-1] in targets:
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, shp[1])) / np.sqrt(shp[1])).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((shp[0], rank)) * 0.02).astype(np.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "base_model_name_or_path": str(Path(model_dir).resolve()), "inference_mode": True}, indent=2))
+    os.replace(tmp, out)
+    return out
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ from .systems import bundle, genai_dirs, pubkey
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _probe(kind: str, args: dict, timeout: float) -> dict:
+def probe_fresh(kind: str, args: dict, timeout: float) -> dict:
     """One fresh-process measurement; raises PeerFailed when that process dies or hangs."""
     label, phase = f"probe {kind}", "opening and producing first tokens in a fresh process"
     try:
@@ -71,7 +71,7 @@ def run(ctx: Context) -> Section:
         for name, (kind, args) in probes.items():
             if name in results:
                 try:
-                    results[name].append(_probe(kind, args, s.call_timeout_s))
+                    results[name].append(probe_fresh(kind, args, s.call_timeout_s))
                 except Skip as exc:
                     ctx.skip(f"{name} memory probe", str(exc), getattr(exc, "kind", "skipped"))
                     results.pop(name)

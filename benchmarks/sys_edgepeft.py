@@ -38,9 +38,9 @@ def keypair(work: Path) -> tuple[Path, Path]:
 
 def _stamp(base: str | None, adapters: list[tuple[str, Path]], quant: str, merge: str | None, dtype: str,
            *options) -> str:
-    """What a cached bundle depends on: the build code, the adapters' bytes, the options.
+    """What a cached bundle depends on: the build code, the base's and the adapters' files, the options.
 
-    A bundle built by older exporter code, or from an adapter retrained since,
+    A bundle built by older exporter code, from a base rewritten or an adapter retrained since,
     is rebuilt instead of silently measured.
     """
     h = hashlib.sha256(json.dumps([base, [n for n, _ in adapters], quant, merge, dtype, *options]).encode())
@@ -49,6 +49,10 @@ def _stamp(base: str | None, adapters: list[tuple[str, Path]], quant: str, merge
         for f in sorted((pkg / sub).rglob("*.py")):
             h.update(f.name.encode() + f.read_bytes())
     h.update(Path(TARGET).read_bytes())
+    if base and Path(base).is_dir():  # a base rewritten in place (benchmarks.scale's random models) is another base
+        for f in sorted(Path(base).glob("*.json")) + sorted(Path(base).glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     for _, d in adapters:
         for f in sorted(Path(d).glob("adapter_*")) + sorted(Path(d).glob("edgepeft_*.json")):
             st = f.stat()
@@ -64,10 +68,13 @@ def edgepeft_root() -> str:
 
 def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, Path]], quant: str,
           task: str = "causal-lm", merge: str | None = None, adapter_dtype: str = "fp32", gguf: str = "keep",
-          lora_b: str = "auto", zero_points: str = "all", log: Callable[[str], None] = print) -> Path:
+          lora_b: str = "auto", zero_points: str = "all", log: Callable[[str], None] = print,
+          child: bool = False) -> Path:
     """Build (or reuse) bundle ``work/bundles/<name>``; raises :class:`Skip` if edgepeft cannot yet.
 
-    Reused only while its stamp (build code + adapters + options) is unchanged.
+    Reused only while its stamp (build code + adapters + options) is unchanged. ``child``: build in a
+    child process, so a build that loads the whole base (a merged adapter) leaves this process's memory
+    as it was.
     """
     out = work / "bundles" / name
     stamp_file = out.with_name(name + ".stamp")
@@ -84,16 +91,33 @@ def build(work: Path, name: str, *, base: str | None, adapters: list[tuple[str, 
     priv, _ = keypair(work)
     log(f"  building bundle {name} ({quant}{', merged ' + merge if merge else ''}, {len(adapters)} adapters)")
     t0 = time.perf_counter()
+    kwargs = dict(base=base, adapters=[(n, str(p)) for n, p in adapters], target=TARGET, key=str(priv),
+                  out=str(out), quant=quant, merge=merge, adapter_dtype=adapter_dtype, task=task, force=True,
+                  gguf=gguf, lora_b=lora_b, zero_points=zero_points)
     try:
-        build_bundle(base=base, adapters=adapters, target=TARGET, key=priv, out=out, quant=quant, merge=merge,
-                     adapter_dtype=adapter_dtype, task=task, force=True, gguf=gguf, lora_b=lora_b,
-                     zero_points=zero_points)
+        if child:
+            _build_in_child(kwargs)
+        else:
+            build_bundle(**kwargs)
     except Exception as exc:  # report any failure of the code under test as a skip with its message
         shutil.rmtree(out, ignore_errors=True)
         raise Skip(f"edgepeft build of {name} failed: {type(exc).__name__}: {exc}") from exc
     log(f"  built {name} in {time.perf_counter() - t0:.0f} s")
     stamp_file.write_text(stamp)
     return out
+
+
+_CHILD_BUILD = "import json, sys; from edgepeft.bundle.build import build_bundle; build_bundle(**json.loads(sys.argv[1]))"
+
+
+def _build_in_child(kwargs: dict) -> None:
+    """``build_bundle(**kwargs)`` in a fresh interpreter; raises RuntimeError with its last lines if it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CHILD_BUILD, json.dumps(kwargs)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(" | ".join(proc.stderr.strip().splitlines()[-3:])[-600:])
 
 
 def write_adapter_file(bundle: Path, peft_dir: Path, out: Path, dtype: str) -> Path:

@@ -36,10 +36,12 @@ def _lora_nodes(num_layers: int, targets: list[str]) -> list[str]:
 
 
 def build(hf_dir: Path, out: Path, *, adapter_dir: Path | None = None, precision: str = "int4",
-          log: Path | None = None) -> Path:
+          log: Path | None = None, stats: dict | None = None) -> Path:
     """Build a genai model directory at ``out`` (reused if present); returns ``out``.
 
-    Raises :class:`Skip` when the builder is missing a dependency or fails.
+    ``stats``: when given, the builder runs under :func:`benchmarks.scale.measured` (a child of a fresh
+    parent) and ``stats`` receives its wall seconds and peak resident memory. Raises :class:`Skip` when
+    the builder is missing a dependency or fails.
     """
     if (out / "genai_config.json").is_file():
         return out
@@ -58,9 +60,18 @@ def build(hf_dir: Path, out: Path, *, adapter_dir: Path | None = None, precision
         cmd += ["--extra_options", *extra]
     out.parent.mkdir(parents=True, exist_ok=True)
     log = log or out.with_name(out.name + ".build.log")
-    with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode != 0:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if stats is None:
+        with open(log, "w", encoding="utf-8") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    else:
+        from .scale import measured
+
+        res = measured(cmd, env=env)
+        log.write_text(res["stdout"] + res["stderr"], encoding="utf-8")
+        rc = res["rc"]
+        stats.update(wall_s=res["wall_s"], peak_rss_mib=res["peak_rss_mib"])
+    if rc != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-400:]
         raise Skip(f"onnxruntime-genai builder failed (see {log}): {tail}")
     fix_tokenizer(tmp / "tokenizer.json")

@@ -78,7 +78,7 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     # genai and llama.cpp peers are left to the full run: building genai models takes ~20 s each
     rc = main(["--smoke", "--out", str(out), "--work", str(work), "--readme", str(readme), "--reps", "2",
                "--systems", "transformers,edgepeft",
-               "--sections", "decode,switch,sizes,quality,transport,classify,families,concurrency"])
+               "--sections", "decode,switch,sizes,quality,transport,classify,families,concurrency,scale"])
     assert rc == 0
     data = json.loads((out / "bench-smoke.json").read_text())
     assert data["schema"] == "edgepeft-bench/1" and data["mode"] == "smoke"
@@ -109,6 +109,10 @@ def test_smoke_run_writes_json_table_plots_and_readme(tmp_path):
     table = (out / "table-smoke.md").read_text()
     assert "Decode speed" in table and "Updates: serial line use" in table and "Adapter families" in table
     assert "| clients | aggregate tok/s |" in table
+    scale = {g["id"]: {f["system"] for f in g["figures"]} for g in sections["scale"]["groups"]}
+    assert {"scale.decode_tok_s", "scale.prefill_s", "scale.rss_bytes", "scale.open_to_first_token_s",
+            "scale.build_wall_s", "scale.build_peak_rss_bytes"} <= set(scale), sorted(scale)
+    assert "edgepeft int4 1B + rank-16 adapter" in scale["scale.rss_bytes"]
     text = readme.read_text()
     assert text.startswith("# demo\n") and "Decode speed" in text and "benchmarks/results/table.md" in text
     assert any(p.suffix == ".png" for p in out.iterdir())
@@ -127,6 +131,8 @@ EDGEPEFT_SYSTEMS = {
                   "edgepeft install to healthy"},
     "classify": {"edgepeft fp32 + adapter", "edgepeft int8 + adapter"},
     "concurrency": {"edgepeft serve, 1 client", "edgepeft serve, 2 clients"},
+    "scale": {"edgepeft int4 1B, no slots (merged)", "edgepeft int4 1B, slots, no adapter",
+              "edgepeft int4 1B + rank-16 adapter", "edgepeft build --quant int4"},
 }
 
 
@@ -237,10 +243,10 @@ def test_worker_contains_a_segfault_a_hang_and_a_crash_mid_run(tmp_path):
 
 
 def test_memory_probe_that_fails_is_reported_with_how_it_ended():
-    from benchmarks.sec_memory import _probe
+    from benchmarks.sec_memory import probe_fresh
 
     with pytest.raises(PeerFailed) as exc:
-        _probe("no-such-kind", {"text": "x", "ids": [1]}, timeout=120)
+        probe_fresh("no-such-kind", {"text": "x", "ids": [1]}, timeout=120)
     assert exc.value.kind == "exited" and "exited with status 1" in str(exc.value)
     assert "unknown probe kind" in str(exc.value)
 

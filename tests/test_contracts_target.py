@@ -10,7 +10,7 @@ import pytest
 from edgepeft.contracts.target import TargetProfile, list_targets, load_target, targets_dir
 from edgepeft.errors import SpecError
 
-REQUIRED_CLASSES = {"raspberry-pi-5": "sbc", "jetson-orin-nano": "jetson", "android-arm64": "phone",
+REQUIRED_CLASSES = {"raspberry-pi-5": "sbc", "jetson-orin-nano": "jetson", "jetson-orin-cpu": "jetson", "android-arm64": "phone",
                     "x86-64-gateway": "gateway", "serial-gateway": "serial-gateway"}
 
 

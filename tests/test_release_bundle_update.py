@@ -67,11 +67,30 @@ def test_a_new_bundle_installs_beside_the_old_one_and_switches_atomically(built,
     dev.close()
 
 
-def test_a_new_bundle_that_fails_its_health_check_is_rolled_back(built, new_base, tmp_path):
+FAILING = {"input": "hello", "expect": {"equals": "an answer no tiny model gives"}}
+
+
+def test_a_bundle_update_whose_checks_fail_is_refused_before_signing(built, new_base, tmp_path):
+    """The checks a device would run on install run at creation: a failing one writes no package."""
+    from edgepeft.errors import BuildError
+
     checks = tmp_path / "checks.jsonl"
-    checks.write_text(json.dumps({"input": "hello", "expect": {"equals": "an answer no tiny model gives"}}) + "\n")
-    pkg = create_bundle_update(bundle=new_base["bundle"].with_name("bundle.epb"), version=3,
-                               key=built["private_key"], out=tmp_path / "bundle-3.epu", health_checks=checks).path
+    checks.write_text(json.dumps(FAILING) + "\n")
+    out = tmp_path / "bundle-3.epu"
+    with pytest.raises(BuildError, match="health checks fail.*nothing was signed") as err:
+        create_bundle_update(bundle=new_base["bundle"].with_name("bundle.epb"), version=3, key=built["private_key"],
+                             out=out, health_checks=checks)
+    assert "check #0" in err.value.message and not out.exists()
+
+
+def test_a_new_bundle_that_fails_its_health_check_is_rolled_back(built, new_base, tmp_path):
+    from update_support import forge
+
+    # creation refuses such a package (above), so the device's own check is reached with a re-signed one
+    good = create_bundle_update(bundle=new_base["bundle"].with_name("bundle.epb"), version=3,
+                                key=built["private_key"], out=tmp_path / "bundle-3.epu").path
+    pkg = tmp_path / "failing-3.epu"
+    pkg.write_bytes(forge(good.read_bytes(), built["private_key"], mutate=lambda m: m.update(health_checks=[FAILING])))
     dev = Device(built["bundle"], [built["public_key"]], tmp_path / "state")
     old_fp = dev.engine.base_fingerprint
     res = dev.install_file(pkg)

@@ -246,7 +246,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
             session = None
         fit = check_fit(profile, bundle_bytes=sum(sizes.values()), weight_bytes=weight_bytes,
                         adapters=[(sizes[e["file"]], e.get("dtype", "fp32")) for e in adapter_entries],
-                        model_info=exported.model_info, max_rank=max_rank, session=session)
+                        model_info=exported.model_info, max_rank=max_rank, session=session,
+                        external_bytes=sizes.get(exported.model_path.name + ".data", 0))
         check_prefix_room(slot_adapters, fit.context, f"this bundle for {profile.name}")
         data = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "kind": "bundle", "edgepeft_version": __version__,

@@ -73,12 +73,14 @@ def adapter_resident_bytes(adapters) -> int:
 
 def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, adapter_bytes: int | None = None,
               model_info: dict, max_rank: int, adapters=None, concurrency: int | None = None,
-              session: SessionMemory | None = None) -> FitReport:
+              session: SessionMemory | None = None, external_bytes: int = 0) -> FitReport:
     """Estimate and compare against ``target``; raises :class:`TargetFitError` listing every overrun.
 
     ``adapters``: ``(file bytes, dtype)`` per adapter (``adapter_bytes`` alone counts as fp32 files);
     ``concurrency``: requests decoding at once (default: the target's ``max_concurrent``);
-    ``session``: the graph's session memory from :func:`.session_memory.measure_session` (else the file stands in).
+    ``session``: the graph's session memory from :func:`.session_memory.measure_session` (else the file stands in);
+    ``external_bytes``: the graph's external data file (``model.onnx.data``), whose verified copy the engine
+    holds for the session's life (:mod:`edgepeft.runtime.external_data`).
     """
     concurrency = concurrency or target.budgets.max_concurrent
     context = min(target.budgets.max_context, int(model_info.get("max_context") or target.budgets.max_context))
@@ -86,7 +88,7 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
     kv = kv_one * concurrency
     held = adapter_resident_bytes(adapters if adapters is not None else [(adapter_bytes or 0, "fp32")])
     report = _report(bundle_bytes, weight_bytes, kv, held, session, max_rank=max_rank, context=context,
-                     concurrency=concurrency)
+                     concurrency=concurrency, external=external_bytes)
     memory, peak = report.memory_mib, report.open_peak_mib
     problems = []
     if report.bundle_mib > target.budgets.storage_mib:
@@ -96,7 +98,9 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
                  if report.measured else f"weights {weight_bytes / MIB:.1f}")
         problems.append(f"estimated runtime memory is {memory:.1f} MiB ({graph} + "
                         f"KV cache {kv / MIB:.1f} for {concurrency} requests at {context} tokens + adapters "
-                        f"{held / MIB:.1f} as fp32 + {RUNTIME_OVERHEAD_MIB} overhead), {peak:.1f} MiB while it "
+                        f"{held / MIB:.1f} as fp32 + {RUNTIME_OVERHEAD_MIB} overhead"
+                        + (f" + the verified copy of its data file {external_bytes / MIB:.1f}" if external_bytes else "")
+                        + f"), {peak:.1f} MiB while it "
                         f"opens; memory budget is {target.budgets.memory_mib} MiB")
     if max_rank > target.budgets.max_adapter_rank:
         problems.append(f"adapter rank {max_rank} is above the target's limit {target.budgets.max_adapter_rank}")
@@ -107,13 +111,14 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
 
 
 def _report(bundle_bytes: int, weight_bytes: int, kv: int, held: int, session: SessionMemory | None, *,
-            max_rank: int, context: int, concurrency: int) -> FitReport:
+            max_rank: int, context: int, concurrency: int, external: int = 0) -> FitReport:
     graph = session.resident if session is not None else UNMEASURED_FACTOR * weight_bytes
-    memory = (graph + kv + held) / MIB + RUNTIME_OVERHEAD_MIB
+    # an external data file stays in memory as the verified copy ONNX Runtime reads it from
+    memory = (graph + kv + held + external) / MIB + RUNTIME_OVERHEAD_MIB
     if session is not None:  # the engine hands the session its verified bytes as a file: counted in the measure
-        peak = max(memory, (session.peak + held) / MIB + RUNTIME_OVERHEAD_MIB)
+        peak = max(memory, (session.peak + held + external) / MIB + RUNTIME_OVERHEAD_MIB)
     else:
-        peak = memory + weight_bytes / MIB  # the verified bytes beside the session's copy
+        peak = memory + (weight_bytes - external) / MIB  # the verified graph beside the session's copy
     return FitReport(bundle_mib=bundle_bytes / MIB, memory_mib=memory, kv_cache_mib=kv / MIB, max_rank=max_rank,
                      context=context, adapters_mib=held / MIB, open_peak_mib=peak, concurrency=concurrency,
                      session_mib=graph / MIB, measured=session is not None)
@@ -135,5 +140,5 @@ def manifest_estimate(manifest: dict, concurrency: int | None = None,
     kv = kv_cache_bytes(model, context) * concurrency
     return _report(sum(sizes.values()), weight, kv, adapter_resident_bytes(adapters), session,
                    max_rank=max((a.get("rank", 0) for a in manifest.get("adapters", [])), default=0),
-                   context=context, concurrency=concurrency)
+                   context=context, concurrency=concurrency, external=sizes.get(graph + ".data", 0))
 

@@ -22,7 +22,8 @@ def command():
 @click.option("--adapter", "adapter", metavar="NAME=DIR", default=None,
               help="The adapter update: its name on the device and the PEFT directory of the new version.")
 @click.option("--new-bundle", "new_bundle", type=click.Path(exists=True), default=None,
-              help="Ship a whole new bundle (a new base) instead: its directory or .epb.")
+              help="Ship a whole new bundle (a new base) instead: its directory or .epb. Its own health checks and "
+                   "--health-check's run on it before anything is signed.")
 @click.option("--version", "version", type=int, required=True,
               help="Version number; must be above every version the devices have (versions only go up).")
 @click.option("--key", required=True, type=click.Path(dir_okay=False), help="Private signing key (`edgepeft keygen`).")

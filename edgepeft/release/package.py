@@ -289,7 +289,11 @@ def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: s
     """A signed package that carries a whole new bundle (its ``.epb`` archive): a new base.
 
     ``bundle`` is a bundle directory (packed here) or its ``.epb``. The bundle keeps its own
-    signed manifest; the device verifies both. Raises :class:`UsageError` or :class:`BuildError`.
+    signed manifest; the device verifies both. Before signing, the checks a device runs on install
+    (the bundle's own and ``health_checks``) run here on the archive being shipped, so an expectation
+    that cannot hold is refused now instead of rolling back on every device; they are skipped, with a
+    warning, when the bundle was signed by another key (it does not open with ours). Raises
+    :class:`UsageError` or :class:`BuildError` (also for a failing check: nothing is written).
     """
     from ..contracts.checks import read_health_checks
     from ..contracts.signing import load_private_key
@@ -319,11 +323,23 @@ def create_bundle_update(*, bundle: str | os.PathLike, version: int, key, out: s
         if manifest.signature is None:
             raise BuildError(f"bundle {src} is not signed", hint="build it with `edgepeft build --key KEY`")
         fingerprint = manifest.base["fingerprint"]
+        checks = read_health_checks(health_checks)
         meta = _common("bundle", base_fingerprint=fingerprint, payload=archive, fmt="epb", expires=expires,
-                       health_checks=read_health_checks(health_checks), min_runtime=min_runtime)
+                       health_checks=checks, min_runtime=min_runtime)
         meta["bundle"] = {"name": str(manifest.base.get("name")), "version": version, "fingerprint": fingerprint}
+        notes = other_key(manifest, private_key, src)
+        run = list(manifest.health_checks) + checks  # what a device runs before it commits the new bundle
+        if run and not notes:
+            from ..bundle.health import check_bundle
+
+            progress(f"running {len(run)} health check(s) on bundle {src.name}")
+            check_bundle(Path(archive), private_key.public_key(), run, what=f"bundle update v{version}",
+                         where=f"{health_checks} or the bundle's own checks" if checks else
+                         f"the bundle's own checks (rebuild {src.name} with --health-check checks that hold)")
         progress(f"signing {out.name}")
-        return _sign_and_write(meta, archive, private_key, out)
+        result = _sign_and_write(meta, archive, private_key, out)
+        result.warnings += notes
+        return result
     finally:
         import shutil
 

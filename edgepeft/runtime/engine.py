@@ -91,15 +91,18 @@ class Engine:
         # in-memory file onnxruntime opens by path: one copy in memory instead of two)
         model_file = self._files.open_verified(m.file(graph))
         tok_name = m.tokenizer.get("file", "tokenizer.json")
+        data_name = graph + ".data"  # a graph over 2 GiB keeps its weights beside it, as ONNX external data
+        has_data = any(f.path == data_name for f in m.files)
         with ThreadPoolExecutor(1, thread_name_prefix="edgepeft-verify") as pool:
             # on another core while the session is built: the tokenizer, then every other listed file (lazy
             # adapters included: a tampered bundle is refused at open, and they are hashed again when loaded)
             codec = pool.submit(self._codec, m.file(tok_name), m.tokenizer)
-            loaded_now = {graph, tok_name} | (set() if lazy_adapters else {a.file for a in m.adapters})
+            loaded_now = {graph, tok_name, data_name} | (set() if lazy_adapters else {a.file for a in m.adapters})
             rest = pool.submit(self._files.check, m, [f.path for f in m.files if f.path not in loaded_now])
             try:
+                weights = self._external_weights(model_file, m.file(data_name), data_name) if has_data else None
                 self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent,
-                           batching)
+                           batching, weights)
             finally:
                 model_file.close()
                 rest.result()
@@ -191,7 +194,23 @@ class Engine:
 
         return running()
 
-    def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent, batching) -> None:
+    def _external_weights(self, model_file, entry, name: str) -> tuple[list[str], list]:
+        """The graph's external weights as OrtValues over a verified in-memory copy of ``name`` (sealed
+        where the system allows), kept by the engine for its session's life: ONNX Runtime never reads
+        the data file, so one swapped after the check is never used. Raises :class:`IntegrityError`
+        (the file does not match the manifest) or :class:`BundleError`."""
+        from .external_data import external_tensors, initializers_from
+
+        tensors = external_tensors(model_file.view(), name)
+        data = self._files.open_verified(entry)
+        try:
+            self._weights_memory = data.view()  # stays valid after close(); freed with the engine
+        finally:
+            data.close()
+        return initializers_from(tensors, self._weights_memory)
+
+    def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent,
+              batching: bool, weights: tuple[list[str], list] | None = None) -> None:
         self.model_info = dict(m.model)
         self.task = m.base.get("task", self.model_info.get("task", "causal-lm"))
         self.base_fingerprint = m.base["fingerprint"]
@@ -203,14 +222,8 @@ class Engine:
         self.threads = int(threads or target.get("threads") or 1)
         check_runtime(m.quantization or {})
         graph = m.model.get("graph", "model.onnx")
-        external = None
-        if any(f.path == graph + ".data" for f in m.files):  # a graph over 2 GiB keeps its weights beside it
-            if self._files.archive is not None:
-                raise BundleError(f"{graph} keeps its weights in {graph}.data, which runs from a bundle folder",
-                                  hint="unpack the .epb archive and open the folder")
-            external = self._files.path
         self.session = open_session(model, providers=self.providers, threads=self.threads,
-                                    spinning=spinning, name=graph, external_dir=external)
+                                    spinning=spinning, name=graph, initializers=weights)
         overridable = {i.name: (tuple(i.shape), i.type) for i in self.session.get_overridable_initializers()}
         slots = parse_slots(self.model_info, overridable)
         gen = dict(m.generation or {})

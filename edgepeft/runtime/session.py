@@ -83,15 +83,15 @@ def return_freed_heap() -> bool:
 
 
 def open_session(model, *, providers: Sequence[str] | None, threads: int, spinning: bool = True,
-                 name: str = "model.onnx", external_dir: Path | None = None):
-    """One InferenceSession from the graph's verified bytes or a path to them; ``external_dir``: the folder
-    of the graph's external data file (a graph over 2 GiB). Raises :class:`BundleError` when the graph
-    cannot be loaded."""
+                 name: str = "model.onnx", initializers: tuple[list[str], list] | None = None):
+    """One InferenceSession from the graph's verified bytes or a path to them. ``initializers``: (names,
+    OrtValues) of the graph's external weights, from verified memory (:mod:`.external_data`); ONNX Runtime
+    then reads no data file. Raises :class:`BundleError` when the graph cannot be loaded."""
     import onnxruntime as ort
 
     so = session_options(threads, spinning=spinning)
-    if external_dir is not None:  # the verified graph is opened from memory: say where its data file lies
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
+    if initializers is not None:
+        so.add_external_initializers(*initializers)
     try:
         src = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else str(model)
         return ort.InferenceSession(src, so, providers=choose_providers(providers))
