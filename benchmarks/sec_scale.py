@@ -1,4 +1,4 @@
-"""Section 11: a base of Llama-3.2-1B's shape (issue 25), everything in one run.
+"""Section 12: a base of Llama-3.2-1B's shape (issue 25), everything in one run.
 
 The model is random-weight, written by :func:`benchmarks.scale.write_random_llama` (no download; the
 same folder ``python -m benchmarks.scale --shape 1b`` uses). Measured here, against onnxruntime-genai's
