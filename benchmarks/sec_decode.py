@@ -41,15 +41,7 @@ def run(ctx: Context) -> Section:
                           s.reps, s.warmup, log=ctx.log)
     g_dec = sec.group("decode_tok_s", f"decode tokens/s ({s.new_tokens} new tokens, batch 1)", "higher", REFS)
     g_pre = sec.group("prefill_s", f"prefill latency, time to first token ({len(ids)}-token prompt)", "lower", REFS)
-    for name, vals in samples.items():
-        if "__skip__" in vals:
-            ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
-            continue
-        g_dec.add(name, "tok/s", vals["decode_tok_s"])
-        g_pre.add(name, "s", vals["prefill_s"])
-    short = {n: min(v["tokens"]) for n, v in samples.items() if "tokens" in v and min(v["tokens"]) < s.new_tokens}
-    for n, k in short.items():
-        sec.notes.append(f"{n} stopped at end-of-sequence after {int(k)} tokens in some repetitions")
+    record_decode(ctx, sec, samples, g_dec, g_pre)
     alive = {n: o for n, o in opened.items() if "__skip__" not in samples[n]}
     _agreement(ctx, sec, alive, text, ids)
     _ceiling(ctx, sec, g_dec)
@@ -156,3 +148,17 @@ def goals_decode(sec: Section) -> list[dict]:
 
 
 __all__ = ["run", "goals_decode", "Skip"]
+
+
+def record_decode(ctx: Context, sec: Section, samples: dict, g_dec, g_pre) -> None:
+    """Add each system's decode tok/s and prefill time to ``g_dec``/``g_pre`` (a skipped system is recorded as
+    skipped), and note the systems that stopped at end-of-sequence before the asked number of tokens."""
+    for name, vals in samples.items():
+        if "__skip__" in vals:
+            ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
+            continue
+        g_dec.add(name, "tok/s", vals["decode_tok_s"])
+        g_pre.add(name, "s", vals["prefill_s"])
+        if "tokens" in vals and min(vals["tokens"]) < ctx.settings.new_tokens:
+            sec.notes.append(f"{name} stopped at end-of-sequence after {int(min(vals['tokens']))} tokens in some "
+                             "repetitions")

@@ -41,7 +41,6 @@ def probe_fresh(kind: str, args: dict, timeout: float) -> dict:
 
 
 def run(ctx: Context) -> Section:
-    s = ctx.settings
     sec = Section("memory", "6. Resident memory and bundle open to first token")
     text, ids = bench_prompt(ctx.models.decoder_dir, 32)
     common = {"text": text, "ids": ids, "n_new": 4}
@@ -66,16 +65,7 @@ def run(ctx: Context) -> Section:
         probes["llama.cpp Q4_1"] = ("llama", common | {"gguf": str(ctx.models.gguf)})
     if ctx.wanted("transformers"):
         probes["transformers fp32"] = ("torch", common | {"dir": str(ctx.models.decoder_dir)})
-    results: dict[str, list[dict]] = {k: [] for k in probes}
-    for rep in range(s.memory_reps):
-        for name, (kind, args) in probes.items():
-            if name in results:
-                try:
-                    results[name].append(probe_fresh(kind, args, s.call_timeout_s))
-                except Skip as exc:
-                    ctx.skip(f"{name} memory probe", str(exc), getattr(exc, "kind", "skipped"))
-                    results.pop(name)
-        ctx.log(f"  memory rep {rep + 1}/{s.memory_reps} done")
+    results = probe_rounds(ctx, probes, "memory")
     g_rss = sec.group("rss_bytes", "resident memory after the first tokens", "lower",
                       ["genai int4", "llama.cpp Q4_1", "transformers fp32"])
     g_ttft = sec.group("open_to_first_token_s", "open to first token (fresh process, warm page cache)", "lower",
@@ -173,3 +163,20 @@ def _against_estimate(bundle_dir: str, runs: list[dict]) -> str:
             f"{one.open_peak_mib:.0f} MiB while opening; measured with one short request: largest RSS {rss:.0f} MiB, "
             f"peak {peak:.0f} MiB: "
             + ("within the one-request estimate" if ok else "ABOVE the estimate (the fit check undercounts)"))
+
+
+def probe_rounds(ctx: Context, probes: dict, label: str) -> dict[str, list[dict]]:
+    """``memory_reps`` rounds of :func:`probe_fresh` over ``probes`` (name -> (kind, args)), interleaved; a system
+    whose probe fails is recorded as skipped and left out of later rounds. Returns name -> the probes' results."""
+    s = ctx.settings
+    results: dict[str, list[dict]] = {k: [] for k in probes}
+    for rep in range(s.memory_reps):
+        for name, (kind, args) in probes.items():
+            if name in results:
+                try:
+                    results[name].append(probe_fresh(kind, args, s.call_timeout_s))
+                except Skip as exc:
+                    ctx.skip(f"{name} memory probe", str(exc), getattr(exc, "kind", "skipped"))
+                    results.pop(name)
+        ctx.log(f"  {label} rep {rep + 1}/{s.memory_reps} done")
+    return results

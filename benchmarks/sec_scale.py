@@ -27,9 +27,9 @@ from . import sys_edgepeft, sys_genai
 from .context import Context
 from .fixtures import RESULTS, bench_prompt, dir_size
 from .harness import Section, Skip, interleaved
-from .isolate import PeerFailed
 from .scale import measure_build, n_params, write_random_llama, write_random_lora
-from .sec_memory import probe_fresh
+from .sec_decode import record_decode
+from .sec_memory import probe_rounds
 from .systems import EP_INT4, EP_INT4_AD, EP_INT4_MERGED, EP_INT4_RQ, GENAI, isolated, open_peer, pubkey
 
 SHAPE = "1b"
@@ -165,20 +165,11 @@ def _decode(ctx: Context, sec: Section, samplers: dict, prompt_len: int) -> None
     samples = interleaved(samplers, s.reps, s.warmup, log=ctx.log)
     g_dec = sec.group("decode_tok_s", f"1B decode tokens/s ({s.new_tokens} new tokens, batch 1)", "higher", [GENAI_1B])
     g_pre = sec.group("prefill_s", f"1B prefill, time to first token ({prompt_len}-token prompt)", "lower", [GENAI_1B])
-    for name, vals in samples.items():
-        if "__skip__" in vals:
-            ctx.skip(name, str(vals["__skip__"]), str(vals["__kind__"]))
-            continue
-        g_dec.add(name, "tok/s", vals["decode_tok_s"])
-        g_pre.add(name, "s", vals["prefill_s"])
-        if "tokens" in vals and min(vals["tokens"]) < s.new_tokens:
-            sec.notes.append(f"{name} stopped at end-of-sequence after {int(min(vals['tokens']))} tokens in some "
-                             "repetitions")
+    record_decode(ctx, sec, samples, g_dec, g_pre)
 
 
 def _memory(ctx: Context, sec: Section, model: Path, bare: Path, slots: Path, gdir: Path | None) -> None:
     """Resident memory and open to first token, each measurement a fresh process, interleaved."""
-    s = ctx.settings
     text, ids = bench_prompt(model, 32)
     common = {"text": text, "ids": ids, "n_new": 4}
     pub = str(pubkey(ctx))
@@ -186,16 +177,7 @@ def _memory(ctx: Context, sec: Section, model: Path, bare: Path, slots: Path, gd
               EP_SLOTS: ("edgepeft", common | {"bundle": str(slots), "pub": pub})}
     if gdir is not None:
         probes[GENAI_1B] = ("genai", common | {"dir": str(gdir)})
-    runs: dict[str, list[dict]] = {k: [] for k in probes}
-    for rep in range(s.memory_reps):
-        for name, (kind, args) in probes.items():
-            if name in runs:
-                try:
-                    runs[name].append(probe_fresh(kind, args, s.call_timeout_s))
-                except PeerFailed as exc:
-                    ctx.skip(f"{name} memory probe", str(exc), exc.kind)
-                    runs.pop(name)
-        ctx.log(f"  scale memory rep {rep + 1}/{s.memory_reps} done")
+    runs = probe_rounds(ctx, probes, "scale memory")
     g_rss = sec.group("rss_bytes", "1B resident memory after the first tokens", "lower", [GENAI_1B])
     g_ttft = sec.group("open_to_first_token_s", "1B open to first token (fresh process, warm page cache)", "lower",
                        [GENAI_1B])
