@@ -162,6 +162,7 @@ def serve(db, listen, token_file, expose):
     the token (the printed URL carries it in its #fragment, which browsers never send)."""
     from ..fleet.dashboard import DashboardServer
     from ..update.agent import load_token, parse_listen
+    from .serve_options import serve_until_interrupted
 
     path = db or os.environ.get("EDGEPEFT_ROLLOUT_DB") or "edgepeft-rollouts.sqlite"
     host, port = parse_listen(listen)
@@ -180,9 +181,4 @@ def serve(db, listen, token_file, expose):
     else:
         click.echo(f"dashboard of {server.db_path}: {server.url}")
         click.echo("read-only; Ctrl-C stops it", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(server)

@@ -13,7 +13,14 @@ import click
 
 from ..errors import EngineError, UsageError
 from .keys import trusted_keys
-from .serve_options import engine_kwargs, engine_options, exposed_warning, http_options, server_kwargs
+from .serve_options import (
+    engine_kwargs,
+    engine_options,
+    exposed_warning,
+    http_options,
+    serve_until_interrupted,
+    server_kwargs,
+)
 
 
 @click.command("run")
@@ -196,13 +203,7 @@ def _serve(engine, host: str, port: int, as_json: bool, token: tuple, options: d
         where = f"token: {shown}" if shown else f"token in {source}" if value else "no token"
         click.echo(f"serving {engine.manifest.base.get('name')} ({engine.task}) on {server.url} "
                    f"(adapters: {', '.join(adapters) or 'none'}; {where}); Ctrl-C stops", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        engine.close()
+    serve_until_interrupted(server, engine.close)
 
 
 def _bind_hint(exc: OSError, host: str) -> str:

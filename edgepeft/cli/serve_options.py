@@ -14,8 +14,8 @@ def engine_options(f):
         click.option("--threads", type=click.IntRange(1, 256), default=None,
                      help="Inference threads. [default: the bundle target's]"),
         click.option("--max-concurrent", type=click.IntRange(1, 64), default=None,
-                     help="Requests decoding at once; each holds one key/value cache of the bundle's context "
-                          "(more wait for a free one). [default: the bundle target's, 4 unless it says otherwise]"),
+                     help="Requests decoding at once, in one batch where the bundle allows; each holds one "
+                          "key/value cache of the bundle's context (more wait for a free one). [default: the bundle target's, 4 unless it says otherwise]"),
         click.option("--no-spinning", is_flag=True,
                      help="Let inference threads sleep between kernels: slower decode, less power."),
         click.option("--skip-health-checks", is_flag=True,
@@ -66,3 +66,16 @@ def server_kwargs(host: str, allow_origin, allow_host, expose, max_connections, 
 def exposed_warning(host: str) -> str:
     return (f"WARNING: serving on {host}, beyond this device: anyone who reaches it with the token can use the "
             "model; put a firewall and TLS in front of it")
+
+
+def serve_until_interrupted(server, *then) -> None:
+    """Serve ``server`` until Ctrl-C, then close it and call each of ``then`` (the engine's close): what every
+    serving verb does when it stops."""
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        for close in then:
+            close()
