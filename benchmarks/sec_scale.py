@@ -123,7 +123,7 @@ def run(ctx: Context) -> Section:
     s = ctx.settings
     model = model_dir(ctx)
     params = n_params(model)
-    sec = Section("scale", f"11. A base of Llama-3.2-1B's shape ({params / 1e9:.2f} B parameters, random weights)"
+    sec = Section("scale", f"12. A base of Llama-3.2-1B's shape ({params / 1e9:.2f} B parameters, random weights)"
                   if not ctx.smoke else f"11. The 1B rows, on the {ctx.models.decoder_name} (smoke)")
     _timed_builds(ctx, sec, model)
     bare, slots = _bundles(ctx, model)
