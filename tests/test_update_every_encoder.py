@@ -21,6 +21,9 @@ from test_export_support import (  # noqa: E402
 )
 from test_runtime_support import wordpiece_tokenizer  # noqa: E402
 
+# builds classifiers with torch and transformers: the server side (its name puts it in the device selection)
+pytestmark = pytest.mark.host_only
+
 from edgepeft.contracts.signing import generate_keypair  # noqa: E402
 from edgepeft.models.arch import ENCODERS  # noqa: E402
 
