@@ -22,6 +22,7 @@ from pathlib import Path
 from . import llama_build, report
 from .context import Context, Settings
 from .fixtures import RESULTS, WORK, real_models, tiny_models, write_json_atomic
+from .goals_peers import goals_peers
 from .harness import Section, machine, versions
 from .systems import LLAMA
 
@@ -64,9 +65,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             sec.notes.append(f"section failed: {type(exc).__name__}: {str(exc)[:300]}")
             ctx.skip(f"section {sid}", f"{type(exc).__name__}: {str(exc)[:300]}")
         sections.append(sec)
-        if sid == "decode":
-            goals += sec_decode.goals_decode(sec)
-        elif sid == "switch":
+        if sid == "switch":
             goals.append(sec_adapters.goal_switch(sec))
         elif sid == "sizes":
             goals += sec_adapters.goals_sizes(sec)
@@ -86,7 +85,7 @@ def run_sections(ctx: Context, only: list[str]) -> tuple[list[Section], list[dic
             goals += concurrency_goals(sec, ctx)
         elif sid == "scale":
             goals += sec_scale.goals_scale(sec, next((x for x in sections if x.id == "decode"), None))
-    return sections, goals
+    return sections, goals + goals_peers(sections)
 
 
 def concurrency_goals(sec: Section, ctx: Context) -> list[dict]:

@@ -9,10 +9,6 @@ from .harness import Section, Skip, interleaved
 from .systems import (
     EP_INT4,
     EP_INT4_AD,
-    EP_INT4_FP32B_AD,
-    EP_INT4_LAYERS_AD,
-    EP_INT4_QV,
-    EP_INT4_RQ,
     GENAI,
     GENAI_AD,
     LLAMA,
@@ -119,37 +115,6 @@ def _ceiling(ctx: Context, sec: Section, g_dec) -> None:
                      "a system at 100 % would be limited by memory alone.")
 
 
-def _ratio_goal(g, mine_name: str, name: str, target: float) -> dict:
-    """``mine_name``'s decode speed over the faster of genai int4 and llama.cpp Q4_1 (both without adapters)."""
-    goal = {"name": name, "target": f"ratio >= {target:.2f}"}
-    mine = g.get(mine_name) if g else None
-    peers = [f for f in (g.get(GENAI), g.get(LLAMA)) if f] if g else []
-    if mine is None or not peers:
-        return goal | {"met": None, "measured": f"{mine_name} or both peers missing"}
-    best = max(peers, key=lambda f: f.median)
-    ratio = mine.median / best.median
-    return goal | {"met": ratio >= target, "ratio": ratio,
-                   "measured": f"{mine.median:.1f} vs {best.median:.1f} tok/s ({best.system}) = {ratio:.2f}x"}
-
-
-def goals_decode(sec: Section) -> list[dict]:
-    """The decode goals of issue 13, each against the faster peer *without* an adapter (same run)."""
-    g = sec.find("decode_tok_s")
-    goals = [_ratio_goal(g, EP_INT4_AD, "int4 decode, rank-8 all-linear adapter >= faster peer without one", 1.0),
-             _ratio_goal(g, EP_INT4_QV, "int4 decode, q,v adapter >= 1.05x faster peer without one", 1.05),
-             _ratio_goal(g, EP_INT4, "int4 decode without adapter >= 1.1x faster peer", 1.1)]
-    others = [f for f in (g.get(n) for n in (EP_INT4_LAYERS_AD, EP_INT4_RQ, EP_INT4_FP32B_AD)) if f] if g else []
-    if others and goals[0].get("ratio"):
-        base = g.get(EP_INT4_AD).median / goals[0]["ratio"]
-        goals[0]["measured"] += "; other forms: " + ", ".join(f"{f.system} {f.median / base:.2f}x" for f in others)
-    return goals
-
-
-
-
-__all__ = ["run", "goals_decode", "Skip"]
-
-
 def record_decode(ctx: Context, sec: Section, samples: dict, g_dec, g_pre) -> None:
     """Add each system's decode tok/s and prefill time to ``g_dec``/``g_pre`` (a skipped system is recorded as
     skipped), and note the systems that stopped at end-of-sequence before the asked number of tokens."""
@@ -162,3 +127,6 @@ def record_decode(ctx: Context, sec: Section, samples: dict, g_dec, g_pre) -> No
         if "tokens" in vals and min(vals["tokens"]) < ctx.settings.new_tokens:
             sec.notes.append(f"{name} stopped at end-of-sequence after {int(min(vals['tokens']))} tokens in some "
                              "repetitions")
+
+
+__all__ = ["run", "record_decode", "Skip"]

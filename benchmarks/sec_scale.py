@@ -38,6 +38,7 @@ EP_BARE = "edgepeft int4 1B, no slots (merged)"
 EP_SLOTS = "edgepeft int4 1B, slots, no adapter"
 EP_AD = "edgepeft int4 1B + rank-16 adapter"
 GENAI_1B = "genai int4 1B"
+GENAI_1B_AD = "genai int4 1B + rank-16 adapter"
 EP_BUILD = "edgepeft build --quant int4"
 GENAI_BUILD = "genai builder -p int4"
 
@@ -56,10 +57,14 @@ def model_dir(ctx: Context) -> Path:
     return ctx.get("1B model", make)
 
 
+def _adapter(ctx: Context, model: Path) -> Path:
+    """The rank-16 all-linear PEFT adapter (random), written once."""
+    return write_random_lora(model, ctx.work / "adapters" / f"scale-lora-r{RANK}-{model.name}", rank=RANK)
+
+
 def _bundles(ctx: Context, model: Path) -> tuple[Path, Path]:
     """(merged bundle without slots, slots bundle carrying adapter ``a0``), both int4, built in child processes."""
-    adapter = write_random_lora(model, ctx.work / "adapters" / f"scale-lora-r{RANK}-{model.name}", rank=RANK)
-    pairs = [("a0", adapter)]
+    pairs = [("a0", _adapter(ctx, model))]
 
     def build(name, merge):
         return lambda: sys_edgepeft.build(ctx.work, name, base=str(model), adapters=pairs, quant="int4", merge=merge,
@@ -71,6 +76,16 @@ def _bundles(ctx: Context, model: Path) -> tuple[Path, Path]:
 
 def _genai_dir(ctx: Context, model: Path) -> Path:
     return ctx.work / "genai" / f"{model.name}-base-int4"
+
+
+def _genai_with_adapter(ctx: Context, model: Path, text: str, ids: list[int]):
+    """genai int4 of ``model`` with the rank-16 adapter on its LoRA path (an ``.onnx_adapter`` file activated per
+    generator, as in section 1), in its own worker; raises Skip."""
+    d = ctx.work / "genai" / f"{model.name}-lora-r{RANK}-int4"
+    d = sys_genai.build(model, d, adapter_dir=_adapter(ctx, model))
+    return isolated(ctx, GENAI_1B_AD, open_peer, {"kind": "genai", "model_dir": str(d),
+                                                  "adapter_file": str(d / "adapter.onnx_adapter")},
+                    probe=("tokens", (text, ids, 4)))
 
 
 def _timed_builds(ctx: Context, sec: Section, model: Path) -> None:
@@ -148,6 +163,9 @@ def run(ctx: Context) -> Section:
                                                        probe=("tokens", (text, ids, 4))))
         if genai is not None:
             samplers[GENAI_1B] = lambda: genai.run(text, ids, s.new_tokens)
+        genai_ad = ctx.try_get(GENAI_1B_AD, lambda: _genai_with_adapter(ctx, model, text, ids))
+        if genai_ad is not None:
+            samplers[GENAI_1B_AD] = lambda: genai_ad.run(text, ids, s.new_tokens)
     if samplers:
         _decode(ctx, sec, samplers, len(ids))
     _memory(ctx, sec, model, bare, slots, gdir)
@@ -163,7 +181,8 @@ def _decode(ctx: Context, sec: Section, samplers: dict, prompt_len: int) -> None
     s = ctx.settings
     ctx.log(f"  scale decode: {len(samplers)} systems x {s.reps} reps")
     samples = interleaved(samplers, s.reps, s.warmup, log=ctx.log)
-    g_dec = sec.group("decode_tok_s", f"1B decode tokens/s ({s.new_tokens} new tokens, batch 1)", "higher", [GENAI_1B])
+    g_dec = sec.group("decode_tok_s", f"1B decode tokens/s ({s.new_tokens} new tokens, batch 1)", "higher",
+                      [GENAI_1B, GENAI_1B_AD])
     g_pre = sec.group("prefill_s", f"1B prefill, time to first token ({prompt_len}-token prompt)", "lower", [GENAI_1B])
     record_decode(ctx, sec, samples, g_dec, g_pre)
 

@@ -26,6 +26,8 @@ EP_INT4_QV = "edgepeft int4 + q,v adapter"
 EP_INT4_LAYERS = "edgepeft int4, GGUF layers"
 EP_INT4_LAYERS_AD = "edgepeft int4, GGUF layers + adapter"
 EP_INT4_RQ = "edgepeft int4, re-quantized"
+EP_INT4_RQ_AD = "edgepeft int4, re-quantized + adapter"  # the float-base path (what a user's own base gets)
+EP_INT4_RQ_MERGED = "edgepeft int4, re-quantized, merged"  # the same weights without slots (the slot cost)
 EP_INT4_RQ_SMALL = "edgepeft int4, re-quantized, zero points auto"  # the smaller mix (--zero-points auto)
 EP_INT4_FP32B_AD = "edgepeft int4 + adapter, fp32 B slots"
 EP_NF4 = "edgepeft nf4 (QLoRA base, MatMulBnb4)"
@@ -58,7 +60,7 @@ def bundle(ctx: Context, quant: str, *, merged: bool = False, all_adapters: bool
 
     ``gguf``: what becomes of the GGUF base's blocks (edgepeft build --gguf); by default "keep" for int4
     and "requantize" for int8 (int8 then shows a real 8-bit build, not the same 4-bit blocks again).
-    ``lora_b``: the LoRA B slot type ("auto": int8 with int4/int8 weights). ``zero_points``: the int4
+    ``lora_b``: the LoRA B slot type ("auto": fp32; "int8" only when asked). ``zero_points``: the int4
     re-quantization's zero-point policy (edgepeft build --zero-points).
     """
     gguf = gguf or ("requantize" if quant == "int8" else "keep")
@@ -225,8 +227,12 @@ def decoder(ctx: Context, name: str):
         if name in (EP_INT4_LAYERS, EP_INT4_LAYERS_AD):
             b = bundle(ctx, "int4", gguf="layers")
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), "a0" if name == EP_INT4_LAYERS_AD else None))
-        if name == EP_INT4_RQ:
-            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", gguf="requantize"), pubkey(ctx), None))
+        if name in (EP_INT4_RQ, EP_INT4_RQ_AD):
+            b = bundle(ctx, "int4", gguf="requantize")
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), "a0" if name == EP_INT4_RQ_AD else None))
+        if name == EP_INT4_RQ_MERGED:
+            b = bundle(ctx, "int4", merged=True, gguf="requantize")
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), None))
         if name == EP_NF4:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "nf4"), pubkey(ctx), None))
         if name == EP_INT4_FP32B_AD:
@@ -259,5 +265,5 @@ def torch_classifier(ctx: Context) -> RemoteRunner:
     return ctx.get(f"{TORCH} classifier", make)
 
 
-DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT4_LAYERS_AD, EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_FP32B_AD, EP_INT8,
-            EP_NF4, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
+DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT4_LAYERS_AD, EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_RQ_AD,
+            EP_INT4_RQ_MERGED, EP_INT4_FP32B_AD, EP_INT8, EP_NF4, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]

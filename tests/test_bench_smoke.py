@@ -313,3 +313,35 @@ def test_concurrency_goals_are_ratios_in_the_run_and_to_the_run_before():
     assert alone["1 client alone vs the run before the change"]["met"] is None
     assert "no run before the change given" in alone["1 client alone vs the run before the change"]["measured"]
     assert alone["4 clients, mixed adapters, vs llama.cpp 4 sequences without adapters (same run)"]["met"] is None
+
+
+def test_peer_goals_are_same_run_ratios_and_missing_figures_are_not_met():
+    from benchmarks.goals_peers import goals_peers
+    from benchmarks.harness import Section
+    from benchmarks.sec_scale import EP_AD, EP_BARE, EP_SLOTS, GENAI_1B
+
+    dec = Section("decode", "d")
+    g = dec.group("decode_tok_s", "tok/s", "higher")
+    for name, v in ((systems.EP_INT4_RQ, 150.0), (systems.EP_INT4_RQ_MERGED, 155.0), (systems.GENAI, 200.0),
+                    (systems.EP_INT4_RQ_AD, 130.0), (systems.GENAI_AD, 120.0)):
+        g.add(name, "tok/s", [v, v])
+    mem = Section("memory", "m")
+    r = mem.group("rss_bytes", "rss", "lower")
+    r.add(f"{systems.EP_INT4_RQ}, 0 adapters", "bytes", [200e6])
+    r.add("genai int4", "bytes", [210e6])
+    scale = Section("scale", "s")
+    s = scale.group("decode_tok_s", "tok/s", "higher")
+    for name, v in ((EP_SLOTS, 7.0), (EP_BARE, 7.7), (GENAI_1B, 6.5), (EP_AD, 6.0)):
+        s.add(name, "tok/s", [v])
+    goals = {x["name"]: x for x in goals_peers([dec, mem, scale])}
+    assert goals["135M: float-base int4, no adapter >= genai int4"]["met"] is False  # 0.75x
+    assert abs(goals["135M: float-base int4, no adapter >= genai int4"]["ratio"] - 0.75) < 1e-9
+    assert goals["135M: slot graph without adapter within 5 % of the merged graph"]["met"] is True  # 0.968x
+    assert goals["135M: float-base int4 + rank-8 adapter >= 1.3x genai int4 + adapter"]["met"] is False  # 1.08x
+    assert goals["135M: resident memory, float-base, no adapter <= genai int4"]["met"] is True
+    missing = goals["135M: GGUF-exact default, no adapter >= 1.15x llama.cpp"]
+    assert missing["met"] is None and "llama.cpp Q4_1" in missing["measured"]
+    assert goals["1B shape: slot graph without adapter within 5 % of the merged graph"]["met"] is False  # 0.909x
+    assert goals["1B shape: float-base int4, no adapter >= genai int4"]["met"] is True
+    assert goals["1B shape: float-base int4 + rank-16 adapter >= 1.3x genai int4 + adapter"]["met"] is None
+    assert goals["1B shape: GGUF-exact default, no adapter >= 1.15x llama.cpp"]["met"] is None
