@@ -16,7 +16,9 @@ requests that stopped early are counted in the notes.
 
 The anchor is llama.cpp decoding N sequences at once (one ``llama_batch`` per step with a token of each
 sequence) on the GGUF the bundle was built from, without adapters, in a worker process, interleaved
-with the server's rounds, with the same prompt ids (the chat template rendered by the bundle's own codec).
+with the server's rounds, with the ids of the first question (the chat template rendered by the bundle's own
+codec). Each of the server's requests asks the next of eight questions, so prompts share only the template's
+system prompt: a server's prompt cache reuses what a real app's requests would share, not whole repeated prompts.
 
 ``--concurrency-1b`` adds the same measurement on a bundle of a random-weight Llama-3.2-1B-shaped model
 (benchmarks.scale's maker) carrying one rank-16 adapter per client; it has no GGUF, so no anchor.
@@ -24,6 +26,7 @@ with the server's rounds, with the same prompt ids (the chat template rendered b
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -42,8 +45,24 @@ from .fixtures import LORA_RANK
 from .harness import Section, Skip, interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTION = ("Write a short story about a lighthouse keeper who finds a message in a bottle. Describe the "
-            "weather, the sea and what the message says.")
+# Each request asks another of these (in turn, over all clients), so only the chat template's system prompt is
+# a start that earlier requests shared: what the server's prompt cache can reuse for a real app.
+QUESTIONS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle. Describe the weather, the sea "
+    "and what the message says.",
+    "Tell me a story about a baker in a mountain village who wakes up to find the ovens already warm. What happened "
+    "in the night?",
+    "Write a short tale about a girl who repairs old radios and one evening hears a voice from the past. Describe "
+    "her workshop.",
+    "Describe, as a short story, the first day of a new teacher at a school on a small island, from the morning "
+    "ferry to the last bell.",
+    "Write a story about two friends who get lost while hiking in the autumn forest and what they find at the end "
+    "of the path.",
+    "Tell a short story about an old fisherman who teaches his grandson to read the clouds before a storm comes in.",
+    "Write a short story about a city gardener who discovers a rare flower growing between the tram tracks.",
+    "Tell me a story about a postman in the desert who delivers one letter a year, and about this year's letter.",
+)
+QUESTION = QUESTIONS[0]  # the llama.cpp anchor's prompt (its sequences all decode one prompt)
 EP = "edgepeft serve"
 LLAMA_BATCH = "llama.cpp Q4_1"
 GOAL_4X, GOAL_4_P50, GOAL_8X = 2.0, 2.2, 2.5
@@ -129,16 +148,21 @@ class Server:
         self._err.close()
 
 
+_ASKED = itertools.count()
+
+
 def _request(client, model: str, n_new: int) -> dict:
-    """One streamed chat completion through the official client; never raises (errors are recorded)."""
+    """One streamed chat completion through the official client, asking the next of :data:`QUESTIONS`; never
+    raises (errors are recorded)."""
     import openai
 
+    question = QUESTIONS[next(_ASKED) % len(QUESTIONS)]
     rec: dict = {"model": model, "status": "ok", "tokens": 0, "ttft_s": None, "finish": None}
     t0 = time.perf_counter()
     rec["t0"] = t0
     try:
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=n_new, temperature=0.0,
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=n_new, temperature=0.0,
             stream=True, stream_options={"include_usage": True})
         with stream:
             for ch in stream:
@@ -282,7 +306,9 @@ def _measure(ctx: Context, sec: Section, tag: str, bundle_dir: Path, pub: Path, 
         f"{model_name}: {what}; {loads}; `edgepeft run --serve --threads 2 --max-concurrent {max_conc}` "
         f"(the target's default is 4: 8 clients must be able to decode at once to show what batching buys); "
         f"client 0 on the bare base, client k on {', '.join(rounds.models[1:]) or 'the base'}; streamed chat "
-        f"completions of max_tokens {n_new}, temperature 0, prompt {prompt_tokens or '?'} tokens{ids_note}; "
+        f"completions of max_tokens {n_new}, temperature 0, each request asking the next of {len(QUESTIONS)} "
+        f"questions (prompts of {prompt_tokens or '?'} tokens{ids_note}; they share only the template's system "
+        f"prompt, which is what the server's prompt cache can reuse, at its default budget); "
         f"{reps} measured rounds per N after one "
         f"warm-up round each; {len(short)} of {len(recs)} measured requests stopped before {n_new} tokens "
         f"(counted as they came). Aggregate tok/s = all tokens of a round / its wall time (first request "

@@ -69,7 +69,7 @@ def test_fit_refuses_with_numbers():
     sm = SessionMemory(resident=155 << 20, peak=160 << 20)  # SmolLM2 int4 (78 MiB graph) as measured
     ok = check_fit(phone, bundle_bytes=80 << 20, weight_bytes=78 << 20, adapter_bytes=1 << 20, model_info=info,
                    max_rank=8, concurrency=1, session=sm)
-    assert ok.context == 1024 and 40 < ok.kv_cache_mib < 50
+    assert ok.context == 1024 and 40 + 16 < ok.kv_cache_mib < 50 + 16  # one context and the prompt cache
     with pytest.raises(TargetFitError) as err:
         check_fit(phone, bundle_bytes=600 << 20, weight_bytes=500 << 20, adapter_bytes=0, model_info=info, max_rank=32)
     msg = str(err.value)
@@ -78,7 +78,7 @@ def test_fit_refuses_with_numbers():
 
 
 def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_open_peak():
-    from edgepeft.bundle.fit import MIB, RUNTIME_OVERHEAD_MIB, kv_cache_bytes
+    from edgepeft.bundle.fit import MIB, PROMPT_CACHE_MIB, RUNTIME_OVERHEAD_MIB, kv_cache_bytes
     from edgepeft.bundle.session_memory import SessionMemory
 
     info = {"task": "causal-lm", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "max_context": 8192}
@@ -86,11 +86,11 @@ def test_fit_counts_what_the_device_holds_fp32_adapters_every_context_and_the_op
     kw = dict(bundle_bytes=120 << 20, weight_bytes=100 << 20, model_info=info, max_rank=8)
     r = check_fit(pi, adapters=[(10 << 20, "fp16"), (5 << 20, "int8"), (3 << 20, "fp32")], **kw)
     assert r.adapters_mib == 20 + 20 + 3  # fp16 files double as fp32 arrays, int8 ones quadruple
-    assert r.concurrency == 4 and r.kv_cache_mib == 4 * kv_cache_bytes(info, r.context) / MIB  # one per request
+    assert r.concurrency == 4 and r.kv_cache_mib == 4 * kv_cache_bytes(info, r.context) / MIB + PROMPT_CACHE_MIB  # one per request
     assert r.memory_mib == 2 * 100 + r.kv_cache_mib + 43 + RUNTIME_OVERHEAD_MIB  # unmeasured: twice the file
     assert not r.measured and r.open_peak_mib == r.memory_mib + 100  # the verified bytes beside the session
-    big = kw | {"weight_bytes": 400 << 20}  # 800 + 360 KV + adapters + 112, and 400 more while it opens
-    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 800 + 360 + 150 + 112 + 400
+    big = kw | {"weight_bytes": 400 << 20}  # 800 + 360 KV + 16 + adapters + 112, and 400 more while it opens
+    assert check_fit(pi, adapters=[(150 << 20, "fp32")], **big).open_peak_mib == 800 + 360 + 16 + 150 + 112 + 400
     with pytest.raises(TargetFitError, match="adapters 600.0 as fp32.*while it opens"):  # counted as files: fits
         check_fit(pi, adapters=[(150 << 20, "int8")], **big)
     # measured: what the session holds replaces the file, its measured opening peak the extra copy

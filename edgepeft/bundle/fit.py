@@ -11,7 +11,8 @@ user can see where the number comes from:
   streamed build), twice the file stands in, and the report says so;
 - one key/value cache at the target's context length per request decoding at once (the
   target's ``max_concurrent``, 4 unless it says otherwise, which is also the engine's default
-  on that target: each concurrent request owns one);
+  on that target: each concurrent request owns one), and for a decoder the engine's default prompt
+  cache (:data:`edgepeft.runtime.prompt_cache.DEFAULT_MIB`);
 - every adapter as the engine holds it: fp32 payloads as they are, fp16 payloads expanded
   to fp32 (2x their file), int8 payloads expanded to fp32 (4x);
 - a fixed allowance for Python, numpy, ONNX Runtime's library, the tokenizer and the engine:
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 from ..contracts.target import TargetProfile
 from ..errors import TargetFitError
+from ..runtime.prompt_cache import DEFAULT_MIB as PROMPT_CACHE_MIB
 from .session_memory import SessionMemory
 
 MIB = 1 << 20
@@ -85,7 +87,7 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
     concurrency = concurrency or target.budgets.max_concurrent
     context = min(target.budgets.max_context, int(model_info.get("max_context") or target.budgets.max_context))
     kv_one = kv_cache_bytes(model_info, context)
-    kv = kv_one * concurrency
+    kv = kv_one * concurrency + (PROMPT_CACHE_MIB * MIB if kv_one else 0)
     held = adapter_resident_bytes(adapters if adapters is not None else [(adapter_bytes or 0, "fp32")])
     report = _report(bundle_bytes, weight_bytes, kv, held, session, max_rank=max_rank, context=context,
                      concurrency=concurrency, external=external_bytes)
@@ -97,7 +99,7 @@ def check_fit(target: TargetProfile, *, bundle_bytes: int, weight_bytes: int, ad
         graph = (f"the graph's session {report.session_mib:.1f} (measured; the file is {weight_bytes / MIB:.1f})"
                  if report.measured else f"weights {weight_bytes / MIB:.1f}")
         problems.append(f"estimated runtime memory is {memory:.1f} MiB ({graph} + "
-                        f"KV cache {kv / MIB:.1f} for {concurrency} requests at {context} tokens + adapters "
+                        f"KV cache {kv / MIB:.1f} for {concurrency} requests at {context} tokens and the prompt cache + adapters "
                         f"{held / MIB:.1f} as fp32 + {RUNTIME_OVERHEAD_MIB} overhead"
                         + (f" + the verified copy of its data file {external_bytes / MIB:.1f}" if external_bytes else "")
                         + f"), {peak:.1f} MiB while it "

@@ -46,7 +46,7 @@ from .serve_options import engine_kwargs, engine_options, http_options, server_k
                    "(for journald and log shippers) instead of text.")
 def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, pull_url, interval, tuf_root, mqtt_url,
             device_id, mqtt_ca, mqtt_cert, mqtt_key, local_checks, threads, max_concurrent, no_spinning,
-            skip_health_checks, allow_origin, allow_host, expose, max_connections, io_timeout, audit, log_json):
+            skip_health_checks, prompt_cache_mb, allow_origin, allow_host, expose, max_connections, io_timeout, audit, log_json):
     """Run the device agent on BUNDLE (a directory or the .epb the device was shipped): serve inference and
     install signed updates that arrive over HTTP, a serial line or a TUF pull repository."""
     from pathlib import Path
@@ -65,7 +65,7 @@ def command(bundle, trusted_key, state, listen, token_file, serial_port, baud, p
     if interval <= 0:
         raise UsageError("--interval must be positive", hint="e.g. --interval 300")
     opts = {k: v for k, v in {"audit": audit}.items() if v is not None}
-    opts |= engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks)
+    opts |= engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks, prompt_cache_mb)
     keys = trusted_keys(trusted_key)
     Path(state).mkdir(parents=True, exist_ok=True)
     token, token_path = load_token(Path(state), token_file)  # first, so a client can read it while we load

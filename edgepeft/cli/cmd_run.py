@@ -73,7 +73,7 @@ from .serve_options import (
               help="Print the result as JSON (with --serve: one line with the URL once listening).")
 def command(bundle, trusted_key, prompt, system, raw, texts, adapter, max_new_tokens, temperature, top_p, top_k,
             repetition_penalty, seed, review_threshold, threads, max_concurrent, no_spinning, skip_health_checks,
-            state, audit, no_stream, serve, host, port, token_file, no_token, allow_origin, allow_host, expose,
+            prompt_cache_mb, state, audit, no_stream, serve, host, port, token_file, no_token, allow_origin, allow_host, expose,
             max_connections, io_timeout, as_json):
     """Run BUNDLE (a bundle directory, or the .epb archive read in place; verified first): answer
     --prompt, --classify texts, or --serve an HTTP API."""
@@ -92,7 +92,7 @@ def command(bundle, trusted_key, prompt, system, raw, texts, adapter, max_new_to
     from ..runtime.engine import Engine
 
     engine = Engine(bundle, trusted_keys(trusted_key), audit=audit,
-                    **engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks))
+                    **engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks, prompt_cache_mb))
     if state is not None:
         from ..update.installer import Updater
 

@@ -9,7 +9,7 @@ from ..errors import UsageError
 
 
 def engine_options(f):
-    """``--threads``, ``--max-concurrent``, ``--no-spinning``, ``--skip-health-checks``."""
+    """``--threads``, ``--max-concurrent``, ``--no-spinning``, ``--skip-health-checks``, ``--prompt-cache-mb``."""
     for opt in reversed([
         click.option("--threads", type=click.IntRange(1, 256), default=None,
                      help="Inference threads. [default: the bundle target's]"),
@@ -20,14 +20,17 @@ def engine_options(f):
                      help="Let inference threads sleep between kernels: slower decode, less power."),
         click.option("--skip-health-checks", is_flag=True,
                      help="Open the bundle without running its own signed health checks (they run on first open)."),
+        click.option("--prompt-cache-mb", type=click.FloatRange(0, 65536), default=16.0, show_default=True,
+                     help="Key/values of recent prompts kept per adapter, so a prompt that starts like an earlier "
+                          "one (a system prompt) prefills only the rest; 0 keeps none."),
     ]):
         f = opt(f)
     return f
 
 
-def engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks) -> dict:
+def engine_kwargs(threads, max_concurrent, no_spinning, skip_health_checks, prompt_cache_mb) -> dict:
     return {"threads": threads, "max_concurrent": max_concurrent, "spinning": not no_spinning,
-            "health_checks": not skip_health_checks}
+            "health_checks": not skip_health_checks, "prompt_cache_mb": prompt_cache_mb}
 
 
 def http_options(f):

@@ -44,6 +44,7 @@ import numpy as np
 
 from ..errors import EngineError
 from .decoder import check_room, kv_buffer
+from .prompt_cache import PromptCache
 from .registry import slot_group
 
 ROW_SLOTS_META = "edgepeft.row_slots"  # graph metadata written by edgepeft.export (its slots take per-row tensors)
@@ -154,7 +155,7 @@ class Batcher:
     """
 
     @classmethod
-    def for_graph(cls, runner, model_info: dict, rows: int) -> Batcher | None:
+    def for_graph(cls, runner, model_info: dict, rows: int, prompt_cache_bytes: int = 0) -> Batcher | None:
         """A batcher for ``runner``'s graph, or None when rows batched together would not each get the answer
         they get alone (see the module docstring: shaped slots, int8 LoRA B slots): its requests decode alone."""
         slots = model_info.get("slots") or {}
@@ -162,11 +163,12 @@ class Batcher:
             return None
         if "int8" in (model_info.get("slot_dtypes") or {}).values():
             return None
-        return cls(runner, model_info, rows)
+        return cls(runner, model_info, rows, prompt_cache_bytes)
 
-    def __init__(self, runner, model_info: dict, rows: int):
+    def __init__(self, runner, model_info: dict, rows: int, prompt_cache_bytes: int = 0):
         self.runner, self.ort, self.session = runner, runner.ort, runner.session
         self.rows = int(rows)
+        self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         types = {i.name: i.type for i in self.session.get_overridable_initializers()}
         by_group: dict[str, list] = {}
         for name, dims in (model_info.get("slots") or {}).items():
@@ -246,6 +248,8 @@ class Batcher:
         with self._cond:
             for g in self.groups.values():
                 g.forget(key_part)
+        if self.cache is not None:
+            self.cache.drop(key_part)
 
     def close(self) -> None:
         """Refuse new requests (the engine closes once the running ones are done)."""
@@ -323,16 +327,19 @@ class Batcher:
             ctx.bind_adapters(r, req.key, req.values)
             p = ctx.load_prefix(req.prefix)
             n = req.ids.shape[1]
+            done = self._from_cache(req, row, p)
             b = ctx.binding
-            b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(req.ids))
+            b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(req.ids[:, done:]))
             b.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(r.ones[:, :p + n]))
-            full = np.empty((1, 1 if r.last_only else n, r.vocab), np.float32)
+            full = np.empty((1, 1 if r.last_only else n - done, r.vocab), np.float32)
             b.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(full))
             try:
                 self.session.run_with_iobinding(b)
             finally:
                 b.bind_ortvalue_input("input_ids", ctx.ids_ov)
                 b.bind_ortvalue_output("logits", ctx.logits_ov)
+            if self.cache is not None:
+                self.cache.store(req.key, req.ids[0], [buf[row, :, p:p + n].copy() for buf in self.kv])
             if req.on_prefill is not None:
                 req.out.put(_PREFILLED)
             tok = req.pick(full[0, -1])
@@ -344,6 +351,16 @@ class Batcher:
             if self._emit(req, tok):
                 self.active.append(req)
                 self._batch = None
+
+    def _from_cache(self, req: _Request, row: int, p: int) -> int:
+        """Copy the cached key/values of the longest known start of ``req``'s prompt (same adapters) into
+        ``row`` after its ``p`` prefix positions; returns the prompt tokens that need no prefill (0: none)."""
+        if self.cache is None:
+            return 0
+        done, arrays = self.cache.reuse(req.key, req.ids[0])
+        for buf, arr in zip(self.kv, arrays):
+            buf[row, :, p:p + done] = arr[:, :done]
+        return done
 
     def _step(self) -> None:
         """One token for every row in the batch."""

@@ -22,10 +22,19 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import AdapterError, BundleError, EdgePeftError, EngineError, SpecError, UnknownAdapterError
+from ..errors import (
+    AdapterError,
+    BundleError,
+    EdgePeftError,
+    EngineError,
+    SpecError,
+    UnknownAdapterError,
+    UsageError,
+)
 from .audit import AuditLog
 from .decoder import check_room
 from .detok import IncrementalDetokenizer, StopMatcher
+from .prompt_cache import DEFAULT_MIB
 from .registry import AdapterRegistry, DeferredAdapter, LoadedAdapter
 from .results import Classification, GenerationResult, Stream
 from .sampling import Sampler, SamplingParams
@@ -47,6 +56,9 @@ class Engine:
     - ``batching``: concurrent requests decode together, one run per step, whatever adapters they name
       (:mod:`.batching`), where the graph has row masks (bundles built before them decode one request
       per run); False decodes each request alone, as before.
+    - ``prompt_cache_mb``: the key/values of recent prompts kept per adapter setting, so a prompt that starts
+      like an earlier one (a system prompt, instructions) prefills only the rest (:mod:`.prompt_cache`;
+      batching graphs only; default 16 MiB, which the build's fit check counts); 0 keeps none.
     - ``health_checks``: run the bundle's own signed health checks before the engine is
       returned (a bundle that is broken on this device is refused here, not found by a user).
     - ``lazy_adapters``: the bundle's adapters are loaded by the first request that names them
@@ -63,7 +75,7 @@ class Engine:
                  threads: int | None = None, audit: AuditLog | str | Path | None = None,
                  review_threshold: float = 0.6,
                  max_concurrent: int | None = None, spinning: bool = True, health_checks: bool = True,
-                 lazy_adapters: bool = True, batching: bool = True):
+                 lazy_adapters: bool = True, batching: bool = True, prompt_cache_mb: float = DEFAULT_MIB):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -102,7 +114,7 @@ class Engine:
             try:
                 weights = self._external_weights(model_file, m.file(data_name), data_name) if has_data else None
                 self._open(m, model_file.source, providers, threads, spinning, review_threshold, max_concurrent,
-                           batching, weights)
+                           batching, weights, prompt_cache_mb)
             finally:
                 model_file.close()
                 rest.result()
@@ -160,13 +172,15 @@ class Engine:
     def stats(self) -> dict:
         """Requests running now and how many may decode at once (the rest wait); for a decoder that batches
         (:mod:`.batching`) also ``batch``: rows decoding and waiting, steps run, steps with several rows and
-        the most rows one step had."""
+        the most rows one step had, and ``prompt_cache``: its entries, bytes, hits and tokens reused."""
         runner = self.runner
         batcher = runner.batcher if runner is not None else None
         with self._cond:
             out = {"running": self._running, "max_concurrent": self.max_concurrent, "closed": self._closed}
         if batcher is not None:
             out["batch"] = batcher.stats()
+            if batcher.cache is not None:
+                out["prompt_cache"] = batcher.cache.stats()
         return out
 
     def add_warning(self, message: str) -> None:
@@ -210,7 +224,7 @@ class Engine:
         return initializers_from(tensors, self._weights_memory)
 
     def _open(self, m, model, providers, threads, spinning, review_threshold, max_concurrent,
-              batching: bool, weights: tuple[list[str], list] | None = None) -> None:
+              batching: bool, weights: tuple[list[str], list] | None = None, prompt_cache_mb: float = 0) -> None:
         self.model_info = dict(m.model)
         self.task = m.base.get("task", self.model_info.get("task", "causal-lm"))
         self.base_fingerprint = m.base["fingerprint"]
@@ -245,7 +259,8 @@ class Engine:
                                         max_context=self.max_context, max_contexts=max_concurrent)
             from .batching import Batcher
 
-            self.runner.batcher = Batcher.for_graph(self.runner, mi, max_concurrent) if batching else None
+            cache = int(_megabytes("prompt_cache_mb", prompt_cache_mb) * 2**20)
+            self.runner.batcher = Batcher.for_graph(self.runner, mi, max_concurrent, cache) if batching else None
         self.warnings: list[str] = []
 
     def _codec(self, entry, info: dict):
@@ -572,6 +587,14 @@ class Engine:
                 "max_concurrent": self.max_concurrent, "warnings": list(self.warnings),
                 "batching": self.runner is not None and self.runner.batcher is not None,
                 "open_seconds": round(self.open_seconds, 4)}
+
+
+def _megabytes(name: str, value) -> float:
+    """A size in MiB from the caller: a finite number >= 0; raises :class:`UsageError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**20:
+        raise UsageError(f"{name} must be a number of MiB from 0 up, not {value!r}",
+                         hint=f"e.g. {name}=32; 0 turns it off")
+    return float(value)
 
 
 def _count(name: str, value) -> int:
