@@ -105,19 +105,24 @@ def test_an_unloaded_adapters_entries_go_with_it(families, tmp_path):
         assert engine.stats()["prompt_cache"]["entries"] == 1
 
 
-def test_the_budget_bounds_what_is_kept():
+def test_one_entry_per_setting_cut_to_what_its_prompts_share_and_the_budget_bounds_the_rest():
     cache = PromptCache(3000)
-    arr = [np.ones((2, 20, 8), np.float32)]  # 1280 bytes
+    arr = [np.arange(2 * 20 * 8, dtype=np.float32).reshape(2, 20, 8)]  # 1280 bytes
     ids = list(range(20))
-    cache.store((), ids, arr)
-    cache.store((), [7] * 20, arr)
-    assert cache.stats()["entries"] == 2
-    cache.store((), [9] * 20, arr)  # the least recently used goes
-    assert cache.stats()["entries"] == 2 and cache.reuse((), ids + [1])[0] == 0
-    assert cache.reuse((), [9] * 21)[0] == 20
-    cache.store((), [5] * (MIN_TOKENS - 1), [np.ones((1, MIN_TOKENS - 1, 1), np.float32)])  # too short to keep
-    assert cache.stats()["entries"] == 2
-    cache.store((), list(range(40)), [np.ones((2, 40, 80), np.float32)])  # larger than the whole budget
+    cache.store(("a",), ids, arr)
+    assert cache.reuse(("a",), ids)[0] == 19  # a whole repeat: all but the last token
+    cache.store(("a",), list(range(12)) + [99] * 8, [a.copy() for a in arr])  # shares 12: the entry is cut to them
+    assert cache.stats()["entries"] == 1
+    n, kept = cache.reuse(("a",), ids)
+    assert n == 12 and kept[0].shape == (2, 12, 8) and np.array_equal(kept[0], arr[0][:, :12])
+    cache.store(("a",), [7] * 20, arr)  # shares nothing: replaces it
+    assert cache.reuse(("a",), ids + [1])[0] == 0 and cache.reuse(("a",), [7] * 21)[0] == 20
+    cache.store(("b",), [8] * 20, arr)
+    cache.store(("c",), [9] * 20, arr)  # over the budget: the least recently used setting ("a") goes
+    assert cache.stats()["entries"] == 2 and cache.reuse(("a",), [7] * 21)[0] == 0
+    assert cache.reuse(("b",), [8] * 21)[0] == 20 and cache.reuse(("c",), [9] * 21)[0] == 20
+    cache.store(("d",), [5] * (MIN_TOKENS - 1), [np.ones((1, MIN_TOKENS - 1, 1), np.float32)])  # too short to keep
+    cache.store(("e",), list(range(40)), [np.ones((2, 40, 80), np.float32)])  # larger than the whole budget
     assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] <= 3000
     assert PromptCache(0).stats()["max_bytes"] == 0
 

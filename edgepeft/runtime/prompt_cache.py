@@ -10,8 +10,11 @@ adapter's entries go when it is unloaded.
 
 An entry holds one [kv_heads, tokens, head_dim] copy per cache buffer for the prompt's positions (after a
 prefix adapter's own positions, which the decoder places itself). The reused part of a new prompt is its
-longest common start with an entry, less its last token, whose logits must be computed. Entries are dropped
-least recently used first to stay within ``max_bytes``. What is reused is what that adapter setting computed
+longest common start with an entry, less its last token, whose logits must be computed. Each adapter setting
+keeps one entry: a prompt that shares a start with it cuts it to that start (what the setting's prompts have
+in common, such as a system prompt, is what the next one will likely reuse), and one that shares none
+replaces it. So a prompt repeated whole is reused whole until another prompt comes between. Entries are
+dropped least recently used first to stay within ``max_bytes``. What is reused is what that adapter setting computed
 for those very tokens, so an answer does not depend on whether it was cached beyond floating-point rounding
 (the attention over a cached start sums in another order; tests/test_prompt_cache.py states the tolerance).
 """
@@ -63,18 +66,24 @@ class PromptCache:
         return best, arrays
 
     def store(self, key: tuple, ids: Sequence[int], arrays: list[np.ndarray]) -> None:
-        """Keep ``arrays`` (copies the caller hands over, one per cache buffer) as the key/values of ``ids``
-        under ``key``. An entry of the same key whose tokens start this prompt is replaced; one too big for
-        the cache is not kept."""
+        """Keep what ``ids`` (whose key/values are ``arrays``, copies the caller hands over, one per cache
+        buffer) leaves worth keeping for ``key``: the start it shares with the setting's entry (cut to it), else
+        the whole prompt in its place. An entry too short or too big for the cache is not kept."""
         ids = np.array(ids, copy=True)
-        size = sum(a.nbytes for a in arrays) + ids.nbytes
-        if len(ids) < MIN_TOKENS or size > self.max_bytes:
-            return
         with self._lock:
-            for eid, (k, toks, _, nbytes) in list(self._entries.items()):
-                if k == key and len(toks) <= len(ids) and np.array_equal(toks, ids[:len(toks)]):
-                    del self._entries[eid]
-                    self._bytes -= nbytes
+            old = next(((eid, e) for eid, e in self._entries.items() if e[0] == key), None)
+            if old is not None:
+                eid, (_, toks, arrs, nbytes) = old
+                n = min(len(toks), len(ids))
+                eq = toks[:n] == ids[:n]
+                same = n if eq.all() else int(np.argmin(eq))
+                del self._entries[eid]
+                self._bytes -= nbytes
+                if same >= MIN_TOKENS:  # keep the common start (the entry's own copy, cut)
+                    ids, arrays = toks[:same], [a[:, :same].copy() for a in arrs]
+            size = sum(a.nbytes for a in arrays) + ids.nbytes
+            if len(ids) < MIN_TOKENS or size > self.max_bytes:
+                return
             while self._entries and self._bytes + size > self.max_bytes:
                 self._bytes -= self._entries.popitem(last=False)[1][3]
             self._entries[self._next] = (key, ids, arrays, size)
