@@ -86,11 +86,16 @@ class RowGroup:
             self.w = max(need, self.w)
             self.arrays = [np.zeros((self.rows, *s.shape(self.w)), s.dtype) for s in self.slots]
             self.holds = ["stale"] * self.rows
+        first: dict = {}  # adapter key -> a row that holds it now: later rows of that adapter copy it whole
         for i, u in enumerate(users):
             key = None if u is None else u.key
+            j = first.setdefault(key, i)
             if self.holds[i] == key:
                 continue
             for s, arr in zip(self.slots, self.arrays):
+                if j != i:
+                    arr[i] = arr[j]
+                    continue
                 arr[i] = 0
                 if u is not None:
                     s.place(arr[i], u.arrays[s.name], self.w)
