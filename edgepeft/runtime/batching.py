@@ -27,6 +27,9 @@ How it runs:
   requests, FIFO, each prefilled; then one step for every row) unless another consumer is running one.
   Requests wait FIFO for a free row and join between steps, so none starves while others decode.
 
+Classifiers and embeddings are not batched across requests; one request's texts, one adapter per text, share a
+run through the same per-row tensors (:mod:`.classify`).
+
 A prefix adapter (prefix or prompt tuning) is its row's first cache positions, as in the batch-1 decoder.
 A request's answer never depends on what else runs. So two kinds of graph get no batcher, and their
 requests decode alone, one per run, as before: a graph whose slots are declared with shapes (bundles
