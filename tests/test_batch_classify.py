@@ -240,6 +240,9 @@ def test_http_per_input_adapters(bundles, keypair):
             assert status == 200 and [d["adapter"] for d in data["data"]] == names
             np.testing.assert_allclose([d["embedding"] for d in data["data"]],
                                        engine.embed(TEXTS[:3], adapter=names).vectors, atol=1e-6)
+            status, data = _call(srv, "/v1/embeddings", {"input": TEXTS[:2], "adapters": [srv.base_id, "b"],
+                                                         "model": srv.base_id})  # the base's id: no adapter
+            assert status == 200 and [d["adapter"] for d in data["data"]] == [None, "b"]
             for path in ("/v1/classify", "/v1/embeddings"):
                 for body, code, words in (({"input": TEXTS[:2], "adapters": ["a"]}, 400, "1 entries for 2 inputs"),
                                           ({"input": TEXTS[:2], "adapters": ["a", 7]}, 400, "'adapters'[1]"),

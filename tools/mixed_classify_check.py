@@ -7,8 +7,10 @@ rank 8 on query/value with 3 labels, LoRA rank 4 on query/key/value with 2, a bo
 fp32 bundle built without per-row slots, as edgepeft built them before. Prints, per kind, the largest
 probability difference between a text in a mixed ``classify`` call and the same text alone, and the median
 time of 8 texts (3 adapters) as one mixed call, as one call per adapter and as 8 single-text calls, for texts
-of varied and of equal length; then one adapter's 8 texts on the graph with and without per-row slots. The
-calls compared are alternated one by one, so a shared machine's changing load hits them alike. docs/http-api.md ("Classifiers: one adapter per input") quotes it.
+of varied and of equal length (int4: also what writing the mixed call's per-row tensors costs); then one
+adapter's 8 texts on the graph with and without per-row slots. The calls compared are alternated one by one,
+so a shared machine's changing load hits them alike. docs/http-api.md ("Classifiers: one adapter per input")
+quotes it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main(threads: int, rounds: int) -> None:
     from edgepeft.contracts.signing import generate_keypair
     from edgepeft.models.base import resolve_base
     from edgepeft.runtime import Engine
+    from edgepeft.runtime.registry import slot_group
+    from edgepeft.runtime.rowslots import bind_rows, row_groups
 
     root = Path(tempfile.mkdtemp(prefix="mixed-classify-"))
     priv, pub = generate_keypair(root / "key")
@@ -89,6 +93,15 @@ def main(threads: int, rounds: int) -> None:
                               "8 single-text calls": lambda ts=ts: [e.classify([t], adapter=n)
                                                                     for t, n in zip(ts, MIXED)]}, rounds)
                 print(f"  {tag}: " + ", ".join(f"{k} {v} ms" for k, v in got.items()), flush=True)
+            if quant == "int4":  # what writing the per-row tensors of the mixed call costs, and how much it writes
+                rows = [e.registry.get(n) for n in MIXED]
+                users = {g: [a if any(slot_group(k) == g for k in a.arrays) else None for a in rows]
+                         for g in row_groups(e.session, e.model_info, len(rows))}
+                feeds = bind_rows(row_groups(e.session, e.model_info, len(rows)), users)
+                took = _timed({"write": lambda: bind_rows(row_groups(e.session, e.model_info, len(rows)), users)},
+                              rounds * 2)["write"]
+                print(f"  per-row tensors: {sum(v.nbytes for v in feeds.values()) / 1e6:.1f} MB, {took} ms to write",
+                      flush=True)
     new, old = Engine(root / "fp32", [pub], threads=threads), Engine(build("old", "fp32", False), [pub],
                                                                         threads=threads)
     with new, old:
