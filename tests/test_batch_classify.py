@@ -199,17 +199,24 @@ def test_bad_adapter_lists_are_refused_before_anything_runs(bundles, keypair):
 
 
 def test_adapters_of_a_mixed_request_stay_in_use_until_it_ends(bundles, keypair):
+    """Unloading an adapter a running mixed request uses is refused; one replaced meanwhile (an update) serves
+    the next request, while the running one finishes on the version it started with."""
     with _open(bundles, "fp32", keypair) as engine:
         refused = []
+        newer = engine.bundled_adapter("b")
+        newer.version = 2
 
-        def unload():
+        def meanwhile():
             for n in ("a", "bn"):
                 with pytest.raises(AdapterInUseError):
                     engine.unload_adapter(n)
                 refused.append(n)
+            engine.serve_adapter(newer)
 
-        got, _ = _runs(engine, lambda: engine.classify(TEXTS, adapter=MIXED), during=unload)
+        got, _ = _runs(engine, lambda: engine.classify(TEXTS, adapter=MIXED), during=meanwhile)
         assert refused == ["a", "bn"] and [r.adapter for r in got] == MIXED
+        assert {r.adapter_version for r in got} == {1}
+        assert [r.adapter_version for r in engine.classify(TEXTS[:2], adapter=["a", "b"])] == [1, 2]
         engine.unload_adapter("a")  # free once the request is done
         with pytest.raises(UnknownAdapterError):
             engine.classify(TEXTS[:2], adapter=["a", "b"])
