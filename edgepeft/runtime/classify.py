@@ -80,15 +80,19 @@ def per_text(adapter, n: int) -> list | None:
     return list(adapter)
 
 
-def _activate(engine, stack, names: list) -> list:
-    """The loaded adapter of each text (None for none), each held in use until ``stack`` closes: one
-    :meth:`.registry.AdapterRegistry.activate` per distinct name, since texts side by side may each set
+def _activate(engine, stack, adapter, names: list | None, n: int) -> tuple[list, list]:
+    """``(the loaded adapter of each of the n texts or None, the distinct adapters)``, each held in use until
+    ``stack`` closes. One adapter for all (``names`` None): activated as a request always was. One per text:
+    one :meth:`.registry.AdapterRegistry.activate` per distinct name, since texts side by side may each set
     the same slots (their own heads) without overlapping. Raises :class:`AdapterError`."""
+    if names is None:
+        chosen = stack.enter_context(engine.registry.activate(adapter))
+        return [chosen[0] if chosen else None] * n, chosen
     by_name = {}
-    for n in names:
-        if n is not None and n not in by_name:
-            by_name[n] = stack.enter_context(engine.registry.activate(n))[0]
-    return [None if n is None else by_name[n] for n in names]
+    for name in names:
+        if name is not None and name not in by_name:
+            by_name[name] = stack.enter_context(engine.registry.activate(name))[0]
+    return [None if name is None else by_name[name] for name in names], list(by_name.values())
 
 
 def _rows_independent(engine) -> bool:
@@ -163,24 +167,19 @@ def classify_batch(engine, texts, adapter, review_threshold: float | None = None
     chosen = []
     try:
         with ExitStack() as stack:
-            if names is None:
-                chosen = stack.enter_context(engine.registry.activate(adapter))
-                rows = [chosen[0] if chosen else None] * len(texts)
-            else:
-                rows = _activate(engine, stack, names)
-                chosen = list({id(a): a for a in rows if a is not None}.values())
+            rows, chosen = _activate(engine, stack, adapter, names, len(texts))
             merged = engine.model_info.get("merged") or {}
             labels = [_labels(engine, a) for a in rows]  # every text's, before anything runs
             logits = [None] * len(texts)
             for idx in _runs(engine, rows, heads=True):
-                out = _run(engine, "logits", feeds, rows, idx, heads=True)
+                got = _run(engine, "logits", feeds, rows, idx, heads=True)
                 own = {len(labels[i]) for i in idx}
-                if out.ndim != 2 or (len(own) == 1 and out.shape[1] != len(labels[idx[0]])) \
-                        or out.shape[1] < max(own):
-                    raise EngineError(f"the model returned {list(out.shape)} logits for {max(own)} labels",
+                if got.ndim != 2 or (len(own) == 1 and got.shape[1] != len(labels[idx[0]])) \
+                        or got.shape[1] < max(own):
+                    raise EngineError(f"the model returned {list(got.shape)} logits for {max(own)} labels",
                                       hint="the adapter's head and its label list disagree; rebuild the adapter")
                 for j, i in enumerate(idx):
-                    logits[i] = out[j, :len(labels[i])]  # a wider neighbour's zero columns cut off
+                    logits[i] = got[j, :len(labels[i])]  # a wider neighbour's zero columns cut off
             out = []
             for i, a in enumerate(rows):
                 own = a.review_threshold if a is not None else merged.get("review_threshold")
@@ -216,17 +215,11 @@ def embed_batch(engine, texts, adapter, normalize: bool = True) -> Embeddings:
     status, chosen = "error", []
     try:
         with ExitStack() as stack:
-            if names is None:
-                chosen = stack.enter_context(engine.registry.activate(adapter))
-                rows = [chosen[0] if chosen else None] * len(texts)
-            else:
-                rows = _activate(engine, stack, names)
-                chosen = list({id(a): a for a in rows if a is not None}.values())
-            vectors = np.zeros((len(texts), 0), np.float32)
-            for idx in _runs(engine, rows, heads=False):
-                part = _run(engine, EMBEDDINGS, feeds, rows, idx, heads=False).astype(np.float32)
-                if vectors.shape[1] != part.shape[1]:
-                    vectors = np.zeros((len(texts), part.shape[1]), np.float32)
+            rows, chosen = _activate(engine, stack, adapter, names, len(texts))
+            parts = [(idx, _run(engine, EMBEDDINGS, feeds, rows, idx, heads=False))
+                     for idx in _runs(engine, rows, heads=False)]
+            vectors = np.empty((len(texts), parts[0][1].shape[1]), np.float32)
+            for idx, part in parts:
                 vectors[idx] = part
             if normalize:
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

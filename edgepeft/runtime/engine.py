@@ -6,7 +6,8 @@ providers and threads. The bundle's adapters serve from the start but are read
 when first used (hashed again then, and loaded from the very bytes hashed), so
 opening costs the same with 1 or 10 of them. Requests name their adapter;
 requests with different adapters run concurrently on the same session, decoding together in one run
-per step where the graph allows it (:mod:`.batching`). A refused request (bad input, unknown
+per step where the graph allows it (:mod:`.batching`); a classify or embed call may name an adapter per
+text, and its texts then run together (:mod:`.classify`). A refused request (bad input, unknown
 adapter, ...) raises and leaves the engine as it was.
 
 Newer adapter versions arrive as signed update packages through
