@@ -63,6 +63,22 @@ def test_each_adapter_brings_its_labels_and_probabilities(engine, built):
                        list(engine.classify(TEXTS, adapter="topic")[1].probabilities.values()), atol=1e-5)
 
 
+def test_texts_for_different_adapters_in_one_call_answer_as_alone(engine):
+    """One adapter per text (issue 28): each result carries its own adapter, labels and threshold, and the
+    probabilities each text gets alone (the device run checks this on its own CPU, from the prebuilt bundle)."""
+    names = ["topic", "sentiment", "sentiment", "topic"]
+    got = engine.classify(TEXTS, adapter=names)
+    for t, n, r in zip(TEXTS, names, got):
+        alone = engine.classify([t], adapter=n)[0]
+        assert (r.adapter, r.threshold, list(r.probabilities)) == (n, alone.threshold, list(alone.probabilities))
+        assert r.label == alone.label
+        assert np.allclose(list(r.probabilities.values()), list(alone.probabilities.values()), atol=1e-4)
+    emb = engine.embed(TEXTS, adapter=[None, "topic", "sentiment", None])
+    assert emb.adapter == [None, "topic", "sentiment", None]
+    for i, n in enumerate(emb.adapter):
+        assert np.allclose(emb.vectors[i], engine.embed(TEXTS[i], adapter=n).vectors[0], atol=1e-5)
+
+
 def test_low_confidence_is_marked_for_review(engine):
     sent = engine.classify(TEXTS, adapter="sentiment")  # threshold 0.9
     topic = engine.classify(TEXTS, adapter="topic")  # threshold 0.34

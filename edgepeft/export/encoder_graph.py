@@ -21,6 +21,10 @@ trains and saves with an adapter (``modules_to_save``) are slots
 checkpoint's weights when it has them, else empty (no adapter, no head: the bare
 graph returns [batch, 0] logits), so every adapter carries its own head and labels.
 ``merged_head=True`` (merge mode) bakes the merged adapter's head in as constants.
+
+Per-row slots (``row_slots``, :mod:`.slots`): every slot, the head's included, is declared without a
+shape, and the head runs on the pooled vector as [batch, 1, hidden], so a run may bind a head per row
+([batch, hidden, labels] weight, [batch, 1, labels] bias) as well as one adapter's own [hidden, labels].
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 from ..errors import ModelError
 from ..models.arch import EncoderArch
 from .quantize import LinearEmitter, WeightQuant
-from .slots import Group, Module, emit_bottleneck, emit_lora, groups_info, resolve_targets
+from .slots import ROW_SLOTS_META, Group, Module, emit_bottleneck, emit_lora, groups_info, resolve_targets, slot_shape
 
 HEAD_WEIGHT, HEAD_BIAS = "head.classifier.weight", "head.classifier.bias"  # BERT's head slots (unchanged names)
 _ROLES_IN = {"q": "hidden", "k": "hidden", "v": "hidden", "qkv": "hidden", "o": "hidden", "up": "hidden",
@@ -96,7 +100,7 @@ def _act(gb, x: str, name: str) -> str:
 
 def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, target_modules, slots: bool = True,
                   merged_head: bool = False, head_present: frozenset = frozenset(), extra: dict | None = None,
-                  bottleneck: dict | None = None):
+                  bottleneck: dict | None = None, row_slots: bool = True):
     """Build the classifier graph from ``sd`` (``*ForSequenceClassification`` names -> float32 numpy).
 
     ``bottleneck`` (``{"points": [...], "activation": ...}``) adds bottleneck adapter slots after
@@ -105,6 +109,8 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     ``head_present``: adapter head stages whose weights the checkpoint holds (their
     slot defaults). ``extra``: what the rotary/deberta attention needs from the loaded
     model (rope tables, relative-position tables), see :func:`.api.export_model`.
+    ``row_slots``: slots that take one tensor per row, so one run classifies texts for different adapters
+    (:mod:`.slots`; False only to measure against, or to build a graph as older edgepeft did).
     Returns ``(ModelProto, info)``. Raises :class:`ModelError` for missing weights.
     """
     from onnx import TensorProto
@@ -113,6 +119,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
 
     dims = encoder_dims(arch, config)
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
+    row_slots = row_slots and slots and not merged_head
     groups = {g.key: g for g in layer_groups(dims, targets, arch)}
     gb = GraphBuilder("edgepeft_encoder")
     lin = LinearEmitter(gb, quant, per_channel_int8=True)  # int8: per-channel DynamicQuantizeMatMul
@@ -187,7 +194,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     def adapted(h, point, layer):
         if point not in points:
             return h
-        return emit_bottleneck(gb, h, point, layer, hid, bottleneck["activation"])
+        return emit_bottleneck(gb, h, point, layer, hid, bottleneck["activation"], row_slots)
     layer_tmpl = arch.layer
     roles = {r: m for m, r in arch.proj}
     for i in range(dims["layers"]):
@@ -195,13 +202,14 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
 
         def proj(inp, key, role_list, name, again=False):
             if again:  # the same stored weights on another input (DeBERTa's relative table)
-                return emit_lora(gb, inp, lin.emit_on(inp, f"l{i}.{name}"), groups[key], i)
+                return emit_lora(gb, inp, lin.emit_on(inp, f"l{i}.{name}"), groups[key], i, row_slots=row_slots)
             mods = [roles[r] for r in role_list if r in roles]
             wt = np.concatenate([w(p + m + ".weight") for m in mods], 0)
             bs = [opt(p + m + ".bias") for m in mods]
             bias = None if all(b is None for b in bs) else np.concatenate(
                 [b if b is not None else np.zeros(w(p + m + ".weight").shape[0], np.float32) for b, m in zip(bs, mods)])
-            return emit_lora(gb, inp, lin.linear(inp, wt, bias, f"l{i}.{name}"), groups[key], i)
+            return emit_lora(gb, inp, lin.linear(inp, wt, bias, f"l{i}.{name}"), groups[key], i,
+                             row_slots=row_slots)
 
         if arch.norms == "pre":
             h_in = x if i == 0 else ln(x, p + arch.norm1, "attn_ln")
@@ -247,6 +255,8 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
     # text's tokens, sentence-transformers' default pooling, whatever pooling the classification head uses
     gb.alias(mean, "embeddings", "embeddings_out")
     gb.output("embeddings", TensorProto.FLOAT, ["batch_size", hid])
+    if row_slots:  # [batch, 1, hidden]: a per-row [batch, hidden, x] weight then applies to its own row
+        pooled = gb.op("Unsqueeze", [pooled, gb.const(np.array([1], np.int64))], hint="head_rows")
     head_info, n_labels, width = [], None, hid
     default_in = hid  # the width the previous stage's default produces (1 after an empty intermediate default)
     last_adapter = [s for s in arch.head if s.source == "adapter"][-1]
@@ -258,7 +268,7 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
                 raise ModelError(f"the checkpoint has no {stage.module} weights (they would be randomly initialized)",
                                  hint=f"use a {arch.family} checkpoint that includes its {stage.module}")
             key = stage.module.split(".")[0]
-            pooled = emit_lora(gb, pooled, lin.linear(pooled, wt, bias, key), groups[key], None)
+            pooled = emit_lora(gb, pooled, lin.linear(pooled, wt, bias, key), groups[key], None, row_slots=row_slots)
         elif merged_head:
             if wt is None or stage.module in extra.get("missing", ()):
                 raise ModelError(f"the merged adapter and the checkpoint both lack {stage.module}",
@@ -276,8 +286,8 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             empty = np.zeros((default_in, 0 if last else 1), np.float32)
             wdef = np.ascontiguousarray(wt.T) if has else empty
             bdef = np.zeros(wdef.shape[1], np.float32) if bias is None or not has else bias
-            gb.slot(ws, wdef, [width, out_sym], [hid, "num_labels" if last else hid])
-            gb.slot(bs, bdef, [out_sym], ["num_labels" if last else hid])
+            gb.slot(ws, wdef, slot_shape([width, out_sym], row_slots), [hid, "num_labels" if last else hid])
+            gb.slot(bs, bdef, slot_shape([out_sym], row_slots), ["num_labels" if last else hid])
             pooled = gb.op("Add", [gb.op("MatMul", [pooled, ws], hint="head"), bs], hint="head_bias")
             width, n_labels, default_in = out_sym, "num_labels", int(wdef.shape[1])
             head_info.append({"module": stage.module, "default": bool(has)})
@@ -286,6 +296,9 @@ def build_encoder(arch: EncoderArch, config, sd: dict, *, quant: WeightQuant, ta
             pooled = _act(gb, pooled, act)
         if stage.norm:
             pooled = ln(pooled, stage.norm, "head_ln", prefix="")
+    if row_slots:
+        pooled = gb.op("Squeeze", [pooled, gb.const(np.array([1], np.int64))], hint="head_rows")
+        gb.metadata[ROW_SLOTS_META] = "1"
     gb.alias(pooled, "logits", "logits_out")
     gb.output("logits", TensorProto.FLOAT, ["batch_size", n_labels])
     info = {"dims": dims, "groups": groups_info(list(groups.values())), "slots": dict(gb.slots), "head": head_info,

@@ -22,11 +22,12 @@ leaves its output unwritten for an empty input (whatever the arena held comes ou
 they hold one zero column (A) / row (B) per module, stored as sparse initializers with
 no values (a shape, no bytes; dense zeros would add 0.8 MB to SmolLM2's graph).
 
-Per-row slots (decoders; what lets one run serve rows with different adapters): the LoRA and
-bottleneck slots are declared without a shape, so besides an adapter's own tensors ([in, m*rank]
+Per-row slots (decoders and encoders; what lets one run serve rows with different adapters): the LoRA
+and bottleneck slots (an encoder's head slots too) are declared without a shape, so besides an adapter's own tensors ([in, m*rank]
 ...) a run may bind one tensor per row, stacked ([batch, in, m*rank], [batch, m*rank, out],
 [batch, 1, size] for a bias ...): the graph's MatMuls and Adds broadcast over the batch, so row b
-uses its own adapter (zeros for a row without one) and the graph needs no node more than before.
+uses its own adapter (zeros for a row without one) and the graph needs no node more than before (the
+encoder's head: two, an Unsqueeze and a Squeeze, so that a [batch, hidden, labels] weight applies per row).
 The graph's metadata ``edgepeft.row_slots`` says so (:mod:`edgepeft.runtime.batching`).
 
 Slot names: ``layers.{i}.{group}.lora_A`` / ``.lora_B`` (``pooler.lora_A`` for the
@@ -117,7 +118,7 @@ B_SCALE = "lora.b_scale"  # the scalar 1.0 every int8 B slot's DynamicQuantizeMa
 ROW_SLOTS_META = "edgepeft.row_slots"  # graph metadata: its slots take per-row tensors (see the module docstring)
 
 
-def _shape(shape: list, row_slots: bool) -> list | None:
+def slot_shape(shape: list, row_slots: bool) -> list | None:
     """A slot's declared shape: none with ``row_slots`` (per-row tensors of another rank may be bound)."""
     return None if row_slots else shape
 
@@ -127,7 +128,7 @@ def _a_slot(gb, group: Group, layer, b_int8: bool, row_slots: bool = False) -> s
     m = len(group.modules)
     a_name = group.slot_names(layer)[0]
     gb.slot(a_name, np.zeros((group.in_dim, m if b_int8 else 0), np.float32),
-            _shape([group.in_dim, f"{group.key}_rank"], row_slots), [group.in_dim, rank_expr(m)])
+            slot_shape([group.in_dim, f"{group.key}_rank"], row_slots), [group.in_dim, rank_expr(m)])
     return a_name
 
 
@@ -136,9 +137,9 @@ def _b_times(gb, t: str, b_name: str, rows: int, cols: int, sym: str, described:
     """``t @ B`` for a B slot [rank rows, cols]: fp32 MatMul (empty default), or int8 B with
     DynamicQuantizeMatMul (``rows`` zero rows by default)."""
     if not b_int8:
-        gb.slot(b_name, np.zeros((0, cols), np.float32), _shape([sym, cols], row_slots), [described, cols])
+        gb.slot(b_name, np.zeros((0, cols), np.float32), slot_shape([sym, cols], row_slots), [described, cols])
         return gb.op("MatMul", [t, b_name], hint=hint)
-    gb.slot(b_name, np.zeros((rows, cols), np.int8), _shape([sym, cols], row_slots), [described, cols])
+    gb.slot(b_name, np.zeros((rows, cols), np.int8), slot_shape([sym, cols], row_slots), [described, cols])
     return gb.ms("DynamicQuantizeMatMul", [t, b_name, gb.shared(B_SCALE, np.array(1.0, np.float32))], hint=hint)
 
 
@@ -205,10 +206,10 @@ def emit_bottleneck(gb, h: str, point: str, layer: int, dim: int, activation: st
 
     names = bottleneck_names(point, layer)
     sym = f"{point}_bottleneck"  # one symbol per point: ORT plans buffers as if equal symbols were equal sizes
-    gb.slot(names["down.weight"], np.zeros((dim, 0), np.float32), _shape([dim, sym], row_slots), [dim, "bottleneck"])
-    gb.slot(names["down.bias"], np.zeros((0,), np.float32), _shape([sym], row_slots), ["bottleneck"])
-    gb.slot(names["up.weight"], np.zeros((0, dim), np.float32), _shape([sym, dim], row_slots), ["bottleneck", dim])
-    gb.slot(names["up.bias"], np.zeros((dim,), np.float32), _shape([dim], row_slots), [dim])
+    gb.slot(names["down.weight"], np.zeros((dim, 0), np.float32), slot_shape([dim, sym], row_slots), [dim, "bottleneck"])
+    gb.slot(names["down.bias"], np.zeros((0,), np.float32), slot_shape([sym], row_slots), ["bottleneck"])
+    gb.slot(names["up.weight"], np.zeros((0, dim), np.float32), slot_shape([sym, dim], row_slots), ["bottleneck", dim])
+    gb.slot(names["up.bias"], np.zeros((dim,), np.float32), slot_shape([dim], row_slots), [dim])
     check_choice(activation, ACTIVATIONS, "bottleneck activation",
                  hint="train the adapter with --non-linearity relu, silu or gelu")
     tag = f"l{layer}_{point}_bneck"

@@ -4,8 +4,9 @@ Why: on a CPU a decode step is bound by reading the base weights; a step for fou
 once instead of four times, so requests that would each run alone share the cost. The graph makes a
 mixed batch possible: its adapter slots take one tensor per row (:mod:`edgepeft.export.slots`), so a
 step binds, per slot group that some row uses, a [rows, ...] tensor whose row i holds row i's adapter
-(zeros for a row without one; every adapter padded to the group's widest rank or size). No node is added
-for this: a request alone runs the graph exactly as before.
+(zeros for a row without one; every adapter padded to the group's widest rank or size: :mod:`.rowslots`,
+which the encoder's mixed classify/embed batches share). No node is added for this: a request alone runs
+the graph exactly as before.
 
 How it runs:
 
@@ -25,6 +26,9 @@ How it runs:
 - No thread of its own: a consumer that wants its next token and has none runs a *round* (admit waiting
   requests, FIFO, each prefilled; then one step for every row) unless another consumer is running one.
   Requests wait FIFO for a free row and join between steps, so none starves while others decode.
+
+Classifiers and embeddings are not batched across requests; one request's texts, one adapter per text, share a
+run through the same per-row tensors (:mod:`.classify`).
 
 A prefix adapter (prefix or prompt tuning) is its row's first cache positions, as in the batch-1 decoder.
 A request's answer never depends on what else runs. So two kinds of graph get no batcher, and their
@@ -46,88 +50,10 @@ from ..errors import EngineError
 from .decoder import check_room, kv_buffer
 from .prompt_cache import PromptCache
 from .registry import slot_group
+from .rowslots import bind_rows, row_groups, takes_row_slots
 
-ROW_SLOTS_META = "edgepeft.row_slots"  # graph metadata written by edgepeft.export (its slots take per-row tensors)
 _END = object()
 _PREFILLED = object()
-
-
-def takes_row_slots(session) -> bool:
-    """Whether the graph's adapter slots take one tensor per row (its ``edgepeft.row_slots`` metadata)."""
-    return session.get_modelmeta().custom_metadata_map.get(ROW_SLOTS_META) == "1"
-
-
-class _Slot:
-    """How one adapter tensor sits in a per-row tensor: the manifest's dims (one may be symbolic, ``"3*rank"``,
-    ``"bottleneck"``: per module, ``m`` blocks of the adapter's width) padded to a common width W."""
-
-    def __init__(self, name: str, dims, dtype):
-        self.name, self.dtype = name, dtype
-        self.axis, self.m = None, 1
-        for i, d in enumerate(dims):
-            if isinstance(d, str):
-                self.axis = i
-                head = d.split("*")[0].strip()
-                self.m = int(head) if head.isdigit() else 1
-        self.dims = list(dims)
-
-    def width(self, arr: np.ndarray) -> int:
-        """The adapter's rank (or bottleneck size) this tensor implies; 0 for a tensor without one."""
-        return 0 if self.axis is None else int(arr.shape[self.axis]) // self.m
-
-    def shape(self, w: int) -> tuple:
-        """One row's shape at width ``w``; a vector gets a leading 1 (it then adds to [batch, 1, x])."""
-        out = [self.m * w if i == self.axis else int(d) for i, d in enumerate(self.dims)]
-        return tuple([1] + out if len(out) == 1 else out)
-
-    def place(self, row: np.ndarray, arr: np.ndarray, w: int) -> None:
-        """Write ``arr`` into ``row`` (zeros), module block j at [j*w, j*w + r) of the symbolic axis."""
-        if self.axis is None:
-            row[...] = arr.reshape(row.shape)
-            return
-        dst = row.reshape(self.shape(w)[-len(self.dims):])
-        r = self.width(arr)
-        for j in range(self.m):
-            into = [slice(None)] * len(self.dims)
-            into[self.axis] = slice(j * w, j * w + r)
-            take = [slice(None)] * len(self.dims)
-            take[self.axis] = slice(j * r, (j + 1) * r)
-            dst[tuple(into)] = arr[tuple(take)]
-
-
-class _RowGroup:
-    """The per-row tensors of one slot group (a LoRA A with its B slots, a bottleneck point's four parts):
-    [rows, ...] each, row i holding the adapter of the request in row i (zeros for none), kept between steps
-    and rewritten only where a row's adapter changed."""
-
-    def __init__(self, slots: list[_Slot], rows: int):
-        self.slots, self.rows = slots, rows
-        self.w = -1
-        self.arrays: list[np.ndarray] = []
-        self.holds: list = [None] * rows  # the adapter key each row holds (None: zeros)
-
-    def fit(self, users: Sequence) -> None:
-        """Make rows [0, len(users)) hold ``users`` (an adapter or None per row), wider if one needs it."""
-        need = max((s.width(u.arrays[s.name]) for u in users if u is not None for s in self.slots), default=0)
-        if need > self.w:  # pages of np.zeros are touched only where rows are written
-            self.w = max(need, self.w)
-            self.arrays = [np.zeros((self.rows, *s.shape(self.w)), s.dtype) for s in self.slots]
-            self.holds = ["stale"] * self.rows
-        for i, u in enumerate(users):
-            key = None if u is None else u.key
-            if self.holds[i] == key:
-                continue
-            for s, arr in zip(self.slots, self.arrays):
-                arr[i] = 0
-                if u is not None:
-                    s.place(arr[i], u.arrays[s.name], self.w)
-            self.holds[i] = key
-
-    def forget(self, key_part) -> None:
-        self.holds = ["stale" if h == key_part else h for h in self.holds]
-
-
-_DTYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
 
 
 class _Request:
@@ -169,11 +95,7 @@ class Batcher:
         self.runner, self.ort, self.session = runner, runner.ort, runner.session
         self.rows = int(rows)
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
-        types = {i.name: i.type for i in self.session.get_overridable_initializers()}
-        by_group: dict[str, list] = {}
-        for name, dims in (model_info.get("slots") or {}).items():
-            by_group.setdefault(slot_group(name), []).append(_Slot(name, dims, _DTYPES.get(types.get(name), np.float32)))
-        self.groups = {g: _RowGroup(slots, self.rows) for g, slots in by_group.items()}
+        self.groups = row_groups(self.session, model_info, self.rows)  # per-row tensors (:mod:`.rowslots`)
         r = runner
         shape = (self.rows, r.kv_heads, r.max_len, r.head_dim)
         self.kv = [kv_buffer(shape, r.kv_dtype) for _ in r.kv_pairs]  # resident only where rows write
@@ -412,13 +334,9 @@ class Batcher:
                 ov = self.ort.OrtValue.ortvalue_from_numpy(buf[:n])
                 b.bind_ortvalue_input(past, ov)
                 b.bind_ortvalue_output(present, ov)
-            for g, group in self.groups.items():
-                users = [req.groups.get(g) for req in rows]
-                if not any(users):
-                    continue  # no row uses it: its defaults serve every row
-                group.fit(users)
-                for slot, arr in zip(group.slots, group.arrays):
-                    b.bind_ortvalue_input(slot.name, self.ort.OrtValue.ortvalue_from_numpy(arr[:n]))
+            users = {g: [req.groups.get(g) for req in rows] for g in self.groups}
+            for name, arr in bind_rows(self.groups, users).items():  # groups no row uses keep their defaults
+                b.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(arr))
             ids = np.zeros((n, 1), np.int64)
             logits = np.empty((n, 1, self.runner.vocab), np.float32)
             b.bind_ortvalue_input("input_ids", self.ort.OrtValue.ortvalue_from_numpy(ids))

@@ -6,7 +6,8 @@ providers and threads. The bundle's adapters serve from the start but are read
 when first used (hashed again then, and loaded from the very bytes hashed), so
 opening costs the same with 1 or 10 of them. Requests name their adapter;
 requests with different adapters run concurrently on the same session, decoding together in one run
-per step where the graph allows it (:mod:`.batching`). A refused request (bad input, unknown
+per step where the graph allows it (:mod:`.batching`); a classify or embed call may name an adapter per
+text, and its texts then run together (:mod:`.classify`). A refused request (bad input, unknown
 adapter, ...) raises and leaves the engine as it was.
 
 Newer adapter versions arrive as signed update packages through
@@ -529,12 +530,19 @@ class Engine:
         return (z[np.arange(len(ids) - 1), ids[1:]] - logz).tolist()
 
     # -- classification -------------------------------------------------------------------
-    def classify(self, texts: str | Sequence[str], *, adapter: str | None = None,
+    def classify(self, texts: str | Sequence[str], *, adapter: str | Sequence[str | None] | None = None,
                  review_threshold: float | None = None) -> list[Classification]:
         """Label each text. Every result carries all label probabilities and ``needs_review``
         (confidence under ``review_threshold`` when given, else the adapter's own threshold,
-        else the engine's). Raises :class:`EngineError` (empty or too long text, a threshold
-        outside [0, 1]) or :class:`AdapterError` (unknown adapter, no head)."""
+        else the engine's).
+
+        ``adapter``: one adapter for every text, or a list with one adapter name (or None) per text:
+        the texts then run together, each with its own adapter, and each result carries its own
+        adapter, version, labels and threshold; a text's answer is the one it gets alone (rows of
+        different adapters share a run only where that holds: :mod:`.classify`).
+
+        Raises :class:`EngineError` (empty or too long text, a threshold outside [0, 1], an adapter
+        list of another length than the texts) or :class:`AdapterError` (unknown adapter, no head)."""
         from .classify import classify_batch
 
         self._require("classification")
@@ -544,12 +552,16 @@ class Engine:
         with self._request():
             return classify_batch(self, texts, adapter, review_threshold)
 
-    def embed(self, texts: str | Sequence[str], *, adapter: str | None = None, normalize: bool = True):
+    def embed(self, texts: str | Sequence[str], *, adapter: str | Sequence[str | None] | None = None,
+              normalize: bool = True):
         """One vector per text from an encoder bundle (the pooled output before the classification
         head, with ``adapter``'s weights when named), L2-normalized unless ``normalize`` is False.
+        ``adapter`` may be a list, one adapter name (or None) per text, as for :meth:`classify`; the
+        result's ``adapter`` and ``adapter_version`` are then lists, one entry per text.
 
         Returns an :class:`Embeddings`. Raises :class:`EngineError` (not an encoder bundle, a graph
-        built without an embeddings output, empty or too long text) or :class:`AdapterError`.
+        built without an embeddings output, empty or too long text, an adapter list of another length)
+        or :class:`AdapterError`.
         """
         from .classify import embed_batch
 

@@ -52,12 +52,13 @@ class Classification:
 
 @dataclass
 class Embeddings:
-    """Vectors of an :meth:`Engine.embed` request: ``vectors`` is float32 [texts, width]."""
+    """Vectors of an :meth:`Engine.embed` request: ``vectors`` is float32 [texts, width]; ``adapter`` and
+    ``adapter_version`` are lists (one entry per text) when the request named an adapter per text."""
 
     vectors: object
     tokens: int
-    adapter: str | None
-    adapter_version: int | None
+    adapter: str | list | None
+    adapter_version: int | list | None
     request_id: str = ""
 
     def tolist(self) -> list:

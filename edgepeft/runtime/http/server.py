@@ -13,7 +13,8 @@ OpenAI-style routes, so existing client libraries work against the device:
 - ``POST /v1/completions``: the same with a raw ``"prompt"`` (a string or a list of them;
   ``"logprobs": N`` gives N alternatives per token);
 - ``POST /v1/classify``: ``{"model", "input": [texts]}`` -> labels, probabilities, ``needs_review``;
-- ``POST /v1/embeddings``: ``{"model", "input": text or [texts]}`` (encoder bundles);
+  ``"adapters": [name or null, ...]`` instead of ``model`` names one adapter per input (one run for all);
+- ``POST /v1/embeddings``: ``{"model", "input": text or [texts]}`` (encoder bundles; ``adapters`` too);
 - ``GET  /v1/adapters`` and ``POST /v1/adapters/<name>/unload``;
 - ``GET  /health`` (no token: liveness only).
 
@@ -500,7 +501,8 @@ class ApiHandler(BaseHTTPRequestHandler):
     # -- encoders --------------------------------------------------------------------------
     def _classify(self):
         data = self.read_json()
-        texts, adapter = openai.texts_of(data, "input", self.server.limits), openai.model_of(data, self.server.base_id)
+        texts = openai.texts_of(data, "input", self.server.limits)
+        adapter = openai.adapters_of(data, len(texts), self.server.base_id)
         threshold = data.get("review_threshold")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ApiError(400, "'review_threshold' must be a number from 0 to 1", hint="e.g. 0.6")
@@ -511,7 +513,8 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _embeddings(self):
         data = self.read_json()
-        texts, adapter = openai.texts_of(data, "input", self.server.limits), openai.model_of(data, self.server.base_id)
+        texts = openai.texts_of(data, "input", self.server.limits)
+        adapter = openai.adapters_of(data, len(texts), self.server.base_id)
         fmt = check_choice(data.get("encoding_format", "float"), ("float", "base64"), "encoding_format",
                            error=functools.partial(ApiError, 400), hint="or leave it out (float)")
         with self.server.decode_slot():
@@ -520,7 +523,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                 for v in emb.vectors]
         self.send_json(200, {"object": "list", "model": data.get("model") or self.server.base_id,
                              "adapter_version": emb.adapter_version,
-                             "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
+                             "data": [{"object": "embedding", "index": i, "embedding": r}
+                                      | ({"adapter": emb.adapter[i], "adapter_version": emb.adapter_version[i]}
+                                         if isinstance(emb.adapter, list) else {}) for i, r in enumerate(rows)],
                              "usage": {"prompt_tokens": emb.tokens, "total_tokens": emb.tokens}})
 
 
