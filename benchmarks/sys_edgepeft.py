@@ -138,7 +138,9 @@ class EdgeDecoder:
             from edgepeft.runtime.engine import Engine
         except ImportError as exc:
             raise Skip(f"edgepeft.runtime.engine is not importable yet: {exc}") from exc
-        self.engine = Engine(bundle, [pub], threads=THREADS)
+        # every repetition sends the same prompt: with a prompt cache, prefill would time one token, not the
+        # prompt the peers prefill (section 11's server keeps its cache: its requests ask different questions)
+        self.engine = Engine(bundle, [pub], threads=THREADS, prompt_cache_mb=0)
         self.adapter = adapter
 
     def run_text(self, text: str, n_new: int, adapter: str | None = "__default__") -> dict[str, float]:

@@ -22,14 +22,14 @@ EP_INT4_AD = "edgepeft int4 + adapter"
 EP_INT4 = "edgepeft int4"
 EP_INT4_QV = "edgepeft int4 + q,v adapter"
 # the other forms of a GGUF base (edgepeft build --gguf): its layers' blocks with a re-quantized embedding, and
-# everything re-quantized (the previous default); and the default with fp32 LoRA B slots (what int8 B buys)
+# everything re-quantized (the previous default); and the default with int8 LoRA B slots (what fp32 B costs at batch 1)
 EP_INT4_LAYERS = "edgepeft int4, GGUF layers"
 EP_INT4_LAYERS_AD = "edgepeft int4, GGUF layers + adapter"
 EP_INT4_RQ = "edgepeft int4, re-quantized"
 EP_INT4_RQ_AD = "edgepeft int4, re-quantized + adapter"  # the float-base path (what a user's own base gets)
 EP_INT4_RQ_MERGED = "edgepeft int4, re-quantized, merged"  # the same weights without slots (the slot cost)
 EP_INT4_RQ_SMALL = "edgepeft int4, re-quantized, zero points auto"  # the smaller mix (--zero-points auto)
-EP_INT4_FP32B_AD = "edgepeft int4 + adapter, fp32 B slots"
+EP_INT4_INT8B_AD = "edgepeft int4 + adapter, int8 B slots"  # lora_b = "int8": not batched, smaller
 EP_NF4 = "edgepeft nf4 (QLoRA base, MatMulBnb4)"
 EP_INT8 = "edgepeft int8"
 EP_FP32 = "edgepeft fp32"
@@ -235,8 +235,8 @@ def decoder(ctx: Context, name: str):
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(b, pubkey(ctx), None))
         if name == EP_NF4:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "nf4"), pubkey(ctx), None))
-        if name == EP_INT4_FP32B_AD:
-            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", lora_b="fp32"), pubkey(ctx), "a0"))
+        if name == EP_INT4_INT8B_AD:
+            return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, "int4", lora_b="int8"), pubkey(ctx), "a0"))
         quant = {EP_INT4_AD: "int4", EP_INT4: "int4", EP_INT8: "int8", EP_FP32: "fp32", EP_INT4_MERGED: "int4"}[name]
         if name == EP_INT4_MERGED:
             return _EdgeRunner(sys_edgepeft.EdgeDecoder(bundle(ctx, quant, merged=True), pubkey(ctx), None))
@@ -266,4 +266,4 @@ def torch_classifier(ctx: Context) -> RemoteRunner:
 
 
 DECODERS = [EP_INT4_AD, EP_INT4_QV, EP_INT4, EP_INT4_LAYERS_AD, EP_INT4_LAYERS, EP_INT4_RQ, EP_INT4_RQ_AD,
-            EP_INT4_RQ_MERGED, EP_INT4_FP32B_AD, EP_INT8, EP_NF4, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
+            EP_INT4_RQ_MERGED, EP_INT4_INT8B_AD, EP_INT8, EP_NF4, EP_FP32, EP_INT4_MERGED, GENAI, GENAI_AD, LLAMA, TORCH]
