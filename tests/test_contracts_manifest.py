@@ -12,9 +12,9 @@ from edgepeft.contracts.signing import generate_keypair, load_private_key, sign_
 from edgepeft.errors import IntegrityError, SignatureError, SpecError
 
 
-def _write_bundle(root, private_key_path):
+def _write_bundle(root, private_key_path, graph: bytes = b"graph" * 100):
     root.mkdir()
-    (root / "model.onnx").write_bytes(b"graph" * 100)
+    (root / "model.onnx").write_bytes(graph)
     (root / "adapters").mkdir()
     (root / "adapters" / "support-1.onnx_adapter").write_bytes(b"\x01\x02" * 50)
     files = [{"path": p, "size": (root / p).stat().st_size, "sha256": sha256_file(root / p)}
@@ -167,6 +167,28 @@ def test_verified_files_are_sealed_copies_of_what_was_hashed(bundle, keypair):
     assert bytes(view[:5]) == b"graph"  # the view outlives the file
     with pytest.raises(IntegrityError, match="SHA-256"):
         files.open_verified(entry)
+
+
+def test_a_graph_of_many_blocks_is_hashed_whole_beside_its_copy(tmp_path, keypair):
+    """The sealed copy is hashed on another thread while it is written, block by block: every block counts, the
+    last and a short one included, and the copy holds exactly what was hashed."""
+    import os
+
+    from edgepeft.contracts.verify import BundleFiles
+
+    graph = os.urandom((5 << 20) + 12345)  # several read blocks and a short last one
+    _write_bundle(tmp_path / "b", keypair[0], graph)
+    files = BundleFiles(tmp_path / "b")
+    entry = verify_bundle(files, [keypair[1]], check_files=False).file("model.onnx")
+    vf = files.open_verified(entry)
+    assert bytes(vf.view()) == graph
+    vf.close()
+    for where in (0, 3 << 20, len(graph) - 1):  # a flipped byte in the first, a middle and the last block
+        bad = bytearray(graph)
+        bad[where] ^= 1
+        (tmp_path / "b" / "model.onnx").write_bytes(bytes(bad))
+        with pytest.raises(IntegrityError, match="SHA-256"):
+            files.open_verified(entry)
 
 
 def test_sealing_waits_out_busy_pages_and_fails_clearly_when_they_stay_busy():

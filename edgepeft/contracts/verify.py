@@ -258,6 +258,34 @@ class VerifiedFile:
         self._fd = self._data = None
 
 
+class _BesideHasher:
+    """SHA-256 of the blocks given to :meth:`add`, computed by a thread of its own, so that hashing a large
+    file overlaps reading and copying it (hashlib and os.write both release the GIL). The blocks must be
+    immutable (``bytes``): what is hashed is the very object the caller writes. At most a few blocks wait."""
+
+    def __init__(self, depth: int = 4):
+        import queue
+        import threading
+
+        self._h = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="edgepeft-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._q.get()) is not None:
+            self._h.update(block)
+
+    def add(self, block: bytes) -> None:
+        self._q.put(block)
+
+    def hexdigest(self) -> str:
+        """The digest of every block added; ends the thread (call once)."""
+        self._q.put(None)
+        self._thread.join()
+        return self._h.hexdigest()
+
+
 def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
     """Stream ``blocks`` into a memfd while hashing; seal it once size and SHA-256 match ``entry``.
     None where memfds do not exist (not Linux) or the seal never takes (the caller then loads the
@@ -268,14 +296,17 @@ def _sealed(blocks, entry, label: str) -> VerifiedFile | None:
         return None
     fd = os.memfd_create(label.replace("/", "_")[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        h, n = hashlib.sha256(), 0
-        for block in blocks:
-            h.update(block)
-            n += len(block)
-            view = memoryview(block)
-            while view:
-                view = view[os.write(fd, view):]
-        if n != entry.size or h.hexdigest() != entry.sha256:
+        hasher, n = _BesideHasher(), 0
+        try:
+            for block in blocks:
+                hasher.add(block)  # hashed on another core while this one copies it into the memfd
+                n += len(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            digest = hasher.hexdigest()
+        if n != entry.size or digest != entry.sha256:
             raise IntegrityError(f"{label} does not match its SHA-256 in the manifest (tampered or corrupted)",
                                  hint="copy the bundle again from a trusted source")
         try:
@@ -360,7 +391,7 @@ class BundleFiles:
         fd = open_in_bundle(self.path, entry.path)
         with os.fdopen(fd, "rb") as fh:
             _check_open_file(fh, entry, entry.path)
-            sealed = _sealed(iter(lambda: fh.read(1 << 20), b""), entry, entry.path)
+            sealed = _sealed(iter(lambda: fh.read(2 << 20), b""), entry, entry.path)
         return sealed if sealed is not None else VerifiedFile(data=read_verified(self.path, entry))
 
     def check(self, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
