@@ -25,7 +25,7 @@ TOL = {"fp32": 1e-4, "int4": 1e-4}  # probabilities, a text in a mixed batch aga
 
 def _build(root, key, quant: str, row_slots: bool = True) -> dict:
     from test_export_support import make_bottleneck_adapter, make_peft_adapter, tiny_bert_dir
-    from test_runtime_support import _record, wordpiece_tokenizer
+    from test_runtime_support import training_record, wordpiece_tokenizer
 
     import edgepeft.export.encoder_graph as eg
     from edgepeft.bundle.build import build_bundle
@@ -39,7 +39,7 @@ def _build(root, key, quant: str, row_slots: bool = True) -> dict:
                       num_labels=2)
     make_bottleneck_adapter(base, dirs["bn"], task="classification", size=4, seed=43, num_labels=4)
     for n, d in dirs.items():
-        _record(d, labels=LABELS[n], review_threshold=THRESHOLDS[n])
+        training_record(d, labels=LABELS[n], review_threshold=THRESHOLDS[n])
     orig = eg.build_encoder
     if not row_slots:  # a graph as edgepeft built it before per-row slots
         eg.build_encoder = functools.partial(orig, row_slots=False)
@@ -270,7 +270,7 @@ def test_every_encoder_family_batches_adapters_with_their_own_heads(family, tmp_
     """Two-stage heads (RoBERTa's dense + out_proj), a pooler the adapters save (DeBERTa), a base head stage
     with a LoRA and a norm (ModernBERT), DeBERTa's relative table projected with each row's adapter."""
     from test_export_support import ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter, tiny_encoder_dir
-    from test_runtime_support import _record, wordpiece_tokenizer
+    from test_runtime_support import training_record, wordpiece_tokenizer
 
     from edgepeft.bundle.build import build_bundle
 
@@ -282,7 +282,7 @@ def test_every_encoder_family_batches_adapters_with_their_own_heads(family, tmp_
         extra = {k: list(v) for k, v in ENCODER_FAMILIES[family][2].items()}
         make_peft_adapter(base, d, task="classification", targets=ENCODER_TARGETS[family], seed=51 + seed,
                           num_labels=len(labels[n]), r=4 - 2 * seed, **extra)
-        _record(d, labels=labels[n])
+        training_record(d, labels=labels[n])
     res = build_bundle(base=str(base), adapters=list(dirs.items()), target="x86-64-gateway", key=keypair[0],
                        out=tmp_path / "bundle", quant="fp32", slot_rank=4, task="classification")
     names = ["a", "b", "b", "a"]
@@ -302,26 +302,14 @@ def test_every_encoder_family_batches_adapters_with_their_own_heads(family, tmp_
 def test_bare_texts_on_a_fine_tuned_checkpoint_keep_its_own_head(tmp_path, keypair):
     """The checkpoint's head is the slot's default: a per-row tensor would hold zeros for a bare row, so bare
     rows run apart from rows whose adapter brings a head, and each answers as alone."""
-    import torch
-    from test_export_support import make_peft_adapter, tiny_encoder_dir
-    from test_runtime_support import _record, wordpiece_tokenizer
-    from transformers import AutoModelForSequenceClassification
+    from test_export_support import finetuned_classifier_dir, make_peft_adapter
+    from test_runtime_support import training_record
 
     from edgepeft.bundle.build import build_bundle
 
-    bare = tiny_encoder_dir("bert", tmp_path / "bare")
-    torch.manual_seed(3)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        bare, num_labels=3, id2label={0: "p", 1: "q", 2: "r"}, label2id={"p": 0, "q": 1, "r": 2})
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.startswith("classifier"):
-                p.normal_(0, 0.5)
-    ft = tmp_path / "finetuned"
-    model.eval().save_pretrained(ft)
-    wordpiece_tokenizer(ft)
+    ft = finetuned_classifier_dir("bert", tmp_path / "finetuned", ["p", "q", "r"])
     make_peft_adapter(ft, tmp_path / "x", task="classification", targets=("query", "value"), seed=61, num_labels=3)
-    _record(tmp_path / "x", labels=["u", "v", "w"])
+    training_record(tmp_path / "x", labels=["u", "v", "w"])
     res = build_bundle(base=str(ft), adapters=[("x", tmp_path / "x")], target="x86-64-gateway", key=keypair[0],
                        out=tmp_path / "bundle", quant="fp32", slot_rank=4, task="classification")
     names = [None, "x", None, "x"]

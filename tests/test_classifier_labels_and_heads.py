@@ -12,7 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_export_support import ENCODER_FAMILIES, ENCODER_TARGETS, make_peft_adapter, tiny_encoder_dir  # noqa: E402
+from test_export_support import (  # noqa: E402
+    ENCODER_FAMILIES,
+    ENCODER_TARGETS,
+    finetuned_classifier_dir,
+    make_peft_adapter,
+    tiny_encoder_dir,
+)
 from test_runtime_support import wordpiece_tokenizer  # noqa: E402
 
 from edgepeft.contracts.signing import generate_keypair  # noqa: E402
@@ -54,17 +60,7 @@ def test_a_fine_tuned_checkpoint_serves_its_own_head(tmp_path):
     from edgepeft.runtime import Engine
 
     priv, pub = generate_keypair(tmp_path / "k")
-    bare = tiny_encoder_dir("roberta", tmp_path / "bare")
-    torch.manual_seed(3)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        bare, num_labels=3, id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.startswith("classifier"):
-                p.normal_(0, 0.5)
-    ft = tmp_path / "inbox-finetuned"
-    model.eval().save_pretrained(ft)
-    wordpiece_tokenizer(ft)
+    ft = finetuned_classifier_dir("roberta", tmp_path / "inbox-finetuned", NAMES)
     # no adapter, no --task: the checkpoint's architectures say it is a classifier
     r = subprocess.run([sys.executable, "-m", "edgepeft", "build", "--base", str(ft), "--target", "x86-64-gateway",
                         "--quant", "fp32", "--key", str(priv), "--out", str(tmp_path / "bundle")],
@@ -75,6 +71,7 @@ def test_a_fine_tuned_checkpoint_serves_its_own_head(tmp_path):
     assert r.returncode == 0 and any(n in r.stdout for n in NAMES), r.stdout + r.stderr
     tok = AutoTokenizer.from_pretrained(ft)
     enc = tok(TEXTS, return_tensors="pt", padding=True)
+    model = AutoModelForSequenceClassification.from_pretrained(ft).eval()
     with torch.no_grad():
         want = model(**enc).logits.softmax(-1).numpy()
     with Engine(tmp_path / "bundle", [pub]) as eng:

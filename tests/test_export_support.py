@@ -187,6 +187,26 @@ ENCODER_TARGETS = {
 }
 
 
+def finetuned_classifier_dir(family, path, names, seed=3):
+    """A tiny fine-tuned classifier checkpoint: the bare ``family`` encoder with a random classification head of
+    ``names`` (its id2label), saved to ``path`` with a word-piece tokenizer; returns ``path``."""
+    import torch
+    from test_runtime_support import wordpiece_tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    bare = tiny_encoder_dir(family, Path(path).with_name(Path(path).name + "-bare"))
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        bare, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("classifier"):
+                p.normal_(0, 0.5)
+    model.eval().save_pretrained(path)
+    wordpiece_tokenizer(path)
+    return Path(path)
+
+
 def tiny_encoder_dir(family, path, seed=0):
     """The bare encoder (no head), saved the way the family's pretrained checkpoints are (MLM head for ModernBERT)."""
     import torch

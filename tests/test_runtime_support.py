@@ -67,7 +67,7 @@ def wordpiece_tokenizer(out_dir: Path, vocab_size: int = 120) -> None:
         "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "model_max_length": 64}))
 
 
-def _record(peft_dir: Path, **fields) -> None:
+def training_record(peft_dir: Path, **fields) -> None:
     """The training record ``edgepeft build`` reads beside a PEFT adapter (version, labels, threshold)."""
     (Path(peft_dir) / "edgepeft_training.json").write_text(json.dumps(fields))
     if "labels" in fields:  # write_adapter reads labels.json; build_bundle prefers what it finds there
@@ -117,10 +117,10 @@ def build_encoder_bundle(root: Path, private_key: Path) -> dict:
     sent, topic = root / "peft-sentiment", root / "peft-topic"
     make_peft_adapter(base, sent, task="classification", r=4, alpha=8, targets=("query", "value"), seed=21,
                       num_labels=2)
-    _record(sent, labels=["negative", "positive"], review_threshold=0.9)
+    training_record(sent, labels=["negative", "positive"], review_threshold=0.9)
     make_peft_adapter(base, topic, task="classification", r=4, alpha=8, targets=("query", "value"), seed=22,
                       num_labels=3)
-    _record(topic, labels=["billing", "shipping", "other"], review_threshold=0.34)
+    training_record(topic, labels=["billing", "shipping", "other"], review_threshold=0.34)
     res = build_bundle(base=str(base), adapters=[("sentiment", sent), ("topic", topic)], target="x86-64-gateway",
                        key=private_key, out=root / "bundle", quant="fp32", slot_rank=4, task="classification")
     return {"bundle": res.bundle_dir, "manifest": res.manifest, "model_info": res.manifest["model"], "base": base}
