@@ -48,7 +48,7 @@ def _timed(calls: dict, rounds: int) -> dict:
 def main(threads: int, rounds: int) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's edgepeft; the builders live with the tests
     from test_export_support import make_bottleneck_adapter, make_peft_adapter
-    from test_runtime_support import _record
+    from test_runtime_support import training_record
 
     import edgepeft.export.encoder_graph as eg
     from edgepeft.bundle.build import build_bundle
@@ -68,7 +68,7 @@ def main(threads: int, rounds: int) -> None:
                       seed=2, num_labels=2)
     make_bottleneck_adapter(base, dirs["bn"], task="classification", size=16, seed=3, num_labels=4, scale=0.05)
     for n, d in dirs.items():
-        _record(d, labels=LABELS[n])
+        training_record(d, labels=LABELS[n])
 
     def build(tag: str, quant: str, row_slots: bool = True) -> Path:
         orig = eg.build_encoder
