@@ -13,7 +13,9 @@ How it runs:
 - One key/value buffer per cache input, [rows, kv_heads, max_len, head_dim]; row ``r`` belongs to
   one request. A request prefills alone at batch 1 into its row, with its own adapters bound as the
   batch-1 decoder binds them (a :class:`.decoder.DecodeContext` over the row's slice, which shares its
-  memory), then joins the running batch.
+  memory), then joins the running batch. Where the start of its prompt is in the prompt cache for the
+  same adapters (:mod:`.prompt_cache`), those key/values are copied into the row and only the rest is
+  prefilled.
 - A step runs rows [0, n) with one token each and an attention mask right-padded per row:
   ``GroupQueryAttention`` takes each row's length (``seqlens_k``) and writes each row's new key/value
   at that row's own position in the shared buffer.
