@@ -251,8 +251,8 @@ def test_http_per_input_adapters(bundles, keypair):
                                                          "model": srv.base_id})  # the base's id: no adapter
             assert status == 200 and [d["adapter"] for d in data["data"]] == [None, "b"]
             for path in ("/v1/classify", "/v1/embeddings"):
-                for body, code, words in (({"input": TEXTS[:2], "adapters": ["a"]}, 400, "1 entries for 2 inputs"),
-                                          ({"input": TEXTS[:2], "adapters": ["a", 7]}, 400, "'adapters'[1]"),
+                for body, code, words in (({"input": TEXTS[:2], "adapters": ["a"]}, 400, "1 adapters for 2 texts"),
+                                          ({"input": TEXTS[:2], "adapters": ["a", 7]}, 400, "adapter 1 is int"),
                                           ({"input": TEXTS[:2], "adapters": "a"}, 400, "must be a list"),
                                           ({"input": TEXTS[:2], "adapters": ["a", "b"], "model": "a"}, 400,
                                            "not both"),

@@ -263,7 +263,7 @@ class Batcher:
                 b.bind_ortvalue_input("input_ids", ctx.ids_ov)
                 b.bind_ortvalue_output("logits", ctx.logits_ov)
             if self.cache is not None:
-                self.cache.store(req.key, req.ids[0], [buf[row, :, p:p + n].copy() for buf in self.kv])
+                self.cache.store(req.key, req.ids[0], [buf[row, :, p:p + n] for buf in self.kv])
             if req.on_prefill is not None:
                 req.out.put(_PREFILLED)
             tok = req.pick(full[0, -1])

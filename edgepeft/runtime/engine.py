@@ -87,6 +87,7 @@ class Engine:
                                            or not 1 <= max_concurrent <= 256):
             raise EngineError(f"max_concurrent must be a whole number from 1 to 256, got {max_concurrent!r}",
                               hint="e.g. max_concurrent=2 on a small device")
+        prompt_cache_mb = _megabytes("prompt_cache_mb", prompt_cache_mb)
         self._cond = threading.Condition()
         self._running = 0
         self._closed = False
@@ -260,7 +261,7 @@ class Engine:
                                         max_context=self.max_context, max_contexts=max_concurrent)
             from .batching import Batcher
 
-            cache = int(_megabytes("prompt_cache_mb", prompt_cache_mb) * 2**20)
+            cache = int(prompt_cache_mb * 2**20)
             self.runner.batcher = Batcher.for_graph(self.runner, mi, max_concurrent, cache) if batching else None
         self.warnings: list[str] = []
 

@@ -66,9 +66,10 @@ class PromptCache:
         return best, arrays
 
     def store(self, key: tuple, ids: Sequence[int], arrays: list[np.ndarray]) -> None:
-        """Keep what ``ids`` (whose key/values are ``arrays``, copies the caller hands over, one per cache
-        buffer) leaves worth keeping for ``key``: the start it shares with the setting's entry (cut to it), else
-        the whole prompt in its place. An entry too short or too big for the cache is not kept."""
+        """Keep what ``ids`` (whose key/values are ``arrays``, one [kv_heads, tokens, head_dim] view per cache
+        buffer, copied here) leaves worth keeping for ``key``: the start it shares with the setting's entry
+        (cut to it), else the whole prompt in its place. An entry too short or too big for the cache is not
+        kept."""
         ids = np.array(ids, copy=True)
         with self._lock:
             old = next(((eid, e) for eid, e in self._entries.items() if e[0] == key), None)
@@ -80,10 +81,11 @@ class PromptCache:
                 del self._entries[eid]
                 self._bytes -= nbytes
                 if same >= MIN_TOKENS:  # keep the common start (the entry's own copy, cut)
-                    ids, arrays = toks[:same], [a[:, :same].copy() for a in arrs]
+                    ids, arrays = toks[:same], [a[:, :same] for a in arrs]
             size = sum(a.nbytes for a in arrays) + ids.nbytes
             if len(ids) < MIN_TOKENS or size > self.max_bytes:
                 return
+            arrays = [a.copy() for a in arrays]  # only what is kept is copied
             while self._entries and self._bytes + size > self.max_bytes:
                 self._bytes -= self._entries.popitem(last=False)[1][3]
             self._entries[self._next] = (key, ids, arrays, size)

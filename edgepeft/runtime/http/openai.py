@@ -26,28 +26,22 @@ def model_of(data: dict, base_id: str) -> str | None:
     return None if model in (None, "", base_id) else model
 
 
-def adapters_of(data: dict, n: int, base_id: str):
+def adapters_of(data: dict, base_id: str):
     """The adapter(s) a classify/embeddings request names: ``data["adapters"]``, one name (or null, or the
     base's id: no adapter) per input, else ``model`` (:func:`model_of`). Raises :class:`ApiError` (400) for
-    a list of another length than the ``n`` inputs, an entry that is not a string or null, or both fields
-    naming adapters; an unknown name is the engine's :class:`UnknownAdapterError` (404)."""
+    an ``adapters`` that is not a list, or both fields naming adapters; the list's length and entries are the
+    engine's check (:func:`edgepeft.runtime.classify.per_text`, a 400 too), an unknown name its
+    :class:`UnknownAdapterError` (404)."""
     per = data.get("adapters")
     if per is None:
         return model_of(data, base_id)
     if not isinstance(per, list):
         raise ApiError(400, "'adapters' must be a list with one adapter name (or null) per input",
                        hint='e.g. "adapters": ["sentiment", null]')
-    if len(per) != n:
-        raise ApiError(400, f"'adapters' has {len(per)} entries for {n} inputs",
-                       hint="name one adapter (or null for the base) per input, in the same order")
-    for i, a in enumerate(per):
-        if a is not None and not isinstance(a, str):
-            raise ApiError(400, f"'adapters'[{i}] must be an adapter name or null, not {type(a).__name__}",
-                           hint="GET /v1/models lists the names this device serves")
     if model_of(data, base_id) is not None:
         raise ApiError(400, "name the adapters either with 'model' or per input with 'adapters', not both",
                        hint="leave 'model' out (or give the base's id) when sending 'adapters'")
-    return [None if a in ("", base_id) else a for a in per]
+    return [None if isinstance(a, str) and a in ("", base_id) else a for a in per]
 
 
 def texts_of(data: dict, key: str, limits: Limits, example: str = '["great product", "never again"]') -> list[str]:

@@ -502,7 +502,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _classify(self):
         data = self.read_json()
         texts = openai.texts_of(data, "input", self.server.limits)
-        adapter = openai.adapters_of(data, len(texts), self.server.base_id)
+        adapter = openai.adapters_of(data, self.server.base_id)
         threshold = data.get("review_threshold")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ApiError(400, "'review_threshold' must be a number from 0 to 1", hint="e.g. 0.6")
@@ -514,7 +514,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _embeddings(self):
         data = self.read_json()
         texts = openai.texts_of(data, "input", self.server.limits)
-        adapter = openai.adapters_of(data, len(texts), self.server.base_id)
+        adapter = openai.adapters_of(data, self.server.base_id)
         fmt = check_choice(data.get("encoding_format", "float"), ("float", "base64"), "encoding_format",
                            error=functools.partial(ApiError, 400), hint="or leave it out (float)")
         with self.server.decode_slot():
