@@ -98,8 +98,9 @@ def run(ctx: Context) -> Section:
                      "edgepeft's open includes verifying the signature and every file's SHA-256; its bundled "
                      "adapters load (hashed again) on the first request naming them. Each system's imports "
                      "(genai's native library; edgepeft's onnxruntime and tokenizers) happen before the clock. "
-                     "genai's probe is handed token ids and opens no tokenizer; edgepeft's open builds its own "
-                     "(tools/profile_startup.py splits edgepeft's open and memory).")
+                     "Every system starts from the prompt's text: edgepeft's open builds its tokenizer, genai's probe "
+                     "opens og.Tokenizer and llama.cpp tokenizes with the vocabulary its open loaded, inside the "
+                     "clock (tools/profile_startup.py splits edgepeft's open and memory).")
     return sec
 
 

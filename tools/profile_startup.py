@@ -9,7 +9,7 @@ and the rest, then times the first streamed token, with resident memory (all, pr
 after the first token. The process's CPU time for the open and for the first token is printed beside wall
 time: on shared cores it moves far less with other load. A system may be given as ``CODE_DIR=BUNDLE_DIR``: that process imports edgepeft from
 ``CODE_DIR`` (e.g. an exported copy of main), so old and new code run side by side in one run. genai runs
-``og.Model`` then one token from the same prompt ids. The benchmark's own figures are ``make bench``'s memory
+``og.Model``, ``og.Tokenizer`` on the same prompt text, then one token. The benchmark's own figures are ``make bench``'s memory
 section (benchmarks/sec_memory.py); this splits them.
 """
 
@@ -90,7 +90,7 @@ def child_edgepeft(bundle: str, pub: str, text: str) -> dict:
     return out
 
 
-def child_genai(model_dir: str, ids: list[int]) -> dict:
+def child_genai(model_dir: str, text: str) -> dict:
     import onnxruntime_genai as og
 
     out: dict = {}
@@ -100,6 +100,8 @@ def child_genai(model_dir: str, ids: list[int]) -> dict:
     out["open_cpu_s"] = _cpu_s() - c0
     out |= _mem("open")
     t1, c1 = time.perf_counter(), _cpu_s()
+    ids = og.Tokenizer(model).encode(text)  # from the text, as edgepeft's open builds its tokenizer
+    out["tokenizer_s"] = time.perf_counter() - t1
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + 64, do_sample=False)
     gen = og.Generator(model, params)
@@ -143,18 +145,18 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     if a.child:
         spec = json.loads(a.child)
-        res = child_genai(spec["dir"], spec["ids"]) if spec["kind"] == "genai" else \
+        res = child_genai(spec["dir"], spec["text"]) if spec["kind"] == "genai" else \
             child_edgepeft(spec["bundle"], spec["pub"], spec["text"])
         res["peak"] = _status().get("VmHWM", 0)
         print(json.dumps(res))
         return
-    text, ids = _prompt()
+    text, _ = _prompt()
     systems: list[tuple[str, dict, str]] = []
     for b in a.bundles:
         code, _, bundle = b.rpartition("=")
         systems.append((b, {"kind": "edgepeft", "bundle": bundle, "pub": a.pub, "text": text}, code or str(ROOT)))
     for g in a.genai:
-        systems.append((f"genai {Path(g).name}", {"kind": "genai", "dir": g, "ids": ids}, str(ROOT)))
+        systems.append((f"genai {Path(g).name}", {"kind": "genai", "dir": g, "text": text}, str(ROOT)))
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in systems}
     loads = []
     for _ in range(a.reps):
