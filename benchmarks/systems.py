@@ -30,6 +30,7 @@ EP_INT4_RQ_AD = "edgepeft int4, re-quantized + adapter"  # the float-base path (
 EP_INT4_RQ_MERGED = "edgepeft int4, re-quantized, merged"  # the same weights without slots (the slot cost)
 EP_INT4_RQ_SMALL = "edgepeft int4, re-quantized, zero points auto"  # the smaller mix (--zero-points auto)
 EP_INT4_INT8B_AD = "edgepeft int4 + adapter, int8 B slots"  # lora_b = "int8": not batched, smaller
+EP_INT4_PHONE = "edgepeft int4, phone form"  # targets/android-arm64.toml's: re-quantized, int8 B (one request at a time)
 EP_NF4 = "edgepeft nf4 (QLoRA base, MatMulBnb4)"
 EP_INT8 = "edgepeft int8"
 EP_FP32 = "edgepeft fp32"

@@ -108,6 +108,15 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny, tmp_path, keypair, kw, er
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")] == []
 
 
+def test_phone_profile_build_gets_int8_lora_b(tiny, tmp_path, keypair):
+    """The phone profile serves one request at a time (never a batch), so "auto" LoRA B slots are int8 there:
+    the manifest records the resolved form and the graph's B slots take int8."""
+    m = verify_bundle(_build(tiny, tmp_path, keypair, target="android-arm64", quant="int4").bundle_dir, [keypair[1]])
+    assert m.quantization["lora_b"] == "int8"
+    b_slots = [n for n in m.model["slots"] if ".lora_B" in n]
+    assert b_slots and all(m.model["slot_dtypes"].get(n) == "int8" for n in b_slots)
+
+
 def test_target_that_cannot_hold_the_bundle(tiny, tmp_path, keypair):
     from edgepeft.contracts.target import targets_dir
 

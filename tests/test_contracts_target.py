@@ -112,3 +112,16 @@ def test_one_choice_check_names_the_value_the_choices_and_the_option():
     with pytest.raises(UsageError) as info:
         check_choice("x" * 10_000, ("a",), "mode")
     assert len(info.value.message) < 150
+
+
+def test_lora_b_auto_is_int8_only_where_no_batch_can_form():
+    """fp32 LoRA B exists for batching: the phone profile serves one request at a time, so its quantized
+    builds get int8 B (a quarter of B's bytes per adapter); an explicit choice is kept."""
+    from edgepeft.contracts.target import resolve_lora_b
+
+    phone, gateway = load_target("android-arm64"), load_target("x86-64-gateway")
+    assert phone.budgets.max_concurrent == 1 and gateway.budgets.max_concurrent > 1
+    assert resolve_lora_b("auto", phone, "int4") == "int8"
+    assert resolve_lora_b("auto", phone, "fp32") == "fp32"  # unquantized builds never had int8 B by default
+    assert resolve_lora_b("auto", gateway, "int4") == "fp32"
+    assert resolve_lora_b("fp32", phone, "int4") == "fp32" and resolve_lora_b("int8", gateway, "int8") == "int8"

@@ -30,7 +30,15 @@ from ..contracts.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, Manifes
 from ..contracts.methods import ACTIVATIONS, PLACEMENTS, PREFIX_METHODS, describe_size
 from ..contracts.names import sha256_file
 from ..contracts.signing import load_private_key, sign_manifest
-from ..contracts.target import GGUF_MODES, LORA_B_TYPES, ZERO_POINTS, QuantSpec, TargetProfile, load_target
+from ..contracts.target import (
+    GGUF_MODES,
+    LORA_B_TYPES,
+    ZERO_POINTS,
+    QuantSpec,
+    TargetProfile,
+    load_target,
+    resolve_lora_b,
+)
 from ..errors import AdapterError, BuildError, UsageError
 from .adapters_in import AdapterInput, check_trained_base, read_adapter
 from .archive import pack_bundle
@@ -177,6 +185,7 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         quant_note = (f"; a classifier: fp16 weights computed in fp32 instead of the target's {quant} "
                       "(--quant int8: faster, probabilities a few hundredths off)")
         quant = "fp16"
+    lora_b = resolve_lora_b(lora_b, profile, quant)
     max_rank = max([a.rank for a in loras], default=0)
     rank = slot_rank or max(max_rank, 1)
     if rank < max_rank:

@@ -42,7 +42,7 @@ class QuantSpec:
     block_size: int = 32
     adapter_dtype: str = "fp32"
     gguf: str = "keep"  # a GGUF base's blocks in int4/int8: "keep", "layers" (embedding re-quantized), "requantize"
-    lora_b: str = "auto"  # decoder LoRA B slots: "fp32" (auto) or "int8" (smaller in memory; never batched)
+    lora_b: str = "auto"  # decoder LoRA B slots: "fp32", "int8" (smaller in memory; never batched), "auto" (resolve_lora_b)
     zero_points: str = "all"  # int4 re-quantized from float weights: "all", "auto" (smaller) or "none"
 
 
@@ -162,6 +162,16 @@ class TargetProfile:
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in self.to_dict().items() if v is not None}, indent=2)
+
+
+def resolve_lora_b(lora_b: str, profile: TargetProfile, weights: str) -> str:
+    """The LoRA B slot type a build asked for, with "auto" made concrete for ``profile``: fp32 B exists so
+    that concurrent requests decode in one batch; a target that serves one request at a time
+    (``budgets.max_concurrent = 1``, the phone profile) never batches, so its quantized builds (int4, int8,
+    nf4 ``weights``) get int8 B, a quarter of B's bytes per served adapter (docs/quantization.md)."""
+    if lora_b != "auto":
+        return lora_b
+    return "int8" if profile.budgets.max_concurrent == 1 and weights in ("int4", "int8", "nf4") else "fp32"
 
 
 def targets_dir() -> Path:
