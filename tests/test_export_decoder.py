@@ -41,7 +41,7 @@ def test_model_info_describes_the_graph(exported):
     assert info["slot_rank"] == 8 and info["vocab_size"] == 256
     assert info["slots"]["layers.0.qkv.lora_A"] == [64, "3*rank"]
     assert info["slot_shapes"]["layers.1.gate_up.lora_A"] == [64, 16]
-    assert info["slot_shapes"]["layers.1.gate_up.lora_B.up_proj"] == [8, 128]  # split B: no zero blocks
+    assert info["slot_shapes"]["layers.1.gate_up.lora_B"] == [16, 256]  # packed: its zeros are small here
     sess = session(exported.model_path)
     names = {i.name for i in sess.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.1.value"} <= names
@@ -89,6 +89,37 @@ def test_rslora_all_linear_rank_pattern(base, exported, tmp_path):
     assert info.method == "rslora" and info.rank == 8
     diffs = greedy_check(session(exported.model_path), exported.model_info, model, np.array([[4, 4, 2]]),
                          steps=2, ro=run_options(tmp_path / "r.onnx_adapter"))
+    assert max(diffs) < TOL, diffs
+
+
+@pytest.fixture(scope="module")
+def exported_split(base, tmp_path_factory):
+    """The same base at a slot rank whose packed gate|up zeros pass PACK_GATE_UP_MAX_ZEROS: one B per module."""
+    from edgepeft.export import export_model
+
+    return export_model(str(base), tmp_path_factory.mktemp("onnx_split"), quant="fp32", slot_rank=512)
+
+
+def test_gate_up_packs_only_while_its_zeros_are_small(exported, exported_split):
+    from edgepeft.export.slots import pack_gate_up
+
+    assert pack_gate_up(1536, 8) and pack_gate_up(1536, 16)  # SmolLM2-135M
+    assert not pack_gate_up(8192, 16) and not pack_gate_up(1536, None)  # Llama-3.2-1B's shape; merged
+    assert "layers.0.gate_up.lora_B" in exported.model_info["slots"]
+    assert exported_split.model_info["slot_shapes"]["layers.1.gate_up.lora_B.up_proj"] == [512, 128]
+
+
+@pytest.mark.parametrize("form", ["packed", "split"])
+def test_all_linear_adapter_matches_peft_in_both_gate_up_forms(base, exported, exported_split, tmp_path, form):
+    """The adapter writer reads the graph's form from its slots, so each gets tensors it can bind."""
+    from edgepeft.export import write_adapter
+
+    graph = exported if form == "packed" else exported_split
+    model = make_peft_adapter(base, tmp_path / "p", r=4, alpha=8, seed=3,
+                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    write_adapter(tmp_path / "p", graph.model_info, tmp_path / "a.onnx_adapter", pad=False)
+    diffs = greedy_check(session(graph.model_path), graph.model_info, model, np.array([[5, 9, 2, 6]]),
+                         steps=2, ro=run_options(tmp_path / "a.onnx_adapter"))
     assert max(diffs) < TOL, diffs
 
 

@@ -76,9 +76,13 @@ def layer_groups_for(model_info: dict):
     arch, dims, targets = arch_for(model_info), model_info["dims"], model_info["target_modules"]
     if model_info.get("task") == "classification":
         from .encoder_graph import layer_groups
-    else:
-        from .decoder_graph import layer_groups
-    return layer_groups(dims, targets, arch)
+
+        return layer_groups(dims, targets, arch)
+    from .decoder_graph import layer_groups
+
+    # the graph's own form: bundles built before gate|up could be packed (and large ones since) split its B
+    split = any(".gate_up.lora_B." in name for name in model_info.get("slots") or {})
+    return layer_groups(dims, targets, arch, split_gate_up=split)
 
 
 def _matcher(model_info: dict):

@@ -129,7 +129,8 @@ def export_model(source=None, out_dir=".", *, task: str = "causal-lm", quant="in
         spool = out_dir / f".{MODEL_FILE}.spool"
         try:
             graph, info = build_decoder(plan, sd, quant=wq, target_modules=target_modules, max_context=ctx,
-                                        slots=merge_adapter is None, bottleneck=bottleneck, blocks=blocks, spool=spool)
+                                        slots=merge_adapter is None, bottleneck=bottleneck, blocks=blocks, spool=spool,
+                                        slot_rank=slot_rank)
         except BaseException:
             spool.unlink(missing_ok=True)
             raise

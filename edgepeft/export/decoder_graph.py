@@ -44,6 +44,7 @@ from .slots import (
     emit_lora,
     emit_lora_split,
     groups_info,
+    pack_gate_up,
     resolve_targets,
 )
 
@@ -144,12 +145,12 @@ def plan_decoder(arch: DecoderArch, config) -> DecoderPlan:
                        final_softcap=_num(config, arch.final_softcap, 0.0))
 
 
-def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Group]:
+def layer_groups(dims: dict, targets: list[str], arch: DecoderArch, *, split_gate_up: bool = True) -> list[Group]:
     """The four projection groups of one layer (qkv, o, gate_up, down), only ``targets`` adapted.
 
-    Separate gate/up projections get one B slot each (``split_b``: no block-diagonal
-    zeros); a checkpoint's fused ``qkv_proj`` / ``gate_up_proj`` is one module whose
-    LoRA covers all its output columns.
+    Separate gate/up projections get one B slot each with ``split_gate_up`` (``split_b``: no
+    block-diagonal zeros), else one packed B (:func:`.slots.pack_gate_up` decides at export); a
+    checkpoint's fused ``qkv_proj`` / ``gate_up_proj`` is one module whose LoRA covers all its output columns.
     """
     d, h, kv = dims["head_dim"], dims["heads"], dims["kv_heads"]
     q_out, kv_out, inter, hid = h * d, kv * d, dims["inter"], dims["hidden"]
@@ -162,13 +163,13 @@ def layer_groups(dims: dict, targets: list[str], arch: DecoderArch) -> list[Grou
     out = []
     for key, in_dim, mods in spec:
         out.append(Group(key, in_dim, sum(m[2] for m in mods), tuple(Module(*m) for m in mods if m[0] in targets),
-                         split_b=key == "gate_up" and len(mods) == 2))
+                         split_b=split_gate_up and key == "gate_up" and len(mods) == 2))
     return out
 
 
 def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_modules, max_context: int,
                   slots: bool = True, bottleneck: dict | None = None, blocks=None, spool=None,
-                  row_slots: bool = True):
+                  row_slots: bool = True, slot_rank: int | None = None):
     """Build the decoder graph from ``sd`` (HF names -> float32 numpy).
 
     ``slots=False`` builds a graph without LoRA inputs (merge mode). ``bottleneck``
@@ -187,7 +188,8 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
 
     arch, dims = plan.arch, plan.dims
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
-    g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch)
+    g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch,
+                                            split_gate_up=not pack_gate_up(dims["inter"], slot_rank))
     gb = GraphBuilder("edgepeft_decoder", spool=spool)
     lin = LinearEmitter(gb, quant, blocks)
     b_int8 = quant.lora_b_int8  # LoRA B slots stored int8 (see .slots)

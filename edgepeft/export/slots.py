@@ -10,8 +10,10 @@ Slot defaults are EMPTY (rank dim 0): the rank dim is symbolic in the graph,
 so an adapter of rank r overrides them, and without an adapter the LoRA path
 is two zero-FLOP MatMuls and an Add of zeros.
 
-For gate|up, whose block-diagonal B would be half zeros, each module gets its
-own B slot instead (``split_b``): ``layers.{i}.gate_up.lora_B.gate_proj`` [rank, inter].
+For gate|up, whose block-diagonal B is half zeros, each module gets its own B slot
+(``split_b``: ``layers.{i}.gate_up.lora_B.gate_proj`` [rank, inter]) once those zeros
+outweigh what packing saves (:func:`pack_gate_up`): packed, the group is one MatMul, one
+Add and no Split of the LoRA activations fewer per layer.
 
 int8 B slots (``b_int8``, decoders with int4/int8 weights): B is stored int8 and
 multiplied by ``DynamicQuantizeMatMul``, which reads a quarter of fp32's bytes per
@@ -184,6 +186,21 @@ def groups_info(groups: list[Group]) -> dict:
     return {g.key: {"in_dim": g.in_dim, "out_dim": g.out_dim, "split_b": g.split_b,
                     "modules": [[m.peft_name, m.out_offset, m.out_size] for m in g.modules]}
             for g in groups if g.modules}
+
+
+PACK_GATE_UP_MAX_ZEROS = 256 * 1024  # bytes of fp32 zeros per layer; docs/measured-defaults.md
+
+
+def pack_gate_up(inter: int, slot_rank: int | None) -> bool:
+    """Whether a decoder's gate|up group gets one block-diagonal B slot rather than one per module.
+
+    Packed, each layer runs three slot nodes fewer (a B MatMul, an Add and the Split of the LoRA
+    activations), which is measurable where a token's kernels are short; the price is the block's zeros,
+    2 x rank x inter fp32 per layer in every served adapter (also read per token). So it packs while
+    those zeros, at the slot rank, stay under ``PACK_GATE_UP_MAX_ZEROS`` (SmolLM2 at rank 8 or 16: packed;
+    a Llama-3.2-1B shape at rank 16: split).
+    """
+    return slot_rank is not None and 2 * int(slot_rank) * int(inter) * 4 <= PACK_GATE_UP_MAX_ZEROS
 
 
 def check_rank(slot_rank) -> int:
