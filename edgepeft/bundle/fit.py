@@ -38,7 +38,7 @@ from .session_memory import SessionMemory
 MIB = 1 << 20
 RUNTIME_OVERHEAD_MIB = 112  # Python, numpy, onnxruntime, tokenizers, engine (docs/measured-defaults.md)
 # bytes held per payload byte once loaded (as fp32; int4 also expands the all-zero groups it leaves out)
-EXPANSION = {"fp32": 1, "fp16": 2, "int8": 4, "int4": 8}
+EXPANSION = {"fp32": 1, "fp16": 2, "int8": 4, "int4": 10}
 UNMEASURED_FACTOR = 2  # session bytes per graph byte where unmeasured (docs/measured-defaults.md)
 DEFAULT_CONCURRENCY = 4  # a target's budgets.max_concurrent when it names none
 
