@@ -141,7 +141,7 @@ def test_mixed_families_decode_together_as_alone(families):
 
 
 def test_mixed_lora_groups_decode_together_as_alone(decoder_bundle):
-    """The decoder bundle's adapters cover q|k|v, gate|up (one B per module) and down: alpha, beta, both
+    """The decoder bundle's adapters cover q|k|v, gate|up and down: alpha, beta, both
     composed and the bare base at once, as alone."""
     batched, alone = _engines(decoder_bundle)
     with batched, alone:

@@ -109,6 +109,15 @@ def test_gate_up_packs_only_while_its_zeros_are_small(exported, exported_split):
     assert exported_split.model_info["slot_shapes"]["layers.1.gate_up.lora_B.up_proj"] == [512, 128]
 
 
+def test_gate_up_stays_split_when_only_one_of_them_is_adapted(base, tmp_path):
+    """With gate alone, packing would only add zeros (one module has no Split to save)."""
+    from edgepeft.export import export_model
+
+    res = export_model(str(base), tmp_path, quant="fp32", slot_rank=8, target_modules=["gate_proj", "down_proj"])
+    assert res.model_info["slot_shapes"]["layers.0.gate_up.lora_B.gate_proj"] == [8, 128]
+    assert "layers.0.gate_up.lora_B" not in res.model_info["slots"]
+
+
 @pytest.mark.parametrize("form", ["packed", "split"])
 def test_all_linear_adapter_matches_peft_in_both_gate_up_forms(base, exported, exported_split, tmp_path, form):
     """The adapter writer reads the graph's form from its slots, so each gets tensors it can bind."""

@@ -42,11 +42,21 @@ def setup(tmp_path_factory):
     return {"base": base, "peft": d / "peft", "prompt": prompt, "want": want, "bare": bare, "dir": d}
 
 
-def _export(setup, lora_b, name):
-    from edgepeft.export import WeightQuant, export_model
+def _export(setup, lora_b, name, gate_up="packed"):
+    """The tiny base exported with ``lora_b`` slots; ``gate_up="split"`` forces one B per module (as a large
+    base gets) by turning the packing threshold off for this export."""
+    from edgepeft.export import WeightQuant, export_model, slots
 
-    return export_model(str(setup["base"]), setup["dir"] / name, quant=WeightQuant("fp32", lora_b=lora_b),
-                        slot_rank=8, target_modules=list(TARGETS))
+    keep = slots.PACK_GATE_UP_MAX_ZEROS
+    slots.PACK_GATE_UP_MAX_ZEROS = keep if gate_up == "packed" else 0
+    try:
+        res = export_model(str(setup["base"]), setup["dir"] / f"{name}-{gate_up}",
+                           quant=WeightQuant("fp32", lora_b=lora_b), slot_rank=8, target_modules=list(TARGETS))
+    finally:
+        slots.PACK_GATE_UP_MAX_ZEROS = keep
+    split = any(".gate_up.lora_B." in k for k in res.model_info["slots"])
+    assert split == (gate_up == "split"), res.model_info["slots"]
+    return res
 
 
 def _prepared(res, adapter_file, meta_extra=None):
@@ -77,15 +87,16 @@ def test_fp32_b_slots_match_peft(setup):
     assert np.abs(got - setup["want"]).max() < FP32_TOL * np.abs(setup["want"]).max()
 
 
+@pytest.mark.parametrize("gate_up", ["packed", "split"])
 @pytest.mark.parametrize("payload", ["fp32", "fp16", "int8", "int4"])
-def test_int8_b_slots_match_peft_for_every_payload(setup, payload):
+def test_int8_b_slots_match_peft_for_every_payload(setup, payload, gate_up):
     from edgepeft.export import write_adapter
     from edgepeft.runtime.adapter_file import logical_header, map_arrays, read_header
 
-    res = _export(setup, "int8", "int8")
+    res = _export(setup, "int8", "int8", gate_up)
     b_slots = {k for k in res.model_info["slots"] if ".lora_B" in k}
     assert res.model_info["slot_dtypes"] == {k: "int8" for k in b_slots}
-    path = setup["dir"] / f"int8-{payload}.onnx_adapter"
+    path = setup["dir"] / f"int8-{payload}-{gate_up}.onnx_adapter"
     write_adapter(setup["peft"], res.model_info, path, dtype=payload)
     header = read_header(path)
     if payload == "int4":  # B travels as 4-bit groups and comes back in the slot's int8 form
@@ -140,10 +151,11 @@ def test_int8_b_graph_without_adapter_is_the_bare_model(setup):
     assert np.array_equal(a, b) and not np.isnan(a).any()
 
 
-def test_fold_keeps_the_product_and_quantizes_each_b_row(setup):
+@pytest.mark.parametrize("gate_up", ["packed", "split"])
+def test_fold_keeps_the_product_and_quantizes_each_b_row(setup, gate_up):
     from edgepeft.export.adapters import build_slot_tensors, fold_b_int8
 
-    res = _export(setup, "int8", "int8-fold")
+    res = _export(setup, "int8", "int8-fold", gate_up)
     tensors, _, _ = build_slot_tensors(setup["peft"], res.model_info, pad=False)
     folded = fold_b_int8(tensors, res.model_info)
     for b_name in (k for k in folded if ".lora_B" in k):

@@ -42,9 +42,13 @@ def _slot_feeds(bundle: Path, rows: int) -> dict:
     import numpy as np
 
     manifest = bundle / "manifest.json"
-    shapes = json.loads(manifest.read_text())["model"].get("slot_shapes") if manifest.is_file() else None
+    model = json.loads(manifest.read_text())["model"] if manifest.is_file() else {}
+    shapes = model.get("slot_shapes")
     if not shapes:
         raise SystemExit(f"{bundle}: no manifest with model.slot_shapes, so --adapters has no slots to fill")
+    if model.get("slot_dtypes"):
+        raise SystemExit(f"{bundle}: its LoRA B slots are int8 (lora_b = \"int8\"), which are never batched; "
+                         "profile it without --adapters, or a bundle with fp32 slots")
     rng = np.random.default_rng(0)
     return {n: (0.01 * rng.standard_normal((rows, *s))).astype(np.float32) for n, s in shapes.items()}
 

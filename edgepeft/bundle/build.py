@@ -185,7 +185,8 @@ def build_bundle(*, base: str | None, adapters: list[tuple[str, Path]], target: 
         quant_note = (f"; a classifier: fp16 weights computed in fp32 instead of the target's {quant} "
                       "(--quant int8: faster, probabilities a few hundredths off)")
         quant = "fp16"
-    lora_b = resolve_lora_b(lora_b, profile, quant)
+    # an encoder's B slots are always fp32: the manifest records the form built
+    lora_b = resolve_lora_b(lora_b, profile, quant) if task == "causal-lm" else "fp32"
     max_rank = max([a.rank for a in loras], default=0)
     rank = slot_rank or max(max_rank, 1)
     if rank < max_rank:

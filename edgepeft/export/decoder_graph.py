@@ -188,8 +188,9 @@ def build_decoder(plan: DecoderPlan, sd: dict, *, quant: WeightQuant, target_mod
 
     arch, dims = plan.arch, plan.dims
     targets = resolve_targets(target_modules, arch.adaptable) if slots else []
-    g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch,
-                                            split_gate_up=not pack_gate_up(dims["inter"], slot_rank))
+    # packing pays only where both gate and up are adapted: one of them alone has no Split to save
+    pack = pack_gate_up(dims["inter"], slot_rank) and all(n in targets for n in arch.gate_up)
+    g_qkv, g_o, g_gu, g_down = layer_groups(dims, targets, arch, split_gate_up=not pack)
     gb = GraphBuilder("edgepeft_decoder", spool=spool)
     lin = LinearEmitter(gb, quant, blocks)
     b_int8 = quant.lora_b_int8  # LoRA B slots stored int8 (see .slots)
