@@ -12,8 +12,8 @@ is two zero-FLOP MatMuls and an Add of zeros.
 
 For gate|up, whose block-diagonal B is half zeros, each module gets its own B slot
 (``split_b``: ``layers.{i}.gate_up.lora_B.gate_proj`` [rank, inter]) once those zeros
-outweigh what packing saves (:func:`pack_gate_up`): packed, the group is one MatMul, one
-Add and no Split of the LoRA activations fewer per layer.
+outweigh what packing saves (:func:`pack_gate_up`): packed, each layer runs one MatMul, one
+Add and the Split of the LoRA activations fewer.
 
 int8 B slots (``b_int8``, decoders with int4/int8 weights): B is stored int8 and
 multiplied by ``DynamicQuantizeMatMul``, which reads a quarter of fp32's bytes per
