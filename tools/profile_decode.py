@@ -9,7 +9,8 @@ that carries a GGUF's blocks against the re-quantized one (e.g. the benchmark's
 benchmarks/work/bundles/dec-int4-r8-all and dec-int4-r8-requantize). Profiling adds its own overhead: compare
 graphs within one run.
 
-``--rows N`` decodes N rows per step, as continuous batching does (benchmarks/README.md, "Batching: where a
+``--rounds R`` compares the bundles instead: each one's time per step, alternated for R rounds in one
+process. ``--rows N`` decodes N rows per step, as continuous batching does (benchmarks/README.md, "Batching: where a
 step's time goes as rows grow"); ``--adapters`` binds every adapter slot with a different random adapter per
 row, at the manifest's slot shapes (per-row tensors, as :mod:`edgepeft.runtime.rowslots` binds them), where
 the default leaves the slots empty. genai model folders work without ``--adapters``.
@@ -90,14 +91,48 @@ def profile(bundle: Path, rows: int = 1, adapters: bool = False, steps: int = 40
             print(f"  {op:34s} {us / runs / 1e3:7.3f} ms  {count[op] // runs:5d} nodes")
 
 
+def interleaved(bundles: list[Path], rows: int, adapters: bool, rounds: int, steps: int = 30) -> None:
+    """Time per step of each bundle, the bundles alternated for ``rounds`` rounds in one process (no profiling):
+    on a shared machine, how two graphs are compared."""
+    import statistics
+
+    import numpy as np
+
+    setups = []
+    for b in bundles:
+        sess = _session(b, False)
+        kv = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+        dim = kv[0].shape[3] if isinstance(kv[0].shape[3], int) else 64
+        past = {i.name: np.zeros((rows, kv[0].shape[1], 256, dim), np.float32) for i in kv}
+        setups.append((b, sess, past | (_slot_feeds(b, rows) if adapters else {})))
+    times: dict[Path, list[float]] = {b: [] for b in bundles}
+    for _ in range(rounds):
+        for b, sess, fixed in setups:
+            t0 = time.perf_counter()
+            for k in range(steps):
+                sess.run(["logits"], {"input_ids": np.full((rows, 1), 5, np.int64),
+                                      "attention_mask": np.ones((rows, 17 + k), np.int64)} | fixed)
+            times[b].append((time.perf_counter() - t0) / steps)
+    first = statistics.median(times[bundles[0]])
+    for b in bundles:
+        med = statistics.median(times[b])
+        print(f"{b.name}, {rows} row(s){', an adapter per row' if adapters else ''}: {med * 1e3:.2f} ms per step "
+              f"(median of {rounds} interleaved rounds; {med / first:.3f}x the first)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundles", nargs="+", type=Path)
     ap.add_argument("--rows", type=int, default=1, help="rows decoded per step (default 1)")
     ap.add_argument("--adapters", action="store_true", help="a different random adapter per row in every slot")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="time the bundles alternated for this many rounds instead of profiling each")
     a = ap.parse_args(argv)
     if a.rows < 1:
         ap.error("--rows must be at least 1")
+    if a.rounds > 0:
+        interleaved(a.bundles, a.rows, a.adapters, a.rounds)
+        return 0
     for b in a.bundles:
         profile(b, a.rows, a.adapters)
     return 0
